@@ -1,0 +1,166 @@
+"""Finding the layers a recipe targets: by class name, module name or ``re:`` regex."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+__all__ = [
+    "ModelParameterizedLayer",
+    "get_layers_params",
+    "match_named_modules",
+    "module_matches",
+    "normalize_targets",
+]
+
+REGEX_PREFIX = "re:"
+
+
+@dataclass
+class ModelParameterizedLayer:
+    """A parameter together with the layer that owns it.
+
+    Args:
+        layer_name: the layer's name in the model.
+        layer: the layer.
+        param_name: the parameter's name in the layer (e.g. ``weight``).
+        param: the parameter.
+    """
+
+    layer_name: str
+    layer: Any
+    param_name: str
+    param: Any
+
+
+def normalize_targets(targets: str | Iterable[str] | None) -> list[str]:
+    """Turn a target or list of targets into a list of strings.
+
+    Args:
+        targets: one target, several, or None.
+
+    Returns:
+        The targets as a list (empty for None).
+    """
+    if targets is None:
+        return []
+    if isinstance(targets, str):
+        return [targets]
+    return list(targets)
+
+
+def module_matches(name: str, module: nn.Module, target: str) -> bool:
+    """Whether one module is selected by one target.
+
+    Args:
+        name: the module's name in the model.
+        module: the module.
+        target: a class name (``Linear``), a module name (``lm_head``) or ``re:<regex>``
+            matched from the start of the module name.
+
+    Returns:
+        True if the target selects the module.
+    """
+    if target.startswith(REGEX_PREFIX):
+        return re.match(target[len(REGEX_PREFIX) :], name) is not None
+    return target in (name, type(module).__name__)
+
+
+def match_named_modules(
+    model: nn.Module,
+    targets: str | Iterable[str],
+    ignore: str | Iterable[str] | None = None,
+    require_all: bool = True,
+) -> dict[str, nn.Module]:
+    """The named modules of ``model`` selected by ``targets`` and not by ``ignore``.
+
+    Args:
+        model: the model to search.
+        targets: class names, module names or ``re:`` regexes.
+        ignore: the same kinds of patterns, removed from the selection.
+        require_all: raise when any single target selects nothing.
+
+    Returns:
+        The selected modules by name, in the model's order.
+
+    Raises:
+        ValueError: if a target is malformed, or selects no module (every target when
+            ``require_all``, else all of them together).
+    """
+    target_list = normalize_targets(targets)
+    ignore_list = normalize_targets(ignore)
+    for pattern in target_list + ignore_list:
+        _check_pattern(pattern)
+    named = [(name, module) for name, module in model.named_modules() if name]
+    unmatched = [t for t in target_list if not any(module_matches(n, m, t) for n, m in named)]
+    if not target_list or (require_all and unmatched) or len(unmatched) == len(target_list):
+        raise ValueError(
+            f"targets {unmatched or target_list} match no module of {type(model).__name__}; "
+            f"expected class names (e.g. {_example_classes(model)}), module names "
+            f"(e.g. {_example_names(named)}) or 're:<regex>' over module names"
+        )
+    return {
+        name: module
+        for name, module in named
+        if any(module_matches(name, module, t) for t in target_list)
+        and not any(module_matches(name, module, i) for i in ignore_list)
+    }
+
+
+def get_layers_params(
+    targets: str | Iterable[str],
+    module: nn.Module,
+    param_name: str = "weight",
+    ignore: str | Iterable[str] | None = None,
+) -> dict[str, ModelParameterizedLayer]:
+    """The ``param_name`` parameter of every targeted layer.
+
+    Args:
+        targets: class names, module names or ``re:`` regexes.
+        module: the model to search.
+        param_name: the parameter to collect from each layer.
+        ignore: patterns to leave out.
+
+    Returns:
+        ``ModelParameterizedLayer`` entries keyed by ``"{layer_name}.{param_name}"``.
+
+    Raises:
+        ValueError: if nothing matches, or a matched layer has no such parameter.
+    """
+    layers = match_named_modules(module, targets, ignore)
+    result = {}
+    for name, layer in layers.items():
+        param = getattr(layer, param_name, None)
+        if not isinstance(param, nn.Parameter):
+            raise ValueError(
+                f"target layer '{name}' ({type(layer).__name__}) has no parameter "
+                f"'{param_name}'; target layers that hold weights, such as Linear"
+            )
+        result[f"{name}.{param_name}"] = ModelParameterizedLayer(name, layer, param_name, param)
+    return result
+
+
+def _check_pattern(pattern: Any) -> None:
+    if not isinstance(pattern, str) or not pattern:
+        raise ValueError(f"targets/ignore: expected non-empty strings, got {pattern!r}")
+    if pattern.startswith(REGEX_PREFIX):
+        try:
+            re.compile(pattern[len(REGEX_PREFIX) :])
+        except re.error as err:
+            raise ValueError(f"targets/ignore: invalid regex {pattern!r}: {err}") from err
+
+
+def _example_classes(model: nn.Module) -> list[str]:
+    seen: dict[str, None] = {}
+    for module in model.modules():
+        if next(module.parameters(recurse=False), None) is not None:
+            seen.setdefault(type(module).__name__)
+    return list(seen)[:4]
+
+
+def _example_names(named: list[tuple[str, nn.Module]]) -> list[str]:
+    return [name for name, _ in named][:3]

@@ -1,0 +1,421 @@
+"""The ``Modifier`` base class: typed settings, scheduling, target resolution, hooks."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import typing
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, ClassVar
+
+from loguru import logger
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from lightning_compress.core.events import Event, EventType
+from lightning_compress.core.model_layer import match_named_modules
+from lightning_compress.core.state import State
+from lightning_compress.modifiers.fields import check_value
+from lightning_compress.recipe.errors import RecipeError
+from lightning_compress.recipe.registry import register_modifier
+
+__all__ = ["ONE_SHOT", "Modifier"]
+
+# ``start: -1`` marks a one-shot modifier: it runs during calibration (or at finalize
+# when no calibration happens), not on the training schedule.
+ONE_SHOT = -1.0
+# ``end: -1`` means "until training ends".
+UNTIL_END = -1.0
+
+_HOOK_KINDS = {
+    "forward_pre": lambda target, fn, kw: target.register_forward_pre_hook(fn, **kw),
+    "forward": lambda target, fn, kw: target.register_forward_hook(fn, **kw),
+    "full_backward": lambda target, fn, kw: target.register_full_backward_hook(fn, **kw),
+    "optimizer_step_post": lambda target, fn, kw: target.register_step_post_hook(fn),
+    "tensor": lambda target, fn, kw: target.register_hook(fn),
+}
+
+
+@dataclasses.dataclass(kw_only=True, eq=False)
+class Modifier:
+    """Base of every compression algorithm; subclasses declare settings as typed fields.
+
+    Each subclass is made a keyword-only dataclass and registered by class name, so a
+    recipe can build it as ``{ClassName: {field: value}}``. Settings are validated on
+    construction (types from the hints, ranges in ``validate``); unknown settings are an
+    error that lists the valid ones.
+
+    Lifecycle: ``initialize`` → ``on_initialize``; ``update_event`` → ``on_event`` for every
+    event, ``on_start``/``on_end`` when the schedule says so and ``on_update`` while active;
+    ``finalize`` → ``on_end`` (if still active) and ``on_finalize``; hooks registered with
+    ``register_hook`` are removed at finalize, abort, and on any error there.
+
+    Scheduling: ``start``/``end``/``update`` are epochs when the event knows
+    ``steps_per_epoch`` (fractions allowed), else optimizer steps. ``start: -1`` makes the
+    modifier one-shot: it starts at CALIBRATION_EPOCH_START and ends at
+    CALIBRATION_EPOCH_END, or runs both at ``finalize`` if no calibration happened.
+    ``end: -1`` (or None) runs until training ends.
+
+    Args:
+        targets: class names, module names or ``re:`` regexes of the layers to compress.
+        ignore: patterns of layers to leave alone.
+        start: when the modifier starts (-1: one-shot).
+        end: when it ends (-1 or None: at the end of training).
+        update: how often ``on_update`` work is due (None or 0: every step).
+    """
+
+    targets: str | list[str] = dataclasses.field(default_factory=lambda: ["Linear"])
+    ignore: list[str] = dataclasses.field(default_factory=list)
+    start: float | None = ONE_SHOT
+    end: float | None = None
+    update: float | None = None
+
+    _hooks_disabled_globally: ClassVar[int] = 0
+
+    def __init_subclass__(cls, register: bool = True, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        dataclasses.dataclass(cls, kw_only=True, eq=False)
+        cls.__init__ = _reject_unknown_settings(cls, cls.__init__)
+        if register:
+            register_modifier(cls)
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for item in dataclasses.fields(self):
+            where = f"{type(self).__name__}.{item.name}"
+            setattr(self, item.name, check_value(where, getattr(self, item.name), hints[item.name]))
+        self._check_schedule()
+        self.validate()
+        self.initialized_ = False
+        self.finalized_ = False
+        self.started_ = False
+        self.ended_ = False
+        self._hooks: list[RemovableHandle] = []
+        self._hooks_disabled = False
+
+    # ----------------------------------------------------------------- settings
+    def validate(self) -> None:
+        """Check value ranges; override and call ``self.fail(field, expected)`` on errors."""
+
+    def fail(self, name: str, expected: str) -> typing.NoReturn:
+        """Raise the error for a bad setting.
+
+        Args:
+            name: the field's name.
+            expected: what was expected, e.g. ``"a float in [0, 1)"``.
+
+        Raises:
+            RecipeError: always, naming ``ClassName.field``, the value and ``expected``.
+        """
+        raise RecipeError(
+            f"{type(self).__name__}.{name}: expected {expected}, got {getattr(self, name)!r}"
+        )
+
+    def spec(self) -> dict[str, Any]:
+        """The settings that differ from their defaults, as plain data.
+
+        Returns:
+            ``{field: value}``, suitable for a recipe.
+        """
+        result = {}
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            if value != _default_of(item):
+                result[item.name] = value
+        return result
+
+    @property
+    def is_one_shot(self) -> bool:
+        """True when the modifier runs once, during calibration or at finalize."""
+        return self.start == ONE_SHOT
+
+    def _check_schedule(self) -> None:
+        if self.start is not None and self.start < 0 and self.start != ONE_SHOT:
+            self.fail("start", "an index >= 0, or -1 for one-shot")
+        if self.end is not None and self.end < 0 and self.end != UNTIL_END:
+            self.fail("end", "an index >= 0, or -1 for the end of training")
+        if self.update is not None and self.update < 0:
+            self.fail("update", "an interval >= 0")
+        has_end = self.end is not None and self.end != UNTIL_END
+        if has_end and self.start is not None and not self.is_one_shot and self.end < self.start:
+            self.fail("end", f"an index at or after start={self.start}")
+
+    # ---------------------------------------------------------------- lifecycle
+    def initialize(self, state: State, **kwargs: Any) -> Any:
+        """Prepare the modifier for ``state.model``.
+
+        Args:
+            state: the session's state.
+            **kwargs: passed to ``on_initialize``.
+
+        Returns:
+            What ``on_initialize`` returned.
+
+        Raises:
+            RuntimeError: if already initialized or finalized.
+        """
+        if self.initialized_ or self.finalized_:
+            raise RuntimeError(f"{type(self).__name__} was already initialized; create a new one")
+        with self._cleanup_on_error():
+            data = self.on_initialize(state, **kwargs)
+        self.initialized_ = True
+        return data
+
+    def update_event(self, state: State, event: Event, **kwargs: Any) -> Any:
+        """React to one lifecycle event.
+
+        Args:
+            state: the session's state.
+            event: the event with its step, batch and epoch geometry.
+            **kwargs: event data (``loss``, ``batch_data``, ``subgraph``...).
+
+        Returns:
+            What ``on_event`` returned.
+
+        Raises:
+            RuntimeError: if not initialized, or already finalized.
+        """
+        if not self.initialized_ or self.finalized_:
+            raise RuntimeError(
+                f"{type(self).__name__} received {event.type_} while not initialized or "
+                f"already finalized"
+            )
+        with self._cleanup_on_error():
+            data = self.on_event(state, event, **kwargs)
+            if self.is_one_shot:
+                self._one_shot_schedule(state, event, **kwargs)
+            else:
+                self._training_schedule(state, event, **kwargs)
+        return data
+
+    def finalize(self, state: State, **kwargs: Any) -> Any:
+        """End the modifier (running a pending one-shot first) and clean up.
+
+        Args:
+            state: the session's state.
+            **kwargs: passed to ``on_finalize``.
+
+        Returns:
+            What ``on_finalize`` returned.
+
+        Raises:
+            RuntimeError: if not initialized, or already finalized.
+        """
+        if not self.initialized_ or self.finalized_:
+            raise RuntimeError(f"{type(self).__name__} is not initialized or already finalized")
+        try:
+            if self.is_one_shot and not self.started_:
+                self._start(state, None)
+            if self.started_ and not self.ended_:
+                self._end(state, None)
+            return self.on_finalize(state, **kwargs)
+        finally:
+            self.remove_hooks()
+            self.finalized_ = True
+
+    def abort(self, state: State) -> None:
+        """Stop without finishing: remove every hook and mark the modifier finalized.
+
+        Args:
+            state: the session's state.
+        """
+        self.remove_hooks()
+        self.finalized_ = True
+        logger.debug("{} aborted", type(self).__name__)
+
+    def _one_shot_schedule(self, state: State, event: Event, **kwargs: Any) -> None:
+        if event.type_ == EventType.CALIBRATION_EPOCH_START and not self.started_:
+            self._start(state, event, **kwargs)
+        elif event.type_ == EventType.CALIBRATION_EPOCH_END and self.started_ and not self.ended_:
+            self._end(state, event, **kwargs)
+
+    def _training_schedule(self, state: State, event: Event, **kwargs: Any) -> None:
+        if event.type_ == EventType.BATCH_START and not self.started_ and self.should_start(event):
+            self._start(state, event, **kwargs)
+        if self.started_ and not self.ended_:
+            self.on_update(state, event, **kwargs)
+            if event.type_ == EventType.BATCH_END and self.should_end(event):
+                self._end(state, event, **kwargs)
+
+    def _start(self, state: State, event: Event | None, **kwargs: Any) -> None:
+        self.on_start(state, event, **kwargs)
+        self.started_ = True
+
+    def _end(self, state: State, event: Event | None, **kwargs: Any) -> None:
+        self.on_end(state, event, **kwargs)
+        self.ended_ = True
+
+    def should_start(self, event: Event) -> bool:
+        """Whether a training-scheduled modifier starts at ``event``.
+
+        Args:
+            event: the current event.
+
+        Returns:
+            True when ``start <= index < end``.
+        """
+        if self.start is None or self.is_one_shot:
+            return False
+        current = event.current_index
+        return self.start <= current + 1e-9 and not self.should_end(event)
+
+    def should_end(self, event: Event) -> bool:
+        """Whether a training-scheduled modifier ends at ``event``.
+
+        Args:
+            event: the current event.
+
+        Returns:
+            True when ``end`` is set (not -1) and reached.
+        """
+        if self.end is None or self.end == UNTIL_END:
+            return False
+        return event.current_index >= self.end - 1e-9
+
+    def update_due(self, event: Event) -> bool:
+        """Whether periodic work is due at ``event`` by ``start``/``end``/``update``.
+
+        Args:
+            event: the current event.
+
+        Returns:
+            ``event.should_update(start, end, update)`` with -1 read as unset.
+        """
+        start = None if self.is_one_shot else self.start
+        end = None if self.end == UNTIL_END else self.end
+        return event.should_update(start, end, self.update)
+
+    def resolve_targets(self, model: nn.Module) -> dict[str, nn.Module]:
+        """The modules of ``model`` this modifier acts on.
+
+        Args:
+            model: the model.
+
+        Returns:
+            The modules selected by ``targets`` and not by ``ignore``, by name.
+
+        Raises:
+            RecipeError: if the targets match nothing.
+        """
+        try:
+            return match_named_modules(model, self.targets, self.ignore)
+        except ValueError as err:
+            raise RecipeError(f"{type(self).__name__}.targets: {err}") from err
+
+    # ------------------------------------------------------- subclass callbacks
+    def on_initialize(self, state: State, **kwargs: Any) -> Any:
+        """Prepare for ``state.model`` (resolve targets, check settings against it)."""
+
+    def on_start(self, state: State, event: Event | None, **kwargs: Any) -> None:
+        """Begin compressing (``event`` is None when started from ``finalize``)."""
+
+    def on_update(self, state: State, event: Event, **kwargs: Any) -> None:
+        """Periodic work while active, called for every event between start and end."""
+
+    def on_end(self, state: State, event: Event | None, **kwargs: Any) -> None:
+        """Finish compressing (``event`` is None when ended from ``finalize``)."""
+
+    def on_event(self, state: State, event: Event, **kwargs: Any) -> Any:
+        """Any event, before the schedule is applied (e.g. SEQUENTIAL_EPOCH_END)."""
+
+    def on_finalize(self, state: State, **kwargs: Any) -> Any:
+        """Last chance to clean up; hooks are removed right after."""
+
+    # -------------------------------------------------------------------- hooks
+    def register_hook(
+        self, target: Any, hook: Callable[..., Any], kind: str, **kwargs: Any
+    ) -> RemovableHandle:
+        """Register a hook that this modifier owns and removes at finalize or on error.
+
+        Args:
+            target: a module, optimizer or tensor.
+            hook: the hook function.
+            kind: ``forward_pre``, ``forward``, ``full_backward``, ``optimizer_step_post`` or
+                ``tensor``.
+            **kwargs: passed to the module's registration method (e.g. ``with_kwargs``).
+
+        Returns:
+            The handle.
+
+        Raises:
+            ValueError: for an unknown ``kind``.
+        """
+        if kind not in _HOOK_KINDS:
+            raise ValueError(
+                f"hook kind '{kind}' is not known; expected one of {list(_HOOK_KINDS)}"
+            )
+
+        @functools.wraps(hook)
+        def guarded(*args: Any, **hook_kwargs: Any) -> Any:
+            if self._hooks_disabled or Modifier._hooks_disabled_globally:
+                return None
+            return hook(*args, **hook_kwargs)
+
+        handle = _HOOK_KINDS[kind](target, guarded, kwargs)
+        self._hooks.append(handle)
+        return handle
+
+    def remove_hooks(self) -> None:
+        """Remove every hook this modifier registered."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+
+    @property
+    def num_hooks(self) -> int:
+        """How many hooks this modifier currently has registered."""
+        return len(self._hooks)
+
+    @contextmanager
+    def hooks_disabled(self) -> Iterator[None]:
+        """Disable this modifier's hooks inside the context."""
+        previous, self._hooks_disabled = self._hooks_disabled, True
+        try:
+            yield
+        finally:
+            self._hooks_disabled = previous
+
+    @classmethod
+    @contextmanager
+    def disable_hooks(cls) -> Iterator[None]:
+        """Disable the hooks of every modifier inside the context."""
+        Modifier._hooks_disabled_globally += 1
+        try:
+            yield
+        finally:
+            Modifier._hooks_disabled_globally -= 1
+
+    @contextmanager
+    def _cleanup_on_error(self) -> Iterator[None]:
+        try:
+            yield
+        except Exception:
+            self.remove_hooks()
+            raise
+
+
+def _reject_unknown_settings(cls: type, init: Callable[..., None]) -> Callable[..., None]:
+    """Wrap a dataclass ``__init__`` so unknown settings list the valid ones."""
+    valid = [item.name for item in dataclasses.fields(cls)]
+
+    @functools.wraps(init)
+    def __init__(self: Modifier, *args: Any, **kwargs: Any) -> None:
+        if args:
+            raise RecipeError(f"{cls.__name__} takes settings by keyword only, got {args!r}")
+        unknown = [key for key in kwargs if key not in valid]
+        if unknown:
+            raise RecipeError(
+                f"{cls.__name__}: unknown setting(s) {unknown}; valid settings: {valid}"
+            )
+        init(self, **kwargs)
+
+    return __init__
+
+
+def _default_of(item: dataclasses.Field) -> Any:
+    if item.default is not dataclasses.MISSING:
+        return item.default
+    if item.default_factory is not dataclasses.MISSING:
+        return item.default_factory()
+    return dataclasses.MISSING

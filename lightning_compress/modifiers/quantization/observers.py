@@ -1,0 +1,189 @@
+"""Observers: turn the tensors they see into static scales and zero points.
+
+Each observer keeps one min and one max per group of values sharing a scale
+(see :func:`~lightning_compress.modifiers.quantization.ops.strategy_groups`), so
+every observed tensor must give the same qparams shape. Per-token scales change
+with every input: use
+:func:`~lightning_compress.modifiers.quantization.ops.compute_dynamic_qparams` for them.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch import Tensor
+
+from lightning_compress.modifiers.quantization.args import QuantizationArgs
+from lightning_compress.modifiers.quantization.ops import (
+    calculate_qparams,
+    fake_quantize,
+    reduce_min_max,
+    strategy_groups,
+)
+
+__all__ = [
+    "MSEObserver",
+    "MinMaxObserver",
+    "MovingAverageMinMaxObserver",
+    "Observer",
+    "observer_for",
+]
+
+
+class Observer(ABC):
+    """Accumulates per-group ranges and turns them into qparams.
+
+    Args:
+        args: the quantization arguments; their strategy picks the groups.
+    """
+
+    def __init__(self, args: QuantizationArgs) -> None:
+        self.args = args
+        self.min_vals: Tensor | None = None
+        self.max_vals: Tensor | None = None
+
+    def __call__(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Observes ``x`` and returns the updated ``(scale, zero_point)``."""
+        self.update(x)
+        return self.get_qparams()
+
+    @torch.no_grad()
+    def update(self, x: Tensor) -> None:
+        """Folds the ranges of ``x`` into the observer's state.
+
+        Args:
+            x: the tensor seen; no gradient flows from it.
+
+        Raises:
+            ValueError: when ``x`` gives a different qparams shape than earlier tensors.
+        """
+        new_min, new_max = self._batch_range(x.detach())
+        if self.min_vals is None or self.max_vals is None:
+            self.min_vals, self.max_vals = new_min, new_max
+            return
+        if new_min.shape != self.min_vals.shape:
+            raise ValueError(
+                f"{type(self).__name__}: input of shape {tuple(x.shape)} gives qparams of "
+                f"shape {tuple(new_min.shape)}, but earlier inputs gave "
+                f"{tuple(self.min_vals.shape)}; call reset() between different tensors"
+            )
+        self.min_vals, self.max_vals = self._merge(new_min, new_max)
+
+    def get_qparams(self) -> tuple[Tensor, Tensor]:
+        """Returns ``(scale, zero_point)`` for the ranges seen so far.
+
+        Raises:
+            RuntimeError: when nothing has been observed since creation or reset.
+        """
+        if self.min_vals is None or self.max_vals is None:
+            raise RuntimeError(f"{type(self).__name__} has observed nothing; call update(x)")
+        return calculate_qparams(self.min_vals, self.max_vals, self.args)
+
+    def reset(self) -> None:
+        """Forgets everything observed."""
+        self.min_vals = None
+        self.max_vals = None
+
+    def _batch_range(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Returns the per-group ``(min, max)`` to record for one tensor."""
+        return reduce_min_max(x, self.args)
+
+    @abstractmethod
+    def _merge(self, new_min: Tensor, new_max: Tensor) -> tuple[Tensor, Tensor]:
+        """Combines the stored ranges with a new tensor's ranges."""
+
+
+class MinMaxObserver(Observer):
+    """Keeps the running extremes: the smallest min and largest max ever seen."""
+
+    def _merge(self, new_min: Tensor, new_max: Tensor) -> tuple[Tensor, Tensor]:
+        return torch.minimum(self.min_vals, new_min), torch.maximum(self.max_vals, new_max)
+
+
+class MovingAverageMinMaxObserver(Observer):
+    """Keeps an exponential moving average of each tensor's min and max.
+
+    The first tensor's ranges are taken as they are; after that
+    ``stored += args.averaging_constant * (new - stored)``.
+    """
+
+    def _merge(self, new_min: Tensor, new_max: Tensor) -> tuple[Tensor, Tensor]:
+        weight = self.args.averaging_constant
+        return self.min_vals.lerp(new_min, weight), self.max_vals.lerp(new_max, weight)
+
+
+class MSEObserver(MinMaxObserver):
+    """Shrinks each group's range to minimise the reconstruction error.
+
+    For each tensor, every group tries the ranges ``shrink * (min, max)`` for
+    ``grid`` values of ``shrink`` evenly spaced from 1 down to ``min_shrink``, and
+    keeps the one minimising ``sum(|x - fake_quantize(x)| ** norm)`` over the
+    group. All groups are searched at once; the loop runs over the grid only.
+    Ranges of successive tensors are merged as running extremes.
+
+    Args:
+        args: the quantization arguments.
+        grid: number of shrink factors tried.
+        min_shrink: the smallest shrink factor, in (0, 1].
+        norm: exponent of the error; 2.4 weighs large errors a bit more than squared.
+
+    Raises:
+        ValueError: when ``grid < 1`` or ``min_shrink`` is outside (0, 1].
+    """
+
+    def __init__(
+        self, args: QuantizationArgs, grid: int = 100, min_shrink: float = 0.2, norm: float = 2.4
+    ) -> None:
+        super().__init__(args)
+        if grid < 1:
+            raise ValueError(f"grid={grid!r} is invalid: expected an int >= 1")
+        if not 0 < min_shrink <= 1:
+            raise ValueError(f"min_shrink={min_shrink!r} is invalid: expected a number in (0, 1]")
+        self.grid = grid
+        self.min_shrink = min_shrink
+        self.norm = norm
+
+    def _batch_range(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        min_vals, max_vals = reduce_min_max(x, self.args)
+        best_min, best_max = min_vals, max_vals
+        best_error = torch.full(min_vals.shape, torch.inf, device=x.device)
+        for shrink in torch.linspace(1.0, self.min_shrink, self.grid).tolist():
+            shrunk_min, shrunk_max = min_vals * shrink, max_vals * shrink
+            error = self._error(x, shrunk_min, shrunk_max)
+            better = error < best_error
+            best_error = torch.where(better, error, best_error)
+            best_min = torch.where(better, shrunk_min, best_min)
+            best_max = torch.where(better, shrunk_max, best_max)
+        return best_min, best_max
+
+    def _error(self, x: Tensor, min_vals: Tensor, max_vals: Tensor) -> Tensor:
+        """Returns the per-group error of fake quantizing ``x`` with the given ranges."""
+        scale, zero_point = calculate_qparams(min_vals, max_vals, self.args)
+        error = (fake_quantize(x, scale, zero_point, self.args) - x).abs().float().pow(self.norm)
+        return strategy_groups(error, self.args).sum(dim=-1)
+
+
+_OBSERVERS: dict[str, type[Observer]] = {
+    "minmax": MinMaxObserver,
+    "moving_average": MovingAverageMinMaxObserver,
+    "mse": MSEObserver,
+}
+
+
+def observer_for(args: QuantizationArgs) -> Observer:
+    """Builds a fresh observer of the kind ``args.observer`` names.
+
+    Args:
+        args: the quantization arguments.
+
+    Returns:
+        The observer, with default settings.
+
+    Raises:
+        ValueError: when ``args.observer`` names no observer; the message lists them.
+    """
+    observer_class = _OBSERVERS.get(args.observer)
+    if observer_class is None:
+        raise ValueError(f"unknown observer {args.observer!r}; observers are {list(_OBSERVERS)}")
+    return observer_class(args)

@@ -1,0 +1,348 @@
+"""Quantization math shared by fake quantization (QAT) and one-shot methods (RTN, GPTQ).
+
+Conventions, as in compressed-tensors:
+
+* ``int`` values are signed: ``[-2**(b-1), 2**(b-1) - 1]``, asymmetric ones too.
+* ``float`` is fp8 e4m3: values in ``[-448, 448]``.
+* ``q = clamp(round(x / scale + zero_point), qmin, qmax)`` and
+  ``x_hat = (q - zero_point) * scale``; fp8 rounds by casting to ``float8_e4m3fn``.
+* Scale and zero-point shapes for an input ``x``, per strategy:
+  ``tensor`` ``[1]``; ``channel`` ``[x.shape[0], 1]``; ``group``
+  ``[*x.shape[:-1], x.shape[-1] // group_size]``; ``token`` ``[*x.shape[:-1], 1]``.
+* Scales take the dtype of the min/max they come from; zero points are
+  ``int8`` for ``int`` and ``float8_e4m3fn`` (always 0) for ``float``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from lightning_compress.modifiers.quantization.args import QuantizationArgs
+
+if TYPE_CHECKING:
+    from lightning_compress.modifiers.quantization.observers import Observer
+
+__all__ = [
+    "FP8_MAX",
+    "calculate_qparams",
+    "compute_dynamic_qparams",
+    "dequantize",
+    "fake_quantize",
+    "fake_quantize_ste",
+    "qparams_for_weight",
+    "quant_range",
+    "quantize",
+    "quantized_dtype",
+    "reduce_min_max",
+    "strategy_groups",
+]
+
+FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)
+
+
+def quant_range(args: QuantizationArgs) -> tuple[float, float]:
+    """Returns ``(qmin, qmax)``, the range of quantized values.
+
+    Args:
+        args: the quantization arguments.
+
+    Returns:
+        ``(-2**(b-1), 2**(b-1) - 1)`` for ``int``, ``(-448, 448)`` for fp8.
+    """
+    if args.type == "float":
+        return -FP8_MAX, FP8_MAX
+    return float(-(2 ** (args.num_bits - 1))), float(2 ** (args.num_bits - 1) - 1)
+
+
+def quantized_dtype(args: QuantizationArgs) -> torch.dtype:
+    """Returns the storage dtype of quantized values and zero points.
+
+    Args:
+        args: the quantization arguments.
+
+    Returns:
+        ``torch.int8`` for ``int`` (every width up to 8 bits), ``torch.float8_e4m3fn`` for fp8.
+    """
+    return torch.float8_e4m3fn if args.type == "float" else torch.int8
+
+
+def strategy_groups(x: Tensor, args: QuantizationArgs) -> Tensor:
+    """Views ``x`` so that its last dimension holds exactly the values sharing one scale.
+
+    Reducing the last dimension gives a tensor of the strategy's qparams shape
+    (see the module docstring).
+
+    Args:
+        x: the tensor to quantize.
+        args: the quantization arguments.
+
+    Returns:
+        ``x`` reshaped to ``[*qparams_shape, values_per_scale]``.
+
+    Raises:
+        ValueError: for ``group`` when ``group_size`` does not divide ``x.shape[-1]``.
+    """
+    if args.strategy == "tensor":
+        return x.reshape(1, -1)
+    if args.strategy == "channel":
+        return x.reshape(x.shape[0], 1, -1)
+    if args.strategy == "token":
+        return x.unsqueeze(-2)
+    group_size = args.group_size
+    if x.shape[-1] % group_size != 0:
+        raise ValueError(
+            f"group_size={group_size} does not divide the last dimension of shape "
+            f"{tuple(x.shape)}; use a group_size that divides {x.shape[-1]} or add "
+            "this module to `ignore`"
+        )
+    return x.unflatten(-1, (x.shape[-1] // group_size, group_size))
+
+
+def reduce_min_max(x: Tensor, args: QuantizationArgs) -> tuple[Tensor, Tensor]:
+    """Returns the minimum and maximum of each group of values sharing a scale.
+
+    Args:
+        x: the tensor to observe.
+        args: the quantization arguments; their strategy picks the groups.
+
+    Returns:
+        ``(min_vals, max_vals)``, each of the strategy's qparams shape.
+    """
+    min_vals, max_vals = torch.aminmax(strategy_groups(x, args), dim=-1)
+    return min_vals, max_vals
+
+
+def calculate_qparams(
+    min_vals: Tensor, max_vals: Tensor, args: QuantizationArgs
+) -> tuple[Tensor, Tensor]:
+    """Turns observed ranges into scales and zero points.
+
+    The range is first widened to include 0. Symmetric:
+    ``scale = max(|min|, |max|) / ((qmax - qmin) / 2)`` (``/ 127.5`` for int8,
+    ``/ 448`` for fp8) and ``zero_point = 0``. Asymmetric:
+    ``scale = (max - min) / (qmax - qmin)`` and
+    ``zero_point = clamp(round(qmin - min / scale), qmin, qmax)``.
+    A zero scale becomes ``finfo(scale.dtype).eps``.
+
+    Args:
+        min_vals: minima, any shape (0-d becomes ``[1]``).
+        max_vals: maxima, same shape.
+        args: the quantization arguments.
+
+    Returns:
+        ``(scale, zero_point)``: scale in the dtype of ``min_vals``, zero point in
+        :func:`quantized_dtype`.
+    """
+    min_vals = min_vals.clamp(max=0)
+    max_vals = max_vals.clamp(min=0)
+    qmin, qmax = quant_range(args)
+    if args.symmetric:
+        scale = _nonzero(torch.maximum(-min_vals, max_vals) / ((qmax - qmin) / 2))
+        zero_point = torch.zeros_like(scale)
+    else:
+        scale = _nonzero((max_vals - min_vals) / (qmax - qmin))
+        zero_point = (qmin - min_vals / scale).round().clamp(qmin, qmax)
+    return torch.atleast_1d(scale), torch.atleast_1d(zero_point.to(quantized_dtype(args)))
+
+
+def _nonzero(scale: Tensor) -> Tensor:
+    return torch.where(scale == 0, torch.finfo(scale.dtype).eps, scale)
+
+
+def compute_dynamic_qparams(x: Tensor, args: QuantizationArgs) -> tuple[Tensor, Tensor]:
+    """Computes scales and zero points from ``x`` itself, as dynamic activations do.
+
+    Args:
+        x: the activation; no gradient flows through the result.
+        args: the quantization arguments, usually ``token`` or ``tensor`` strategy.
+
+    Returns:
+        ``(scale, zero_point)`` of the strategy's qparams shape.
+    """
+    return calculate_qparams(*reduce_min_max(x.detach(), args), args)
+
+
+def qparams_for_weight(
+    weight: Tensor, args: QuantizationArgs, observer: Observer | None = None
+) -> tuple[Tensor, Tensor]:
+    """Computes a weight's scales and zero points.
+
+    Args:
+        weight: the weight, ``[out, in]`` for a linear layer.
+        args: the quantization arguments; ``tensor``, ``channel`` or ``group`` strategy.
+        observer: the observer to use; None builds a fresh one from ``args.observer``.
+
+    Returns:
+        ``(scale, zero_point)`` of the strategy's qparams shape.
+
+    Raises:
+        ValueError: for the ``token`` strategy, which is for activations.
+    """
+    if args.strategy == "token":
+        raise ValueError(
+            "strategy='token' is for activations; weights take 'tensor', 'channel' or 'group'"
+        )
+    if observer is None:
+        # Imported here: observers build on this module.
+        from lightning_compress.modifiers.quantization.observers import observer_for
+
+        observer = observer_for(args)
+    return observer(weight)
+
+
+def _groups_and_qparams(
+    x: Tensor, scale: Tensor, zero_point: Tensor, args: QuantizationArgs
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Groups ``x`` and shapes ``scale`` and ``zero_point`` to broadcast against the groups.
+
+    Raises:
+        ValueError: when a qparam's shape does not broadcast to the strategy's shape.
+    """
+    groups = strategy_groups(x, args)
+    expected = groups.shape[:-1]
+    for name, qparam in (("scale", scale), ("zero_point", zero_point)):
+        if not _broadcasts_to(qparam.shape, expected):
+            raise ValueError(
+                f"{name} of shape {tuple(qparam.shape)} does not fit strategy="
+                f"{args.strategy!r} on input of shape {tuple(x.shape)}: expected "
+                f"{tuple(expected)}"
+            )
+    return groups, scale.unsqueeze(-1), zero_point.unsqueeze(-1)
+
+
+def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
+    try:
+        return torch.broadcast_shapes(shape, target) == target
+    except RuntimeError:
+        return False
+
+
+def _scale_to_grid(groups: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
+    scaled = groups / scale
+    return scaled + zero_point.to(scaled.dtype)
+
+
+def _round_to_grid(scaled: Tensor, args: QuantizationArgs) -> Tensor:
+    qmin, qmax = quant_range(args)
+    clamped = scaled.clamp(qmin, qmax)
+    if args.type == "float":
+        return clamped.to(torch.float8_e4m3fn).to(scaled.dtype)
+    return clamped.round()
+
+
+def _from_grid(q: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
+    return (q.to(scale.dtype) - zero_point.to(scale.dtype)) * scale
+
+
+def _round_trip(
+    scaled: Tensor, scale: Tensor, zero_point: Tensor, args: QuantizationArgs, like: Tensor
+) -> Tensor:
+    """Rounds grouped scaled values and maps them back to the shape and dtype of ``like``."""
+    q = _round_to_grid(scaled, args)
+    return _from_grid(q, scale, zero_point).reshape(like.shape).to(like.dtype)
+
+
+def quantize(x: Tensor, scale: Tensor, zero_point: Tensor, args: QuantizationArgs) -> Tensor:
+    """Quantizes ``x`` to integer (or fp8) values, clamped to :func:`quant_range`.
+
+    Args:
+        x: the tensor.
+        scale: scales of the strategy's qparams shape (or broadcastable to it).
+        zero_point: zero points, same shape rules.
+        args: the quantization arguments.
+
+    Returns:
+        ``q`` of ``x``'s shape in :func:`quantized_dtype` (``int8`` holds every int width).
+
+    Raises:
+        ValueError: when a shape does not fit the strategy.
+    """
+    groups, scale, zero_point = _groups_and_qparams(x, scale, zero_point, args)
+    q = _round_to_grid(_scale_to_grid(groups, scale, zero_point), args)
+    return q.reshape(x.shape).to(quantized_dtype(args))
+
+
+def dequantize(q: Tensor, scale: Tensor, zero_point: Tensor, args: QuantizationArgs) -> Tensor:
+    """Maps quantized values back: ``(q - zero_point) * scale``.
+
+    Args:
+        q: quantized values, as :func:`quantize` returns them.
+        scale: the scales used to quantize.
+        zero_point: the zero points used to quantize.
+        args: the quantization arguments.
+
+    Returns:
+        The dequantized tensor, of ``q``'s shape in ``scale``'s dtype.
+
+    Raises:
+        ValueError: when a shape does not fit the strategy.
+    """
+    groups, scale, zero_point = _groups_and_qparams(q, scale, zero_point, args)
+    return _from_grid(groups, scale, zero_point).reshape(q.shape)
+
+
+def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, args: QuantizationArgs) -> Tensor:
+    """Quantizes then dequantizes ``x``.
+
+    Rounding has a zero gradient almost everywhere; train with :func:`fake_quantize_ste`.
+
+    Args:
+        x: the tensor.
+        scale: scales of the strategy's qparams shape.
+        zero_point: zero points of the same shape.
+        args: the quantization arguments.
+
+    Returns:
+        ``x_hat`` of ``x``'s shape and dtype.
+
+    Raises:
+        ValueError: when a shape does not fit the strategy.
+    """
+    groups, scale, zero_point = _groups_and_qparams(x, scale, zero_point, args)
+    return _round_trip(_scale_to_grid(groups, scale, zero_point), scale, zero_point, args, x)
+
+
+class _FakeQuantizeSTE(torch.autograd.Function):
+    """Fake quantization whose gradient passes through where ``x`` was not clamped."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: Tensor, scale: Tensor, zero_point: Tensor, args: QuantizationArgs
+    ) -> Tensor:
+        groups, scale, zero_point = _groups_and_qparams(x, scale, zero_point, args)
+        scaled = _scale_to_grid(groups, scale, zero_point)
+        qmin, qmax = quant_range(args)
+        ctx.save_for_backward(((scaled >= qmin) & (scaled <= qmax)).reshape(x.shape))
+        return _round_trip(scaled, scale, zero_point, args, x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
+        (inside,) = ctx.saved_tensors
+        return grad * inside, None, None, None
+
+
+def fake_quantize_ste(
+    x: Tensor, scale: Tensor, zero_point: Tensor, args: QuantizationArgs
+) -> Tensor:
+    """Fake quantization for training, with a straight-through gradient.
+
+    The forward pass equals :func:`fake_quantize`. The gradient with respect to
+    ``x`` is 1 where ``x / scale + zero_point`` lies in ``[qmin, qmax]`` and 0
+    where it was clamped; ``scale`` and ``zero_point`` get no gradient.
+
+    Args:
+        x: the tensor.
+        scale: scales of the strategy's qparams shape.
+        zero_point: zero points of the same shape.
+        args: the quantization arguments.
+
+    Returns:
+        ``x_hat`` of ``x``'s shape and dtype.
+
+    Raises:
+        ValueError: when a shape does not fit the strategy.
+    """
+    return _FakeQuantizeSTE.apply(x, scale, zero_point, args)
