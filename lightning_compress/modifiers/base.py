@@ -286,11 +286,14 @@ class Modifier:
         end = None if self.end == UNTIL_END else self.end
         return event.should_update(start, end, self.update)
 
-    def resolve_targets(self, model: nn.Module) -> dict[str, nn.Module]:
+    def resolve_targets(
+        self, model: nn.Module, targets: str | list[str] | None = None
+    ) -> dict[str, nn.Module]:
         """The modules of ``model`` this modifier acts on.
 
         Args:
             model: the model.
+            targets: patterns to use instead of ``self.targets`` (``ignore`` still applies).
 
         Returns:
             The modules selected by ``targets`` and not by ``ignore``, by name.
@@ -299,7 +302,7 @@ class Modifier:
             RecipeError: if the targets match nothing.
         """
         try:
-            return match_named_modules(model, self.targets, self.ignore)
+            return match_named_modules(model, targets or self.targets, self.ignore)
         except ValueError as err:
             raise RecipeError(f"{type(self).__name__}.targets: {err}") from err
 
