@@ -138,7 +138,7 @@ class Event:
         Returns:
             The new event.
         """
-        logger.debug("Creating new instance of event with kwargs: {}", kwargs)
+        logger.trace("Creating new instance of event with kwargs: {}", kwargs)
         instance = deepcopy(self)
         for key, value in kwargs.items():
             setattr(instance, key, value)
@@ -159,7 +159,7 @@ class Event:
             True if an update is due.
         """
         current = self.current_index
-        logger.debug(
+        logger.trace(
             "Checking if event should update: current_index={}, start={}, end={}, update={}",
             current,
             start,

@@ -129,7 +129,7 @@ class CompressionLifecycle:
                 for training events out of order, or LOSS_CALCULATED without a loss.
         """
         self._check_event(event_type, kwargs)
-        logger.debug("Handling event: {}", event_type)
+        logger.trace("Handling event: {}", event_type)
         for name in ("steps_per_epoch", "batches_per_step"):
             if kwargs.get(name) is not None:
                 setattr(self.state, name, kwargs.pop(name))

@@ -136,7 +136,7 @@ class State:
         Returns:
             The unused ``kwargs``.
         """
-        logger.debug(
+        logger.trace(
             "Updating state: model={}, optimizer={}, steps_per_epoch={}, batches_per_step={}",
             type(model).__name__ if model is not None else None,
             type(optimizer).__name__ if optimizer is not None else None,

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, ClassVar
 
+import torch
 from loguru import logger
 from torch import nn
 from torch.utils.hooks import RemovableHandle
@@ -93,6 +94,7 @@ class Modifier:
         self.ended_ = False
         self._hooks: list[RemovableHandle] = []
         self._hooks_disabled = False
+        self._added_buffers: list[tuple[nn.Module, str]] = []
 
     # ----------------------------------------------------------------- settings
     def validate(self) -> None:
@@ -215,12 +217,13 @@ class Modifier:
             self.finalized_ = True
 
     def abort(self, state: State) -> None:
-        """Stop without finishing: remove every hook and mark the modifier finalized.
+        """Stop without finishing: remove every hook and added buffer, mark finalized.
 
         Args:
             state: the session's state.
         """
         self.remove_hooks()
+        self.remove_buffers()
         self.finalized_ = True
         logger.debug("{} aborted", type(self).__name__)
 
@@ -324,6 +327,36 @@ class Modifier:
 
     def on_finalize(self, state: State, **kwargs: Any) -> Any:
         """Last chance to clean up; hooks are removed right after."""
+
+    # ------------------------------------------------------------------ buffers
+    def add_buffer(self, module: nn.Module, name: str, value: torch.Tensor) -> None:
+        """Add compression state (a mask, a scale) to ``module`` as a buffer.
+
+        Buffers travel with the module's ``state_dict``, so Lightning checkpoints, shards and
+        restores them like weights. Buffers added here are removed by ``remove_buffers`` and
+        when the modifier aborts.
+
+        Args:
+            module: the module to hold the buffer.
+            name: the buffer's name (e.g. ``weight_mask``).
+            value: its initial value.
+
+        Raises:
+            ValueError: if ``module`` already has a parameter or attribute called ``name``.
+        """
+        if name in module._buffers:
+            module._buffers[name] = value
+            return
+        if hasattr(module, name):
+            raise ValueError(f"{type(module).__name__} already has an attribute '{name}'")
+        module.register_buffer(name, value)
+        self._added_buffers.append((module, name))
+
+    def remove_buffers(self) -> None:
+        """Remove every buffer this modifier added."""
+        for module, name in self._added_buffers:
+            module._buffers.pop(name, None)
+        self._added_buffers.clear()
 
     # -------------------------------------------------------------------- hooks
     def register_hook(

@@ -213,3 +213,17 @@ def test_lifecycle_misuse_of_a_modifier(model):
     modifier.initialize(state)
     with pytest.raises(RuntimeError, match="already initialized"):
         modifier.initialize(state)
+
+
+def test_buffers_are_added_and_removed_on_abort(model):
+    from lightning_compress.core import State
+
+    modifier = RecordingModifier()
+    modifier.add_buffer(model.fc1, "weight_mask", torch.ones(16, 8))
+    assert "fc1.weight_mask" in model.state_dict()
+    modifier.add_buffer(model.fc1, "weight_mask", torch.zeros(16, 8))
+    assert model.fc1.weight_mask.sum() == 0
+    with pytest.raises(ValueError, match="already has an attribute 'weight'"):
+        modifier.add_buffer(model.fc1, "weight", torch.ones(1))
+    modifier.abort(State(model=model))
+    assert "fc1.weight_mask" not in model.state_dict()

@@ -121,8 +121,8 @@ class QuantizationModifier(Modifier):
             errors[name] = _relative_error(module.weight, weight)
             with torch.no_grad():
                 module.weight.copy_(weight)
-            _set_buffer(module, "weight_scale", scale)
-            _set_buffer(module, "weight_zero_point", zero_point)
+            self.add_buffer(module, "weight_scale", scale)
+            self.add_buffer(module, "weight_zero_point", zero_point)
             module.quantization_scheme = scheme
         if state.loggers is not None and errors:
             state.loggers.log_scalars("QuantizationError", errors)
@@ -154,13 +154,6 @@ def _check_group_sizes(plan: dict[str, tuple[nn.Linear, QuantizationScheme]]) ->
 def _relative_error(weight: torch.Tensor, quantized: torch.Tensor) -> float:
     with torch.no_grad():
         return float((weight - quantized).norm() / weight.norm().clamp_min(1e-12))
-
-
-def _set_buffer(module: nn.Module, name: str, value: torch.Tensor) -> None:
-    if name in module._buffers:
-        module._buffers[name] = value
-    else:
-        module.register_buffer(name, value)
 
 
 def _as_list(targets: str | list[str]) -> list[str]:

@@ -1,0 +1,5 @@
+"""``python -m lightning_compress``: the command line."""
+
+from lightning_compress.cli import main
+
+main()

@@ -1,0 +1,55 @@
+"""The ``lightning-compress`` command."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from loguru import logger
+
+__all__ = ["main"]
+
+
+def _quickstart(args: argparse.Namespace) -> None:
+    from lightning_compress.bundled.quickstart import format_table, run_quickstart
+
+    recipes = {Path(path).stem: path for path in args.recipe} if args.recipe else None
+    rows = run_quickstart(recipes, num_windows=args.windows)
+    print(
+        f"Bundled tiny decoder, held-out perplexity on {args.windows} windows of 256 bytes "
+        f"of Persuasion (never seen in training):\n"
+    )
+    print(format_table(rows))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser.
+
+    Returns:
+        The parser with its subcommands.
+    """
+    parser = argparse.ArgumentParser(prog="lightning-compress", description=__doc__)
+    parser.add_argument("--verbose", action="store_true", help="show the library's log")
+    commands = parser.add_subparsers(dest="command", required=True)
+    quickstart = commands.add_parser(
+        "quickstart", help="compress the bundled model and compare perplexities"
+    )
+    quickstart.add_argument(
+        "--recipe", action="append", help="a recipe file to run (repeatable); default: RTN presets"
+    )
+    quickstart.add_argument("--windows", type=int, default=16, help="evaluation windows")
+    quickstart.set_defaults(run=_quickstart)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the command line.
+
+    Args:
+        argv: the arguments; ``sys.argv[1:]`` when None.
+    """
+    args = build_parser().parse_args(argv)
+    if not args.verbose:
+        logger.remove()
+        logger.add(lambda message: print(message, end=""), level="WARNING")
+    args.run(args)
