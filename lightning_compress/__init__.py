@@ -5,6 +5,7 @@ from lightning_compress.modifiers import Modifier, QuantizationModifier
 from lightning_compress.recipe import Recipe, RecipeError
 
 __all__ = [
+    "Compressor",
     "CompressionSession",
     "Modifier",
     "QuantizationModifier",
@@ -14,3 +15,14 @@ __all__ = [
     "create_session",
 ]
 __version__ = "0.1.0"
+
+# Names from the Lightning room load lazily, so the core never pulls in lightning.
+_LIGHTNING_NAMES = {"Compressor": "lightning_compress.lightning"}
+
+
+def __getattr__(name: str):
+    if name in _LIGHTNING_NAMES:
+        import importlib
+
+        return getattr(importlib.import_module(_LIGHTNING_NAMES[name]), name)
+    raise AttributeError(f"module 'lightning_compress' has no attribute '{name}'")

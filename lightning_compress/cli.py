@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from loguru import logger
 
 __all__ = ["main"]
+
+# LightningCLI's subcommands, handled by ``lightning_compress.lightning.cli``.
+TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
 
 
 def _quickstart(args: argparse.Namespace) -> None:
@@ -28,7 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     Returns:
         The parser with its subcommands.
     """
-    parser = argparse.ArgumentParser(prog="lightning-compress", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="lightning-compress",
+        description="Compress models. Also: lightning-compress {fit,validate,test,predict} "
+        "--config CONFIG.yaml (LightningCLI with the bundled model and text as defaults).",
+    )
     parser.add_argument("--verbose", action="store_true", help="show the library's log")
     commands = parser.add_subparsers(dest="command", required=True)
     quickstart = commands.add_parser(
@@ -48,6 +56,12 @@ def main(argv: list[str] | None = None) -> None:
     Args:
         argv: the arguments; ``sys.argv[1:]`` when None.
     """
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in TRAINER_COMMANDS:
+        from lightning_compress.lightning.cli import run_cli
+
+        run_cli(argv)
+        return
     args = build_parser().parse_args(argv)
     if not args.verbose:
         logger.remove()

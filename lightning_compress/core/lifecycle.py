@@ -207,6 +207,12 @@ class CompressionLifecycle:
         self.__init__()
         logger.info("Compression lifecycle reset")
 
+    def abort(self) -> None:
+        """Stop every unfinished modifier after a failure: its hooks and buffers are removed."""
+        for mod in self.recipe.modifiers:
+            if mod.initialized_ and not mod.finalized_:
+                mod.abort(self.state)
+
     def _check_event(self, event_type: EventType, kwargs: dict[str, Any]) -> None:
         if not self.initialized_:
             logger.error("Cannot invoke event before initializing")

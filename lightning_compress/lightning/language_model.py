@@ -1,0 +1,113 @@
+"""A LightningModule and DataModule for causal language models (the bundled one by default)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from torchmetrics.text import Perplexity
+
+from lightning_compress.bundled import (
+    bundled_text,
+    load_bundled_model,
+    load_tokenizer,
+    token_windows,
+)
+
+__all__ = ["BundledTextDataModule", "CausalLMModule", "causal_lm_logits"]
+
+
+def causal_lm_logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """Logits of a causal LM, whether it returns a tensor or a Hugging Face output.
+
+    Args:
+        model: the language model.
+        input_ids: token ids ``[batch, seq]``.
+
+    Returns:
+        Logits ``[batch, seq, vocab]``.
+    """
+    output = model(input_ids)
+    return output if isinstance(output, torch.Tensor) else output.logits
+
+
+class CausalLMModule(pl.LightningModule):
+    """Next-token training of a causal LM, with validation perplexity.
+
+    Args:
+        model: the language model; the bundled tiny decoder when None.
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+    """
+
+    def __init__(self, model: nn.Module | None = None, lr: float = 3e-4, weight_decay: float = 0.0):
+        super().__init__()
+        self.model = model if model is not None else load_bundled_model().train()
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.val_perplexity = Perplexity()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return causal_lm_logits(self.model, input_ids)
+
+    def _loss(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self(batch[:, :-1])
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+        return loss, logits
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        loss, _ = self._loss(batch)
+        self.log("train_loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        loss, logits = self._loss(batch)
+        self.val_perplexity.update(logits.float(), batch[:, 1:])
+        self.log("val_loss", loss)
+        self.log("val_perplexity", self.val_perplexity, prog_bar=True)
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+
+
+class BundledTextDataModule(pl.LightningDataModule):
+    """Windows of the bundled text: training from its first 90%, validation from the rest.
+
+    Args:
+        seq_len: tokens per window.
+        batch_size: windows per batch.
+        train_windows: training windows (consecutive, from the start of the text).
+        val_windows: validation windows.
+    """
+
+    def __init__(
+        self,
+        seq_len: int = 256,
+        batch_size: int = 8,
+        train_windows: int = 256,
+        val_windows: int = 16,
+    ):
+        super().__init__()
+        self.seq_len = seq_len
+        self.batch_size = batch_size
+        self.train_windows = train_windows
+        self.val_windows = val_windows
+
+    def setup(self, stage: str) -> None:
+        tokenizer = load_tokenizer()
+        self.train_data = token_windows(
+            bundled_text("calibration"), tokenizer, self.seq_len, self.train_windows
+        )
+        self.val_data = token_windows(
+            bundled_text("evaluation"), tokenizer, self.seq_len, self.val_windows
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        generator = torch.Generator().manual_seed(0)
+        return DataLoader(self.train_data, self.batch_size, shuffle=True, generator=generator)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_data, self.batch_size)

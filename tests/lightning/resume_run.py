@@ -1,0 +1,66 @@
+"""Train the regressor with a recipe; optionally die (SIGKILL) after a step, or resume.
+
+Run as a script by the resume test: ``python resume_run.py RECIPE OUT_DIR [--kill-after N]
+[--resume]``. Writes the final compression buffers to ``OUT_DIR/final.pt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from lightning_models import Regressor, regression_loader  # noqa: E402
+
+from lightning_compress import Compressor  # noqa: E402
+
+STEPS = 12
+
+
+class KillAfter(Callback):
+    """Kills the process (no clean-up, like a crash) once ``step`` optimizer steps are saved."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step >= self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("recipe")
+    parser.add_argument("out_dir")
+    parser.add_argument("--kill-after", type=int)
+    parser.add_argument("--resume", action="store_true")
+    args = parser.parse_args()
+    out = Path(args.out_dir)
+    checkpoint = ModelCheckpoint(dirpath=out, every_n_train_steps=1, save_last=True)
+    callbacks = [Compressor(Path(args.recipe).read_text()), checkpoint]
+    if args.kill_after:
+        callbacks.append(KillAfter(args.kill_after))
+    trainer = Trainer(
+        accelerator="cpu",
+        max_steps=STEPS,
+        callbacks=callbacks,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    model = Regressor(optimizer="adam")
+    trainer.fit(
+        model, regression_loader(), ckpt_path=str(out / "last.ckpt") if args.resume else None
+    )
+    torch.save({k: v for k, v in model.state_dict().items()}, out / "final.pt")
+
+
+if __name__ == "__main__":
+    main()
