@@ -12,12 +12,16 @@ __all__ = [
     "Recipe",
     "RecipeError",
     "active_session",
+    "compression_loss",
     "create_session",
 ]
 __version__ = "0.1.0"
 
 # Names from the Lightning room load lazily, so the core never pulls in lightning.
-_LIGHTNING_NAMES = {"Compressor": "lightning_compress.lightning"}
+_LIGHTNING_NAMES = {
+    "Compressor": "lightning_compress.lightning",
+    "compression_loss": "lightning_compress.lightning",
+}
 
 
 def __getattr__(name: str):

@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
@@ -21,7 +22,25 @@ from lightning_compress.recipe import (
     RecipeStageInput,
 )
 
-__all__ = ["Compressor"]
+__all__ = ["Compressor", "compression_loss"]
+
+
+def compression_loss(pl_module: pl.LightningModule, loss: torch.Tensor) -> torch.Tensor:
+    """Let the active modifiers of every ``Compressor`` change the loss (e.g. distillation).
+
+    The one line a ``training_step`` adds to opt in: ``loss = compression_loss(self, loss)``.
+
+    Args:
+        pl_module: the LightningModule being trained.
+        loss: the task loss.
+
+    Returns:
+        The loss to back-propagate (unchanged when no modifier changes losses).
+    """
+    for callback in pl_module.trainer.callbacks:
+        if isinstance(callback, Compressor):
+            loss = callback.modify_loss(loss)
+    return loss
 
 
 class Compressor(Callback):
@@ -149,6 +168,21 @@ class Compressor(Callback):
     ) -> None:
         self._remove_optimizer_hooks()
         self.session.lifecycle.abort()
+
+    def modify_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """Pass ``loss`` through every active modifier's ``modify_loss``.
+
+        Args:
+            loss: the task loss.
+
+        Returns:
+            The modified loss.
+        """
+        state = self.session.state
+        for modifier in self.session.lifecycle.recipe.modifiers:
+            if modifier.active:
+                loss = modifier.modify_loss(state, loss)
+        return loss
 
     # ------------------------------------------------------------- checkpoint
     @override

@@ -1,6 +1,7 @@
 """Compression algorithms as modifiers, registered by class name for recipes."""
 
 from lightning_compress.modifiers.base import ONE_SHOT, Modifier
+from lightning_compress.modifiers.distillation import OutputDistillationModifier
 from lightning_compress.modifiers.quantization import QuantizationModifier
 
-__all__ = ["ONE_SHOT", "Modifier", "QuantizationModifier"]
+__all__ = ["ONE_SHOT", "Modifier", "OutputDistillationModifier", "QuantizationModifier"]

@@ -328,6 +328,26 @@ class Modifier:
     def on_finalize(self, state: State, **kwargs: Any) -> Any:
         """Last chance to clean up; hooks are removed right after."""
 
+    def modify_loss(self, state: State, loss: torch.Tensor) -> torch.Tensor:
+        """Change the training loss (e.g. add a distillation term); identity by default.
+
+        Called only while the modifier is active, through the documented opt-in line
+        ``loss = compression_loss(self, loss)`` in a ``training_step``.
+
+        Args:
+            state: the session's state.
+            loss: the loss computed by the user's ``training_step``.
+
+        Returns:
+            The loss to back-propagate.
+        """
+        return loss
+
+    @property
+    def active(self) -> bool:
+        """True between start and end."""
+        return self.started_ and not self.ended_
+
     # ------------------------------------------------------------------ buffers
     def add_buffer(self, module: nn.Module, name: str, value: torch.Tensor) -> None:
         """Add compression state (a mask, a scale) to ``module`` as a buffer.
