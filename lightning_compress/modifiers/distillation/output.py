@@ -108,12 +108,15 @@ class OutputDistillationModifier(Modifier):
     def on_update(self, state: State, event: Event, **kwargs: Any) -> None:
         if event.type_ == EventType.BATCH_START:
             self._inputs, self._output, self._loss_modified = None, None, False
-        elif event.type_ == EventType.BATCH_END and self._output is not None:
-            if not self._loss_modified:
-                raise RuntimeError(
-                    "OutputDistillationModifier is active but the loss was not modified: add "
-                    "`loss = compression_loss(self, loss)` to your training_step"
-                )
+        elif (
+            event.type_ == EventType.BATCH_END
+            and self._output is not None
+            and not self._loss_modified
+        ):
+            raise RuntimeError(
+                "OutputDistillationModifier is active but the loss was not modified: add "
+                "`loss = compression_loss(self, loss)` to your training_step"
+            )
 
     def modify_loss(self, state: State, loss: torch.Tensor) -> torch.Tensor:
         if self._output is None or self._inputs is None:
