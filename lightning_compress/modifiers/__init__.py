@@ -2,6 +2,14 @@
 
 from lightning_compress.modifiers.base import ONE_SHOT, Modifier
 from lightning_compress.modifiers.distillation import OutputDistillationModifier
+from lightning_compress.modifiers.pruning import ConstantPruningModifier, MagnitudePruningModifier
 from lightning_compress.modifiers.quantization import QuantizationModifier
 
-__all__ = ["ONE_SHOT", "Modifier", "OutputDistillationModifier", "QuantizationModifier"]
+__all__ = [
+    "ONE_SHOT",
+    "ConstantPruningModifier",
+    "MagnitudePruningModifier",
+    "Modifier",
+    "OutputDistillationModifier",
+    "QuantizationModifier",
+]

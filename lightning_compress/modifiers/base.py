@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from dataclasses import MISSING
 import typing
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -28,6 +29,8 @@ __all__ = ["ONE_SHOT", "Modifier"]
 ONE_SHOT = -1.0
 # ``end: -1`` means "until training ends".
 UNTIL_END = -1.0
+# Tolerance for comparing schedule indices, which may be fractional epochs.
+_INDEX_TOLERANCE = 1e-9
 
 _HOOK_KINDS = {
     "forward_pre": lambda target, fn, kw: target.register_forward_pre_hook(fn, **kw),
@@ -159,8 +162,12 @@ class Modifier:
         """
         if self.initialized_ or self.finalized_:
             raise RuntimeError(f"{type(self).__name__} was already initialized; create a new one")
-        with self._cleanup_on_error():
+        try:
             data = self.on_initialize(state, **kwargs)
+        except Exception:
+            self.remove_hooks()
+            self.remove_buffers()
+            raise
         self.initialized_ = True
         return data
 
@@ -252,16 +259,18 @@ class Modifier:
     def should_start(self, event: Event) -> bool:
         """Whether a training-scheduled modifier starts at ``event``.
 
+        A run resumed at or after ``end`` still starts (and ends at the same batch), so
+        ``on_start``/``on_end`` run exactly as in an uninterrupted run.
+
         Args:
             event: the current event.
 
         Returns:
-            True when ``start <= index < end``.
+            True when ``start <= index``.
         """
         if self.start is None or self.is_one_shot:
             return False
-        current = event.current_index
-        return self.start <= current + 1e-9 and not self.should_end(event)
+        return self.start <= event.current_index + _INDEX_TOLERANCE
 
     def should_end(self, event: Event) -> bool:
         """Whether a training-scheduled modifier ends at ``event``.
@@ -274,20 +283,29 @@ class Modifier:
         """
         if self.end is None or self.end == UNTIL_END:
             return False
-        return event.current_index >= self.end - 1e-9
+        return event.current_index >= self.end - _INDEX_TOLERANCE
 
     def update_due(self, event: Event) -> bool:
-        """Whether periodic work is due at ``event`` by ``start``/``end``/``update``.
+        """Whether periodic work is due at ``event``: inside ``[start, end]``, on the grid
+        ``start + k·update`` (every event when ``update`` is None or 0).
 
         Args:
             event: the current event.
 
         Returns:
-            ``event.should_update(start, end, update)`` with -1 read as unset.
+            True when an update is due.
         """
-        start = None if self.is_one_shot else self.start
+        start = 0.0 if self.is_one_shot or self.start is None else self.start
         end = None if self.end == UNTIL_END else self.end
-        return event.should_update(start, end, self.update)
+        current = event.current_index
+        if current < start - _INDEX_TOLERANCE:
+            return False
+        if end is not None and current > end + _INDEX_TOLERANCE:
+            return False
+        if not self.update:
+            return True
+        intervals = (current - start) / self.update
+        return abs(intervals - round(intervals)) * self.update < _INDEX_TOLERANCE
 
     def resolve_targets(
         self, model: nn.Module, targets: str | list[str] | None = None
@@ -362,13 +380,17 @@ class Modifier:
             value: its initial value.
 
         Raises:
-            ValueError: if ``module`` already has a parameter or attribute called ``name``.
+            ValueError: if ``module`` already has a parameter, buffer or attribute ``name``
+                that this modifier did not add.
         """
-        if name in module._buffers:
+        if (module, name) in self._added_buffers:
             module._buffers[name] = value
             return
         if hasattr(module, name):
-            raise ValueError(f"{type(module).__name__} already has an attribute '{name}'")
+            raise ValueError(
+                f"{type(module).__name__} already has an attribute '{name}' (does another "
+                f"modifier of this stage target the same layer?)"
+            )
         module.register_buffer(name, value)
         self._added_buffers.append((module, name))
 
@@ -454,6 +476,7 @@ class Modifier:
 def _reject_unknown_settings(cls: type, init: Callable[..., None]) -> Callable[..., None]:
     """Wrap a dataclass ``__init__`` so unknown settings list the valid ones."""
     valid = [item.name for item in dataclasses.fields(cls)]
+    required = [item.name for item in dataclasses.fields(cls) if _default_of(item) is MISSING]
 
     @functools.wraps(init)
     def __init__(self: Modifier, *args: Any, **kwargs: Any) -> None:
@@ -464,14 +487,17 @@ def _reject_unknown_settings(cls: type, init: Callable[..., None]) -> Callable[.
             raise RecipeError(
                 f"{cls.__name__}: unknown setting(s) {unknown}; valid settings: {valid}"
             )
+        missing = [key for key in required if key not in kwargs]
+        if missing:
+            raise RecipeError(f"{cls.__name__}: missing required setting(s) {missing}")
         init(self, **kwargs)
 
     return __init__
 
 
 def _default_of(item: dataclasses.Field) -> Any:
-    if item.default is not dataclasses.MISSING:
+    if item.default is not MISSING:
         return item.default
-    if item.default_factory is not dataclasses.MISSING:
+    if item.default_factory is not MISSING:
         return item.default_factory()
-    return dataclasses.MISSING
+    return MISSING

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -200,6 +201,21 @@ def _parse_one(source: Any, group_name: str, recipe_args: RecipeArgsInput | None
     )
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML 1.1 safe loading without base-60 integers, so ``mask_structure: 2:4`` stays text."""
+
+
+_RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, regex) for tag, regex in resolvers if tag != "tag:yaml.org,2002:int"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:int",
+    re.compile(r"^[-+]?(0|[1-9][0-9_]*|0x[0-9a-fA-F_]+|0o?[0-7_]+|0b[01_]+)$"),
+    list("-+0123456789"),
+)
+
+
 def _load_text(source: str | os.PathLike) -> dict[str, Any]:
     text = str(source)
     path = Path(text) if "\n" not in text and len(text) < 4096 else None
@@ -211,7 +227,11 @@ def _load_text(source: str | os.PathLike) -> dict[str, Any]:
     else:
         where = "recipe text"
     try:
-        data = json.loads(text) if text.lstrip().startswith("{") else yaml.safe_load(text)
+        data = (
+            json.loads(text)
+            if text.lstrip().startswith("{")
+            else yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+        )
     except (yaml.YAMLError, json.JSONDecodeError) as err:
         raise RecipeError(f"{where} is not valid YAML/JSON: {err}") from err
     if not isinstance(data, dict):

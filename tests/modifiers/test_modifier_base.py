@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers import RecordingModifier
 
-from lightning_compress.core import CompressionSession, EventType
+from lightning_compress.core import CompressionSession, Event, EventType
 from lightning_compress.modifiers import Modifier
 from lightning_compress.recipe import RecipeError
 
@@ -62,19 +62,37 @@ def test_end_minus_one_runs_until_finalize(model):
     assert modifier.names("end")[0][1] is None and modifier.ended_
 
 
-def test_update_due_follows_update_interval(model):
-    session = CompressionSession()
-    modifier = started(session, model, 1, start=0, end=10, update=3)
-    due = []
-    for step in range(12):
-        event = session.lifecycle
-        event = event.recipe.modifiers[0]
-        from lightning_compress.core import Event
+@pytest.mark.parametrize(
+    ("start", "end", "update", "geometry", "expected"),
+    [
+        (0, 10, 3, {}, [0, 3, 6, 9]),
+        (2, 10, 3, {}, [2, 5, 8]),
+        (2, -1, None, {}, list(range(2, 12))),
+        (0.25, 1.0, 0.25, {"steps_per_epoch": 8}, [2, 4, 6, 8]),
+    ],
+)
+def test_update_due_is_a_grid_from_start(start, end, update, geometry, expected):
+    modifier = RecordingModifier(start=start, end=end, update=update)
+    due = [s for s in range(12) if modifier.update_due(Event(global_step=s, **geometry))]
+    assert due == expected
 
-        if modifier.update_due(Event(global_step=step)):
-            due.append(step)
-    assert due == [0, 3, 6, 9]
-    assert event is modifier
+
+def test_resumed_after_end_still_starts_and_ends(model):
+    session = CompressionSession()
+    session.initialize(recipe=RecordingModifier(start=1, end=3), model=model)
+    for event_type in STEP:
+        loss = torch.tensor(1.0) if event_type == EventType.LOSS_CALCULATED else None
+        session.event(event_type, loss=loss, global_step=5)
+    (modifier,) = session.lifecycle.recipe.modifiers
+    assert [c[0] for c in modifier.calls if c[0] in ("start", "end")] == ["start", "end"]
+
+
+def test_missing_required_setting_is_named():
+    class NeedsValue(Modifier, register=False):
+        value: float
+
+    with pytest.raises(RecipeError, match=r"NeedsValue: missing required setting\(s\) \['value'\]"):
+        NeedsValue()
 
 
 def test_resumed_run_starts_at_the_resume_step(model):
@@ -218,7 +236,11 @@ def test_lifecycle_misuse_of_a_modifier(model):
 def test_buffers_are_added_and_removed_on_abort(model):
     from lightning_compress.core import State
 
+    other = RecordingModifier()
+    other.add_buffer(model.fc2, "weight_mask", torch.ones(4, 16))
     modifier = RecordingModifier()
+    with pytest.raises(ValueError, match="another modifier"):
+        modifier.add_buffer(model.fc2, "weight_mask", torch.ones(4, 16))
     modifier.add_buffer(model.fc1, "weight_mask", torch.ones(16, 8))
     assert "fc1.weight_mask" in model.state_dict()
     modifier.add_buffer(model.fc1, "weight_mask", torch.zeros(16, 8))

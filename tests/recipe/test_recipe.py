@@ -179,3 +179,8 @@ def test_shipped_recipes_round_trip(path):
     again = Recipe.create_instance(recipe.yaml())
     assert again == recipe
     assert again.yaml() == recipe.yaml()
+
+
+def test_unquoted_n_m_patterns_stay_text():
+    text = "x_modifiers:\n  RecordingModifier: {targets: fc1}\nargs: {pattern: 2:4, n: 12}\n"
+    assert Recipe.create_instance(text).args == {"pattern": "2:4", "n": 12}

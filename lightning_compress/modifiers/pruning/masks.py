@@ -1,0 +1,163 @@
+"""Mask selection, shared by every pruning method: unstructured, N:M and global.
+
+A mask is a bool tensor shaped like the scores: True keeps a weight, False prunes it.
+Ties are broken the same way everywhere: among equal scores, the one with the lower
+(flattened) index is pruned first, so every process and every run selects the same mask.
+
+The layout helpers ``full_tensor`` and ``like_weight`` let the same selection run on
+weights sharded as ``DTensor`` (FSDP2): select on the full tensor so that all ranks agree,
+then shard the mask exactly like the weight so that ``weight.mul_(mask)`` stays shard-local.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+__all__ = [
+    "MASK_STRUCTURE_EXPECTED",
+    "full_tensor",
+    "global_masks",
+    "like_weight",
+    "nm_mask",
+    "parse_mask_structure",
+    "unstructured_mask",
+]
+
+MASK_STRUCTURE_EXPECTED = "'N:M' with 0 < N < M (e.g. '2:4': 2 kept of every 4), or '0:0'"
+
+
+def unstructured_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Prune exactly ``round(sparsity * numel)`` of the smallest scores.
+
+    Args:
+        scores: importance of each weight (e.g. ``|W|``), any shape.
+        sparsity: the fraction to prune, in [0, 1].
+
+    Returns:
+        A bool mask shaped like ``scores``; False marks a pruned weight.
+
+    Raises:
+        ValueError: if ``sparsity`` is outside [0, 1].
+    """
+    _check_sparsity(sparsity)
+    flat = scores.reshape(-1)
+    num_pruned = round(sparsity * flat.numel())
+    order = torch.sort(flat, stable=True).indices
+    mask = torch.ones(flat.numel(), dtype=torch.bool, device=scores.device)
+    mask[order[:num_pruned]] = False
+    return mask.view(scores.shape)
+
+
+def nm_mask(scores: torch.Tensor, n: int, m: int, layer: str | None = None) -> torch.Tensor:
+    """Keep the ``n`` largest scores in every group of ``m`` consecutive input columns.
+
+    Args:
+        scores: importance of each weight, shaped ``[out_features, in_features]``.
+        n: weights kept per group.
+        m: group size along the input dimension (``in_features`` must be a multiple).
+        layer: the layer's name, for error messages.
+
+    Returns:
+        A bool mask shaped like ``scores`` with exactly ``n`` True values per group.
+
+    Raises:
+        ValueError: unless ``0 < n < m``, ``scores`` is 2-D and ``m`` divides its columns.
+    """
+    where = f"layer '{layer}'" if layer else "scores"
+    if not 0 < n < m:
+        raise ValueError(f"N:M mask: expected 0 < N < M, got N={n}, M={m}")
+    if scores.dim() != 2 or scores.shape[1] % m:
+        raise ValueError(
+            f"N:M mask {n}:{m}: {where} has shape {tuple(scores.shape)}; expected a 2-D "
+            f"[out_features, in_features] weight with in_features divisible by {m}"
+        )
+    groups = scores.reshape(scores.shape[0], -1, m)
+    order = torch.sort(groups, dim=-1, stable=True).indices
+    mask = torch.ones_like(groups, dtype=torch.bool)
+    mask.scatter_(-1, order[..., : m - n], False)
+    return mask.view(scores.shape)
+
+
+def global_masks(scores: dict[str, torch.Tensor], sparsity: float) -> dict[str, torch.Tensor]:
+    """Prune the smallest ``round(sparsity * total)`` scores across all layers together.
+
+    One threshold for every layer: layers with small scores lose more weights. Ties are
+    broken by the order of ``scores`` and then by index within a layer.
+
+    Args:
+        scores: importance of each layer's weights, by layer name.
+        sparsity: the fraction of all weights to prune, in [0, 1].
+
+    Returns:
+        A bool mask per layer, shaped like its scores.
+
+    Raises:
+        ValueError: if ``sparsity`` is outside [0, 1].
+    """
+    if not scores:
+        return {}
+    flat = torch.cat([value.reshape(-1) for value in scores.values()])
+    chunks = unstructured_mask(flat, sparsity).split([value.numel() for value in scores.values()])
+    return {
+        name: chunk.view(value.shape)
+        for (name, value), chunk in zip(scores.items(), chunks, strict=True)
+    }
+
+
+def parse_mask_structure(mask_structure: str) -> tuple[int, int] | None:
+    """Read a mask structure such as ``"2:4"``.
+
+    Args:
+        mask_structure: ``"N:M"`` (keep N of every M input columns) or ``"0:0"``.
+
+    Returns:
+        ``(n, m)``, or None for ``"0:0"`` (unstructured).
+
+    Raises:
+        ValueError: if the text is not ``"0:0"`` or ``"N:M"`` with ``0 < N < M``.
+    """
+    parts = str(mask_structure).split(":")
+    if len(parts) == 2 and all(part.strip().isdigit() for part in parts):
+        n, m = (int(part) for part in parts)
+        if (n, m) == (0, 0):
+            return None
+        if 0 < n < m:
+            return n, m
+    raise ValueError(f"mask_structure: expected {MASK_STRUCTURE_EXPECTED}, got {mask_structure!r}")
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: gathered from every rank for a ``DTensor``, else ``tensor`` itself.
+
+    Args:
+        tensor: a plain tensor or a ``DTensor``.
+
+    Returns:
+        A plain tensor with the global shape.
+    """
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def like_weight(mask: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Lay a full mask out like ``weight``: same device, and same sharding for a ``DTensor``.
+
+    Every rank must hold the same full ``mask``; each keeps its own shard without
+    communicating.
+
+    Args:
+        mask: the full mask (plain tensor, global shape).
+        weight: the weight it masks.
+
+    Returns:
+        The mask as a ``DTensor`` with the weight's mesh and placements, or as a plain
+        tensor on the weight's device.
+    """
+    if isinstance(weight, DTensor):
+        return distribute_tensor(mask, weight.device_mesh, weight.placements, src_data_rank=None)
+    return mask.to(weight.device)
+
+
+def _check_sparsity(sparsity: float) -> None:
+    if not 0.0 <= sparsity <= 1.0:
+        raise ValueError(f"sparsity: expected a float in [0, 1], got {sparsity!r}")

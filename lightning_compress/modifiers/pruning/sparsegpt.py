@@ -1,0 +1,154 @@
+"""SparseGPT (Frantar & Alistarh 2023): prune a weight column by column, correcting later columns.
+
+Pure tensor math on a weight ``[out, in]`` (``nn.Linear`` layout; transpose ``Conv1D``
+weights first) and the Hessian of its inputs. The mask is chosen by the OBS saliency
+``w^2 / d^2``, ``d`` the diagonal of the upper Cholesky factor of ``H^-1``, on the current
+(already error-corrected) weights:
+
+* unstructured: when the sweep enters a block of ``block_size`` columns, the lowest
+  ``sparsity`` fraction of the block's saliencies (all rows together) is pruned
+  ("adaptive mask selection", the paper's Algorithm 1);
+* N:M: when the sweep enters a run of ``m`` columns, each row keeps its ``n`` most
+  salient weights.
+
+Selection uses :func:`~lightning_compress.modifiers.pruning.masks.unstructured_mask` and
+:func:`~lightning_compress.modifiers.pruning.masks.nm_mask`, so it prunes exactly
+``round(sparsity * numel)`` per block and breaks ties by index.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from lightning_compress.modifiers.hessian import BlockwiseOBS
+from lightning_compress.modifiers.pruning.masks import nm_mask, unstructured_mask
+from lightning_compress.modifiers.quantization.args import QuantizationArgs
+from lightning_compress.modifiers.quantization.gptq import ColumnQuantizer, make_column_quantizer
+
+__all__ = ["SparseGPTResult", "sparsegpt_prune"]
+
+
+class SparseGPTResult(NamedTuple):
+    """What :func:`sparsegpt_prune` returns; starts like ``(weight, mask, loss)``."""
+
+    weight: Tensor
+    """Pruned (and, with ``quantize_args``, dequantized) weight ``[out, in]``, input dtype."""
+    mask: Tensor
+    """Bool ``[out, in]``: True keeps a weight, False marks a pruned one."""
+    loss: float
+    """OBS objective ``sum((w - q)^2 / d^2) / 2``: see ``BlockwiseOBS.run``."""
+    scale: Tensor | None
+    """With ``quantize_args``: the scales (as ``GPTQResult.scale``); else None."""
+    zero_point: Tensor | None
+    """With ``quantize_args``: the zero points; else None."""
+    dampening_used: float
+    """The dampening fraction that made ``H`` invertible (see ``damp_and_invert``)."""
+
+
+class _ColumnPruner:
+    """Chooses the mask as the sweep reaches each block (or N:M run), then zeroes pruned weights.
+
+    Args:
+        weight: the sweep's working weight, for the mask's shape and device.
+        sparsity: the unstructured fraction to prune.
+        mask_structure: ``(n, m)`` to keep ``n`` of every ``m`` columns, or None.
+        quantizer: quantizes the kept weights after pruning, or None.
+    """
+
+    def __init__(
+        self,
+        weight: Tensor,
+        sparsity: float,
+        mask_structure: tuple[int, int] | None,
+        quantizer: ColumnQuantizer | None,
+    ) -> None:
+        self.mask = torch.ones_like(weight, dtype=torch.bool)
+        self.sparsity = sparsity
+        self.mask_structure = mask_structure
+        self.quantizer = quantizer
+
+    def __call__(self, j: int, w: Tensor, sweep: BlockwiseOBS) -> Tensor:
+        """Returns column ``j`` (current value ``w``) pruned, and quantized if asked."""
+        if self.mask_structure is not None:
+            n, m = self.mask_structure
+            if j % m == 0:
+                self.mask[:, j : j + m] = nm_mask(_saliency(sweep, j, j + m), n, m)
+        elif j == sweep.block[0]:
+            last = sweep.block[1]
+            self.mask[:, j:last] = unstructured_mask(_saliency(sweep, j, last), self.sparsity)
+        pruned = torch.where(self.mask[:, j], w, 0)
+        return pruned if self.quantizer is None else self.quantizer(j, pruned, sweep)
+
+
+def _saliency(sweep: BlockwiseOBS, start: int, stop: int) -> Tensor:
+    """OBS error of pruning each weight of columns ``[start, stop)`` alone: ``w^2 / d^2``."""
+    return sweep.current(start, stop).square() / sweep.hinv.diagonal()[start:stop].square()
+
+
+def _check_structure(
+    in_features: int, sparsity: float, mask_structure: tuple[int, int] | None
+) -> None:
+    if not 0 <= sparsity <= 1:
+        raise ValueError(f"sparsity={sparsity!r} is invalid: expected a float in [0, 1]")
+    if mask_structure is None:
+        return
+    n, m = mask_structure
+    if not 0 < n < m or in_features % m:
+        raise ValueError(
+            f"mask_structure={mask_structure!r} is invalid for in_features={in_features}: "
+            f"expected (n, m) with 0 < n < m and m dividing {in_features}"
+        )
+    if abs(sparsity - (1 - n / m)) > 1e-6:
+        raise ValueError(
+            f"sparsity={sparsity!r} contradicts mask_structure {n}:{m}, which prunes "
+            f"{1 - n / m:g} of the weights: pass sparsity={1 - n / m:g}"
+        )
+
+
+@torch.no_grad()
+def sparsegpt_prune(
+    weight: Tensor,
+    hessian: Tensor,
+    sparsity: float,
+    mask_structure: tuple[int, int] | None = None,
+    block_size: int = 128,
+    dampening_frac: float = 0.01,
+    quantize_args: QuantizationArgs | None = None,
+) -> SparseGPTResult:
+    """Prunes a weight with SparseGPT, optionally quantizing the kept weights jointly.
+
+    Args:
+        weight: ``[out, in]`` in ``nn.Linear`` layout (not modified).
+        hessian: ``H = 2/n X^T X`` ``[in, in]`` of the layer's inputs (not modified).
+        sparsity: the fraction to prune, in [0, 1]; with ``mask_structure`` it must equal
+            ``1 - n / m``.
+        mask_structure: ``(n, m)``: keep ``n`` of every ``m`` consecutive input columns
+            in each row; None for unstructured.
+        block_size: columns per lazy batch update and per unstructured mask selection.
+        dampening_frac: dampening as a fraction of the mean diagonal of ``H``.
+        quantize_args: when given, kept weights are quantized in the same sweep (as
+            GPTQ with natural column order); pruned weights stay exactly 0.
+
+    Returns:
+        The pruned weight, the mask, the loss, the qparams (or None) and the dampening used.
+
+    Raises:
+        ValueError: on shapes or settings that do not fit.
+        SingularHessianError: when no dampening makes ``H`` invertible.
+    """
+    _check_structure(weight.shape[-1], sparsity, mask_structure)
+    sweep = BlockwiseOBS(weight, hessian, block_size, dampening_frac)
+    quantizer = (
+        None
+        if quantize_args is None
+        else make_column_quantizer(sweep.weight, quantize_args, weight.dtype)
+    )
+    pruner = _ColumnPruner(sweep.weight, sparsity, mask_structure, quantizer)
+    pruned, loss = sweep.run(pruner)
+    scale, zero_point = (None, None) if quantizer is None else quantizer.qparams()
+    return SparseGPTResult(
+        pruned.to(weight.dtype), pruner.mask, loss, scale, zero_point, sweep.dampening_frac
+    )

@@ -1,0 +1,88 @@
+"""Compression under DDP (2 CPU processes, gloo) and FSDP2 (ModelParallelStrategy on CPU)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from lightning.pytorch import Callback, Trainer
+from lightning_models import Regressor, regression_loader
+
+from lightning_compress import Compressor
+from lightning_compress.modifiers.pruning import MagnitudePruningModifier
+
+FSDP2_SCRIPT = Path(__file__).with_name("fsdp2_run.py")
+
+
+class RankAgreement(Callback):
+    """After every batch, every compression buffer and weight is identical on all ranks."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        named = dict(pl_module.named_buffers())
+        named.update({k: v.detach() for k, v in pl_module.named_parameters()})
+        assert any(name.endswith("weight_mask") for name in named)
+        for name, tensor in named.items():
+            gathered = trainer.strategy.all_gather(tensor.float())
+            assert torch.equal(gathered[0], gathered[1]), f"{name} differs between ranks"
+
+
+class SparsityRecorder(Callback):
+    """Rank zero writes the fc1 sparsity after each step to a file the test reads."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_rank == 0:
+            sparsity = float((pl_module.fc1.weight == 0).float().mean())
+            with self.path.open("a") as handle:
+                handle.write(f"{trainer.global_step} {sparsity}\n")
+
+
+def test_ddp_ranks_agree_and_follow_the_schedule(tmp_path):
+    record = tmp_path / "sparsity.txt"
+    modifier = MagnitudePruningModifier(
+        targets=["fc1", "fc2"],
+        init_sparsity=0.0,
+        final_sparsity=0.5,
+        start=0,
+        end=3,
+        inter_func="linear",
+    )
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        max_steps=5,
+        callbacks=[Compressor(modifier), RankAgreement(), SparsityRecorder(record)],
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(Regressor(), regression_loader(64))
+    steps = {
+        int(k): float(v) for k, v in (line.split() for line in record.read_text().splitlines())
+    }
+    expected = {1: 0.0, 2: 1 / 6, 3: 2 / 6, 4: 0.5, 5: 0.5}  # the target at the step's start
+    assert steps.keys() == expected.keys()
+    for step, target in expected.items():
+        assert abs(steps[step] - target) <= 1 / 512, (step, steps[step], target)
+
+
+def test_fsdp2_prunes_sharded_parameters_with_sharded_masks(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(FSDP2_SCRIPT), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    report = torch.load(tmp_path / "report.pt", weights_only=True)
+    for rank in (0, 1):
+        assert report[rank]["mask_is_sharded"] and report[rank]["weight_is_sharded"]
+        assert report[rank]["local_rows"] == 16
+        assert abs(report[rank]["full_sparsity"] - 0.5) < 1e-6
+    assert report[0]["full_weight"].equal(report[1]["full_weight"])
