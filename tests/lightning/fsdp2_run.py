@@ -58,7 +58,7 @@ class Report(Callback):
 def main() -> None:
     out = Path(sys.argv[1])
     modifier = MagnitudePruningModifier(
-        targets=["fc1", "fc2"], final_sparsity=0.5, start=0, end=3, update=1
+        targets=["fc1", "fc2"], final_sparsity=0.5, start=0, end=0.375, update=0.125
     )
     trainer = Trainer(
         accelerator="cpu",

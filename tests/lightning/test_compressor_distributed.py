@@ -48,7 +48,7 @@ def test_ddp_ranks_agree_and_follow_the_schedule(tmp_path):
         init_sparsity=0.0,
         final_sparsity=0.5,
         start=0,
-        end=3,
+        end=0.375,  # 64 samples, batch 4, 2 ranks: 8 steps per epoch; step 3
         inter_func="linear",
     )
     trainer = Trainer(

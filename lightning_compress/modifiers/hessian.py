@@ -1,0 +1,355 @@
+"""Second-order math shared by GPTQ and SparseGPT: the Hessian, its inverse, the OBS sweep.
+
+For a linear layer ``y = x W^T`` the layer-wise reconstruction error
+``||(W - W_hat) X^T||^2 / n`` has the Hessian ``H = (2 / n) X^T X`` with respect to each
+row of ``W``. GPTQ (Frantar et al. 2022) and SparseGPT (Frantar & Alistarh 2023) both walk
+the columns of ``W`` in order, replace each column by a compressed one and spread the
+error onto the columns not yet visited, using the upper Cholesky factor of ``H^-1``
+("lazy batch updates": the spreading beyond the current block of columns is deferred
+and done as one matrix product per block).
+
+Layout: the functions here and in ``gptq.py`` / ``sparsegpt.py`` take weights in
+``nn.Linear`` layout ``[out_features, in_features]``. GPT-2's ``Conv1D`` stores its weight
+as ``[in_features, out_features]``: callers transpose it before and after (its inputs
+are laid out like a linear layer's, so the Hessian needs no change).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "BlockwiseOBS",
+    "ColumnTarget",
+    "HessianAccumulator",
+    "InverseHessian",
+    "SingularHessianError",
+    "damp_and_invert",
+]
+
+
+class HessianAccumulator:
+    """Running average ``H = (2 / n) * sum(x x^T)`` over the inputs of one linear layer.
+
+    ``n`` counts tokens: the rows of the inputs flattened over every leading dimension
+    (batch, sequence), minus the ones a mask drops. (GPTQ's reference counts sequences;
+    that only scales ``H`` by a constant, which GPTQ and SparseGPT do not depend on.)
+
+    Every batch first rescales the average by ``n_old / n_new`` and then adds the batch's
+    rows scaled by ``sqrt(2 / n_new)``, so no raw sum is ever formed and large inputs or
+    many tokens cannot overflow.
+
+    Offloading: ``to("cpu")`` keeps ``H`` in host memory; :meth:`add` still computes each
+    batch's product on the input's device and adds it where ``H`` lives.
+
+    Distributed: each rank accumulates its own data, then all-reduces (sums) the two
+    tensors of :meth:`state` and calls :meth:`load_state`; the result equals one process
+    that saw all the data, up to the order of floating-point sums.
+
+    Args:
+        in_features: the layer's input size.
+        dtype: accumulation dtype, ``torch.float32`` or ``torch.float64``.
+        device: where ``H`` lives.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"dtype={dtype} is invalid: expected torch.float32 or torch.float64")
+        self._hessian = torch.zeros(in_features, in_features, dtype=dtype, device=device)
+        self._num_samples = 0
+
+    @property
+    def num_samples(self) -> int:
+        """Tokens accumulated so far."""
+        return self._num_samples
+
+    @property
+    def in_features(self) -> int:
+        """The layer's input size."""
+        return self._hessian.shape[0]
+
+    @torch.no_grad()
+    def add(self, x: Tensor, mask: Tensor | None = None) -> None:
+        """Folds a batch of layer inputs into the average.
+
+        Args:
+            x: inputs ``[..., in_features]``, e.g. ``[batch, seq, in_features]``.
+            mask: optional, shaped like ``x.shape[:-1]`` (e.g. an attention mask
+                ``[batch, seq]``); tokens where it is 0 / False are skipped.
+
+        Raises:
+            ValueError: when the last dimension or the mask's shape does not fit.
+        """
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"input of shape {tuple(x.shape)} does not fit a Hessian of "
+                f"in_features={self.in_features}: the last dimension must match"
+            )
+        rows = x.reshape(-1, self.in_features)
+        if mask is not None:
+            if mask.shape != x.shape[:-1]:
+                raise ValueError(
+                    f"mask of shape {tuple(mask.shape)} does not fit input of shape "
+                    f"{tuple(x.shape)}: expected {tuple(x.shape[:-1])}"
+                )
+            rows = rows[mask.reshape(-1).to(device=rows.device, dtype=torch.bool)]
+        if rows.shape[0] == 0:
+            return
+        total = self._num_samples + rows.shape[0]
+        self._hessian.mul_(self._num_samples / total)
+        scaled = rows.to(self._hessian.dtype) * math.sqrt(2 / total)
+        self._hessian.add_((scaled.T @ scaled).to(self._hessian.device))
+        self._num_samples = total
+
+    def hessian(self) -> Tensor:
+        """Returns ``H`` ``[in_features, in_features]`` (the live buffer, not a copy)."""
+        return self._hessian
+
+    def to(self, device: torch.device | str) -> HessianAccumulator:
+        """Moves ``H`` to ``device`` (``"cpu"`` offloads it) and returns ``self``."""
+        self._hessian = self._hessian.to(device)
+        return self
+
+    def merge(self, other: HessianAccumulator) -> None:
+        """Folds another accumulator's data into this one.
+
+        Args:
+            other: an accumulator for a layer of the same input size.
+
+        Raises:
+            ValueError: when the input sizes differ.
+        """
+        if other.in_features != self.in_features:
+            raise ValueError(
+                f"cannot merge a Hessian of in_features={other.in_features} into one of "
+                f"in_features={self.in_features}"
+            )
+        weighted, count = other.state()
+        mine, my_count = self.state()
+        self.load_state(mine + weighted.to(mine), my_count + count.to(my_count.device))
+
+    def state(self) -> tuple[Tensor, Tensor]:
+        """Returns ``(H * n, n)`` as tensors on ``H``'s device, ready to all-reduce (sum).
+
+        Returns:
+            The weighted sum ``[in, in]`` and the token count, an int64 tensor ``[1]``.
+        """
+        count = torch.tensor([self._num_samples], dtype=torch.int64, device=self._hessian.device)
+        return self._hessian * self._num_samples, count
+
+    def load_state(self, weighted: Tensor, count: Tensor) -> None:
+        """Sets the average from a summed :meth:`state`: ``H = weighted / count``.
+
+        Args:
+            weighted: the sum of ``H * n`` over the parts.
+            count: the sum of ``n`` over the parts.
+        """
+        total = int(count.sum().item())
+        weighted = weighted.to(self._hessian)
+        self._hessian = weighted / total if total else torch.zeros_like(weighted)
+        self._num_samples = total
+
+
+class SingularHessianError(ValueError):
+    """The damped Hessian could not be inverted (not positive definite)."""
+
+
+class InverseHessian(NamedTuple):
+    """What :func:`damp_and_invert` returns."""
+
+    upper: Tensor
+    """Upper Cholesky factor ``U`` of ``(H + lambda I)^-1`` (``U^T U = H^-1``)."""
+    dead: Tensor
+    """Bool ``[in]``: inputs that were always zero; the caller zeroes those weight columns."""
+    dampening_frac: float
+    """The dampening fraction that succeeded (larger than asked after a retry)."""
+
+
+def damp_and_invert(
+    hessian: Tensor, dampening_frac: float = 0.01, max_retries: int = 3
+) -> InverseHessian:
+    """Dampens the Hessian and returns the upper Cholesky factor of its inverse.
+
+    Dead inputs (``H[i, i] == 0``) get ``H[i, i] = 1``; then
+    ``lambda = dampening_frac * mean(diag(H))`` is added to the diagonal. When the
+    result is not positive definite the dampening is retried 10x larger, up to
+    ``max_retries`` times. ``hessian`` itself is left unchanged.
+
+    Args:
+        hessian: ``H`` ``[in, in]``, float32 or float64.
+        dampening_frac: dampening as a fraction of the mean diagonal, ``>= 0``.
+        max_retries: how many 10x larger dampenings to try after the first.
+
+    Returns:
+        The factor, the dead inputs and the dampening fraction used.
+
+    Raises:
+        ValueError: when ``hessian`` is not square or an argument is out of range.
+        SingularHessianError: when ``H`` holds NaN/inf or no dampening made it invertible;
+            the message says what was tried (the caller adds the layer's name).
+    """
+    if hessian.dim() != 2 or hessian.shape[0] != hessian.shape[1]:
+        raise ValueError(f"hessian of shape {tuple(hessian.shape)} is invalid: expected [in, in]")
+    if not dampening_frac >= 0 or max_retries < 0:
+        raise ValueError(
+            f"dampening_frac={dampening_frac!r}, max_retries={max_retries!r} are invalid: "
+            "expected dampening_frac >= 0 and max_retries >= 0"
+        )
+    if not torch.isfinite(hessian).all():
+        raise SingularHessianError(
+            "the Hessian holds NaN or inf values: check the calibration inputs of this layer "
+            "(e.g. overflow in float16 activations)"
+        )
+    fixed = hessian.clone()
+    diagonal = fixed.diagonal()
+    dead = diagonal == 0
+    diagonal[dead] = 1
+    mean_diagonal = diagonal.mean()
+    retries = max_retries if dampening_frac > 0 else 0
+    tried = [dampening_frac * 10**k for k in range(retries + 1)]
+    for frac in tried:
+        upper = _upper_cholesky_of_inverse(fixed, frac * mean_diagonal)
+        if upper is not None:
+            return InverseHessian(upper, dead, frac)
+    raise SingularHessianError(
+        f"the Hessian is not positive definite even with dampening_frac in {tried} "
+        f"(lambda = dampening_frac * mean(diag(H)), mean(diag(H)) = {mean_diagonal.item():.4g}): "
+        f"raise dampening_frac above {tried[-1]:g}, or calibrate with more (and more varied) "
+        "samples, or accumulate the Hessian in float64"
+    )
+
+
+def _upper_cholesky_of_inverse(hessian: Tensor, damp: Tensor) -> Tensor | None:
+    """Returns ``U`` with ``U^T U = (H + damp I)^-1``, or None when it is not positive definite."""
+    damped = hessian.clone()
+    damped.diagonal().add_(damp)
+    lower, info = torch.linalg.cholesky_ex(damped)
+    if info.item() != 0:
+        return None
+    upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+    if info.item() != 0 or not torch.isfinite(upper).all():
+        return None
+    return upper
+
+
+ColumnTarget = Callable[[int, Tensor, "BlockwiseOBS"], Tensor]
+"""``target(j, w, sweep) -> q``: the compressed value of column ``j`` given its current value
+``w`` ``[out]``; it may look ahead with ``sweep.current`` and ``sweep.hinv``."""
+
+
+class BlockwiseOBS:
+    """One left-to-right OBS sweep over the columns of a weight, with lazy batch updates.
+
+    For each column ``j`` the target gives ``q``; with ``d = U[j, j]`` the error
+    ``e = (w - q) / d`` is spread onto the later columns: ``W[:, k] -= e * U[j, k]``.
+    Inside a block of ``block_size`` columns this happens at once; the later blocks get
+    the whole block's errors as one product when the block ends. The result equals the
+    column-at-a-time algorithm with the full inverse.
+
+    The constructor dampens and inverts ``H`` (:func:`damp_and_invert`) and zeroes the
+    weight columns of dead inputs. Work happens on the weight's device, in float32, or in
+    float64 when the weight or the Hessian is float64. A sweep runs once.
+
+    Attributes:
+        weight: the working copy, compressed in place by :meth:`run`.
+        hinv: upper Cholesky factor of the damped ``H^-1``.
+        dead: bool ``[in]``, the dead inputs.
+        dampening_frac: the dampening fraction used.
+        block: ``(first, last)`` columns of the current block.
+
+    Args:
+        weight: ``[out, in]`` in ``nn.Linear`` layout (not modified).
+        hessian: ``H`` ``[in, in]`` of the layer's inputs (not modified).
+        block_size: columns per lazy block.
+        dampening_frac: dampening as a fraction of the mean diagonal of ``H``.
+
+    Raises:
+        ValueError: when the shapes do not fit or ``block_size < 1``.
+        SingularHessianError: see :func:`damp_and_invert`.
+    """
+
+    def __init__(
+        self, weight: Tensor, hessian: Tensor, block_size: int = 128, dampening_frac: float = 0.01
+    ) -> None:
+        if weight.dim() != 2 or hessian.shape != (weight.shape[1], weight.shape[1]):
+            raise ValueError(
+                f"weight of shape {tuple(weight.shape)} and hessian of shape "
+                f"{tuple(hessian.shape)} do not fit: expected [out, in] and [in, in] "
+                "(transpose Conv1D weights to [out, in] first)"
+            )
+        if block_size < 1:
+            raise ValueError(f"block_size={block_size!r} is invalid: expected an int >= 1")
+        dtype = torch.promote_types(torch.promote_types(weight.dtype, hessian.dtype), torch.float32)
+        inverse = damp_and_invert(hessian.to(device=weight.device, dtype=dtype), dampening_frac)
+        self.hinv = inverse.upper
+        self.dead = inverse.dead
+        self.dampening_frac = inverse.dampening_frac
+        self.block_size = block_size
+        self.weight = weight.detach().to(dtype=dtype, copy=True)
+        self.weight[:, self.dead] = 0
+        self.block = (0, 0)
+        self._block_weight = self.weight[:, :0]
+        self._block_errors = self.weight[:, :0]
+
+    def current(self, start: int, stop: int) -> Tensor:
+        """Returns the up-to-date values of columns ``[start, stop)``.
+
+        Columns in the current block hold every update so far; later columns get the
+        current block's pending errors applied here.
+
+        Args:
+            start: first column, at or after the column being compressed.
+            stop: end of the range (clipped to the weight's width).
+
+        Returns:
+            ``[out, stop - start]``, a copy.
+        """
+        first, last = self.block
+        inside = self._block_weight[:, start - first : min(stop, last) - first]
+        if stop <= last:
+            return inside.clone()
+        pending = self._block_errors @ self.hinv[first:last, last:stop]
+        return torch.cat([inside, self.weight[:, last:stop] - pending], dim=1)
+
+    def run(self, target: ColumnTarget) -> tuple[Tensor, float]:
+        """Compresses every column in order.
+
+        Args:
+            target: gives each column's compressed value (see :data:`ColumnTarget`).
+
+        Returns:
+            The compressed weight (working dtype) and the loss ``sum((w - q)^2 / d^2) / 2``,
+            which equals ``tr(dW H dW^T) / 2`` for the damped ``H``, the mean squared output
+            error per token when ``H`` comes from :class:`HessianAccumulator`.
+        """
+        loss = self.weight.new_zeros(())
+        for first in range(0, self.weight.shape[1], self.block_size):
+            last = min(first + self.block_size, self.weight.shape[1])
+            loss += self._run_block(first, last, target)
+            self.weight[:, last:] -= self._block_errors @ self.hinv[first:last, last:]
+        return self.weight, loss.item()
+
+    def _run_block(self, first: int, last: int, target: ColumnTarget) -> Tensor:
+        """Compresses columns ``[first, last)``, updating the block in place; returns its loss."""
+        self.block = (first, last)
+        self._block_weight = self.weight[:, first:last]
+        self._block_errors = torch.zeros_like(self._block_weight)
+        hinv = self.hinv[first:last, first:last]
+        for i in range(last - first):
+            w = self._block_weight[:, i].clone()
+            q = target(first + i, w, self)
+            error = (w - q) / hinv[i, i]
+            self._block_weight[:, i:] -= error[:, None] * hinv[i, i:]
+            self._block_weight[:, i] = q
+            self._block_errors[:, i] = error
+        return self._block_errors.square().sum() / 2

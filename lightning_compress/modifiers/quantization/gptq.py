@@ -1,0 +1,294 @@
+"""GPTQ (Frantar et al. 2022): quantize a weight column by column, correcting later columns.
+
+Pure tensor math: a weight ``[out, in]`` (``nn.Linear`` layout; transpose ``Conv1D``
+weights first) and the Hessian of its inputs go in, the quantized weight and its qparams
+come out. Every rounding goes through :mod:`~lightning_compress.modifiers.quantization.ops`.
+
+Activation ordering (``actorder``), as compressed-tensors' ``ActivationOrdering`` defines it:
+
+* ``None`` / ``"none"``: columns in their natural order. With ``strategy="group"`` each
+  group's qparams are computed when the sweep enters the group, from its current
+  (already error-corrected) columns, as in GPTQ's reference implementation.
+* ``"weight"`` (alias ``"static"``): columns are visited by decreasing ``diag(H)``, but
+  the groups stay the natural runs of ``group_size`` columns, so the format is unchanged
+  (no ``g_idx`` needed at inference). Their qparams are computed up front from the
+  weight, since a group's columns are no longer visited together.
+* ``"group"`` (alias ``"dynamic"``): columns are visited by decreasing ``diag(H)`` and the
+  groups are runs of ``group_size`` columns in that order (qparams computed on entering
+  each group, as for ``None``). The weight is returned in its original column order and
+  ``g_idx`` maps each column to its group; inference must use ``g_idx``. Needs
+  ``strategy="group"``.
+
+compressed-tensors defines ``static`` and ``dynamic`` as aliases of ``weight`` and ``group``,
+so they give identical results here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, NamedTuple
+
+import torch
+from torch import Tensor
+
+from lightning_compress.modifiers.hessian import BlockwiseOBS
+from lightning_compress.modifiers.quantization.args import QuantizationArgs
+from lightning_compress.modifiers.quantization.ops import fake_quantize, qparams_for_weight
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+__all__ = [
+    "ACTORDER_ALIASES",
+    "ACTORDERS",
+    "ColumnQuantizer",
+    "GPTQResult",
+    "gptq_quantize",
+    "make_column_quantizer",
+    "normalize_actorder",
+]
+
+ACTORDERS = ("weight", "group")
+ACTORDER_ALIASES = {"none": None, "static": "weight", "dynamic": "group"}
+
+
+class GPTQResult(NamedTuple):
+    """What :func:`gptq_quantize` returns."""
+
+    weight_q: Tensor
+    """Dequantized weight ``[out, in]``, original column order, the input's dtype."""
+    scale: Tensor
+    """``[1]`` (tensor), ``[out, 1]`` (channel) or ``[out, in / group_size]`` (group)."""
+    zero_point: Tensor
+    """Same shape as ``scale``, in ``quantized_dtype(args)``."""
+    g_idx: Tensor | None
+    """Group strategy only: int32 ``[in]``, the group (scale column) of each input column.
+    It is ``arange(in) // group_size`` except for ``actorder="group"``; only that one needs
+    saving (compressed-tensors' ``weight_g_idx``)."""
+    loss: float
+    """GPTQ objective ``sum((w - q)^2 / d^2) / 2``: see :meth:`BlockwiseOBS.run`."""
+    dampening_used: float
+    """The dampening fraction that made ``H`` invertible (see ``damp_and_invert``)."""
+
+
+def normalize_actorder(actorder: str | None) -> str | None:
+    """Maps an activation-ordering name to ``None``, ``"weight"`` or ``"group"``.
+
+    Args:
+        actorder: ``None``, ``"none"``, ``"weight"``, ``"static"``, ``"group"`` or
+            ``"dynamic"`` (any case).
+
+    Returns:
+        The canonical name, or None for the natural order.
+
+    Raises:
+        ValueError: for any other value.
+    """
+    if actorder is None:
+        return None
+    name = str(actorder).lower()
+    if name in ACTORDERS:
+        return name
+    if name in ACTORDER_ALIASES:
+        return ACTORDER_ALIASES[name]
+    raise ValueError(
+        f"actorder={actorder!r} is invalid: expected None or one of "
+        f"{[*ACTORDERS, *ACTORDER_ALIASES]}"
+    )
+
+
+class ColumnQuantizer:
+    """Quantizes one column at a time for :class:`BlockwiseOBS`, and keeps the qparams.
+
+    Qparams are either fixed up front (``column_group`` given: column position ``j`` uses
+    qparams ``column_group[j]``) or, for the group strategy, computed on entering each run
+    of ``group_size`` positions from the sweep's current values. Scales are rounded to the
+    output dtype when computed, so ``fake_quantize(weight_q, scale, zero_point)`` gives
+    ``weight_q`` back exactly.
+
+    Use :func:`make_column_quantizer` to build one.
+
+    Args:
+        args: the weight's quantization arguments.
+        out_dtype: the dtype the weight and the scales are returned in.
+        column_group: the qparams index of each column position; None computes group
+            qparams on entry.
+        scales: the fixed scales, one ``[out, 1]`` (or ``[1]``) per index.
+        zero_points: the matching zero points.
+    """
+
+    def __init__(
+        self,
+        args: QuantizationArgs,
+        out_dtype: torch.dtype,
+        column_group: Sequence[int] | None = None,
+        scales: Sequence[Tensor] = (),
+        zero_points: Sequence[Tensor] = (),
+    ) -> None:
+        self.args = args
+        self.out_dtype = out_dtype
+        self.column_group = column_group
+        self.scales = list(scales)
+        self.zero_points = list(zero_points)
+        self._column_args = dataclasses.replace(args, strategy="channel", group_size=None)
+
+    def __call__(self, j: int, w: Tensor, sweep: BlockwiseOBS) -> Tensor:
+        """Returns column ``j`` (current value ``w`` ``[out]``) quantized."""
+        if self.column_group is None:
+            group, offset = divmod(j, self.args.group_size)
+            if offset == 0:
+                self._enter_group(sweep.current(j, j + self.args.group_size))
+        else:
+            group = self.column_group[j]
+        scale, zero_point = self.scales[group], self.zero_points[group]
+        return fake_quantize(w[:, None], scale, zero_point, self._column_args)[:, 0]
+
+    def qparams(self) -> tuple[Tensor, Tensor]:
+        """Returns ``(scale, zero_point)`` in the strategy's shape; scale in ``out_dtype``."""
+        scale, zero_point = torch.cat(self.scales, dim=-1), torch.cat(self.zero_points, dim=-1)
+        return scale.to(self.out_dtype), zero_point
+
+    def _enter_group(self, columns: Tensor) -> None:
+        """Appends the qparams of the next group, computed from its current columns."""
+        scale, zero_point = _rounded_qparams(columns, self._column_args, self.out_dtype)
+        self.scales.append(scale)
+        self.zero_points.append(zero_point)
+
+
+def _rounded_qparams(
+    weight: Tensor, args: QuantizationArgs, out_dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """Computes qparams with ``args``' observer, the scale rounded to ``out_dtype``.
+
+    Args:
+        weight: the values observed.
+        args: the quantization arguments.
+        out_dtype: the dtype the scale will be stored in.
+
+    Returns:
+        ``(scale, zero_point)``; the scale keeps ``weight``'s dtype.
+    """
+    scale, zero_point = qparams_for_weight(weight, args)
+    return scale.to(out_dtype).to(weight.dtype), zero_point
+
+
+def make_column_quantizer(
+    weight: Tensor,
+    args: QuantizationArgs,
+    out_dtype: torch.dtype,
+    actorder: str | None = None,
+    perm: Tensor | None = None,
+) -> ColumnQuantizer:
+    """Builds the column quantizer for a sweep over ``weight[:, perm]``.
+
+    Args:
+        weight: the weight in natural column order (dead columns already zeroed).
+        args: the weight's quantization arguments (``tensor``, ``channel`` or ``group``).
+        out_dtype: the dtype the weight and scales are returned in.
+        actorder: canonical activation ordering (see :func:`normalize_actorder`).
+        perm: the column order of the sweep; None is the natural order.
+
+    Returns:
+        The quantizer.
+
+    Raises:
+        ValueError: for strategies or settings GPTQ cannot quantize (the message says why).
+    """
+    _check_args(weight.shape[1], args, actorder)
+    if args.strategy == "group" and actorder != "weight":
+        return ColumnQuantizer(args, out_dtype)
+    scale, zero_point = _rounded_qparams(weight, args, out_dtype)
+    if args.strategy != "group":
+        return ColumnQuantizer(args, out_dtype, [0] * weight.shape[1], [scale], [zero_point])
+    order = torch.arange(weight.shape[1]) if perm is None else perm.cpu()
+    return ColumnQuantizer(
+        args,
+        out_dtype,
+        (order // args.group_size).tolist(),
+        scale.split(1, dim=1),
+        zero_point.split(1, dim=1),
+    )
+
+
+def _check_args(in_features: int, args: QuantizationArgs, actorder: str | None) -> None:
+    if args.dynamic or args.strategy == "token":
+        raise ValueError(
+            f"GPTQ computes static weight qparams: got strategy={args.strategy!r}, "
+            f"dynamic={args.dynamic!r}; use 'tensor', 'channel' or 'group' with dynamic=False"
+        )
+    if actorder == "group" and args.strategy != "group":
+        raise ValueError(
+            f"actorder='group' needs strategy='group', got strategy={args.strategy!r}; "
+            "use actorder='weight' to reorder the columns without changing the groups"
+        )
+    if args.strategy == "group" and in_features % args.group_size:
+        raise ValueError(
+            f"group_size={args.group_size} does not divide in_features={in_features}; "
+            f"use a group_size that divides {in_features} or add this layer to `ignore`"
+        )
+
+
+@torch.no_grad()
+def gptq_quantize(
+    weight: Tensor,
+    hessian: Tensor,
+    args: QuantizationArgs,
+    block_size: int = 128,
+    dampening_frac: float = 0.01,
+    actorder: str | None = None,
+) -> GPTQResult:
+    """Quantizes a weight with GPTQ.
+
+    Args:
+        weight: ``[out, in]`` in ``nn.Linear`` layout (not modified).
+        hessian: ``H = 2/n X^T X`` ``[in, in]`` of the layer's inputs (not modified).
+        args: the weight's quantization arguments: ``tensor``, ``channel`` or ``group``.
+        block_size: columns per lazy batch update.
+        dampening_frac: dampening as a fraction of the mean diagonal of ``H``.
+        actorder: activation ordering, see the module docstring.
+
+    Returns:
+        The quantized weight, its qparams, ``g_idx``, the loss and the dampening used.
+
+    Raises:
+        ValueError: on shapes, strategies or settings GPTQ cannot handle.
+        SingularHessianError: when no dampening makes ``H`` invertible.
+    """
+    actorder = normalize_actorder(actorder)
+    _check_args(weight.shape[-1], args, actorder)
+    if actorder is None:
+        sweep = BlockwiseOBS(weight, hessian, block_size, dampening_frac)
+        perm = inverse = None
+        natural = sweep.weight
+    else:
+        hessian = hessian.to(weight.device)
+        perm = torch.argsort(hessian.diagonal(), descending=True, stable=True)
+        inverse = torch.argsort(perm)
+        sweep = BlockwiseOBS(weight[:, perm], hessian[perm][:, perm], block_size, dampening_frac)
+        natural = sweep.weight[:, inverse]
+    quantizer = make_column_quantizer(natural, args, weight.dtype, actorder, perm)
+    weight_q, loss = sweep.run(quantizer)
+    if inverse is not None:
+        weight_q = weight_q[:, inverse]
+    scale, zero_point = quantizer.qparams()
+    return GPTQResult(
+        weight_q.to(weight.dtype),
+        scale,
+        zero_point,
+        _g_idx(weight, args, actorder, inverse),
+        loss,
+        sweep.dampening_frac,
+    )
+
+
+def _g_idx(
+    weight: Tensor, args: QuantizationArgs, actorder: str | None, inverse: Tensor | None
+) -> Tensor | None:
+    """Group of each input column: groups follow the sweep order only for ``"group"``."""
+    if args.strategy != "group":
+        return None
+    if actorder == "group":
+        position = inverse
+    else:
+        position = torch.arange(weight.shape[1], device=weight.device)
+    return (position // args.group_size).to(torch.int32)

@@ -1,0 +1,189 @@
+"""Hessian accumulation, damped inversion and the blockwise OBS sweep, against direct formulas."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_compress.modifiers.hessian import (
+    BlockwiseOBS,
+    HessianAccumulator,
+    SingularHessianError,
+    damp_and_invert,
+)
+
+IN = 24
+
+
+def batches(seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Inputs of varied shapes, each with a padding mask (False drops a token)."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(2, 5), (3, 7), (1, 4), (4, 3)]
+    return [
+        (torch.randn(*shape, IN, generator=gen), torch.rand(*shape, generator=gen) > 0.3)
+        for shape in shapes
+    ]
+
+
+def direct_hessian(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, int]:
+    """``2/n X^T X`` in float64 over the kept tokens, computed in one go."""
+    rows = torch.cat([x[mask] for x, mask in parts]).double()
+    return 2 / rows.shape[0] * rows.T @ rows, rows.shape[0]
+
+
+def accumulate(
+    parts: list[tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype = torch.float64
+) -> HessianAccumulator:
+    acc = HessianAccumulator(IN, dtype=dtype)
+    for x, mask in parts:
+        acc.add(x, mask)
+    return acc
+
+
+def test_accumulation_equals_direct_formula() -> None:
+    parts = batches()
+    expected, n = direct_hessian(parts)
+    acc = accumulate(parts)
+    assert acc.num_samples == n
+    torch.testing.assert_close(acc.hessian(), expected, rtol=1e-12, atol=1e-12)
+    acc32 = accumulate(parts, torch.float32)
+    torch.testing.assert_close(acc32.hessian().double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_no_mask_uses_every_token_and_empty_batches_are_ignored() -> None:
+    x = torch.randn(3, 4, IN, dtype=torch.float64)
+    acc = HessianAccumulator(IN, dtype=torch.float64)
+    acc.add(x)
+    acc.add(x, torch.zeros(3, 4, dtype=torch.bool))
+    rows = x.reshape(-1, IN)
+    assert acc.num_samples == 12
+    torch.testing.assert_close(acc.hessian(), 2 / 12 * rows.T @ rows, rtol=1e-12, atol=1e-12)
+
+
+def test_running_average_does_not_overflow_float32() -> None:
+    # Raw sums of squares would reach ~6e39, beyond float32's 3.4e38; the average is 5e37.
+    x = torch.full((4, 64, IN), 5e18)
+    acc = HessianAccumulator(IN)
+    for batch in x:
+        acc.add(batch)
+    assert torch.isfinite(acc.hessian()).all()
+    torch.testing.assert_close(acc.hessian(), torch.full((IN, IN), 5e37), rtol=1e-5, atol=0)
+
+
+def test_split_merge_equals_whole() -> None:
+    parts = batches()
+    whole = accumulate(parts)
+    left, right = accumulate(parts[:2]), accumulate(parts[2:])
+    left.merge(right)
+    assert left.num_samples == whole.num_samples
+    torch.testing.assert_close(left.hessian(), whole.hessian(), rtol=1e-12, atol=1e-12)
+
+
+def test_all_reduce_of_state_equals_one_process_with_all_data() -> None:
+    parts = batches(1)
+    whole = accumulate(parts)
+    ranks = [accumulate(parts[0::2]), accumulate(parts[1::2])]
+    states = [rank.state() for rank in ranks]
+    summed = (states[0][0] + states[1][0], states[0][1] + states[1][1])  # what all_reduce does
+    for rank in ranks:
+        rank.load_state(*summed)
+        assert rank.num_samples == whole.num_samples
+        torch.testing.assert_close(rank.hessian(), whole.hessian(), rtol=1e-12, atol=1e-12)
+
+
+def test_offloading_keeps_accumulating() -> None:
+    parts = batches()
+    acc = accumulate(parts[:2]).to("cpu")
+    for x, mask in parts[2:]:
+        acc.add(x, mask)
+    torch.testing.assert_close(acc.hessian(), accumulate(parts).hessian())
+
+
+def test_shape_errors_say_what_was_expected() -> None:
+    acc = HessianAccumulator(IN)
+    with pytest.raises(ValueError, match="last dimension"):
+        acc.add(torch.randn(2, IN + 1))
+    with pytest.raises(ValueError, match=r"expected \(2, 3\)"):
+        acc.add(torch.randn(2, 3, IN), torch.ones(2, 4))
+    with pytest.raises(ValueError, match="in_features"):
+        acc.merge(HessianAccumulator(IN + 1))
+
+
+# --- damp_and_invert ---
+
+
+def spd(n: int = 8, seed: int = 0) -> torch.Tensor:
+    x = torch.randn(4 * n, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return x.T @ x / (4 * n)
+
+
+def test_factor_is_upper_cholesky_of_damped_inverse() -> None:
+    h = spd()
+    inverse = damp_and_invert(h, 0.05)
+    damped = h + 0.05 * h.diagonal().mean() * torch.eye(8, dtype=h.dtype)
+    assert torch.equal(inverse.upper, inverse.upper.triu())
+    torch.testing.assert_close(inverse.upper.T @ inverse.upper, torch.linalg.inv(damped))
+    assert inverse.dampening_frac == 0.05
+    assert not inverse.dead.any()
+
+
+def test_dead_inputs_are_reported_and_made_invertible() -> None:
+    h = spd()
+    h[[2, 5], :] = 0
+    h[:, [2, 5]] = 0
+    before = h.clone()
+    inverse = damp_and_invert(h, 0.01)
+    assert inverse.dead.nonzero().flatten().tolist() == [2, 5]
+    assert torch.isfinite(inverse.upper).all()
+    assert torch.equal(h, before)  # the caller's Hessian is untouched
+
+
+def indefinite() -> torch.Tensor:
+    """Eigenvalues 11 and -9, mean diagonal 1: positive definite only once lambda > 9."""
+    return torch.tensor([[1.0, 10.0], [10.0, 1.0]])
+
+
+def test_retries_with_ten_times_more_dampening() -> None:
+    inverse = damp_and_invert(indefinite(), 0.01, max_retries=3)
+    assert inverse.dampening_frac == pytest.approx(10.0)
+
+
+def test_gives_up_with_a_message_that_says_what_to_do() -> None:
+    with pytest.raises(SingularHessianError, match="raise dampening_frac") as info:
+        damp_and_invert(indefinite(), 0.01, max_retries=2)
+    assert "0.01, 0.1, 1.0" in str(info.value)
+    assert isinstance(info.value, ValueError)
+    with pytest.raises(SingularHessianError, match=r"\[0.0\]"):
+        damp_and_invert(indefinite(), 0.0)
+    with pytest.raises(SingularHessianError, match="NaN or inf"):
+        damp_and_invert(torch.full((2, 2), float("nan")), 0.01)
+
+
+# --- the blockwise sweep ---
+
+
+def half_grid(j: int, w: torch.Tensor, sweep: BlockwiseOBS) -> torch.Tensor:
+    """A deterministic stand-in for quantization: round to multiples of 0.5."""
+    return (w * 2).round() / 2
+
+
+@pytest.mark.parametrize("block_size", [1, 5, 8, 64])
+def test_sweep_is_independent_of_block_size_and_its_loss_is_the_output_error(
+    block_size: int,
+) -> None:
+    gen = torch.Generator().manual_seed(3)
+    h = spd(16, seed=3)
+    weight = torch.randn(6, 16, generator=gen, dtype=torch.float64)
+    result, loss = BlockwiseOBS(weight, h, block_size, 0.01).run(half_grid)
+    reference, _ = BlockwiseOBS(weight, h, 16, 0.01).run(half_grid)
+    torch.testing.assert_close(result, reference, rtol=1e-12, atol=1e-12)
+    damped = h + 0.01 * h.diagonal().mean() * torch.eye(16, dtype=h.dtype)
+    delta = weight - result
+    assert loss == pytest.approx(0.5 * torch.trace(delta @ damped @ delta.T).item(), rel=1e-9)
+
+
+def test_sweep_rejects_misfits() -> None:
+    with pytest.raises(ValueError, match="transpose Conv1D"):
+        BlockwiseOBS(torch.randn(4, 8), torch.eye(4))
+    with pytest.raises(ValueError, match="block_size"):
+        BlockwiseOBS(torch.randn(4, 8), torch.eye(8), block_size=0)
