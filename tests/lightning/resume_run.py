@@ -56,8 +56,12 @@ def main() -> None:
         enable_model_summary=False,
     )
     model = Regressor(optimizer="adam")
+    # One batch per epoch: a resumed epoch replays exactly the data an uninterrupted run sees
+    # (resuming inside an epoch would need a stateful data loader).
     trainer.fit(
-        model, regression_loader(), ckpt_path=str(out / "last.ckpt") if args.resume else None
+        model,
+        regression_loader(batch_size=32),
+        ckpt_path=str(out / "last.ckpt") if args.resume else None,
     )
     torch.save({k: v for k, v in model.state_dict().items()}, out / "final.pt")
 

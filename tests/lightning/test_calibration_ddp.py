@@ -1,0 +1,123 @@
+"""Two CPU processes (ddp_spawn, gloo) calibrate to exactly the single-process weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import nn
+from torch.utils.data import DataLoader
+
+from lightning_compress.bundled import TinyDecoder, TinyDecoderConfig
+from lightning_compress.core import Event, EventType, State
+from lightning_compress.lightning.calibration import CalibrationModule
+from lightning_compress.modifiers import Modifier, QuantizationModifier
+from lightning_compress.pipelines import (
+    all_reduce_max_,
+    all_reduce_min_,
+    all_reduce_sum_,
+    broadcast_,
+    find_blocks,
+)
+
+
+class InputStatistics(Modifier):
+    """Per block: the mean, min and max input feature over every rank's tokens.
+
+    They are reduced across ranks at the block's SEQUENTIAL_EPOCH_END and stored as buffers;
+    the mean also shifts the block's input norm, so later blocks' statistics depend on it.
+    """
+
+    def on_initialize(self, state: State, **kwargs: Any) -> None:
+        self.stats: dict[int, list[torch.Tensor]] = {}
+        for _, block in find_blocks(state.model):
+            self.register_hook(block, self._observe, "forward_pre")
+
+    def _observe(self, block: nn.Module, args: tuple) -> None:
+        hidden = args[0].detach().double().flatten(0, -2)
+        if id(block) not in self.stats:
+            width = hidden.shape[-1]
+            inf = torch.full((width,), float("inf"), dtype=torch.double)
+            self.stats[id(block)] = [
+                torch.zeros(width, dtype=torch.double),
+                torch.zeros(1),
+                inf,
+                -inf,
+            ]
+        total, count, low, high = self.stats[id(block)]
+        total += hidden.sum(0)
+        count += len(hidden)
+        torch.minimum(low, hidden.min(0).values, out=low)
+        torch.maximum(high, hidden.max(0).values, out=high)
+
+    def on_event(self, state: State, event: Event, **kwargs: Any) -> None:
+        if event.type_ != EventType.SEQUENTIAL_EPOCH_END:
+            return
+        block = kwargs["subgraph"]
+        total, count, low, high = self.stats.pop(id(block))
+        all_reduce_sum_(total)
+        all_reduce_sum_(count)
+        all_reduce_min_(low)
+        all_reduce_max_(high)
+        mean = (total / count).float()
+        self.add_buffer(block, "input_mean", mean)
+        self.add_buffer(block, "input_min", low.float())
+        self.add_buffer(block, "input_max", high.float())
+        self.add_buffer(block, "chosen_by", broadcast_(torch.tensor([state.hardware.rank]), src=0))
+        with torch.no_grad():
+            block.input_layernorm.weight.add_(0.1 * mean)
+
+
+class SaveWeights(Callback):
+    """Every rank saves the calibrated model's state when validation ends."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        state = {k: v.clone() for k, v in pl_module.model.state_dict().items()}
+        torch.save(state, self.directory / f"rank{trainer.global_rank}.pt")
+
+
+def calibrate(directory: Path, **trainer_kwargs: Any) -> None:
+    torch.manual_seed(0)
+    config = TinyDecoderConfig(hidden_size=64, intermediate_size=128, num_layers=3, num_heads=4)
+    recipe = [QuantizationModifier(scheme="W8A16", ignore=["lm_head"]), InputStatistics()]
+    module = CalibrationModule(TinyDecoder(config).eval(), recipe)
+    data = torch.randint(0, 256, (8, 16), generator=torch.Generator().manual_seed(1))
+    trainer = Trainer(
+        accelerator="cpu",
+        inference_mode=False,
+        callbacks=[SaveWeights(directory)],
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=False,
+        **trainer_kwargs,
+    )
+    trainer.validate(module, dataloaders=DataLoader(data, batch_size=1), verbose=False)
+
+
+def test_two_ranks_compress_exactly_like_one_process(tmp_path):
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    single.mkdir()
+    ddp.mkdir()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # like each DDP worker
+    try:
+        calibrate(single, devices=1)
+    finally:
+        torch.set_num_threads(threads)
+    calibrate(ddp, devices=2, strategy="ddp_spawn")
+
+    expected = torch.load(single / "rank0.pt", weights_only=True)
+    assert {"model.layers.2.input_mean", "model.layers.0.self_attn.q_proj.weight_scale"} <= set(
+        expected
+    )
+    for rank in (0, 1):
+        state = torch.load(ddp / f"rank{rank}.pt", weights_only=True)
+        assert state.keys() == expected.keys()
+        for name, tensor in state.items():
+            assert torch.equal(tensor, expected[name]), (rank, name)
