@@ -54,7 +54,8 @@ class Compressor(Callback):
     BATCH_END, and ``on_train_end`` finalizes.
 
     Args:
-        recipe: the recipe (path, YAML/JSON text, dict, modifiers).
+        recipe: the recipe (path, YAML/JSON text, dict, modifiers); None runs no modifier
+            (useful to measure the callback's own overhead).
         recipe_stage: the stage or stages to run; None runs all.
         recipe_args: values for the recipe's ``${args.name}`` interpolations.
         teacher: a teacher model for distillation modifiers.
@@ -64,7 +65,7 @@ class Compressor(Callback):
 
     def __init__(
         self,
-        recipe: RecipeInput,
+        recipe: RecipeInput | None = None,
         recipe_stage: RecipeStageInput | None = None,
         recipe_args: RecipeArgsInput | None = None,
         teacher: nn.Module | None = None,
@@ -85,8 +86,12 @@ class Compressor(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit" or self.session.lifecycle.initialized_:
             return
-        recipe = Recipe.create_instance(
-            self.recipe, target_stage=self.recipe_stage, recipe_args=self.recipe_args
+        recipe = (
+            Recipe()
+            if self.recipe is None
+            else Recipe.create_instance(
+                self.recipe, target_stage=self.recipe_stage, recipe_args=self.recipe_args
+            )
         )
         _check_trainable(recipe)
         self.session.initialize(

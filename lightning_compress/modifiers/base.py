@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from dataclasses import MISSING
 import typing
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import MISSING
 from typing import Any, ClassVar
 
 import torch

@@ -1,0 +1,132 @@
+"""Training-aware compression quality on the bundled model: gradual pruning and QAT.
+
+Compares, at equal training budgets, one-shot compression (then fine-tuning with the result
+held fixed) with compression during training (gradual magnitude pruning; quantization-aware
+training), by held-out perplexity on the bundled evaluation text. Prints a Markdown table.
+
+    python benchmarks/training_quality.py [--steps 150] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from collections.abc import Callable
+
+import torch
+from lightning.pytorch import Trainer
+from torch import nn
+
+from lightning_compress import Compressor
+from lightning_compress.bundled import (
+    bundled_text,
+    load_bundled_model,
+    load_tokenizer,
+    perplexity,
+    token_windows,
+)
+from lightning_compress.core import CompressionSession
+from lightning_compress.lightning.language_model import BundledTextDataModule, CausalLMModule
+from lightning_compress.modifiers import (
+    ConstantPruningModifier,
+    MagnitudePruningModifier,
+    Modifier,
+    QuantizationModifier,
+)
+
+LAYERS = [r"re:.*layers\.\d+\..*_proj$"]
+
+
+def weights(bits: int, group: int) -> dict:
+    """A weight-only ``config_groups`` entry: symmetric int ``bits`` in groups of ``group``."""
+    return {
+        "g": {
+            "targets": LAYERS,
+            "weights": {"num_bits": bits, "strategy": "group", "group_size": group},
+        }
+    }
+
+
+def fine_tune(model: nn.Module, steps: int, modifiers: list[Modifier] | None) -> float:
+    """Train ``model`` for ``steps`` steps with an optional Compressor; return seconds."""
+    trainer = Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        callbacks=[Compressor(modifiers)] if modifiers else [],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    begin = time.perf_counter()
+    trainer.fit(CausalLMModule(model, lr=3e-4), BundledTextDataModule(train_windows=512))
+    return time.perf_counter() - begin
+
+
+def one_shot(model: nn.Module, modifier: Modifier) -> None:
+    """Apply a one-shot modifier through the session API."""
+    session = CompressionSession()
+    session.initialize(recipe=modifier, model=model)
+    session.finalize()
+
+
+def runs(steps: int) -> dict[str, Callable[[nn.Module], None]]:
+    """Label → what to do to a fresh copy of the bundled model."""
+    ramp = {"start": 0, "end": round(0.6 * steps), "update": max(1, steps // 15)}
+    table: dict[str, Callable[[nn.Module], None]] = {
+        "dense": lambda m: None,
+        f"dense + {steps} fine-tuning steps": lambda m: fine_tune(m, steps, None),
+    }
+    for sparsity in (0.5, 0.75):
+        magnitude = {"targets": LAYERS, "final_sparsity": sparsity}
+        table[f"one-shot magnitude {sparsity:.0%}"] = lambda m, k=magnitude: one_shot(
+            m, MagnitudePruningModifier(**k)
+        )
+        table[f"one-shot magnitude {sparsity:.0%} + fixed-mask fine-tuning"] = (
+            lambda m, k=magnitude: (
+                one_shot(m, MagnitudePruningModifier(**k)),
+                fine_tune(m, steps, [ConstantPruningModifier(targets=LAYERS)]),
+            )
+        )
+        table[f"gradual magnitude {sparsity:.0%} during fine-tuning"] = lambda m, k=magnitude: (
+            fine_tune(m, steps, [MagnitudePruningModifier(**k, **ramp)])
+        )
+    for bits in (3, 2):
+        groups = weights(bits, 64)
+        table[f"RTN int{bits} g64"] = lambda m, g=groups: one_shot(
+            m, QuantizationModifier(config_groups=g)
+        )
+        table[f"{steps} fine-tuning steps, then RTN int{bits} g64"] = lambda m, g=groups: (
+            fine_tune(m, steps, None),
+            one_shot(m, QuantizationModifier(config_groups=g)),
+        )
+        table[f"QAT int{bits} g64 during fine-tuning"] = lambda m, g=groups: fine_tune(
+            m, steps, [QuantizationModifier(config_groups=g, start=0)]
+        )
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--steps", type=int, default=150, help="fine-tuning steps per run")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--windows", type=int, default=16, help="evaluation windows of 256")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    windows = token_windows(bundled_text("evaluation"), load_tokenizer(), 256, args.windows)
+    base = load_bundled_model()
+    print(f"| run ({args.steps} steps of 8x256 tokens where trained) | perplexity | seconds |")
+    print("|---|---:|---:|")
+    for label, run in runs(args.steps).items():
+        torch.manual_seed(0)
+        model = copy.deepcopy(base).train()
+        begin = time.perf_counter()
+        run(model)
+        seconds = time.perf_counter() - begin
+        print(f"| {label} | {perplexity(model, windows):.3f} | {seconds:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
