@@ -18,7 +18,6 @@ from lightning_compress.recipe import (
     Recipe,
     RecipeArgsInput,
     RecipeError,
-    RecipeInput,
     RecipeStageInput,
 )
 
@@ -54,8 +53,9 @@ class Compressor(Callback):
     BATCH_END, and ``on_train_end`` finalizes.
 
     Args:
-        recipe: the recipe (path, YAML/JSON text, dict, modifiers); None runs no modifier
-            (useful to measure the callback's own overhead).
+        recipe: the recipe (path, YAML/JSON text, dict, modifiers: any ``RecipeInput``; typed
+            ``Any`` so LightningCLI passes YAML mappings through unchanged); None runs no
+            modifier (useful to measure the callback's own overhead).
         recipe_stage: the stage or stages to run; None runs all.
         recipe_args: values for the recipe's ``${args.name}`` interpolations.
         teacher: a teacher model for distillation modifiers.
@@ -65,7 +65,7 @@ class Compressor(Callback):
 
     def __init__(
         self,
-        recipe: RecipeInput | None = None,
+        recipe: Any = None,
         recipe_stage: RecipeStageInput | None = None,
         recipe_args: RecipeArgsInput | None = None,
         teacher: nn.Module | None = None,
