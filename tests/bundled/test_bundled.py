@@ -21,8 +21,8 @@ from lightning_compress.bundled import (
 )
 from lightning_compress.bundled.loading import CHECKPOINT_NAME, DATA_DIR, TEXT_NAME
 
-# Measured held-out perplexity of the committed checkpoint on these windows, times ~1.5.
-PERPLEXITY_BOUND = 6.0
+# The committed checkpoint scores 3.79 on the first 4 evaluation windows; allow 1.5x that.
+PERPLEXITY_BOUND = 5.7
 
 SMALL = TinyDecoderConfig(
     hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2
