@@ -1,4 +1,5 @@
-"""Quantization: arguments and presets, the shared quantize/dequantize math, observers, RTN."""
+"""Quantization: arguments and presets, the shared quantize/dequantize math, observers,
+one-shot and quantization-aware ``QuantizationModifier``, and the quantized forward."""
 
 from lightning_compress.modifiers.quantization.args import (
     PRESET_SCHEMES,
@@ -7,11 +8,17 @@ from lightning_compress.modifiers.quantization.args import (
     preset_scheme,
 )
 from lightning_compress.modifiers.quantization.modifier import QuantizationModifier
+from lightning_compress.modifiers.quantization.runtime import (
+    attach_quantization,
+    remove_quantization,
+)
 
 __all__ = [
     "PRESET_SCHEMES",
     "QuantizationArgs",
     "QuantizationModifier",
     "QuantizationScheme",
+    "attach_quantization",
     "preset_scheme",
+    "remove_quantization",
 ]

@@ -1,71 +1,103 @@
-"""``QuantizationModifier``: round-to-nearest weight quantization of targeted Linear layers."""
+"""``QuantizationModifier``: weight and activation quantization, one-shot or trained (QAT)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
+from loguru import logger
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
-from lightning_compress.core.events import Event
+from lightning_compress.core.events import Event, EventType
 from lightning_compress.core.state import State
 from lightning_compress.modifiers.base import ONE_SHOT, Modifier
 from lightning_compress.modifiers.quantization.args import (
     PRESET_SCHEMES,
-    QuantizationArgs,
     QuantizationScheme,
     preset_scheme,
 )
-from lightning_compress.modifiers.quantization.ops import fake_quantize, qparams_for_weight
+from lightning_compress.modifiers.quantization.calibration import (
+    CalibrationObserver,
+    quantize_layer,
+)
+from lightning_compress.modifiers.quantization.qat import (
+    OBSERVER_BUFFERS,
+    TrainingInputObserver,
+    WeightFakeQuantizer,
+    add_weight_fake_quantizer,
+    bake_weight,
+    training_buffers,
+)
+from lightning_compress.modifiers.quantization.runtime import (
+    attach_quantization,
+    remove_quantization,
+)
 from lightning_compress.recipe.errors import RecipeError
 
 __all__ = ["QuantizationModifier"]
 
-WEIGHT_ONLY_PRESETS = [name for name, roles in PRESET_SCHEMES.items() if list(roles) == ["weights"]]
+TRAINING_INPUT_OBSERVERS = ("minmax", "moving_average")
+
+Plan = dict[str, tuple[nn.Linear, QuantizationScheme]]
 
 
 class QuantizationModifier(Modifier):
-    """Round-to-nearest (RTN) weight quantization, one-shot and data-free.
+    """Quantizes the weights and input activations of targeted ``nn.Linear`` layers.
 
-    Each targeted ``nn.Linear`` gets its weight replaced by its quantize→dequantize
-    round trip, and keeps ``weight_scale`` / ``weight_zero_point`` buffers (compressed-tensors
-    names) plus a ``quantization_scheme`` attribute describing how it was quantized.
-    All layers are computed before any is changed, so an error leaves the model as it was.
+    **One-shot** (``start: -1``). At CALIBRATION_EPOCH_START, layers with static input
+    activations get observers. Each SEQUENTIAL_EPOCH_END(subgraph=block) quantizes the
+    layers inside ``block``, so the next block is calibrated on quantized outputs;
+    CALIBRATION_EPOCH_END quantizes the rest (all of them after a whole-model pass). Without
+    calibration both happen at finalize, which works for weight-only and dynamic schemes.
+    A group of layers is computed in full before any of them changes.
+
+    **Quantization-aware training** (``start >= 0``). ``initialize`` adds every buffer and the
+    weight parametrization the run needs (so a checkpoint loads strictly into a freshly
+    set-up model); fake quantization takes effect at ``start``. Weight qparams follow the
+    weight (min-max) on every forward and static input ranges are observed on every
+    training forward, until ``freeze_observers``. At ``end`` (or finalize) the weights are
+    baked to their quantized values.
+
+    Afterwards every quantized layer holds its quantized weight, ``weight_scale`` /
+    ``weight_zero_point`` (and ``input_scale`` / ``input_zero_point`` for static inputs)
+    buffers and a ``quantization_scheme`` attribute, and keeps quantizing its input at
+    inference through a persistent pre-hook
+    (:func:`~lightning_compress.modifiers.quantization.runtime.remove_quantization` undoes it).
 
     Args:
-        scheme: a preset name (``W4A16``, ``W4A16_ASYM``, ``W8A16``) applied to ``targets``, or
-            ``{preset: [targets]}``.
-        config_groups: ``{group_name: {targets, weights: {num_bits, type, symmetric, strategy,
-            group_size, observer}}}`` in compressed-tensors form.
+        scheme: a preset name (``W8A16``, ``W4A16``, ``W4A16_ASYM``, ``W8A8``, ``W4A8``,
+            ``FP8``, ``FP8_DYNAMIC``) applied to ``targets``, or ``{preset: [targets]}``.
+        config_groups: ``{group_name: {targets, weights: {...}, input_activations: {...}}}``
+            in compressed-tensors form (``num_bits``, ``type``, ``symmetric``, ``strategy``,
+            ``group_size``, ``dynamic``, ``observer``, ``averaging_constant``).
         targets: layers the ``scheme`` preset applies to.
         ignore: layers never quantized (e.g. ``lm_head``).
-        start: must be -1 (one-shot).
+        start: -1 for one-shot, else when quantization-aware training starts.
+        end: when quantization-aware training ends and weights are baked (-1 or None: at
+            the end of training).
+        freeze_observers: quantization-aware training only: the index (epochs or steps, like
+            ``start``) from which weight qparams and static input ranges stop changing.
     """
 
     scheme: str | dict[str, list[str]] | None = None
     config_groups: dict[str, dict[str, Any]] | None = None
     start: float | None = ONE_SHOT
+    freeze_observers: float | None = None
 
+    # ----------------------------------------------------------------- settings
     def validate(self) -> None:
         if self.scheme is None and self.config_groups is None:
-            self.fail(
-                "scheme", f"a preset name ({', '.join(WEIGHT_ONLY_PRESETS)}) or config_groups"
-            )
-        if not self.is_one_shot:
-            self.fail("start", "-1 (one-shot weight quantization)")
-        for scheme in self.resolved_schemes():
-            for role in ("input_activations", "output_activations"):
-                if getattr(scheme, role) is not None:
-                    raise RecipeError(
-                        f"{type(self).__name__}: scheme for {scheme.targets} quantizes {role}, "
-                        f"which this modifier does not support; expected weight-only schemes "
-                        f"({', '.join(WEIGHT_ONLY_PRESETS)}) or config_groups with 'weights' only"
-                    )
-            if scheme.weights is None:
-                raise RecipeError(
-                    f"{type(self).__name__}: scheme for {scheme.targets} has no 'weights'; "
-                    f"expected weight quantization arguments"
-                )
+            self.fail("scheme", f"a preset name ({', '.join(PRESET_SCHEMES)}) or config_groups")
+        if self.start is None:
+            self.fail("start", "-1 (one-shot) or an index >= 0 (quantization-aware training)")
+        if self.freeze_observers is not None:
+            if self.is_one_shot:
+                self.fail("freeze_observers", "None for one-shot quantization (start=-1)")
+            if self.freeze_observers <= self.start:
+                self.fail("freeze_observers", f"an index after start={self.start}")
+        for where, scheme in self._labeled_schemes():
+            self._check_scheme(where, scheme)
 
     def resolved_schemes(self) -> list[QuantizationScheme]:
         """The schemes this modifier applies, presets and config groups together.
@@ -77,23 +109,138 @@ class QuantizationModifier(Modifier):
             RecipeError: for an unknown preset or an invalid config group; the message names
                 the field.
         """
-        schemes = []
-        try:
-            if isinstance(self.scheme, str):
-                schemes.append(preset_scheme(self.scheme, _as_list(self.targets)))
-            elif isinstance(self.scheme, dict):
-                schemes += [preset_scheme(name, targets) for name, targets in self.scheme.items()]
-            for name, group in (self.config_groups or {}).items():
-                schemes.append(QuantizationScheme.from_dict(group, where=f"config_groups.{name}"))
-        except ValueError as err:
-            raise RecipeError(f"{type(self).__name__}: {err}") from err
-        return schemes
+        return [scheme for _, scheme in self._labeled_schemes()]
 
+    def _labeled_schemes(self) -> list[tuple[str, QuantizationScheme]]:
+        """The schemes with the field they come from (``scheme`` or ``config_groups.<name>``)."""
+        name = type(self).__name__
+        presets = {self.scheme: self.targets} if isinstance(self.scheme, str) else self.scheme
+        labeled = []
+        for preset, targets in (presets or {}).items():
+            try:
+                labeled.append(("scheme", preset_scheme(preset, _as_list(targets))))
+            except ValueError as err:
+                raise RecipeError(f"{name}.scheme: {err}") from err
+        for group, spec in (self.config_groups or {}).items():
+            where = f"config_groups.{group}"
+            try:
+                labeled.append((where, QuantizationScheme.from_dict(spec, where=where)))
+            except ValueError as err:
+                raise RecipeError(f"{name}.{err}") from err
+        return labeled
+
+    def _check_scheme(self, where: str, scheme: QuantizationScheme) -> None:
+        def bad(field: str, expected: str, got: Any) -> RecipeError:
+            return RecipeError(
+                f"{type(self).__name__}.{where}.{field}: expected {expected}, got {got!r}"
+            )
+
+        if scheme.weights is None:
+            raise RecipeError(
+                f"{type(self).__name__}.{where}: scheme for {scheme.targets} has no 'weights'; "
+                "expected weight quantization arguments"
+            )
+        if scheme.output_activations is not None:
+            raise bad("output_activations", "None (outputs are not quantized)", "arguments")
+        inputs = scheme.input_activations
+        static_inputs = inputs is not None and not inputs.dynamic
+        if static_inputs and inputs.strategy != "tensor":
+            raise bad(
+                "input_activations.strategy",
+                "'tensor' for static input activations (or dynamic=True)",
+                inputs.strategy,
+            )
+        if self.is_one_shot:
+            return
+        if scheme.weights.observer != "minmax":
+            raise bad(
+                "weights.observer",
+                "'minmax' for quantization-aware training (weight qparams follow the weight)",
+                scheme.weights.observer,
+            )
+        if static_inputs and inputs.observer not in TRAINING_INPUT_OBSERVERS:
+            raise bad(
+                "input_activations.observer",
+                f"one of {list(TRAINING_INPUT_OBSERVERS)} for quantization-aware training",
+                inputs.observer,
+            )
+
+    # ---------------------------------------------------------------- lifecycle
     def on_initialize(self, state: State, **kwargs: Any) -> None:
         self._plan = self._plan_layers(state.model)
+        self._pending: Plan = dict(self._plan)
+        self._observers: dict[str, tuple[CalibrationObserver, RemovableHandle]] = {}
+        self._quantizers: list[WeightFakeQuantizer] = []
+        self._trackers: list[TrainingInputObserver] = []
+        self._attached: list[nn.Module] = []
+        self.layer_errors: dict[str, float] = {}
+        if not self.is_one_shot:
+            try:
+                self._prepare_training()
+            except Exception:
+                self._undo_training()
+                raise
 
-    def _plan_layers(self, model: nn.Module) -> dict[str, tuple[nn.Linear, QuantizationScheme]]:
-        plan: dict[str, tuple[nn.Linear, QuantizationScheme]] = {}
+    def on_start(self, state: State, event: Event | None, **kwargs: Any) -> None:
+        if self.is_one_shot:
+            self._start_calibration()
+        else:
+            self._start_training()
+
+    def on_event(self, state: State, event: Event, **kwargs: Any) -> None:
+        if event.type_ != EventType.SEQUENTIAL_EPOCH_END or not self.is_one_shot:
+            return
+        if not self.started_ or self.ended_:
+            return
+        subgraph = kwargs.get("subgraph")
+        if not isinstance(subgraph, nn.Module):
+            raise ValueError(
+                f"{type(self).__name__}: SEQUENTIAL_EPOCH_END needs subgraph=<the module just "
+                f"calibrated>, got {subgraph!r}"
+            )
+        inside = {id(module) for module in subgraph.modules()}
+        names = [name for name, (module, _) in self._pending.items() if id(module) in inside]
+        self._quantize_pending(state, names)
+
+    def on_update(self, state: State, event: Event, **kwargs: Any) -> None:
+        if event.type_ == EventType.BATCH_START and self.freeze_observers is not None:
+            # should_update with only a start: "has the index reached freeze_observers?"
+            self._set_frozen(event.should_update(self.freeze_observers, None, None))
+
+    def on_end(self, state: State, event: Event | None, **kwargs: Any) -> None:
+        if self.is_one_shot:
+            self._quantize_pending(state, list(self._pending))
+        else:
+            self._finish_training(state)
+        self.remove_hooks()
+
+    def on_finalize(self, state: State, **kwargs: Any) -> None:
+        if not self.is_one_shot and not self.started_:
+            logger.warning(
+                "{}: training ended before start={}; the model is left unquantized",
+                type(self).__name__,
+                self.start,
+            )
+            self._undo_training()
+
+    def abort(self, state: State) -> None:
+        """Stop without finishing: undo what this modifier added to the model.
+
+        Removes the quantized forward, the parametrizations, hooks and buffers; weights
+        already quantized one-shot stay quantized.
+
+        Args:
+            state: the session's state.
+        """
+        for module in self._attached:
+            remove_quantization(module)
+        if not self.is_one_shot:
+            self._undo_training()
+        super().abort(state)
+
+    # ----------------------------------------------------------------- planning
+    def _plan_layers(self, model: nn.Module) -> Plan:
+        plan: Plan = {}
         for scheme in self.resolved_schemes():
             for name, module in self.resolve_targets(model, scheme.targets).items():
                 if name in plan:
@@ -110,44 +257,97 @@ class QuantizationModifier(Modifier):
         _check_group_sizes(plan)
         return plan
 
-    def on_start(self, state: State, event: Event | None, **kwargs: Any) -> None:
-        quantized = {
-            name: _quantize_weight(module.weight, scheme.weights)
-            for name, (module, scheme) in self._plan.items()
+    # ----------------------------------------------------------------- one-shot
+    def _start_calibration(self) -> None:
+        for name, (module, scheme) in self._plan.items():
+            if _has_static_inputs(scheme):
+                observer = CalibrationObserver(name, scheme.input_activations)
+                handle = self.register_hook(module, observer, "forward_pre")
+                self._observers[name] = (observer, handle)
+
+    def _quantize_pending(self, state: State, names: list[str]) -> None:
+        """Quantizes the pending layers ``names``: all are computed before any changes."""
+        observers = {name: observer for name, (observer, _) in self._observers.items()}
+        results = {
+            name: quantize_layer(*self._pending[name], observers.get(name)) for name in names
         }
         errors = {}
-        for name, (module, scheme) in self._plan.items():
-            weight, scale, zero_point = quantized[name]
-            errors[name] = _relative_error(module.weight, weight)
+        for name, result in results.items():
+            module, scheme = self._pending.pop(name)
+            if name in self._observers:
+                self._observers.pop(name)[1].remove()
+            errors[name] = _relative_error(module.weight, result.weight)
             with torch.no_grad():
-                module.weight.copy_(weight)
-            self.add_buffer(module, "weight_scale", scale)
-            self.add_buffer(module, "weight_zero_point", zero_point)
-            module.quantization_scheme = scheme
+                module.weight.copy_(result.weight)
+            for buffer, value in result.buffers.items():
+                self.add_buffer(module, buffer, value)
+            self._attach(module, scheme)
+        self._log_errors(state, errors)
+
+    # ---------------------------------------------------------------------- QAT
+    def _prepare_training(self) -> None:
+        for module, scheme in self._plan.values():
+            for buffer, value in training_buffers(module.weight, scheme).items():
+                self.add_buffer(module, buffer, value)
+            self._quantizers.append(add_weight_fake_quantizer(module, scheme.weights))
+
+    def _start_training(self) -> None:
+        for quantizer in self._quantizers:
+            quantizer.enabled = True
+        for module, scheme in self._plan.values():
+            if _has_static_inputs(scheme):
+                tracker = TrainingInputObserver(module, scheme.input_activations)
+                self._trackers.append(tracker)
+                self.register_hook(module, tracker, "forward_pre", prepend=True)
+            self._attach(module, scheme)
+
+    def _set_frozen(self, frozen: bool) -> None:
+        for switch in (*self._quantizers, *self._trackers):
+            switch.frozen = frozen
+
+    def _finish_training(self, state: State) -> None:
+        errors = {}
+        for name, (module, _) in self._plan.items():
+            original = module.parametrizations.weight.original
+            errors[name] = _relative_error(original, module.weight)
+            bake_weight(module)
+            for buffer in OBSERVER_BUFFERS:
+                module._buffers.pop(buffer, None)
+        self._log_errors(state, errors)
+
+    def _undo_training(self) -> None:
+        """Removes what ``_prepare_training`` added: parametrizations and buffers."""
+        for quantizer in self._quantizers:
+            bake_weight(quantizer.owner, quantized=False)
+        self._quantizers.clear()
+        self.remove_buffers()
+
+    def _attach(self, module: nn.Module, scheme: QuantizationScheme) -> None:
+        attach_quantization(module, scheme)
+        self._attached.append(module)
+
+    # ------------------------------------------------------------------ logging
+    def _log_errors(self, state: State, errors: dict[str, float]) -> None:
+        self.layer_errors.update(errors)
         if state.loggers is not None and errors:
             state.loggers.log_scalars("QuantizationError", errors)
-        self.layer_errors = errors
 
 
-def _quantize_weight(
-    weight: torch.Tensor, args: QuantizationArgs
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    with torch.no_grad():
-        scale, zero_point = qparams_for_weight(weight.detach(), args)
-        return fake_quantize(weight.detach(), scale, zero_point, args), scale, zero_point
+def _has_static_inputs(scheme: QuantizationScheme) -> bool:
+    return scheme.input_activations is not None and not scheme.input_activations.dynamic
 
 
-def _check_group_sizes(plan: dict[str, tuple[nn.Linear, QuantizationScheme]]) -> None:
-    bad = [
-        f"{name} (in_features={module.in_features})"
+def _check_group_sizes(plan: Plan) -> None:
+    bad = {
+        f"{name} (in_features={module.in_features})": scheme.weights.group_size
         for name, (module, scheme) in plan.items()
         if scheme.weights.strategy == "group" and module.in_features % scheme.weights.group_size
-    ]
+    }
     if bad:
-        sizes = sorted({scheme.weights.group_size for _, scheme in plan.values() if scheme.weights})
+        sizes = sorted(set(bad.values()))
         raise RecipeError(
             f"QuantizationModifier: group_size {sizes} does not divide the input features of "
-            f"{bad}; expected a group_size that divides them, or add these layers to ignore"
+            f"{list(bad)}; expected a group_size that divides them, or add these layers to ignore"
         )
 
 

@@ -111,8 +111,9 @@ def reduce_min_max(x: Tensor, args: QuantizationArgs) -> tuple[Tensor, Tensor]:
     Returns:
         ``(min_vals, max_vals)``, each of the strategy's qparams shape.
     """
-    min_vals, max_vals = torch.aminmax(strategy_groups(x, args), dim=-1)
-    return min_vals, max_vals
+    groups = strategy_groups(x, args)
+    # Two reductions: on CPU, aminmax over a dimension is many times slower than both.
+    return groups.amin(dim=-1), groups.amax(dim=-1)
 
 
 def calculate_qparams(
@@ -221,27 +222,32 @@ def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
 
 
 def _scale_to_grid(groups: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
+    """Returns ``groups / scale + zero_point`` as a new tensor."""
     scaled = groups / scale
-    return scaled + zero_point.to(scaled.dtype)
+    return scaled.add_(zero_point.to(scaled.dtype))
 
 
-def _round_to_grid(scaled: Tensor, args: QuantizationArgs) -> Tensor:
-    qmin, qmax = quant_range(args)
-    clamped = scaled.clamp(qmin, qmax)
+def _round_to_grid(clamped: Tensor, args: QuantizationArgs) -> Tensor:
+    """Rounds values already clamped to :func:`quant_range`; in place for ``int``."""
     if args.type == "float":
-        return clamped.to(torch.float8_e4m3fn).to(scaled.dtype)
-    return clamped.round()
+        return clamped.to(torch.float8_e4m3fn).to(clamped.dtype)
+    return clamped.round_()
 
 
 def _from_grid(q: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
-    return (q.to(scale.dtype) - zero_point.to(scale.dtype)) * scale
+    """Returns ``(q - zero_point) * scale``; in place when ``q`` has ``scale``'s dtype."""
+    x_hat = q.to(scale.dtype)
+    return x_hat.sub_(zero_point.to(scale.dtype)).mul_(scale)
 
 
 def _round_trip(
-    scaled: Tensor, scale: Tensor, zero_point: Tensor, args: QuantizationArgs, like: Tensor
+    clamped: Tensor, scale: Tensor, zero_point: Tensor, args: QuantizationArgs, like: Tensor
 ) -> Tensor:
-    """Rounds grouped scaled values and maps them back to the shape and dtype of ``like``."""
-    q = _round_to_grid(scaled, args)
+    """Rounds clamped grid values and maps them back to the shape and dtype of ``like``.
+
+    ``clamped`` must be a temporary: it is changed in place.
+    """
+    q = _round_to_grid(clamped, args)
     return _from_grid(q, scale, zero_point).reshape(like.shape).to(like.dtype)
 
 
@@ -261,7 +267,8 @@ def quantize(x: Tensor, scale: Tensor, zero_point: Tensor, args: QuantizationArg
         ValueError: when a shape does not fit the strategy.
     """
     groups, scale, zero_point = _groups_and_qparams(x, scale, zero_point, args)
-    q = _round_to_grid(_scale_to_grid(groups, scale, zero_point), args)
+    scaled = _scale_to_grid(groups, scale, zero_point)
+    q = _round_to_grid(scaled.clamp_(*quant_range(args)), args)
     return q.reshape(x.shape).to(quantized_dtype(args))
 
 
@@ -281,7 +288,7 @@ def dequantize(q: Tensor, scale: Tensor, zero_point: Tensor, args: QuantizationA
         ValueError: when a shape does not fit the strategy.
     """
     groups, scale, zero_point = _groups_and_qparams(q, scale, zero_point, args)
-    return _from_grid(groups, scale, zero_point).reshape(q.shape)
+    return _from_grid(groups.to(scale.dtype, copy=True), scale, zero_point).reshape(q.shape)
 
 
 def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, args: QuantizationArgs) -> Tensor:
@@ -302,7 +309,8 @@ def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, args: Quantizati
         ValueError: when a shape does not fit the strategy.
     """
     groups, scale, zero_point = _groups_and_qparams(x, scale, zero_point, args)
-    return _round_trip(_scale_to_grid(groups, scale, zero_point), scale, zero_point, args, x)
+    scaled = _scale_to_grid(groups, scale, zero_point)
+    return _round_trip(scaled.clamp_(*quant_range(args)), scale, zero_point, args, x)
 
 
 class _FakeQuantizeSTE(torch.autograd.Function):
@@ -314,9 +322,11 @@ class _FakeQuantizeSTE(torch.autograd.Function):
     ) -> Tensor:
         groups, scale, zero_point = _groups_and_qparams(x, scale, zero_point, args)
         scaled = _scale_to_grid(groups, scale, zero_point)
-        qmin, qmax = quant_range(args)
-        ctx.save_for_backward(((scaled >= qmin) & (scaled <= qmax)).reshape(x.shape))
-        return _round_trip(scaled, scale, zero_point, args, x)
+        clamped = scaled.clamp(*quant_range(args))
+        # 1 where not clamped, in x's dtype: multiplying by it is far faster than a bool mask.
+        inside = torch.empty(scaled.shape, dtype=x.dtype, device=x.device)
+        ctx.save_for_backward(torch.eq(clamped, scaled, out=inside).reshape(x.shape))
+        return _round_trip(clamped, scale, zero_point, args, x)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:

@@ -113,13 +113,45 @@ def test_group_size_that_does_not_divide_names_layers_and_leaves_model(block):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+TOKEN_WEIGHTS = {"num_bits": 8, "strategy": "token", "dynamic": True}
+STATIC_GROUPS = {"num_bits": 8, "strategy": "group", "group_size": 32}
+MSE_INPUTS = {"num_bits": 8, "observer": "mse"}
+W8 = {"targets": ["Linear"], "weights": {"num_bits": 8, "strategy": "channel"}}
+W8_MSE = {"targets": ["Linear"], "weights": {"num_bits": 8, "observer": "mse"}}
+
+
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
         ({}, "QuantizationModifier.scheme: expected a preset name"),
-        ({"scheme": "W3A3"}, "W3A3"),
-        ({"scheme": "W8A8"}, "quantizes input_activations"),
-        ({"scheme": "W4A16", "start": 0}, "start: expected -1"),
+        ({"scheme": "W3A3"}, r"QuantizationModifier.scheme: unknown preset .*W3A3.*FP8_DYNAMIC"),
+        ({"scheme": "W4A16", "start": 2, "end": 1}, "end: expected an index at or after start=2"),
+        ({"scheme": "W4A16", "start": None}, "start: expected -1 .* or an index >= 0"),
+        ({"scheme": "FP8", "freeze_observers": 2}, "freeze_observers: expected None for one-shot"),
+        (
+            {"scheme": "FP8", "start": 2, "freeze_observers": 1},
+            "freeze_observers: expected an index after start=2",
+        ),
+        (
+            {"config_groups": {"g": {"targets": ["Linear"], "weights": TOKEN_WEIGHTS}}},
+            r"config_groups.g: weights.strategy='token' is invalid: expected 'tensor', 'channel'",
+        ),
+        (
+            {"config_groups": {"g": {**W8, "input_activations": STATIC_GROUPS}}},
+            r"config_groups.g.input_activations.strategy: expected 'tensor' for static",
+        ),
+        (
+            {"config_groups": {"g": {**W8, "output_activations": {"num_bits": 8}}}},
+            r"config_groups.g.output_activations: expected None",
+        ),
+        (
+            {"config_groups": {"g": {**W8_MSE}}, "start": 0},
+            r"config_groups.g.weights.observer: expected 'minmax' for quantization-aware",
+        ),
+        (
+            {"config_groups": {"g": {**W8, "input_activations": MSE_INPUTS}}, "start": 0},
+            r"input_activations.observer: expected one of \['minmax', 'moving_average'\]",
+        ),
         (
             {"config_groups": {"g": {"targets": ["Linear"], "weights": {"num_bits": 0}}}},
             r"config_groups.g.weights: num_bits=0",

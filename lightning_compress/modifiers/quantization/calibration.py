@@ -1,0 +1,105 @@
+"""One-shot calibration: observe a layer's inputs, then compute all of its qparams at once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_compress.modifiers.quantization.args import QuantizationArgs, QuantizationScheme
+from lightning_compress.modifiers.quantization.observers import observer_for
+from lightning_compress.modifiers.quantization.ops import fake_quantize, qparams_for_weight
+from lightning_compress.recipe.errors import RecipeError
+
+__all__ = ["CalibrationObserver", "QuantizedLayer", "quantize_layer"]
+
+
+class CalibrationObserver:
+    """Forward pre-hook folding a layer's inputs into its static input-activation range.
+
+    Args:
+        name: the layer's name, for error messages.
+        args: the layer's static input-activation arguments.
+    """
+
+    def __init__(self, name: str, args: QuantizationArgs) -> None:
+        self.name = name
+        self.observer = observer_for(args)
+
+    def __call__(self, module: nn.Module, inputs: tuple[Any, ...]) -> None:
+        """Observes ``inputs[0]``.
+
+        Args:
+            module: the hooked layer.
+            inputs: its positional inputs.
+
+        Raises:
+            ValueError: when the input holds NaN or Inf; the message names the layer.
+        """
+        self.observer.update(inputs[0])
+        ranges = torch.stack([self.observer.min_vals, self.observer.max_vals])
+        if not bool(torch.isfinite(ranges).all()):
+            raise ValueError(
+                f"layer '{self.name}' received NaN or Inf input activations during "
+                "calibration; expected finite values (check the calibration data and the "
+                "model's dtype, or add the layer to ignore)"
+            )
+
+    def qparams(self) -> tuple[Tensor, Tensor]:
+        """Returns the calibrated ``(input_scale, input_zero_point)``.
+
+        Raises:
+            RecipeError: when the layer saw no input; the message names it.
+        """
+        if self.observer.min_vals is None:
+            raise RecipeError(
+                f"QuantizationModifier: layer '{self.name}' quantizes input_activations "
+                "statically (dynamic=False), which needs calibration data, but it saw none; "
+                "expected calibration batches run through the model between "
+                "CALIBRATION_EPOCH_START and the layer's SEQUENTIAL_EPOCH_END or "
+                "CALIBRATION_EPOCH_END, or dynamic=True (e.g. scheme FP8_DYNAMIC)"
+            )
+        return self.observer.get_qparams()
+
+
+@dataclass
+class QuantizedLayer:
+    """The result of quantizing one layer, computed before the layer is changed.
+
+    Args:
+        weight: the weight's quantize→dequantize round trip.
+        buffers: the qparam buffers to add, by compressed-tensors name.
+    """
+
+    weight: Tensor
+    buffers: dict[str, Tensor]
+
+
+@torch.no_grad()
+def quantize_layer(
+    module: nn.Linear, scheme: QuantizationScheme, observer: CalibrationObserver | None
+) -> QuantizedLayer:
+    """Computes a layer's quantized weight and its qparams, leaving the layer unchanged.
+
+    Args:
+        module: the layer.
+        scheme: how to quantize it; ``weights`` use their configured observer.
+        observer: the calibration observer of its static input activations, else None.
+
+    Returns:
+        The quantized weight and the buffers ``weight_scale``, ``weight_zero_point`` and,
+        with static input activations, ``input_scale`` and ``input_zero_point``.
+
+    Raises:
+        RecipeError: when static input activations saw no calibration data.
+    """
+    weight = module.weight.detach()
+    scale, zero_point = qparams_for_weight(weight, scheme.weights)
+    buffers = {"weight_scale": scale, "weight_zero_point": zero_point}
+    if observer is not None:
+        input_scale, input_zero_point = observer.qparams()
+        buffers["input_scale"] = input_scale.to(weight.dtype)
+        buffers["input_zero_point"] = input_zero_point
+    return QuantizedLayer(fake_quantize(weight, scale, zero_point, scheme.weights), buffers)

@@ -1,0 +1,190 @@
+"""Quantization-aware training: fake-quantized weights and trained static activation ranges.
+
+The weight is fake-quantized by a parametrization (``torch.nn.utils.parametrize``): the layer
+computes its matmul once, on the quantized weight, and the straight-through estimator passes
+the gradient to the float weight (``parametrizations.weight.original``), which the optimizer
+updates. Inputs are fake-quantized by the inference hook of
+:mod:`~lightning_compress.modifiers.quantization.runtime`; for static input activations a
+:class:`TrainingInputObserver` runs just before it and updates ``input_scale`` /
+``input_zero_point`` from each training batch.
+
+Everything a run needs lives in the layer's buffers (compressed-tensors names for qparams,
+``input_min_vals`` / ``input_max_vals`` for observer statistics), so a checkpoint restores
+it exactly; the Python objects only carry switches (``enabled``, ``frozen``) that the
+modifier sets from the training step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from lightning_compress.modifiers.quantization.args import QuantizationArgs, QuantizationScheme
+from lightning_compress.modifiers.quantization.observers import observer_for
+from lightning_compress.modifiers.quantization.ops import (
+    compute_dynamic_qparams,
+    fake_quantize_ste,
+    quantized_dtype,
+)
+
+__all__ = [
+    "OBSERVER_BUFFERS",
+    "TrainingInputObserver",
+    "WeightFakeQuantizer",
+    "add_weight_fake_quantizer",
+    "bake_weight",
+    "training_buffers",
+]
+
+OBSERVER_BUFFERS = ("input_min_vals", "input_max_vals")
+"""Buffers holding the input range statistics of static activations while training."""
+
+
+def training_buffers(weight: Tensor, scheme: QuantizationScheme) -> dict[str, Tensor]:
+    """The buffers a layer needs for quantization-aware training, with initial values.
+
+    They depend only on the weight and the scheme, so a freshly set-up model gets the same
+    buffers as the one a checkpoint was saved from, and loads it strictly.
+
+    Args:
+        weight: the layer's weight.
+        scheme: its quantization scheme.
+
+    Returns:
+        ``weight_scale`` / ``weight_zero_point`` (min-max of ``weight``) and, for static input
+        activations, ``input_scale`` (1), ``input_zero_point`` (0) and the observer statistics
+        :data:`OBSERVER_BUFFERS` (NaN: nothing observed yet).
+    """
+    scale, zero_point = compute_dynamic_qparams(weight, scheme.weights)
+    buffers = {"weight_scale": scale, "weight_zero_point": zero_point}
+    inputs = scheme.input_activations
+    if inputs is not None and not inputs.dynamic:
+        device = weight.device
+        buffers["input_scale"] = torch.ones(1, dtype=weight.dtype, device=device)
+        buffers["input_zero_point"] = torch.zeros(1, dtype=quantized_dtype(inputs), device=device)
+        for name in OBSERVER_BUFFERS:
+            buffers[name] = torch.full((1,), torch.nan, device=device)
+    return buffers
+
+
+class WeightFakeQuantizer(nn.Module):
+    """Parametrization returning the fake-quantized weight of the layer that owns it.
+
+    While ``enabled`` and not ``frozen``, qparams are computed from the current weight
+    (min-max) on every access and written to the owner's ``weight_scale`` /
+    ``weight_zero_point`` buffers; once ``frozen`` those buffers are used as they are.
+    While not ``enabled`` the weight passes through unchanged.
+
+    The owner is held as a plain attribute, not a submodule, so it is not part of the module
+    tree; ``deepcopy`` of the owner maps it to the copy.
+
+    Args:
+        owner: the layer whose ``weight`` is parametrized and which holds the qparam buffers.
+        args: the weight's quantization arguments.
+    """
+
+    owner: nn.Module
+
+    def __init__(self, owner: nn.Module, args: QuantizationArgs) -> None:
+        super().__init__()
+        vars(self)["owner"] = owner  # not nn.Module.__setattr__: that would make it a child
+        self.args = args
+        self.enabled = False
+        self.frozen = False
+
+    def forward(self, weight: Tensor) -> Tensor:
+        """Fake-quantizes ``weight`` with a straight-through gradient.
+
+        Args:
+            weight: the float weight.
+
+        Returns:
+            The fake-quantized weight, or ``weight`` itself while not enabled.
+        """
+        if not self.enabled:
+            return weight
+        owner = self.owner
+        if self.frozen:
+            scale, zero_point = owner.weight_scale, owner.weight_zero_point
+        else:
+            scale, zero_point = compute_dynamic_qparams(weight, self.args)
+            with torch.no_grad():
+                owner.weight_scale.copy_(scale)
+                owner.weight_zero_point.copy_(zero_point)
+        return fake_quantize_ste(weight, scale, zero_point, self.args)
+
+
+def add_weight_fake_quantizer(module: nn.Module, args: QuantizationArgs) -> WeightFakeQuantizer:
+    """Parametrizes ``module.weight`` with a (disabled) :class:`WeightFakeQuantizer`.
+
+    ``module`` must already have ``weight_scale`` / ``weight_zero_point`` buffers. The weight
+    parameter object is kept (now ``parametrizations.weight.original``), so an optimizer built
+    before or after sees the same parameter.
+
+    Args:
+        module: the layer.
+        args: the weight's quantization arguments.
+
+    Returns:
+        The parametrization.
+    """
+    quantizer = WeightFakeQuantizer(module, args)
+    parametrize.register_parametrization(module, "weight", quantizer)
+    return quantizer
+
+
+def bake_weight(module: nn.Module, quantized: bool = True) -> None:
+    """Removes the weight's parametrization, leaving a plain parameter.
+
+    Args:
+        module: a layer parametrized by :func:`add_weight_fake_quantizer`.
+        quantized: keep the fake-quantized value (True) or the float weight (False). The
+            parameter object stays the same, so optimizers keep tracking it.
+    """
+    parametrize.remove_parametrizations(module, "weight", leave_parametrized=quantized)
+
+
+class TrainingInputObserver:
+    """Forward pre-hook that updates static input qparams from training batches.
+
+    In training mode and while not ``frozen``, folds the input into the observer's range and
+    writes the range to ``input_min_vals`` / ``input_max_vals`` and the qparams to
+    ``input_scale`` / ``input_zero_point``. The range is read back from the buffers on each
+    call (NaN means nothing observed yet), so a run resumed from a checkpoint continues
+    exactly where it stopped.
+
+    Args:
+        module: the layer, holding the buffers.
+        args: its static input-activation arguments (``minmax`` or ``moving_average``).
+    """
+
+    def __init__(self, module: nn.Module, args: QuantizationArgs) -> None:
+        self.observer = observer_for(args)
+        self.observed = not bool(torch.isnan(module.input_min_vals).any())
+        self.frozen = False
+
+    def __call__(self, module: nn.Module, inputs: tuple[Any, ...]) -> None:
+        """Observes ``inputs[0]``.
+
+        Args:
+            module: the hooked layer.
+            inputs: its positional inputs.
+        """
+        if self.frozen or not module.training:
+            return
+        x = inputs[0]
+        observer = self.observer
+        observer.reset()
+        if self.observed:
+            observer.min_vals = module.input_min_vals.to(x.dtype)
+            observer.max_vals = module.input_max_vals.to(x.dtype)
+        scale, zero_point = observer(x)
+        with torch.no_grad():
+            module.input_min_vals.copy_(observer.min_vals)
+            module.input_max_vals.copy_(observer.max_vals)
+            module.input_scale.copy_(scale)
+            module.input_zero_point.copy_(zero_point)
+        self.observed = True

@@ -1,0 +1,133 @@
+"""The quantized forward of a compressed layer: fake-quantized input activations.
+
+A quantized layer stores its weight already quantized (the quantize→dequantize round trip),
+so at run time only its input needs work. That is done by a forward pre-hook returning the
+quantized input; the layer's ``forward`` is never replaced. The hook is stateless: it reads the
+``quantization_scheme`` attribute and the ``input_scale`` / ``input_zero_point`` buffers of the
+module it runs on, so it survives ``deepcopy``, pickling, ``.to()`` and ``load_state_dict``,
+and it stays after the modifier that installed it is finalized.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from lightning_compress.modifiers.quantization.args import QuantizationScheme
+from lightning_compress.modifiers.quantization.ops import (
+    compute_dynamic_qparams,
+    fake_quantize,
+    fake_quantize_ste,
+)
+
+__all__ = [
+    "QPARAM_BUFFERS",
+    "InputQuantizer",
+    "attach_quantization",
+    "fake_quantize_input",
+    "remove_quantization",
+]
+
+QPARAM_BUFFERS = ("weight_scale", "weight_zero_point", "input_scale", "input_zero_point")
+"""Buffers holding a quantized layer's qparams, named as in compressed-tensors."""
+
+
+def fake_quantize_input(module: nn.Module, x: Tensor) -> Tensor:
+    """Fake-quantizes ``x``, the input of ``module``, as its ``quantization_scheme`` says.
+
+    Dynamic arguments compute qparams from ``x`` itself; static ones use the module's
+    ``input_scale`` / ``input_zero_point`` buffers. When ``x`` requires grad the gradient is
+    straight-through (see :func:`~lightning_compress.modifiers.quantization.ops.fake_quantize_ste`).
+
+    Args:
+        module: a module with a ``quantization_scheme`` that quantizes input activations.
+        x: its input.
+
+    Returns:
+        The fake-quantized input, of ``x``'s shape and dtype.
+    """
+    args = module.quantization_scheme.input_activations
+    if args.dynamic:
+        scale, zero_point = compute_dynamic_qparams(x, args)
+    else:
+        scale, zero_point = module.input_scale, module.input_zero_point
+    round_trip = fake_quantize_ste if x.requires_grad else fake_quantize
+    return round_trip(x, scale, zero_point, args)
+
+
+class InputQuantizer:
+    """Forward pre-hook that replaces a module's first input by its fake-quantized value."""
+
+    def __call__(self, module: nn.Module, inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+        """Quantizes ``inputs[0]``.
+
+        Args:
+            module: the hooked module.
+            inputs: its positional inputs.
+
+        Returns:
+            The inputs with the first one fake-quantized.
+        """
+        return (fake_quantize_input(module, inputs[0]), *inputs[1:])
+
+
+def attach_quantization(module: nn.Module, scheme: QuantizationScheme) -> None:
+    """Records ``scheme`` on ``module`` and, if it quantizes inputs, installs the input hook.
+
+    Calling it again with another scheme replaces the scheme; the hook is installed once.
+
+    Args:
+        module: the layer, whose weight is already quantized (or fake-quantized in training).
+        scheme: how the layer is quantized; stored as ``module.quantization_scheme``.
+
+    Raises:
+        ValueError: when ``scheme`` has static input activations and ``module`` has no
+            ``input_scale`` / ``input_zero_point`` buffers to use.
+    """
+    args = scheme.input_activations
+    if args is not None and not args.dynamic:
+        missing = [name for name in QPARAM_BUFFERS[2:] if name not in module._buffers]
+        if missing:
+            raise ValueError(
+                f"{type(module).__name__} has static input_activations but no {missing} "
+                "buffers; calibrate it first, or use dynamic input_activations"
+            )
+    module.quantization_scheme = scheme
+    if args is not None and not _input_quantizer_ids(module):
+        module.register_forward_pre_hook(InputQuantizer())
+
+
+def remove_quantization(model: nn.Module) -> list[str]:
+    """Undoes :func:`attach_quantization` on every module of ``model``.
+
+    Removes the input hooks, the ``quantization_scheme`` attributes and the qparam buffers
+    (:data:`QPARAM_BUFFERS`). Weights keep their values: a quantized weight stays quantized,
+    so the model runs weight-only quantized with full-precision activations.
+
+    Args:
+        model: the model (or a single layer).
+
+    Returns:
+        The names of the modules that were quantized (``""`` for ``model`` itself).
+    """
+    cleared = []
+    for name, module in model.named_modules():
+        hook_ids = _input_quantizer_ids(module)
+        if not hook_ids and not hasattr(module, "quantization_scheme"):
+            continue
+        for hook_id in hook_ids:
+            del module._forward_pre_hooks[hook_id]
+        for buffer in QPARAM_BUFFERS:
+            module._buffers.pop(buffer, None)
+        vars(module).pop("quantization_scheme", None)
+        cleared.append(name)
+    return cleared
+
+
+def _input_quantizer_ids(module: nn.Module) -> list[int]:
+    return [
+        hook_id
+        for hook_id, hook in module._forward_pre_hooks.items()
+        if isinstance(hook, InputQuantizer)
+    ]
