@@ -5,6 +5,7 @@ from lightning_compress.modifiers import Modifier, QuantizationModifier
 from lightning_compress.recipe import Recipe, RecipeError
 
 __all__ = [
+    "CalibrationModule",
     "Compressor",
     "CompressionSession",
     "Modifier",
@@ -14,13 +15,16 @@ __all__ = [
     "active_session",
     "compression_loss",
     "create_session",
+    "oneshot",
 ]
 __version__ = "0.1.0"
 
 # Names from the Lightning room load lazily, so the core never pulls in lightning.
 _LIGHTNING_NAMES = {
+    "CalibrationModule": "lightning_compress.lightning",
     "Compressor": "lightning_compress.lightning",
     "compression_loss": "lightning_compress.lightning",
+    "oneshot": "lightning_compress.lightning",
 }
 
 

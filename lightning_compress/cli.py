@@ -11,7 +11,7 @@ from loguru import logger
 __all__ = ["main"]
 
 # LightningCLI's subcommands, handled by ``lightning_compress.lightning.cli``.
-TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
+TRAINER_COMMANDS = ("fit", "validate", "test", "predict", "compress")
 
 
 def _quickstart(args: argparse.Namespace) -> None:
@@ -34,8 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     """
     parser = argparse.ArgumentParser(
         prog="lightning-compress",
-        description="Compress models. Also: lightning-compress {fit,validate,test,predict} "
-        "--config CONFIG.yaml (LightningCLI with the bundled model and text as defaults).",
+        description="Compress models. Also: lightning-compress compress --config CONFIG.yaml "
+        "(one-shot compression) and lightning-compress {fit,validate,test,predict} --config "
+        "CONFIG.yaml (training); both are LightningCLI with the bundled model as default.",
     )
     parser.add_argument("--verbose", action="store_true", help="show the library's log")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -60,10 +61,16 @@ def main(argv: list[str] | None = None) -> None:
     if argv and argv[0] in TRAINER_COMMANDS:
         from lightning_compress.lightning.cli import run_cli
 
+        _show_warnings_only()
         run_cli(argv)
         return
     args = build_parser().parse_args(argv)
     if not args.verbose:
-        logger.remove()
-        logger.add(lambda message: print(message, end=""), level="WARNING")
+        _show_warnings_only()
     args.run(args)
+
+
+def _show_warnings_only() -> None:
+    """Keep the library's log to warnings and errors (its metrics go to DEBUG)."""
+    logger.remove()
+    logger.add(lambda message: print(message, end=""), level="WARNING")

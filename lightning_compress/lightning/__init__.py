@@ -1,6 +1,8 @@
-"""The Lightning room: the Compressor callback and the logger bridge."""
+"""The Lightning room: Compressor callback, calibration module, oneshot, logger bridge, CLI."""
 
+from lightning_compress.lightning.calibration import CalibrationModule
 from lightning_compress.lightning.compressor import Compressor, compression_loss
 from lightning_compress.lightning.loggers import TrainerLogger
+from lightning_compress.lightning.oneshot import oneshot
 
-__all__ = ["Compressor", "TrainerLogger", "compression_loss"]
+__all__ = ["CalibrationModule", "Compressor", "TrainerLogger", "compression_loss", "oneshot"]

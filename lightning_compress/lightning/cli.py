@@ -1,30 +1,188 @@
-"""LightningCLI for compression: ``lightning-compress fit --config ...``."""
+"""LightningCLI for compression: ``lightning-compress {fit,validate,test,predict,compress}``."""
 
 from __future__ import annotations
 
-from lightning.pytorch.cli import LightningCLI
+import sys
+from typing import Any
 
-from lightning_compress.lightning.language_model import BundledTextDataModule, CausalLMModule
+import lightning.pytorch as pl
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from torch import nn
 
-__all__ = ["run_cli"]
+from lightning_compress.bundled import (
+    TinyDecoder,
+    bundled_text,
+    load_tokenizer,
+    perplexity,
+    token_windows,
+)
+from lightning_compress.lightning.language_model import CausalLMModule
+from lightning_compress.lightning.oneshot import oneshot
+
+__all__ = ["CompressionCLI", "CompressionTrainer", "language_model", "run_cli"]
+
+COMPRESS = "compress"
+# Calibration statistics must not become inference tensors; calibration shards its own data.
+COMPRESS_TRAINER_DEFAULTS = {
+    "inference_mode": False,
+    "use_distributed_sampler": False,
+    "logger": False,
+    "enable_checkpointing": False,
+    "enable_model_summary": False,
+}
+EVALUATION_WINDOWS = 16
+EVALUATION_SEQ_LEN = 256
+
+
+class CompressionTrainer(pl.Trainer):
+    """A Trainer with a ``compress`` method, the ``compress`` subcommand of the CLI."""
+
+    def compress(
+        self,
+        model: nn.Module,
+        datamodule: pl.LightningDataModule | None = None,
+        recipe: str | dict[str, Any] | None = None,
+        recipe_stage: str | list[str] | None = None,
+        recipe_args: dict[str, Any] | None = None,
+        num_calibration_samples: int | None = 64,
+        max_seq_length: int = 256,
+        batch_size: int = 1,
+        pipeline: str = "auto",
+        sequential_targets: list[str] | None = None,
+        device: str | None = None,
+        offload_dir: str | None = None,
+        output_dir: str | None = None,
+        propagate_compressed: bool = True,
+    ) -> nn.Module:
+        """Compress a model after training with a recipe (one-shot, calibrated).
+
+        Args:
+            model: the model, or a ``CausalLMModule`` whose language model is compressed.
+            datamodule: calibration data from its ``train_dataloader``; None: windows of
+                ``max_seq_length`` tokens of the bundled calibration text.
+            recipe: a recipe path, YAML text, or the recipe as a mapping.
+            recipe_stage: the stage or stages to run.
+            recipe_args: values for the recipe's ``${args.name}`` interpolations.
+            num_calibration_samples: calibration samples; None takes all the data.
+            max_seq_length: tokens per calibration sample.
+            batch_size: samples per calibration batch.
+            pipeline: ``auto``, ``sequential``, ``basic`` or ``data_free``.
+            sequential_targets: class names of the blocks for the sequential pipeline.
+            device: where blocks run; None: this Trainer's device.
+            offload_dir: spill the activation cache to this directory.
+            output_dir: save the compressed model here.
+            propagate_compressed: feed each block the compressed previous block's outputs.
+
+        Returns:
+            The compressed language model.
+
+        Raises:
+            ValueError: without a recipe.
+        """
+        if recipe is None:
+            raise ValueError("compress needs a recipe: set 'recipe' in the config")
+        if datamodule is not None:
+            datamodule.prepare_data()
+            datamodule.setup("fit")
+            data = datamodule.train_dataloader()
+        else:
+            data = token_windows(
+                bundled_text("calibration"),
+                load_tokenizer(),
+                max_seq_length,
+                num_calibration_samples,
+            )
+        return oneshot(
+            language_model(model),
+            recipe,
+            data,
+            num_calibration_samples=num_calibration_samples,
+            max_seq_length=max_seq_length,
+            output_dir=output_dir,
+            pipeline=pipeline,
+            sequential_targets=sequential_targets,
+            batch_size=batch_size,
+            device=device,
+            offload_dir=offload_dir,
+            recipe_stage=recipe_stage,
+            recipe_args=recipe_args,
+            propagate_compressed=propagate_compressed,
+            trainer=self,
+        )
+
+
+class CompressionCLI(LightningCLI):
+    """LightningCLI with a ``compress`` subcommand; prints the bundled model's perplexity."""
+
+    perplexity_before: float | None = None
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {**LightningCLI.subcommands(), COMPRESS: {"model", "datamodule"}}
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        class_path = f"{CausalLMModule.__module__}.{CausalLMModule.__qualname__}"
+        parser.set_defaults({"model": {"class_path": class_path}})
+
+    def before_compress(self) -> None:
+        self.perplexity_before = _bundled_perplexity(self.trainer, self.model)
+
+    def after_compress(self) -> None:
+        after = _bundled_perplexity(self.trainer, self.model)
+        if after is not None:
+            print(
+                f"Perplexity on {EVALUATION_WINDOWS} windows of the bundled evaluation text: "
+                f"{self.perplexity_before:.3f} before compression, {after:.3f} after"
+            )
+
+
+def language_model(model: nn.Module) -> nn.Module:
+    """The language model a CLI model holds: a ``CausalLMModule``'s ``model``, else itself.
+
+    Args:
+        model: the CLI's model.
+
+    Returns:
+        The module to compress.
+    """
+    return model.model if isinstance(model, CausalLMModule) else model
+
+
+def _bundled_perplexity(trainer: pl.Trainer, model: nn.Module) -> float | None:
+    model = language_model(model)
+    if not isinstance(model, TinyDecoder) or not trainer.is_global_zero:
+        return None
+    seq_len = min(EVALUATION_SEQ_LEN, model.config.max_seq_len)
+    windows = token_windows(
+        bundled_text("evaluation"), load_tokenizer(), seq_len, EVALUATION_WINDOWS
+    )
+    return perplexity(model, windows)
 
 
 def run_cli(args: list[str] | None = None) -> LightningCLI:
-    """Run the LightningCLI; model and data default to the bundled LM and text.
+    """Run the LightningCLI; the model defaults to the bundled LM.
 
-    Add ``lightning_compress.Compressor`` under ``trainer.callbacks`` in the YAML to compress.
+    ``fit``/``validate``/``test``/``predict`` train and evaluate (add
+    ``lightning_compress.Compressor`` under ``trainer.callbacks`` to compress while training);
+    ``compress`` compresses after training (``CompressionTrainer.compress``), calibrating on
+    the bundled text unless ``data`` is set.
 
     Args:
-        args: e.g. ``["fit", "--config", "configs/train/gradual_pruning.yaml"]``.
+        args: e.g. ``["compress", "--config", "configs/compress/w4a16_rtn_bundled.yaml"]``.
 
     Returns:
         The CLI object (its ``trainer`` and ``model`` hold the results).
     """
-    return LightningCLI(
+    argv = sys.argv[1:] if args is None else args
+    compress = bool(argv) and argv[0] == COMPRESS
+    return CompressionCLI(
         CausalLMModule,
-        BundledTextDataModule,
+        None,  # any LightningDataModule; optional, since compress defaults to the bundled text
         subclass_mode_model=True,
         subclass_mode_data=True,
+        trainer_class=CompressionTrainer,
+        trainer_defaults=COMPRESS_TRAINER_DEFAULTS if compress else None,
+        save_config_callback=None if compress else SaveConfigCallback,
         args=args,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,

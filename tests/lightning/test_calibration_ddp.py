@@ -12,15 +12,15 @@ from torch.utils.data import DataLoader
 
 from lightning_compress.bundled import TinyDecoder, TinyDecoderConfig
 from lightning_compress.core import Event, EventType, State
-from lightning_compress.lightning.calibration import CalibrationModule
-from lightning_compress.modifiers import Modifier, QuantizationModifier
-from lightning_compress.pipelines import (
+from lightning_compress.core.distributed import (
     all_reduce_max_,
     all_reduce_min_,
     all_reduce_sum_,
     broadcast_,
-    find_blocks,
 )
+from lightning_compress.lightning.calibration import CalibrationModule
+from lightning_compress.modifiers import Modifier, QuantizationModifier
+from lightning_compress.pipelines import find_blocks
 
 
 class InputStatistics(Modifier):
@@ -104,12 +104,7 @@ def test_two_ranks_compress_exactly_like_one_process(tmp_path):
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     single.mkdir()
     ddp.mkdir()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # like each DDP worker
-    try:
-        calibrate(single, devices=1)
-    finally:
-        torch.set_num_threads(threads)
+    calibrate(single, devices=1)  # on one thread, as each DDP worker (tests/conftest.py)
     calibrate(ddp, devices=2, strategy="ddp_spawn")
 
     expected = torch.load(single / "rank0.pt", weights_only=True)

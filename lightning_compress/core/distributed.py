@@ -1,0 +1,173 @@
+"""Reduction helpers that modifiers call so every rank compresses with the same statistics.
+
+Calibration under several processes (Lightning DDP, ``torchrun``) gives each rank a shard of
+the data. A modifier accumulates its statistics locally during the calibration forwards and,
+at ``SEQUENTIAL_EPOCH_END`` (or ``CALIBRATION_EPOCH_END``), reduces them across ranks *before*
+it compresses, so every rank computes the same compressed weights as one process that saw all
+the data. Outside ``torch.distributed`` every helper is a no-op, so modifiers call them
+unconditionally.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import Sampler
+
+__all__ = [
+    "ShardSampler",
+    "all_reduce_max_",
+    "all_reduce_min_",
+    "all_reduce_sum_",
+    "broadcast_",
+    "check_same_on_all_ranks",
+    "is_distributed",
+    "rank_and_world_size",
+]
+
+
+def is_distributed() -> bool:
+    """Whether a process group with more than one rank is running.
+
+    Returns:
+        True under ``torch.distributed`` with a world size above one.
+    """
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank_and_world_size() -> tuple[int, int]:
+    """This process's rank and the number of processes.
+
+    Returns:
+        ``(rank, world_size)``; ``(0, 1)`` outside ``torch.distributed``.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over all ranks, in place.
+
+    Args:
+        tensor: this rank's partial statistic (any device the backend can reach).
+
+    Returns:
+        ``tensor``, now holding the sum.
+    """
+    return _all_reduce_(tensor, dist.ReduceOp.SUM)
+
+
+def all_reduce_min_(tensor: torch.Tensor) -> torch.Tensor:
+    """Element-wise minimum of ``tensor`` over all ranks, in place.
+
+    Args:
+        tensor: this rank's statistic (e.g. an observer's running minimum).
+
+    Returns:
+        ``tensor``, now holding the minimum.
+    """
+    return _all_reduce_(tensor, dist.ReduceOp.MIN)
+
+
+def all_reduce_max_(tensor: torch.Tensor) -> torch.Tensor:
+    """Element-wise maximum of ``tensor`` over all ranks, in place.
+
+    Args:
+        tensor: this rank's statistic (e.g. an observer's running maximum).
+
+    Returns:
+        ``tensor``, now holding the maximum.
+    """
+    return _all_reduce_(tensor, dist.ReduceOp.MAX)
+
+
+def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Overwrite ``tensor`` on every rank with rank ``src``'s value, in place.
+
+    Use it when one rank decides (a random choice, a column order) and the others follow.
+
+    Args:
+        tensor: the tensor to send (on ``src``) or to fill (elsewhere).
+        src: the rank that sends.
+
+    Returns:
+        ``tensor``, now holding ``src``'s value.
+    """
+    if not is_distributed():
+        return tensor
+    with _on_backend_device(tensor) as buffer:
+        dist.broadcast(buffer, src=src)
+    return tensor
+
+
+def check_same_on_all_ranks(value: int, what: str) -> None:
+    """Fail on every rank when ranks disagree on ``value``, instead of hanging later.
+
+    Args:
+        value: an integer every rank must agree on (e.g. the number of blocks).
+        what: what ``value`` counts, for the error message.
+
+    Raises:
+        RuntimeError: if some rank has another value.
+    """
+    if not is_distributed():
+        return
+    low = all_reduce_min_(torch.tensor([value], dtype=torch.long))
+    high = all_reduce_max_(torch.tensor([value], dtype=torch.long))
+    if low.item() != high.item():
+        raise RuntimeError(
+            f"ranks disagree on {what}: between {low.item()} and {high.item()}; every rank "
+            f"must hold the same model so that they calibrate the same blocks in lockstep"
+        )
+
+
+class ShardSampler(Sampler[int]):
+    """Gives rank ``r`` the samples ``r, r + world_size, ...`` without repeating any.
+
+    Lightning's default ``DistributedSampler`` repeats samples so that every rank gets as many;
+    calibration statistics would then count those samples twice. Use this sampler with
+    ``Trainer(use_distributed_sampler=False)`` to make a multi-process run see exactly the
+    data a single process sees. The rank is read when iterating, so the sampler can be built
+    before the processes start.
+
+    Args:
+        num_samples: the length of the data set.
+    """
+
+    def __init__(self, num_samples: int) -> None:
+        self.num_samples = num_samples
+
+    def __iter__(self) -> Iterator[int]:
+        rank, world_size = rank_and_world_size()
+        return iter(range(rank, self.num_samples, world_size))
+
+    def __len__(self) -> int:
+        rank, world_size = rank_and_world_size()
+        return len(range(rank, self.num_samples, world_size))
+
+
+def _all_reduce_(tensor: torch.Tensor, op: dist.ReduceOp) -> torch.Tensor:
+    if not is_distributed():
+        return tensor
+    with _on_backend_device(tensor) as buffer:
+        dist.all_reduce(buffer, op=op)
+    return tensor
+
+
+@contextmanager
+def _on_backend_device(tensor: torch.Tensor) -> Iterator[torch.Tensor]:
+    """Yield ``tensor``, or a copy on the device the backend reduces on, written back after.
+
+    Gloo reduces CPU tensors and NCCL CUDA tensors.
+    """
+    device = torch.device("cpu")
+    if dist.get_backend() == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    buffer = tensor if tensor.device == device else tensor.to(device)
+    yield buffer
+    if buffer is not tensor:
+        tensor.copy_(buffer)

@@ -1,0 +1,236 @@
+"""``CalibrationModule``: one-shot compression run by ``Trainer.validate``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from typing_extensions import override
+
+from lightning_compress.core import CompressionSession, LoggerManager
+from lightning_compress.lightning.loggers import TrainerLogger
+from lightning_compress.pipelines import (
+    BlockReport,
+    CalibrationPipeline,
+    PipelineOptions,
+    check_pipeline_name,
+    create_pipeline,
+)
+from lightning_compress.recipe import Recipe, RecipeArgsInput, RecipeInput, RecipeStageInput
+
+__all__ = ["CalibrationModule"]
+
+
+class CalibrationModule(pl.LightningModule):
+    """Calibrates and compresses ``model`` when a Trainer validates this module.
+
+    ``Trainer(inference_mode=False).validate(CalibrationModule(model, recipe), dataloaders=...)``
+    maps Lightning's hooks onto the session's calibration events: ``on_validation_start``
+    initializes the session and emits CALIBRATION_EPOCH_START, each ``validation_step`` hands
+    a batch to the pipeline (the sequential pipeline only runs the embeddings and caches the
+    first block's inputs), ``on_validation_epoch_end`` walks the blocks (SEQUENTIAL_EPOCH_END
+    for each, a rank-zero progress bar, per-block seconds to the session's loggers) and
+    ``on_validation_end`` emits CALIBRATION_EPOCH_END and finalizes the session.
+
+    The model is deliberately not a registered submodule: Lightning does not move it, the
+    pipeline places it (one block at a time on ``device``, the rest where it is). Under DDP
+    every rank calibrates its shard of the data and the modifiers reduce their statistics
+    across ranks before compressing (``lightning_compress.core.distributed``), so all
+    ranks end with the same weights. Under a spawning strategy (``ddp_spawn``) the workers
+    compress their own copies (tensors the spawn put in shared memory are copied first);
+    the calling process's model is not changed.
+
+    If anything fails, every hook (the modifiers' and the pipeline's) and every buffer the
+    modifiers added is removed and the model's modes and placement are restored. Blocks
+    finished before the failure keep their compressed weights; the block whose compression
+    failed gets its weights and buffers back, so no block is left half compressed.
+
+    Args:
+        model: the model to compress.
+        recipe: the recipe (path, YAML text, dict, modifiers), or an initialized session.
+        session: a session to use (initialized here with ``recipe`` if it is not yet).
+        recipe_stage: the stage or stages to run.
+        recipe_args: values for the recipe's ``${args.name}`` interpolations.
+        pipeline: ``auto``, ``sequential``, ``basic`` or ``data_free``.
+        sequential_targets: class names of the blocks for the sequential pipeline.
+        device: where blocks run; None: the Trainer's root device.
+        offload_dir: spill the activation cache to this directory.
+        propagate_compressed: feed each block the compressed previous block's outputs (see
+            ``PipelineOptions``).
+
+    Raises:
+        TypeError: if ``model`` is not a module.
+        ValueError: for an unknown pipeline, or both ``recipe`` as a session and ``session``.
+        RecipeError: for an invalid recipe.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        recipe: RecipeInput | CompressionSession | None = None,
+        session: CompressionSession | None = None,
+        recipe_stage: RecipeStageInput | None = None,
+        recipe_args: RecipeArgsInput | None = None,
+        pipeline: str = "auto",
+        sequential_targets: list[str] | None = None,
+        device: torch.device | str | None = None,
+        offload_dir: str | Path | None = None,
+        propagate_compressed: bool = True,
+    ) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        check_pipeline_name(pipeline)
+        if isinstance(recipe, CompressionSession):
+            if session is not None:
+                raise ValueError("pass the session as recipe or as session, not both")
+            recipe, session = None, recipe
+        # Kept out of ``_modules`` so that Lightning never moves the whole model.
+        self.__dict__["_calibrated_model"] = model
+        self.session = session or CompressionSession()
+        # Parsed now, so that a bad recipe fails before any Trainer starts.
+        self.recipe = (
+            Recipe.create_instance(recipe, target_stage=recipe_stage, recipe_args=recipe_args)
+            if recipe is not None
+            else None
+        )
+        self.pipeline_name = pipeline
+        self.options = PipelineOptions(
+            device=device,
+            sequential_targets=sequential_targets,
+            offload_dir=offload_dir,
+            propagate_compressed=propagate_compressed,
+        )
+        self.block_reports: list[BlockReport] = []
+        self._pipeline: CalibrationPipeline | None = None
+
+    @property
+    def model(self) -> nn.Module:
+        """The model being compressed."""
+        return self.__dict__["_calibrated_model"]
+
+    def calibrate(self, batches: Iterable[Any] = ()) -> nn.Module:
+        """Run the whole calibration in this process, without a Trainer.
+
+        Args:
+            batches: the calibration batches; none for data-free recipes.
+
+        Returns:
+            The compressed model.
+        """
+        batches = list(batches)
+        with self._aborting_on_error():
+            pipeline = self._prepare(bool(batches), self.options.device, progress=True)
+            pipeline(batches)
+            self.session.finalize()
+        return self.model
+
+    # ------------------------------------------------------------ Lightning
+    @override
+    def on_validation_start(self) -> None:
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                "CalibrationModule needs Trainer(inference_mode=False): under "
+                "torch.inference_mode the calibration statistics become inference tensors "
+                "that cannot update the model's weights"
+            )
+        trainer = self.trainer
+        if trainer.world_size > 1:
+            _unshare(self.model)
+        with self._aborting_on_error():
+            self._pipeline = self._prepare(
+                has_data=True,
+                device=self.options.device or trainer.strategy.root_device,
+                progress=trainer.is_global_zero and trainer.progress_bar_callback is not None,
+                trainer=trainer,
+            )
+            self._pipeline.start()
+
+    @override
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        with self._aborting_on_error():
+            self._pipeline.add_batch(batch)
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        with self._aborting_on_error():
+            self._pipeline.run()
+
+    @override
+    def on_validation_end(self) -> None:
+        with self._aborting_on_error():
+            self._pipeline.end()
+            self._pipeline = None
+            self.session.finalize()
+
+    # --------------------------------------------------------------- steps
+    def _prepare(
+        self,
+        has_data: bool,
+        device: torch.device | str | None,
+        progress: bool,
+        trainer: pl.Trainer | None = None,
+    ) -> CalibrationPipeline:
+        """Initialize the session (unless it is) and build the pipeline."""
+        if not self.session.lifecycle.initialized_:
+            loggers = LoggerManager([TrainerLogger(trainer)]) if trainer is not None else None
+            self.session.initialize(
+                recipe=self.recipe, model=self.model, loggers=loggers, copy_data=False
+            )
+        _record_hardware(self.session, trainer, device)
+        self.options.device = device
+        self.options.progress = progress
+        self.options.on_block_end = self._on_block_end
+        self.block_reports = []
+        return create_pipeline(self.pipeline_name, self.model, self.session, self.options, has_data)
+
+    def _on_block_end(self, report: BlockReport) -> None:
+        self.block_reports.append(report)
+        loggers = self.session.state.loggers
+        if loggers is not None:
+            loggers.log_scalar(f"calibration/seconds/{report.name}", report.seconds, report.index)
+
+    @contextmanager
+    def _aborting_on_error(self) -> Iterator[None]:
+        try:
+            yield
+        except BaseException:
+            if self._pipeline is not None:
+                self._pipeline.abort()
+                self._pipeline = None
+            else:
+                self.session.lifecycle.abort()
+            raise
+
+
+def _unshare(model: nn.Module) -> None:
+    """Give this process its own copy of tensors in shared memory.
+
+    ``ddp_spawn`` on CPU hands every worker the parent's tensors in shared memory; ranks
+    compressing in place would then write into one another's model.
+    """
+    with torch.no_grad():
+        for module in model.modules():
+            for tensors in (module._parameters, module._buffers):
+                for tensor in tensors.values():
+                    if tensor is not None and tensor.is_shared():
+                        tensor.data = tensor.data.clone()
+
+
+def _record_hardware(
+    session: CompressionSession, trainer: pl.Trainer | None, device: torch.device | str | None
+) -> None:
+    hardware = session.state.hardware
+    hardware.device = str(device) if device is not None else None
+    if trainer is None:
+        return
+    hardware.rank = trainer.global_rank
+    hardware.local_rank = trainer.local_rank
+    hardware.world_size = trainer.world_size
+    hardware.distributed = trainer.world_size > 1
+    hardware.distributed_strategy = type(trainer.strategy).__name__

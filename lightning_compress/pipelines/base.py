@@ -1,0 +1,169 @@
+"""The calibration pipeline interface: one calibration epoch of a session over a model."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from lightning_compress.core import CompressionSession, EventType
+
+__all__ = ["BlockReport", "CalibrationPipeline", "PipelineOptions", "placed_on"]
+
+
+@dataclass(frozen=True)
+class BlockReport:
+    """What calibrating one block took.
+
+    Args:
+        index: the block's position.
+        name: the block's module name.
+        seconds: wall time, compression included.
+        forwards: block forwards per calibration batch (1, or 2 when statistics were
+            gathered and compression changed the block).
+    """
+
+    index: int
+    name: str
+    seconds: float
+    forwards: int
+
+
+@dataclass
+class PipelineOptions:
+    """Settings shared by the pipelines; each uses the ones that concern it.
+
+    Args:
+        device: where blocks (sequential) or the model (basic) run; None: where they are.
+        sequential_targets: class names of the blocks; None finds the repeated blocks.
+        offload_dir: spill the activation cache to this directory; None keeps it in memory.
+        propagate_compressed: feed each block the outputs of the compressed previous block
+            (exact; a second forward for blocks whose statistics were gathered and whose
+            forward compression changed). False always reuses the calibration forward's
+            outputs: one forward per block, later blocks calibrated without upstream error.
+        progress: show a progress bar over the blocks.
+        on_block_end: called after each block with its ``BlockReport``.
+    """
+
+    device: torch.device | str | None = None
+    sequential_targets: list[str] | None = None
+    offload_dir: str | Path | None = None
+    propagate_compressed: bool = True
+    progress: bool = False
+    on_block_end: Callable[[BlockReport], None] | None = None
+
+
+class CalibrationPipeline:
+    """Drives CALIBRATION_EPOCH_START → data → (SEQUENTIAL_EPOCH_END per block) → END.
+
+    The steps are separate methods so that a LightningModule can call them from its hooks
+    (``start`` → ``add_batch`` per batch → ``run`` → ``end``); ``__call__`` runs them all.
+    The model is put in eval mode for the epoch and given back in its former mode. On any
+    error call ``abort``: the modifiers are aborted (their hooks and added buffers removed),
+    the pipeline's own state is dropped and the model's mode and placement restored.
+
+    Args:
+        model: the session's model.
+        session: the initialized session whose modifiers react to the events.
+        options: the pipeline settings.
+    """
+
+    name: ClassVar[str]
+
+    def __init__(
+        self, model: nn.Module, session: CompressionSession, options: PipelineOptions
+    ) -> None:
+        self.model = model
+        self.session = session
+        self.options = options
+        self._modes: dict[nn.Module, bool] = {}
+
+    def __call__(self, batches: Iterable[Any]) -> None:
+        """Run the whole epoch over ``batches``, aborting on error.
+
+        Args:
+            batches: the calibration batches (see ``call_model``).
+        """
+        try:
+            self.start()
+            for batch in batches:
+                self.add_batch(batch)
+            self.run()
+            self.end()
+        except BaseException:
+            self.abort()
+            raise
+
+    def start(self) -> None:
+        """Put the model in eval mode and emit CALIBRATION_EPOCH_START."""
+        self._modes = {module: module.training for module in self.model.modules()}
+        self.model.eval()
+        self.session.event(EventType.CALIBRATION_EPOCH_START)
+
+    def add_batch(self, batch: Any) -> None:
+        """Take one calibration batch.
+
+        Args:
+            batch: the batch.
+        """
+        raise NotImplementedError
+
+    def run(self) -> None:
+        """Work that needs all the batches (the sequential pipeline's block loop)."""
+
+    def end(self) -> None:
+        """Emit CALIBRATION_EPOCH_END and give the model back."""
+        self.session.event(EventType.CALIBRATION_EPOCH_END)
+        self.close()
+
+    def abort(self) -> None:
+        """Clean up after an error: modifiers aborted, pipeline state dropped, model given back."""
+        self.session.lifecycle.abort()
+        self.close()
+
+    def close(self) -> None:
+        """Drop the pipeline's state and restore the model's train/eval modes."""
+        for module, training in self._modes.items():
+            module.training = training
+        self._modes = {}
+
+
+@contextmanager
+def placed_on(module: nn.Module, device: torch.device | str | None) -> Iterator[torch.device]:
+    """Move ``module`` to ``device`` inside the context and back to where it was after.
+
+    Args:
+        module: the module.
+        device: the target; None leaves the module where it is.
+
+    Yields:
+        The device the module runs on inside the context.
+    """
+    home = _device_of(module)
+    target = _normalized(device) if device is not None else home
+    if target != home:
+        module.to(target)
+    try:
+        yield target
+    finally:
+        if target != home:
+            module.to(home)
+
+
+def _normalized(device: torch.device | str) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    tensor = next(module.parameters(), None)
+    if tensor is None:
+        tensor = next(module.buffers(), None)
+    return tensor.device if tensor is not None else torch.device("cpu")

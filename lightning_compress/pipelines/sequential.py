@@ -1,0 +1,119 @@
+"""The sequential pipeline: calibrate and compress one block at a time, without torch.fx."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lightning_compress.core import CompressionSession, EventType
+from lightning_compress.core.distributed import check_same_on_all_ranks
+from lightning_compress.pipelines.base import (
+    BlockReport,
+    CalibrationPipeline,
+    PipelineOptions,
+    placed_on,
+)
+from lightning_compress.pipelines.blocks import find_blocks, hidden_states_of
+from lightning_compress.pipelines.cache import ActivationCache
+from lightning_compress.pipelines.capture import capture_block_inputs
+from lightning_compress.pipelines.snapshot import BlockSnapshot
+
+__all__ = ["SequentialPipeline"]
+
+
+class SequentialPipeline(CalibrationPipeline):
+    """Calibrates the repeated blocks (decoder layers) one after another.
+
+    Each batch runs the model only up to the first block, whose inputs (hidden states and
+    every positional and keyword argument: masks, positions, rotary embeddings) go to the
+    activation cache. Then, block by block: the block moves to ``options.device``, runs the
+    cached batches, SEQUENTIAL_EPOCH_END lets the modifiers compress it, its outputs become
+    the next block's inputs, and it moves back. The final norm and the LM head never run.
+
+    One forward per batch and block, except where exactness needs two: a block that no hook
+    observes is compressed first and then run once, so its outputs are the compressed
+    block's; an observed block runs once with the hooks, and runs a second time (calibration
+    hooks suspended) only when compression changed its forward, unless
+    ``propagate_compressed`` is False.
+
+    An error inside a block's SEQUENTIAL_EPOCH_END restores that block's weights and buffers,
+    so blocks are compressed entirely or not at all. Every rank walks the same blocks.
+
+    Args:
+        model: the session's model.
+        session: the initialized session.
+        options: the pipeline settings.
+
+    Raises:
+        ValueError: if the model has no repeated blocks.
+    """
+
+    name = "sequential"
+
+    def __init__(
+        self, model: nn.Module, session: CompressionSession, options: PipelineOptions
+    ) -> None:
+        super().__init__(model, session, options)
+        self.blocks = find_blocks(model, options.sequential_targets)
+        if not self.blocks:
+            raise ValueError(
+                f"{type(model).__name__} has no repeated blocks (no nn.ModuleList of two or "
+                f"more modules of one class); pass sequential_targets or use pipeline='basic'"
+            )
+        self.cache = ActivationCache(options.offload_dir)
+
+    def start(self) -> None:
+        check_same_on_all_ranks(len(self.blocks), "the number of blocks")
+        super().start()
+
+    def add_batch(self, batch: Any) -> None:
+        with torch.no_grad():
+            self.cache.append(capture_block_inputs(self.model, self.blocks[0][1], batch))
+
+    def run(self) -> None:
+        blocks = tqdm(self.blocks, desc="Calibrating blocks", disable=not self.options.progress)
+        for index, (name, block) in enumerate(blocks):
+            begin = time.perf_counter()
+            forwards = self._calibrate(block)
+            if self.options.on_block_end is not None:
+                report = BlockReport(index, name, time.perf_counter() - begin, forwards)
+                self.options.on_block_end(report)
+
+    def close(self) -> None:
+        self.cache.close()
+        super().close()
+
+    def _calibrate(self, block: nn.Module) -> int:
+        snapshot = BlockSnapshot(block)
+        observed = snapshot.observed
+        with placed_on(block, self.options.device) as device, torch.no_grad():
+            if observed:
+                self._forward(block, device)
+            self._compress(block, snapshot)
+            reuse = not self.options.propagate_compressed or not snapshot.changed(block)
+            if observed and reuse:
+                self.cache.commit_outputs()
+                return 1
+            self.cache.discard_outputs()
+            with snapshot.hooks_suspended(block):
+                self._forward(block, device)
+            self.cache.commit_outputs()
+            return 2 if observed else 1
+
+    def _compress(self, block: nn.Module, snapshot: BlockSnapshot) -> None:
+        try:
+            self.session.event(EventType.SEQUENTIAL_EPOCH_END, subgraph=block)
+        except BaseException:
+            self.session.lifecycle.abort()
+            snapshot.restore(block)
+            raise
+
+    def _forward(self, block: nn.Module, device: torch.device) -> None:
+        for index in range(len(self.cache)):
+            inputs = self.cache.inputs(index).to(device)
+            output = block(*inputs.args, **inputs.kwargs)
+            self.cache.stage_output(index, hidden_states_of(output))

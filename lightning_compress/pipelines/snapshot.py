@@ -1,0 +1,114 @@
+"""What a block was before its compression event: to restore it, compare it, replay it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+__all__ = ["BlockSnapshot"]
+
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks")
+
+
+class BlockSnapshot:
+    """A CPU copy of a block's tensors and the list of its hooks and submodule classes.
+
+    Taken before ``SEQUENTIAL_EPOCH_END``, it lets the pipeline put the block back when a
+    modifier fails half way, tell whether compression changed the block's forward (so the
+    calibration outputs can be reused), and replay the compressed block without the hooks
+    that observed its calibration.
+
+    Args:
+        block: the block.
+    """
+
+    def __init__(self, block: nn.Module) -> None:
+        self.tensors = {name: t.detach().to("cpu", copy=True) for name, t in _tensors(block)}
+        self.structure = _structure(block)
+        self.hooks = _hook_keys(block)
+
+    @property
+    def observed(self) -> bool:
+        """Whether any hook (an observer of the calibration forward) is on the block."""
+        return bool(self.hooks)
+
+    def changed(self, block: nn.Module) -> bool:
+        """Whether the block's forward may differ from the snapshot's.
+
+        It does when a tensor's value, shape or name differs, a submodule was replaced by
+        another class, or a hook was added. Removed hooks do not count: hooks present during
+        calibration observe it and must not change the block's outputs.
+
+        Args:
+            block: the block.
+
+        Returns:
+            True if the block may compute something else than before.
+        """
+        current = dict(_tensors(block))
+        if current.keys() != self.tensors.keys() or _structure(block) != self.structure:
+            return True
+        if not _hook_keys(block) <= self.hooks:
+            return True
+        return not all(
+            tensor.shape == self.tensors[name].shape
+            and torch.equal(tensor.detach().cpu(), self.tensors[name])
+            for name, tensor in current.items()
+        )
+
+    def restore(self, block: nn.Module) -> None:
+        """Put the snapshot's values back into the block's tensors of the same names.
+
+        Args:
+            block: the block.
+        """
+        with torch.no_grad():
+            for name, tensor in _tensors(block):
+                saved = self.tensors.get(name)
+                if saved is not None:
+                    tensor.set_(saved.to(tensor.device))
+
+    @contextmanager
+    def hooks_suspended(self, block: nn.Module) -> Iterator[None]:
+        """Inside the context the recorded (calibration) hooks do not run; others do.
+
+        Args:
+            block: the block.
+
+        Yields:
+            Nothing.
+        """
+        saved = []
+        for module_name, module in block.named_modules():
+            for attribute in _HOOK_DICTS:
+                hooks = getattr(module, attribute)
+                saved.append((hooks, dict(hooks)))
+                for key in list(hooks):
+                    if (module_name, attribute, key) in self.hooks:
+                        del hooks[key]
+        try:
+            yield
+        finally:
+            for hooks, items in saved:
+                hooks.clear()
+                hooks.update(items)
+
+
+def _tensors(block: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return [*block.named_parameters(), *block.named_buffers()]
+
+
+def _structure(block: nn.Module) -> list[tuple[str, type]]:
+    return [(name, type(module)) for name, module in block.named_modules()]
+
+
+def _hook_keys(block: nn.Module) -> set[tuple[str, str, int]]:
+    return {
+        (name, attribute, key)
+        for name, module in block.named_modules()
+        for attribute in _HOOK_DICTS
+        for key in getattr(module, attribute)
+    }
