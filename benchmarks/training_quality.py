@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import sys
 import time
 from collections.abc import Callable
 
 import torch
 from lightning.pytorch import Trainer
+from loguru import logger
 from torch import nn
 
 from lightning_compress import Compressor
@@ -115,6 +117,8 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=16, help="evaluation windows of 256")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    logger.remove()
+    logger.add(sys.stderr, level="WARNING")
     windows = token_windows(bundled_text("evaluation"), load_tokenizer(), 256, args.windows)
     base = load_bundled_model()
     print(f"| run ({args.steps} steps of 8x256 tokens where trained) | perplexity | seconds |")
