@@ -11,6 +11,7 @@ from lightning.pytorch import Callback, Trainer
 from lightning_models import Regressor, regression_loader
 
 from lightning_compress import Compressor
+from lightning_compress.modifiers import QuantizationModifier
 from lightning_compress.modifiers.pruning import MagnitudePruningModifier
 
 FSDP2_SCRIPT = Path(__file__).with_name("fsdp2_run.py")
@@ -19,10 +20,13 @@ FSDP2_SCRIPT = Path(__file__).with_name("fsdp2_run.py")
 class RankAgreement(Callback):
     """After every batch, every compression buffer and weight is identical on all ranks."""
 
+    def __init__(self, buffer: str) -> None:
+        self.buffer = buffer
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         named = dict(pl_module.named_buffers())
         named.update({k: v.detach() for k, v in pl_module.named_parameters()})
-        assert any(name.endswith("weight_mask") for name in named)
+        assert any(name.endswith(self.buffer) for name in named)
         for name, tensor in named.items():
             gathered = trainer.strategy.all_gather(tensor.float())
             assert torch.equal(gathered[0], gathered[1]), f"{name} differs between ranks"
@@ -56,7 +60,7 @@ def test_ddp_ranks_agree_and_follow_the_schedule(tmp_path):
         devices=2,
         strategy="ddp_spawn",
         max_steps=5,
-        callbacks=[Compressor(modifier), RankAgreement(), SparsityRecorder(record)],
+        callbacks=[Compressor(modifier), RankAgreement("weight_mask"), SparsityRecorder(record)],
         logger=False,
         enable_progress_bar=False,
         enable_checkpointing=False,
@@ -70,6 +74,29 @@ def test_ddp_ranks_agree_and_follow_the_schedule(tmp_path):
     assert steps.keys() == expected.keys()
     for step, target in expected.items():
         assert abs(steps[step] - target) <= 1 / 512, (step, steps[step], target)
+
+
+def test_ddp_qat_keeps_quantization_parameters_identical_on_all_ranks():
+    static_int8_inputs = {
+        "g": {
+            "targets": ["Linear"],
+            "weights": {"num_bits": 4, "strategy": "group", "group_size": 16},
+            "input_activations": {"num_bits": 8, "symmetric": False, "observer": "moving_average"},
+        }
+    }
+    modifier = QuantizationModifier(config_groups=static_int8_inputs, start=0)
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        max_steps=4,
+        callbacks=[Compressor(modifier), RankAgreement("input_scale")],
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(Regressor(), regression_loader(64))
 
 
 def test_fsdp2_prunes_sharded_parameters_with_sharded_masks(tmp_path):

@@ -23,6 +23,19 @@ prune_stage:
       end: 8
       update: 2
 """,
+    "qat_static_int8_inputs": """
+qat_stage:
+  quant_modifiers:
+    QuantizationModifier:
+      start: 2
+      end: 10
+      freeze_observers: 8
+      config_groups:
+        g:
+          targets: [Linear]
+          weights: {num_bits: 4, strategy: group, group_size: 16}
+          input_activations: {num_bits: 8, symmetric: false, observer: moving_average}
+""",
 }
 
 

@@ -58,14 +58,26 @@ class Observer(ABC):
         Raises:
             ValueError: when ``x`` gives a different qparams shape than earlier tensors.
         """
-        new_min, new_max = self._batch_range(x.detach())
+        self.update_range(*self.batch_range(x.detach()))
+
+    @torch.no_grad()
+    def update_range(self, new_min: Tensor, new_max: Tensor) -> None:
+        """Folds already-reduced ranges (e.g. combined across ranks) into the state.
+
+        Args:
+            new_min: per-group minima, as ``batch_range`` returns them.
+            new_max: per-group maxima.
+
+        Raises:
+            ValueError: when the ranges have a different qparams shape than earlier ones.
+        """
         if self.min_vals is None or self.max_vals is None:
             self.min_vals, self.max_vals = new_min, new_max
             return
         if new_min.shape != self.min_vals.shape:
             raise ValueError(
-                f"{type(self).__name__}: input of shape {tuple(x.shape)} gives qparams of "
-                f"shape {tuple(new_min.shape)}, but earlier inputs gave "
+                f"{type(self).__name__}: a tensor gives qparams of shape "
+                f"{tuple(new_min.shape)}, but earlier tensors gave "
                 f"{tuple(self.min_vals.shape)}; call reset() between different tensors"
             )
         self.min_vals, self.max_vals = self._merge(new_min, new_max)
@@ -85,7 +97,7 @@ class Observer(ABC):
         self.min_vals = None
         self.max_vals = None
 
-    def _batch_range(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def batch_range(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Returns the per-group ``(min, max)`` to record for one tensor."""
         return reduce_min_max(x, self.args)
 
@@ -144,7 +156,7 @@ class MSEObserver(MinMaxObserver):
         self.min_shrink = min_shrink
         self.norm = norm
 
-    def _batch_range(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def batch_range(self, x: Tensor) -> tuple[Tensor, Tensor]:
         min_vals, max_vals = reduce_min_max(x, self.args)
         best_min, best_max = min_vals, max_vals
         best_error = torch.full(min_vals.shape, torch.inf, device=x.device)

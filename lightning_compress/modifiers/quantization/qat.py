@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from lightning_compress.core.distributed import all_reduce_max_, all_reduce_min_
 from lightning_compress.modifiers.quantization.args import QuantizationArgs, QuantizationScheme
 from lightning_compress.modifiers.quantization.observers import observer_for
 from lightning_compress.modifiers.quantization.ops import (
@@ -167,7 +168,7 @@ class TrainingInputObserver:
         self.frozen = False
 
     def __call__(self, module: nn.Module, inputs: tuple[Any, ...]) -> None:
-        """Observes ``inputs[0]``.
+        """Observes ``inputs[0]`` (reduced across ranks when distributed).
 
         Args:
             module: the hooked layer.
@@ -181,7 +182,11 @@ class TrainingInputObserver:
         if self.observed:
             observer.min_vals = module.input_min_vals.to(x.dtype)
             observer.max_vals = module.input_max_vals.to(x.dtype)
-        scale, zero_point = observer(x)
+        # Under DDP every rank folds in the range of the global batch, so the statistics
+        # and the qparams stay identical on all ranks.
+        batch_min, batch_max = observer.batch_range(x.detach())
+        observer.update_range(all_reduce_min_(batch_min), all_reduce_max_(batch_max))
+        scale, zero_point = observer.get_qparams()
         with torch.no_grad():
             module.input_min_vals.copy_(observer.min_vals)
             module.input_max_vals.copy_(observer.max_vals)
