@@ -3,11 +3,12 @@
 from lightning_compress.modifiers.base import ONE_SHOT, Modifier
 from lightning_compress.modifiers.distillation import OutputDistillationModifier
 from lightning_compress.modifiers.pruning import ConstantPruningModifier, MagnitudePruningModifier
-from lightning_compress.modifiers.quantization import QuantizationModifier
+from lightning_compress.modifiers.quantization import GPTQModifier, QuantizationModifier
 
 __all__ = [
     "ONE_SHOT",
     "ConstantPruningModifier",
+    "GPTQModifier",
     "MagnitudePruningModifier",
     "Modifier",
     "OutputDistillationModifier",

@@ -1,5 +1,6 @@
 """Quantization: arguments and presets, the shared quantize/dequantize math, observers,
-one-shot and quantization-aware ``QuantizationModifier``, and the quantized forward."""
+one-shot and quantization-aware ``QuantizationModifier``, ``GPTQModifier``, and the quantized
+forward."""
 
 from lightning_compress.modifiers.quantization.args import (
     PRESET_SCHEMES,
@@ -7,6 +8,7 @@ from lightning_compress.modifiers.quantization.args import (
     QuantizationScheme,
     preset_scheme,
 )
+from lightning_compress.modifiers.quantization.gptq_modifier import GPTQModifier
 from lightning_compress.modifiers.quantization.modifier import QuantizationModifier
 from lightning_compress.modifiers.quantization.runtime import (
     attach_quantization,
@@ -15,6 +17,7 @@ from lightning_compress.modifiers.quantization.runtime import (
 
 __all__ = [
     "PRESET_SCHEMES",
+    "GPTQModifier",
     "QuantizationArgs",
     "QuantizationModifier",
     "QuantizationScheme",

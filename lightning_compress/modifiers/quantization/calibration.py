@@ -8,12 +8,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_compress.core.distributed import all_reduce_max_, all_reduce_min_
 from lightning_compress.modifiers.quantization.args import QuantizationArgs, QuantizationScheme
 from lightning_compress.modifiers.quantization.observers import observer_for
 from lightning_compress.modifiers.quantization.ops import fake_quantize, qparams_for_weight
 from lightning_compress.recipe.errors import RecipeError
 
-__all__ = ["CalibrationObserver", "QuantizedLayer", "quantize_layer"]
+__all__ = ["CalibrationObserver", "QuantizedLayer", "quantize_layer", "quantized_layer"]
 
 
 class CalibrationObserver:
@@ -47,6 +48,26 @@ class CalibrationObserver:
                 "model's dtype, or add the layer to ignore)"
             )
 
+    def reduce_across_ranks(self) -> None:
+        """Replaces the observed range by its extremes over all ranks (unchanged on one process).
+
+        Every rank must call it for the same layers in the same order. With the ``minmax``
+        and ``mse`` observers the result is the range one process seeing all the data gets;
+        a ``moving_average`` depends on the order of the batches, so it only approximates it.
+        A rank that saw nothing takes the others' range (in float32).
+        """
+        observer = self.observer
+        seen = observer.min_vals is not None
+        dtype = observer.min_vals.dtype if seen else torch.float32
+        # float64 holds every floating dtype exactly, and is what a rank without data sends.
+        nothing = torch.full((1,), torch.inf, dtype=torch.double)
+        low = observer.min_vals.double() if seen else nothing
+        high = observer.max_vals.double() if seen else -nothing
+        all_reduce_min_(low)
+        all_reduce_max_(high)
+        if bool(torch.isfinite(low).all()):
+            observer.min_vals, observer.max_vals = low.to(dtype), high.to(dtype)
+
     def qparams(self) -> tuple[Tensor, Tensor]:
         """Returns the calibrated ``(input_scale, input_zero_point)``.
 
@@ -55,7 +76,7 @@ class CalibrationObserver:
         """
         if self.observer.min_vals is None:
             raise RecipeError(
-                f"QuantizationModifier: layer '{self.name}' quantizes input_activations "
+                f"layer '{self.name}' quantizes input_activations "
                 "statically (dynamic=False), which needs calibration data, but it saw none; "
                 "expected calibration batches run through the model between "
                 "CALIBRATION_EPOCH_START and the layer's SEQUENTIAL_EPOCH_END or "
@@ -75,6 +96,39 @@ class QuantizedLayer:
 
     weight: Tensor
     buffers: dict[str, Tensor]
+
+
+def quantized_layer(
+    weight: Tensor,
+    scale: Tensor,
+    zero_point: Tensor,
+    observer: CalibrationObserver | None,
+    g_idx: Tensor | None = None,
+) -> QuantizedLayer:
+    """Gathers a quantized weight and its qparams, adding the calibrated input qparams.
+
+    Args:
+        weight: the quantized (quantize→dequantize) weight.
+        scale: its ``weight_scale``.
+        zero_point: its ``weight_zero_point``.
+        observer: the calibration observer of static input activations, else None.
+        g_idx: the group of each input column, when it is not ``column // group_size``.
+
+    Returns:
+        The layer with the buffers ``weight_scale``, ``weight_zero_point``, and
+        ``weight_g_idx``, ``input_scale``, ``input_zero_point`` where they apply.
+
+    Raises:
+        RecipeError: when static input activations saw no calibration data.
+    """
+    buffers = {"weight_scale": scale, "weight_zero_point": zero_point}
+    if g_idx is not None:
+        buffers["weight_g_idx"] = g_idx
+    if observer is not None:
+        input_scale, input_zero_point = observer.qparams()
+        buffers["input_scale"] = input_scale.to(weight.dtype)
+        buffers["input_zero_point"] = input_zero_point
+    return QuantizedLayer(weight, buffers)
 
 
 @torch.no_grad()
@@ -97,9 +151,5 @@ def quantize_layer(
     """
     weight = module.weight.detach()
     scale, zero_point = qparams_for_weight(weight, scheme.weights)
-    buffers = {"weight_scale": scale, "weight_zero_point": zero_point}
-    if observer is not None:
-        input_scale, input_zero_point = observer.qparams()
-        buffers["input_scale"] = input_scale.to(weight.dtype)
-        buffers["input_zero_point"] = input_zero_point
-    return QuantizedLayer(fake_quantize(weight, scale, zero_point, scheme.weights), buffers)
+    quantized = fake_quantize(weight, scale, zero_point, scheme.weights)
+    return quantized_layer(quantized, scale, zero_point, observer)

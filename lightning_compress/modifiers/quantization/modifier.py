@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -19,6 +20,7 @@ from lightning_compress.modifiers.quantization.args import (
 )
 from lightning_compress.modifiers.quantization.calibration import (
     CalibrationObserver,
+    QuantizedLayer,
     quantize_layer,
 )
 from lightning_compress.modifiers.quantization.qat import (
@@ -50,7 +52,9 @@ class QuantizationModifier(Modifier):
     layers inside ``block``, so the next block is calibrated on quantized outputs;
     CALIBRATION_EPOCH_END quantizes the rest (all of them after a whole-model pass). Without
     calibration both happen at finalize, which works for weight-only and dynamic schemes.
-    A group of layers is computed in full before any of them changes.
+    A group of layers is computed in full before any of them changes. Under several
+    processes the static input ranges are reduced across ranks (min/max) first, so every rank
+    gets the qparams one process seeing all the data would.
 
     **Quantization-aware training** (``start >= 0``). ``initialize`` adds every buffer and the
     weight parametrization the run needs (so a checkpoint loads strictly into a freshly
@@ -169,7 +173,8 @@ class QuantizationModifier(Modifier):
     def on_initialize(self, state: State, **kwargs: Any) -> None:
         self._plan = self._plan_layers(state.model)
         self._pending: Plan = dict(self._plan)
-        self._observers: dict[str, tuple[CalibrationObserver, RemovableHandle]] = {}
+        self._observers: dict[str, CalibrationObserver] = {}
+        self._layer_hooks: dict[str, list[RemovableHandle]] = {}
         self._quantizers: list[WeightFakeQuantizer] = []
         self._trackers: list[TrainingInputObserver] = []
         self._attached: list[nn.Module] = []
@@ -254,28 +259,41 @@ class QuantizationModifier(Modifier):
                         f"{type(module).__name__}; expected Linear layers"
                     )
                 plan[name] = (module, scheme)
-        _check_group_sizes(plan)
+        _check_group_sizes(type(self).__name__, plan)
         return plan
 
     # ----------------------------------------------------------------- one-shot
     def _start_calibration(self) -> None:
-        for name, (module, scheme) in self._plan.items():
+        for name, (_, scheme) in self._plan.items():
             if _has_static_inputs(scheme):
                 observer = CalibrationObserver(name, scheme.input_activations)
-                handle = self.register_hook(module, observer, "forward_pre")
-                self._observers[name] = (observer, handle)
+                self._observers[name] = observer
+                self.register_layer_hook(name, observer, "forward_pre")
+
+    def register_layer_hook(self, name: str, hook: Callable[..., Any], kind: str) -> None:
+        """Registers a calibration hook on the planned layer ``name``, removed once the layer
+        is quantized.
+
+        Args:
+            name: the layer's name.
+            hook: the hook.
+            kind: see :meth:`Modifier.register_hook`.
+        """
+        handle = self.register_hook(self._plan[name][0], hook, kind)
+        self._layer_hooks.setdefault(name, []).append(handle)
 
     def _quantize_pending(self, state: State, names: list[str]) -> None:
         """Quantizes the pending layers ``names``: all are computed before any changes."""
-        observers = {name: observer for name, (observer, _) in self._observers.items()}
-        results = {
-            name: quantize_layer(*self._pending[name], observers.get(name)) for name in names
-        }
+        for name in names:  # every rank reduces the same observers in the same order
+            if name in self._observers:
+                self._observers[name].reduce_across_ranks()
+        results = self._quantize_layers(state, names)
         errors = {}
         for name, result in results.items():
             module, scheme = self._pending.pop(name)
-            if name in self._observers:
-                self._observers.pop(name)[1].remove()
+            self._observers.pop(name, None)
+            for handle in self._layer_hooks.pop(name, []):
+                handle.remove()
             errors[name] = _relative_error(module.weight, result.weight)
             with torch.no_grad():
                 module.weight.copy_(result.weight)
@@ -283,6 +301,20 @@ class QuantizationModifier(Modifier):
                 self.add_buffer(module, buffer, value)
             self._attach(module, scheme)
         self._log_errors(state, errors)
+
+    def _quantize_layers(self, state: State, names: list[str]) -> dict[str, QuantizedLayer]:
+        """Computes the pending layers ``names`` quantized, without changing them.
+
+        Args:
+            state: the session's state.
+            names: the layers, in plan order.
+
+        Returns:
+            Each layer's quantized weight and buffers (round to nearest here).
+        """
+        return {
+            name: quantize_layer(*self._pending[name], self._observers.get(name)) for name in names
+        }
 
     # ---------------------------------------------------------------------- QAT
     def _prepare_training(self) -> None:
@@ -337,7 +369,7 @@ def _has_static_inputs(scheme: QuantizationScheme) -> bool:
     return scheme.input_activations is not None and not scheme.input_activations.dynamic
 
 
-def _check_group_sizes(plan: Plan) -> None:
+def _check_group_sizes(owner: str, plan: Plan) -> None:
     bad = {
         f"{name} (in_features={module.in_features})": scheme.weights.group_size
         for name, (module, scheme) in plan.items()
@@ -346,7 +378,7 @@ def _check_group_sizes(plan: Plan) -> None:
     if bad:
         sizes = sorted(set(bad.values()))
         raise RecipeError(
-            f"QuantizationModifier: group_size {sizes} does not divide the input features of "
+            f"{owner}: group_size {sizes} does not divide the input features of "
             f"{list(bad)}; expected a group_size that divides them, or add these layers to ignore"
         )
 

@@ -29,7 +29,8 @@ __all__ = [
     "remove_quantization",
 ]
 
-QPARAM_BUFFERS = ("weight_scale", "weight_zero_point", "input_scale", "input_zero_point")
+INPUT_QPARAM_BUFFERS = ("input_scale", "input_zero_point")
+QPARAM_BUFFERS = ("weight_scale", "weight_zero_point", "weight_g_idx", *INPUT_QPARAM_BUFFERS)
 """Buffers holding a quantized layer's qparams, named as in compressed-tensors."""
 
 
@@ -87,7 +88,7 @@ def attach_quantization(module: nn.Module, scheme: QuantizationScheme) -> None:
     """
     args = scheme.input_activations
     if args is not None and not args.dynamic:
-        missing = [name for name in QPARAM_BUFFERS[2:] if name not in module._buffers]
+        missing = [name for name in INPUT_QPARAM_BUFFERS if name not in module._buffers]
         if missing:
             raise ValueError(
                 f"{type(module).__name__} has static input_activations but no {missing} "

@@ -1,0 +1,315 @@
+"""Collecting the input Hessians of linear layers during calibration, for GPTQ and SparseGPT.
+
+Layers that read the same input (``q_proj``/``k_proj``/``v_proj``, ``gate_proj``/``up_proj``)
+share one :class:`~lightning_compress.modifiers.hessian.HessianAccumulator`, so each distinct
+input is folded in once per forward. Sharing is found, not configured: consecutive layer calls
+whose input is the same tensor (the same object, or a view of the same memory with the same
+shape, strides and dtype, unchanged in between) form one *read*. When a read ends (a layer
+reads another input), the layers that took part in it are grouped on their first read, and on
+every later read each group is checked to have read it in full; a group that did not is split
+in two (each part keeps a copy of the common history), so every layer's Hessian is always
+exactly the one of the inputs it saw.
+
+Padding is skipped when the attention mask is visible: forward pre-hooks on the layers'
+ancestors whose ``forward`` takes an ``attention_mask`` record it (a ``[batch, seq]`` mask, or
+the diagonal of a ``[batch, heads, seq, seq]`` one: a real token may attend to itself), and it
+is applied to the layer inputs whose leading dimensions are ``[batch, seq]``.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from loguru import logger
+from torch import Tensor, nn
+
+from lightning_compress.core.distributed import (
+    all_reduce_max_,
+    all_reduce_min_,
+    all_reduce_sum_,
+    is_distributed,
+)
+from lightning_compress.modifiers.hessian import HessianAccumulator
+
+__all__ = ["HessianCollector", "mask_sources", "token_mask"]
+
+HESSIAN_DTYPE = torch.float64
+"""Accumulation dtype: sums over differently sharded data then agree to far below float32
+rounding, so a multi-process run quantizes exactly like one process."""
+
+
+@dataclass
+class _Group:
+    """Layers whose inputs have been the same in every forward so far, and their Hessian."""
+
+    accumulator: HessianAccumulator
+    names: set[str]
+
+
+@dataclass
+class _Read:
+    """One input tensor and the layers that read it, one after another."""
+
+    tensor: Tensor
+    version: int
+    mask: Tensor | None
+    readers: list[str] = field(default_factory=list)
+
+    def accepts(self, name: str, x: Tensor) -> bool:
+        """Whether ``name`` reading ``x`` continues this read."""
+        if name in self.readers or not _same_input(self.tensor, x):
+            return False
+        return _version(x) == self.version
+
+
+class HessianCollector:
+    """Accumulates the input Hessians of named linear layers, shared between layers that read
+    the same input (see the module docstring).
+
+    Feed it with :meth:`layer_hook` (a forward pre-hook per layer) and :meth:`mask_hook`
+    (forward pre-hooks with kwargs on :func:`mask_sources`); read the Hessians, reduced
+    across ranks, with :meth:`reduced`.
+
+    Args:
+        offload: keep the Hessians on the CPU (each batch's product is still computed on the
+            input's device).
+    """
+
+    def __init__(self, offload: bool = False) -> None:
+        self.offload = offload
+        self.num_reads = 0
+        self._groups: dict[str, _Group] = {}
+        self._read: _Read | None = None
+        self._mask: Tensor | None = None
+
+    def layer_hook(self, name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+        """The forward pre-hook that feeds layer ``name``'s input to its Hessian.
+
+        Args:
+            name: the layer's name.
+
+        Returns:
+            The hook.
+        """
+
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            self.observe(name, args[0])
+
+        return hook
+
+    def mask_hook(self, module: nn.Module) -> Callable[[nn.Module, tuple, dict], None]:
+        """The forward pre-hook (``with_kwargs=True``) recording ``module``'s attention mask.
+
+        Args:
+            module: a module whose ``forward`` takes ``attention_mask``.
+
+        Returns:
+            The hook.
+        """
+        signature = inspect.signature(module.forward)
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            try:
+                mask = signature.bind_partial(*args, **kwargs).arguments.get("attention_mask")
+            except TypeError:
+                mask = None
+            self._mask = token_mask(mask)
+
+        return hook
+
+    def observe(self, name: str, x: Tensor) -> None:
+        """Records that layer ``name`` read ``x``.
+
+        Args:
+            name: the layer's name.
+            x: its input ``[..., in_features]``.
+        """
+        if self._read is not None and self._read.accepts(name, x):
+            self._read.readers.append(name)
+            return
+        self.commit()
+        mask = self._mask if self._mask is not None and self._mask.shape == x.shape[:-1] else None
+        self._read = _Read(x.detach(), _version(x), mask, [name])
+
+    def commit(self) -> None:
+        """Folds the current read into the Hessians of its readers.
+
+        Raises:
+            RuntimeError: when the input was modified in place after a layer read it.
+        """
+        read, self._read = self._read, None
+        if read is None:
+            return
+        if _version(read.tensor) != read.version:
+            raise RuntimeError(
+                f"the input of {read.readers} was modified in place after the layer read it; "
+                "the Hessian needs the input as the layer saw it"
+            )
+        self.num_reads += 1
+        for accumulator in self._accumulators_of(read):
+            accumulator.add(read.tensor, read.mask)
+
+    def reduced(self, layers: dict[str, nn.Linear]) -> dict[str, HessianAccumulator]:
+        """Every layer's Hessian, summed over all ranks.
+
+        Every rank must call this with the same layers in the same order. Layers that read
+        nothing get an empty accumulator (``num_samples == 0``).
+
+        Args:
+            layers: the layers, by name.
+
+        Returns:
+            The reduced accumulators, by name (layers sharing an input share one).
+        """
+        self.commit()
+        for group in _distinct_groups(self._groups.get(name) for name in layers):
+            self._split(group, set(layers))  # a reduced Hessian is used by these layers only
+        accumulators = {
+            name: self._groups[name].accumulator if name in self._groups else self._empty(layer)
+            for name, layer in layers.items()
+        }
+        if not _sharing_agrees(list(accumulators.values())):
+            accumulators = {name: copy.deepcopy(acc) for name, acc in accumulators.items()}
+        for accumulator in _distinct(accumulators.values()):
+            weighted, count = accumulator.state()
+            accumulator.load_state(all_reduce_sum_(weighted), all_reduce_sum_(count))
+        return accumulators
+
+    def discard(self, names: Iterable[str]) -> None:
+        """Frees the Hessians of ``names`` (shared ones once no layer uses them).
+
+        Args:
+            names: the layers.
+        """
+        for name in names:
+            group = self._groups.pop(name, None)
+            if group is not None:
+                group.names.discard(name)
+
+    def clear(self) -> None:
+        """Frees every Hessian and the current read."""
+        self._groups.clear()
+        self._read = None
+        self._mask = None
+
+    def _accumulators_of(self, read: _Read) -> list[HessianAccumulator]:
+        """The accumulators ``read`` goes into: one per group of readers, created or split so
+        that each is used by readers only."""
+        readers = set(read.readers)
+        accumulators = []
+        for group in _distinct_groups(self._groups.get(name) for name in read.readers):
+            if group.names - readers:
+                logger.debug(
+                    "{} and {} no longer read the same input; their Hessians continue apart",
+                    sorted(group.names & readers),
+                    sorted(group.names - readers),
+                )
+            accumulators.append(self._split(group, readers).accumulator)
+        new = readers - self._groups.keys()
+        if new:
+            in_features = read.tensor.shape[-1]
+            device = "cpu" if self.offload else read.tensor.device
+            group = _Group(HessianAccumulator(in_features, HESSIAN_DTYPE, device), new)
+            self._groups.update(dict.fromkeys(new, group))
+            accumulators.append(group.accumulator)
+        return accumulators
+
+    def _split(self, group: _Group, keep: set[str]) -> _Group:
+        """``group`` cut down to ``keep``; the rest continues on a copy of its Hessian."""
+        outside = group.names - keep
+        if outside:
+            rest = _Group(copy.deepcopy(group.accumulator), outside)
+            self._groups.update(dict.fromkeys(outside, rest))
+            group.names -= outside
+        return group
+
+    def _empty(self, layer: nn.Linear) -> HessianAccumulator:
+        device = "cpu" if self.offload else layer.weight.device
+        return HessianAccumulator(layer.in_features, HESSIAN_DTYPE, device)
+
+
+def mask_sources(model: nn.Module, names: Iterable[str]) -> list[nn.Module]:
+    """The ancestors of the layers ``names`` whose ``forward`` takes an ``attention_mask``.
+
+    Args:
+        model: the model.
+        names: module names of layers inside it.
+
+    Returns:
+        The modules, outermost first, each once.
+    """
+    prefixes = {""}
+    for name in names:
+        parts = name.split(".")
+        prefixes.update(".".join(parts[:end]) for end in range(1, len(parts)))
+    modules = {id(m): m for m in map(model.get_submodule, sorted(prefixes, key=len))}
+    return [module for module in modules.values() if _takes_mask(module)]
+
+
+def token_mask(mask: Any) -> Tensor | None:
+    """The ``[batch, seq]`` boolean mask of real tokens an attention mask describes.
+
+    Args:
+        mask: ``[batch, seq]`` (non-zero: a real token), or ``[batch, heads, seq, seq]``
+            boolean (True: may attend) or additive (0: may attend); anything else is ignored.
+
+    Returns:
+        True for real tokens, or None when ``mask`` says nothing usable.
+    """
+    if not isinstance(mask, Tensor):
+        return None
+    if mask.dim() == 2:
+        return mask != 0
+    if mask.dim() == 4 and mask.shape[-1] == mask.shape[-2]:
+        diagonal = mask[:, 0].diagonal(dim1=-2, dim2=-1)
+        return diagonal if mask.dtype == torch.bool else diagonal == 0
+    return None
+
+
+def _takes_mask(module: nn.Module) -> bool:
+    try:
+        return "attention_mask" in inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _same_input(a: Tensor, b: Tensor) -> bool:
+    """Whether ``b`` is ``a`` or a view of the same memory with the same layout (``a`` is
+    kept alive by the caller, so its memory cannot have been reused)."""
+    return a is b or (
+        a.data_ptr() == b.data_ptr()
+        and a.shape == b.shape
+        and a.stride() == b.stride()
+        and a.dtype == b.dtype
+        and a.device == b.device
+    )
+
+
+def _version(x: Tensor) -> int:
+    """In-place modification counter (inference tensors have none and cannot change)."""
+    return 0 if x.is_inference() else x._version
+
+
+def _distinct(accumulators: Iterable[HessianAccumulator]) -> list[HessianAccumulator]:
+    return list({id(acc): acc for acc in accumulators}.values())
+
+
+def _distinct_groups(groups: Iterable[_Group | None]) -> list[_Group]:
+    return list({id(group): group for group in groups if group is not None}.values())
+
+
+def _sharing_agrees(accumulators: list[HessianAccumulator]) -> bool:
+    """Whether every rank shares the accumulators between the same layers (then one reduction
+    per shared accumulator gives every layer's sum)."""
+    if not accumulators or not is_distributed():
+        return True
+    first = {}
+    owners = [first.setdefault(id(acc), index) for index, acc in enumerate(accumulators)]
+    low = all_reduce_min_(torch.tensor(owners, dtype=torch.long))
+    high = all_reduce_max_(torch.tensor(owners, dtype=torch.long))
+    return bool(torch.equal(low, high))

@@ -1,0 +1,227 @@
+"""``GPTQModifier``: one-shot weight quantization with GPTQ, calibrated block by block."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from lightning_compress.core.distributed import all_reduce_sum_
+from lightning_compress.core.events import Event
+from lightning_compress.core.state import State
+from lightning_compress.modifiers.base import ONE_SHOT
+from lightning_compress.modifiers.hessian import HessianAccumulator, SingularHessianError
+from lightning_compress.modifiers.hessian_collector import HessianCollector, mask_sources
+from lightning_compress.modifiers.quantization.args import QuantizationScheme
+from lightning_compress.modifiers.quantization.calibration import QuantizedLayer, quantized_layer
+from lightning_compress.modifiers.quantization.gptq import (
+    GPTQResult,
+    gptq_quantize,
+    normalize_actorder,
+)
+from lightning_compress.modifiers.quantization.modifier import QuantizationModifier
+from lightning_compress.recipe.errors import RecipeError
+
+__all__ = ["GPTQModifier"]
+
+
+class GPTQModifier(QuantizationModifier):
+    """Quantizes the weights of targeted ``nn.Linear`` layers with GPTQ (one-shot only).
+
+    Schemes are given as for :class:`QuantizationModifier` (a ``scheme`` preset or
+    ``config_groups``); weights take static ``tensor``, ``channel`` or ``group`` qparams, and
+    input activations are quantized as there (static ranges are calibrated on the same data
+    and reduced across ranks).
+
+    At CALIBRATION_EPOCH_START each targeted layer gets a forward pre-hook that accumulates
+    the Hessian of its inputs through a
+    :class:`~lightning_compress.modifiers.hessian_collector.HessianCollector`: layers reading
+    the same input (``q/k/v_proj``, ``gate/up_proj``) share one Hessian, updated once per
+    forward, and padded tokens are skipped when the attention mask reaches the layers'
+    blocks. At each SEQUENTIAL_EPOCH_END(subgraph=block) the targeted layers inside the block
+    are quantized: their Hessians are summed over ranks, :func:`gptq_quantize` runs for every
+    one of them, and only then are the layers changed and the Hessians freed. An error leaves
+    the block's layers as they were. CALIBRATION_EPOCH_END quantizes the rest (every layer,
+    with the basic pipeline). GPTQ needs calibration data: without it (data-free pipeline,
+    ``finalize`` without calibration) it raises a ``RecipeError``.
+
+    Afterwards each layer holds what :class:`QuantizationModifier` leaves (quantized weight,
+    ``weight_scale``, ``weight_zero_point``, input qparams, ``quantization_scheme`` and the
+    input quantizer), plus ``weight_g_idx`` for ``actorder`` ``"group"``/``"dynamic"``.
+    Per-layer GPTQ losses go to ``layer_losses`` and the loggers (``GPTQ/loss``,
+    ``GPTQ/seconds``); relative weight errors to ``layer_errors``.
+
+    Hessians accumulate in float64 (twice the memory of float32), so a run on several ranks
+    quantizes exactly like one process; GPTQ itself runs in float32 (float64 for float64
+    weights).
+
+    Args:
+        scheme: a preset name, or ``{preset: [targets]}`` (see ``QuantizationModifier``).
+        config_groups: compressed-tensors config groups (see ``QuantizationModifier``).
+        targets: layers the ``scheme`` preset applies to.
+        ignore: layers never quantized (e.g. ``lm_head``).
+        start: -1: GPTQ is one-shot.
+        block_size: columns per lazy batch update of the GPTQ sweep.
+        dampening_frac: dampening added to the Hessian's diagonal, as a fraction of its mean
+            (raised 10x up to three times when the Hessian is not invertible).
+        actorder: column order, as in compressed-tensors: ``"static"`` / ``"weight"`` visit
+            columns by decreasing Hessian diagonal and keep the groups; ``"group"`` /
+            ``"dynamic"`` also form the groups in that order (stored as ``weight_g_idx``; needs
+            ``strategy: group``); ``"none"`` / None keep the natural order.
+        offload_hessians: keep the Hessians on the CPU while blocks run on an accelerator.
+    """
+
+    block_size: int = 128
+    dampening_frac: float = 0.01
+    actorder: Literal["static", "weight", "group", "dynamic", "none"] | None = "static"
+    offload_hessians: bool = False
+
+    # ----------------------------------------------------------------- settings
+    def validate(self) -> None:
+        if self.start != ONE_SHOT:
+            self.fail("start", "-1 (GPTQ is one-shot; QuantizationModifier does QAT)")
+        if self.block_size <= 0:
+            self.fail("block_size", "an int > 0")
+        if not 0 <= self.dampening_frac < 1:
+            self.fail("dampening_frac", "a float in [0, 1)")
+        super().validate()
+
+    def _check_scheme(self, where: str, scheme: QuantizationScheme) -> None:
+        super()._check_scheme(where, scheme)
+        weights = scheme.weights
+        if weights.dynamic:
+            raise RecipeError(
+                f"{type(self).__name__}.{where}.weights.dynamic: expected False (GPTQ computes "
+                "static weight qparams), got True"
+            )
+        if self._reorders_groups and weights.strategy != "group":
+            self.fail(
+                "actorder",
+                f"'static', 'weight', 'none' or None for {where}, whose weights.strategy is "
+                f"{weights.strategy!r} ('group' and 'dynamic' need strategy 'group')",
+            )
+
+    @property
+    def _reorders_groups(self) -> bool:
+        """Whether groups follow the activation order (then ``weight_g_idx`` is stored)."""
+        return normalize_actorder(self.actorder) == "group"
+
+    # ---------------------------------------------------------------- lifecycle
+    def on_initialize(self, state: State, **kwargs: Any) -> None:
+        super().on_initialize(state, **kwargs)
+        self._hessians = HessianCollector(offload=self.offload_hessians)
+        self.layer_losses: dict[str, float] = {}
+
+    def on_start(self, state: State, event: Event | None, **kwargs: Any) -> None:
+        if event is None:
+            raise _needs_data(type(self).__name__, "finalize ran without calibration")
+        super().on_start(state, event, **kwargs)
+        for name in self._plan:
+            self.register_layer_hook(name, self._hessians.layer_hook(name), "forward_pre")
+        for module in mask_sources(state.model, self._plan):
+            hook = self._hessians.mask_hook(module)
+            self.register_hook(module, hook, "forward_pre", with_kwargs=True)
+
+    def on_end(self, state: State, event: Event | None, **kwargs: Any) -> None:
+        try:
+            super().on_end(state, event, **kwargs)
+        finally:
+            self._hessians.clear()
+
+    def abort(self, state: State) -> None:
+        """Stop without finishing: free the Hessians, then as ``QuantizationModifier.abort``.
+
+        Args:
+            state: the session's state.
+        """
+        self._hessians.clear()
+        super().abort(state)
+
+    # ------------------------------------------------------------- quantizing
+    def _quantize_layers(self, state: State, names: list[str]) -> dict[str, QuantizedLayer]:
+        """Runs GPTQ on the pending layers ``names`` without changing them.
+
+        Args:
+            state: the session's state.
+            names: the layers, in plan order (the same on every rank).
+
+        Returns:
+            Each layer's quantized weight and buffers.
+
+        Raises:
+            RecipeError: when no calibration data reached the layers at all.
+            ValueError: when a layer saw no tokens, or its Hessian is not finite or cannot
+                be inverted (``SingularHessianError``); the message names the layer.
+        """
+        hessians = self._hessians.reduced({name: self._pending[name][0] for name in names})
+        self._check_calibrated(hessians)
+        results, losses, seconds = {}, {}, {}
+        for name in names:
+            begin = time.perf_counter()
+            result = self._gptq(name, hessians[name].hessian())
+            seconds[name] = time.perf_counter() - begin
+            losses[name] = result.loss
+            g_idx = result.g_idx if self._reorders_groups else None
+            observer = self._observers.get(name)
+            results[name] = quantized_layer(
+                result.weight_q, result.scale, result.zero_point, observer, g_idx
+            )
+        self._hessians.discard(names)
+        self._log_losses(state, losses, seconds)
+        return results
+
+    def _gptq(self, name: str, hessian: Tensor) -> GPTQResult:
+        """GPTQ for the pending layer ``name``; errors name the layer."""
+        module, scheme = self._pending[name]
+        weight = module.weight.detach()
+        if not bool(torch.isfinite(hessian).all()):
+            raise ValueError(
+                f"{type(self).__name__}: the Hessian of layer '{name}' holds NaN or Inf: its "
+                "calibration inputs are not finite (check the data and the model's dtype, e.g. "
+                "float16 overflow), or add the layer to ignore"
+            )
+        dtype = torch.promote_types(weight.dtype, torch.float32)
+        hessian = hessian.to(device=weight.device, dtype=dtype)
+        try:
+            return gptq_quantize(
+                weight, hessian, scheme.weights, self.block_size, self.dampening_frac, self.actorder
+            )
+        except SingularHessianError as err:
+            raise SingularHessianError(
+                f"{type(self).__name__}: the Hessian of layer '{name}' cannot be inverted: "
+                f"{err}. Set {type(self).__name__}.dampening_frac higher (it is "
+                f"{self.dampening_frac}), or add the layer to ignore"
+            ) from err
+
+    def _check_calibrated(self, hessians: dict[str, HessianAccumulator]) -> None:
+        """Refuses layers that saw no tokens on any rank."""
+        empty = [name for name, hessian in hessians.items() if hessian.num_samples == 0]
+        if not empty:
+            return
+        reads = all_reduce_sum_(torch.tensor([self._hessians.num_reads]))
+        if int(reads.item()) == 0:
+            raise _needs_data(type(self).__name__, "no calibration batch reached its layers")
+        raise ValueError(
+            f"{type(self).__name__}: layer(s) {empty} received no calibration tokens; expected "
+            "every targeted layer to run on calibration data (the sequential pipeline runs only "
+            "the repeated blocks, so layers outside them such as lm_head see none): add them "
+            "to ignore, use pipeline='basic', or check that the attention mask keeps tokens"
+        )
+
+    def _log_losses(
+        self, state: State, losses: dict[str, float], seconds: dict[str, float]
+    ) -> None:
+        self.layer_losses.update(losses)
+        if state.loggers is not None and losses:
+            state.loggers.log_scalars("GPTQ/loss", losses)
+            state.loggers.log_scalars("GPTQ/seconds", seconds)
+
+
+def _needs_data(owner: str, what: str) -> RecipeError:
+    return RecipeError(
+        f"{owner} needs calibration data, but {what}; run it with calibration data, e.g. "
+        "oneshot(model, recipe, dataset=...) or Trainer(inference_mode=False).validate("
+        "CalibrationModule(model, recipe), dataloaders=...), not with the data_free pipeline"
+    )
