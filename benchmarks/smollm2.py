@@ -1,0 +1,289 @@
+"""One-shot quantization of SmolLM2-135M-Instruct: ours beside llm-compressor, on the CPU.
+
+Follows the benchmark protocol of ``shared/ASSETS.md``: calibration on the first 32 windows of
+512 tokens of the Austen calibration text, perplexity over the first 16 windows of 512 tokens
+of the evaluation text (see ``smollm2_model.py``). Runs:
+
+- ``fp``: the float32 model, uncompressed;
+- ``rtn_w4a16_g64``: round-to-nearest, symmetric int4 weights in groups of 64;
+- ``gptq_w4a16_g64``: the same scheme with GPTQ (actorder static, block 128, dampening 0.01);
+- ``rtn_w8a8``: the W8A8 preset (int8 per-channel weights, dynamic per-token int8 inputs).
+
+Every run quantizes all ``Linear`` layers except ``lm_head``, and runs in a fresh process so
+peak memory (``ru_maxrss``) does not carry over. ``--reference`` runs the same protocol with
+llm-compressor's ``oneshot`` in another Python environment (``smollm2_reference.py``).
+
+    python benchmarks/smollm2.py prepare [--split exact]   # once: model, tokenizer, windows
+    python benchmarks/smollm2.py [--runs fp gptq_w4a16_g64] [--threads 2] [--pipeline auto]
+    python benchmarks/smollm2.py --reference --reference-python /tmp/llmc-venv/bin/python
+    python benchmarks/smollm2.py --sides ours reference --reference-python ...
+
+Prints a Markdown table: compression wall time (the ``oneshot`` call), the process's peak
+RSS after loading and after compression, and perplexity (``exp`` of the mean next-token NLL,
+computed by the same code on both sides). Worker logs go to ``<cache>/logs``; ``--json``
+also keeps each run's per-window NLLs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from smollm2_model import (
+    DEFAULT_CACHE_DIR,
+    DEFAULT_DATA_DIR,
+    SEQ_LEN,
+    SPLITS,
+    is_prepared,
+    load_model,
+    load_windows,
+    prepare,
+    token_nll,
+    window_nll,
+)
+from torch import nn
+
+HERE = Path(__file__).resolve().parent
+
+RUNS = ("fp", "rtn_w4a16_g64", "gptq_w4a16_g64", "rtn_w8a8")
+SIDES = ("ours", "reference")
+RESULT_PREFIX = "RESULT "
+W4_G64 = {
+    "group_0": {
+        "targets": ["Linear"],
+        "weights": {
+            "num_bits": 4,
+            "type": "int",
+            "symmetric": True,
+            "strategy": "group",
+            "group_size": 64,
+        },
+    }
+}
+
+
+def recipe(run: str) -> list[Any]:
+    """Our modifiers for ``run`` (empty for ``fp``)."""
+    from lightning_compress.modifiers import GPTQModifier, QuantizationModifier
+
+    ignore = ["lm_head"]
+    if run == "fp":
+        return []
+    if run == "rtn_w4a16_g64":
+        return [QuantizationModifier(config_groups=W4_G64, ignore=ignore)]
+    if run == "gptq_w4a16_g64":
+        return [
+            GPTQModifier(
+                config_groups=W4_G64,
+                ignore=ignore,
+                actorder="static",
+                block_size=128,
+                dampening_frac=0.01,
+            )
+        ]
+    if run == "rtn_w8a8":
+        return [QuantizationModifier(scheme="W8A8", targets=["Linear"], ignore=ignore)]
+    raise ValueError(f"unknown run {run!r}; expected one of {RUNS}")
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set size so far, in MiB (``ru_maxrss`` is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def worker(run: str, args: argparse.Namespace) -> dict[str, Any]:
+    """One run in this process: load, compress with ``oneshot``, evaluate."""
+    from loguru import logger
+
+    from lightning_compress import oneshot
+
+    torch.set_num_threads(args.threads)
+    logger.remove()
+    logger.add(sys.stderr, level="WARNING")
+    modifiers = recipe(run)
+    model = load_model(args.cache_dir)
+    windows = load_windows(args.cache_dir)
+    _check_fingerprint(model, windows)
+    calibration = windows["calibration"][: args.calibration_windows]
+    evaluation = windows["evaluation"][: args.eval_windows]
+    _check_counts(calibration, evaluation, args)
+    rss_loaded = peak_rss_mib()
+    seconds = None
+    if modifiers:
+        begin = time.perf_counter()
+        oneshot(
+            model,
+            modifiers,
+            dataset=calibration,
+            num_calibration_samples=len(calibration),
+            max_seq_length=SEQ_LEN,
+            pipeline=args.pipeline,
+            device="cpu",
+            trainer_kwargs={"enable_progress_bar": False},
+        )
+        seconds = time.perf_counter() - begin
+    rss_compressed = peak_rss_mib()
+    begin = time.perf_counter()
+    nll = window_nll(model, evaluation)
+    return {
+        "run": run,
+        "side": "ours",
+        "compress_s": seconds,
+        "rss_loaded_mib": rss_loaded,
+        "rss_compressed_mib": rss_compressed,
+        "rss_final_mib": peak_rss_mib(),
+        "perplexity": nll.mean().exp().item(),
+        "mean_window_perplexity": nll.exp().mean().item(),
+        "window_nll": nll.tolist(),
+        "eval_s": time.perf_counter() - begin,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def _check_fingerprint(model: nn.Module, windows: dict[str, Any]) -> None:
+    """Refuse a model that does not reproduce the FP log-likelihoods saved by ``prepare``."""
+    nll = token_nll(model, windows["fingerprint_ids"])[0]
+    error = (nll - windows["fingerprint_nll"]).abs().max().item()
+    if error > 1e-3:
+        raise RuntimeError(
+            f"the loaded model differs from the one prepared (max NLL difference {error:.2e}); "
+            "rerun `python benchmarks/smollm2.py prepare`"
+        )
+
+
+def _check_counts(calibration: Any, evaluation: Any, args: argparse.Namespace) -> None:
+    if len(calibration) < args.calibration_windows or len(evaluation) < args.eval_windows:
+        raise ValueError(
+            f"asked for {args.calibration_windows} calibration / {args.eval_windows} evaluation "
+            f"windows, the cache holds {len(calibration)} / {len(evaluation)}"
+        )
+
+
+# ------------------------------------------------------------------ the driver
+def run_in_subprocess(side: str, run: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Run one configuration in a fresh process; its stderr goes to ``<cache>/logs``."""
+    common = [
+        "--cache-dir",
+        str(args.cache_dir),
+        "--calibration-windows",
+        str(args.calibration_windows),
+        "--eval-windows",
+        str(args.eval_windows),
+        "--threads",
+        str(args.threads),
+    ]
+    if side == "ours":
+        script = str(HERE / "smollm2.py")
+        command = [sys.executable, script, "--worker", run, "--pipeline", args.pipeline, *common]
+    else:
+        if args.reference_python is None:
+            raise SystemExit("--reference needs --reference-python /path/to/venv/bin/python")
+        script = str(HERE / "smollm2_reference.py")
+        command = [str(args.reference_python), script, "--run", run, *common]
+    log_dir = args.cache_dir / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log = log_dir / f"{side}_{run}.log"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    begin = time.perf_counter()
+    with log.open("w") as stderr:
+        done = subprocess.run(command, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
+    lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+    if done.returncode != 0 or not lines:
+        tail = "".join(log.read_text().splitlines(keepends=True)[-20:])
+        raise RuntimeError(f"{side} {run} failed (exit {done.returncode}); log {log}:\n{tail}")
+    result = json.loads(lines[-1][len(RESULT_PREFIX) :])
+    result["process_s"] = time.perf_counter() - begin
+    return result
+
+
+def print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    """Print the results as a Markdown table."""
+    split = load_windows(args.cache_dir).get("split", "newline")
+    print(
+        f"\nSmolLM2-135M-Instruct, CPU, {args.threads} threads: calibration "
+        f"{args.calibration_windows} x {SEQ_LEN} tokens, perplexity over "
+        f"{args.eval_windows} x {SEQ_LEN} tokens (novels split: {split}; our pipeline: "
+        f"{args.pipeline})\n"
+    )
+    print(
+        "| run | tool | compress (s) | peak RSS, loaded (MiB) | peak RSS, compressed (MiB) "
+        "| perplexity |\n|---|---|---:|---:|---:|---:|"
+    )
+    for row in rows:
+        seconds = "-" if row["compress_s"] is None else f"{row['compress_s']:.1f}"
+        tool = "lightning-compress" if row["side"] == "ours" else "llm-compressor"
+        print(
+            f"| {row['run']} | {tool} | {seconds} | {row['rss_loaded_mib']:.0f} "
+            f"| {row['rss_compressed_mib']:.0f} | {row['perplexity']:.2f} |",
+            flush=True,
+        )
+    print("\nMean of the per-window perplexities (another convention):")
+    for row in rows:
+        print(f"- {row['run']}, {row['side']}: {row['mean_window_perplexity']:.2f}")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("step", nargs="?", choices=("prepare", "run"), default="run")
+    parser.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS))
+    parser.add_argument("--sides", nargs="+", choices=SIDES, default=["ours"])
+    parser.add_argument(
+        "--reference", action="store_true", help="run llm-compressor only (--sides reference)"
+    )
+    parser.add_argument("--reference-python", type=Path, help="python of llm-compressor's venv")
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
+    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    parser.add_argument("--calibration-windows", type=int, default=32)
+    parser.add_argument("--eval-windows", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--pipeline",
+        default="auto",
+        choices=("auto", "sequential", "basic", "data_free"),
+        help="our oneshot pipeline (llm-compressor infers its own)",
+    )
+    parser.add_argument(
+        "--split", choices=SPLITS, default="newline", help="prepare: how each novel is cut"
+    )
+    parser.add_argument(
+        "--reconvert", action="store_true", help="prepare: convert the GGUF file again"
+    )
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--worker", choices=RUNS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.cache_dir = args.cache_dir.expanduser()
+    if args.reference:
+        args.sides = ["reference"]
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    if args.worker is not None:
+        print(RESULT_PREFIX + json.dumps(worker(args.worker, args)), flush=True)
+        return
+    if args.step == "prepare" or not is_prepared(args.cache_dir):
+        summary = prepare(
+            args.cache_dir, args.data_dir, split=args.split, reuse_model=not args.reconvert
+        )
+        print(json.dumps(summary, indent=1), flush=True)
+        if args.step == "prepare":
+            return
+    rows = [run_in_subprocess(side, run, args) for run in args.runs for side in args.sides]
+    print_table(rows, args)
+    if args.json is not None:
+        args.json.write_text(json.dumps(rows, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
