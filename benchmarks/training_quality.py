@@ -38,6 +38,9 @@ from lightning_compress.modifiers import (
 )
 
 LAYERS = [r"re:.*layers\.\d+\..*_proj$"]
+TRAIN_WINDOWS = 512
+BATCH_SIZE = 8
+STEPS_PER_EPOCH = TRAIN_WINDOWS // BATCH_SIZE
 
 
 def weights(bits: int, group: int) -> dict:
@@ -63,7 +66,8 @@ def fine_tune(model: nn.Module, steps: int, modifiers: list[Modifier] | None) ->
         limit_val_batches=0,
     )
     begin = time.perf_counter()
-    trainer.fit(CausalLMModule(model, lr=3e-4), BundledTextDataModule(train_windows=512))
+    data = BundledTextDataModule(train_windows=TRAIN_WINDOWS, batch_size=BATCH_SIZE)
+    trainer.fit(CausalLMModule(model, lr=3e-4), data)
     return time.perf_counter() - begin
 
 
@@ -76,7 +80,9 @@ def one_shot(model: nn.Module, modifier: Modifier) -> None:
 
 def runs(steps: int) -> dict[str, Callable[[nn.Module], None]]:
     """Label → what to do to a fresh copy of the bundled model."""
-    ramp = {"start": 0, "end": round(0.6 * steps), "update": max(1, steps // 15)}
+    # Schedules are in epochs: ramp up over the first 60% of the steps, 15 mask updates.
+    epochs = steps / STEPS_PER_EPOCH
+    ramp = {"start": 0, "end": 0.6 * epochs, "update": 0.6 * epochs / 15}
     table: dict[str, Callable[[nn.Module], None]] = {
         "dense": lambda m: None,
         f"dense + {steps} fine-tuning steps": lambda m: fine_tune(m, steps, None),
@@ -115,6 +121,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150, help="fine-tuning steps per run")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--windows", type=int, default=16, help="evaluation windows of 256")
+    parser.add_argument("--only", default="", help="run only rows whose label contains this")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logger.remove()
@@ -124,6 +131,8 @@ def main() -> None:
     print(f"| run ({args.steps} steps of 8x256 tokens where trained) | perplexity | seconds |")
     print("|---|---:|---:|")
     for label, run in runs(args.steps).items():
+        if args.only not in label:
+            continue
         torch.manual_seed(0)
         model = copy.deepcopy(base).train()
         begin = time.perf_counter()
