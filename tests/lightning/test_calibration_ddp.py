@@ -6,11 +6,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
+from calibration_runs import calibrate_tiny_decoder
 from torch import nn
-from torch.utils.data import DataLoader
 
-from lightning_compress.bundled import TinyDecoder, TinyDecoderConfig
+from lightning_compress.bundled import TinyDecoderConfig
 from lightning_compress.core import Event, EventType, State
 from lightning_compress.core.distributed import (
     all_reduce_max_,
@@ -18,7 +17,6 @@ from lightning_compress.core.distributed import (
     all_reduce_sum_,
     broadcast_,
 )
-from lightning_compress.lightning.calibration import CalibrationModule
 from lightning_compress.modifiers import Modifier, QuantizationModifier
 from lightning_compress.pipelines import find_blocks
 
@@ -70,34 +68,14 @@ class InputStatistics(Modifier):
             block.input_layernorm.weight.add_(0.1 * mean)
 
 
-class SaveWeights(Callback):
-    """Every rank saves the calibrated model's state when validation ends."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-
-    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        state = {k: v.clone() for k, v in pl_module.model.state_dict().items()}
-        torch.save(state, self.directory / f"rank{trainer.global_rank}.pt")
-
-
 def calibrate(directory: Path, **trainer_kwargs: Any) -> None:
-    torch.manual_seed(0)
     config = TinyDecoderConfig(hidden_size=64, intermediate_size=128, num_layers=3, num_heads=4)
-    recipe = [QuantizationModifier(scheme="W8A16", ignore=["lm_head"]), InputStatistics()]
-    module = CalibrationModule(TinyDecoder(config).eval(), recipe)
-    data = torch.randint(0, 256, (8, 16), generator=torch.Generator().manual_seed(1))
-    trainer = Trainer(
-        accelerator="cpu",
-        inference_mode=False,
-        callbacks=[SaveWeights(directory)],
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        enable_progress_bar=False,
+    calibrate_tiny_decoder(
+        directory,
+        [QuantizationModifier(scheme="W8A16", ignore=["lm_head"]), InputStatistics()],
+        config,
         **trainer_kwargs,
     )
-    trainer.validate(module, dataloaders=DataLoader(data, batch_size=1), verbose=False)
 
 
 def test_two_ranks_compress_exactly_like_one_process(tmp_path):

@@ -6,11 +6,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
-from torch.utils.data import DataLoader
+from calibration_runs import calibrate_tiny_decoder
 
-from lightning_compress.bundled import TinyDecoder, TinyDecoderConfig
-from lightning_compress.lightning.calibration import CalibrationModule
+from lightning_compress.bundled import TinyDecoderConfig
 from lightning_compress.modifiers import GPTQModifier, QuantizationModifier
 
 W4_G32 = {"num_bits": 4, "strategy": "group", "group_size": 32}
@@ -37,35 +35,11 @@ def recipe() -> list:
     return [gptq, rtn]
 
 
-class SaveWeights(Callback):
-    """Every rank saves the calibrated model's state when validation ends."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-
-    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        state = {k: v.clone() for k, v in pl_module.model.state_dict().items()}
-        torch.save(state, self.directory / f"rank{trainer.global_rank}.pt")
-
-
 def calibrate(directory: Path, **trainer_kwargs: Any) -> None:
-    torch.manual_seed(0)
     config = TinyDecoderConfig(
         hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, vocab_size=64
     )
-    module = CalibrationModule(TinyDecoder(config).eval(), recipe())
-    data = torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(1))
-    trainer = Trainer(
-        accelerator="cpu",
-        inference_mode=False,
-        callbacks=[SaveWeights(directory)],
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        enable_progress_bar=False,
-        **trainer_kwargs,
-    )
-    trainer.validate(module, dataloaders=DataLoader(data, batch_size=1), verbose=False)
+    calibrate_tiny_decoder(directory, recipe(), config, **trainer_kwargs)
 
 
 def test_two_ranks_quantize_like_one_process(tmp_path):
