@@ -40,9 +40,12 @@ class HessianAccumulator:
     (batch, sequence), minus the ones a mask drops. (GPTQ's reference counts sequences;
     that only scales ``H`` by a constant, which GPTQ and SparseGPT do not depend on.)
 
-    Every batch first rescales the average by ``n_old / n_new`` and then adds the batch's
-    rows scaled by ``sqrt(2 / n_new)``, so no raw sum is ever formed and large inputs or
-    many tokens cannot overflow.
+    Every batch's mean ``X^T X / b`` (``b`` rows) is computed in the input's precision (at
+    least float32: the costly part), with the rows scaled by ``1 / sqrt(b)`` first, then
+    folded into the running average in the accumulation dtype:
+    ``H <- H * n_old / n_new + mean * 2 b / n_new``. No raw sum is ever formed, so large
+    inputs or many tokens cannot overflow, and a batch's mean is the same whichever rank
+    computes it.
 
     Offloading: ``to("cpu")`` keeps ``H`` in host memory; :meth:`add` still computes each
     batch's product on the input's device and adds it where ``H`` lives.
@@ -105,10 +108,11 @@ class HessianAccumulator:
             rows = rows[mask.reshape(-1).to(device=rows.device, dtype=torch.bool)]
         if rows.shape[0] == 0:
             return
-        total = self._num_samples + rows.shape[0]
-        self._hessian.mul_(self._num_samples / total)
-        scaled = rows.to(self._hessian.dtype) * math.sqrt(2 / total)
-        self._hessian.add_((scaled.T @ scaled).to(self._hessian.device))
+        count = rows.shape[0]
+        total = self._num_samples + count
+        rows = rows.to(torch.promote_types(rows.dtype, torch.float32)) * (1 / math.sqrt(count))
+        batch_mean = (rows.T @ rows).to(self._hessian)
+        self._hessian.mul_(self._num_samples / total).add_(batch_mean, alpha=2 * count / total)
         self._num_samples = total
 
     def hessian(self) -> Tensor:
@@ -266,6 +270,9 @@ class BlockwiseOBS:
         dead: bool ``[in]``, the dead inputs.
         dampening_frac: the dampening fraction used.
         block: ``(first, last)`` columns of the current block.
+        row_losses: ``[out]``, each row's share of the loss :meth:`run` returns (rows are
+            compressed independently, so a sweep over stacked weights that share ``H``
+            equals one sweep per weight).
 
     Args:
         weight: ``[out, in]`` in ``nn.Linear`` layout (not modified).
@@ -295,11 +302,18 @@ class BlockwiseOBS:
         self.dead = inverse.dead
         self.dampening_frac = inverse.dampening_frac
         self.block_size = block_size
-        self.weight = weight.detach().to(dtype=dtype, copy=True)
-        self.weight[:, self.dead] = 0
+        # Column-major working copy: row j of ``_columns`` is weight column j, contiguous.
+        self._columns = weight.detach().to(dtype).T.clone(memory_format=torch.contiguous_format)
+        self._columns[self.dead] = 0
         self.block = (0, 0)
-        self._block_weight = self.weight[:, :0]
-        self._block_errors = self.weight[:, :0]
+        self._block_columns = self._columns[:0]
+        self._block_errors = self._columns[:0]
+        self.row_losses = self._columns.new_zeros(self._columns.shape[1])
+
+    @property
+    def weight(self) -> Tensor:
+        """The working weight ``[out, in]`` (a view; compressed in place by :meth:`run`)."""
+        return self._columns.T
 
     def current(self, start: int, stop: int) -> Tensor:
         """Returns the up-to-date values of columns ``[start, stop)``.
@@ -315,11 +329,11 @@ class BlockwiseOBS:
             ``[out, stop - start]``, a copy.
         """
         first, last = self.block
-        inside = self._block_weight[:, start - first : min(stop, last) - first]
+        inside = self._block_columns[start - first : min(stop, last) - first]
         if stop <= last:
-            return inside.clone()
-        pending = self._block_errors @ self.hinv[first:last, last:stop]
-        return torch.cat([inside, self.weight[:, last:stop] - pending], dim=1)
+            return inside.T.clone()
+        pending = self.hinv[first:last, last:stop].T @ self._block_errors
+        return torch.cat([inside, self._columns[last:stop] - pending]).T
 
     def run(self, target: ColumnTarget) -> tuple[Tensor, float]:
         """Compresses every column in order.
@@ -332,24 +346,26 @@ class BlockwiseOBS:
             which equals ``tr(dW H dW^T) / 2`` for the damped ``H``, the mean squared output
             error per token when ``H`` comes from :class:`HessianAccumulator`.
         """
-        loss = self.weight.new_zeros(())
-        for first in range(0, self.weight.shape[1], self.block_size):
-            last = min(first + self.block_size, self.weight.shape[1])
-            loss += self._run_block(first, last, target)
-            self.weight[:, last:] -= self._block_errors @ self.hinv[first:last, last:]
-        return self.weight, loss.item()
+        width = self._columns.shape[0]
+        for first in range(0, width, self.block_size):
+            last = min(first + self.block_size, width)
+            self.row_losses += self._run_block(first, last, target)
+            later = self._columns[last:]
+            later.addmm_(self.hinv[first:last, last:].T, self._block_errors, alpha=-1)
+        return self.weight, self.row_losses.sum().item()
 
     def _run_block(self, first: int, last: int, target: ColumnTarget) -> Tensor:
-        """Compresses columns ``[first, last)``, updating the block in place; returns its loss."""
+        """Compresses columns ``[first, last)``, updating the block in place; returns the
+        block's loss per row."""
         self.block = (first, last)
-        self._block_weight = self.weight[:, first:last]
-        self._block_errors = torch.zeros_like(self._block_weight)
+        self._block_columns = self._columns[first:last]
+        self._block_errors = torch.zeros_like(self._block_columns)
         hinv = self.hinv[first:last, first:last]
         for i in range(last - first):
-            w = self._block_weight[:, i].clone()
+            w = self._block_columns[i].clone()
             q = target(first + i, w, self)
-            error = (w - q) / hinv[i, i]
-            self._block_weight[:, i:] -= error[:, None] * hinv[i, i:]
-            self._block_weight[:, i] = q
-            self._block_errors[:, i] = error
-        return self._block_errors.square().sum() / 2
+            error = (w - q).div_(hinv[i, i])
+            self._block_columns[i:].addr_(hinv[i, i:], error, alpha=-1)
+            self._block_columns[i] = q
+            self._block_errors[i] = error
+        return self._block_errors.square().sum(dim=0) / 2

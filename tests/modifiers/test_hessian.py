@@ -43,11 +43,28 @@ def accumulate(
 def test_accumulation_equals_direct_formula() -> None:
     parts = batches()
     expected, n = direct_hessian(parts)
-    acc = accumulate(parts)
-    assert acc.num_samples == n
-    torch.testing.assert_close(acc.hessian(), expected, rtol=1e-12, atol=1e-12)
-    acc32 = accumulate(parts, torch.float32)
-    torch.testing.assert_close(acc32.hessian().double(), expected, rtol=1e-5, atol=1e-5)
+    exact = accumulate([(x.double(), mask) for x, mask in parts])
+    assert exact.num_samples == n
+    torch.testing.assert_close(exact.hessian(), expected, rtol=1e-12, atol=1e-12)
+    for dtype in (torch.float64, torch.float32):  # float32 inputs: float32 batch products
+        acc = accumulate(parts, dtype)
+        assert acc.hessian().dtype == dtype
+        torch.testing.assert_close(acc.hessian().double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_batch_adds_the_same_whatever_came_before() -> None:
+    # Ranks see different histories; a batch's own contribution must not depend on them.
+    (x, mask), (y, other) = batches()[:2]
+    alone, after = HessianAccumulator(IN, torch.float64), accumulate([(x, mask)])
+    alone.add(y, other)
+    weighted_after, count_after = after.state()
+    after.add(y, other)
+    weighted_both, count_both = after.state()
+    weighted_alone, _ = alone.state()
+    assert int(count_both - count_after) == int(other.sum())
+    torch.testing.assert_close(
+        weighted_both - weighted_after, weighted_alone, rtol=1e-12, atol=1e-12
+    )
 
 
 def test_no_mask_uses_every_token_and_empty_batches_are_ignored() -> None:

@@ -33,7 +33,10 @@ from torch import Tensor
 
 from lightning_compress.modifiers.hessian import BlockwiseOBS
 from lightning_compress.modifiers.quantization.args import QuantizationArgs
-from lightning_compress.modifiers.quantization.ops import fake_quantize, qparams_for_weight
+from lightning_compress.modifiers.quantization.ops import (
+    fake_quantize_aligned,
+    qparams_for_weight,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -67,6 +70,8 @@ class GPTQResult(NamedTuple):
     saving (compressed-tensors' ``weight_g_idx``)."""
     loss: float
     """GPTQ objective ``sum((w - q)^2 / d^2) / 2``: see :meth:`BlockwiseOBS.run`."""
+    row_losses: Tensor
+    """``[out]``: each row's share of ``loss`` (rows are quantized independently)."""
     dampening_used: float
     """The dampening fraction that made ``H`` invertible (see ``damp_and_invert``)."""
 
@@ -130,18 +135,33 @@ class ColumnQuantizer:
         self.column_group = column_group
         self.scales = list(scales)
         self.zero_points = list(zero_points)
+        self.keep: Tensor | None = None
         self._column_args = dataclasses.replace(args, strategy="channel", group_size=None)
+        self._aligned: dict[int, tuple[Tensor, Tensor]] = {}
 
     def __call__(self, j: int, w: Tensor, sweep: BlockwiseOBS) -> Tensor:
-        """Returns column ``j`` (current value ``w`` ``[out]``) quantized."""
+        """Returns column ``j`` (current value ``w`` ``[out]``) quantized.
+
+        Where :attr:`keep` is set (bool ``[out, in]`` in sweep order), entries it marks False
+        are returned as 0: a pruned weight stays pruned.
+        """
         if self.column_group is None:
             group, offset = divmod(j, self.args.group_size)
             if offset == 0:
                 self._enter_group(sweep.current(j, j + self.args.group_size))
         else:
             group = self.column_group[j]
-        scale, zero_point = self.scales[group], self.zero_points[group]
-        return fake_quantize(w[:, None], scale, zero_point, self._column_args)[:, 0]
+        scale, zero_point = self._aligned_qparams(group, w)
+        q = fake_quantize_aligned(w, scale, zero_point, self._column_args)
+        return q if self.keep is None else q.mul_(self.keep[:, j])
+
+    def _aligned_qparams(self, group: int, w: Tensor) -> tuple[Tensor, Tensor]:
+        """The qparams of ``group`` flattened to ``[out]`` (or ``[1]``) in ``w``'s dtype."""
+        if group not in self._aligned:
+            scale = self.scales[group].reshape(-1).to(w.dtype)
+            zero_point = self.zero_points[group].reshape(-1).to(w.dtype)
+            self._aligned[group] = (scale, zero_point)
+        return self._aligned[group]
 
     def qparams(self) -> tuple[Tensor, Tensor]:
         """Returns ``(scale, zero_point)`` in the strategy's shape; scale in ``out_dtype``."""
@@ -247,6 +267,11 @@ def gptq_quantize(
         dampening_frac: dampening as a fraction of the mean diagonal of ``H``.
         actorder: activation ordering, see the module docstring.
 
+    Weights that are exactly zero stay zero (a pruned weight stays pruned), their
+    rounding error spread onto the later columns like any other. Rows are independent:
+    layers that share ``H`` and ``args`` (other than ``strategy="tensor"``) can be stacked
+    into one call.
+
     Returns:
         The quantized weight, its qparams, ``g_idx``, the loss and the dampening used.
 
@@ -267,6 +292,9 @@ def gptq_quantize(
         sweep = BlockwiseOBS(weight[:, perm], hessian[perm][:, perm], block_size, dampening_frac)
         natural = sweep.weight[:, inverse]
     quantizer = make_column_quantizer(natural, args, weight.dtype, actorder, perm)
+    zeros = weight == 0
+    if zeros.any():
+        quantizer.keep = ~(zeros if perm is None else zeros[:, perm])
     weight_q, loss = sweep.run(quantizer)
     if inverse is not None:
         weight_q = weight_q[:, inverse]
@@ -277,6 +305,7 @@ def gptq_quantize(
         zero_point,
         _g_idx(weight, args, actorder, inverse),
         loss,
+        sweep.row_losses,
         sweep.dampening_frac,
     )
 

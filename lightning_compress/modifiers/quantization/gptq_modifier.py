@@ -158,27 +158,55 @@ class GPTQModifier(QuantizationModifier):
         hessians = self._hessians.reduced({name: self._pending[name][0] for name in names})
         self._check_calibrated(hessians)
         results, losses, seconds = {}, {}, {}
-        for name in names:
+        for stack in self._stacks(names, hessians):
             begin = time.perf_counter()
-            result = self._gptq(name, hessians[name].hessian())
-            seconds[name] = time.perf_counter() - begin
-            losses[name] = result.loss
+            result = self._gptq(stack, hessians[stack[0]].hessian())
+            elapsed = (time.perf_counter() - begin) / len(stack)
+            rows = [self._pending[name][0].weight.shape[0] for name in stack]
+            per_row = (result.weight_q, result.scale, result.zero_point, result.row_losses)
+            if len(stack) == 1:  # also per-tensor qparams, which have no rows to split
+                parts = [(stack[0], *per_row)]
+            else:
+                parts = zip(stack, *(tensor.split(rows) for tensor in per_row), strict=True)
             g_idx = result.g_idx if self._reorders_groups else None
-            observer = self._observers.get(name)
-            results[name] = quantized_layer(
-                result.weight_q, result.scale, result.zero_point, observer, g_idx
-            )
+            for name, weight_q, scale, zero_point, row_losses in parts:
+                seconds[name] = elapsed
+                losses[name] = row_losses.sum().item()
+                observer = self._observers.get(name)
+                results[name] = quantized_layer(weight_q, scale, zero_point, observer, g_idx)
         self._hessians.discard(names)
         self._log_losses(state, losses, seconds)
         return results
 
-    def _gptq(self, name: str, hessian: Tensor) -> GPTQResult:
-        """GPTQ for the pending layer ``name``; errors name the layer."""
-        module, scheme = self._pending[name]
-        weight = module.weight.detach()
+    def _stacks(self, names: list[str], hessians: dict[str, HessianAccumulator]) -> list[list[str]]:
+        """Groups the layers that one GPTQ sweep can quantize together.
+
+        GPTQ treats rows independently, so layers that share a Hessian (``q/k/v_proj``,
+        ``gate/up_proj``) and their weight arguments, dtype and device run as one stacked
+        weight: one inversion and one column loop instead of one per layer. Per-tensor
+        qparams couple the rows, so ``strategy: tensor`` layers run alone.
+        """
+        stacks: list[list[str]] = []
+        keys: list[tuple[Any, ...]] = []
+        for name in names:
+            module, scheme = self._pending[name]
+            key = (hessians[name], scheme.weights, module.weight.dtype, module.weight.device)
+            shares = scheme.weights.strategy != "tensor" and key in keys
+            if shares:
+                stacks[keys.index(key)].append(name)
+            else:
+                stacks.append([name])
+                keys.append(key)
+        return stacks
+
+    def _gptq(self, stack: list[str], hessian: Tensor) -> GPTQResult:
+        """GPTQ for the pending layers ``stack`` (sharing ``hessian``); errors name them."""
+        where = f"layer '{stack[0]}'" if len(stack) == 1 else f"layers {stack}"
+        weight = torch.cat([self._pending[name][0].weight.detach() for name in stack])
+        scheme = self._pending[stack[0]][1]
         if not bool(torch.isfinite(hessian).all()):
             raise ValueError(
-                f"{type(self).__name__}: the Hessian of layer '{name}' holds NaN or Inf: its "
+                f"{type(self).__name__}: the Hessian of {where} holds NaN or Inf: its "
                 "calibration inputs are not finite (check the data and the model's dtype, e.g. "
                 "float16 overflow), or add the layer to ignore"
             )
@@ -190,7 +218,7 @@ class GPTQModifier(QuantizationModifier):
             )
         except SingularHessianError as err:
             raise SingularHessianError(
-                f"{type(self).__name__}: the Hessian of layer '{name}' cannot be inverted: "
+                f"{type(self).__name__}: the Hessian of {where} cannot be inverted: "
                 f"{err}. Set {type(self).__name__}.dampening_frac higher (it is "
                 f"{self.dampening_frac}), or add the layer to ignore"
             ) from err

@@ -31,6 +31,7 @@ __all__ = [
     "compute_dynamic_qparams",
     "dequantize",
     "fake_quantize",
+    "fake_quantize_aligned",
     "fake_quantize_ste",
     "qparams_for_weight",
     "quant_range",
@@ -309,7 +310,27 @@ def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, args: Quantizati
         ValueError: when a shape does not fit the strategy.
     """
     groups, scale, zero_point = _groups_and_qparams(x, scale, zero_point, args)
-    scaled = _scale_to_grid(groups, scale, zero_point)
+    return fake_quantize_aligned(groups, scale, zero_point, args).reshape(x.shape)
+
+
+def fake_quantize_aligned(
+    x: Tensor, scale: Tensor, zero_point: Tensor, args: QuantizationArgs
+) -> Tensor:
+    """:func:`fake_quantize` for qparams already shaped to broadcast against ``x``.
+
+    No grouping and no shape checks: the per-column loop of GPTQ calls it with a column
+    ``[out]`` and per-row qparams ``[out]``. Same arithmetic, so the same results.
+
+    Args:
+        x: the values.
+        scale: scales broadcastable to ``x``.
+        zero_point: zero points broadcastable to ``x``.
+        args: the quantization arguments.
+
+    Returns:
+        ``x_hat`` of ``x``'s shape and dtype.
+    """
+    scaled = _scale_to_grid(x, scale, zero_point)
     return _round_trip(scaled.clamp_(*quant_range(args)), scale, zero_point, args, x)
 
 

@@ -72,8 +72,11 @@ def ref_gptq(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, float]:
     """GPTQ as the paper states it: each column quantized, its error spread with ``inv(H[j:, j:])``.
 
+    Entries of ``weight`` that are exactly zero are quantized to zero.
+
     Returns ``(weight_q, scale, zero_point, g_idx, loss)``.
     """
+    keep = weight != 0
     w, h = weight.double().clone(), hessian.double().clone()
     dead = h.diagonal() == 0
     h[dead, dead] = 1
@@ -89,7 +92,7 @@ def ref_gptq(
         fixed = [ref_qparams(w[:, g : g + GROUP], column_args) for g in range(0, IN, GROUP)]
     else:
         fixed = [ref_qparams(w, args)]
-    w, h = w[:, perm], h[perm][:, perm]
+    w, h, keep = w[:, perm], h[perm][:, perm], keep[:, perm]
     on_entry, loss = [], 0.0
     for j in range(IN):
         if grouped and actorder != "weight" and j % GROUP == 0:
@@ -99,7 +102,7 @@ def ref_gptq(
         else:
             scale, zero_point = fixed[0]
         hinv = torch.linalg.inv(h[j:, j:])
-        q = fake_quantize(w[:, j : j + 1], scale, zero_point, column_args)[:, 0]
+        q = fake_quantize(w[:, j : j + 1], scale, zero_point, column_args)[:, 0] * keep[:, j]
         loss += ((w[:, j] - q).square().sum() / hinv[0, 0] / 2).item()
         w[:, j:] -= ((w[:, j] - q) / hinv[0, 0])[:, None] * hinv[0]
         w[:, j] = q
@@ -147,6 +150,36 @@ def test_blocked_gptq_equals_column_loop_reference(
         assert torch.equal(result.g_idx, ref_g_idx.to(torch.int32))
     assert result.loss == pytest.approx(ref_loss, rel=1e-9)
     assert result.dampening_used == DAMP
+
+
+@pytest.mark.parametrize("actorder", [None, "weight", "group"])
+def test_pruned_weights_stay_zero_and_their_error_is_spread(actorder: str | None) -> None:
+    weight, x = layer(4)
+    hessian = hessian_of(x)
+    weight = without_rounding_ties(weight, hessian, actorder)
+    pruned = weight * (torch.rand(weight.shape, generator=torch.Generator().manual_seed(4)) > 0.5)
+    result = gptq_quantize(pruned, hessian, ARGS["group"], 24, DAMP, actorder)
+    assert (result.weight_q[pruned == 0] == 0).all()
+    assert (result.weight_q[pruned != 0] != 0).float().mean() > 0.8  # others mostly not
+    ref_weight, _, _, _, ref_loss = ref_gptq(pruned, hessian, ARGS["group"], actorder)
+    torch.testing.assert_close(result.weight_q, ref_weight, rtol=1e-10, atol=1e-10)
+    assert result.loss == pytest.approx(ref_loss, rel=1e-9)
+
+
+@pytest.mark.parametrize(("strategy", "actorder"), [("channel", "weight"), ("group", "group")])
+def test_weights_sharing_a_hessian_can_run_stacked(strategy: str, actorder: str) -> None:
+    first, x = layer(5)
+    second = torch.randn(8, IN, generator=torch.Generator().manual_seed(6), dtype=first.dtype)
+    hessian = hessian_of(x)
+    stacked = gptq_quantize(torch.cat([first, second]), hessian, ARGS[strategy], 24, DAMP, actorder)
+    rows = [first.shape[0], second.shape[0]]
+    for weight, part in zip((first, second), range(2), strict=True):
+        alone = gptq_quantize(weight, hessian, ARGS[strategy], 24, DAMP, actorder)
+        for got, expected in zip(stacked[:3], alone[:3], strict=True):
+            torch.testing.assert_close(got.split(rows)[part], expected, rtol=1e-12, atol=1e-12)
+        loss = stacked.row_losses.split(rows)[part].sum().item()
+        assert loss == pytest.approx(alone.loss, rel=1e-9)
+    assert stacked.loss == pytest.approx(stacked.row_losses.sum().item(), rel=1e-12)
 
 
 def test_actorder_weight_group_scales_are_the_natural_groups_of_the_weight() -> None:
