@@ -114,6 +114,12 @@ class CalibrationModule(pl.LightningModule):
         """The model being compressed."""
         return self.__dict__["_calibrated_model"]
 
+    @property
+    def needs_calibration_data(self) -> bool:
+        """Whether any modifier of the recipe reads calibration activations."""
+        recipe = self.recipe if self.recipe is not None else self.session.lifecycle.recipe
+        return recipe is not None and any(m.needs_calibration_data for m in recipe.modifiers)
+
     def calibrate(self, batches: Iterable[Any] = ()) -> nn.Module:
         """Run the whole calibration in this process, without a Trainer.
 

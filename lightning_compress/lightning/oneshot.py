@@ -13,6 +13,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+from loguru import logger
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -74,7 +75,10 @@ def oneshot(
         max_seq_length: samples are truncated to this many tokens (text is cut into windows
             of this length).
         output_dir: save the compressed model here (``lightning_compress.export``).
-        pipeline: ``auto``, ``sequential``, ``basic`` or ``data_free``.
+        pipeline: ``auto``, ``sequential``, ``basic`` or ``data_free``. ``auto`` runs
+            ``data_free`` (without reading ``dataset``) when no modifier needs calibration
+            data (weight-only RTN, dynamic activations), else ``sequential`` where the model
+            has repeated blocks, else ``basic``.
         sequential_targets: class names of the blocks for the sequential pipeline.
         batch_size: samples per calibration batch (padded to the longest).
         device: where blocks run (``"cuda"``); None: the Trainer's device.
@@ -126,7 +130,11 @@ def oneshot(
         loader = calibration_loader(
             samples, batch_size, _pad_id(tokenizer), shard=not _shards_itself(trainer)
         )
-        trainer.validate(module, dataloaders=loader, verbose=False)
+        if pipeline == "auto" and not module.needs_calibration_data:
+            logger.info("no modifier of the recipe needs calibration data: the data is not read")
+            module.calibrate()
+        else:
+            trainer.validate(module, dataloaders=loader, verbose=False)
         is_global_zero = trainer.is_global_zero
     if save is not None and is_global_zero:
         save(model, output_dir, tokenizer)

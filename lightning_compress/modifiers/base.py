@@ -135,6 +135,14 @@ class Modifier:
         """True when the modifier runs once, during calibration or at finalize."""
         return self.start == ONE_SHOT
 
+    @property
+    def needs_calibration_data(self) -> bool:
+        """True when a one-shot run reads calibration activations (statistics, Hessians).
+
+        ``oneshot(pipeline="auto")`` skips the calibration pass when no modifier needs it.
+        """
+        return False
+
     def _check_schedule(self) -> None:
         if self.start is not None and self.start < 0 and self.start != ONE_SHOT:
             self.fail("start", "an index >= 0, or -1 for one-shot")

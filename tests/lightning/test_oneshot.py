@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_compress.bundled import ByteTokenizer, TinyDecoder, TinyDecoderConfig
 from lightning_compress.lightning.oneshot import calibration_loader, calibration_samples, oneshot
-from lightning_compress.modifiers import QuantizationModifier
+from lightning_compress.modifiers import GPTQModifier, QuantizationModifier
 
 IDS = torch.randint(0, 256, (4, 10), generator=torch.Generator().manual_seed(0))
 RTN = QuantizationModifier(scheme="W8A16", ignore=["lm_head"])
@@ -116,9 +116,12 @@ def test_bad_data_is_refused_clearly(dataset, kwargs, error, message):
         calibration_samples(dataset, **kwargs)
 
 
-def test_oneshot_compresses_in_place_and_matches_the_data_free_run():
+@pytest.mark.parametrize("pipeline", ["auto", "sequential"])
+def test_oneshot_compresses_in_place_and_matches_the_data_free_run(pipeline, monkeypatch):
     data_free = oneshot(tiny_decoder(), RTN)
     model = tiny_decoder()
+    forwards = []
+    model.register_forward_pre_hook(lambda *_: forwards.append(1))
     compressed = oneshot(
         model,
         RTN,
@@ -126,12 +129,23 @@ def test_oneshot_compresses_in_place_and_matches_the_data_free_run():
         num_calibration_samples=3,
         batch_size=2,
         offload_dir=None,
+        pipeline=pipeline,
         trainer_kwargs=QUIET,
     )
     assert compressed is model
+    # weight-only RTN needs no activations: auto does not run the model at all
+    assert len(forwards) == (0 if pipeline == "auto" else 2)
     assert model.state_dict().keys() == data_free.state_dict().keys()
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, data_free.state_dict()[name]), name
+
+
+def test_which_modifiers_need_calibration_data():
+    assert not RTN.needs_calibration_data
+    assert not QuantizationModifier(scheme="W8A8", ignore=["lm_head"]).needs_calibration_data
+    static = QuantizationModifier(scheme="FP8", ignore=["lm_head"])
+    assert static.needs_calibration_data
+    assert GPTQModifier(scheme="W4A16").needs_calibration_data
 
 
 def test_oneshot_refuses_bad_arguments_before_calibrating():

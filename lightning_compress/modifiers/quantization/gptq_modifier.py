@@ -104,6 +104,11 @@ class GPTQModifier(QuantizationModifier):
             )
 
     @property
+    def needs_calibration_data(self) -> bool:
+        """Always: GPTQ needs the input Hessians."""
+        return True
+
+    @property
     def _reorders_groups(self) -> bool:
         """Whether groups follow the activation order (then ``weight_g_idx`` is stored)."""
         return normalize_actorder(self.actorder) == "group"

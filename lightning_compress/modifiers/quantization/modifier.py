@@ -115,6 +115,11 @@ class QuantizationModifier(Modifier):
         """
         return [scheme for _, scheme in self._labeled_schemes()]
 
+    @property
+    def needs_calibration_data(self) -> bool:
+        """True when a scheme has static input activations (their ranges are calibrated)."""
+        return self.is_one_shot and any(map(_has_static_inputs, self.resolved_schemes()))
+
     def _labeled_schemes(self) -> list[tuple[str, QuantizationScheme]]:
         """The schemes with the field they come from (``scheme`` or ``config_groups.<name>``)."""
         name = type(self).__name__
