@@ -362,10 +362,9 @@ class BlockwiseOBS:
         self._block_errors = torch.zeros_like(self._block_columns)
         hinv = self.hinv[first:last, first:last]
         for i in range(last - first):
-            w = self._block_columns[i].clone()
-            q = target(first + i, w, self)
-            error = (w - q).div_(hinv[i, i])
-            self._block_columns[i:].addr_(hinv[i, i:], error, alpha=-1)
-            self._block_columns[i] = q
-            self._block_errors[i] = error
+            w = self._block_columns[i]
+            q = target(first + i, w.clone(), self)
+            error = torch.sub(w, q, out=self._block_errors[i]).div_(hinv[i, i])
+            self._block_columns[i + 1 :].addr_(hinv[i, i + 1 :], error, alpha=-1)
+            w.copy_(q)
         return self._block_errors.square().sum(dim=0) / 2
