@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -46,9 +45,8 @@ from smollm2_model import (
     load_model,
     load_windows,
     prepare,
-    token_nll,
-    window_nll,
 )
+from smollm2_scoring import peak_rss_mib, score, token_nll
 from torch import nn
 
 HERE = Path(__file__).resolve().parent
@@ -94,11 +92,6 @@ def recipe(run: str) -> list[Any]:
     raise ValueError(f"unknown run {run!r}; expected one of {RUNS}")
 
 
-def peak_rss_mib() -> float:
-    """This process's peak resident set size so far, in MiB (``ru_maxrss`` is KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def worker(run: str, args: argparse.Namespace) -> dict[str, Any]:
     """One run in this process: load, compress with ``oneshot``, evaluate."""
     from loguru import logger
@@ -130,22 +123,14 @@ def worker(run: str, args: argparse.Namespace) -> dict[str, Any]:
             trainer_kwargs={"enable_progress_bar": False},
         )
         seconds = time.perf_counter() - begin
-    rss_compressed = peak_rss_mib()
-    begin = time.perf_counter()
-    nll = window_nll(model, evaluation)
-    return {
+    measured = {
         "run": run,
         "side": "ours",
         "compress_s": seconds,
         "rss_loaded_mib": rss_loaded,
-        "rss_compressed_mib": rss_compressed,
-        "rss_final_mib": peak_rss_mib(),
-        "perplexity": nll.mean().exp().item(),
-        "mean_window_perplexity": nll.exp().mean().item(),
-        "window_nll": nll.tolist(),
-        "eval_s": time.perf_counter() - begin,
-        "threads": torch.get_num_threads(),
+        "rss_compressed_mib": peak_rss_mib(),
     }
+    return score(model, evaluation, measured)
 
 
 def _check_fingerprint(model: nn.Module, windows: dict[str, Any]) -> None:
@@ -215,14 +200,15 @@ def print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     )
     print(
         "| run | tool | compress (s) | peak RSS, loaded (MiB) | peak RSS, compressed (MiB) "
-        "| perplexity |\n|---|---|---:|---:|---:|---:|"
+        "| sparsity | perplexity |\n|---|---|---:|---:|---:|---:|---:|"
     )
     for row in rows:
         seconds = "-" if row["compress_s"] is None else f"{row['compress_s']:.1f}"
         tool = "lightning-compress" if row["side"] == "ours" else "llm-compressor"
         print(
             f"| {row['run']} | {tool} | {seconds} | {row['rss_loaded_mib']:.0f} "
-            f"| {row['rss_compressed_mib']:.0f} | {row['perplexity']:.2f} |",
+            f"| {row['rss_compressed_mib']:.0f} | {row['sparsity']:.1%} "
+            f"| {row['perplexity']:.2f} |",
             flush=True,
         )
     print("\nMean of the per-window perplexities (another convention):")

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from smollm2_scoring import token_nll
 from torch import nn
 
 from lightning_compress.bundled import split_text, token_windows
@@ -183,21 +184,3 @@ def load_model(cache_dir: Path) -> nn.Module:
 def load_windows(cache_dir: Path) -> dict[str, Any]:
     """The windows and fingerprint saved by ``prepare``."""
     return torch.load(cache_dir / WINDOWS_NAME, weights_only=True)
-
-
-def window_nll(model: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> torch.Tensor:
-    """Mean next-token negative log-likelihood of each window, ``[N]`` (float64).
-
-    The perplexity is ``exp`` of their mean (all windows have the same length).
-    """
-    model.eval()
-    return torch.cat(
-        [token_nll(model, batch).double().mean(dim=1) for batch in windows.split(batch_size)]
-    )
-
-
-def token_nll(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """Next-token negative log-likelihoods, ``[N, L - 1]``, of each window in ``ids``."""
-    with torch.no_grad():
-        logits = model(ids[:, :-1]).logits.float()
-    return torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")

@@ -12,15 +12,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from smollm2_scoring import peak_rss_mib, score, token_nll
 
-RUNS = ("fp", "rtn_w4a16_g64", "gptq_w4a16_g64", "rtn_w8a8")
+RUNS = (
+    "fp",
+    "rtn_w4a16_g64",
+    "gptq_w4a16_g64",
+    "rtn_w8a8",
+    "sparsegpt_50",
+    "sparsegpt_2of4",
+    "wanda_50",
+    "smoothquant_gptq_w8a8",
+    "awq_w4a16_g64",
+    "sparsegpt_2of4_gptq_w4a16_g64",
+)
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "lightning-compress" / "smollm2-135m"
 SEQ_LEN = 512
 W4_G64 = {
@@ -39,44 +49,42 @@ W4_G64 = {
 
 def recipe(run: str) -> list[Any]:
     """llm-compressor's modifiers for ``run`` (empty for ``fp``)."""
+    from llmcompressor.modifiers.obcq import SparseGPTModifier
+    from llmcompressor.modifiers.pruning import WandaPruningModifier
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
+    from llmcompressor.modifiers.smoothquant import SmoothQuantModifier
+    from llmcompressor.modifiers.transform import AWQModifier
 
     ignore = ["lm_head"]
-    if run == "fp":
-        return []
-    if run == "rtn_w4a16_g64":
-        return [QuantizationModifier(config_groups=W4_G64, ignore=ignore)]
-    if run == "gptq_w4a16_g64":
-        # actorder left at llm-compressor's default ("static")
-        return [
-            GPTQModifier(config_groups=W4_G64, ignore=ignore, block_size=128, dampening_frac=0.01)
-        ]
-    if run == "rtn_w8a8":
-        return [QuantizationModifier(scheme="W8A8", targets=["Linear"], ignore=ignore)]
-    raise ValueError(f"unknown run {run!r}; expected one of {RUNS}")
-
-
-def peak_rss_mib() -> float:
-    """This process's peak resident set size so far, in MiB (``ru_maxrss`` is KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def token_nll(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """Next-token negative log-likelihoods, ``[N, L - 1]``, of each window in ``ids``."""
-    with torch.no_grad():
-        logits = model(ids[:, :-1]).logits.float()
-    return torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
-
-
-def window_nll(model: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> torch.Tensor:
-    """Mean next-token negative log-likelihood of each window, ``[N]`` (float64).
-
-    The perplexity is ``exp`` of their mean (all windows have the same length).
-    """
-    model.eval()
-    return torch.cat(
-        [token_nll(model, batch).double().mean(dim=1) for batch in windows.split(batch_size)]
-    )
+    # actorder, block size and dampening left at llm-compressor's defaults (static, 128, 0.01)
+    runs = {
+        "fp": list,
+        "rtn_w4a16_g64": lambda: [QuantizationModifier(config_groups=W4_G64, ignore=ignore)],
+        "gptq_w4a16_g64": lambda: [GPTQModifier(config_groups=W4_G64, ignore=ignore)],
+        "rtn_w8a8": lambda: [
+            QuantizationModifier(scheme="W8A8", targets=["Linear"], ignore=ignore)
+        ],
+        "sparsegpt_50": lambda: [SparseGPTModifier(sparsity=0.5, ignore=ignore)],
+        "sparsegpt_2of4": lambda: [
+            SparseGPTModifier(sparsity=0.5, mask_structure="2:4", ignore=ignore)
+        ],
+        "wanda_50": lambda: [WandaPruningModifier(sparsity=0.5, ignore=ignore)],
+        "smoothquant_gptq_w8a8": lambda: [
+            SmoothQuantModifier(smoothing_strength=0.8),
+            GPTQModifier(scheme="W8A8", targets=["Linear"], ignore=ignore),
+        ],
+        "awq_w4a16_g64": lambda: [
+            AWQModifier(),
+            QuantizationModifier(config_groups=W4_G64, ignore=ignore),
+        ],
+        "sparsegpt_2of4_gptq_w4a16_g64": lambda: [
+            SparseGPTModifier(sparsity=0.5, mask_structure="2:4", ignore=ignore),
+            GPTQModifier(config_groups=W4_G64, ignore=ignore),
+        ],
+    }
+    if run not in runs:
+        raise ValueError(f"unknown run {run!r}; expected one of {RUNS}")
+    return runs[run]()
 
 
 def main() -> None:
@@ -118,22 +126,14 @@ def main() -> None:
             shuffle_calibration_samples=False,
         )
         seconds = time.perf_counter() - begin
-    rss_compressed = peak_rss_mib()
-    begin = time.perf_counter()
-    nll = window_nll(model, evaluation)
-    result = {
+    measured = {
         "run": args.run,
         "side": "reference",
         "compress_s": seconds,
         "rss_loaded_mib": rss_loaded,
-        "rss_compressed_mib": rss_compressed,
-        "rss_final_mib": peak_rss_mib(),
-        "perplexity": nll.mean().exp().item(),
-        "mean_window_perplexity": nll.exp().mean().item(),
-        "window_nll": nll.tolist(),
-        "eval_s": time.perf_counter() - begin,
-        "threads": torch.get_num_threads(),
+        "rss_compressed_mib": peak_rss_mib(),
     }
+    result = score(model, evaluation, measured)
     print("RESULT " + json.dumps(result), flush=True)
 
 
