@@ -7,7 +7,13 @@ of the evaluation text (see ``smollm2_model.py``). Runs:
 - ``fp``: the float32 model, uncompressed;
 - ``rtn_w4a16_g64``: round-to-nearest, symmetric int4 weights in groups of 64;
 - ``gptq_w4a16_g64``: the same scheme with GPTQ (actorder static, block 128, dampening 0.01);
-- ``rtn_w8a8``: the W8A8 preset (int8 per-channel weights, dynamic per-token int8 inputs).
+- ``rtn_w8a8``: the W8A8 preset (int8 per-channel weights, dynamic per-token int8 inputs);
+- ``sparsegpt_50`` / ``sparsegpt_2of4``: SparseGPT, 50% unstructured / 2:4 sparsity;
+- ``wanda_50`` / ``magnitude_50``: Wanda / one-shot magnitude pruning, 50% (magnitude runs
+  on our side only);
+- ``smoothquant_gptq_w8a8``: SmoothQuant (strength 0.8), then GPTQ with the W8A8 preset;
+- ``awq_w4a16_g64``: AWQ scales searched for symmetric int4 group 64, then RTN with it;
+- ``sparsegpt_2of4_gptq_w4a16_g64``: SparseGPT 2:4, then GPTQ W4 group 64 (the mask kept).
 
 Every run quantizes all ``Linear`` layers except ``lm_head``, and runs in a fresh process so
 peak memory (``ru_maxrss``) does not carry over. ``--reference`` runs the same protocol with
@@ -46,12 +52,25 @@ from smollm2_model import (
     load_windows,
     prepare,
 )
+from smollm2_reference import RUNS as REFERENCE_RUNS
 from smollm2_scoring import peak_rss_mib, score, token_nll
 from torch import nn
 
 HERE = Path(__file__).resolve().parent
 
-RUNS = ("fp", "rtn_w4a16_g64", "gptq_w4a16_g64", "rtn_w8a8")
+RUNS = (
+    "fp",
+    "rtn_w4a16_g64",
+    "gptq_w4a16_g64",
+    "rtn_w8a8",
+    "sparsegpt_50",
+    "sparsegpt_2of4",
+    "wanda_50",
+    "magnitude_50",
+    "smoothquant_gptq_w8a8",
+    "awq_w4a16_g64",
+    "sparsegpt_2of4_gptq_w4a16_g64",
+)
 SIDES = ("ours", "reference")
 RESULT_PREFIX = "RESULT "
 W4_G64 = {
@@ -70,26 +89,52 @@ W4_G64 = {
 
 def recipe(run: str) -> list[Any]:
     """Our modifiers for ``run`` (empty for ``fp``)."""
-    from lightning_compress.modifiers import GPTQModifier, QuantizationModifier
+    from lightning_compress.modifiers import (
+        AWQModifier,
+        GPTQModifier,
+        MagnitudePruningModifier,
+        QuantizationModifier,
+        SmoothQuantModifier,
+        SparseGPTModifier,
+        WandaPruningModifier,
+    )
 
     ignore = ["lm_head"]
-    if run == "fp":
-        return []
-    if run == "rtn_w4a16_g64":
-        return [QuantizationModifier(config_groups=W4_G64, ignore=ignore)]
-    if run == "gptq_w4a16_g64":
-        return [
-            GPTQModifier(
-                config_groups=W4_G64,
-                ignore=ignore,
-                actorder="static",
-                block_size=128,
-                dampening_frac=0.01,
+    w4_g64 = W4_G64["group_0"]["weights"]
+    # GPTQ: actorder static, block 128, dampening 0.01 (the defaults, as on the reference side)
+    runs = {
+        "fp": list,
+        "rtn_w4a16_g64": lambda: [QuantizationModifier(config_groups=W4_G64, ignore=ignore)],
+        "gptq_w4a16_g64": lambda: [GPTQModifier(config_groups=W4_G64, ignore=ignore)],
+        "rtn_w8a8": lambda: [
+            QuantizationModifier(scheme="W8A8", targets=["Linear"], ignore=ignore)
+        ],
+        "sparsegpt_50": lambda: [SparseGPTModifier(sparsity=0.5, ignore=ignore)],
+        "sparsegpt_2of4": lambda: [
+            SparseGPTModifier(sparsity=0.5, mask_structure="2:4", ignore=ignore)
+        ],
+        "wanda_50": lambda: [WandaPruningModifier(sparsity=0.5, ignore=ignore)],
+        "magnitude_50": lambda: [
+            MagnitudePruningModifier(
+                final_sparsity=0.5, start=-1, targets=["Linear"], ignore=ignore
             )
-        ]
-    if run == "rtn_w8a8":
-        return [QuantizationModifier(scheme="W8A8", targets=["Linear"], ignore=ignore)]
-    raise ValueError(f"unknown run {run!r}; expected one of {RUNS}")
+        ],
+        "smoothquant_gptq_w8a8": lambda: [
+            SmoothQuantModifier(smoothing_strength=0.8, ignore=ignore),
+            GPTQModifier(scheme="W8A8", targets=["Linear"], ignore=ignore),
+        ],
+        "awq_w4a16_g64": lambda: [
+            AWQModifier(weights=w4_g64, ignore=ignore),
+            QuantizationModifier(config_groups=W4_G64, ignore=ignore),
+        ],
+        "sparsegpt_2of4_gptq_w4a16_g64": lambda: [
+            SparseGPTModifier(sparsity=0.5, mask_structure="2:4", ignore=ignore),
+            GPTQModifier(config_groups=W4_G64, ignore=ignore),
+        ],
+    }
+    if run not in runs:
+        raise ValueError(f"unknown run {run!r}; expected one of {RUNS}")
+    return runs[run]()
 
 
 def worker(run: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -265,7 +310,12 @@ def main() -> None:
         print(json.dumps(summary, indent=1), flush=True)
         if args.step == "prepare":
             return
-    rows = [run_in_subprocess(side, run, args) for run in args.runs for side in args.sides]
+    rows = [
+        run_in_subprocess(side, run, args)
+        for run in args.runs
+        for side in args.sides
+        if side == "ours" or run in REFERENCE_RUNS  # magnitude_50: ours only
+    ]
     print_table(rows, args)
     if args.json is not None:
         args.json.write_text(json.dumps(rows, indent=1) + "\n")
