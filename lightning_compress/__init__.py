@@ -15,22 +15,27 @@ __all__ = [
     "active_session",
     "compression_loss",
     "create_session",
+    "load_compressed",
     "oneshot",
+    "save_compressed",
 ]
 __version__ = "0.1.0"
 
-# Names from the Lightning room load lazily, so the core never pulls in lightning.
-_LIGHTNING_NAMES = {
+# Names from the Lightning and export rooms load lazily, so the core never pulls in
+# lightning or transformers.
+_LAZY_NAMES = {
     "CalibrationModule": "lightning_compress.lightning",
     "Compressor": "lightning_compress.lightning",
     "compression_loss": "lightning_compress.lightning",
     "oneshot": "lightning_compress.lightning",
+    "load_compressed": "lightning_compress.export",
+    "save_compressed": "lightning_compress.export",
 }
 
 
 def __getattr__(name: str):
-    if name in _LIGHTNING_NAMES:
+    if name in _LAZY_NAMES:
         import importlib
 
-        return getattr(importlib.import_module(_LIGHTNING_NAMES[name]), name)
+        return getattr(importlib.import_module(_LAZY_NAMES[name]), name)
     raise AttributeError(f"module 'lightning_compress' has no attribute '{name}'")

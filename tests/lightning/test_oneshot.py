@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_compress.bundled import ByteTokenizer, TinyDecoder, TinyDecoderConfig
+from lightning_compress.export import ExportError
 from lightning_compress.lightning.oneshot import calibration_loader, calibration_samples, oneshot
 from lightning_compress.modifiers import GPTQModifier, QuantizationModifier
 
@@ -148,13 +149,14 @@ def test_which_modifiers_need_calibration_data():
     assert GPTQModifier(scheme="W4A16").needs_calibration_data
 
 
-def test_oneshot_refuses_bad_arguments_before_calibrating():
+def test_oneshot_refuses_bad_arguments_before_calibrating(tmp_path):
     model = tiny_decoder()
     before = {name: p.clone() for name, p in model.named_parameters()}
     with pytest.raises(TypeError, match="model: expected a torch.nn.Module"):
         oneshot({"not": "a model"}, RTN, IDS)
-    with pytest.raises(NotImplementedError, match="lightning_compress.export.save_compressed"):
-        oneshot(model, RTN, IDS, num_calibration_samples=4, output_dir="unused")
+    (tmp_path / "old.txt").write_text("")
+    with pytest.raises(ExportError, match="exists and is not empty"):
+        oneshot(model, RTN, IDS, num_calibration_samples=4, output_dir=tmp_path)
     with pytest.raises(ValueError, match="batch_size: expected a positive int"):
         oneshot(model, RTN, IDS, num_calibration_samples=4, batch_size=0)
     with pytest.raises(ValueError, match="starts worker processes that cannot hand"):

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
+from torch.nn.utils import parametrize
 
 from lightning_compress.core.events import Event, EventType
 from lightning_compress.core.state import State
@@ -143,9 +144,13 @@ class WeightMaskModifier(Modifier, register=False):
 
     @torch.no_grad()
     def apply_masks(self) -> None:
-        """Zero every pruned weight: ``weight.mul_(mask)`` on each target layer."""
+        """Zero every pruned weight: ``weight.mul_(mask)`` on each target layer.
+
+        A parametrized weight (e.g. fake-quantized for QAT) is masked in its stored
+        original, since ``module.weight`` is then recomputed on every access.
+        """
         for module in self.layers_.values():
-            module.weight.mul_(self.mask_of(module))
+            stored_weight(module).mul_(self.mask_of(module))
 
 
 class ConstantPruningModifier(WeightMaskModifier):
@@ -171,3 +176,11 @@ class ConstantPruningModifier(WeightMaskModifier):
 
     def initial_mask(self, weight: torch.Tensor) -> torch.Tensor:
         return weight != 0
+
+
+def stored_weight(module: nn.Module) -> torch.Tensor:
+    """The weight tensor ``module`` stores: the parametrization's original when ``weight`` is
+    parametrized, else ``module.weight`` itself."""
+    if parametrize.is_parametrized(module, "weight"):
+        return module.parametrizations.weight.original
+    return module.weight
