@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from loguru import logger
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from lightning_compress.core.distributed import (
     all_reduce_max_,
@@ -35,8 +36,9 @@ from lightning_compress.core.distributed import (
     is_distributed,
 )
 from lightning_compress.modifiers.hessian import HessianAccumulator
+from lightning_compress.modifiers.input_scaling import follow_input_scaling
 
-__all__ = ["HessianCollector", "mask_sources", "token_mask"]
+__all__ = ["HessianCollector", "mask_sources", "same_input", "token_mask"]
 
 HESSIAN_DTYPE = torch.float64
 """Accumulation dtype: sums over differently sharded data then agree to far below float32
@@ -62,7 +64,7 @@ class _Read:
 
     def accepts(self, name: str, x: Tensor) -> bool:
         """Whether ``name`` reading ``x`` continues this read."""
-        if name in self.readers or not _same_input(self.tensor, x):
+        if name in self.readers or not same_input(self.tensor, x):
             return False
         return _version(x) == self.version
 
@@ -86,6 +88,7 @@ class HessianCollector:
         self._groups: dict[str, _Group] = {}
         self._read: _Read | None = None
         self._mask: Tensor | None = None
+        self._scale_hooks: list[RemovableHandle] = []
 
     def layer_hook(self, name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
         """The forward pre-hook that feeds layer ``name``'s input to its Hessian.
@@ -191,11 +194,49 @@ class HessianCollector:
             if group is not None:
                 group.names.discard(name)
 
+    def follow_input_scaling(self, layers: dict[str, nn.Module]) -> None:
+        """Keeps the Hessians of ``layers`` exact when smoothing rescales their inputs.
+
+        Registers input-scale hooks (:mod:`~lightning_compress.modifiers.input_scaling`): when
+        a smoothing modifier divides the inputs of some layers by ``s`` after they were
+        observed, their Hessians become ``diag(1/s) H diag(1/s)`` (see
+        :meth:`rescale_inputs`). Calling it again replaces the hooks; :meth:`clear` removes
+        them.
+
+        Args:
+            layers: the observed layers, by name.
+        """
+        self._remove_scale_hooks()
+        self._scale_hooks = follow_input_scaling(layers, self.rescale_inputs)
+
+    def rescale_inputs(self, names: list[str], scale: Tensor) -> None:
+        """Rescales the Hessians of ``names`` for inputs that are now ``x / scale``.
+
+        The current read is folded in first. A Hessian shared with layers outside ``names``
+        is split, so each accumulator is rescaled once and only for the layers it belongs to.
+
+        Args:
+            names: the layers whose inputs were divided by ``scale``.
+            scale: ``[in_features]``.
+        """
+        self.commit()
+        inverse = 1 / scale.to(HESSIAN_DTYPE)
+        for group in _distinct_groups(self._groups.get(name) for name in names):
+            hessian = self._split(group, set(names)).accumulator.hessian()
+            factors = inverse.to(hessian.device)
+            hessian.mul_(factors[:, None]).mul_(factors[None, :])
+
     def clear(self) -> None:
-        """Frees every Hessian and the current read."""
+        """Frees every Hessian and the current read, and stops following input scaling."""
         self._groups.clear()
         self._read = None
         self._mask = None
+        self._remove_scale_hooks()
+
+    def _remove_scale_hooks(self) -> None:
+        for handle in self._scale_hooks:
+            handle.remove()
+        self._scale_hooks = []
 
     def _accumulators_of(self, read: _Read) -> list[HessianAccumulator]:
         """The accumulators ``read`` goes into: one per group of readers, created or split so
@@ -278,7 +319,7 @@ def _takes_mask(module: nn.Module) -> bool:
         return False
 
 
-def _same_input(a: Tensor, b: Tensor) -> bool:
+def same_input(a: Tensor, b: Tensor) -> bool:
     """Whether ``b`` is ``a`` or a view of the same memory with the same layout (``a`` is
     kept alive by the caller, so its memory cannot have been reused)."""
     return a is b or (

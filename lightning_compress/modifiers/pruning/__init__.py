@@ -15,11 +15,15 @@ from lightning_compress.modifiers.pruning.masks import (
     unstructured_mask,
 )
 from lightning_compress.modifiers.pruning.schedule import interpolate_sparsity, update_point
+from lightning_compress.modifiers.pruning.sparsegpt_modifier import SparseGPTModifier
+from lightning_compress.modifiers.pruning.wanda import WandaPruningModifier
 
 __all__ = [
     "MASK_BUFFER",
     "ConstantPruningModifier",
     "MagnitudePruningModifier",
+    "SparseGPTModifier",
+    "WandaPruningModifier",
     "WeightMaskModifier",
     "full_tensor",
     "global_masks",

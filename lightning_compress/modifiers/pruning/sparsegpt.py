@@ -46,6 +46,8 @@ class SparseGPTResult(NamedTuple):
     """With ``quantize_args``: the zero points; else None."""
     dampening_used: float
     """The dampening fraction that made ``H`` invertible (see ``damp_and_invert``)."""
+    row_losses: Tensor
+    """``[out]``: each row's share of ``loss``."""
 
 
 class _ColumnPruner:
@@ -132,8 +134,13 @@ def sparsegpt_prune(
         quantize_args: when given, kept weights are quantized in the same sweep (as
             GPTQ with natural column order); pruned weights stay exactly 0.
 
+    With ``mask_structure`` (and without per-tensor ``quantize_args``) rows are pruned
+    independently, so weights that share ``H`` can be stacked into one call; an unstructured
+    mask is chosen over all rows of a block together.
+
     Returns:
-        The pruned weight, the mask, the loss, the qparams (or None) and the dampening used.
+        The pruned weight, the mask, the loss, the qparams (or None), the dampening used and
+        the loss per row.
 
     Raises:
         ValueError: on shapes or settings that do not fit.
@@ -150,5 +157,11 @@ def sparsegpt_prune(
     pruned, loss = sweep.run(pruner)
     scale, zero_point = (None, None) if quantizer is None else quantizer.qparams()
     return SparseGPTResult(
-        pruned.to(weight.dtype), pruner.mask, loss, scale, zero_point, sweep.dampening_frac
+        pruned.to(weight.dtype),
+        pruner.mask,
+        loss,
+        scale,
+        zero_point,
+        sweep.dampening_frac,
+        sweep.row_losses,
     )
