@@ -35,8 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lightning-compress",
         description="Compress models. Also: lightning-compress compress --config CONFIG.yaml "
-        "(one-shot compression) and lightning-compress {fit,validate,test,predict} --config "
-        "CONFIG.yaml (training); both are LightningCLI with the bundled model as default.",
+        "[--output_dir DIR] (one-shot compression, saved as a checkpoint transformers and vLLM "
+        "load) and lightning-compress {fit,validate,test,predict} --config CONFIG.yaml "
+        "(training); both are LightningCLI with the bundled model as default.",
     )
     parser.add_argument("--verbose", action="store_true", help="show the library's log")
     commands = parser.add_subparsers(dest="command", required=True)

@@ -53,6 +53,7 @@ class CompressionTrainer(pl.Trainer):
         offload_dir: str | None = None,
         output_dir: str | None = None,
         propagate_compressed: bool = True,
+        overwrite_output_dir: bool = False,
     ) -> nn.Module:
         """Compress a model after training with a recipe (one-shot, calibrated).
 
@@ -70,8 +71,11 @@ class CompressionTrainer(pl.Trainer):
             sequential_targets: class names of the blocks for the sequential pipeline.
             device: where blocks run; None: this Trainer's device.
             offload_dir: spill the activation cache to this directory.
-            output_dir: save the compressed model here.
+            output_dir: save the compressed model here, as a compressed-tensors checkpoint
+                that transformers and vLLM load (the bundled model as a Llama checkpoint,
+                with its tokenizer).
             propagate_compressed: feed each block the compressed previous block's outputs.
+            overwrite_output_dir: replace ``output_dir`` if it exists and is not empty.
 
         Returns:
             The compressed language model.
@@ -92,8 +96,9 @@ class CompressionTrainer(pl.Trainer):
                 max_seq_length,
                 num_calibration_samples,
             )
+        model = language_model(model)
         return oneshot(
-            language_model(model),
+            model,
             recipe,
             data,
             num_calibration_samples=num_calibration_samples,
@@ -108,6 +113,8 @@ class CompressionTrainer(pl.Trainer):
             recipe_args=recipe_args,
             propagate_compressed=propagate_compressed,
             trainer=self,
+            tokenizer=load_tokenizer() if isinstance(model, TinyDecoder) else None,
+            overwrite_output_dir=overwrite_output_dir,
         )
 
 
@@ -129,6 +136,9 @@ class CompressionCLI(LightningCLI):
 
     def after_compress(self) -> None:
         after = _bundled_perplexity(self.trainer, self.model)
+        output_dir = self.config[COMPRESS].get("output_dir")
+        if output_dir is not None and self.trainer.is_global_zero:
+            print(f"Saved the compressed model to {output_dir} (compressed-tensors format)")
         if after is not None:
             print(
                 f"Perplexity on {EVALUATION_WINDOWS} windows of the bundled evaluation text: "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import lightning.pytorch as pl
@@ -61,6 +62,10 @@ class Compressor(Callback):
         teacher: a teacher model for distillation modifiers.
         model_log_cadence: how often (in epochs, or steps when the epoch length is unknown)
             per-layer sparsity is logged to the Trainer's loggers.
+        save_dir: when training ends (after finalize, on rank 0), save the model the
+            LightningModule holds (a transformers model or the bundled TinyDecoder) here as a
+            compressed-tensors checkpoint with the recipe (``save_compressed``; needs the
+            ``hf`` extra). It must not exist or be empty; that is checked at ``setup``.
     """
 
     def __init__(
@@ -70,12 +75,14 @@ class Compressor(Callback):
         recipe_args: RecipeArgsInput | None = None,
         teacher: nn.Module | None = None,
         model_log_cadence: float | None = None,
+        save_dir: str | os.PathLike | None = None,
     ) -> None:
         self.recipe = recipe
         self.recipe_stage = recipe_stage
         self.recipe_args = recipe_args
         self.teacher = teacher
         self.model_log_cadence = model_log_cadence
+        self.save_dir = save_dir
         self.session = CompressionSession()
         self._optimizer_hooks: list[Any] = []
         self._global_batch = 0
@@ -86,6 +93,10 @@ class Compressor(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit" or self.session.lifecycle.initialized_:
             return
+        if self.save_dir is not None:  # on every rank, so that all of them stop alike
+            from lightning_compress.export import check_output_dir  # the optional hf extra
+
+            check_output_dir(self.save_dir, overwrite=False)
         recipe = (
             Recipe()
             if self.recipe is None
@@ -166,6 +177,14 @@ class Compressor(Callback):
         if self.session.lifecycle.initialized_ and not self.session.lifecycle.finalized:
             self.session.finalize()
             rank_zero_info(f"Compressor finished: {self._sparsity_line(pl_module)}")
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        finished = self.session.lifecycle.finalized
+        if self.save_dir is not None and trainer.is_global_zero and finished:
+            from lightning_compress.export import save_compressed  # the optional hf extra
+
+            save_compressed(pl_module, self.save_dir, recipe=self.session.get_serialized_recipe())
 
     @override
     def on_exception(

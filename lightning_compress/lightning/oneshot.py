@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from functools import partial
 from itertools import islice
 from pathlib import Path
@@ -51,6 +49,7 @@ def oneshot(
     trainer_kwargs: dict[str, Any] | None = None,
     propagate_compressed: bool = True,
     trainer: pl.Trainer | None = None,
+    overwrite_output_dir: bool = False,
 ) -> nn.Module:
     """Compress ``model`` after training: calibrate on ``dataset`` and apply ``recipe``.
 
@@ -74,7 +73,9 @@ def oneshot(
         num_calibration_samples: samples to take from the start of ``dataset``; None takes all.
         max_seq_length: samples are truncated to this many tokens (text is cut into windows
             of this length).
-        output_dir: save the compressed model here (``lightning_compress.export``).
+        output_dir: save the compressed model here, in the compressed-tensors format that
+            transformers and vLLM load (``lightning_compress.export.save_compressed``, with
+            the tokenizer and the recipe; needs the ``hf`` extra). Checked before calibrating.
         pipeline: ``auto``, ``sequential``, ``basic`` or ``data_free``. ``auto`` runs
             ``data_free`` (without reading ``dataset``) when no modifier needs calibration
             data (weight-only RTN, dynamic activations), else ``sequential`` where the model
@@ -93,6 +94,7 @@ def oneshot(
         propagate_compressed: feed each block the compressed previous block's outputs.
         trainer: run on this Trainer (built with ``inference_mode=False``) instead of one
             built from ``device``, ``devices``, ``strategy`` and ``trainer_kwargs``.
+        overwrite_output_dir: replace ``output_dir`` if it exists and is not empty.
 
     Returns:
         ``model``, compressed.
@@ -101,13 +103,19 @@ def oneshot(
         TypeError: if ``model`` or ``dataset`` has the wrong type.
         ValueError: for bad sizes, too little data, a spawning strategy, or ``trainer``
             together with Trainer settings.
-        NotImplementedError: if ``output_dir`` is set but no exporter is installed.
+        ExportError: if ``output_dir`` exists and is not empty (without
+            ``overwrite_output_dir``), or the compressed model cannot be exported.
+        ImportError: if ``output_dir`` is set but the ``hf`` extra is not installed.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if trainer is not None and (devices, strategy, trainer_kwargs) != (None, None, None):
         raise ValueError("pass either trainer or devices/strategy/trainer_kwargs, not both")
-    save = _exporter() if output_dir is not None else None
+    if output_dir is not None:
+        # Imported here: the export needs the optional hf extra.
+        from lightning_compress.export import check_output_dir, save_compressed
+
+        check_output_dir(output_dir, overwrite_output_dir)
     module = CalibrationModule(
         model,
         recipe,
@@ -136,8 +144,9 @@ def oneshot(
         else:
             trainer.validate(module, dataloaders=loader, verbose=False)
         is_global_zero = trainer.is_global_zero
-    if save is not None and is_global_zero:
-        save(model, output_dir, tokenizer)
+    if output_dir is not None and is_global_zero:
+        recipe_text = module.session.get_serialized_recipe()
+        save_compressed(model, output_dir, tokenizer, recipe_text, overwrite_output_dir)
     return model
 
 
@@ -374,15 +383,3 @@ def _refuse_spawning(trainer: pl.Trainer) -> None:
 def _shards_itself(trainer: pl.Trainer) -> bool:
     # Lightning exposes this Trainer flag only on its accelerator connector.
     return bool(trainer._accelerator_connector.use_distributed_sampler)
-
-
-def _exporter() -> Callable[[nn.Module, str | Path, Any], None]:
-    name = "lightning_compress.export"
-    if importlib.util.find_spec(name) is not None:
-        save = getattr(importlib.import_module(name), "save_compressed", None)
-        if save is not None:
-            return save
-    raise NotImplementedError(
-        "output_dir needs lightning_compress.export.save_compressed, which is not available "
-        "yet; call oneshot without output_dir and save the returned model yourself"
-    )

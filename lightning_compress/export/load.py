@@ -1,0 +1,148 @@
+"""``load_compressed``: read a compressed-tensors checkpoint back as a model to run or train."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from compressed_tensors.quantization import QuantizationConfig
+from compressed_tensors.quantization import QuantizationScheme as CTQuantizationScheme
+from compressed_tensors.utils.match import match_named_modules, match_targets
+from safetensors.torch import load_file
+from torch import Tensor, nn
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from lightning_compress.export.errors import ExportError
+from lightning_compress.export.save import CONFIG_NAME
+from lightning_compress.export.schemes import from_ct_scheme
+from lightning_compress.export.tensors import decompress_layer
+from lightning_compress.export.writer import INDEX_NAME, SINGLE_SHARD_NAME
+from lightning_compress.modifiers.quantization import QuantizationScheme, attach_quantization
+from lightning_compress.modifiers.quantization.ops import quantized_dtype
+from lightning_compress.modifiers.quantization.runtime import QPARAM_BUFFERS
+
+__all__ = ["load_compressed"]
+
+LAYER_TENSORS = ("weight", "bias")
+
+
+def load_compressed(path: str | os.PathLike, keep_quantization: bool = True) -> PreTrainedModel:
+    """Loads a compressed-tensors checkpoint (or a plain one) as a causal LM of transformers.
+
+    Each quantized layer is read with compressed-tensors' own decompressor, under the scheme
+    of the config group compressed-tensors matches it to. With ``keep_quantization`` the layer
+    then holds what this project's quantization leaves (its quantized weight, the
+    ``weight_scale`` / ``weight_zero_point`` / ``input_scale`` buffers, ``quantization_scheme``
+    and the input quantizer), so the model computes the logits of the model that was saved,
+    activation quantization included, and ``save_compressed`` writes it back unchanged.
+    Without it the model is dense, holding the dequantized weights: the start for a new
+    recipe (quantization-aware training, another scheme). Pruned weights stay zero either
+    way; a ``ConstantPruningModifier`` keeps them so while fine-tuning.
+
+    Args:
+        path: the checkpoint directory (``config.json`` and safetensors files).
+        keep_quantization: restore each quantized layer's quantization (True), or return
+            the dequantized dense model (False).
+
+    Returns:
+        The model, in eval mode, in the checkpoint's dtype.
+
+    Raises:
+        ExportError: when a config group targets layers other than ``nn.Linear`` or uses a
+            scheme this project cannot run, or when the checkpoint's tensors do not fit
+            the model.
+        FileNotFoundError: when ``path`` holds no ``config.json``.
+    """
+    path = Path(path)
+    config_dict = json.loads((path / CONFIG_NAME).read_text())
+    entry = config_dict.pop("quantization_config", None) or {}
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config_dict))
+    tensors = _read_tensors(path)
+    quantized: dict[str, tuple[nn.Module, CTQuantizationScheme, dict[str, Tensor]]] = {}
+    if entry.get("config_groups"):
+        config = QuantizationConfig.model_validate(entry)
+        for name, module, scheme in _assigned_schemes(model, config):
+            prefix = f"{name}."
+            stored = {key[len(prefix) :]: tensors.pop(key) for key in _local_keys(tensors, prefix)}
+            layer = decompress_layer(stored, scheme)
+            tensors.update({prefix + key: layer[key] for key in LAYER_TENSORS if key in layer})
+            qparams = {key: layer[key] for key in QPARAM_BUFFERS if key in layer}
+            quantized[name] = (module, scheme, qparams)
+    _load_state(model, tensors)
+    if keep_quantization:
+        for module, scheme, qparams in quantized.values():
+            _restore_quantization(module, from_ct_scheme(scheme), qparams)
+    return model.eval()
+
+
+def _read_tensors(path: Path) -> dict[str, Tensor]:
+    index = path / INDEX_NAME
+    files = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        if index.exists()
+        else [SINGLE_SHARD_NAME]
+    )
+    tensors: dict[str, Tensor] = {}
+    for name in files:
+        tensors.update(load_file(path / name))
+    return tensors
+
+
+def _assigned_schemes(
+    model: nn.Module, config: QuantizationConfig
+) -> list[tuple[str, nn.Module, CTQuantizationScheme]]:
+    """Each layer a config group covers, with its scheme, matched as compressed-tensors does."""
+    target_to_scheme: OrderedDict[str, CTQuantizationScheme] = OrderedDict()
+    for scheme in config.config_groups.values():
+        stored_as = scheme.format or config.format
+        for target in scheme.targets:
+            target_to_scheme[target] = scheme.model_copy(update={"format": stored_as})
+    assigned = []
+    for name, module in match_named_modules(model, target_to_scheme, config.ignore):
+        if not isinstance(module, nn.Linear):
+            raise ExportError(
+                f"the checkpoint quantizes '{name}', a {type(module).__name__}; lightning_"
+                "compress runs quantized Linear layers only"
+            )
+        # The most specific target wins: exact name, then regex, then class name.
+        scheme = target_to_scheme[match_targets(name, module, target_to_scheme)[0]]
+        assigned.append((name, module, scheme))
+    return assigned
+
+
+def _local_keys(tensors: dict[str, Tensor], prefix: str) -> list[str]:
+    return [key for key in tensors if key.startswith(prefix) and "." not in key[len(prefix) :]]
+
+
+def _load_state(model: nn.Module, tensors: dict[str, Tensor]) -> None:
+    """Loads ``tensors``; only tensors tied to loaded ones (tied embeddings) may be missing."""
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    state = model.state_dict()
+    loaded = {state[key].data_ptr() for key in tensors if key in state}
+    untied = [key for key in missing if state[key].data_ptr() not in loaded]
+    if unexpected or untied:
+        raise ExportError(
+            f"the checkpoint does not fit {type(model).__name__}: missing {untied}, unexpected "
+            f"{unexpected}"
+        )
+
+
+def _restore_quantization(
+    module: nn.Module, scheme: QuantizationScheme, stored: dict[str, Tensor]
+) -> None:
+    """Gives ``module`` its qparam buffers (zero points of symmetric schemes are 0) and scheme."""
+    for role, args in (("weight", scheme.weights), ("input", scheme.input_activations)):
+        scale = stored.get(f"{role}_scale")
+        if args is None or scale is None:
+            continue
+        zero_point = stored.get(f"{role}_zero_point")
+        if zero_point is None:
+            zero_point = torch.zeros(scale.shape, dtype=quantized_dtype(args))
+        module.register_buffer(f"{role}_scale", scale.to(module.weight.device))
+        module.register_buffer(
+            f"{role}_zero_point", zero_point.to(module.weight.device, quantized_dtype(args))
+        )
+    attach_quantization(module, scheme)

@@ -1,0 +1,118 @@
+"""``save_compressed``: write a compressed model as a compressed-tensors checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from loguru import logger
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from lightning_compress.export.errors import ExportError
+from lightning_compress.export.models import checkpoint_config, find_exportable
+from lightning_compress.export.quantization_config import quantization_config
+from lightning_compress.export.schemes import check_finished, quantized_layers
+from lightning_compress.export.sparsity import sparsity_config
+from lightning_compress.export.tensors import compressed_state_dict
+from lightning_compress.export.tokenizer import save_tokenizer
+from lightning_compress.export.writer import (
+    DEFAULT_MAX_SHARD_BYTES,
+    check_output_dir,
+    staged_directory,
+    write_shards,
+)
+from lightning_compress.recipe import Recipe, RecipeInput
+
+__all__ = ["CONFIG_NAME", "RECIPE_NAME", "save_compressed"]
+
+CONFIG_NAME = "config.json"
+RECIPE_NAME = "recipe.yaml"
+
+
+def save_compressed(
+    model: nn.Module,
+    output_dir: str | os.PathLike,
+    tokenizer: Any | None = None,
+    recipe: RecipeInput | None = None,
+    overwrite: bool = False,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> Path:
+    """Saves a compressed model in the compressed-tensors format transformers and vLLM load.
+
+    The directory gets safetensors shards in which every quantized layer is packed by
+    compressed-tensors (``pack-quantized`` for int4 weights, ``int-quantized`` for W8A8,
+    ``float-quantized`` for FP8, ...), ``config.json`` with a ``quantization_config``
+    (``quant_method: compressed-tensors``, one config group per distinct scheme, ``ignore``
+    for unquantized linear layers, and a ``sparsity_config`` when linear layers are pruned,
+    ``2:4`` or unstructured), the model's ``generation_config.json``, the tokenizer's files
+    and ``recipe.yaml``. ``AutoModelForCausalLM.from_pretrained(output_dir)`` then gives the
+    logits of the model in memory.
+
+    A model that was never quantized nor pruned is saved plainly (no ``quantization_config``).
+    The bundled ``TinyDecoder`` is saved as the ``LlamaForCausalLM`` it equals.
+
+    Everything is written into a hidden sibling directory renamed to ``output_dir`` at the
+    end: after an error or a crash, ``output_dir`` is either complete or as it was.
+
+    Args:
+        model: a transformers ``PreTrainedModel`` or ``TinyDecoder`` (or a module, such as a
+            LightningModule, holding exactly one), compressed and finalized.
+        output_dir: the checkpoint directory.
+        tokenizer: a transformers tokenizer or the bundled ``ByteTokenizer``, saved alongside.
+        recipe: the recipe that compressed the model (anything ``Recipe.create_instance``
+            reads: YAML text, a path, modifiers, a ``Recipe``), saved as ``recipe.yaml``.
+        overwrite: replace ``output_dir`` if it exists and is not empty.
+        max_shard_bytes: the largest safetensors file.
+
+    Returns:
+        ``output_dir`` as a Path.
+
+    Raises:
+        ExportError: when ``output_dir`` exists, is not empty and ``overwrite`` is false; when
+            compression is unfinished (QAT parametrizations, pruning masks); when a layer's
+            scheme cannot be expressed in compressed-tensors format (the message names the
+            layer and the scheme); when a weight left its quantization grid; or for sharded
+            (``DTensor``) weights.
+        TypeError: for a model that is not exportable, or an unsupported tokenizer.
+    """
+    path = check_output_dir(output_dir, overwrite)
+    model = find_exportable(model)
+    config = checkpoint_config(model)
+    _check_local(model)
+    check_finished(model)
+    layers = quantized_layers(model)
+    qconfig = quantization_config(model, layers, sparsity_config(model))
+    if qconfig is not None:
+        config["quantization_config"] = qconfig
+    tensors = compressed_state_dict(model, layers)
+    recipe_text = None if recipe is None else Recipe.create_instance(recipe).yaml()
+    with staged_directory(path, overwrite) as staging:
+        write_shards(tensors, staging, max_shard_bytes)
+        (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        generation_config = getattr(model, "generation_config", None)
+        if generation_config is not None:
+            generation_config.save_pretrained(staging)
+        if tokenizer is not None:
+            save_tokenizer(tokenizer, staging)
+        if recipe_text is not None:
+            (staging / RECIPE_NAME).write_text(recipe_text)
+    logger.info(
+        "saved {} ({} quantized layers, format {}) to {}",
+        type(model).__name__,
+        len(layers),
+        (qconfig or {}).get("format", "dense"),
+        path,
+    )
+    return path
+
+
+def _check_local(model: nn.Module) -> None:
+    sharded = [name for name, tensor in model.state_dict().items() if isinstance(tensor, DTensor)]
+    if sharded:
+        raise ExportError(
+            f"{len(sharded)} tensors (e.g. '{sharded[0]}') are sharded DTensors; gather the "
+            "full model on one process (e.g. load it from a full checkpoint) before saving"
+        )

@@ -1,0 +1,158 @@
+"""The quantized layers of a model, and their schemes in compressed-tensors terms.
+
+After one-shot quantization or quantization-aware training every quantized layer holds a
+``quantization_scheme`` (:class:`~lightning_compress.modifiers.quantization.QuantizationScheme`)
+and its qparam buffers, so the scheme of each layer is read from the layer itself.
+"""
+
+from __future__ import annotations
+
+from compressed_tensors.compressors.format import infer_module_format
+from compressed_tensors.quantization import QuantizationArgs as CTQuantizationArgs
+from compressed_tensors.quantization import QuantizationScheme as CTQuantizationScheme
+from pydantic import ValidationError
+from torch import nn
+from torch.nn.utils import parametrize
+
+from lightning_compress.export.errors import ExportError
+from lightning_compress.modifiers.pruning import MASK_BUFFER
+from lightning_compress.modifiers.quantization import QuantizationArgs, QuantizationScheme
+from lightning_compress.modifiers.quantization.qat import OBSERVER_BUFFERS
+
+__all__ = ["check_finished", "from_ct_scheme", "quantized_layers", "to_ct_scheme"]
+
+ROLES = ("weights", "input_activations", "output_activations")
+TRAINING_BUFFERS = (MASK_BUFFER, *OBSERVER_BUFFERS)
+
+
+def check_finished(model: nn.Module) -> None:
+    """Refuses a model whose compression is still under way.
+
+    Args:
+        model: the model to save.
+
+    Raises:
+        ExportError: when a layer's weight is still parametrized (quantization-aware training
+            not finalized) or a layer still holds pruning masks or observer statistics.
+    """
+    for name, module in model.named_modules():
+        leftovers = [buffer for buffer in TRAINING_BUFFERS if buffer in module._buffers]
+        if parametrize.is_parametrized(module) or leftovers:
+            what = leftovers or ["a weight parametrization"]
+            raise ExportError(
+                f"layer '{name}' still holds {what}: its compression is not finished; "
+                "finalize the session (trainer.fit ends it, or session.finalize()) before saving"
+            )
+
+
+def quantized_layers(model: nn.Module) -> dict[str, tuple[nn.Module, CTQuantizationScheme]]:
+    """The quantized layers of ``model``, each with its compressed-tensors scheme.
+
+    Args:
+        model: the model.
+
+    Returns:
+        Layer name to ``(layer, scheme)``; each scheme's ``format`` is the storage format
+        compressed-tensors picks for it (``pack-quantized``, ``int-quantized``, ...).
+
+    Raises:
+        ExportError: when a layer's scheme cannot be written in compressed-tensors format
+            (the message names the layer and its scheme), or a layer carries a scheme of
+            another library (a model transformers loaded from a compressed checkpoint).
+    """
+    layers = {}
+    for name, module in model.named_modules():
+        scheme = getattr(module, "quantization_scheme", None)
+        if scheme is None:
+            continue
+        if not isinstance(scheme, QuantizationScheme):
+            raise ExportError(
+                f"layer '{name}' carries a {type(scheme).__module__}.{type(scheme).__name__}, "
+                "not a lightning_compress scheme: load compressed checkpoints with "
+                "lightning_compress.export.load_compressed to save them again"
+            )
+        layers[name] = (module, to_ct_scheme(name, module))
+    return layers
+
+
+def to_ct_scheme(name: str, module: nn.Module) -> CTQuantizationScheme:
+    """The compressed-tensors scheme of one quantized layer, with its storage format.
+
+    Args:
+        name: the layer's name, for error messages.
+        module: the layer; it has a ``quantization_scheme``.
+
+    Returns:
+        The scheme, targeting ``name``.
+
+    Raises:
+        ExportError: when the scheme cannot be expressed in compressed-tensors format.
+    """
+    scheme: QuantizationScheme = module.quantization_scheme
+    if "weight_g_idx" in module._buffers:
+        raise ExportError(
+            f"layer '{name}' has scheme {scheme.to_dict()} with a weight_g_idx (GPTQ "
+            "actorder='group'/'dynamic': groups in activation order), which the installed "
+            "compressed-tensors no longer stores; quantize it with actorder='static'"
+        )
+    try:
+        ct_scheme = CTQuantizationScheme(
+            targets=[name],
+            **{role: _ct_args(getattr(scheme, role)) for role in ROLES},
+        )
+    except (ValidationError, ValueError, NotImplementedError) as err:
+        raise ExportError(
+            f"layer '{name}' has scheme {scheme.to_dict()}, which compressed-tensors cannot "
+            f"express: {err}"
+        ) from err
+    ct_scheme.format = infer_module_format(type(module), ct_scheme).value
+    return ct_scheme
+
+
+def from_ct_scheme(ct_scheme: CTQuantizationScheme) -> QuantizationScheme:
+    """This project's scheme for a compressed-tensors scheme read from a checkpoint.
+
+    Args:
+        ct_scheme: the scheme of a config group.
+
+    Returns:
+        The equivalent scheme, with the same targets.
+
+    Raises:
+        ExportError: when the scheme uses settings this project does not implement.
+    """
+    try:
+        return QuantizationScheme(
+            targets=list(ct_scheme.targets),
+            **{role: _our_args(getattr(ct_scheme, role)) for role in ROLES},
+        )
+    except ValueError as err:
+        raise ExportError(
+            f"checkpoint scheme {ct_scheme.model_dump()} cannot be run by lightning_compress: {err}"
+        ) from err
+
+
+def _ct_args(args: QuantizationArgs | None) -> CTQuantizationArgs | None:
+    if args is None:
+        return None
+    return CTQuantizationArgs(
+        num_bits=args.num_bits,
+        type=args.type,
+        symmetric=args.symmetric,
+        strategy=args.strategy,
+        group_size=args.group_size,
+        dynamic=args.dynamic,
+    )
+
+
+def _our_args(args: CTQuantizationArgs | None) -> QuantizationArgs | None:
+    if args is None:
+        return None
+    return QuantizationArgs(
+        num_bits=args.num_bits,
+        type=str(args.type),
+        symmetric=args.symmetric,
+        strategy=str(args.strategy),
+        group_size=args.group_size,
+        dynamic=args.dynamic,
+    )

@@ -1,0 +1,79 @@
+"""The ``sparsity_config`` entry: which linear layers are pruned, and how."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from compressed_tensors.config import CompressionFormat, DenseSparsityConfig, SparsityStructure
+from torch import nn
+
+from lightning_compress.export.quantization_config import LINEAR_TARGET, unmatched_linears
+
+__all__ = ["SPARSITY_THRESHOLD", "follows_2_4", "sparsity_config"]
+
+SPARSITY_THRESHOLD = 0.5
+"""A linear layer counts as pruned when at least this fraction of its weights is zero.
+
+Rounding to 4 bits alone zeroes far fewer weights, so quantized layers are not mistaken for
+pruned ones."""
+
+
+def sparsity_config(model: nn.Module) -> dict[str, Any] | None:
+    """Describes the pruned linear layers of ``model``, read from their zero weights.
+
+    Pruning modifiers leave their zeros in the weights and nothing else, so sparsity is
+    measured: layers with at least :data:`SPARSITY_THRESHOLD` zeros are the targets, and the
+    structure is ``2:4`` when every one of them keeps at most 2 of each 4 consecutive input
+    weights; ``global_sparsity`` is the fraction of zeros over all linear weights. The weights
+    are stored dense (format ``dense``), which every compressed-tensors reader loads,
+    quantized or not.
+
+    Args:
+        model: the model.
+
+    Returns:
+        The ``sparsity_config`` mapping, or None when no linear layer is pruned.
+    """
+    linears = {
+        name: module.weight.detach()
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear)
+    }
+    zeros = {name: int((weight == 0).sum()) for name, weight in linears.items()}
+    sparse = [
+        name
+        for name, weight in linears.items()
+        if zeros[name] >= SPARSITY_THRESHOLD * weight.numel()
+    ]
+    if not sparse:
+        return None
+    structure = (
+        SparsityStructure.TWO_FOUR
+        if all(follows_2_4(linears[name]) for name in sparse)
+        else SparsityStructure.UNSTRUCTURED
+    )
+    total = sum(weight.numel() for weight in linears.values())
+    config = DenseSparsityConfig(
+        format=CompressionFormat.dense.value,
+        targets=[LINEAR_TARGET],
+        ignore=unmatched_linears(model, set(sparse)),
+        global_sparsity=sum(zeros.values()) / total,
+        sparsity_structure=structure.value,
+    )
+    return config.model_dump()
+
+
+def follows_2_4(weight: torch.Tensor) -> bool:
+    """Whether every run of 4 consecutive input weights of each row holds at least 2 zeros.
+
+    Args:
+        weight: a ``[out_features, in_features]`` weight.
+
+    Returns:
+        True for a 2:4-sparse weight (``in_features`` must be a multiple of 4).
+    """
+    if weight.dim() != 2 or weight.shape[1] % 4:
+        return False
+    zeros_per_group = (weight.reshape(weight.shape[0], -1, 4) == 0).sum(dim=-1)
+    return bool((zeros_per_group >= 2).all())

@@ -1,0 +1,104 @@
+"""The tensors of a compressed-tensors checkpoint: quantized layers packed by compressed-tensors."""
+
+from __future__ import annotations
+
+import torch
+from compressed_tensors.compressors import BaseCompressor
+from compressed_tensors.quantization import QuantizationScheme as CTQuantizationScheme
+from torch import Tensor, nn
+
+from lightning_compress.export.errors import ExportError
+
+__all__ = ["compress_layer", "compressed_state_dict", "decompress_layer"]
+
+Layers = dict[str, tuple[nn.Module, CTQuantizationScheme]]
+ROUNDING_ULPS = 2
+"""How far (in units of the weight dtype's epsilon, relative) a stored weight may read back."""
+
+
+def compressed_state_dict(model: nn.Module, layers: Layers) -> dict[str, Tensor]:
+    """``model``'s state dict with each quantized layer in its compressed-tensors format.
+
+    Tensors shared by several names (tied embeddings) are kept once, under the first name.
+
+    Args:
+        model: the model.
+        layers: its quantized layers with their compressed-tensors schemes.
+
+    Returns:
+        Checkpoint names to tensors, in ``state_dict`` order.
+
+    Raises:
+        ExportError: when a layer's weight does not read back as it is in memory.
+    """
+    state = model.state_dict()
+    per_layer: dict[str, dict[str, Tensor]] = {}
+    for key, tensor in state.items():
+        owner, _, attribute = key.rpartition(".")
+        if owner in layers:
+            per_layer.setdefault(owner, {})[attribute] = tensor
+    out: dict[str, Tensor] = {}
+    seen: set[tuple[torch.device, int, torch.Size, torch.dtype]] = set()
+    for key, tensor in state.items():
+        owner = key.rpartition(".")[0]
+        if owner in layers:
+            if owner in per_layer:  # the layer's first tensor: write all of them packed
+                packed = compress_layer(owner, per_layer.pop(owner), layers[owner][1])
+                out.update({f"{owner}.{name}": value for name, value in packed.items()})
+            continue
+        view = (tensor.device, tensor.data_ptr(), tensor.shape, tensor.dtype)
+        if view in seen and tensor.numel():
+            continue
+        seen.add(view)
+        out[key] = tensor
+    return out
+
+
+def compress_layer(
+    name: str, tensors: dict[str, Tensor], scheme: CTQuantizationScheme
+) -> dict[str, Tensor]:
+    """Packs one quantized layer with compressed-tensors, and checks it reads back unchanged.
+
+    Args:
+        name: the layer's name, for error messages.
+        tensors: its tensors by local name (``weight``, ``weight_scale``, ...).
+        scheme: its compressed-tensors scheme, with ``format`` set.
+
+    Returns:
+        The compressed tensors by local name (e.g. ``weight_packed``, ``weight_shape``,
+        ``weight_scale``).
+
+    Raises:
+        ExportError: when the stored weight would read back different from
+            ``tensors["weight"]`` (beyond :data:`ROUNDING_ULPS`): the weight is not on the grid
+            of its qparams, so it changed after quantization.
+    """
+    compressor = BaseCompressor.get_value_from_registry(scheme.format)
+    packed = compressor.compress(dict(tensors), scheme)
+    weight = tensors["weight"].float()
+    restored = decompress_layer(packed, scheme)["weight"].float()
+    # Our dequantization and compressed-tensors' round differently, by an ulp at most.
+    rtol = ROUNDING_ULPS * torch.finfo(tensors["weight"].dtype).eps
+    if not torch.allclose(restored, weight, rtol=rtol, atol=0.0):
+        error = float((restored - weight).abs().max())
+        raise ExportError(
+            f"layer '{name}' would be stored with a different weight than it has (max "
+            f"difference {error:.3g}): its weight is not on the grid of its weight_scale/"
+            "weight_zero_point, so it changed after quantization (e.g. trained without "
+            "quantization-aware training); quantize it again before saving"
+        )
+    return packed
+
+
+def decompress_layer(tensors: dict[str, Tensor], scheme: CTQuantizationScheme) -> dict[str, Tensor]:
+    """Reads one layer back with compressed-tensors' own decompressor.
+
+    Args:
+        tensors: the layer's stored tensors by local name.
+        scheme: its compressed-tensors scheme, with ``format`` set.
+
+    Returns:
+        The tensors with ``weight`` dequantized (qparams kept as stored).
+    """
+    compressor = BaseCompressor.get_value_from_registry(scheme.format)
+    return compressor.decompress(dict(tensors), scheme)

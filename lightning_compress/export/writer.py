@@ -1,0 +1,162 @@
+"""Atomic checkpoint directories and safetensors shards."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from safetensors.torch import save_file
+from torch import Tensor
+
+from lightning_compress.export.errors import ExportError
+
+__all__ = [
+    "DEFAULT_MAX_SHARD_BYTES",
+    "INDEX_NAME",
+    "SINGLE_SHARD_NAME",
+    "check_output_dir",
+    "staged_directory",
+    "write_shards",
+]
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
+SINGLE_SHARD_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+STAGING_SUFFIX = ".partial"
+
+
+def check_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> Path:
+    """Checks that a checkpoint may be written to ``output_dir``.
+
+    Args:
+        output_dir: the checkpoint directory.
+        overwrite: whether an existing, non-empty directory may be replaced.
+
+    Returns:
+        ``output_dir`` as a Path.
+
+    Raises:
+        ExportError: when ``output_dir`` is a file, or a non-empty directory and
+            ``overwrite`` is false.
+    """
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise ExportError(f"output directory {str(path)!r} exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise ExportError(
+            f"output directory {str(path)!r} exists and is not empty; choose another "
+            "directory or set overwrite=True to replace it"
+        )
+    return path
+
+
+@contextmanager
+def staged_directory(output_dir: str | os.PathLike, overwrite: bool) -> Iterator[Path]:
+    """Yields an empty sibling directory that becomes ``output_dir`` when the block succeeds.
+
+    Everything is written into a hidden temporary sibling (``.<name>.<random>.partial``),
+    renamed to ``output_dir`` at the end; an error inside the block removes it, so
+    ``output_dir`` is either the complete checkpoint or untouched.
+
+    Args:
+        output_dir: the checkpoint directory.
+        overwrite: replace an existing, non-empty ``output_dir``.
+
+    Yields:
+        The staging directory to write into.
+
+    Raises:
+        ExportError: as :func:`check_output_dir`.
+    """
+    path = check_output_dir(output_dir, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = _sibling(path, STAGING_SUFFIX)
+    try:
+        yield staging
+        check_output_dir(path, overwrite)
+        _publish(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _publish(staging: Path, path: Path) -> None:
+    """Renames ``staging`` to ``path``, first moving an existing ``path`` out of the way."""
+    retired = None
+    if path.exists():
+        retired = _sibling(path, ".old")
+        os.replace(path, retired / path.name)
+    os.replace(staging, path)
+    if retired is not None:
+        shutil.rmtree(retired, ignore_errors=True)
+
+
+def _sibling(path: Path, suffix: str) -> Path:
+    """Creates a new hidden directory beside ``path`` (with the usual permissions)."""
+    sibling = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}{suffix}"
+    sibling.mkdir()
+    return sibling
+
+
+def write_shards(
+    tensors: dict[str, Tensor], directory: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+) -> list[str]:
+    """Writes ``tensors`` as safetensors files, with an index when there are several.
+
+    Names follow transformers: ``model.safetensors``, or ``model-00001-of-0000N.safetensors``
+    plus ``model.safetensors.index.json`` mapping every tensor to its file.
+
+    Args:
+        tensors: checkpoint names to tensors (no two may share memory).
+        directory: where to write.
+        max_shard_bytes: the largest size of one file (a larger single tensor gets its own).
+
+    Returns:
+        The file names written.
+
+    Raises:
+        ValueError: when ``max_shard_bytes`` is not positive.
+    """
+    if max_shard_bytes <= 0:
+        raise ValueError(f"max_shard_bytes: expected a positive int, got {max_shard_bytes}")
+    shards = _plan_shards(tensors, max_shard_bytes)
+    count = len(shards)
+    names = (
+        [SINGLE_SHARD_NAME]
+        if count == 1
+        else [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+    )
+    weight_map = {}
+    for name, keys in zip(names, shards, strict=True):
+        shard = {key: tensors[key].detach().cpu().contiguous() for key in keys}
+        save_file(shard, directory / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(keys, name))
+    if count > 1:
+        index = {
+            "metadata": {"total_size": sum(_nbytes(t) for t in tensors.values())},
+            "weight_map": weight_map,
+        }
+        (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    return names
+
+
+def _plan_shards(tensors: dict[str, Tensor], max_shard_bytes: int) -> list[list[str]]:
+    shards: list[list[str]] = [[]]
+    size = 0
+    for key, tensor in tensors.items():
+        nbytes = _nbytes(tensor)
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += nbytes
+    return shards
+
+
+def _nbytes(tensor: Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
