@@ -58,12 +58,13 @@ def main(argv: list[str] | None = None) -> None:
     Args:
         argv: the arguments; ``sys.argv[1:]`` when None.
     """
+    given = argv
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in TRAINER_COMMANDS:
         from lightning_compress.lightning.cli import run_cli
 
         _show_warnings_only()
-        run_cli(argv)
+        run_cli(given)  # None: LightningCLI reads sys.argv itself (no "args and argv" warning)
         return
     args = build_parser().parse_args(argv)
     if not args.verbose:
