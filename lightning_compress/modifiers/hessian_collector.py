@@ -11,23 +11,21 @@ in two (each part keeps a copy of the common history), so every layer's Hessian 
 exactly the one of the inputs it saw.
 
 Padding is skipped when the attention mask is visible: forward pre-hooks on the layers'
-ancestors whose ``forward`` takes an ``attention_mask`` record it (a ``[batch, seq]`` mask, or
-the diagonal of a ``[batch, heads, seq, seq]`` one: a real token may attend to itself), and it
-is applied to the layer inputs whose leading dimensions are ``[batch, seq]``.
+ancestors whose ``forward`` takes an ``attention_mask`` record it
+(:class:`~lightning_compress.modifiers.layerwise.TokenMaskTracker`), and it is applied to the
+layer inputs whose leading dimensions are ``[batch, seq]``.
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from loguru import logger
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
 from lightning_compress.core.distributed import (
     all_reduce_max_,
@@ -36,9 +34,9 @@ from lightning_compress.core.distributed import (
     is_distributed,
 )
 from lightning_compress.modifiers.hessian import HessianAccumulator
-from lightning_compress.modifiers.input_scaling import follow_input_scaling
+from lightning_compress.modifiers.layerwise import StatisticsCollector
 
-__all__ = ["HessianCollector", "mask_sources", "same_input", "token_mask"]
+__all__ = ["HessianCollector", "mask_sources", "same_input", "tensor_version"]
 
 HESSIAN_DTYPE = torch.float64
 """Accumulation dtype: sums over differently sharded data then agree to far below float32
@@ -66,10 +64,10 @@ class _Read:
         """Whether ``name`` reading ``x`` continues this read."""
         if name in self.readers or not same_input(self.tensor, x):
             return False
-        return _version(x) == self.version
+        return tensor_version(x) == self.version
 
 
-class HessianCollector:
+class HessianCollector(StatisticsCollector):
     """Accumulates the input Hessians of named linear layers, shared between layers that read
     the same input (see the module docstring).
 
@@ -83,47 +81,10 @@ class HessianCollector:
     """
 
     def __init__(self, offload: bool = False) -> None:
+        super().__init__()
         self.offload = offload
-        self.num_reads = 0
         self._groups: dict[str, _Group] = {}
         self._read: _Read | None = None
-        self._mask: Tensor | None = None
-        self._scale_hooks: list[RemovableHandle] = []
-
-    def layer_hook(self, name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
-        """The forward pre-hook that feeds layer ``name``'s input to its Hessian.
-
-        Args:
-            name: the layer's name.
-
-        Returns:
-            The hook.
-        """
-
-        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            self.observe(name, args[0])
-
-        return hook
-
-    def mask_hook(self, module: nn.Module) -> Callable[[nn.Module, tuple, dict], None]:
-        """The forward pre-hook (``with_kwargs=True``) recording ``module``'s attention mask.
-
-        Args:
-            module: a module whose ``forward`` takes ``attention_mask``.
-
-        Returns:
-            The hook.
-        """
-        signature = inspect.signature(module.forward)
-
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            try:
-                mask = signature.bind_partial(*args, **kwargs).arguments.get("attention_mask")
-            except TypeError:
-                mask = None
-            self._mask = token_mask(mask)
-
-        return hook
 
     def observe(self, name: str, x: Tensor) -> None:
         """Records that layer ``name`` read ``x``.
@@ -136,8 +97,7 @@ class HessianCollector:
             self._read.readers.append(name)
             return
         self.commit()
-        mask = self._mask if self._mask is not None and self._mask.shape == x.shape[:-1] else None
-        self._read = _Read(x.detach(), _version(x), mask, [name])
+        self._read = _Read(x.detach(), tensor_version(x), self.masks.mask_for(x), [name])
 
     def commit(self) -> None:
         """Folds the current read into the Hessians of its readers.
@@ -148,7 +108,7 @@ class HessianCollector:
         read, self._read = self._read, None
         if read is None:
             return
-        if _version(read.tensor) != read.version:
+        if tensor_version(read.tensor) != read.version:
             raise RuntimeError(
                 f"the input of {read.readers} was modified in place after the layer read it; "
                 "the Hessian needs the input as the layer saw it"
@@ -194,25 +154,10 @@ class HessianCollector:
             if group is not None:
                 group.names.discard(name)
 
-    def follow_input_scaling(self, layers: dict[str, nn.Module]) -> None:
-        """Keeps the Hessians of ``layers`` exact when smoothing rescales their inputs.
-
-        Registers input-scale hooks (:mod:`~lightning_compress.modifiers.input_scaling`): when
-        a smoothing modifier divides the inputs of some layers by ``s`` after they were
-        observed, their Hessians become ``diag(1/s) H diag(1/s)`` (see
-        :meth:`rescale_inputs`). Calling it again replaces the hooks; :meth:`clear` removes
-        them.
-
-        Args:
-            layers: the observed layers, by name.
-        """
-        self._remove_scale_hooks()
-        self._scale_hooks = follow_input_scaling(layers, self.rescale_inputs)
-
     def rescale_inputs(self, names: list[str], scale: Tensor) -> None:
         """Rescales the Hessians of ``names`` for inputs that are now ``x / scale``.
 
-        The current read is folded in first. A Hessian shared with layers outside ``names``
+        They become ``diag(1/s) H diag(1/s)``. The current read is folded in first. A Hessian shared with layers outside ``names``
         is split, so each accumulator is rescaled once and only for the layers it belongs to.
 
         Args:
@@ -228,15 +173,9 @@ class HessianCollector:
 
     def clear(self) -> None:
         """Frees every Hessian and the current read, and stops following input scaling."""
+        super().clear()
         self._groups.clear()
         self._read = None
-        self._mask = None
-        self._remove_scale_hooks()
-
-    def _remove_scale_hooks(self) -> None:
-        for handle in self._scale_hooks:
-            handle.remove()
-        self._scale_hooks = []
 
     def _accumulators_of(self, read: _Read) -> list[HessianAccumulator]:
         """The accumulators ``read`` goes into: one per group of readers, created or split so
@@ -292,26 +231,6 @@ def mask_sources(model: nn.Module, names: Iterable[str]) -> list[nn.Module]:
     return [module for module in modules.values() if _takes_mask(module)]
 
 
-def token_mask(mask: Any) -> Tensor | None:
-    """The ``[batch, seq]`` boolean mask of real tokens an attention mask describes.
-
-    Args:
-        mask: ``[batch, seq]`` (non-zero: a real token), or ``[batch, heads, seq, seq]``
-            boolean (True: may attend) or additive (0: may attend); anything else is ignored.
-
-    Returns:
-        True for real tokens, or None when ``mask`` says nothing usable.
-    """
-    if not isinstance(mask, Tensor):
-        return None
-    if mask.dim() == 2:
-        return mask != 0
-    if mask.dim() == 4 and mask.shape[-1] == mask.shape[-2]:
-        diagonal = mask[:, 0].diagonal(dim1=-2, dim2=-1)
-        return diagonal if mask.dtype == torch.bool else diagonal == 0
-    return None
-
-
 def _takes_mask(module: nn.Module) -> bool:
     try:
         return "attention_mask" in inspect.signature(module.forward).parameters
@@ -331,8 +250,15 @@ def same_input(a: Tensor, b: Tensor) -> bool:
     )
 
 
-def _version(x: Tensor) -> int:
-    """In-place modification counter (inference tensors have none and cannot change)."""
+def tensor_version(x: Tensor) -> int:
+    """The in-place modification counter of ``x``: it changes when ``x`` is modified in place.
+
+    Args:
+        x: a tensor.
+
+    Returns:
+        ``x._version``, or 0 for an inference tensor (which has none and cannot change).
+    """
     return 0 if x.is_inference() else x._version
 
 
