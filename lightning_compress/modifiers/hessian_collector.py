@@ -157,8 +157,9 @@ class HessianCollector(StatisticsCollector):
     def rescale_inputs(self, names: list[str], scale: Tensor) -> None:
         """Rescales the Hessians of ``names`` for inputs that are now ``x / scale``.
 
-        They become ``diag(1/s) H diag(1/s)``. The current read is folded in first. A Hessian shared with layers outside ``names``
-        is split, so each accumulator is rescaled once and only for the layers it belongs to.
+        They become ``diag(1/s) H diag(1/s)``. The current read is folded in first. A Hessian
+        shared with layers outside ``names`` is split, so each accumulator is rescaled once and
+        only for the layers it belongs to.
 
         Args:
             names: the layers whose inputs were divided by ``scale``.

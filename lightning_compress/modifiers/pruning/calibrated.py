@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -15,23 +14,19 @@ from lightning_compress.core.events import Event, EventType
 from lightning_compress.core.state import State
 from lightning_compress.modifiers.base import Modifier
 from lightning_compress.modifiers.hessian_collector import mask_sources
-from lightning_compress.modifiers.pruning.layerwise import (
+from lightning_compress.modifiers.layerwise import (
     StatisticsCollector,
     check_calibrated,
     layers_inside,
     linear_layers,
     needs_data,
 )
-from lightning_compress.modifiers.pruning.masks import (
-    MASK_STRUCTURE_EXPECTED,
-    parse_mask_structure,
-)
-from lightning_compress.recipe.errors import RecipeError
+from lightning_compress.modifiers.pruning.masks import MaskStructureSetting
 
 __all__ = ["CalibratedPruningModifier"]
 
 
-class CalibratedPruningModifier(Modifier, register=False):
+class CalibratedPruningModifier(Modifier, MaskStructureSetting, register=False):
     """Base of one-shot pruning modifiers that choose each ``nn.Linear``'s mask from its inputs.
 
     At CALIBRATION_EPOCH_START every targeted layer gets a forward pre-hook feeding its
@@ -78,25 +73,12 @@ class CalibratedPruningModifier(Modifier, register=False):
             )
         if not 0.0 <= self.sparsity < 1.0:
             self.fail("sparsity", "a float in [0, 1)")
-        try:
-            structure = self.structure
-        except ValueError:
-            self.fail("mask_structure", MASK_STRUCTURE_EXPECTED)
-        if structure is not None:
-            n, m = structure
-            if not math.isclose(self.sparsity, 1 - n / m):
-                expected = f"{1 - n / m:g} (= 1 - N/M for mask_structure {self.mask_structure!r})"
-                self.fail("sparsity", expected)
+        self.check_mask_structure("sparsity")
 
     @property
     def needs_calibration_data(self) -> bool:
         """True: the masks are chosen from the layers' calibration inputs."""
         return True
-
-    @property
-    def structure(self) -> tuple[int, int] | None:
-        """``(n, m)`` of an N:M ``mask_structure``, None when unstructured."""
-        return parse_mask_structure(self.mask_structure)
 
     # ----------------------------------------------------- for the subclasses
     def make_collector(self) -> StatisticsCollector:
@@ -142,7 +124,7 @@ class CalibratedPruningModifier(Modifier, register=False):
     def on_initialize(self, state: State, **kwargs: Any) -> None:
         targets = self.resolve_targets(state.model)
         self._pending: dict[str, nn.Linear] = linear_layers(type(self).__name__, targets)
-        self._check_widths()
+        self.check_widths({name: module.in_features for name, module in self._pending.items()})
         self._collector = self.make_collector()
         self._layer_hooks: dict[str, RemovableHandle] = {}
         self.layer_sparsity: dict[str, float] = {}
@@ -183,23 +165,6 @@ class CalibratedPruningModifier(Modifier, register=False):
         super().abort(state)
 
     # ------------------------------------------------------------------ pruning
-    def _check_widths(self) -> None:
-        """Refuses N:M on layers whose ``in_features`` is not a multiple of M."""
-        if self.structure is None:
-            return
-        m = self.structure[1]
-        bad = [
-            f"{name} (in_features={module.in_features})"
-            for name, module in self._pending.items()
-            if module.in_features % m
-        ]
-        if bad:
-            raise RecipeError(
-                f"{type(self).__name__}.mask_structure: {self.mask_structure!r} needs "
-                f"in_features divisible by {m}, but {bad} are not; expected such layers only "
-                "(add the others to ignore)"
-            )
-
     def _prune(self, state: State, names: list[str]) -> None:
         """Prunes the pending layers ``names``: every one is computed before any changes.
 
@@ -207,8 +172,7 @@ class CalibratedPruningModifier(Modifier, register=False):
         """
         layers = {name: self._pending[name] for name in names}
         statistics = self._collector.reduced(layers)
-        counts = {name: stats.num_samples for name, stats in statistics.items()}
-        check_calibrated(type(self).__name__, counts, self._collector.num_reads)
+        check_calibrated(type(self).__name__, statistics, self._collector.num_reads)
         pruned, losses, seconds = {}, {}, {}
         for stack in self.stacks(layers, statistics):
             begin = time.perf_counter()

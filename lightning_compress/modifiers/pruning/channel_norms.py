@@ -4,25 +4,22 @@ Per layer this is one float64 vector ``[in_features]``, ``sum over tokens of x_j
 token count: no Hessian. Layers that read the same input one after another (``q/k/v_proj``,
 ``gate/up_proj``) compute it once: the next reader of the same, unchanged tensor adds the
 vector already computed. Padded tokens are skipped when the attention mask is visible
-(see :class:`~lightning_compress.modifiers.pruning.layerwise.TokenMaskTracker`). When
+(see :class:`~lightning_compress.modifiers.layerwise.TokenMaskTracker`). When
 smoothing divides a layer's inputs by ``s`` after they were observed, its sums are divided
 by ``s^2`` (:mod:`~lightning_compress.modifiers.input_scaling`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
 from lightning_compress.core.distributed import all_reduce_sum_
-from lightning_compress.modifiers.hessian_collector import same_input
-from lightning_compress.modifiers.input_scaling import follow_input_scaling
-from lightning_compress.modifiers.pruning.layerwise import TokenMaskTracker
+from lightning_compress.modifiers.hessian_collector import same_input, tensor_version
+from lightning_compress.modifiers.layerwise import StatisticsCollector
 
 __all__ = ["ChannelNormCollector", "ChannelNorms"]
 
@@ -57,10 +54,10 @@ class _Read:
     num_samples: int
 
     def matches(self, x: Tensor) -> bool:
-        return same_input(self.tensor, x) and _version(x) == self.version
+        return same_input(self.tensor, x) and tensor_version(x) == self.version
 
 
-class ChannelNormCollector:
+class ChannelNormCollector(StatisticsCollector):
     """Accumulates the squared input-channel norms of named linear layers.
 
     Feed it with :meth:`layer_hook` (a forward pre-hook per layer) and :meth:`mask_hook`
@@ -69,37 +66,9 @@ class ChannelNormCollector:
     """
 
     def __init__(self) -> None:
-        self.num_reads = 0
+        super().__init__()
         self._norms: dict[str, ChannelNorms] = {}
         self._read: _Read | None = None
-        self._masks = TokenMaskTracker()
-        self._scale_hooks: list[RemovableHandle] = []
-
-    def layer_hook(self, name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
-        """The forward pre-hook that feeds layer ``name``'s input to its norms.
-
-        Args:
-            name: the layer's name.
-
-        Returns:
-            The hook.
-        """
-
-        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            self.observe(name, args[0])
-
-        return hook
-
-    def mask_hook(self, module: nn.Module) -> Callable[[nn.Module, tuple, dict], None]:
-        """The forward pre-hook (``with_kwargs=True``) recording ``module``'s attention mask.
-
-        Args:
-            module: a module whose ``forward`` takes ``attention_mask``.
-
-        Returns:
-            The hook.
-        """
-        return self._masks.hook(module)
 
     @torch.no_grad()
     def observe(self, name: str, x: Tensor) -> None:
@@ -111,11 +80,11 @@ class ChannelNormCollector:
         """
         if self._read is None or not self._read.matches(x):
             rows = x.detach().reshape(-1, x.shape[-1])
-            mask = self._masks.mask_for(x)
+            mask = self.masks.mask_for(x)
             if mask is not None:
                 rows = rows[mask.reshape(-1).to(device=rows.device, dtype=torch.bool)]
             sum_squares = rows.to(NORM_DTYPE).square().sum(dim=0)
-            self._read = _Read(x, _version(x), sum_squares, rows.shape[0])
+            self._read = _Read(x, tensor_version(x), sum_squares, rows.shape[0])
             self.num_reads += 1
         norms = self._norms.get(name)
         if norms is None:
@@ -156,17 +125,6 @@ class ChannelNormCollector:
             )
         }
 
-    def follow_input_scaling(self, layers: dict[str, nn.Module]) -> None:
-        """Keeps the norms of ``layers`` exact when smoothing rescales their inputs.
-
-        Calling it again replaces the hooks; :meth:`clear` removes them.
-
-        Args:
-            layers: the observed layers, by name.
-        """
-        self._remove_scale_hooks()
-        self._scale_hooks = follow_input_scaling(layers, self.rescale_inputs)
-
     def rescale_inputs(self, names: list[str], scale: Tensor) -> None:
         """Divides the sums of squares of ``names`` by ``scale^2``, for inputs now ``x / scale``.
 
@@ -191,17 +149,6 @@ class ChannelNormCollector:
 
     def clear(self) -> None:
         """Frees every layer's norms, the latest input and mask; stops following input scaling."""
+        super().clear()
         self._norms.clear()
         self._read = None
-        self._masks.current = None
-        self._remove_scale_hooks()
-
-    def _remove_scale_hooks(self) -> None:
-        for handle in self._scale_hooks:
-            handle.remove()
-        self._scale_hooks = []
-
-
-def _version(x: Tensor) -> int:
-    """In-place modification counter (inference tensors have none and cannot change)."""
-    return 0 if x.is_inference() else x._version

@@ -13,11 +13,10 @@ from lightning_compress.core.state import State
 from lightning_compress.modifiers.base import UNTIL_END
 from lightning_compress.modifiers.pruning.constant import WeightMaskModifier
 from lightning_compress.modifiers.pruning.masks import (
-    MASK_STRUCTURE_EXPECTED,
+    MaskStructureSetting,
     full_tensor,
     global_masks,
     nm_mask,
-    parse_mask_structure,
     unstructured_mask,
 )
 from lightning_compress.modifiers.pruning.schedule import (
@@ -25,12 +24,11 @@ from lightning_compress.modifiers.pruning.schedule import (
     interpolate_sparsity,
     update_point,
 )
-from lightning_compress.recipe.errors import RecipeError
 
 __all__ = ["MagnitudePruningModifier"]
 
 
-class MagnitudePruningModifier(WeightMaskModifier):
+class MagnitudePruningModifier(WeightMaskModifier, MaskStructureSetting):
     """Prune the smallest-magnitude weights, gradually during training or in one shot.
 
     Training (``start >= 0``): at each BATCH_START from ``start`` through ``end`` the target
@@ -78,29 +76,11 @@ class MagnitudePruningModifier(WeightMaskModifier):
                 self.fail(name, "a float in [0, 1)")
         if self.init_sparsity > self.final_sparsity:
             self.fail("init_sparsity", f"a float <= final_sparsity={self.final_sparsity}")
-        self._check_structure()
+        self.check_mask_structure("final_sparsity")
         if self.start is None:
             self.fail("start", "an index >= 0, or -1 for one-shot")
         if not self.is_one_shot and (self.end in (None, UNTIL_END) or self.end <= self.start):
             self.fail("end", f"an index after start={self.start}, where final_sparsity is reached")
-
-    def _check_structure(self) -> None:
-        try:
-            structure = self.structure
-        except ValueError:
-            self.fail("mask_structure", MASK_STRUCTURE_EXPECTED)
-        if structure is not None:
-            n, m = structure
-            if not math.isclose(self.final_sparsity, 1 - n / m):
-                self.fail(
-                    "final_sparsity",
-                    f"{1 - n / m:g} (= 1 - N/M for mask_structure {self.mask_structure!r})",
-                )
-
-    @property
-    def structure(self) -> tuple[int, int] | None:
-        """``(n, m)`` of an N:M ``mask_structure``, None when unstructured."""
-        return parse_mask_structure(self.mask_structure)
 
     # ---------------------------------------------------------------- lifecycle
     def on_initialize(self, state: State, **kwargs: Any) -> None:
@@ -123,20 +103,7 @@ class MagnitudePruningModifier(WeightMaskModifier):
                 ``in_features`` divisible by M and a layer's is not.
         """
         layers = super().weight_layers(model)
-        if self.structure is None:
-            return layers
-        m = self.structure[1]
-        bad = [
-            f"{name} (in_features={module.weight.shape[1]})"
-            for name, module in layers.items()
-            if module.weight.shape[1] % m
-        ]
-        if bad:
-            raise RecipeError(
-                f"{type(self).__name__}.mask_structure: {self.mask_structure!r} needs "
-                f"in_features divisible by {m}, but {bad} are not; expected such layers only "
-                f"(add the others to ignore)"
-            )
+        self.check_widths({name: module.weight.shape[1] for name, module in layers.items()})
         return layers
 
     def on_start(self, state: State, event: Event | None, **kwargs: Any) -> None:

@@ -7,15 +7,22 @@ Ties are broken the same way everywhere: among equal scores, the one with the lo
 The layout helpers ``full_tensor`` and ``like_weight`` let the same selection run on
 weights sharded as ``DTensor`` (FSDP2): select on the full tensor so that all ranks agree,
 then shard the mask exactly like the weight so that ``weight.mul_(mask)`` stays shard-local.
+``MaskStructureSetting`` gives pruning modifiers their ``mask_structure`` and its checks.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
+
 import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from lightning_compress.recipe.errors import RecipeError
+
 __all__ = [
     "MASK_STRUCTURE_EXPECTED",
+    "MaskStructureSetting",
     "full_tensor",
     "global_masks",
     "like_weight",
@@ -125,6 +132,63 @@ def parse_mask_structure(mask_structure: str) -> tuple[int, int] | None:
         if 0 < n < m:
             return n, m
     raise ValueError(f"mask_structure: expected {MASK_STRUCTURE_EXPECTED}, got {mask_structure!r}")
+
+
+class MaskStructureSetting:
+    """The ``mask_structure`` setting of a pruning modifier, and the checks N:M needs.
+
+    A mixin for :class:`~lightning_compress.modifiers.base.Modifier` subclasses, which declare
+    the field themselves (``mask_structure: str = "0:0"``): ``"0:0"`` (unstructured) or
+    ``"N:M"`` (keep N of every M consecutive input columns in each row).
+    """
+
+    mask_structure: str
+
+    @property
+    def structure(self) -> tuple[int, int] | None:
+        """``(n, m)`` of an N:M ``mask_structure``, None when unstructured."""
+        return parse_mask_structure(self.mask_structure)
+
+    def check_mask_structure(self, sparsity_field: str) -> None:
+        """Refuses a malformed ``mask_structure``, and N:M with a sparsity other than ``1 - N/M``.
+
+        Call it from ``validate``.
+
+        Args:
+            sparsity_field: the field holding the sparsity that N:M must reach.
+
+        Raises:
+            RecipeError: naming ``mask_structure`` or ``sparsity_field``.
+        """
+        try:
+            structure = self.structure
+        except ValueError:
+            self.fail("mask_structure", MASK_STRUCTURE_EXPECTED)
+        if structure is not None:
+            n, m = structure
+            if not math.isclose(getattr(self, sparsity_field), 1 - n / m):
+                expected = f"{1 - n / m:g} (= 1 - N/M for mask_structure {self.mask_structure!r})"
+                self.fail(sparsity_field, expected)
+
+    def check_widths(self, in_features: Mapping[str, int]) -> None:
+        """Refuses N:M on layers whose ``in_features`` is not a multiple of M.
+
+        Args:
+            in_features: the input width of each targeted layer, by name.
+
+        Raises:
+            RecipeError: naming every such layer.
+        """
+        if self.structure is None:
+            return
+        m = self.structure[1]
+        bad = [f"{name} (in_features={width})" for name, width in in_features.items() if width % m]
+        if bad:
+            raise RecipeError(
+                f"{type(self).__name__}.mask_structure: {self.mask_structure!r} needs "
+                f"in_features divisible by {m}, but {bad} are not; expected such layers only "
+                "(add the others to ignore)"
+            )
 
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:

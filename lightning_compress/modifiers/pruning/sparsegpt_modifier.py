@@ -9,8 +9,8 @@ from torch import Tensor, nn
 
 from lightning_compress.modifiers.hessian import HessianAccumulator
 from lightning_compress.modifiers.hessian_collector import HessianCollector
+from lightning_compress.modifiers.layerwise import solve_on_hessian
 from lightning_compress.modifiers.pruning.calibrated import CalibratedPruningModifier
-from lightning_compress.modifiers.pruning.layerwise import solve_on_hessian
 from lightning_compress.modifiers.pruning.sparsegpt import SparseGPTResult, sparsegpt_prune
 
 __all__ = ["SparseGPTModifier"]

@@ -8,12 +8,12 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from lightning_compress.core.distributed import all_reduce_sum_
 from lightning_compress.core.events import Event
 from lightning_compress.core.state import State
 from lightning_compress.modifiers.base import ONE_SHOT
-from lightning_compress.modifiers.hessian import HessianAccumulator, SingularHessianError
+from lightning_compress.modifiers.hessian import HessianAccumulator
 from lightning_compress.modifiers.hessian_collector import HessianCollector, mask_sources
+from lightning_compress.modifiers.layerwise import check_calibrated, needs_data, solve_on_hessian
 from lightning_compress.modifiers.quantization.args import QuantizationScheme
 from lightning_compress.modifiers.quantization.calibration import QuantizedLayer, quantized_layer
 from lightning_compress.modifiers.quantization.gptq import (
@@ -121,7 +121,7 @@ class GPTQModifier(QuantizationModifier):
 
     def on_start(self, state: State, event: Event | None, **kwargs: Any) -> None:
         if event is None:
-            raise _needs_data(type(self).__name__, "finalize ran without calibration")
+            raise needs_data(type(self).__name__, "finalize ran without calibration")
         super().on_start(state, event, **kwargs)
         for name in self._plan:
             self.register_layer_hook(name, self._hessians.layer_hook(name), "forward_pre")
@@ -161,7 +161,7 @@ class GPTQModifier(QuantizationModifier):
                 be inverted (``SingularHessianError``); the message names the layer.
         """
         hessians = self._hessians.reduced({name: self._pending[name][0] for name in names})
-        self._check_calibrated(hessians)
+        check_calibrated(type(self).__name__, hessians, self._hessians.num_reads)
         results, losses, seconds = {}, {}, {}
         for stack in self._stacks(names, hessians):
             begin = time.perf_counter()
@@ -206,42 +206,16 @@ class GPTQModifier(QuantizationModifier):
 
     def _gptq(self, stack: list[str], hessian: Tensor) -> GPTQResult:
         """GPTQ for the pending layers ``stack`` (sharing ``hessian``); errors name them."""
-        where = f"layer '{stack[0]}'" if len(stack) == 1 else f"layers {stack}"
         weight = torch.cat([self._pending[name][0].weight.detach() for name in stack])
-        scheme = self._pending[stack[0]][1]
-        if not bool(torch.isfinite(hessian).all()):
-            raise ValueError(
-                f"{type(self).__name__}: the Hessian of {where} holds NaN or Inf: its "
-                "calibration inputs are not finite (check the data and the model's dtype, e.g. "
-                "float16 overflow), or add the layer to ignore"
-            )
-        dtype = torch.promote_types(weight.dtype, torch.float32)
-        hessian = hessian.to(device=weight.device, dtype=dtype)
-        try:
-            return gptq_quantize(
-                weight, hessian, scheme.weights, self.block_size, self.dampening_frac, self.actorder
-            )
-        except SingularHessianError as err:
-            raise SingularHessianError(
-                f"{type(self).__name__}: the Hessian of {where} cannot be inverted: "
-                f"{err}. Set {type(self).__name__}.dampening_frac higher (it is "
-                f"{self.dampening_frac}), or add the layer to ignore"
-            ) from err
+        args = self._pending[stack[0]][1].weights
 
-    def _check_calibrated(self, hessians: dict[str, HessianAccumulator]) -> None:
-        """Refuses layers that saw no tokens on any rank."""
-        empty = [name for name, hessian in hessians.items() if hessian.num_samples == 0]
-        if not empty:
-            return
-        reads = all_reduce_sum_(torch.tensor([self._hessians.num_reads]))
-        if int(reads.item()) == 0:
-            raise _needs_data(type(self).__name__, "no calibration batch reached its layers")
-        raise ValueError(
-            f"{type(self).__name__}: layer(s) {empty} received no calibration tokens; expected "
-            "every targeted layer to run on calibration data (the sequential pipeline runs only "
-            "the repeated blocks, so layers outside them such as lm_head see none): add them "
-            "to ignore, use pipeline='basic', or check that the attention mask keeps tokens"
-        )
+        def quantize(converted: Tensor) -> GPTQResult:
+            return gptq_quantize(
+                weight, converted, args, self.block_size, self.dampening_frac, self.actorder
+            )
+
+        owner = type(self).__name__
+        return solve_on_hessian(owner, stack, weight, hessian, self.dampening_frac, quantize)
 
     def _log_losses(
         self, state: State, losses: dict[str, float], seconds: dict[str, float]
@@ -252,9 +226,4 @@ class GPTQModifier(QuantizationModifier):
             state.loggers.log_scalars("GPTQ/seconds", seconds)
 
 
-def _needs_data(owner: str, what: str) -> RecipeError:
-    return RecipeError(
-        f"{owner} needs calibration data, but {what}; run it with calibration data, e.g. "
-        "oneshot(model, recipe, dataset=...) or Trainer(inference_mode=False).validate("
-        "CalibrationModule(model, recipe), dataloaders=...), not with the data_free pipeline"
-    )
+_needs_data = needs_data  # smoothing/base.py imports it from here until it imports layerwise

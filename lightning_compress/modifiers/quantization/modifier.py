@@ -13,6 +13,7 @@ from torch.utils.hooks import RemovableHandle
 from lightning_compress.core.events import Event, EventType
 from lightning_compress.core.state import State
 from lightning_compress.modifiers.base import ONE_SHOT, Modifier
+from lightning_compress.modifiers.layerwise import layers_inside, linear_layers
 from lightning_compress.modifiers.quantization.args import (
     PRESET_SCHEMES,
     QuantizationScheme,
@@ -202,14 +203,8 @@ class QuantizationModifier(Modifier):
             return
         if not self.started_ or self.ended_:
             return
-        subgraph = kwargs.get("subgraph")
-        if not isinstance(subgraph, nn.Module):
-            raise ValueError(
-                f"{type(self).__name__}: SEQUENTIAL_EPOCH_END needs subgraph=<the module just "
-                f"calibrated>, got {subgraph!r}"
-            )
-        inside = {id(module) for module in subgraph.modules()}
-        names = [name for name, (module, _) in self._pending.items() if id(module) in inside]
+        pending = {name: module for name, (module, _) in self._pending.items()}
+        names = layers_inside(type(self).__name__, kwargs.get("subgraph"), pending)
         self._quantize_pending(state, names)
 
     def on_update(self, state: State, event: Event, **kwargs: Any) -> None:
@@ -250,21 +245,18 @@ class QuantizationModifier(Modifier):
 
     # ----------------------------------------------------------------- planning
     def _plan_layers(self, model: nn.Module) -> Plan:
+        owner = type(self).__name__
         plan: Plan = {}
         for scheme in self.resolved_schemes():
-            for name, module in self.resolve_targets(model, scheme.targets).items():
+            layers = linear_layers(owner, self.resolve_targets(model, scheme.targets))
+            for name, module in layers.items():
                 if name in plan:
                     raise RecipeError(
-                        f"{type(self).__name__}: layer '{name}' is targeted by two schemes "
+                        f"{owner}: layer '{name}' is targeted by two schemes "
                         f"({plan[name][1].targets} and {scheme.targets}); expected one"
                     )
-                if not isinstance(module, nn.Linear):
-                    raise RecipeError(
-                        f"{type(self).__name__}.targets: layer '{name}' is a "
-                        f"{type(module).__name__}; expected Linear layers"
-                    )
                 plan[name] = (module, scheme)
-        _check_group_sizes(type(self).__name__, plan)
+        _check_group_sizes(owner, plan)
         return plan
 
     # ----------------------------------------------------------------- one-shot

@@ -1,0 +1,360 @@
+"""Steps shared by one-shot modifiers that compress each ``nn.Linear`` from its calibration inputs.
+
+GPTQ, SparseGPT and Wanda hook the targeted layers at CALIBRATION_EPOCH_START, gather
+statistics of their inputs, reduce them across ranks and compress each block's layers at its
+SEQUENTIAL_EPOCH_END. The helpers here are the parts of that flow that do not depend on the
+method: the base of the statistics collectors, the attention-mask bookkeeping that keeps
+padded tokens out of the statistics, the error for a run without data, the check that every
+layer saw tokens, which layers a subgraph holds, and a Hessian solve whose errors name the
+layer.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Protocol, TypeVar
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from lightning_compress.core.distributed import all_reduce_sum_
+from lightning_compress.modifiers.hessian import SingularHessianError
+from lightning_compress.modifiers.input_scaling import follow_input_scaling
+from lightning_compress.recipe.errors import RecipeError
+
+__all__ = [
+    "InputStatistics",
+    "StatisticsCollector",
+    "TokenMaskTracker",
+    "check_calibrated",
+    "layers_inside",
+    "linear_layers",
+    "needs_data",
+    "solve_on_hessian",
+    "token_mask",
+]
+
+Result = TypeVar("Result")
+
+
+class InputStatistics(Protocol):
+    """What a collector holds per layer after reduction: at least the tokens it saw."""
+
+    @property
+    def num_samples(self) -> int:
+        """Tokens accumulated, over all ranks."""
+
+
+def token_mask(mask: Any) -> Tensor | None:
+    """The ``[batch, seq]`` boolean mask of real tokens an attention mask describes.
+
+    Args:
+        mask: ``[batch, seq]`` (non-zero: a real token), or ``[batch, heads, seq, seq]``
+            boolean (True: may attend) or additive (0: may attend); anything else is ignored.
+
+    Returns:
+        True for real tokens, or None when ``mask`` says nothing usable.
+    """
+    if not isinstance(mask, Tensor):
+        return None
+    if mask.dim() == 2:
+        return mask != 0
+    if mask.dim() == 4 and mask.shape[-1] == mask.shape[-2]:
+        diagonal = mask[:, 0].diagonal(dim1=-2, dim2=-1)
+        return diagonal if mask.dtype == torch.bool else diagonal == 0
+    return None
+
+
+class TokenMaskTracker:
+    """Keeps the token mask of the latest forward of the modules taking an ``attention_mask``.
+
+    Register :meth:`hook` (a forward pre-hook with kwargs) on the layers' ancestors that take
+    an ``attention_mask`` (``hessian_collector.mask_sources``); :meth:`mask_for` then gives
+    the ``[batch, seq]`` mask of real tokens for a layer input of that layout. A ``[batch,
+    heads, seq, seq]`` mask gives its diagonal: a real token may attend to itself.
+    """
+
+    def __init__(self) -> None:
+        self.current: Tensor | None = None
+
+    def hook(self, module: nn.Module) -> Callable[[nn.Module, tuple, dict], None]:
+        """The forward pre-hook (``with_kwargs=True``) recording ``module``'s attention mask.
+
+        Args:
+            module: a module whose ``forward`` takes ``attention_mask``.
+
+        Returns:
+            The hook.
+        """
+        signature = inspect.signature(module.forward)
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            try:
+                mask = signature.bind_partial(*args, **kwargs).arguments.get("attention_mask")
+            except TypeError:
+                mask = None
+            self.current = token_mask(mask)
+
+        return hook
+
+    def mask_for(self, x: Tensor) -> Tensor | None:
+        """The mask of real tokens for the layer input ``x`` laid out ``[batch, seq, ...]``.
+
+        Args:
+            x: a layer input ``[..., in_features]``.
+
+        Returns:
+            A bool mask shaped ``x.shape[:-1]``, or None when no mask fits.
+        """
+        mask = self.current
+        return mask if mask is not None and mask.shape == x.shape[:-1] else None
+
+
+class StatisticsCollector:
+    """Base of the collectors of per-layer input statistics (``HessianCollector``, Wanda's
+    ``ChannelNormCollector``).
+
+    Feed one with :meth:`layer_hook` (a forward pre-hook per layer) and :meth:`mask_hook`
+    (forward pre-hooks with kwargs on ``hessian_collector.mask_sources``); read the
+    statistics, summed across ranks, with :meth:`reduced`. Subclasses fold each input into
+    their statistics in :meth:`observe` (skipping the padded tokens ``masks`` reports),
+    correct them in :meth:`rescale_inputs`, and give :meth:`reduced` and :meth:`discard`.
+
+    Attributes:
+        num_reads: distinct layer inputs folded in on this rank.
+        masks: the attention mask of the latest forward.
+    """
+
+    def __init__(self) -> None:
+        self.num_reads = 0
+        self.masks = TokenMaskTracker()
+        self._scale_hooks: list[RemovableHandle] = []
+
+    def layer_hook(self, name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+        """The forward pre-hook that feeds layer ``name``'s input to :meth:`observe`.
+
+        Args:
+            name: the layer's name.
+
+        Returns:
+            The hook.
+        """
+
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            self.observe(name, args[0])
+
+        return hook
+
+    def mask_hook(self, module: nn.Module) -> Callable[[nn.Module, tuple, dict], None]:
+        """The forward pre-hook (``with_kwargs=True``) recording ``module``'s attention mask.
+
+        Args:
+            module: a module whose ``forward`` takes ``attention_mask``.
+
+        Returns:
+            The hook.
+        """
+        return self.masks.hook(module)
+
+    def observe(self, name: str, x: Tensor) -> None:
+        """Folds the input ``x`` of layer ``name`` into its statistics.
+
+        Args:
+            name: the layer's name.
+            x: its input ``[..., in_features]``.
+        """
+        raise NotImplementedError
+
+    def follow_input_scaling(self, layers: dict[str, nn.Module]) -> None:
+        """Keeps the statistics of ``layers`` exact when smoothing rescales their inputs.
+
+        Registers input-scale hooks (:mod:`~lightning_compress.modifiers.input_scaling`) that
+        call :meth:`rescale_inputs` when a smoothing modifier divides the inputs of some of
+        ``layers`` by ``s`` after they were observed. Calling it again replaces the hooks;
+        :meth:`clear` removes them.
+
+        Args:
+            layers: the observed layers, by name.
+        """
+        self._remove_scale_hooks()
+        self._scale_hooks = follow_input_scaling(layers, self.rescale_inputs)
+
+    def rescale_inputs(self, names: list[str], scale: Tensor) -> None:
+        """Corrects the statistics of ``names`` for inputs that are now ``x / scale``.
+
+        Args:
+            names: the layers whose inputs were divided by ``scale``.
+            scale: ``[in_features]``.
+        """
+        raise NotImplementedError
+
+    def reduced(self, layers: dict[str, nn.Linear]) -> Mapping[str, InputStatistics]:
+        """Every layer's statistics, summed over all ranks (a collective call).
+
+        Every rank must call this with the same layers in the same order.
+
+        Args:
+            layers: the layers, by name.
+
+        Returns:
+            The reduced statistics, by name.
+        """
+        raise NotImplementedError
+
+    def discard(self, names: Iterable[str]) -> None:
+        """Frees the statistics of ``names``.
+
+        Args:
+            names: the layers.
+        """
+        raise NotImplementedError
+
+    def clear(self) -> None:
+        """Forgets the latest attention mask and stops following input scaling.
+
+        Subclasses also free their statistics.
+        """
+        self.masks.current = None
+        self._remove_scale_hooks()
+
+    def _remove_scale_hooks(self) -> None:
+        for handle in self._scale_hooks:
+            handle.remove()
+        self._scale_hooks = []
+
+
+def needs_data(owner: str, what: str) -> RecipeError:
+    """The error for a modifier that needs calibration data and got none.
+
+    Args:
+        owner: the modifier's class name.
+        what: what happened, e.g. ``"finalize ran without calibration"``.
+
+    Returns:
+        The error, naming the ways to pass calibration data.
+    """
+    return RecipeError(
+        f"{owner} needs calibration data, but {what}; run it with calibration data, e.g. "
+        "oneshot(model, recipe, dataset=...) or Trainer(inference_mode=False).validate("
+        "CalibrationModule(model, recipe), dataloaders=...), not with the data_free pipeline"
+    )
+
+
+def linear_layers(owner: str, layers: dict[str, nn.Module]) -> dict[str, nn.Linear]:
+    """Checks that every targeted layer is an ``nn.Linear``.
+
+    Args:
+        owner: the modifier's class name.
+        layers: the resolved targets, by name.
+
+    Returns:
+        ``layers``.
+
+    Raises:
+        RecipeError: naming the first layer that is not a ``Linear``.
+    """
+    for name, module in layers.items():
+        if not isinstance(module, nn.Linear):
+            raise RecipeError(
+                f"{owner}.targets: layer '{name}' is a {type(module).__name__}; expected "
+                "Linear layers (narrow targets or add the layer to ignore)"
+            )
+    return layers
+
+
+def layers_inside(owner: str, subgraph: Any, layers: Mapping[str, nn.Module]) -> list[str]:
+    """The names of ``layers`` that are submodules of ``subgraph``, in ``layers``' order.
+
+    Args:
+        owner: the modifier's class name.
+        subgraph: what SEQUENTIAL_EPOCH_END was given as ``subgraph``.
+        layers: the layers still to compress, by name.
+
+    Returns:
+        The names.
+
+    Raises:
+        ValueError: when ``subgraph`` is not a module.
+    """
+    if not isinstance(subgraph, nn.Module):
+        raise ValueError(
+            f"{owner}: SEQUENTIAL_EPOCH_END needs subgraph=<the module just calibrated>, "
+            f"got {subgraph!r}"
+        )
+    inside = {id(module) for module in subgraph.modules()}
+    return [name for name, module in layers.items() if id(module) in inside]
+
+
+def check_calibrated(owner: str, statistics: Mapping[str, InputStatistics], num_reads: int) -> None:
+    """Refuses layers that saw no tokens on any rank.
+
+    Every rank must call it with the same reduced statistics (it reduces ``num_reads`` only
+    when some layer is empty, which then holds on every rank).
+
+    Args:
+        owner: the modifier's class name.
+        statistics: each layer's statistics, reduced over ranks.
+        num_reads: layer inputs this rank folded in.
+
+    Raises:
+        RecipeError: when no calibration batch reached the layers on any rank.
+        ValueError: when only some layers saw no tokens; the message names them.
+    """
+    empty = [name for name, stats in statistics.items() if stats.num_samples == 0]
+    if not empty:
+        return
+    reads = all_reduce_sum_(torch.tensor([num_reads]))
+    if int(reads.item()) == 0:
+        raise needs_data(owner, "no calibration batch reached its layers")
+    raise ValueError(
+        f"{owner}: layer(s) {empty} received no calibration tokens; expected every targeted "
+        "layer to run on calibration data (the sequential pipeline runs only the repeated "
+        "blocks, so layers outside them such as lm_head see none): add them to ignore, use "
+        "pipeline='basic', or check that the attention mask keeps tokens"
+    )
+
+
+def solve_on_hessian(
+    owner: str,
+    names: Sequence[str],
+    weight: Tensor,
+    hessian: Tensor,
+    dampening_frac: float,
+    solve: Callable[[Tensor], Result],
+) -> Result:
+    """Runs ``solve`` on the Hessian of the layers ``names``, with errors that name them.
+
+    The Hessian is moved to the weight's device, in the weight's dtype but at least float32.
+
+    Args:
+        owner: the modifier's class name.
+        names: the layers sharing the Hessian (one, or several stacked into ``weight``).
+        weight: their weight.
+        hessian: their reduced input Hessian.
+        dampening_frac: the modifier's dampening, for the advice in errors.
+        solve: the method (GPTQ, SparseGPT) given the converted Hessian.
+
+    Returns:
+        What ``solve`` returns.
+
+    Raises:
+        ValueError: when the Hessian holds NaN or Inf.
+        SingularHessianError: when no dampening made it invertible.
+    """
+    where = f"layer '{names[0]}'" if len(names) == 1 else f"layers {list(names)}"
+    if not bool(torch.isfinite(hessian).all()):
+        raise ValueError(
+            f"{owner}: the Hessian of {where} holds NaN or Inf: its calibration inputs are "
+            "not finite (check the data and the model's dtype, e.g. float16 overflow), or add "
+            "the layer to ignore"
+        )
+    dtype = torch.promote_types(weight.dtype, torch.float32)
+    try:
+        return solve(hessian.to(device=weight.device, dtype=dtype))
+    except SingularHessianError as err:
+        raise SingularHessianError(
+            f"{owner}: the Hessian of {where} cannot be inverted: {err}. Set "
+            f"{owner}.dampening_frac higher (it is {dampening_frac}), or add the layer to ignore"
+        ) from err
