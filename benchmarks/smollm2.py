@@ -21,6 +21,7 @@ llm-compressor's ``oneshot`` in another Python environment (``smollm2_reference.
 
     python benchmarks/smollm2.py prepare [--split exact]   # once: model, tokenizer, windows
     python benchmarks/smollm2.py [--runs fp gptq_w4a16_g64] [--threads 2] [--pipeline auto]
+    python benchmarks/smollm2.py --propagate uncompressed     # one forward per block
     python benchmarks/smollm2.py --reference --reference-python /tmp/llmc-venv/bin/python
     python benchmarks/smollm2.py --sides ours reference --reference-python ...
 
@@ -164,6 +165,7 @@ def worker(run: str, args: argparse.Namespace) -> dict[str, Any]:
             num_calibration_samples=len(calibration),
             max_seq_length=SEQ_LEN,
             pipeline=args.pipeline,
+            propagate_compressed=args.propagate == "compressed",
             device="cpu",
             trainer_kwargs={"enable_progress_bar": False},
         )
@@ -171,6 +173,7 @@ def worker(run: str, args: argparse.Namespace) -> dict[str, Any]:
     measured = {
         "run": run,
         "side": "ours",
+        "propagate": args.propagate,
         "compress_s": seconds,
         "rss_loaded_mib": rss_loaded,
         "rss_compressed_mib": peak_rss_mib(),
@@ -212,7 +215,8 @@ def run_in_subprocess(side: str, run: str, args: argparse.Namespace) -> dict[str
     ]
     if side == "ours":
         script = str(HERE / "smollm2.py")
-        command = [sys.executable, script, "--worker", run, "--pipeline", args.pipeline, *common]
+        command = [sys.executable, script, "--worker", run, "--pipeline", args.pipeline]
+        command += ["--propagate", args.propagate, *common]
     else:
         if args.reference_python is None:
             raise SystemExit("--reference needs --reference-python /path/to/venv/bin/python")
@@ -241,7 +245,7 @@ def print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
         f"\nSmolLM2-135M-Instruct, CPU, {args.threads} threads: calibration "
         f"{args.calibration_windows} x {SEQ_LEN} tokens, perplexity over "
         f"{args.eval_windows} x {SEQ_LEN} tokens (novels split: {split}; our pipeline: "
-        f"{args.pipeline})\n"
+        f"{args.pipeline}, propagating {args.propagate} block outputs)\n"
     )
     print(
         "| run | tool | compress (s) | peak RSS, loaded (MiB) | peak RSS, compressed (MiB) "
@@ -249,7 +253,9 @@ def print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     )
     for row in rows:
         seconds = "-" if row["compress_s"] is None else f"{row['compress_s']:.1f}"
-        tool = "lightning-compress" if row["side"] == "ours" else "llm-compressor"
+        tool = "llm-compressor"
+        if row["side"] == "ours":
+            tool = "lightning-compress" + (", one pass" if row["propagate"] != "compressed" else "")
         print(
             f"| {row['run']} | {tool} | {seconds} | {row['rss_loaded_mib']:.0f} "
             f"| {row['rss_compressed_mib']:.0f} | {row['sparsity']:.1%} "
@@ -282,6 +288,12 @@ def parse_args() -> argparse.Namespace:
         default="auto",
         choices=("auto", "sequential", "basic", "data_free"),
         help="our oneshot pipeline (llm-compressor infers its own)",
+    )
+    parser.add_argument(
+        "--propagate",
+        choices=("compressed", "uncompressed"),
+        default="compressed",
+        help="which outputs of a calibrated block feed the next (uncompressed: one pass)",
     )
     parser.add_argument(
         "--split", choices=SPLITS, default="newline", help="prepare: how each novel is cut"
