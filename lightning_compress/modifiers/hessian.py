@@ -17,7 +17,8 @@ are laid out like a linear layer's, so the Hessian needs no change).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -361,10 +362,26 @@ class BlockwiseOBS:
         self._block_columns = self._columns[first:last]
         self._block_errors = torch.zeros_like(self._block_columns)
         hinv = self.hinv[first:last, first:last]
+        with _one_thread():  # tiny ops: intra-op threads would only add fork/join waits
+            self._sweep_block(first, last, hinv, target)
+        return self._block_errors.square().sum(dim=0) / 2
+
+    def _sweep_block(self, first: int, last: int, hinv: Tensor, target: ColumnTarget) -> None:
+        """The column loop of :meth:`_run_block`."""
         for i in range(last - first):
             w = self._block_columns[i]
             q = target(first + i, w.clone(), self)
             error = torch.sub(w, q, out=self._block_errors[i]).div_(hinv[i, i])
             self._block_columns[i + 1 :].addr_(hinv[i, i + 1 :], error, alpha=-1)
             w.copy_(q)
-        return self._block_errors.square().sum(dim=0) / 2
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Runs the body with one intra-op thread, then restores the thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
