@@ -1,0 +1,247 @@
+"""``AWQModifier``: activation-aware scales searched to protect the salient weight columns."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_compress.core.events import Event
+from lightning_compress.core.state import State
+from lightning_compress.modifiers.hessian_collector import HessianCollector, mask_sources
+from lightning_compress.modifiers.quantization.args import QuantizationArgs, preset_scheme
+from lightning_compress.modifiers.quantization.ops import (
+    fake_quantize,
+    qparams_for_weight,
+    strategy_groups,
+)
+from lightning_compress.modifiers.smoothing.base import SmoothingModifier
+from lightning_compress.modifiers.smoothing.folding import SmoothingMapping, linear_weight
+from lightning_compress.recipe.errors import RecipeError
+
+__all__ = ["AWQModifier", "AWQResult", "awq_search"]
+
+MIN_SCALE = 1e-4
+"""Floor of a grid scale, and what is added to the weight magnitude it is divided by."""
+
+
+@dataclass(frozen=True)
+class AWQResult:
+    """What :func:`awq_search` chose.
+
+    Args:
+        scale: ``[channels]``, the scale to smooth with.
+        ratio: its exponent on the grid, or None when no grid scale beat ``s = 1``.
+        loss: its loss (mean squared output error per token).
+        unscaled_loss: the loss of ``s = 1``.
+    """
+
+    scale: Tensor
+    ratio: float | None
+    loss: float
+    unscaled_loss: float
+
+
+def awq_search(
+    weights: Sequence[Tensor],
+    hessians: Sequence[Tensor],
+    act_mean: Tensor,
+    args: QuantizationArgs,
+    n_grid: int = 20,
+    duo_scaling: bool = True,
+) -> AWQResult:
+    """AWQ's grid search for the scale of one mapping's balance layers.
+
+    For each ``r`` in ``linspace(0, 1, n_grid)`` the candidate is ``s = x^r`` (``x``: the mean
+    ``|x|`` of each input channel), or ``s = x^r / (w^(1 - r) + 1e-4)`` with ``duo_scaling``
+    (``w``: the mean over rows of ``|W|`` normalized by its quantization group's maximum),
+    clamped to at least ``1e-4`` and divided by ``sqrt(max(s) * min(s))``. Its loss is the
+    output error of the balance layers with weights ``Q(W diag(s)) diag(1/s)``, ``Q`` the
+    weight fake-quantization of ``args``:
+
+        ``loss(s) = sum_l tr(dW_l H_l dW_l^T) / 2``, ``dW_l = W_l - Q(W_l diag(s)) diag(1/s)``,
+
+    which with ``H = (2 / n) sum x x^T`` is the mean over the ``n`` calibration tokens of the
+    squared output errors, summed over the layers' outputs: every token counts, at a cost
+    independent of their number. The best candidate is kept if it beats ``s = 1``.
+
+    Args:
+        weights: the balance layers' weights ``[out, in]`` (not modified); layers reading
+            the same input may come stacked as one.
+        hessians: the input Hessian ``[in, in]`` of each weight.
+        act_mean: ``[in]``, the mean ``|x|`` of each input channel.
+        args: the weight quantization the balance layers will get.
+        n_grid: grid points.
+        duo_scaling: divide by the weight magnitude too.
+
+    Returns:
+        The chosen scale with its ratio and loss.
+
+    Raises:
+        ValueError: when the weights do not fit ``args`` (e.g. a group size that does not
+            divide the input channels).
+    """
+    dtype = torch.promote_types(weights[0].dtype, torch.float32)
+    device = weights[0].device
+    weights = [weight.detach().to(dtype) for weight in weights]
+    hessians = [hessian.to(device=device, dtype=dtype) for hessian in hessians]
+    act = act_mean.to(device=device, dtype=dtype)
+    magnitude = _weight_magnitude(torch.cat(weights), args) if duo_scaling else None
+
+    def loss_of(scale: Tensor) -> float:
+        return sum(_output_error(w, h, scale, args) for w, h in zip(weights, hessians, strict=True))
+
+    unscaled = torch.ones_like(act)
+    best = AWQResult(unscaled, None, loss_of(unscaled), loss_of(unscaled))
+    ratios = torch.linspace(0, 1, n_grid, dtype=torch.float64).tolist() if n_grid > 1 else [0.0]
+    for ratio in ratios:
+        scale = _grid_scale(act, magnitude, ratio)
+        loss = loss_of(scale)
+        if loss < best.loss:
+            best = AWQResult(scale, ratio, loss, best.unscaled_loss)
+    return best
+
+
+def _grid_scale(act: Tensor, magnitude: Tensor | None, ratio: float) -> Tensor:
+    scale = act.pow(ratio)
+    if magnitude is not None:
+        scale = scale / (magnitude.pow(1 - ratio) + MIN_SCALE)
+    scale = scale.clamp(min=MIN_SCALE)
+    return scale / (scale.max() * scale.min()).sqrt()
+
+
+def _weight_magnitude(weight: Tensor, args: QuantizationArgs) -> Tensor:
+    """Mean over rows of ``|W|`` normalized by the largest ``|w|`` of its quantization group."""
+    groups = strategy_groups(weight.abs(), args)
+    normalized = groups / (groups.amax(dim=-1, keepdim=True) + 1e-6)
+    return normalized.reshape(weight.shape).mean(dim=0)
+
+
+def _output_error(weight: Tensor, hessian: Tensor, scale: Tensor, args: QuantizationArgs) -> float:
+    scaled = weight * scale
+    quantized = fake_quantize(scaled, *qparams_for_weight(scaled, args), args)
+    delta = weight - quantized / scale
+    return float(((delta @ hessian) * delta).sum()) / 2
+
+
+class AWQModifier(SmoothingModifier):
+    """AWQ (activation-aware weight quantization), the smoothing half: for each mapping, search
+    the scale that minimizes the balance layers' output error once their weights are quantized,
+    and fold it in (see :func:`awq_search`). A following ``QuantizationModifier`` (or
+    ``GPTQModifier``) with the same weight scheme quantizes; AWQ itself leaves the weights in
+    full precision.
+
+    The error is measured on the balance layers' outputs, through their input Hessians: exact
+    over every calibration token (padding excluded, summed over ranks), at a search cost that
+    does not grow with the number of tokens, and with no need to run the attention again for
+    each candidate. The mappings are found on each block (see :class:`~lightning_compress.
+    modifiers.smoothing.base.SmoothingModifier`).
+
+    After calibration ``results`` holds each smooth layer's :class:`AWQResult`.
+
+    Args:
+        scheme: the preset whose weight arguments the search quantizes with (``W4A16_ASYM``:
+            asymmetric int4 in groups of 128).
+        weights: quantization arguments instead of the preset's, e.g. ``{num_bits: 4,
+            symmetric: true, strategy: group, group_size: 64}``.
+        n_grid: grid points for the exponent, from 0 to 1.
+        duo_scaling: divide the activation magnitude by the weight magnitude (AWQ's
+            ``duo_scaling``).
+        mappings: explicit mappings instead of finding them (see ``SmoothingModifier``).
+        targets: the linear layers that may be smooth or balance layers.
+        ignore: layers never smoothed.
+        start: -1: one-shot.
+    """
+
+    scheme: str = "W4A16_ASYM"
+    weights: dict[str, Any] | None = None
+    n_grid: int = 20
+    duo_scaling: bool = True
+
+    statistic_kind = "mean"
+
+    # ----------------------------------------------------------------- settings
+    def validate(self) -> None:
+        if self.n_grid < 1:
+            self.fail("n_grid", "an int >= 1")
+        self._weight_args = self._resolve_weight_args()
+        super().validate()
+
+    def _resolve_weight_args(self) -> QuantizationArgs:
+        name = type(self).__name__
+        if self.weights is not None:
+            try:
+                args = QuantizationArgs.from_dict(self.weights, where="weights")
+            except ValueError as err:
+                raise RecipeError(f"{name}.{err}") from err
+        else:
+            try:
+                args = preset_scheme(self.scheme, ["Linear"]).weights
+            except ValueError as err:
+                raise RecipeError(f"{name}.scheme: {err}") from err
+        if args is None or args.strategy == "token" or args.dynamic:
+            raise RecipeError(
+                f"{name}.weights: expected static weight arguments with strategy 'tensor', "
+                f"'channel' or 'group', got {args!r}"
+            )
+        return args
+
+    # ---------------------------------------------------------------- lifecycle
+    def on_initialize(self, state: State, **kwargs: Any) -> None:
+        super().on_initialize(state, **kwargs)
+        self.results: dict[str, AWQResult] = {}
+        size = self._weight_args.group_size
+        widths = {name: linear_weight(layer).shape[1] for name, layer in self._linears.items()}
+        bad = [f"{name} ({n} inputs)" for name, n in widths.items() if size and n % size]
+        if bad:
+            raise RecipeError(
+                f"{type(self).__name__}.weights: group_size {size} does not divide the input "
+                f"channels of {bad}; expected a group_size that divides them, or add these "
+                "layers to ignore"
+            )
+
+    def on_start(self, state: State, event: Event | None, **kwargs: Any) -> None:
+        super().on_start(state, event, **kwargs)
+        self._hessians = HessianCollector()
+        self._hessians.follow_input_scaling(self._linears)
+        for name, layer in self._linears.items():
+            self.register_hook(layer, self._hessians.layer_hook(name), "forward_pre")
+        for module in mask_sources(state.model, self._linears):
+            hook = self._hessians.mask_hook(module)
+            self.register_hook(module, hook, "forward_pre", with_kwargs=True)
+
+    def compute_scale(self, mapping: SmoothingMapping) -> Tensor:
+        """AWQ's scale for one mapping (see :func:`awq_search`).
+
+        Args:
+            mapping: the layers.
+
+        Returns:
+            ``s``, ``[channels]``.
+        """
+        layers = mapping.named_balances
+        act = self._statistic.magnitude(layers)
+        accumulators = self._hessians.reduced(layers)
+        shared: dict[int, list[Tensor]] = {}  # layers reading one input: one stacked weight
+        for name, layer in layers.items():
+            shared.setdefault(id(accumulators[name]), []).append(linear_weight(layer))
+        hessians = {id(acc): acc.hessian() for acc in accumulators.values()}
+        result = awq_search(
+            [torch.cat(weights) for weights in shared.values()],
+            [hessians[key] for key in shared],
+            act,
+            self._weight_args,
+            self.n_grid,
+            self.duo_scaling,
+        )
+        self.results[mapping.smooth_name] = result
+        return result.scale
+
+    def release_block(self, names: list[str]) -> None:
+        self._hessians.discard(names)
+
+    def release_all(self) -> None:
+        self._hessians.clear()

@@ -1,0 +1,138 @@
+"""The layers smoothing folds scales into, and the folding itself.
+
+A *smooth layer* produces the channels that smoothing divides by ``s``: a normalization layer
+(any module with a per-channel ``weight`` and optional ``bias``, applied last: LayerNorm,
+RMSNorm of any library) or a linear layer (its output rows). The *balance layers* read those
+channels and take ``s`` in their input columns (:func:`~lightning_compress.modifiers.
+input_scaling.scale_inputs`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lightning_compress.modifiers.input_scaling import input_axis, is_conv1d, scale_inputs
+
+__all__ = [
+    "SmoothingMapping",
+    "apply_smoothing",
+    "is_linear",
+    "is_norm",
+    "linear_weight",
+    "output_width",
+    "scale_outputs",
+]
+
+
+@dataclass(frozen=True, eq=False)
+class SmoothingMapping:
+    """A smooth layer and the balance layers that read its output channels.
+
+    Args:
+        smooth_name: the smooth layer's name.
+        smooth: the layer whose output channels are divided by ``s``.
+        balance_names: the balance layers' names.
+        balances: the linear layers that take ``s`` in their input columns.
+    """
+
+    smooth_name: str
+    smooth: nn.Module
+    balance_names: tuple[str, ...]
+    balances: tuple[nn.Module, ...]
+
+    @property
+    def named_balances(self) -> dict[str, nn.Module]:
+        """The balance layers by name."""
+        return dict(zip(self.balance_names, self.balances, strict=True))
+
+
+def apply_smoothing(mapping: SmoothingMapping, scale: Tensor, notify: bool = True) -> None:
+    """Divides the smooth layer's outputs by ``scale`` and folds ``scale`` into the balance
+    layers' input columns; in exact arithmetic the balance layers' outputs do not change.
+
+    Args:
+        mapping: the layers.
+        scale: ``[channels]``, non-zero.
+        notify: call the balance layers' input-scale hooks (see
+            :func:`~lightning_compress.modifiers.input_scaling.scale_inputs`).
+    """
+    scale_outputs(mapping.smooth, 1 / scale)
+    scale_inputs(mapping.balances, scale, notify=notify)
+
+
+def is_linear(module: nn.Module) -> bool:
+    """Whether ``module`` is an ``nn.Linear`` or a transformers ``Conv1D``.
+
+    Args:
+        module: the module.
+
+    Returns:
+        True for a linear layer.
+    """
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def is_norm(module: nn.Module) -> bool:
+    """Whether ``module`` has a per-channel ``weight`` (and optional ``bias``) to fold into.
+
+    Args:
+        module: the module.
+
+    Returns:
+        True when ``weight`` is a 1-D tensor and ``bias`` is None or of the same shape.
+    """
+    weight = getattr(module, "weight", None)
+    bias = getattr(module, "bias", None)
+    if not isinstance(weight, Tensor) or weight.dim() != 1:
+        return False
+    return bias is None or (isinstance(bias, Tensor) and bias.shape == weight.shape)
+
+
+def output_width(module: nn.Module) -> int:
+    """How many channels a smooth layer produces.
+
+    Args:
+        module: a normalization or linear layer.
+
+    Returns:
+        ``weight.numel()`` for a normalization layer, the output features of a linear one.
+    """
+    if is_norm(module):
+        return module.weight.numel()
+    return module.weight.shape[1 - input_axis(module)]
+
+
+def linear_weight(module: nn.Module) -> Tensor:
+    """A linear layer's weight in ``nn.Linear`` layout ``[out, in]`` (a view, not a copy).
+
+    Args:
+        module: an ``nn.Linear`` or ``Conv1D``.
+
+    Returns:
+        The weight, transposed for ``Conv1D``.
+    """
+    return module.weight if input_axis(module) == 1 else module.weight.T
+
+
+@torch.no_grad()
+def scale_outputs(module: nn.Module, factors: Tensor) -> None:
+    """Multiplies a smooth layer's output channels by ``factors`` (weight and bias).
+
+    Args:
+        module: a normalization or linear layer.
+        factors: ``[channels]``, applied in float32 (or the weight's dtype when wider).
+
+    Raises:
+        TypeError: for a module that is neither.
+    """
+    axis = 0 if is_norm(module) else 1 - input_axis(module)
+    shape = [1] * module.weight.dim()
+    shape[axis] = -1
+    for tensor in (module.weight, getattr(module, "bias", None)):
+        if tensor is not None:
+            dtype = torch.promote_types(tensor.dtype, torch.float32)
+            scaled = factors.to(device=tensor.device, dtype=dtype)
+            tensor.copy_(tensor * (scaled.view(shape) if tensor.dim() > 1 else scaled))

@@ -1,0 +1,322 @@
+"""Which layers smoothing pairs, found from the block's structure and its calibration data.
+
+A mapping joins a *smooth layer* to the *balance layers* that read its output channels (see
+:mod:`~lightning_compress.modifiers.smoothing.folding`). No table of architectures or names is
+used. Inside each block (decoder layer):
+
+* **norm → linears**: the linear layers whose input is the very tensor a normalization layer
+  returned (LayerNorm, RMSNorm of any library, with or without bias);
+* **linear → linears**: a linear layer P and the later linear layers N with as many input
+  channels as P has outputs, which :meth:`~lightning_compress.modifiers.smoothing.probe.
+  BlockProbe.reached` shows to receive P's channels linearly, channel for channel: ``v_proj →
+  o_proj`` in multi-head attention without grouped keys and values, ``up_proj → down_proj`` in
+  gated MLPs; ``gate_proj → down_proj`` (through SiLU), ``fc1 → fc2`` (through ReLU) and
+  grouped-query ``v_proj → o_proj`` (other widths) are not.
+
+Every mapping found must then leave the block's output unchanged when applied
+(:meth:`~lightning_compress.modifiers.smoothing.probe.BlockProbe.preserves_output`); one that
+does not (another module reads the smooth layer's output too, or a balance layer's weight is
+tied to another module) is dropped.
+
+Mappings may also be given, as in llm-compressor: ``[[balance patterns], smooth pattern]`` or
+``{balance_layers: [...], smooth_layer: ...}``, patterns being module names or ``re:`` regexes.
+They are checked against the model when the modifier is initialized and with the same probes
+on each block's calibration data before any weight changes; a mapping that is not exact is an
+error naming the layer.
+
+Under several processes each probe's verdict is the agreement of all ranks, so every rank
+finds the same mappings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from loguru import logger
+from torch import nn
+
+from lightning_compress.core.distributed import all_reduce_min_
+from lightning_compress.core.model_layer import module_matches
+from lightning_compress.modifiers.hessian_collector import same_input
+from lightning_compress.modifiers.smoothing.folding import (
+    SmoothingMapping,
+    is_linear,
+    is_norm,
+    linear_weight,
+    output_width,
+)
+from lightning_compress.modifiers.smoothing.probe import PROBE_FACTOR, Baseline, BlockProbe
+from lightning_compress.recipe.errors import RecipeError
+
+__all__ = [
+    "MappingSpec",
+    "check_mappings",
+    "check_specs",
+    "find_mappings",
+    "parse_mappings",
+    "resolve_mappings",
+]
+
+
+@dataclass(frozen=True)
+class MappingSpec:
+    """A mapping as a recipe gives it.
+
+    Args:
+        balance: patterns of the balance layers.
+        smooth: pattern of the smooth layer.
+    """
+
+    balance: tuple[str, ...]
+    smooth: str
+
+
+def parse_mappings(owner: str, raw: list[Any] | None) -> list[MappingSpec]:
+    """Reads the ``mappings`` setting.
+
+    Args:
+        owner: the modifier's class name, for messages.
+        raw: ``[[balance patterns], smooth pattern]`` or ``{balance_layers, smooth_layer}``
+            entries, or None.
+
+    Returns:
+        The specs (empty for None).
+
+    Raises:
+        RecipeError: for an entry of another shape; the message names it.
+    """
+    specs = []
+    for index, entry in enumerate(raw or []):
+        if isinstance(entry, dict) and set(entry) == {"balance_layers", "smooth_layer"}:
+            balance, smooth = entry["balance_layers"], entry["smooth_layer"]
+        elif isinstance(entry, (list, tuple)) and len(entry) == 2:
+            balance, smooth = entry
+        else:
+            balance = smooth = None
+        balance = [balance] if isinstance(balance, str) else balance
+        if not (
+            isinstance(smooth, str)
+            and isinstance(balance, (list, tuple))
+            and balance
+            and all(isinstance(pattern, str) for pattern in balance)
+        ):
+            raise RecipeError(
+                f"{owner}.mappings[{index}]: expected [[balance layer patterns], smooth layer "
+                f"pattern] or {{balance_layers: [...], smooth_layer: ...}}, got {entry!r}"
+            )
+        specs.append(MappingSpec(tuple(balance), smooth))
+    return specs
+
+
+def check_specs(
+    owner: str,
+    specs: Sequence[MappingSpec],
+    model: nn.Module,
+    linears: dict[str, nn.Module],
+    ignore: Sequence[str],
+) -> None:
+    """Checks given mappings against the model's structure, before anything runs.
+
+    Args:
+        owner: the modifier's class name, for messages.
+        specs: the mappings.
+        model: the model.
+        linears: the targeted linear layers (not ignored), by name.
+        ignore: the modifier's ignore patterns.
+
+    Raises:
+        RecipeError: when a pattern matches nothing, a smooth layer is neither a normalization
+            nor a linear layer or is ignored, or a balance layer is not a targeted linear.
+    """
+    modules = dict(model.named_modules())
+    for index, spec in enumerate(specs):
+        where = f"{owner}.mappings[{index}]"
+        for pattern in (spec.smooth, *spec.balance):
+            if not _matching(modules, [pattern]):
+                raise RecipeError(f"{where}: {pattern!r} matches no module of the model")
+        for name, module in _matching(modules, [spec.smooth]).items():
+            if not (is_norm(module) or is_linear(module)):
+                raise RecipeError(
+                    f"{where}: smooth layer '{name}' is a {type(module).__name__}; expected a "
+                    "normalization layer (a per-channel weight) or a Linear layer, whose output "
+                    "channels can be divided by a scale"
+                )
+            if any(module_matches(name, module, pattern) for pattern in ignore):
+                raise RecipeError(f"{where}: smooth layer '{name}' is in ignore")
+        for name, module in _matching(modules, spec.balance).items():
+            if name not in linears:
+                what = "in ignore or not in targets" if is_linear(module) else "not linear"
+                raise RecipeError(
+                    f"{where}: balance layer '{name}' ({type(module).__name__}) is {what}; "
+                    "expected targeted Linear layers, whose input columns can take a scale"
+                )
+
+
+def resolve_mappings(
+    owner: str, specs: Sequence[MappingSpec], block_name: str, modules: dict[str, nn.Module]
+) -> list[SmoothingMapping]:
+    """The given mappings inside one block.
+
+    Args:
+        owner: the modifier's class name, for messages.
+        specs: the mappings (checked by :func:`check_specs`).
+        block_name: the block's name, for messages.
+        modules: the block's modules, by their names in the model.
+
+    Returns:
+        One mapping per spec whose smooth pattern matches inside the block.
+
+    Raises:
+        RecipeError: when a smooth pattern matches several layers of the block, its balance
+            patterns none, or the widths differ.
+    """
+    mappings = []
+    for index, spec in enumerate(specs):
+        where = f"{owner}.mappings[{index}]"
+        smooth = _matching(modules, [spec.smooth])
+        if not smooth:
+            continue
+        if len(smooth) > 1:
+            raise RecipeError(
+                f"{where}: {spec.smooth!r} matches {list(smooth)} in block '{block_name}'; "
+                "expected one smooth layer per block"
+            )
+        ((smooth_name, smooth_layer),) = smooth.items()
+        balances = _matching(modules, spec.balance)
+        if not balances:
+            raise RecipeError(
+                f"{where}: {list(spec.balance)} match no layer of block '{block_name}', where "
+                f"the smooth layer is '{smooth_name}'"
+            )
+        width = output_width(smooth_layer)
+        for name, layer in balances.items():
+            if linear_weight(layer).shape[1] != width:
+                raise RecipeError(
+                    f"{where}: balance layer '{name}' has {linear_weight(layer).shape[1]} input "
+                    f"channels but smooth layer '{smooth_name}' has {width} output channels"
+                )
+        mappings.append(
+            SmoothingMapping(smooth_name, smooth_layer, tuple(balances), tuple(balances.values()))
+        )
+    return mappings
+
+
+def find_mappings(
+    probe: BlockProbe, linears: dict[str, nn.Module], norms: dict[str, nn.Module]
+) -> list[SmoothingMapping]:
+    """Finds the mappings of one block (see the module docstring).
+
+    Args:
+        probe: the block and one of its calibration calls.
+        linears: the targeted linear layers inside the block, by name.
+        norms: the normalization layers inside the block (not ignored), by name.
+
+    Returns:
+        The exact mappings, in the order their balance layers run.
+    """
+    names = {module: name for name, module in {**linears, **norms}.items()}
+    baseline = probe.baseline(linears.values(), norms.values())
+    found = {norm: readers for norm, readers in baseline.readers.items() if readers}
+    claimed = {reader for readers in found.values() for reader in readers}
+    order = list(baseline.inputs)
+    for index, producer in enumerate(order):
+        candidates = [
+            reader
+            for reader in order[index + 1 :]
+            if reader not in claimed
+            and linear_weight(reader).shape[1] == output_width(producer)
+            and not same_input(baseline.inputs[reader], baseline.inputs[producer])
+        ]
+        if candidates:
+            verdicts = _agreed(probe.reached(producer, candidates, baseline))
+            reached = [reader for reader, ok in zip(candidates, verdicts, strict=True) if ok]
+            if reached:
+                found[producer] = reached
+                claimed.update(reached)
+    mappings = [
+        SmoothingMapping(names[smooth], smooth, tuple(names[b] for b in balances), tuple(balances))
+        for smooth, balances in sorted(found.items(), key=lambda item: order.index(item[1][0]))
+    ]
+    return _exact(probe, mappings, baseline)
+
+
+def check_mappings(
+    owner: str, probe: BlockProbe, mappings: Sequence[SmoothingMapping], block_name: str
+) -> None:
+    """Checks given mappings on a block's calibration data, before any weight changes.
+
+    Args:
+        owner: the modifier's class name, for messages.
+        probe: the block and one of its calibration calls.
+        mappings: the block's mappings (from :func:`resolve_mappings`).
+        block_name: the block's name, for messages.
+
+    Raises:
+        RecipeError: naming the balance layer that does not receive the smooth layer's output
+            channels linearly, or the mapping whose smoothing changes the block's output.
+    """
+    balances = [layer for mapping in mappings for layer in mapping.balances]
+    baseline = probe.baseline(balances, [])
+    for mapping in mappings:
+        for name, layer in zip(mapping.balance_names, mapping.balances, strict=True):
+            if layer not in baseline.inputs:
+                raise RecipeError(
+                    f"{owner}.mappings: balance layer '{name}' did not run in block "
+                    f"'{block_name}'; expected it to read the output of '{mapping.smooth_name}'"
+                )
+        verdicts = _agreed(probe.reached(mapping.smooth, mapping.balances, baseline))
+        for name, ok in zip(mapping.balance_names, verdicts, strict=True):
+            if not ok:
+                raise RecipeError(
+                    f"{owner}.mappings: '{name}' does not receive the output channels of "
+                    f"'{mapping.smooth_name}' linearly and channel for channel (on calibration "
+                    f"data, multiplying a few of them by {PROBE_FACTOR:g} did not multiply just "
+                    f"the same input channels of '{name}' by {PROBE_FACTOR:g}): a scale "
+                    f"folded into '{mapping.smooth_name}' cannot be undone in the input "
+                    f"columns of '{name}', since a non-linear function sits between them"
+                )
+    for mapping in mappings:
+        if not _agreed([probe.preserves_output([mapping], baseline)])[0]:
+            raise RecipeError(
+                f"{owner}.mappings: smoothing '{mapping.smooth_name}' into "
+                f"{list(mapping.balance_names)} changes the output of block '{block_name}': "
+                f"expected every layer that reads the output of '{mapping.smooth_name}' among "
+                "the balance layers, and no weight shared with another module (tied "
+                "embeddings)"
+            )
+
+
+def _exact(
+    probe: BlockProbe, mappings: list[SmoothingMapping], baseline: Baseline
+) -> list[SmoothingMapping]:
+    """The mappings whose smoothing leaves the block's output unchanged."""
+    if not mappings or _agreed([probe.preserves_output(mappings, baseline)])[0]:
+        return mappings
+    verdicts = _agreed([probe.preserves_output([mapping], baseline) for mapping in mappings])
+    for mapping, ok in zip(mappings, verdicts, strict=True):
+        if not ok:
+            logger.info(
+                "not smoothing {} into {}: that changes the block's output (another module "
+                "reads the smoothed channels, or a weight is shared)",
+                mapping.smooth_name,
+                list(mapping.balance_names),
+            )
+    return [mapping for mapping, ok in zip(mappings, verdicts, strict=True) if ok]
+
+
+def _matching(modules: dict[str, nn.Module], patterns: Sequence[str]) -> dict[str, nn.Module]:
+    return {
+        name: module
+        for name, module in modules.items()
+        if any(module_matches(name, module, pattern) for pattern in patterns)
+    }
+
+
+def _agreed(verdicts: list[bool]) -> list[bool]:
+    """Each verdict held on every rank (unchanged on one process)."""
+    if not verdicts:
+        return verdicts
+    return [bool(ok) for ok in all_reduce_min_(torch.tensor(verdicts, dtype=torch.int64))]

@@ -1,0 +1,231 @@
+"""Numerical probes: run a block again on recorded calibration inputs and watch its layers.
+
+Smoothing is exact only where the smooth layer's channels reach the balance layers linearly
+and channel for channel, and only if no other module reads them. Both are checked on the
+data instead of assumed from names:
+
+* :meth:`BlockProbe.baseline` runs the block once, recording which linear layers read the
+  output of a normalization layer directly (the same tensor, see
+  :func:`~lightning_compress.modifiers.hessian_collector.same_input`);
+* :meth:`BlockProbe.reached` multiplies a few output channels of a smooth layer by
+  ``PROBE_FACTOR`` and tells which layers see exactly those input channels multiplied by it
+  and every other channel unchanged;
+* :meth:`BlockProbe.preserves_output` applies smoothings with ``s = PROBE_FACTOR`` and tells
+  whether the block's output is unchanged.
+
+``PROBE_FACTOR = -2``: a power of two, so scaling is exact in every floating-point format
+and an exactly linear path reproduces it bit for bit; negative, so a positively homogeneous
+non-linearity such as ReLU (``relu(2x) = 2 relu(x)``) fails. Weights are restored bit for bit
+after each probe, and the hooks of every modifier are off while the block runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from loguru import logger
+from torch import Tensor, nn
+
+from lightning_compress.modifiers.base import Modifier
+from lightning_compress.modifiers.hessian_collector import same_input
+from lightning_compress.modifiers.smoothing.calls import RecordedCall, tensors_in
+from lightning_compress.modifiers.smoothing.folding import (
+    SmoothingMapping,
+    apply_smoothing,
+    output_width,
+    scale_outputs,
+)
+
+__all__ = ["PROBE_FACTOR", "TOLERANCE", "Baseline", "BlockProbe"]
+
+PROBE_FACTOR = -2.0
+TOLERANCE = 1e-3
+"""Relative error (in norm) under which a probed tensor counts as equal to the expectation;
+exact paths give 0 or rounding noise, non-linear ones errors of order 1."""
+PROBED_CHANNELS = 8
+"""How many output channels of a smooth layer the reach probe multiplies."""
+
+
+@dataclass
+class Baseline:
+    """What one unchanged run of the block showed.
+
+    Args:
+        inputs: the first input of each watched linear layer, in the order they ran.
+        readers: for each watched normalization layer, the linear layers reading its output.
+        output: the block's output tensors.
+    """
+
+    inputs: dict[nn.Module, Tensor] = field(default_factory=dict)
+    readers: dict[nn.Module, list[nn.Module]] = field(default_factory=dict)
+    output: list[Tensor] = field(default_factory=list)
+
+
+class _Stop(Exception):
+    """Raised inside the block once every awaited layer has read its input."""
+
+
+class BlockProbe:
+    """Runs ``block`` again on a recorded call, with changes applied to its weights.
+
+    The block runs on the call's first sample only (:meth:`RecordedCall.first_sample`), or on
+    the whole call where the block refuses the narrowed arguments.
+
+    Args:
+        block: the block (a decoder layer, or the whole model).
+        call: one recorded calibration call of ``block``.
+    """
+
+    def __init__(self, block: nn.Module, call: RecordedCall) -> None:
+        self.block = block
+        self._full_call = call
+        self.call = call.first_sample()
+
+    def baseline(self, linears: Iterable[nn.Module], norms: Iterable[nn.Module]) -> Baseline:
+        """Runs the block unchanged.
+
+        Args:
+            linears: the linear layers to watch.
+            norms: the normalization layers whose readers to find.
+
+        Returns:
+            The inputs of the linear layers, the readers of each norm, the block's output.
+        """
+        linears, norms = list(linears), list(norms)
+        try:
+            return self._baseline(linears, norms)
+        except Exception as err:
+            if self.call is self._full_call:
+                raise
+            logger.debug("probing {} on the whole batch: {}", type(self.block).__name__, err)
+            self.call = self._full_call
+            return self._baseline(linears, norms)
+
+    def _baseline(self, linears: list[nn.Module], norms: list[nn.Module]) -> Baseline:
+        baseline = Baseline(readers={norm: [] for norm in norms})
+        latest: dict[nn.Module, Tensor] = {}
+
+        def keep_output(module: nn.Module, args: Any, output: Any) -> None:
+            if isinstance(output, Tensor):
+                latest[module] = output
+
+        def read(module: nn.Module, args: tuple[Any, ...]) -> None:
+            if not args or module in baseline.inputs:
+                return
+            baseline.inputs[module] = args[0]
+            for norm, output in latest.items():
+                if same_input(output, args[0]):
+                    baseline.readers[norm].append(module)
+
+        hooks = [norm.register_forward_hook(keep_output) for norm in baseline.readers]
+        hooks += [linear.register_forward_pre_hook(read) for linear in linears]
+        baseline.output = tensors_in(self._run(hooks))
+        return baseline
+
+    def reached(
+        self, smooth: nn.Module, candidates: Sequence[nn.Module], baseline: Baseline
+    ) -> list[bool]:
+        """Which candidates receive ``smooth``'s output channels linearly, channel for channel.
+
+        A few output channels of ``smooth`` are multiplied by ``PROBE_FACTOR``; a candidate
+        passes when exactly the same input channels are multiplied by it and the others do not
+        change. The block stops as soon as every candidate has read its input.
+
+        Args:
+            smooth: the smooth layer.
+            candidates: linear layers watched by ``baseline``, with as many input channels
+                as ``smooth`` has output channels.
+            baseline: the unchanged run.
+
+        Returns:
+            One flag per candidate.
+        """
+        width = output_width(smooth)
+        probed = torch.zeros(width, dtype=torch.bool)
+        probed[torch.linspace(0, width - 1, min(width, PROBED_CHANNELS)).round().long()] = True
+        factors = torch.where(probed, PROBE_FACTOR, 1.0)
+        seen: dict[nn.Module, Tensor] = {}
+
+        def read(module: nn.Module, args: tuple[Any, ...]) -> None:
+            seen.setdefault(module, args[0])
+            if len(seen) == len(candidates):
+                raise _Stop
+
+        with _restored([smooth]):
+            scale_outputs(smooth, factors)
+            self._run([candidate.register_forward_pre_hook(read) for candidate in candidates])
+        return [
+            candidate in seen and _scaled(seen[candidate], baseline.inputs[candidate], probed)
+            for candidate in candidates
+        ]
+
+    def preserves_output(self, mappings: Sequence[SmoothingMapping], baseline: Baseline) -> bool:
+        """Whether smoothing with ``s = PROBE_FACTOR`` leaves the block's output unchanged.
+
+        Args:
+            mappings: applied together.
+            baseline: the unchanged run.
+
+        Returns:
+            True when every output tensor matches the baseline.
+        """
+        layers = [layer for item in mappings for layer in (item.smooth, *item.balances)]
+        with _restored(layers):
+            for item in mappings:
+                scale = torch.full((output_width(item.smooth),), PROBE_FACTOR)
+                apply_smoothing(item, scale, notify=False)
+            output = tensors_in(self._run([]))
+        return len(output) == len(baseline.output) and all(
+            _close(got, want) for got, want in zip(output, baseline.output, strict=True)
+        )
+
+    def _run(self, hooks: list[torch.utils.hooks.RemovableHandle]) -> Any:
+        """Runs the block with every modifier's hooks off, then removes ``hooks``."""
+        try:
+            with torch.no_grad(), Modifier.disable_hooks():
+                return self.call.replay(self.block)
+        except _Stop:
+            return None
+        finally:
+            for handle in hooks:
+                handle.remove()
+
+
+@contextmanager
+def _restored(layers: Iterable[nn.Module]) -> Iterator[None]:
+    """Puts the layers' weights and biases back bit for bit on leaving."""
+    saved = [
+        (tensor, tensor.detach().clone())
+        for layer in dict.fromkeys(layers)
+        for tensor in (layer.weight, getattr(layer, "bias", None))
+        if tensor is not None
+    ]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for tensor, value in saved:
+                tensor.copy_(value)
+
+
+def _scaled(got: Tensor, base: Tensor, probed: Tensor) -> bool:
+    """Whether ``got`` is ``base`` with the ``probed`` channels times ``PROBE_FACTOR``."""
+    if got.shape != base.shape:
+        return False
+    probed = probed.to(base.device)
+    expected = base[..., probed] * PROBE_FACTOR
+    if not bool(expected.any()):  # dead channels prove nothing
+        return False
+    return _close(got[..., probed], expected) and _close(got[..., ~probed], base[..., ~probed])
+
+
+def _close(got: Tensor, want: Tensor) -> bool:
+    if got.shape != want.shape:
+        return False
+    want = want.float()
+    error = (got.float() - want).norm()
+    return bool(error <= TOLERANCE * want.norm())
