@@ -224,6 +224,3 @@ class GPTQModifier(QuantizationModifier):
         if state.loggers is not None and losses:
             state.loggers.log_scalars("GPTQ/loss", losses)
             state.loggers.log_scalars("GPTQ/seconds", seconds)
-
-
-_needs_data = needs_data  # smoothing/base.py imports it from here until it imports layerwise
