@@ -128,6 +128,10 @@ class GPTQModifier(QuantizationModifier):
         for module in mask_sources(state.model, self._plan):
             hook = self._hessians.mask_hook(module)
             self.register_hook(module, hook, "forward_pre", with_kwargs=True)
+        # smoothing earlier in the recipe rescales these inputs after they were observed
+        self._hessians.follow_input_scaling(
+            {name: module for name, (module, _) in self._plan.items()}
+        )
 
     def on_end(self, state: State, event: Event | None, **kwargs: Any) -> None:
         try:

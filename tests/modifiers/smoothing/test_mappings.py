@@ -6,8 +6,10 @@ import copy
 
 import pytest
 import torch
+import transformers
 from modifiers.smoothing.models import (
     ARCHITECTURES,
+    VOCAB,
     build,
     calibrate,
     expected_mappings,
@@ -16,8 +18,15 @@ from modifiers.smoothing.models import (
     tiny_decoder,
     token_batches,
 )
+from torch import nn
+from transformers.pytorch_utils import Conv1D
 
-from lightning_compress.modifiers.smoothing import AWQModifier, SmoothQuantModifier
+from lightning_compress.modifiers.smoothing import (
+    AWQModifier,
+    SmoothingMapping,
+    SmoothQuantModifier,
+)
+from lightning_compress.modifiers.smoothing.folding import apply_smoothing
 from lightning_compress.recipe import RecipeError
 
 W4_G32 = {"num_bits": 4, "strategy": "group", "group_size": 32}
@@ -48,6 +57,32 @@ def test_mappings_are_found_and_the_model_computes_the_same(name, modifier):
     assert "model.layers.0.mlp.down_proj.weight" in changed or name == "opt"
     assert not any(key.startswith(("lm_head", "model.embed")) for key in changed)
     assert sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules()) == 0
+
+
+def test_gpt2_conv1d_layers_are_smoothed():
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    original = copy.deepcopy(model)
+    (smoother,) = calibrate(model, [SmoothQuantModifier(targets=["Conv1D"])])
+    # c_attn is q/k/v fused (three times wider than c_proj reads); c_fc -> c_proj passes GELU
+    assert smoother.smoothed == [
+        (f"transformer.h.{index}.{norm}", (f"transformer.h.{index}.{layer}",))
+        for index in range(2)
+        for norm, layer in [("ln_1", "attn.c_attn"), ("ln_2", "mlp.c_fc")]
+    ]
+    ids = token_batches(1, seed=7)[0]
+    torch.testing.assert_close(logits(model, ids), logits(original, ids), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("first", [nn.Linear(6, 5), Conv1D(5, 6)], ids=["linear", "conv1d"])
+@pytest.mark.parametrize("second", [nn.Linear(5, 3), Conv1D(3, 5)], ids=["linear", "conv1d"])
+def test_folding_between_linear_layers_is_exact(first, second):
+    x = torch.randn(7, 6, generator=torch.Generator().manual_seed(0))
+    expected = second(first(x))
+    mapping = SmoothingMapping("first", first, ("second",), (second,))
+    apply_smoothing(mapping, torch.linspace(0.5, 3.0, 5))
+    torch.testing.assert_close(second(first(x)), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_the_basic_pipeline_treats_the_whole_model_as_one_block():

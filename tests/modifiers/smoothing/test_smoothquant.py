@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from typing import Any
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from modifiers.smoothing.models import (
     token_batches,
 )
 
-from lightning_compress.core import CompressionSession, Event, State
+from lightning_compress.core import CompressionSession
 from lightning_compress.modifiers import GPTQModifier, QuantizationModifier
 from lightning_compress.modifiers.smoothing import SmoothQuantModifier, smoothquant_scale
 from lightning_compress.pipelines import DataFreePipeline, PipelineOptions
@@ -85,15 +84,6 @@ def test_smoothing_lowers_the_w8a8_error_on_activation_outliers():
 
 
 # ----------------------------------------------------------------- chains
-class FollowingGPTQ(GPTQModifier):
-    """GPTQModifier with the line that makes it follow input scaling."""
-
-    def on_start(self, state: State, event: Event | None, **kwargs: Any) -> None:
-        super().on_start(state, event, **kwargs)
-        plan = {name: module for name, (module, _) in self._plan.items()}
-        self._hessians.follow_input_scaling(plan)
-
-
 def test_smoothquant_then_gptq_in_one_pass_equals_gptq_on_the_smoothed_model():
     w4 = {"num_bits": 4, "strategy": "group", "group_size": 32}
     gptq = {"config_groups": {"g": {"targets": ["Linear"], "weights": w4}}, "ignore": ["lm_head"]}
@@ -103,7 +93,7 @@ def test_smoothquant_then_gptq_in_one_pass_equals_gptq_on_the_smoothed_model():
     # block inputs stay the full-precision ones, the same in both runs
     options = {"propagate_compressed": False}
     smoothquant = {"smoothing_strength": 0.8}
-    calibrate(chained, [SmoothQuantModifier(**smoothquant), FollowingGPTQ(**gptq)], **options)
+    calibrate(chained, [SmoothQuantModifier(**smoothquant), GPTQModifier(**gptq)], **options)
     calibrate(two_passes, [SmoothQuantModifier(**smoothquant)], **options)
     calibrate(two_passes, [GPTQModifier(**gptq)], **options)
     for name, layer in chained.named_modules():
