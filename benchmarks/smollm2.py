@@ -54,6 +54,7 @@ from smollm2_model import (
     prepare,
 )
 from smollm2_reference import RUNS as REFERENCE_RUNS
+from smollm2_reference import W4_G64
 from smollm2_scoring import peak_rss_mib, score, token_nll
 from torch import nn
 
@@ -76,18 +77,6 @@ SIDES = ("ours", "reference")
 RESULT_PREFIX = "RESULT "
 # magnitude_50 is ours only; llm-compressor 0.14's AWQ needs an accelerator (pin_memory)
 REFERENCE_CPU_RUNS = tuple(run for run in REFERENCE_RUNS if run != "awq_w4a16_g64")
-W4_G64 = {
-    "group_0": {
-        "targets": ["Linear"],
-        "weights": {
-            "num_bits": 4,
-            "type": "int",
-            "symmetric": True,
-            "strategy": "group",
-            "group_size": 64,
-        },
-    }
-}
 
 
 def recipe(run: str) -> list[Any]:

@@ -132,6 +132,14 @@ class StatisticsCollector:
         self.masks = TokenMaskTracker()
         self._scale_hooks: list[RemovableHandle] = []
 
+    def real_rows(self, x: Tensor) -> Tensor:
+        """``x`` flattened to ``[tokens, features]``, padded tokens left out where masked."""
+        rows = x.detach().reshape(-1, x.shape[-1])
+        mask = self.masks.mask_for(x)
+        if mask is None:
+            return rows
+        return rows[mask.reshape(-1).to(device=rows.device, dtype=torch.bool)]
+
     def layer_hook(self, name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
         """The forward pre-hook that feeds layer ``name``'s input to :meth:`observe`.
 

@@ -79,10 +79,7 @@ class ChannelNormCollector(StatisticsCollector):
             x: its input ``[..., in_features]``.
         """
         if self._read is None or not self._read.matches(x):
-            rows = x.detach().reshape(-1, x.shape[-1])
-            mask = self.masks.mask_for(x)
-            if mask is not None:
-                rows = rows[mask.reshape(-1).to(device=rows.device, dtype=torch.bool)]
+            rows = self.real_rows(x)
             sum_squares = rows.to(NORM_DTYPE).square().sum(dim=0)
             self._read = _Read(x, tensor_version(x), sum_squares, rows.shape[0])
             self.num_reads += 1

@@ -81,10 +81,7 @@ class ChannelMagnitudeCollector(StatisticsCollector):
             x: its input ``[..., in_features]``.
         """
         if self._read is None or not self._read.matches(x):
-            rows = x.detach().reshape(-1, x.shape[-1])
-            mask = self.masks.mask_for(x)
-            if mask is not None:
-                rows = rows[mask.reshape(-1).to(device=rows.device, dtype=torch.bool)]
+            rows = self.real_rows(x)
             order = float("inf") if self.kind == "max" else 1
             values = torch.linalg.vector_norm(rows, ord=order, dim=0, dtype=torch.float32)
             self._read = _Read(x, tensor_version(x), values.to(MAGNITUDE_DTYPE), rows.shape[0])
