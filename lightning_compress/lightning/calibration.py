@@ -62,6 +62,8 @@ class CalibrationModule(pl.LightningModule):
         offload_dir: spill the activation cache to this directory.
         propagate_compressed: feed each block the compressed previous block's outputs (see
             ``PipelineOptions``).
+        staged: calibrate blocks in one forward that compresses each group of layers
+            when every batch reaches it (see ``PipelineOptions``).
 
     Raises:
         TypeError: if ``model`` is not a module.
@@ -81,6 +83,7 @@ class CalibrationModule(pl.LightningModule):
         device: torch.device | str | None = None,
         offload_dir: str | Path | None = None,
         propagate_compressed: bool = True,
+        staged: bool = True,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -105,6 +108,7 @@ class CalibrationModule(pl.LightningModule):
             sequential_targets=sequential_targets,
             offload_dir=offload_dir,
             propagate_compressed=propagate_compressed,
+            staged=staged,
         )
         self.block_reports: list[BlockReport] = []
         self._pipeline: CalibrationPipeline | None = None

@@ -53,6 +53,7 @@ class CompressionTrainer(pl.Trainer):
         offload_dir: str | None = None,
         output_dir: str | None = None,
         propagate_compressed: bool = True,
+        staged: bool = True,
         overwrite_output_dir: bool = False,
     ) -> nn.Module:
         """Compress a model after training with a recipe (one-shot, calibrated).
@@ -75,6 +76,8 @@ class CompressionTrainer(pl.Trainer):
                 that transformers and vLLM load (the bundled model as a Llama checkpoint,
                 with its tokenizer).
             propagate_compressed: feed each block the compressed previous block's outputs.
+            staged: calibrate blocks in one forward that compresses each group of layers
+                when every batch reaches it (see ``PipelineOptions``).
             overwrite_output_dir: replace ``output_dir`` if it exists and is not empty.
 
         Returns:
@@ -112,6 +115,7 @@ class CompressionTrainer(pl.Trainer):
             recipe_stage=recipe_stage,
             recipe_args=recipe_args,
             propagate_compressed=propagate_compressed,
+            staged=staged,
             trainer=self,
             tokenizer=load_tokenizer() if isinstance(model, TinyDecoder) else None,
             overwrite_output_dir=overwrite_output_dir,

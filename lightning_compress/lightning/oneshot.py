@@ -48,6 +48,7 @@ def oneshot(
     strategy: str | pl.strategies.Strategy | None = None,
     trainer_kwargs: dict[str, Any] | None = None,
     propagate_compressed: bool = True,
+    staged: bool = True,
     trainer: pl.Trainer | None = None,
     overwrite_output_dir: bool = False,
 ) -> nn.Module:
@@ -92,6 +93,8 @@ def oneshot(
         trainer_kwargs: more ``Trainer`` arguments (they override the defaults, except
             ``inference_mode``, which calibration needs off).
         propagate_compressed: feed each block the compressed previous block's outputs.
+        staged: calibrate blocks in one forward that compresses each group of layers
+            when every batch reaches it (see ``PipelineOptions``).
         trainer: run on this Trainer (built with ``inference_mode=False``) instead of one
             built from ``device``, ``devices``, ``strategy`` and ``trainer_kwargs``.
         overwrite_output_dir: replace ``output_dir`` if it exists and is not empty.
@@ -126,6 +129,7 @@ def oneshot(
         device=device,
         offload_dir=offload_dir,
         propagate_compressed=propagate_compressed,
+        staged=staged,
     )
     if dataset is None:
         module.calibrate()

@@ -143,6 +143,25 @@ class Modifier:
         """
         return False
 
+    def staged_layers(self, subgraph: nn.Module) -> list[nn.Module] | None:
+        """The layers inside ``subgraph`` this modifier compresses from their own inputs alone.
+
+        The sequential pipeline calibrates a block in one forward when every modifier can
+        say this: it pauses the calibration batches before each group of these layers that
+        read one input, emits SEQUENTIAL_EPOCH_END with a subgraph holding just that group
+        (the modifier compresses its pending layers inside it and removes their calibration
+        hooks), and lets the batches go on through the compressed layers.
+
+        Args:
+            subgraph: the block about to be calibrated.
+
+        Returns:
+            The layers (empty when the modifier compresses nothing there), or None when it
+            needs the whole block calibrated first: the default for an active modifier, which
+            may observe the block and expects SEQUENTIAL_EPOCH_END(subgraph=block) only.
+        """
+        return None if self.active else []
+
     def _check_schedule(self) -> None:
         if self.start is not None and self.start < 0 and self.start != ONE_SHOT:
             self.fail("start", "an index >= 0, or -1 for one-shot")

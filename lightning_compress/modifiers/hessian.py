@@ -24,6 +24,11 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+GRAM_BAND = 512
+"""Rows per band of :class:`HessianAccumulator`'s upper-triangular batch products."""
+SUB_BLOCK = 16
+"""Columns per sub-block of the sweep inside a lazy block (see ``BlockwiseOBS``)."""
+
 __all__ = [
     "BlockwiseOBS",
     "ColumnTarget",
@@ -35,21 +40,23 @@ __all__ = [
 
 
 class HessianAccumulator:
-    """Running average ``H = (2 / n) * sum(x x^T)`` over the inputs of one linear layer.
+    """``H = (2 / n) * sum(x x^T)`` over the inputs of one linear layer.
 
     ``n`` counts tokens: the rows of the inputs flattened over every leading dimension
     (batch, sequence), minus the ones a mask drops. (GPTQ's reference counts sequences;
     that only scales ``H`` by a constant, which GPTQ and SparseGPT do not depend on.)
 
     Every batch's mean ``X^T X / b`` (``b`` rows) is computed in the input's precision (at
-    least float32: the costly part), with the rows scaled by ``1 / sqrt(b)`` first, then
-    folded into the running average in the accumulation dtype:
-    ``H <- H * n_old / n_new + mean * 2 b / n_new``. No raw sum is ever formed, so large
-    inputs or many tokens cannot overflow, and a batch's mean is the same whichever rank
-    computes it.
+    least float32: the costly part), with the rows scaled by ``1 / sqrt(b)`` first so that it
+    cannot overflow, then added, times ``2 b``, to the sum ``S = H * n`` kept in the
+    accumulation dtype (one pass over ``S`` per batch). ``H`` is symmetric, so only the
+    upper triangle of ``S`` is kept: inputs of 1024 features or more are multiplied in bands
+    of :data:`GRAM_BAND` rows against the columns from the band on. A batch's mean is the
+    same whichever rank computes it. Float64 accumulation (the default) cannot overflow;
+    float32 halves the memory but overflows once ``S`` passes ~3e38.
 
-    Offloading: ``to("cpu")`` keeps ``H`` in host memory; :meth:`add` still computes each
-    batch's product on the input's device and adds it where ``H`` lives.
+    Offloading: ``to("cpu")`` keeps ``S`` in host memory; :meth:`add` still computes each
+    batch's product on the input's device and adds it where ``S`` lives.
 
     Distributed: each rank accumulates its own data, then all-reduces (sums) the two
     tensors of :meth:`state` and calls :meth:`load_state`; the result equals one process
@@ -58,18 +65,18 @@ class HessianAccumulator:
     Args:
         in_features: the layer's input size.
         dtype: accumulation dtype, ``torch.float32`` or ``torch.float64``.
-        device: where ``H`` lives.
+        device: where ``S`` lives.
     """
 
     def __init__(
         self,
         in_features: int,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype = torch.float64,
         device: torch.device | str | None = None,
     ) -> None:
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"dtype={dtype} is invalid: expected torch.float32 or torch.float64")
-        self._hessian = torch.zeros(in_features, in_features, dtype=dtype, device=device)
+        self._sum = torch.zeros(in_features, in_features, dtype=dtype, device=device)
         self._num_samples = 0
 
     @property
@@ -80,11 +87,11 @@ class HessianAccumulator:
     @property
     def in_features(self) -> int:
         """The layer's input size."""
-        return self._hessian.shape[0]
+        return self._sum.shape[0]
 
     @torch.no_grad()
     def add(self, x: Tensor, mask: Tensor | None = None) -> None:
-        """Folds a batch of layer inputs into the average.
+        """Folds a batch of layer inputs into the sum.
 
         Args:
             x: inputs ``[..., in_features]``, e.g. ``[batch, seq, in_features]``.
@@ -110,19 +117,34 @@ class HessianAccumulator:
         if rows.shape[0] == 0:
             return
         count = rows.shape[0]
-        total = self._num_samples + count
         rows = rows.to(torch.promote_types(rows.dtype, torch.float32)) * (1 / math.sqrt(count))
-        batch_mean = (rows.T @ rows).to(self._hessian)
-        self._hessian.mul_(self._num_samples / total).add_(batch_mean, alpha=2 * count / total)
-        self._num_samples = total
+        # Only the upper triangle is kept: row band [i, i + b) against columns [i, in).
+        for start in range(0, self.in_features, _band_width(self.in_features)):
+            stop = start + _band_width(self.in_features)
+            band = rows[:, start:stop].T @ rows[:, start:]
+            # one conversion, then a same-dtype add: much faster than a mixed-dtype add_
+            self._sum[start:stop, start:].add_(band.to(self._sum), alpha=2 * count)
+        self._num_samples += count
 
     def hessian(self) -> Tensor:
-        """Returns ``H`` ``[in_features, in_features]`` (the live buffer, not a copy)."""
-        return self._hessian
+        """Returns ``H`` ``[in_features, in_features]`` (a new tensor)."""
+        if not self._num_samples:
+            return torch.zeros_like(self._sum)
+        upper = self._sum.triu() / self._num_samples
+        return upper + upper.triu(1).T
+
+    def scale_inputs_(self, factors: Tensor) -> None:
+        """Makes ``H`` that of inputs multiplied by ``factors``: ``diag(f) H diag(f)``.
+
+        Args:
+            factors: ``[in_features]``.
+        """
+        factors = factors.to(self._sum)
+        self._sum.mul_(factors[:, None]).mul_(factors[None, :])
 
     def to(self, device: torch.device | str) -> HessianAccumulator:
-        """Moves ``H`` to ``device`` (``"cpu"`` offloads it) and returns ``self``."""
-        self._hessian = self._hessian.to(device)
+        """Moves ``S`` to ``device`` (``"cpu"`` offloads it) and returns ``self``."""
+        self._sum = self._sum.to(device)
         return self
 
     def merge(self, other: HessianAccumulator) -> None:
@@ -139,30 +161,35 @@ class HessianAccumulator:
                 f"cannot merge a Hessian of in_features={other.in_features} into one of "
                 f"in_features={self.in_features}"
             )
-        weighted, count = other.state()
-        mine, my_count = self.state()
-        self.load_state(mine + weighted.to(mine), my_count + count.to(my_count.device))
+        self._sum.add_(other._sum.to(self._sum))
+        self._num_samples += other.num_samples
 
     def state(self) -> tuple[Tensor, Tensor]:
-        """Returns ``(H * n, n)`` as tensors on ``H``'s device, ready to all-reduce (sum).
+        """Returns ``(S, n)`` as tensors on ``S``'s device, ready to all-reduce (sum).
 
         Returns:
-            The weighted sum ``[in, in]`` and the token count, an int64 tensor ``[1]``.
+            A copy of the sum ``[in, in]`` (its upper triangle holds ``H * n``) and the token
+            count, an int64 tensor ``[1]``.
         """
-        count = torch.tensor([self._num_samples], dtype=torch.int64, device=self._hessian.device)
-        return self._hessian * self._num_samples, count
+        count = torch.tensor([self._num_samples], dtype=torch.int64, device=self._sum.device)
+        return self._sum.clone(), count
 
     def load_state(self, weighted: Tensor, count: Tensor) -> None:
-        """Sets the average from a summed :meth:`state`: ``H = weighted / count``.
+        """Sets the sum from a summed :meth:`state`.
 
         Args:
             weighted: the sum of ``H * n`` over the parts.
             count: the sum of ``n`` over the parts.
         """
-        total = int(count.sum().item())
-        weighted = weighted.to(self._hessian)
-        self._hessian = weighted / total if total else torch.zeros_like(weighted)
-        self._num_samples = total
+        self._sum = weighted.to(self._sum)
+        self._num_samples = int(count.sum().item())
+
+
+def _band_width(in_features: int) -> int:
+    """Rows per band of the batch product: bands of 512 once there are two (each band is
+    multiplied only against the columns from its first one on, which skips most of the
+    lower triangle); narrower inputs take one product."""
+    return in_features if in_features < 2 * GRAM_BAND else GRAM_BAND
 
 
 class SingularHessianError(ValueError):
@@ -307,6 +334,7 @@ class BlockwiseOBS:
         self._columns = weight.detach().to(dtype).T.clone(memory_format=torch.contiguous_format)
         self._columns[self.dead] = 0
         self.block = (0, 0)
+        self._sub_block = (0, 0)
         self._block_columns = self._columns[:0]
         self._block_errors = self._columns[:0]
         self.row_losses = self._columns.new_zeros(self._columns.shape[1])
@@ -319,8 +347,9 @@ class BlockwiseOBS:
     def current(self, start: int, stop: int) -> Tensor:
         """Returns the up-to-date values of columns ``[start, stop)``.
 
-        Columns in the current block hold every update so far; later columns get the
-        current block's pending errors applied here.
+        Columns up to the end of the current sub-block hold every update so far; the rest
+        of the block gets the sub-block's pending errors applied here, and later columns
+        the whole block's.
 
         Args:
             start: first column, at or after the column being compressed.
@@ -330,11 +359,21 @@ class BlockwiseOBS:
             ``[out, stop - start]``, a copy.
         """
         first, last = self.block
-        inside = self._block_columns[start - first : min(stop, last) - first]
-        if stop <= last:
-            return inside.T.clone()
-        pending = self.hinv[first:last, last:stop].T @ self._block_errors
-        return torch.cat([inside, self._columns[last:stop] - pending]).T
+        sub_first, sub_last = self._sub_block
+        stop = min(stop, self._columns.shape[0])
+        pieces = []
+        if start < min(stop, sub_last):
+            pieces.append(self._columns[start : min(stop, sub_last)])
+        pending_from = ((sub_last, last, sub_first, sub_last), (last, stop, first, last))
+        for begin, end, errors_first, errors_last in pending_from:
+            begin, end = max(start, begin), min(stop, end)
+            if begin < end:
+                errors = self._block_errors[errors_first - first : errors_last - first]
+                pending = self.hinv[errors_first:errors_last, begin:end].T @ errors
+                pieces.append(self._columns[begin:end] - pending)
+        if len(pieces) == 1:
+            return pieces[0].T.clone()
+        return torch.cat(pieces or [self._columns[start:start]]).T
 
     def run(self, target: ColumnTarget) -> tuple[Tensor, float]:
         """Compresses every column in order.
@@ -367,13 +406,22 @@ class BlockwiseOBS:
         return self._block_errors.square().sum(dim=0) / 2
 
     def _sweep_block(self, first: int, last: int, hinv: Tensor, target: ColumnTarget) -> None:
-        """The column loop of :meth:`_run_block`."""
-        for i in range(last - first):
-            w = self._block_columns[i]
-            q = target(first + i, w.clone(), self)
-            error = torch.sub(w, q, out=self._block_errors[i]).div_(hinv[i, i])
-            self._block_columns[i + 1 :].addr_(hinv[i, i + 1 :], error, alpha=-1)
-            w.copy_(q)
+        """The column loop of :meth:`_run_block`, in sub-blocks of ``SUB_BLOCK`` columns: rank-one
+        updates reach the rest of the sub-block only, one product per sub-block the rest of
+        the block (the same lazy batching as between blocks, one level down)."""
+        columns, errors = self._block_columns, self._block_errors
+        size = last - first
+        for start in range(0, size, SUB_BLOCK):
+            stop = min(start + SUB_BLOCK, size)
+            self._sub_block = (first + start, first + stop)
+            for i in range(start, stop):
+                w = columns[i]
+                q = target(first + i, w.clone(), self)
+                error = torch.sub(w, q, out=errors[i]).div_(hinv[i, i])
+                columns[i + 1 : stop].addr_(hinv[i, i + 1 : stop], error, alpha=-1)
+                w.copy_(q)
+            if stop < size:
+                columns[stop:].addmm_(hinv[start:stop, stop:].T, errors[start:stop], alpha=-1)
 
 
 @contextmanager

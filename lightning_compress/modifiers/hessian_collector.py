@@ -168,9 +168,7 @@ class HessianCollector(StatisticsCollector):
         self.commit()
         inverse = 1 / scale.to(HESSIAN_DTYPE)
         for group in _distinct_groups(self._groups.get(name) for name in names):
-            hessian = self._split(group, set(names)).accumulator.hessian()
-            factors = inverse.to(hessian.device)
-            hessian.mul_(factors[:, None]).mul_(factors[None, :])
+            self._split(group, set(names)).accumulator.scale_inputs_(inverse)
 
     def clear(self) -> None:
         """Frees every Hessian and the current read, and stops following input scaling."""

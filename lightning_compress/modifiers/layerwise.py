@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextvars import ContextVar
 from typing import Any, Protocol, TypeVar
 
 import torch
@@ -31,6 +32,7 @@ __all__ = [
     "check_calibrated",
     "layers_inside",
     "linear_layers",
+    "modules_inside",
     "needs_data",
     "solve_on_hessian",
     "token_mask",
@@ -77,7 +79,17 @@ class TokenMaskTracker:
     """
 
     def __init__(self) -> None:
-        self.current: Tensor | None = None
+        self._mask: ContextVar[Tensor | None] = ContextVar(f"token_mask_{id(self)}", default=None)
+
+    @property
+    def current(self) -> Tensor | None:
+        """The token mask of the latest forward in this context (the sequential pipeline runs
+        each calibration batch of a staged block in its own greenlet, with its own context)."""
+        return self._mask.get()
+
+    @current.setter
+    def current(self, mask: Tensor | None) -> None:
+        self._mask.set(mask)
 
     def hook(self, module: nn.Module) -> Callable[[nn.Module, tuple, dict], None]:
         """The forward pre-hook (``with_kwargs=True``) recording ``module``'s attention mask.
@@ -293,6 +305,20 @@ def layers_inside(owner: str, subgraph: Any, layers: Mapping[str, nn.Module]) ->
         )
     inside = {id(module) for module in subgraph.modules()}
     return [name for name, module in layers.items() if id(module) in inside]
+
+
+def modules_inside(subgraph: nn.Module, modules: Iterable[nn.Module]) -> list[nn.Module]:
+    """The ``modules`` that are submodules of ``subgraph`` (or ``subgraph`` itself), in order.
+
+    Args:
+        subgraph: a block.
+        modules: candidate modules.
+
+    Returns:
+        Those inside ``subgraph``.
+    """
+    inside = {id(module) for module in subgraph.modules()}
+    return [module for module in modules if id(module) in inside]
 
 
 def check_calibrated(owner: str, statistics: Mapping[str, InputStatistics], num_reads: int) -> None:

@@ -46,6 +46,12 @@ class PipelineOptions:
             (exact; a second forward for blocks whose statistics were gathered and whose
             forward compression changed). False always reuses the calibration forward's
             outputs: one forward per block, later blocks calibrated without upstream error.
+        staged: when every modifier compresses each layer from its own inputs (GPTQ,
+            SparseGPT, Wanda, round-to-nearest), calibrate a block in one forward that pauses
+            before each group of layers reading one input until it is compressed
+            (``pipelines.staged``); its outputs are the compressed block's. It holds every
+            batch's activations inside the block at once. False: calibrate the whole block,
+            compress it, then run it again.
         progress: show a progress bar over the blocks.
         on_block_end: called after each block with its ``BlockReport``.
     """
@@ -54,6 +60,7 @@ class PipelineOptions:
     sequential_targets: list[str] | None = None
     offload_dir: str | Path | None = None
     propagate_compressed: bool = True
+    staged: bool = True
     progress: bool = False
     on_block_end: Callable[[BlockReport], None] | None = None
 

@@ -20,7 +20,8 @@ from lightning_compress.pipelines.base import (
 from lightning_compress.pipelines.blocks import find_blocks, hidden_states_of
 from lightning_compress.pipelines.cache import ActivationCache
 from lightning_compress.pipelines.capture import capture_block_inputs
-from lightning_compress.pipelines.snapshot import BlockSnapshot
+from lightning_compress.pipelines.snapshot import BlockSnapshot, BlockVersions
+from lightning_compress.pipelines.staged import Stage, StagedForward, agree_on_stages, find_stages
 
 __all__ = ["SequentialPipeline"]
 
@@ -91,6 +92,9 @@ class SequentialPipeline(CalibrationPipeline):
         snapshot = BlockSnapshot(block)
         observed = snapshot.observed
         with placed_on(block, self.options.device) as device, torch.no_grad():
+            stages = self._stages(block, snapshot, device) if observed else None
+            if stages:
+                return self._calibrate_in_stages(block, snapshot, stages, device)
             if observed:
                 self._forward(block, device)
             self._compress(block, snapshot)
@@ -98,22 +102,77 @@ class SequentialPipeline(CalibrationPipeline):
             if observed and reuse:
                 self.cache.commit_outputs()
                 return 1
-            self.cache.discard_outputs()
-            with snapshot.hooks_suspended(block):
-                self._forward(block, device)
-            self.cache.commit_outputs()
+            self._forward_again(block, snapshot, device)
             return 2 if observed else 1
+
+    def _stages(
+        self, block: nn.Module, snapshot: BlockSnapshot, device: torch.device
+    ) -> list[Stage] | None:
+        """The block's stages when it can be calibrated in one staged forward, else None."""
+        if not (self.options.staged and self.options.propagate_compressed):
+            return None
+        layers: dict[int, nn.Module] = {}
+        for modifier in self.session.lifecycle.recipe.modifiers:
+            staged = modifier.staged_layers(block)
+            if staged is None:
+                layers = {}
+                break
+            layers.update((id(layer), layer) for layer in staged)
+        stages = None
+        if layers and len(self.cache):
+            inputs = self.cache.inputs(0).to(device)
+            stages = find_stages(block, list(layers.values()), inputs, snapshot)
+        return agree_on_stages(stages)
+
+    def _calibrate_in_stages(
+        self, block: nn.Module, snapshot: BlockSnapshot, stages: list[Stage], device: torch.device
+    ) -> int:
+        """One forward compressing the stages on the way, then SEQUENTIAL_EPOCH_END for the
+        block (layers no batch reached, modifiers acting per block); a second forward only if
+        that changed the block."""
+        try:
+            run = StagedForward(block, stages, snapshot, self._emit_block_end)
+            run.run(len(self.cache), lambda index: self._forward_batch(block, device, index))
+        except BaseException:
+            self.session.lifecycle.abort()
+            snapshot.restore(block)
+            raise
+        versions = BlockVersions(block)
+        self._compress(block, snapshot)
+        if not versions.changed(block):
+            self.cache.commit_outputs()
+            return 1
+        self._forward_again(block, snapshot, device)
+        return 2
 
     def _compress(self, block: nn.Module, snapshot: BlockSnapshot) -> None:
         try:
-            self.session.event(EventType.SEQUENTIAL_EPOCH_END, subgraph=block)
+            self._emit_block_end(block)
         except BaseException:
             self.session.lifecycle.abort()
             snapshot.restore(block)
             raise
 
+    def _emit_block_end(self, subgraph: nn.Module) -> None:
+        self.session.event(EventType.SEQUENTIAL_EPOCH_END, subgraph=subgraph)
+
+    def _forward_again(
+        self, block: nn.Module, snapshot: BlockSnapshot, device: torch.device
+    ) -> None:
+        """Replaces the staged outputs by those of the compressed block (calibration hooks
+        suspended)."""
+        self.cache.discard_outputs()
+        with snapshot.hooks_suspended(block):
+            self._forward(block, device)
+        self.cache.commit_outputs()
+
     def _forward(self, block: nn.Module, device: torch.device) -> None:
         for index in range(len(self.cache)):
-            inputs = self.cache.inputs(index).to(device)
-            output = block(*inputs.args, **inputs.kwargs)
-            self.cache.stage_output(index, hidden_states_of(output))
+            self._forward_batch(block, device, index)
+
+    def _forward_batch(self, block: nn.Module, device: torch.device, index: int) -> None:
+        if device.type == "cuda":  # the current device is per thread
+            torch.cuda.set_device(device)
+        inputs = self.cache.inputs(index).to(device)
+        output = block(*inputs.args, **inputs.kwargs)
+        self.cache.stage_output(index, hidden_states_of(output))

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
-__all__ = ["BlockSnapshot"]
+__all__ = ["BlockSnapshot", "BlockVersions"]
 
 _HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks")
 
@@ -72,29 +72,82 @@ class BlockSnapshot:
                     tensor.set_(saved.to(tensor.device))
 
     @contextmanager
-    def hooks_suspended(self, block: nn.Module) -> Iterator[None]:
+    def hooks_suspended(
+        self, block: nn.Module, modules: Iterable[nn.Module] | None = None
+    ) -> Iterator[None]:
         """Inside the context the recorded (calibration) hooks do not run; others do.
+
+        Hooks added inside the context stay; the suspended ones are put back in their places.
 
         Args:
             block: the block.
+            modules: suspend only the hooks of these submodules; None: of all of them.
 
         Yields:
             Nothing.
         """
-        saved = []
+        chosen = None if modules is None else {id(module) for module in modules}
+        suspended = []
         for module_name, module in block.named_modules():
+            if chosen is not None and id(module) not in chosen:
+                continue
             for attribute in _HOOK_DICTS:
                 hooks = getattr(module, attribute)
-                saved.append((hooks, dict(hooks)))
-                for key in list(hooks):
-                    if (module_name, attribute, key) in self.hooks:
-                        del hooks[key]
+                order = list(hooks)
+                removed = {
+                    key: hooks.pop(key)
+                    for key in order
+                    if (module_name, attribute, key) in self.hooks
+                }
+                if removed:
+                    suspended.append((hooks, order, removed))
         try:
             yield
         finally:
-            for hooks, items in saved:
+            for hooks, order, removed in reversed(suspended):
+                current = dict(hooks)
                 hooks.clear()
-                hooks.update(items)
+                for key in order:
+                    if key in removed or key in current:
+                        hooks[key] = removed.get(key, current.get(key))
+                hooks.update({key: hook for key, hook in current.items() if key not in hooks})
+
+
+class BlockVersions:
+    """A cheap record of a block's state: tensor identities and in-place versions, submodule
+    classes and hooks. Unlike :class:`BlockSnapshot` it copies nothing and cannot restore.
+
+    Args:
+        block: the block.
+    """
+
+    def __init__(self, block: nn.Module) -> None:
+        self.tensors = _versions(block)
+        self.structure = _structure(block)
+        self.hooks = _hook_keys(block)
+
+    def changed(self, block: nn.Module) -> bool:
+        """Whether the block's forward may differ: a tensor replaced or modified in place, a
+        submodule replaced, or a hook added (removed hooks do not count).
+
+        Args:
+            block: the block.
+
+        Returns:
+            True if the block may compute something else than when recorded.
+        """
+        return (
+            _versions(block) != self.tensors
+            or _structure(block) != self.structure
+            or not _hook_keys(block) <= self.hooks
+        )
+
+
+def _versions(block: nn.Module) -> dict[str, tuple[int, int]]:
+    return {
+        name: (id(tensor), 0 if tensor.is_inference() else tensor._version)
+        for name, tensor in _tensors(block)
+    }
 
 
 def _tensors(block: nn.Module) -> list[tuple[str, torch.Tensor]]:

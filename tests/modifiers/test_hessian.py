@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lightning_compress.modifiers.hessian import (
+    GRAM_BAND,
     BlockwiseOBS,
     HessianAccumulator,
     SingularHessianError,
@@ -52,6 +53,19 @@ def test_accumulation_equals_direct_formula() -> None:
         torch.testing.assert_close(acc.hessian().double(), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_wide_inputs_multiplied_in_bands_give_the_full_symmetric_hessian() -> None:
+    width = 2 * GRAM_BAND + 77  # two full bands and a short one
+    gen = torch.Generator().manual_seed(3)
+    parts = [(torch.randn(2, 300, width, generator=gen), None), (torch.randn(64, width), None)]
+    rows = torch.cat([x.reshape(-1, width) for x, _ in parts]).double()
+    acc = HessianAccumulator(width)
+    for x, _ in parts:
+        acc.add(x)
+    hessian = acc.hessian()
+    assert torch.equal(hessian, hessian.T)
+    torch.testing.assert_close(hessian, 2 / rows.shape[0] * rows.T @ rows, rtol=1e-5, atol=1e-6)
+
+
 def test_a_batch_adds_the_same_whatever_came_before() -> None:
     # Ranks see different histories; a batch's own contribution must not depend on them.
     (x, mask), (y, other) = batches()[:2]
@@ -77,14 +91,16 @@ def test_no_mask_uses_every_token_and_empty_batches_are_ignored() -> None:
     torch.testing.assert_close(acc.hessian(), 2 / 12 * rows.T @ rows, rtol=1e-12, atol=1e-12)
 
 
-def test_running_average_does_not_overflow_float32() -> None:
-    # Raw sums of squares would reach ~6e39, beyond float32's 3.4e38; the average is 5e37.
+def test_float32_inputs_beyond_float32_sums_do_not_overflow() -> None:
+    # Raw float32 sums of squares would reach ~6e39, beyond float32's 3.4e38: each batch's
+    # mean (2.5e37) stays in float32 range and the sum is kept in float64.
     x = torch.full((4, 64, IN), 5e18)
     acc = HessianAccumulator(IN)
     for batch in x:
         acc.add(batch)
     assert torch.isfinite(acc.hessian()).all()
-    torch.testing.assert_close(acc.hessian(), torch.full((IN, IN), 5e37), rtol=1e-5, atol=0)
+    expected = torch.full((IN, IN), 5e37, dtype=torch.float64)
+    torch.testing.assert_close(acc.hessian(), expected, rtol=1e-5, atol=0)
 
 
 def test_split_merge_equals_whole() -> None:

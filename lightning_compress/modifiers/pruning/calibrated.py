@@ -19,6 +19,7 @@ from lightning_compress.modifiers.layerwise import (
     check_calibrated,
     layers_inside,
     linear_layers,
+    modules_inside,
     needs_data,
 )
 from lightning_compress.modifiers.pruning.masks import MaskStructureSetting
@@ -145,6 +146,17 @@ class CalibratedPruningModifier(Modifier, MaskStructureSetting, register=False):
         if event.type_ == EventType.SEQUENTIAL_EPOCH_END and self.active:
             names = layers_inside(type(self).__name__, kwargs.get("subgraph"), self._pending)
             self._prune(state, names)
+
+    def staged_layers(self, subgraph: nn.Module) -> list[nn.Module] | None:
+        """The pending layers inside ``subgraph``: each is pruned from its own inputs.
+
+        Args:
+            subgraph: the block about to be calibrated.
+
+        Returns:
+            The layers (none while the modifier is not active).
+        """
+        return modules_inside(subgraph, list(self._pending.values())) if self.active else []
 
     def on_end(self, state: State, event: Event | None, **kwargs: Any) -> None:
         try:

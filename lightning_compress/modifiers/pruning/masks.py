@@ -50,9 +50,14 @@ def unstructured_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     _check_sparsity(sparsity)
     flat = scores.reshape(-1)
     num_pruned = round(sparsity * flat.numel())
-    order = torch.sort(flat, stable=True).indices
-    mask = torch.ones(flat.numel(), dtype=torch.bool, device=scores.device)
-    mask[order[:num_pruned]] = False
+    if num_pruned == 0:
+        return torch.ones_like(scores, dtype=torch.bool)
+    # A selection instead of a sort; ties at the threshold go lowest index first, as a
+    # stable sort would order them.
+    threshold = flat.kthvalue(num_pruned).values
+    mask = flat > threshold
+    tied = (flat == threshold).nonzero().flatten()
+    mask[tied[num_pruned - int((flat < threshold).sum()) :]] = True
     return mask.view(scores.shape)
 
 

@@ -13,7 +13,7 @@ from torch.utils.hooks import RemovableHandle
 from lightning_compress.core.events import Event, EventType
 from lightning_compress.core.state import State
 from lightning_compress.modifiers.base import ONE_SHOT, Modifier
-from lightning_compress.modifiers.layerwise import layers_inside, linear_layers
+from lightning_compress.modifiers.layerwise import layers_inside, linear_layers, modules_inside
 from lightning_compress.modifiers.quantization.args import (
     PRESET_SCHEMES,
     QuantizationScheme,
@@ -206,6 +206,19 @@ class QuantizationModifier(Modifier):
         pending = {name: module for name, (module, _) in self._pending.items()}
         names = layers_inside(type(self).__name__, kwargs.get("subgraph"), pending)
         self._quantize_pending(state, names)
+
+    def staged_layers(self, subgraph: nn.Module) -> list[nn.Module] | None:
+        """The pending layers inside ``subgraph``: each is quantized from its own inputs.
+
+        Args:
+            subgraph: the block about to be calibrated.
+
+        Returns:
+            The layers (none outside a one-shot calibration).
+        """
+        if not self.is_one_shot or not self.active:
+            return []
+        return modules_inside(subgraph, [module for module, _ in self._pending.values()])
 
     def on_update(self, state: State, event: Event, **kwargs: Any) -> None:
         if event.type_ == EventType.BATCH_START and self.freeze_observers is not None:
