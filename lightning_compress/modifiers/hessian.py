@@ -276,7 +276,8 @@ def _upper_cholesky_of_inverse(hessian: Tensor, damp: Tensor) -> Tensor | None:
 
 ColumnTarget = Callable[[int, Tensor, "BlockwiseOBS"], Tensor]
 """``target(j, w, sweep) -> q``: the compressed value of column ``j`` given its current value
-``w`` ``[out]``; it may look ahead with ``sweep.current`` and ``sweep.hinv``."""
+``w`` ``[out]`` (a view of the sweep's working copy: read it, do not change it, and return a
+new tensor); it may look ahead with ``sweep.current`` and ``sweep.hinv``."""
 
 
 class BlockwiseOBS:
@@ -416,7 +417,7 @@ class BlockwiseOBS:
             self._sub_block = (first + start, first + stop)
             for i in range(start, stop):
                 w = columns[i]
-                q = target(first + i, w.clone(), self)
+                q = target(first + i, w, self)
                 error = torch.sub(w, q, out=errors[i]).div_(hinv[i, i])
                 columns[i + 1 : stop].addr_(hinv[i, i + 1 : stop], error, alpha=-1)
                 w.copy_(q)

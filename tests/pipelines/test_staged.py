@@ -97,7 +97,7 @@ def reference_true_sequential(
 def paused_batches() -> list[greenlet]:
     """Batches of a staged forward that started and have not finished."""
     gc.collect()
-    return [g for g in gc.get_objects() if isinstance(g, greenlet) and g.parent and bool(g)]
+    return [g for g in gc.get_objects() if issubclass(type(g), greenlet) and g.parent and g]
 
 
 def weights(model: nn.Module) -> dict[str, torch.Tensor]:

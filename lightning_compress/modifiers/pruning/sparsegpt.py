@@ -18,6 +18,7 @@ Selection uses :func:`~lightning_compress.modifiers.pruning.masks.unstructured_m
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -66,11 +67,13 @@ class _ColumnPruner:
         sparsity: float,
         mask_structure: tuple[int, int] | None,
         quantizer: ColumnQuantizer | None,
+        row_groups: Sequence[int] | None = None,
     ) -> None:
         self.mask = torch.ones_like(weight, dtype=torch.bool)
         self.sparsity = sparsity
         self.mask_structure = mask_structure
         self.quantizer = quantizer
+        self.row_groups = list(row_groups) if row_groups is not None else [weight.shape[0]]
 
     def __call__(self, j: int, w: Tensor, sweep: BlockwiseOBS) -> Tensor:
         """Returns column ``j`` (current value ``w``) pruned, and quantized if asked."""
@@ -80,7 +83,9 @@ class _ColumnPruner:
                 self.mask[:, j : j + m] = nm_mask(_saliency(sweep, j, j + m), n, m)
         elif j == sweep.block[0]:
             last = sweep.block[1]
-            self.mask[:, j:last] = unstructured_mask(_saliency(sweep, j, last), self.sparsity)
+            groups = _saliency(sweep, j, last).split(self.row_groups)
+            masks = [unstructured_mask(scores, self.sparsity) for scores in groups]
+            self.mask[:, j:last] = torch.cat(masks)
         pruned = torch.where(self.mask[:, j], w, 0)
         return pruned if self.quantizer is None else self.quantizer(j, pruned, sweep)
 
@@ -119,6 +124,7 @@ def sparsegpt_prune(
     block_size: int = 128,
     dampening_frac: float = 0.01,
     quantize_args: QuantizationArgs | None = None,
+    row_groups: Sequence[int] | None = None,
 ) -> SparseGPTResult:
     """Prunes a weight with SparseGPT, optionally quantizing the kept weights jointly.
 
@@ -134,9 +140,12 @@ def sparsegpt_prune(
         quantize_args: when given, kept weights are quantized in the same sweep (as
             GPTQ with natural column order); pruned weights stay exactly 0.
 
-    With ``mask_structure`` (and without per-tensor ``quantize_args``) rows are pruned
-    independently, so weights that share ``H`` can be stacked into one call; an unstructured
-    mask is chosen over all rows of a block together.
+        row_groups: the row counts of the weights stacked into ``weight``: an unstructured
+            mask is chosen over the rows of each group apart; None: over all rows together.
+
+    Rows are pruned independently (an unstructured mask is chosen per block over the rows of
+    a group), so weights that share ``H`` can be stacked into one call, unless per-tensor
+    ``quantize_args`` couple them.
 
     Returns:
         The pruned weight, the mask, the loss, the qparams (or None), the dampening used and
@@ -153,7 +162,7 @@ def sparsegpt_prune(
         if quantize_args is None
         else make_column_quantizer(sweep.weight, quantize_args, weight.dtype)
     )
-    pruner = _ColumnPruner(sweep.weight, sparsity, mask_structure, quantizer)
+    pruner = _ColumnPruner(sweep.weight, sparsity, mask_structure, quantizer, row_groups)
     pruned, loss = sweep.run(pruner)
     scale, zero_point = (None, None) if quantizer is None else quantizer.qparams()
     return SparseGPTResult(

@@ -63,8 +63,6 @@ class SparseGPTModifier(CalibratedPruningModifier):
     def stacks(
         self, layers: dict[str, nn.Linear], statistics: Mapping[str, HessianAccumulator]
     ) -> list[list[str]]:
-        if self.structure is None:  # the mask of a block is chosen over all its rows
-            return super().stacks(layers, statistics)
         stacks: dict[tuple[int, torch.dtype, torch.device], list[str]] = {}
         for name, layer in layers.items():
             key = (id(statistics[name]), layer.weight.dtype, layer.weight.device)
@@ -76,6 +74,7 @@ class SparseGPTModifier(CalibratedPruningModifier):
     ) -> dict[str, tuple[Tensor, float]]:
         names = list(weights)
         stacked = torch.cat(list(weights.values()))
+        rows = [weight.shape[0] for weight in weights.values()]
 
         def prune(hessian: Tensor) -> SparseGPTResult:
             return sparsegpt_prune(
@@ -85,11 +84,11 @@ class SparseGPTModifier(CalibratedPruningModifier):
                 self.structure,
                 self.block_size,
                 self.dampening_frac,
+                row_groups=rows,
             )
 
         result = solve_on_hessian(
             type(self).__name__, names, stacked, statistics.hessian(), self.dampening_frac, prune
         )
-        rows = [weight.shape[0] for weight in weights.values()]
         parts = zip(names, result.weight.split(rows), result.row_losses.split(rows), strict=True)
         return {name: (weight, row_losses.sum().item()) for name, weight, row_losses in parts}

@@ -110,6 +110,20 @@ def test_blocked_sparsegpt_equals_column_loop_reference(
     assert result.scale is None and result.zero_point is None
 
 
+@pytest.mark.parametrize("structure", [None, (2, 4)])
+def test_stacked_weights_with_row_groups_equal_separate_calls(structure) -> None:
+    weight, x = layer(3)
+    hessian = hessian_of(x)
+    parts = [weight[:5], weight[5:]]
+    stacked = sparsegpt_prune(
+        weight, hessian, 0.5, structure, block_size=8, row_groups=[5, weight.shape[0] - 5]
+    )
+    alone = [sparsegpt_prune(part, hessian, 0.5, structure, block_size=8) for part in parts]
+    assert torch.equal(stacked.mask, torch.cat([result.mask for result in alone]))
+    expected = torch.cat([result.weight for result in alone])
+    torch.testing.assert_close(stacked.weight, expected, rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize(("n", "m"), [(2, 4), (1, 4), (4, 8)])
 def test_nm_structure_holds_in_every_row_group(n: int, m: int) -> None:
     weight, x = layer(1, torch.float32)
