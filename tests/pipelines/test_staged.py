@@ -223,3 +223,41 @@ def test_an_error_mid_block_restores_it_and_unwinds_every_batch(tiny_lm, token_b
     assert not torch.equal(
         after["model.layers.0.mlp.down_proj.weight"], before["model.layers.0.mlp.down_proj.weight"]
     )
+
+
+class FickleBlock(nn.Module):
+    """``b`` reads ``a``'s input in short batches, a copy of it in long ones."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.a(x) + self.b(x if x.shape[1] < 6 else x.clone())
+
+
+class FickleModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(16, 8)
+        self.layers = nn.ModuleList([FickleBlock(), FickleBlock()])
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(input_ids)
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def test_a_layer_reading_another_input_in_a_later_batch_is_named():
+    model = FickleModel()
+    before = weights(model)
+    batches = [torch.randint(0, 16, (1, 4)), torch.randint(0, 16, (1, 8))]
+    with pytest.raises(RuntimeError, match=r"'b' read another input than 'a'.*staged=False"):
+        calibrate(model, WandaPruningModifier(sparsity=0.5, targets=["Linear"]), batches)
+    assert all(torch.equal(t, before[name]) for name, t in weights(model).items())
+    assert all_hooks(model) == [] and not paused_batches()
+    run = calibrate(
+        model, WandaPruningModifier(sparsity=0.5, targets=["Linear"]), batches, staged=False
+    )
+    assert run.forwards == [2, 2]
