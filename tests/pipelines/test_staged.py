@@ -25,9 +25,9 @@ from lightning_compress.modifiers import (
     SparseGPTModifier,
     WandaPruningModifier,
 )
-from lightning_compress.pipelines import BasicPipeline, PipelineOptions, find_blocks
+from lightning_compress.pipelines import BasicPipeline, PipelineOptions, call_model, find_blocks
 
-from .test_sequential import all_hooks, calibrate
+from .test_sequential import all_hooks, calibrate, record_outputs
 
 W4_G16 = {
     "w4": {"targets": ["Linear"], "weights": {"num_bits": 4, "strategy": "group", "group_size": 16}}
@@ -261,3 +261,32 @@ def test_a_layer_reading_another_input_in_a_later_batch_is_named():
         model, WandaPruningModifier(sparsity=0.5, targets=["Linear"]), batches, staged=False
     )
     assert run.forwards == [2, 2]
+
+
+class ZeroFirstBlockOutput(Modifier):
+    """Zeroes block 0's ``down_proj`` at the block's own SEQUENTIAL_EPOCH_END (after staging)."""
+
+    def staged_layers(self, subgraph: nn.Module) -> list[nn.Module]:
+        return []
+
+    def on_event(self, state: State, event: Event, **kwargs: Any) -> None:
+        block = state.model.model.layers[0]
+        if event.type_ == EventType.SEQUENTIAL_EPOCH_END and kwargs["subgraph"] is block:
+            with torch.no_grad():
+                block.mlp.down_proj.weight.zero_()
+
+
+@pytest.mark.parametrize("architecture", ["llama"])
+def test_a_change_at_the_block_event_reruns_the_block(tiny_lm, token_batches):
+    plain = copy.deepcopy(tiny_lm)
+    recipe = [RECIPES["gptq"](_linears(tiny_lm)), ZeroFirstBlockOutput()]
+    run = calibrate(tiny_lm, recipe, token_batches)
+    assert run.forwards == [2, 1]
+    # block 1 was calibrated on block 0's final outputs: compare with running the result
+    plain.load_state_dict(tiny_lm.state_dict(), strict=False)
+    seen = record_outputs(plain.model.layers[0])
+    with torch.no_grad():
+        for batch in token_batches:
+            call_model(plain, batch)
+    for got, want in zip(run.next_inputs[0], seen, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
