@@ -24,7 +24,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-GRAM_BAND = 512
+GRAM_BAND = 192
 """Rows per band of :class:`HessianAccumulator`'s upper-triangular batch products."""
 SUB_BLOCK = 16
 """Columns per sub-block of the sweep inside a lazy block (see ``BlockwiseOBS``)."""
@@ -46,14 +46,15 @@ class HessianAccumulator:
     (batch, sequence), minus the ones a mask drops. (GPTQ's reference counts sequences;
     that only scales ``H`` by a constant, which GPTQ and SparseGPT do not depend on.)
 
-    Every batch's mean ``X^T X / b`` (``b`` rows) is computed in the input's precision (at
+    Each batch's mean ``X^T X / b`` (``b`` rows) is computed in the input's precision (at
     least float32: the costly part), with the rows scaled by ``1 / sqrt(b)`` first so that it
-    cannot overflow, then added, times ``2 b``, to the sum ``S = H * n`` kept in the
-    accumulation dtype (one pass over ``S`` per batch). ``H`` is symmetric, so only the
-    upper triangle of ``S`` is kept: inputs of 1024 features or more are multiplied in bands
-    of :data:`GRAM_BAND` rows against the columns from the band on. A batch's mean is the
-    same whichever rank computes it. Float64 accumulation (the default) cannot overflow;
-    float32 halves the memory but overflows once ``S`` passes ~3e38.
+    cannot overflow, into a buffer kept between batches (no fresh allocation per batch),
+    converted into a second one in the accumulation dtype and added, times ``2 b``, to the
+    sum ``S = H * n`` (one pass over ``S`` per batch). ``H`` is symmetric, so only the upper
+    triangle of ``S`` is kept: inputs of 384 features or more are multiplied in bands of
+    :data:`GRAM_BAND` rows against the columns from the band on. A batch's mean is the same
+    whichever rank computes it. Float64 accumulation (the default) cannot overflow; float32
+    halves the memory but overflows once ``S`` passes ~3e38.
 
     Offloading: ``to("cpu")`` keeps ``S`` in host memory; :meth:`add` still computes each
     batch's product on the input's device and adds it where ``S`` lives.
@@ -77,6 +78,8 @@ class HessianAccumulator:
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"dtype={dtype} is invalid: expected torch.float32 or torch.float64")
         self._sum = torch.zeros(in_features, in_features, dtype=dtype, device=device)
+        self._product: Tensor | None = None
+        self._converted: Tensor | None = None
         self._num_samples = 0
 
     @property
@@ -117,21 +120,42 @@ class HessianAccumulator:
         if rows.shape[0] == 0:
             return
         count = rows.shape[0]
+        # scaled by 1 / sqrt(count): each batch's product is its mean, which cannot overflow
         rows = rows.to(torch.promote_types(rows.dtype, torch.float32)) * (1 / math.sqrt(count))
+        direct = rows.dtype == self._sum.dtype and rows.device == self._sum.device
         # Only the upper triangle is kept: row band [i, i + b) against columns [i, in).
         for start in range(0, self.in_features, _band_width(self.in_features)):
-            stop = start + _band_width(self.in_features)
-            band = rows[:, start:stop].T @ rows[:, start:]
-            # one conversion, then a same-dtype add: much faster than a mixed-dtype add_
-            self._sum[start:stop, start:].add_(band.to(self._sum), alpha=2 * count)
+            stop = min(start + _band_width(self.in_features), self.in_features)
+            left, right, total = (
+                rows[:, start:stop].T,
+                rows[:, start:],
+                self._sum[start:stop, start:],
+            )
+            if direct:
+                total.addmm_(left, right, alpha=2 * count)
+                continue
+            band = torch.mm(left, right, out=self._scratch("_product", total.shape, rows))
+            total.add_(self._scratch("_converted", total.shape, total).copy_(band), alpha=2 * count)
         self._num_samples += count
+
+    def _scratch(self, name: str, shape: torch.Size, like: Tensor) -> Tensor:
+        """A ``shape`` view of the flat buffer ``name``, with the dtype and device of ``like``
+        (created on first use, then reused: no fresh allocation per batch)."""
+        buffer = getattr(self, name)
+        if buffer is None or buffer.dtype != like.dtype or buffer.device != like.device:
+            size = _band_width(self.in_features) * self.in_features
+            buffer = torch.empty(size, dtype=like.dtype, device=like.device)
+            setattr(self, name, buffer)
+        return buffer[: shape[0] * shape[1]].view(shape)
 
     def hessian(self) -> Tensor:
         """Returns ``H`` ``[in_features, in_features]`` (a new tensor)."""
         if not self._num_samples:
             return torch.zeros_like(self._sum)
-        upper = self._sum.triu() / self._num_samples
-        return upper + upper.triu(1).T
+        upper = self._sum.triu()
+        symmetric = upper + upper.T
+        symmetric.diagonal().sub_(upper.diagonal())  # exact: the diagonal was doubled
+        return symmetric.div_(self._num_samples)
 
     def scale_inputs_(self, factors: Tensor) -> None:
         """Makes ``H`` that of inputs multiplied by ``factors``: ``diag(f) H diag(f)``.
@@ -145,6 +169,7 @@ class HessianAccumulator:
     def to(self, device: torch.device | str) -> HessianAccumulator:
         """Moves ``S`` to ``device`` (``"cpu"`` offloads it) and returns ``self``."""
         self._sum = self._sum.to(device)
+        self._product = self._converted = None
         return self
 
     def merge(self, other: HessianAccumulator) -> None:
@@ -186,7 +211,7 @@ class HessianAccumulator:
 
 
 def _band_width(in_features: int) -> int:
-    """Rows per band of the batch product: bands of 512 once there are two (each band is
+    """Rows per band of the batch product: bands of GRAM_BAND once there are two (each band is
     multiplied only against the columns from its first one on, which skips most of the
     lower triangle); narrower inputs take one product."""
     return in_features if in_features < 2 * GRAM_BAND else GRAM_BAND
@@ -262,14 +287,20 @@ def damp_and_invert(
 
 
 def _upper_cholesky_of_inverse(hessian: Tensor, damp: Tensor) -> Tensor | None:
-    """Returns ``U`` with ``U^T U = (H + damp I)^-1``, or None when it is not positive definite."""
-    damped = hessian.clone()
-    damped.diagonal().add_(damp)
-    lower, info = torch.linalg.cholesky_ex(damped)
+    """Returns ``U`` with ``U^T U = (H + damp I)^-1``, or None when it is not positive definite.
+
+    With ``P`` the reversal permutation and ``P H P = L L^T``: ``H^-1 = A^T A`` for the upper
+    triangular ``A = P L^-1 P``, so ``U = A``: one Cholesky factorization and one triangular
+    solve, instead of factorizing, inverting and factorizing the inverse again.
+    """
+    flipped = hessian.flip(0, 1)
+    flipped.diagonal().add_(damp)
+    lower, info = torch.linalg.cholesky_ex(flipped)
     if info.item() != 0:
         return None
-    upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
-    if info.item() != 0 or not torch.isfinite(upper).all():
+    identity = torch.eye(lower.shape[0], dtype=lower.dtype, device=lower.device)
+    upper = torch.linalg.solve_triangular(lower, identity, upper=False).flip(0, 1)
+    if not torch.isfinite(upper).all():
         return None
     return upper
 
@@ -359,6 +390,22 @@ class BlockwiseOBS:
         Returns:
             ``[out, stop - start]``, a copy.
         """
+        pieces = self._current_pieces(start, stop)
+        if len(pieces) == 1:
+            return pieces[0].T.clone()
+        return torch.cat(pieces or [self._columns[start:start]]).T
+
+    def current_columns(self, start: int, stop: int) -> Tensor:
+        """:meth:`current` in the sweep's layout: ``[stop - start, out]``, row ``i`` is column
+        ``start + i`` (a copy)."""
+        pieces = self._current_pieces(start, stop)
+        if len(pieces) == 1:
+            return pieces[0].clone()
+        return torch.cat(pieces or [self._columns[start:start]])
+
+    def _current_pieces(self, start: int, stop: int) -> list[Tensor]:
+        """The up-to-date columns ``[start, stop)`` in runs, in the sweep's layout; a run
+        that needs no pending errors is a view of the working copy."""
         first, last = self.block
         sub_first, sub_last = self._sub_block
         stop = min(stop, self._columns.shape[0])
@@ -372,9 +419,7 @@ class BlockwiseOBS:
                 errors = self._block_errors[errors_first - first : errors_last - first]
                 pending = self.hinv[errors_first:errors_last, begin:end].T @ errors
                 pieces.append(self._columns[begin:end] - pending)
-        if len(pieces) == 1:
-            return pieces[0].T.clone()
-        return torch.cat(pieces or [self._columns[start:start]]).T
+        return pieces
 
     def run(self, target: ColumnTarget) -> tuple[Tensor, float]:
         """Compresses every column in order.

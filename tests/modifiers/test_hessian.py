@@ -215,6 +215,22 @@ def test_sweep_is_independent_of_block_size_and_its_loss_is_the_output_error(
     assert loss == pytest.approx(0.5 * torch.trace(delta @ damped @ delta.T).item(), rel=1e-9)
 
 
+def test_current_columns_are_current_transposed_at_every_point_of_the_sweep() -> None:
+    gen = torch.Generator().manual_seed(5)
+    weight = torch.randn(5, 40, generator=gen, dtype=torch.float64)
+    checked = []
+
+    def check(j: int, w: torch.Tensor, sweep: BlockwiseOBS) -> torch.Tensor:
+        for stop in (j + 1, j + 7, j + 30):  # within the sub-block, the block and beyond
+            expected = sweep.current(j, stop)
+            assert torch.equal(sweep.current_columns(j, stop), expected.T)
+        checked.append(j)
+        return half_grid(j, w, sweep)
+
+    BlockwiseOBS(weight, spd(40, seed=5), block_size=24).run(check)
+    assert checked == list(range(40))
+
+
 def test_sweep_rejects_misfits() -> None:
     with pytest.raises(ValueError, match="transpose Conv1D"):
         BlockwiseOBS(torch.randn(4, 8), torch.eye(4))

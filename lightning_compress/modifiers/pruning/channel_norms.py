@@ -80,7 +80,7 @@ class ChannelNormCollector(StatisticsCollector):
         """
         if self._read is None or not self._read.matches(x):
             rows = self.real_rows(x)
-            sum_squares = rows.to(NORM_DTYPE).square().sum(dim=0)
+            sum_squares = rows.to(NORM_DTYPE, copy=True).square_().sum(dim=0)
             self._read = _Read(x, tensor_version(x), sum_squares, rows.shape[0])
             self.num_reads += 1
         norms = self._norms.get(name)

@@ -27,6 +27,7 @@ __all__ = [
     "global_masks",
     "like_weight",
     "nm_mask",
+    "nm_mask_of_run",
     "parse_mask_structure",
     "unstructured_mask",
 ]
@@ -89,6 +90,37 @@ def nm_mask(scores: torch.Tensor, n: int, m: int, layer: str | None = None) -> t
     mask = torch.ones_like(groups, dtype=torch.bool)
     mask.scatter_(-1, order[..., : m - n], False)
     return mask.view(scores.shape)
+
+
+def nm_mask_of_run(scores: torch.Tensor, n: int) -> torch.Tensor:
+    """:func:`nm_mask` of one run of ``m`` columns, given transposed: ``[m, out_features]``.
+
+    For the column-by-column sweep of SparseGPT, which holds columns as rows and selects
+    one run at a time: the same mask (ties too) without a sort. Float32 scores, which must
+    be non-negative (e.g. saliencies ``w^2 / d^2``), get unique integer keys ordered like
+    ``(score, index)`` from their bit patterns, and each column keeps the keys above its
+    ``(m - n)``-th smallest; other dtypes go through :func:`nm_mask`.
+
+    Args:
+        scores: ``[m, out_features]``; row ``i`` holds the scores of column ``i`` of the run.
+        n: weights kept per row of the weight, ``0 < n < m``.
+
+    Returns:
+        A bool mask shaped like ``scores`` with exactly ``n`` True values per column.
+
+    Raises:
+        ValueError: unless ``0 < n < m``.
+    """
+    m = scores.shape[0]
+    if not 0 < n < m:
+        raise ValueError(f"N:M mask: expected 0 < N < M, got N={n}, M={m}")
+    if scores.dtype != torch.float32:
+        return nm_mask(scores.T, n, m).T
+    # Non-negative float32 bit patterns order like the values; times m plus the index
+    # orders equal scores by index, lower first, as the stable sort of nm_mask does.
+    index = torch.arange(m, device=scores.device, dtype=torch.int64)[:, None]
+    keys = scores.view(torch.int32).to(torch.int64).mul_(m).add_(index)
+    return keys > keys.kthvalue(m - n, dim=0).values
 
 
 def global_masks(scores: dict[str, torch.Tensor], sparsity: float) -> dict[str, torch.Tensor]:

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from lightning_compress.modifiers.hessian import BlockwiseOBS
-from lightning_compress.modifiers.pruning.masks import nm_mask, unstructured_mask
+from lightning_compress.modifiers.pruning.masks import nm_mask_of_run, unstructured_mask
 from lightning_compress.modifiers.quantization.args import QuantizationArgs
 from lightning_compress.modifiers.quantization.gptq import ColumnQuantizer, make_column_quantizer
 
@@ -54,11 +54,16 @@ class SparseGPTResult(NamedTuple):
 class _ColumnPruner:
     """Chooses the mask as the sweep reaches each block (or N:M run), then zeroes pruned weights.
 
+    The mask is kept in the sweep's column-major layout (row ``j`` is column ``j``), as 1 / 0
+    in the weight's dtype: zeroing a column is one product.
+
     Args:
-        weight: the sweep's working weight, for the mask's shape and device.
+        weight: the sweep's working weight, for the mask's shape, dtype and device.
         sparsity: the unstructured fraction to prune.
         mask_structure: ``(n, m)`` to keep ``n`` of every ``m`` columns, or None.
         quantizer: quantizes the kept weights after pruning, or None.
+        row_groups: the row counts of stacked weights (unstructured masks are chosen per
+            group), or None for one weight.
     """
 
     def __init__(
@@ -69,30 +74,41 @@ class _ColumnPruner:
         quantizer: ColumnQuantizer | None,
         row_groups: Sequence[int] | None = None,
     ) -> None:
-        self.mask = torch.ones_like(weight, dtype=torch.bool)
+        self._keep = torch.ones_like(weight.T, memory_format=torch.contiguous_format)
         self.sparsity = sparsity
         self.mask_structure = mask_structure
         self.quantizer = quantizer
         self.row_groups = list(row_groups) if row_groups is not None else [weight.shape[0]]
+
+    @property
+    def mask(self) -> Tensor:
+        """Bool ``[out, in]``: True keeps a weight."""
+        return self._keep.T.bool()
 
     def __call__(self, j: int, w: Tensor, sweep: BlockwiseOBS) -> Tensor:
         """Returns column ``j`` (current value ``w``) pruned, and quantized if asked."""
         if self.mask_structure is not None:
             n, m = self.mask_structure
             if j % m == 0:
-                self.mask[:, j : j + m] = nm_mask(_saliency(sweep, j, j + m), n, m)
+                self._keep[j : j + m] = nm_mask_of_run(_run_saliency(sweep, j, j + m), n)
         elif j == sweep.block[0]:
             last = sweep.block[1]
             groups = _saliency(sweep, j, last).split(self.row_groups)
             masks = [unstructured_mask(scores, self.sparsity) for scores in groups]
-            self.mask[:, j:last] = torch.cat(masks)
-        pruned = torch.where(self.mask[:, j], w, 0)
+            self._keep[j:last] = torch.cat(masks).T
+        pruned = w * self._keep[j]
         return pruned if self.quantizer is None else self.quantizer(j, pruned, sweep)
 
 
 def _saliency(sweep: BlockwiseOBS, start: int, stop: int) -> Tensor:
     """OBS error of pruning each weight of columns ``[start, stop)`` alone: ``w^2 / d^2``."""
     return sweep.current(start, stop).square() / sweep.hinv.diagonal()[start:stop].square()
+
+
+def _run_saliency(sweep: BlockwiseOBS, start: int, stop: int) -> Tensor:
+    """:func:`_saliency` transposed, ``[stop - start, out]``: the sweep's own layout."""
+    squared_diagonal = sweep.hinv.diagonal()[start:stop, None].square()
+    return sweep.current_columns(start, stop).square_().div_(squared_diagonal)
 
 
 def _check_structure(

@@ -142,8 +142,9 @@ class ColumnQuantizer:
     def __call__(self, j: int, w: Tensor, sweep: BlockwiseOBS) -> Tensor:
         """Returns column ``j`` (current value ``w`` ``[out]``) quantized.
 
-        Where :attr:`keep` is set (bool ``[out, in]`` in sweep order), entries it marks False
-        are returned as 0: a pruned weight stays pruned.
+        Where :attr:`keep` is set (``[in, out]``: row ``j`` for column ``j`` in sweep order,
+        in the weight's dtype), entries it marks 0 are returned as 0: a pruned weight stays
+        pruned.
         """
         if self.column_group is None:
             group, offset = divmod(j, self.args.group_size)
@@ -153,14 +154,15 @@ class ColumnQuantizer:
             group = self.column_group[j]
         scale, zero_point = self._aligned_qparams(group, w)
         q = fake_quantize_aligned(w, scale, zero_point, self._column_args)
-        return q if self.keep is None else q.mul_(self.keep[:, j])
+        return q if self.keep is None else q.mul_(self.keep[j])
 
-    def _aligned_qparams(self, group: int, w: Tensor) -> tuple[Tensor, Tensor]:
-        """The qparams of ``group`` flattened to ``[out]`` (or ``[1]``) in ``w``'s dtype."""
+    def _aligned_qparams(self, group: int, w: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The qparams of ``group`` flattened to ``[out]`` (or ``[1]``) in ``w``'s dtype; the
+        zero point is None when it is all 0."""
         if group not in self._aligned:
             scale = self.scales[group].reshape(-1).to(w.dtype)
             zero_point = self.zero_points[group].reshape(-1).to(w.dtype)
-            self._aligned[group] = (scale, zero_point)
+            self._aligned[group] = (scale, zero_point if zero_point.any() else None)
         return self._aligned[group]
 
     def qparams(self) -> tuple[Tensor, Tensor]:
@@ -294,7 +296,8 @@ def gptq_quantize(
     quantizer = make_column_quantizer(natural, args, weight.dtype, actorder, perm)
     zeros = weight == 0
     if zeros.any():
-        quantizer.keep = ~(zeros if perm is None else zeros[:, perm])
+        kept = (~zeros).to(sweep.weight.dtype)
+        quantizer.keep = (kept if perm is None else kept[:, perm]).T.contiguous()
     weight_q, loss = sweep.run(quantizer)
     if inverse is not None:
         weight_q = weight_q[:, inverse]

@@ -222,10 +222,10 @@ def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
         return False
 
 
-def _scale_to_grid(groups: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
-    """Returns ``groups / scale + zero_point`` as a new tensor."""
+def _scale_to_grid(groups: Tensor, scale: Tensor, zero_point: Tensor | None) -> Tensor:
+    """Returns ``groups / scale + zero_point`` as a new tensor (None: zero points of 0)."""
     scaled = groups / scale
-    return scaled.add_(zero_point.to(scaled.dtype))
+    return scaled if zero_point is None else scaled.add_(zero_point.to(scaled.dtype))
 
 
 def _round_to_grid(clamped: Tensor, args: QuantizationArgs) -> Tensor:
@@ -235,21 +235,29 @@ def _round_to_grid(clamped: Tensor, args: QuantizationArgs) -> Tensor:
     return clamped.round_()
 
 
-def _from_grid(q: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
+def _from_grid(q: Tensor, scale: Tensor, zero_point: Tensor | None) -> Tensor:
     """Returns ``(q - zero_point) * scale``; in place when ``q`` has ``scale``'s dtype."""
-    x_hat = q.to(scale.dtype)
-    return x_hat.sub_(zero_point.to(scale.dtype)).mul_(scale)
+    x_hat = q if q.dtype == scale.dtype else q.to(scale.dtype)
+    if zero_point is not None:
+        x_hat.sub_(zero_point.to(scale.dtype))
+    return x_hat.mul_(scale)
 
 
 def _round_trip(
-    clamped: Tensor, scale: Tensor, zero_point: Tensor, args: QuantizationArgs, like: Tensor
+    clamped: Tensor,
+    scale: Tensor,
+    zero_point: Tensor | None,
+    args: QuantizationArgs,
+    like: Tensor,
 ) -> Tensor:
     """Rounds clamped grid values and maps them back to the shape and dtype of ``like``.
 
     ``clamped`` must be a temporary: it is changed in place.
     """
-    q = _round_to_grid(clamped, args)
-    return _from_grid(q, scale, zero_point).reshape(like.shape).to(like.dtype)
+    x_hat = _from_grid(_round_to_grid(clamped, args), scale, zero_point)
+    if x_hat.shape == like.shape and x_hat.dtype == like.dtype:
+        return x_hat  # skips two no-op calls: this runs once per column in GPTQ's sweep
+    return x_hat.reshape(like.shape).to(like.dtype)
 
 
 def quantize(x: Tensor, scale: Tensor, zero_point: Tensor, args: QuantizationArgs) -> Tensor:
@@ -314,7 +322,7 @@ def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, args: Quantizati
 
 
 def fake_quantize_aligned(
-    x: Tensor, scale: Tensor, zero_point: Tensor, args: QuantizationArgs
+    x: Tensor, scale: Tensor, zero_point: Tensor | None, args: QuantizationArgs
 ) -> Tensor:
     """:func:`fake_quantize` for qparams already shaped to broadcast against ``x``.
 
@@ -324,7 +332,8 @@ def fake_quantize_aligned(
     Args:
         x: the values.
         scale: scales broadcastable to ``x``.
-        zero_point: zero points broadcastable to ``x``.
+        zero_point: zero points broadcastable to ``x``; None for zero points that are all 0
+            (symmetric qparams): the same values, two operations fewer.
         args: the quantization arguments.
 
     Returns:

@@ -13,6 +13,7 @@ from lightning_compress.modifiers.pruning import (
     unstructured_mask,
     update_point,
 )
+from lightning_compress.modifiers.pruning.masks import nm_mask_of_run
 
 
 def pruned_positions(values: list[float], count: int) -> set[int]:
@@ -77,6 +78,19 @@ def test_nm_keeps_n_largest_of_every_m(scores, tied, n, m):
         mask = nm_mask(values, n, m)
         assert torch.equal(mask, reference_nm(values, n, m))
         assert (mask.view(12, -1, m).sum(-1) == n).all()
+
+
+@pytest.mark.parametrize(("n", "m"), [(2, 4), (1, 4), (3, 8), (1, 2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_nm_mask_of_one_transposed_run_equals_the_reference(scores, tied, n, m, dtype):
+    zeros = torch.zeros(12, 16)
+    zeros[::3, 1::2] = 1.0  # ties at 0 and at 1 (non-negative scores, like saliencies)
+    for values in (scores, tied, zeros):
+        for first in range(0, 16, m):
+            run = values[:, first : first + m].to(dtype)
+            mask = nm_mask_of_run(run.T.contiguous(), n)
+            assert mask.shape == (m, 12)
+            assert torch.equal(mask.T, reference_nm(run, n, m))
 
 
 def test_global_uses_one_threshold(scores, tied):

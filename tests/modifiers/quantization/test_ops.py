@@ -20,6 +20,7 @@ from lightning_compress.modifiers.quantization.ops import (
     compute_dynamic_qparams,
     dequantize,
     fake_quantize,
+    fake_quantize_aligned,
     fake_quantize_ste,
     qparams_for_weight,
     quantize,
@@ -155,6 +156,19 @@ def test_matches_scalar_reference(args: QuantizationArgs) -> None:
     assert torch.equal(q.float(), ref_q)
     torch.testing.assert_close(dequantize(q, scale, zero_point, args), ref_x_hat)
     torch.testing.assert_close(fake_quantize(x, scale, zero_point, args), ref_x_hat)
+
+
+@pytest.mark.parametrize("args", [a for a in INT_CASES + FP8_CASES if a.symmetric], ids=case_id)
+def test_aligned_without_zero_points_equals_zero_zero_points(args: QuantizationArgs) -> None:
+    # GPTQ's column loop passes None for symmetric qparams: two operations fewer, same values
+    x = sample(args)
+    scale, zero_point = qparams(x, args)
+    assert not zero_point.float().any()
+    groups = strategy_groups(x, args)
+    aligned_scale = scale.unsqueeze(-1).to(x.dtype)
+    expected = fake_quantize(x, scale, zero_point, args)
+    aligned = fake_quantize_aligned(groups, aligned_scale, None, args)
+    assert torch.equal(aligned.reshape(x.shape), expected)
 
 
 @pytest.mark.parametrize("args", INT_CASES, ids=case_id)
