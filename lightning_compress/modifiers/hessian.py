@@ -28,6 +28,8 @@ GRAM_BAND = 192
 """Rows per band of :class:`HessianAccumulator`'s upper-triangular batch products."""
 SUB_BLOCK = 16
 """Columns per sub-block of the sweep inside a lazy block (see ``BlockwiseOBS``)."""
+TRIANGULAR_BASE = 256
+"""Size up to which a triangular inverse is one solve against the identity."""
 
 __all__ = [
     "BlockwiseOBS",
@@ -298,11 +300,28 @@ def _upper_cholesky_of_inverse(hessian: Tensor, damp: Tensor) -> Tensor | None:
     lower, info = torch.linalg.cholesky_ex(flipped)
     if info.item() != 0:
         return None
-    identity = torch.eye(lower.shape[0], dtype=lower.dtype, device=lower.device)
-    upper = torch.linalg.solve_triangular(lower, identity, upper=False).flip(0, 1)
+    upper = _lower_triangular_inverse(lower).flip(0, 1)
     if not torch.isfinite(upper).all():
         return None
     return upper
+
+
+def _lower_triangular_inverse(lower: Tensor) -> Tensor:
+    """``L^-1`` of a lower triangular ``L``, by halves: ``[[A, 0], [C, D]]^-1`` is
+    ``[[A^-1, 0], [-D^-1 C A^-1, D^-1]]`` (a third of the flops of a triangular solve against
+    the identity, mostly in matrix products)."""
+    size = lower.shape[0]
+    if size <= TRIANGULAR_BASE:
+        identity = torch.eye(size, dtype=lower.dtype, device=lower.device)
+        return torch.linalg.solve_triangular(lower, identity, upper=False)
+    half = size // 2
+    first = _lower_triangular_inverse(lower[:half, :half])
+    second = _lower_triangular_inverse(lower[half:, half:])
+    inverse = torch.zeros_like(lower)
+    inverse[:half, :half] = first
+    inverse[half:, half:] = second
+    torch.mm(second, lower[half:, :half] @ first, out=inverse[half:, :half]).neg_()
+    return inverse
 
 
 ColumnTarget = Callable[[int, Tensor, "BlockwiseOBS"], Tensor]

@@ -7,6 +7,7 @@ import torch
 
 from lightning_compress.modifiers.hessian import (
     GRAM_BAND,
+    TRIANGULAR_BASE,
     BlockwiseOBS,
     HessianAccumulator,
     SingularHessianError,
@@ -150,11 +151,13 @@ def spd(n: int = 8, seed: int = 0) -> torch.Tensor:
     return x.T @ x / (4 * n)
 
 
-def test_factor_is_upper_cholesky_of_damped_inverse() -> None:
-    h = spd()
+@pytest.mark.parametrize("size", [8, TRIANGULAR_BASE + 45])  # one solve; halves, recursively
+def test_factor_is_upper_cholesky_of_damped_inverse(size: int) -> None:
+    h = spd(size)
     inverse = damp_and_invert(h, 0.05)
-    damped = h + 0.05 * h.diagonal().mean() * torch.eye(8, dtype=h.dtype)
+    damped = h + 0.05 * h.diagonal().mean() * torch.eye(size, dtype=h.dtype)
     assert torch.equal(inverse.upper, inverse.upper.triu())
+    assert (inverse.upper.diagonal() > 0).all()  # the Cholesky factor, not another root
     torch.testing.assert_close(inverse.upper.T @ inverse.upper, torch.linalg.inv(damped))
     assert inverse.dampening_frac == 0.05
     assert not inverse.dead.any()

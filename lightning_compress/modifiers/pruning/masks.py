@@ -32,6 +32,8 @@ __all__ = [
     "unstructured_mask",
 ]
 
+SELECT_FROM = 16
+"""Groups of at least this many scores (e.g. Wanda's whole rows) are selected, not sorted."""
 MASK_STRUCTURE_EXPECTED = "'N:M' with 0 < N < M (e.g. '2:4': 2 kept of every 4), or '0:0'"
 
 
@@ -86,10 +88,25 @@ def nm_mask(scores: torch.Tensor, n: int, m: int, layer: str | None = None) -> t
             f"[out_features, in_features] weight with in_features divisible by {m}"
         )
     groups = scores.reshape(scores.shape[0], -1, m)
+    if m >= SELECT_FROM:
+        return _keep_largest(groups, n).view(scores.shape)
     order = torch.sort(groups, dim=-1, stable=True).indices
     mask = torch.ones_like(groups, dtype=torch.bool)
     mask.scatter_(-1, order[..., : m - n], False)
     return mask.view(scores.shape)
+
+
+def _keep_largest(groups: torch.Tensor, n: int) -> torch.Tensor:
+    """Keeps the ``n`` largest scores along the last dimension, by selection instead of a
+    sort: below the ``(m - n)``-th smallest everything is pruned, and of the scores equal to
+    it the lowest indices, as many as are still to prune."""
+    num_pruned = groups.shape[-1] - n
+    threshold = groups.kthvalue(num_pruned, dim=-1, keepdim=True).values
+    below = groups < threshold
+    tied = groups == threshold
+    room = num_pruned - below.sum(dim=-1, keepdim=True)
+    pruned = below.logical_or_(tied.logical_and_(tied.cumsum(dim=-1) <= room))
+    return pruned.logical_not_()
 
 
 def nm_mask_of_run(scores: torch.Tensor, n: int) -> torch.Tensor:
