@@ -293,7 +293,7 @@ def _upper_cholesky_of_inverse(hessian: Tensor, damp: Tensor) -> Tensor | None:
 
     With ``P`` the reversal permutation and ``P H P = L L^T``: ``H^-1 = A^T A`` for the upper
     triangular ``A = P L^-1 P``, so ``U = A``: one Cholesky factorization and one triangular
-    solve, instead of factorizing, inverting and factorizing the inverse again.
+    inverse, instead of factorizing, inverting and factorizing the inverse again.
     """
     flipped = hessian.flip(0, 1)
     flipped.diagonal().add_(damp)

@@ -96,16 +96,16 @@ def nm_mask(scores: torch.Tensor, n: int, m: int, layer: str | None = None) -> t
     return mask.view(scores.shape)
 
 
-def _keep_largest(groups: torch.Tensor, n: int) -> torch.Tensor:
-    """Keeps the ``n`` largest scores along the last dimension, by selection instead of a
-    sort: below the ``(m - n)``-th smallest everything is pruned, and of the scores equal to
-    it the lowest indices, as many as are still to prune."""
-    num_pruned = groups.shape[-1] - n
-    threshold = groups.kthvalue(num_pruned, dim=-1, keepdim=True).values
+def _keep_largest(groups: torch.Tensor, n: int, dim: int = -1) -> torch.Tensor:
+    """Keeps the ``n`` largest scores along ``dim``, by selection instead of a sort: below
+    the ``(m - n)``-th smallest everything is pruned, and of the scores equal to it the
+    lowest indices, as many as are still to prune."""
+    num_pruned = groups.shape[dim] - n
+    threshold = groups.kthvalue(num_pruned, dim=dim, keepdim=True).values
     below = groups < threshold
     tied = groups == threshold
-    room = num_pruned - below.sum(dim=-1, keepdim=True)
-    pruned = below.logical_or_(tied.logical_and_(tied.cumsum(dim=-1) <= room))
+    room = num_pruned - below.sum(dim=dim, keepdim=True)
+    pruned = below.logical_or_(tied.logical_and_(tied.cumsum(dim=dim) <= room))
     return pruned.logical_not_()
 
 
@@ -113,10 +113,8 @@ def nm_mask_of_run(scores: torch.Tensor, n: int) -> torch.Tensor:
     """:func:`nm_mask` of one run of ``m`` columns, given transposed: ``[m, out_features]``.
 
     For the column-by-column sweep of SparseGPT, which holds columns as rows and selects
-    one run at a time: the same mask (ties too) without a sort. Float32 scores, which must
-    be non-negative (e.g. saliencies ``w^2 / d^2``), get unique integer keys ordered like
-    ``(score, index)`` from their bit patterns, and each column keeps the keys above its
-    ``(m - n)``-th smallest; other dtypes go through :func:`nm_mask`.
+    one run at a time: the same mask (ties too), by selection along the run instead of a
+    sort.
 
     Args:
         scores: ``[m, out_features]``; row ``i`` holds the scores of column ``i`` of the run.
@@ -131,13 +129,7 @@ def nm_mask_of_run(scores: torch.Tensor, n: int) -> torch.Tensor:
     m = scores.shape[0]
     if not 0 < n < m:
         raise ValueError(f"N:M mask: expected 0 < N < M, got N={n}, M={m}")
-    if scores.dtype != torch.float32:
-        return nm_mask(scores.T, n, m).T
-    # Non-negative float32 bit patterns order like the values; times m plus the index
-    # orders equal scores by index, lower first, as the stable sort of nm_mask does.
-    index = torch.arange(m, device=scores.device, dtype=torch.int64)[:, None]
-    keys = scores.view(torch.int32).to(torch.int64).mul_(m).add_(index)
-    return keys > keys.kthvalue(m - n, dim=0).values
+    return _keep_largest(scores, n, dim=0)
 
 
 def global_masks(scores: dict[str, torch.Tensor], sparsity: float) -> dict[str, torch.Tensor]:
