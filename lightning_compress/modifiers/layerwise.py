@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_compress.core.distributed import all_reduce_sum_
-from lightning_compress.modifiers.hessian import SingularHessianError
+from lightning_compress.modifiers.hessian import SingularHessianError, all_finite
 from lightning_compress.modifiers.input_scaling import follow_input_scaling
 from lightning_compress.recipe.errors import RecipeError
 
@@ -378,7 +378,7 @@ def solve_on_hessian(
         SingularHessianError: when no dampening made it invertible.
     """
     where = f"layer '{names[0]}'" if len(names) == 1 else f"layers {list(names)}"
-    if not bool(torch.isfinite(hessian).all()):
+    if not all_finite(hessian):
         raise ValueError(
             f"{owner}: the Hessian of {where} holds NaN or Inf: its calibration inputs are "
             "not finite (check the data and the model's dtype, e.g. float16 overflow), or add "

@@ -21,7 +21,7 @@ from lightning_compress.pipelines.blocks import find_blocks, hidden_states_of
 from lightning_compress.pipelines.cache import ActivationCache
 from lightning_compress.pipelines.capture import capture_block_inputs
 from lightning_compress.pipelines.snapshot import BlockSnapshot, BlockVersions
-from lightning_compress.pipelines.staged import Stage, StagedForward, agree_on_stages, find_stages
+from lightning_compress.pipelines.staged import Stage, StagedForward, StageFinder, agree_on_stages
 
 __all__ = ["SequentialPipeline"]
 
@@ -66,6 +66,7 @@ class SequentialPipeline(CalibrationPipeline):
                 f"more modules of one class); pass sequential_targets or use pipeline='basic'"
             )
         self.cache = ActivationCache(options.offload_dir)
+        self.stage_finder = StageFinder()
 
     def start(self) -> None:
         check_same_on_all_ranks(len(self.blocks), "the number of blocks")
@@ -120,8 +121,9 @@ class SequentialPipeline(CalibrationPipeline):
             layers.update((id(layer), layer) for layer in staged)
         stages = None
         if layers and len(self.cache):
-            inputs = self.cache.inputs(0).to(device)
-            stages = find_stages(block, list(layers.values()), inputs, snapshot)
+            stages = self.stage_finder.find(
+                block, list(layers.values()), lambda: self.cache.inputs(0).to(device), snapshot
+            )
         return agree_on_stages(stages)
 
     def _calibrate_in_stages(

@@ -12,9 +12,10 @@ calibrated on inputs that the block's earlier, already compressed layers produce
 
 Only one batch runs at a time; the others wait, so the statistics are gathered in batch
 order as in a plain forward. A probe forward of the first batch, with the calibration hooks
-suspended, finds the stages. At a stage, the first layer's calibration hooks run as in any
-forward; the other layers' are replayed on the same input before the batch pauses (the probe
-showed that they read it), and once the stage is compressed its layers' remaining
+suspended, finds the stages (of the first block, then of any block built unlike the last one
+probed: blocks built alike reuse them). At a stage, the first layer's calibration hooks run as
+in any forward; the other layers' are replayed on the same input before the batch pauses (the
+probe showed that they read it), and once the stage is compressed its layers' remaining
 calibration hooks are suspended until the block ends, so every hook sees each batch once.
 """
 
@@ -36,7 +37,7 @@ from lightning_compress.modifiers.hessian_collector import same_input
 from lightning_compress.pipelines.capture import BlockInputs
 from lightning_compress.pipelines.snapshot import BlockSnapshot
 
-__all__ = ["Stage", "StagedForward", "agree_on_stages", "find_stages"]
+__all__ = ["Stage", "StageFinder", "StagedForward", "agree_on_stages", "find_stages"]
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,53 @@ def find_stages(
         else:
             groups.append(([module], x))
     return [Stage(tuple(group), tuple(names[id(m)] for m in group)) for group, _ in groups]
+
+
+class StageFinder:
+    """Finds each block's stages, probing only a block built unlike the last one probed.
+
+    Decoder layers are built alike (the same modules of the same types under the same names)
+    and run their layers the same way, so the stages probed on one block are mapped by name
+    onto the next ones instead of probing each (a probe is a forward of one batch). The staged
+    forward still checks, on every batch, that a stage's layers read one input.
+    """
+
+    def __init__(self) -> None:
+        self._probed: tuple[Any, ...] | None = None
+        self._names: list[tuple[str, ...]] | None = None
+
+    def find(
+        self,
+        block: nn.Module,
+        layers: Sequence[nn.Module],
+        inputs: Callable[[], BlockInputs],
+        snapshot: BlockSnapshot,
+    ) -> list[Stage] | None:
+        """The stages of ``block`` (see :func:`find_stages`).
+
+        Args:
+            block: the block.
+            layers: the layers the modifiers compress stage by stage.
+            inputs: gives one batch's inputs on the block's device, for a probe.
+            snapshot: the block's state before calibration.
+
+        Returns:
+            The stages in call order, or None when the block cannot run in stages.
+        """
+        modules = dict(block.named_modules())
+        names = {id(module): name for name, module in modules.items()}
+        built = (
+            tuple((name, type(module)) for name, module in modules.items()),
+            frozenset(names[id(layer)] for layer in layers),
+        )
+        if built != self._probed:
+            stages = find_stages(block, layers, inputs(), snapshot)
+            self._probed = built
+            self._names = None if stages is None else [stage.names for stage in stages]
+            return stages
+        if self._names is None:
+            return None
+        return [Stage(tuple(modules[name] for name in group), group) for group in self._names]
 
 
 def agree_on_stages(stages: list[Stage] | None) -> list[Stage] | None:

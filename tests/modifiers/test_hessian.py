@@ -11,6 +11,7 @@ from lightning_compress.modifiers.hessian import (
     BlockwiseOBS,
     HessianAccumulator,
     SingularHessianError,
+    all_finite,
     damp_and_invert,
 )
 
@@ -131,6 +132,32 @@ def test_offloading_keeps_accumulating() -> None:
     for x, mask in parts[2:]:
         acc.add(x, mask)
     torch.testing.assert_close(acc.hessian(), accumulate(parts).hessian())
+
+
+def test_band_buffers_follow_the_input_dtype_and_a_loaded_state() -> None:
+    width = GRAM_BAND * 2 + 5
+    gen = torch.Generator().manual_seed(4)
+    parts = [torch.randn(40, width, generator=gen, dtype=torch.float64) for _ in range(4)]
+    acc = HessianAccumulator(width)
+    acc.add(parts[0].float())  # float32 rows: products converted into the float64 sum
+    acc.add(parts[1])  # float64 rows: straight into the sum
+    acc.load_state(*acc.state())  # a new sum: the bands must follow it
+    acc.add(parts[2].float())
+    acc.to("cpu").add(parts[3])
+    rows = torch.cat(parts)
+    expected = 2 / rows.shape[0] * rows.T @ rows
+    torch.testing.assert_close(acc.hessian(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_all_finite_finds_nan_and_infinities_anywhere(dtype: torch.dtype, bad: float) -> None:
+    values = torch.randn(7, 9, dtype=dtype)
+    assert all_finite(values) and all_finite(values[:0])
+    for index in [(0, 0), (3, 4), (6, 8)]:
+        broken = values.clone()
+        broken[index] = bad
+        assert not all_finite(broken)
 
 
 def test_shape_errors_say_what_was_expected() -> None:

@@ -26,6 +26,7 @@ from lightning_compress.modifiers import (
     WandaPruningModifier,
 )
 from lightning_compress.pipelines import BasicPipeline, PipelineOptions, call_model, find_blocks
+from lightning_compress.pipelines import staged as staged_module
 
 from .test_sequential import all_hooks, calibrate, record_outputs
 
@@ -151,6 +152,30 @@ def test_each_group_gets_its_event_then_the_block(tiny_lm, token_batches):
         expected += [[f"{block}.{name}" for name in stage] for stage in STAGES["llama"]]
         expected.append([block])
     assert log.subgraphs == expected
+
+
+@pytest.mark.parametrize("architecture", ["llama"])
+@pytest.mark.parametrize("alike", [True, False])
+def test_only_a_block_built_unlike_the_last_probed_is_probed(
+    tiny_lm, token_batches, monkeypatch, alike
+):
+    probed: list[nn.Module] = []
+    probe = staged_module.find_stages
+    monkeypatch.setattr(
+        staged_module,
+        "find_stages",
+        lambda block, *args: probed.append(block) or probe(block, *args),
+    )
+    blocks = [block for _, block in find_blocks(tiny_lm)]
+    if not alike:
+        blocks[1].extra = nn.Identity()  # one module more: built unlike block 0
+    run = calibrate(tiny_lm, [RECIPES["gptq"](_linears(tiny_lm)), SubgraphLog()], token_batches)
+    assert probed == (blocks[:1] if alike else blocks)
+    log = run.session.lifecycle.recipe.modifiers[1]
+    # the reused stages are block 1's own layers
+    assert log.subgraphs[len(STAGES["llama"]) + 1] == [
+        f"model.layers.1.{name}" for name in STAGES["llama"][0]
+    ]
 
 
 @pytest.mark.parametrize("architecture", ["llama"])

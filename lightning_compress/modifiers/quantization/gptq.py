@@ -291,16 +291,17 @@ def gptq_quantize(
         hessian = hessian.to(weight.device)
         perm = torch.argsort(hessian.diagonal(), descending=True, stable=True)
         inverse = torch.argsort(perm)
-        sweep = BlockwiseOBS(weight[:, perm], hessian[perm][:, perm], block_size, dampening_frac)
-        natural = sweep.weight[:, inverse]
+        permuted = hessian.index_select(0, perm).index_select(1, perm)
+        sweep = BlockwiseOBS(weight.index_select(1, perm), permuted, block_size, dampening_frac)
+        natural = sweep.weight.index_select(1, inverse)
     quantizer = make_column_quantizer(natural, args, weight.dtype, actorder, perm)
     zeros = weight == 0
     if zeros.any():
         kept = (~zeros).to(sweep.weight.dtype)
-        quantizer.keep = (kept if perm is None else kept[:, perm]).T.contiguous()
+        quantizer.keep = (kept if perm is None else kept.index_select(1, perm)).T.contiguous()
     weight_q, loss = sweep.run(quantizer)
     if inverse is not None:
-        weight_q = weight_q[:, inverse]
+        weight_q = weight_q.index_select(1, inverse)
     scale, zero_point = quantizer.qparams()
     return GPTQResult(
         weight_q.to(weight.dtype),
