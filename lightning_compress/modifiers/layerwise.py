@@ -125,8 +125,8 @@ class TokenMaskTracker:
 
 
 class StatisticsCollector:
-    """Base of the collectors of per-layer input statistics (``HessianCollector``, Wanda's
-    ``ChannelNormCollector``).
+    """Base of the collectors of per-layer input statistics (``HessianCollector``,
+    ``ChannelStatisticCollector``).
 
     Feed one with :meth:`layer_hook` (a forward pre-hook per layer) and :meth:`mask_hook`
     (forward pre-hooks with kwargs on ``hessian_collector.mask_sources``); read the

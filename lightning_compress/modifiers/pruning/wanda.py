@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lightning_compress.modifiers.channel_statistics import ChannelStatistic
 from lightning_compress.modifiers.pruning.calibrated import CalibratedPruningModifier
-from lightning_compress.modifiers.pruning.channel_norms import ChannelNormCollector, ChannelNorms
+from lightning_compress.modifiers.pruning.channel_norms import ChannelNormCollector
 from lightning_compress.modifiers.pruning.masks import nm_mask
 
 __all__ = ["WandaPruningModifier", "wanda_mask"]
@@ -81,9 +82,9 @@ class WandaPruningModifier(CalibratedPruningModifier):
         return ChannelNormCollector()
 
     def prune_layers(
-        self, weights: dict[str, Tensor], statistics: ChannelNorms
+        self, weights: dict[str, Tensor], statistics: ChannelStatistic
     ) -> dict[str, tuple[Tensor, None]]:
-        norms = statistics.norms()
+        norms = statistics.values.sqrt()
         results = {}
         for name, weight in weights.items():
             mask = wanda_mask(weight, norms, self.sparsity, self.structure, layer=name)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor, nn
 
 from lightning_compress.modifiers.hessian_collector import tensor_version
+from lightning_compress.pipelines.capture import map_tensors
 
 __all__ = ["CallRecorder", "RecordedCall", "tensors_in"]
 
@@ -46,7 +46,7 @@ class RecordedCall:
         def cut(tensor: Tensor) -> Tensor:
             return tensor[:1] if tensor.dim() >= 2 and tensor.shape[0] == batch else tensor
 
-        return RecordedCall(_map_tensors(self.args, cut), _map_tensors(self.kwargs, cut))
+        return RecordedCall(map_tensors(self.args, cut), map_tensors(self.kwargs, cut))
 
     def replay(self, module: nn.Module) -> Any:
         """Calls ``module`` again with the recorded arguments.
@@ -134,16 +134,5 @@ def tensors_in(value: Any) -> list[Tensor]:
         The tensors.
     """
     found: list[Tensor] = []
-    _map_tensors(value, lambda tensor: found.append(tensor) or tensor)
+    map_tensors(value, lambda tensor: found.append(tensor) or tensor)
     return found
-
-
-def _map_tensors(value: Any, fn: Callable[[Tensor], Tensor]) -> Any:
-    """``value`` with ``fn`` applied to each tensor in nested tuples, lists and mappings."""
-    if isinstance(value, Tensor):
-        return fn(value)
-    if isinstance(value, (tuple, list)):
-        return type(value)(_map_tensors(item, fn) for item in value)
-    if isinstance(value, dict):
-        return {key: _map_tensors(item, fn) for key, item in value.items()}
-    return value

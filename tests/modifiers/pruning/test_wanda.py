@@ -188,7 +188,7 @@ def test_layers_reading_one_input_compute_its_norms_once():
     seen = {"a": [y, x / 2], "b": [x / 2], "c": [y], "d": [x], "e": []}
     for name, tensors in seen.items():
         rows = torch.cat([t.reshape(-1, 8) for t in tensors] or [torch.zeros(0, 8)]).double()
-        torch.testing.assert_close(norms[name].sum_squares, rows.square().sum(0))
+        torch.testing.assert_close(norms[name].values, rows.square().sum(0))
         assert norms[name].num_samples == rows.shape[0]
     collector.discard(["a"])
     assert collector.reduced({"a": layers["a"]})["a"].num_samples == 0
