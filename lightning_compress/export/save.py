@@ -16,14 +16,10 @@ from lightning_compress.export.models import checkpoint_config, find_exportable
 from lightning_compress.export.quantization_config import quantization_config
 from lightning_compress.export.schemes import check_finished, quantized_layers
 from lightning_compress.export.sparsity import sparsity_config
+from lightning_compress.export.staging import recover_checkpoint, staged_directory
 from lightning_compress.export.tensors import compressed_state_dict
 from lightning_compress.export.tokenizer import save_tokenizer
-from lightning_compress.export.writer import (
-    DEFAULT_MAX_SHARD_BYTES,
-    check_output_dir,
-    staged_directory,
-    write_shards,
-)
+from lightning_compress.export.writer import DEFAULT_MAX_SHARD_BYTES, check_output_dir, write_shards
 from lightning_compress.recipe import Recipe, RecipeInput
 
 __all__ = ["CONFIG_NAME", "RECIPE_NAME", "save_compressed"]
@@ -54,8 +50,11 @@ def save_compressed(
     A model that was never quantized nor pruned is saved plainly (no ``quantization_config``).
     The bundled ``TinyDecoder`` is saved as the ``LlamaForCausalLM`` it equals.
 
-    Everything is written into a hidden sibling directory renamed to ``output_dir`` at the
-    end: after an error or a crash, ``output_dir`` is either complete or as it was.
+    Everything is written into a hidden sibling directory, fsynced, and renamed to
+    ``output_dir`` at the end: after an error, ``output_dir`` is either complete or as it was.
+    What a crashed save left beside ``output_dir`` is finished or removed by the next save
+    (or ``load_compressed``) of it, so a crash during an overwrite never leaves the path
+    without a checkpoint.
 
     Args:
         model: a transformers ``PreTrainedModel`` or ``TinyDecoder`` (or a module, such as a
@@ -78,6 +77,7 @@ def save_compressed(
             (``DTensor``) weights.
         TypeError: for a model that is not exportable, or an unsupported tokenizer.
     """
+    recover_checkpoint(output_dir)
     path = check_output_dir(output_dir, overwrite)
     model = find_exportable(model)
     config = checkpoint_config(model)
