@@ -20,6 +20,7 @@ from lightning_compress.export.staging import recover_checkpoint, staged_directo
 from lightning_compress.export.tensors import compressed_state_dict
 from lightning_compress.export.tokenizer import save_tokenizer
 from lightning_compress.export.writer import DEFAULT_MAX_SHARD_BYTES, check_output_dir, write_shards
+from lightning_compress.pipelines.record import RECORD_ATTRIBUTE, partial_compression
 from lightning_compress.recipe import Recipe, RecipeInput
 
 __all__ = ["CONFIG_NAME", "RECIPE_NAME", "save_compressed"]
@@ -71,15 +72,18 @@ def save_compressed(
 
     Raises:
         ExportError: when ``output_dir`` exists, is not empty and ``overwrite`` is false; when
-            compression is unfinished (QAT parametrizations, pruning masks); when a layer's
+            compression is unfinished (QAT parametrizations, pruning masks, a failed
+            calibration that left the model partly compressed); when a layer's
             scheme cannot be expressed in compressed-tensors format (the message names the
             layer and the scheme); when a weight left its quantization grid; or for sharded
             (``DTensor``) weights.
         TypeError: for a model that is not exportable, or an unsupported tokenizer.
     """
+    _refuse_partly_compressed(model)
     recover_checkpoint(output_dir)
     path = check_output_dir(output_dir, overwrite)
     model = find_exportable(model)
+    _refuse_partly_compressed(model)
     config = checkpoint_config(model)
     _check_local(model)
     check_finished(model)
@@ -115,4 +119,15 @@ def _check_local(model: nn.Module) -> None:
         raise ExportError(
             f"{len(sharded)} tensors (e.g. '{sharded[0]}') are sharded DTensors; gather the "
             "full model on one process (e.g. load it from a full checkpoint) before saving"
+        )
+
+
+def _refuse_partly_compressed(model: nn.Module) -> None:
+    record = partial_compression(model)
+    if record is not None:
+        raise ExportError(
+            f"refusing to save {type(model).__name__}: a failed calibration left it partly "
+            f"compressed ({record.describe()}); the checkpoint would mix compressed and "
+            f"uncompressed blocks. Compress the original model again (the record is "
+            f"model.{RECORD_ATTRIBUTE})"
         )

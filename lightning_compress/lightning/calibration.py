@@ -21,6 +21,7 @@ from lightning_compress.pipelines import (
     check_pipeline_name,
     create_pipeline,
 )
+from lightning_compress.pipelines.record import RECORD_ATTRIBUTE, partial_compression
 from lightning_compress.recipe import Recipe, RecipeArgsInput, RecipeInput, RecipeStageInput
 
 __all__ = ["CalibrationModule"]
@@ -45,10 +46,18 @@ class CalibrationModule(pl.LightningModule):
     compress their own copies (tensors the spawn put in shared memory are copied first);
     the calling process's model is not changed.
 
-    If anything fails, every hook (the modifiers' and the pipeline's) and every buffer the
-    modifiers added is removed and the model's modes and placement are restored. Blocks
-    finished before the failure keep their compressed weights; the block whose compression
-    failed gets its weights and buffers back, so no block is left half compressed.
+    If anything fails (the data, a collate function, the model, a modifier, another
+    callback, Ctrl-C), every calibration hook (the modifiers' and the pipeline's) and every
+    temporary buffer is removed and the model's modes and placement are restored: inside
+    this module's hooks directly, anywhere else in the run through a callback that
+    ``configure_callbacks`` hands the Trainer (``on_exception``). The block whose calibration
+    failed is restored as it was; blocks finished before keep their full compression state
+    and the model carries a record of them (``model.partial_compression``, see
+    ``CalibrationPipeline``): the exception says which blocks are compressed,
+    ``save_compressed`` refuses such a model and so does a new ``CalibrationModule``. Keeping
+    a copy of the original weights to undo the finished blocks would double the model's
+    memory. After Ctrl-C, ``Trainer.validate`` itself ends in ``SystemExit(1)`` (Lightning's
+    shutdown); ``oneshot`` turns that back into ``KeyboardInterrupt``.
 
     Args:
         model: the model to compress.
@@ -67,7 +76,8 @@ class CalibrationModule(pl.LightningModule):
 
     Raises:
         TypeError: if ``model`` is not a module.
-        ValueError: for an unknown pipeline, or both ``recipe`` as a session and ``session``.
+        ValueError: for an unknown pipeline, both ``recipe`` as a session and ``session``, or
+            a model that an earlier failed calibration left partly compressed.
         RecipeError: for an invalid recipe.
     """
 
@@ -88,6 +98,7 @@ class CalibrationModule(pl.LightningModule):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        _refuse_partly_compressed(model)
         check_pipeline_name(pipeline)
         if isinstance(recipe, CompressionSession):
             if session is not None:
@@ -140,7 +151,25 @@ class CalibrationModule(pl.LightningModule):
             self.session.finalize()
         return self.model
 
+    def abort(self, error: BaseException | None = None) -> None:
+        """Undo an unfinished calibration: hooks and temporary buffers removed, the model's
+        modes and placement restored, a partly compressed model marked (see the class
+        docstring). Does nothing once the calibration has finished or was aborted.
+
+        Args:
+            error: the exception that stopped the calibration.
+        """
+        pipeline, self._pipeline = self._pipeline, None
+        if pipeline is not None:
+            pipeline.abort(error)
+        elif self.session.lifecycle.initialized_:
+            self.session.lifecycle.abort()
+
     # ------------------------------------------------------------ Lightning
+    @override
+    def configure_callbacks(self) -> list[pl.Callback]:
+        return [_AbortOnException()]
+
     @override
     def on_validation_start(self) -> None:
         if torch.is_inference_mode_enabled():
@@ -209,13 +238,32 @@ class CalibrationModule(pl.LightningModule):
     def _aborting_on_error(self) -> Iterator[None]:
         try:
             yield
-        except BaseException:
-            if self._pipeline is not None:
-                self._pipeline.abort()
-                self._pipeline = None
-            else:
-                self.session.lifecycle.abort()
+        except BaseException as error:
+            self.abort(error)
             raise
+
+
+class _AbortOnException(pl.Callback):
+    """Aborts the calibration when the run fails outside the module's own hooks: in the data,
+    the collate function, Lightning itself or another callback."""
+
+    @override
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        if isinstance(pl_module, CalibrationModule):
+            pl_module.abort(exception)
+
+
+def _refuse_partly_compressed(model: nn.Module) -> None:
+    record = partial_compression(model)
+    if record is not None:
+        raise ValueError(
+            f"model: an earlier calibration failed and left it partly compressed "
+            f"({record.describe()}); compressing it again would compress its finished blocks "
+            f"twice: reload the original model (or delete model.{RECORD_ATTRIBUTE} to go on "
+            f"at your own risk)"
+        )
 
 
 def _unshare(model: nn.Module) -> None:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +14,7 @@ import torch
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from loguru import logger
 from torch import nn
+from torch.utils.data import DataLoader
 
 from lightning_compress.core.distributed import rank_and_world_size
 from lightning_compress.lightning.calibration import CalibrationModule
@@ -49,9 +54,12 @@ def oneshot(
     The sequential pipeline keeps the model where it is and runs one block at a time on
     ``device``. The model is compressed in place.
 
-    On an exception the model keeps no hook and no modifier buffer; blocks compressed before
-    the failure stay compressed, the block whose compression failed is restored (see
-    ``CalibrationModule``).
+    Whatever raises (the data, the model, a modifier, Ctrl-C), the model keeps no calibration
+    hook and no temporary buffer, and its modes and placement are restored. The block whose
+    compression failed is restored; blocks compressed before the failure keep their full
+    compression state, the exception gets a note naming them and the model a record
+    (``model.partial_compression``) that ``save_compressed`` and a new ``oneshot`` refuse:
+    reload the original model to compress it again (see ``CalibrationModule``).
 
     Args:
         model: the model to compress (e.g. a Hugging Face causal LM).
@@ -99,6 +107,8 @@ def oneshot(
         ExportError: if ``output_dir`` exists and is not empty (without
             ``overwrite_output_dir``), or the compressed model cannot be exported.
         ImportError: if ``output_dir`` is set but the ``hf`` extra is not installed.
+        KeyboardInterrupt: after Ctrl-C during the calibration (not Lightning's
+            ``SystemExit``), once the model is cleaned up.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -138,12 +148,49 @@ def oneshot(
             logger.info("no modifier of the recipe needs calibration data: the data is not read")
             module.calibrate()
         else:
-            trainer.validate(module, dataloaders=loader, verbose=False)
+            _validate(trainer, module, loader)
         is_global_zero = trainer.is_global_zero
     if output_dir is not None and is_global_zero:
         recipe_text = module.session.get_serialized_recipe()
         save_compressed(model, output_dir, tokenizer, recipe_text, overwrite_output_dir)
     return model
+
+
+def _validate(trainer: pl.Trainer, module: CalibrationModule, loader: DataLoader) -> None:
+    """``trainer.validate(module)``, aborting the calibration whatever raises.
+
+    Lightning answers Ctrl-C with its shutdown and ``SystemExit(1)``, and ignores SIGINT
+    from then on; here the SIGINT handler is given back and the ``KeyboardInterrupt`` raised
+    again, so that a caller's ``except KeyboardInterrupt`` runs.
+
+    Raises:
+        KeyboardInterrupt: after Ctrl-C, once everything is cleaned up.
+    """
+    try:
+        with _sigint_handler_kept():
+            trainer.validate(module, dataloaders=loader, verbose=False)
+    except SystemExit as exit_:
+        module.abort(exit_.__context__ or exit_)
+        if isinstance(exit_.__context__, KeyboardInterrupt):
+            raise exit_.__context__ from None
+        raise
+    except BaseException as error:
+        module.abort(error)  # a no-op where the module's callback already did it
+        raise
+
+
+@contextmanager
+def _sigint_handler_kept() -> Iterator[None]:
+    """Puts the SIGINT handler back after the context, where a signal handler can be set."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        if signal.getsignal(signal.SIGINT) is not handler and handler is not None:
+            signal.signal(signal.SIGINT, handler)
 
 
 def _pad_id(tokenizer: Any | None) -> int:

@@ -17,6 +17,7 @@ from lightning_compress.pipelines.capture import (
     input_device,
 )
 from lightning_compress.pipelines.data_free import DataFreePipeline
+from lightning_compress.pipelines.record import PartialCompression, partial_compression
 from lightning_compress.pipelines.registry import (
     PIPELINES,
     check_pipeline_name,
@@ -33,6 +34,7 @@ __all__ = [
     "BlockReport",
     "CalibrationPipeline",
     "DataFreePipeline",
+    "PartialCompression",
     "PipelineOptions",
     "SequentialPipeline",
     "call_model",
@@ -42,6 +44,7 @@ __all__ = [
     "find_blocks",
     "hidden_states_of",
     "input_device",
+    "partial_compression",
     "placed_on",
     "resolve_pipeline",
 ]

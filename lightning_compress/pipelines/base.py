@@ -9,9 +9,16 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+from loguru import logger
 from torch import nn
 
 from lightning_compress.core import CompressionSession, EventType
+from lightning_compress.pipelines.record import (
+    RECORD_ATTRIBUTE,
+    PartialCompression,
+    mark_partial,
+)
+from lightning_compress.pipelines.snapshot import BlockVersions
 
 __all__ = ["BlockReport", "CalibrationPipeline", "PipelineOptions", "placed_on"]
 
@@ -71,8 +78,17 @@ class CalibrationPipeline:
     The steps are separate methods so that a LightningModule can call them from its hooks
     (``start`` → ``add_batch`` per batch → ``run`` → ``end``); ``__call__`` runs them all.
     The model is put in eval mode for the epoch and given back in its former mode. On any
-    error call ``abort``: the modifiers are aborted (their hooks and added buffers removed),
-    the pipeline's own state is dropped and the model's mode and placement restored.
+    error call ``abort``: the modifiers are aborted (their calibration hooks and temporary
+    buffers removed), the pipeline's own state is dropped and the model's mode and placement
+    restored.
+
+    A failure never leaves a block half compressed, but it does not undo the blocks finished
+    before it either: giving the whole model back would need a copy of every original
+    weight, as large as the model. The finished blocks keep their full compression state
+    (weights, scales, zero points, the quantized forward), so the model stays consistent, and
+    ``abort`` says so loudly: it logs an error, adds a note to the exception and leaves a
+    :class:`PartialCompression` record on the model (``model.partial_compression``), which
+    ``save_compressed`` and the calibration refuse.
 
     Args:
         model: the session's model.
@@ -88,7 +104,14 @@ class CalibrationPipeline:
         self.model = model
         self.session = session
         self.options = options
+        self.compressed: list[str] = []
         self._modes: dict[nn.Module, bool] = {}
+        self._end_versions: BlockVersions | None = None
+
+    @property
+    def block_names(self) -> list[str]:
+        """The names of the blocks calibrated one after another (none by default)."""
+        return []
 
     def __call__(self, batches: Iterable[Any]) -> None:
         """Run the whole epoch over ``batches``, aborting on error.
@@ -102,8 +125,8 @@ class CalibrationPipeline:
                 self.add_batch(batch)
             self.run()
             self.end()
-        except BaseException:
-            self.abort()
+        except BaseException as error:
+            self.abort(error)
             raise
 
     def start(self) -> None:
@@ -125,13 +148,42 @@ class CalibrationPipeline:
 
     def end(self) -> None:
         """Emit CALIBRATION_EPOCH_END and give the model back."""
+        self._end_versions = BlockVersions(self.model)
         self.session.event(EventType.CALIBRATION_EPOCH_END)
+        self._end_versions = None
         self.close()
 
-    def abort(self) -> None:
-        """Clean up after an error: modifiers aborted, pipeline state dropped, model given back."""
+    def abort(self, error: BaseException | None = None) -> None:
+        """Clean up after an error: modifiers aborted, pipeline state dropped, model given back.
+
+        When blocks were compressed before the failure (or the failure came while the
+        modifiers compressed layers at CALIBRATION_EPOCH_END and changed some), the model is
+        marked partly compressed (see the class docstring) and ``error`` gets a note saying
+        which blocks are. Calling it again does nothing more.
+
+        Args:
+            error: the exception that stopped the calibration.
+        """
+        at_end = self._end_versions is not None and self._end_versions.changed(self.model)
+        self._end_versions = None
         self.session.lifecycle.abort()
         self.close()
+        if (self.compressed or at_end) and RECORD_ATTRIBUTE not in vars(self.model):
+            self._mark_partial(error, at_end)
+
+    def _mark_partial(self, error: BaseException | None, at_end: bool) -> None:
+        reason = "unknown error" if error is None else f"{type(error).__name__}: {error}"
+        blocks = len(self.block_names)
+        record = PartialCompression(tuple(self.compressed), blocks, at_end, reason)
+        mark_partial(self.model, record)
+        note = (
+            f"{type(self.model).__name__} is left partly compressed: {record.describe()}. "
+            f"It is recorded as model.{RECORD_ATTRIBUTE}; save_compressed refuses the model "
+            f"and so does a new calibration: reload the original model to compress it again"
+        )
+        logger.error(note)
+        if error is not None:
+            error.__notes__ = [*getattr(error, "__notes__", []), note]
 
     def close(self) -> None:
         """Drop the pipeline's state and restore the model's train/eval modes."""

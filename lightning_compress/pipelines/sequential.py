@@ -41,8 +41,10 @@ class SequentialPipeline(CalibrationPipeline):
     hooks suspended) only when compression changed its forward, unless
     ``propagate_compressed`` is False.
 
-    An error inside a block's SEQUENTIAL_EPOCH_END restores that block's weights and buffers,
-    so blocks are compressed entirely or not at all. Every rank walks the same blocks.
+    Whatever fails while a block is calibrated (its forward, a modifier, an interrupt), the
+    block is restored as it was (weights, and no buffer, hook or attribute added to it), so
+    blocks are compressed entirely or not at all; the blocks finished before stay compressed
+    (see ``CalibrationPipeline``). Every rank walks the same blocks.
 
     Args:
         model: the session's model.
@@ -68,6 +70,11 @@ class SequentialPipeline(CalibrationPipeline):
         self.cache = ActivationCache(options.offload_dir)
         self.stage_finder = StageFinder()
 
+    @property
+    def block_names(self) -> list[str]:
+        """The names of the blocks, in calibration order."""
+        return [name for name, _ in self.blocks]
+
     def start(self) -> None:
         check_same_on_all_ranks(len(self.blocks), "the number of blocks")
         super().start()
@@ -81,6 +88,7 @@ class SequentialPipeline(CalibrationPipeline):
         for index, (name, block) in enumerate(blocks):
             begin = time.perf_counter()
             forwards = self._calibrate(block)
+            self.compressed.append(name)
             if self.options.on_block_end is not None:
                 report = BlockReport(index, name, time.perf_counter() - begin, forwards)
                 self.options.on_block_end(report)
@@ -90,7 +98,17 @@ class SequentialPipeline(CalibrationPipeline):
         super().close()
 
     def _calibrate(self, block: nn.Module) -> int:
+        """Calibrates and compresses ``block``; on any failure aborts the modifiers and
+        restores the block."""
         snapshot = BlockSnapshot(block)
+        try:
+            return self._calibrate_block(block, snapshot)
+        except BaseException:
+            self.session.lifecycle.abort()
+            snapshot.restore(block)
+            raise
+
+    def _calibrate_block(self, block: nn.Module, snapshot: BlockSnapshot) -> int:
         observed = snapshot.observed
         with placed_on(block, self.options.device) as device, torch.no_grad():
             stages = self._stages(block, snapshot, device) if observed else None
@@ -98,7 +116,7 @@ class SequentialPipeline(CalibrationPipeline):
                 return self._calibrate_in_stages(block, snapshot, stages, device)
             if observed:
                 self._forward(block, device)
-            self._compress(block, snapshot)
+            self._emit_block_end(block)
             reuse = not self.options.propagate_compressed or not snapshot.changed(block)
             if observed and reuse:
                 self.cache.commit_outputs()
@@ -132,28 +150,15 @@ class SequentialPipeline(CalibrationPipeline):
         """One forward compressing the stages on the way, then SEQUENTIAL_EPOCH_END for the
         block (layers no batch reached, modifiers acting per block); a second forward only if
         that changed the block."""
-        try:
-            run = StagedForward(block, stages, snapshot, self._emit_block_end)
-            run.run(len(self.cache), lambda index: self._forward_batch(block, device, index))
-        except BaseException:
-            self.session.lifecycle.abort()
-            snapshot.restore(block)
-            raise
+        run = StagedForward(block, stages, snapshot, self._emit_block_end)
+        run.run(len(self.cache), lambda index: self._forward_batch(block, device, index))
         versions = BlockVersions(block)
-        self._compress(block, snapshot)
+        self._emit_block_end(block)
         if not versions.changed(block):
             self.cache.commit_outputs()
             return 1
         self._forward_again(block, snapshot, device)
         return 2
-
-    def _compress(self, block: nn.Module, snapshot: BlockSnapshot) -> None:
-        try:
-            self._emit_block_end(block)
-        except BaseException:
-            self.session.lifecycle.abort()
-            snapshot.restore(block)
-            raise
 
     def _emit_block_end(self, subgraph: nn.Module) -> None:
         self.session.event(EventType.SEQUENTIAL_EPOCH_END, subgraph=subgraph)

@@ -11,13 +11,20 @@ from torch import nn
 __all__ = ["BlockSnapshot", "BlockVersions"]
 
 _HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks")
+# Dicts keyed like the hook dicts that hold a hook's registration flags.
+_HOOK_FLAGS = (
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+)
 
 
 class BlockSnapshot:
-    """A CPU copy of a block's tensors and the list of its hooks and submodule classes.
+    """A CPU copy of a block's tensors and the list of its hooks, attributes and submodule
+    classes.
 
-    Taken before ``SEQUENTIAL_EPOCH_END``, it lets the pipeline put the block back when a
-    modifier fails half way, tell whether compression changed the block's forward (so the
+    Taken before a block is calibrated, it lets the pipeline put the block back when
+    anything fails half way, tell whether compression changed the block's forward (so the
     calibration outputs can be reused), and replay the compressed block without the hooks
     that observed its calibration.
 
@@ -29,6 +36,7 @@ class BlockSnapshot:
         self.tensors = {name: t.detach().to("cpu", copy=True) for name, t in _tensors(block)}
         self.structure = _structure(block)
         self.hooks = _hook_keys(block)
+        self.slots = {name: _slots(module) for name, module in block.named_modules()}
 
     @property
     def observed(self) -> bool:
@@ -60,7 +68,11 @@ class BlockSnapshot:
         )
 
     def restore(self, block: nn.Module) -> None:
-        """Put the snapshot's values back into the block's tensors of the same names.
+        """Put the block back as the snapshot saw it.
+
+        The snapshot's values go back into the tensors of the same names, and every
+        parameter, buffer, forward hook and public attribute added to a submodule since is
+        removed (scales, zero points, a quantized forward, ``quantization_scheme``).
 
         Args:
             block: the block.
@@ -70,6 +82,26 @@ class BlockSnapshot:
                 saved = self.tensors.get(name)
                 if saved is not None:
                     tensor.set_(saved.to(tensor.device))
+        for name, module in block.named_modules():
+            if name in self.slots:
+                self._drop_additions(name, module)
+
+    def _drop_additions(self, name: str, module: nn.Module) -> None:
+        parameters, buffers, attributes = self.slots[name]
+        for key in [key for key in module._parameters if key not in parameters]:
+            del module._parameters[key]
+        for key in [key for key in module._buffers if key not in buffers]:
+            del module._buffers[key]
+            module._non_persistent_buffers_set.discard(key)
+        for key in [key for key in vars(module) if key not in attributes]:
+            if not key.startswith("_"):
+                del vars(module)[key]
+        for attribute in _HOOK_DICTS:
+            hooks = getattr(module, attribute)
+            for key in [key for key in hooks if (name, attribute, key) not in self.hooks]:
+                del hooks[key]
+                for flags in _HOOK_FLAGS:
+                    getattr(module, flags).pop(key, None)
 
     @contextmanager
     def hooks_suspended(
@@ -156,6 +188,11 @@ def _tensors(block: nn.Module) -> list[tuple[str, torch.Tensor]]:
 
 def _structure(block: nn.Module) -> list[tuple[str, type]]:
     return [(name, type(module)) for name, module in block.named_modules()]
+
+
+def _slots(module: nn.Module) -> tuple[frozenset[str], frozenset[str], frozenset[str]]:
+    """The names of a module's own parameters, buffers and attributes."""
+    return frozenset(module._parameters), frozenset(module._buffers), frozenset(vars(module))
 
 
 def _hook_keys(block: nn.Module) -> set[tuple[str, str, int]]:
