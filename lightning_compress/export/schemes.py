@@ -7,14 +7,18 @@ and its qparam buffers, so the scheme of each layer is read from the layer itsel
 
 from __future__ import annotations
 
+import compressed_tensors
 from compressed_tensors.compressors.format import infer_module_format
+from compressed_tensors.config import CompressionFormat
 from compressed_tensors.quantization import QuantizationArgs as CTQuantizationArgs
 from compressed_tensors.quantization import QuantizationScheme as CTQuantizationScheme
+from loguru import logger
 from pydantic import ValidationError
 from torch import nn
 from torch.nn.utils import parametrize
 
 from lightning_compress.export.errors import ExportError
+from lightning_compress.export.layout import differences, prepared_layout, written_layout
 from lightning_compress.modifiers.pruning import MASK_BUFFER
 from lightning_compress.modifiers.quantization import QuantizationArgs, QuantizationScheme
 from lightning_compress.modifiers.quantization.qat import OBSERVER_BUFFERS
@@ -23,6 +27,15 @@ __all__ = ["check_finished", "from_ct_scheme", "quantized_layers", "to_ct_scheme
 
 ROLES = ("weights", "input_activations", "output_activations")
 TRAINING_BUFFERS = (MASK_BUFFER, *OBSERVER_BUFFERS)
+FALLBACK_FORMAT = CompressionFormat.naive_quantized.value
+"""The format a layer is stored in when transformers cannot load the one compressed-tensors
+picks. compressed-tensors 0.20.1 writes asymmetric ``pack-quantized`` zero points packed
+along the output dimension (``[out * num_bits / 32, groups]`` int32), but the meta-device
+branch of ``PackedQuantizationCompressor.compress``
+(``compressed_tensors/compressors/pack_quantized/base.py``), which transformers'
+``from_pretrained`` runs to prepare the model, leaves them unpacked (``[out, groups]``
+int8): such checkpoints, llm-compressor's included, do not load. ``naive-quantized`` stores
+one int8 code per weight and the zero points as they are, which it loads."""
 
 
 def check_finished(model: nn.Module) -> None:
@@ -72,6 +85,7 @@ def quantized_layers(model: nn.Module) -> dict[str, tuple[nn.Module, CTQuantizat
                 "lightning_compress.export.load_compressed to save them again"
             )
         layers[name] = (module, to_ct_scheme(name, module))
+    _warn_fallbacks(layers)
     return layers
 
 
@@ -105,8 +119,55 @@ def to_ct_scheme(name: str, module: nn.Module) -> CTQuantizationScheme:
             f"layer '{name}' has scheme {scheme.to_dict()}, which compressed-tensors cannot "
             f"express: {err}"
         ) from err
-    ct_scheme.format = infer_module_format(type(module), ct_scheme).value
+    ct_scheme.format = _loadable_format(name, module, ct_scheme)
     return ct_scheme
+
+
+def _loadable_format(name: str, module: nn.Module, ct_scheme: CTQuantizationScheme) -> str:
+    """The format compressed-tensors picks for the layer, or :data:`FALLBACK_FORMAT` when
+    transformers cannot load that one."""
+    preferred = infer_module_format(type(module), ct_scheme).value
+    gaps = {}
+    for stored_as in dict.fromkeys((preferred, FALLBACK_FORMAT)):
+        gaps[stored_as] = _layout_gaps(module, ct_scheme, stored_as)
+        if not gaps[stored_as]:
+            return stored_as
+    raise ExportError(
+        f"layer '{name}' has scheme {module.quantization_scheme.to_dict()}, which the installed "
+        f"compressed-tensors {compressed_tensors.__version__} writes in a layout transformers "
+        f"cannot load: {gaps}"
+    )
+
+
+def _layout_gaps(module: nn.Module, ct_scheme: CTQuantizationScheme, stored_as: str) -> list[str]:
+    """How the layout written in format ``stored_as`` differs from what transformers loads."""
+    scheme = ct_scheme.model_copy(update={"format": stored_as})
+    shape = (tuple(module.weight.shape), module.bias is not None, module.weight.dtype, scheme)
+    return differences(written_layout(*shape), prepared_layout(*shape))
+
+
+def _warn_fallbacks(layers: dict[str, tuple[nn.Module, CTQuantizationScheme]]) -> None:
+    """Says which layers are stored in :data:`FALLBACK_FORMAT`, and why."""
+    moved = {
+        name: infer_module_format(type(module), scheme).value
+        for name, (module, scheme) in layers.items()
+        if scheme.format != infer_module_format(type(module), scheme).value
+    }
+    if moved:
+        name, preferred = next(iter(moved.items()))
+        module, scheme = layers[name]
+        logger.warning(
+            "{} layers (e.g. '{}') are stored {} (one int8 code per weight) instead of {}: the "
+            "installed compressed-tensors {} writes {} in a layout transformers' "
+            "from_pretrained cannot load ({})",
+            len(moved),
+            name,
+            FALLBACK_FORMAT,
+            preferred,
+            compressed_tensors.__version__,
+            preferred,
+            "; ".join(_layout_gaps(module, scheme, preferred)),
+        )
 
 
 def from_ct_scheme(ct_scheme: CTQuantizationScheme) -> QuantizationScheme:

@@ -8,6 +8,7 @@ from compressed_tensors.quantization import QuantizationScheme as CTQuantization
 from torch import Tensor, nn
 
 from lightning_compress.export.errors import ExportError
+from lightning_compress.export.layout import differences, layout_of, prepared_layout
 
 __all__ = ["compress_layer", "compressed_state_dict", "decompress_layer"]
 
@@ -57,7 +58,8 @@ def compressed_state_dict(model: nn.Module, layers: Layers) -> dict[str, Tensor]
 def compress_layer(
     name: str, tensors: dict[str, Tensor], scheme: CTQuantizationScheme
 ) -> dict[str, Tensor]:
-    """Packs one quantized layer with compressed-tensors, and checks it reads back unchanged.
+    """Packs one quantized layer with compressed-tensors, and checks it reads back unchanged
+    and in the layout transformers prepares to load.
 
     Args:
         name: the layer's name, for error messages.
@@ -71,16 +73,24 @@ def compress_layer(
     Raises:
         ExportError: when the stored weight would read back different from
             ``tensors["weight"]`` (beyond :data:`ROUNDING_ULPS`): the weight is not on the grid
-            of its qparams, so it changed after quantization.
+            of its qparams, so it changed after quantization; or when the stored tensors
+            differ from those transformers' ``from_pretrained`` prepares for the layer.
     """
     compressor = BaseCompressor.get_value_from_registry(scheme.format)
     packed = compressor.compress(dict(tensors), scheme)
-    weight = tensors["weight"].float()
+    weight = tensors["weight"]
+    expected = prepared_layout(tuple(weight.shape), "bias" in tensors, weight.dtype, scheme)
+    gaps = differences(layout_of(packed), expected)
+    if gaps:
+        raise ExportError(
+            f"layer '{name}' would be stored ({scheme.format}) in a layout transformers "
+            f"cannot load: {'; '.join(gaps)}"
+        )
     restored = decompress_layer(packed, scheme)["weight"].float()
     # Our dequantization and compressed-tensors' round differently, by an ulp at most.
-    rtol = ROUNDING_ULPS * torch.finfo(tensors["weight"].dtype).eps
-    if not torch.allclose(restored, weight, rtol=rtol, atol=0.0):
-        error = float((restored - weight).abs().max())
+    rtol = ROUNDING_ULPS * torch.finfo(weight.dtype).eps
+    if not torch.allclose(restored, weight.float(), rtol=rtol, atol=0.0):
+        error = float((restored - weight.float()).abs().max())
         raise ExportError(
             f"layer '{name}' would be stored with a different weight than it has (max "
             f"difference {error:.3g}): its weight is not on the grid of its weight_scale/"
