@@ -84,26 +84,44 @@ def test_smoothing_lowers_the_w8a8_error_on_activation_outliers():
 
 
 # ----------------------------------------------------------------- chains
-def test_smoothquant_then_gptq_in_one_pass_equals_gptq_on_the_smoothed_model():
+def test_smoothquant_then_gptq_in_one_pass_equals_gptq_on_the_smoothed_model(monkeypatch):
     w4 = {"num_bits": 4, "strategy": "group", "group_size": 32}
     gptq = {"config_groups": {"g": {"targets": ["Linear"], "weights": w4}}, "ignore": ["lm_head"]}
     model = tiny_decoder()
     inject_outliers(model)
     chained, two_passes = copy.deepcopy(model), copy.deepcopy(model)
+    # What GPTQ is handed for each stack of layers (weights, Hessian) and the loss it reached.
+    solved: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor, float]]] = {}
+    solve = GPTQModifier._gptq
+
+    def recording(self, stack, hessian):
+        weight = torch.cat([self._pending[name][0].weight.detach() for name in stack])
+        result = solve(self, stack, hessian)
+        solved[run][stack[0]] = (weight.clone(), hessian.clone(), result.loss)
+        return result
+
+    monkeypatch.setattr(GPTQModifier, "_gptq", recording)
     # block inputs stay the full-precision ones, the same in both runs
     options = {"propagate_compressed": False}
     smoothquant = {"smoothing_strength": 0.8}
+    run = "chained"
+    solved[run] = {}
     calibrate(chained, [SmoothQuantModifier(**smoothquant), GPTQModifier(**gptq)], **options)
+    run = "two_passes"
+    solved[run] = {}
     calibrate(two_passes, [SmoothQuantModifier(**smoothquant)], **options)
     calibrate(two_passes, [GPTQModifier(**gptq)], **options)
-    for name, layer in chained.named_modules():
-        if isinstance(layer, torch.nn.Linear) and name != "lm_head":
-            other = two_passes.get_submodule(name)
-            step = layer.weight_scale.repeat_interleave(32, dim=1)
-            differ = (layer.weight - other.weight).abs() > 1e-6 * step
-            # the Hessians agree to rounding: a rare weight might round the other way
-            assert differ.float().mean() <= 0.001, name
-            assert bool(((layer.weight - other.weight).abs() <= 1.001 * step).all()), name
+    assert solved["chained"].keys() == solved["two_passes"].keys()
+    assert len(solved["chained"]) == 8  # q/k/v, o, gate/up, down in each of two blocks
+    for name, (weight, hessian, loss) in solved["chained"].items():
+        other_weight, other_hessian, other_loss = solved["two_passes"][name]
+        # The chain hands GPTQ the smoothed weights and the rescaled Hessian of the smoothed
+        # inputs: equal to rounding. GPTQ's error feedback amplifies a code that rounds the
+        # other way, so its results are compared by the objective they reach.
+        torch.testing.assert_close(weight, other_weight, rtol=1e-5, atol=1e-6)
+        tolerance = 1e-6 * float(other_hessian.abs().max())
+        torch.testing.assert_close(hessian, other_hessian, rtol=1e-5, atol=tolerance)
+        assert loss == pytest.approx(other_loss, rel=0.02), name
 
 
 # ------------------------------------------------------------------- errors
