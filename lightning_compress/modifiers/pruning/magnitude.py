@@ -11,7 +11,7 @@ from torch import nn
 from lightning_compress.core.events import Event, EventType
 from lightning_compress.core.state import State
 from lightning_compress.modifiers.base import UNTIL_END
-from lightning_compress.modifiers.pruning.constant import WeightMaskModifier
+from lightning_compress.modifiers.pruning.constant import WeightMaskModifier, stored_weight
 from lightning_compress.modifiers.pruning.masks import (
     MaskStructureSetting,
     full_tensor,
@@ -27,18 +27,26 @@ from lightning_compress.modifiers.pruning.schedule import (
 
 __all__ = ["MagnitudePruningModifier"]
 
+# BATCH_END carries the index reached by the batch's optimizer step (the post-step index).
+_SCHEDULE_EVENTS = (EventType.BATCH_START, EventType.BATCH_END)
+
 
 class MagnitudePruningModifier(WeightMaskModifier, MaskStructureSetting):
     """Prune the smallest-magnitude weights, gradually during training or in one shot.
 
-    Training (``start >= 0``): at each BATCH_START from ``start`` through ``end`` the target
-    sparsity is ``interpolate_sparsity`` (cubic by default, Zhu & Gupta 2017) taken at the
-    latest point of the update grid (``start``, multiples of ``update``, ``end``). When the
-    target changes, masks are recomputed from ``|W|`` and applied; weights already pruned
-    score lowest, so masks only ever lose entries. Masks are re-applied after every
-    optimizer step, from ``start`` until ``end`` (until finalize if ``leave_enabled``).
-    Every decision depends on the step index and the mask buffers only, so a run resumed
-    from a checkpoint continues exactly like an uninterrupted one.
+    Training (``start >= 0``): the target sparsity is ``interpolate_sparsity`` (cubic by
+    default, Zhu & Gupta 2017) taken at the latest point of the update grid (``start``,
+    multiples of ``update``, ``end``). It is evaluated at each BATCH_START and again at each
+    BATCH_END, at the index reached by that batch's optimizer step, so the sparsity due by
+    the last step holds when training ends (an ``end`` at the end of training reaches
+    ``final_sparsity``) and a checkpoint saved after a step holds the masks due there. When
+    the target changes, masks are recomputed from ``|W|`` of the stored float weight (not
+    its fake-quantized value under QAT) and applied; weights already pruned score lowest,
+    so masks only ever lose entries and recomputing a target gives the same masks. Masks
+    are re-applied after every optimizer step, from ``start`` until ``end`` (until finalize
+    if ``leave_enabled``). Every decision depends on the step index, the stored weights and
+    the mask buffers only, so a run resumed from a checkpoint continues exactly like an
+    uninterrupted one.
 
     One-shot (``start: -1``): the model is pruned straight to ``final_sparsity`` when the
     modifier starts (at calibration, or at finalize when there is none).
@@ -111,7 +119,7 @@ class MagnitudePruningModifier(WeightMaskModifier, MaskStructureSetting):
             self.prune_to(state, self.final_sparsity, step=None)
 
     def on_event(self, state: State, event: Event, **kwargs: Any) -> None:
-        if event.type_ == EventType.BATCH_START and not self.is_one_shot:
+        if event.type_ in _SCHEDULE_EVENTS and not self.is_one_shot:
             self._follow_schedule(state, event)
         super().on_event(state, event, **kwargs)
 
@@ -194,7 +202,9 @@ class MagnitudePruningModifier(WeightMaskModifier, MaskStructureSetting):
     def _scores(self, module: nn.Module) -> torch.Tensor:
         # Computed shard-locally, then gathered, so every rank selects the same mask.
         # Already-pruned weights score -inf: they stay pruned whatever ties there are.
-        magnitude = module.weight.detach().abs()
+        # The stored weight is scored: under QAT ``module.weight`` is its fake-quantized
+        # value, which depends on the quantizer's switches, not on the weight alone.
+        magnitude = stored_weight(module).detach().abs()
         return full_tensor(magnitude.masked_fill(~self.mask_of(module), -math.inf))
 
 
