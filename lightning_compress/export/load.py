@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections import OrderedDict
 from pathlib import Path
@@ -11,15 +10,16 @@ import torch
 from compressed_tensors.quantization import QuantizationConfig
 from compressed_tensors.quantization import QuantizationScheme as CTQuantizationScheme
 from compressed_tensors.utils.match import match_named_modules, match_targets
-from safetensors.torch import load_file
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from lightning_compress.export.errors import ExportError
+from lightning_compress.export.reader import read_json, read_tensors
 from lightning_compress.export.save import CONFIG_NAME
 from lightning_compress.export.schemes import from_ct_scheme
+from lightning_compress.export.staging import recover_checkpoint
 from lightning_compress.export.tensors import decompress_layer
-from lightning_compress.export.writer import INDEX_NAME, SINGLE_SHARD_NAME
+from lightning_compress.export.validation import check_layer, check_state, read_quantization_config
 from lightning_compress.modifiers.quantization import QuantizationScheme, attach_quantization
 from lightning_compress.modifiers.quantization.ops import quantized_dtype
 from lightning_compress.modifiers.quantization.runtime import QPARAM_BUFFERS
@@ -50,45 +50,45 @@ def load_compressed(path: str | os.PathLike, keep_quantization: bool = True) -> 
     Returns:
         The model, in eval mode, in the checkpoint's dtype.
 
+    Before anything is loaded, every quantized layer's stored tensors are checked against
+    its config group (names, shapes and dtypes of what compressed-tensors writes for the
+    scheme and format, ``weight_shape``, the range of unpacked codes), each group's format
+    against its scheme (a W8A8 group whose ``input_activations`` was dropped is refused, not
+    loaded as W8A16), and every other tensor against the model's. What an interrupted
+    ``save_compressed`` of ``path`` left beside it is finished first.
+
     Raises:
-        ExportError: when a config group targets layers other than ``nn.Linear`` or uses a
-            scheme this project cannot run, or when the checkpoint's tensors do not fit
-            the model.
+        ExportError: naming the file, and the layer or field, when ``config.json`` or a
+            safetensors file is unreadable (corrupt, truncated, missing), the
+            ``quantization_config`` is not a valid compressed-tensors config or does not
+            describe the stored tensors, a config group targets layers other than
+            ``nn.Linear`` or uses a scheme this project cannot run, or the checkpoint's
+            tensors do not fit the model.
         FileNotFoundError: when ``path`` holds no ``config.json``.
     """
     path = Path(path)
-    config_dict = json.loads((path / CONFIG_NAME).read_text())
-    entry = config_dict.pop("quantization_config", None) or {}
+    recover_checkpoint(path)
+    config_dict = read_json(path / CONFIG_NAME)
+    config = read_quantization_config(config_dict, path / CONFIG_NAME)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config_dict))
-    tensors = _read_tensors(path)
+    tensors, files = read_tensors(path)
     quantized: dict[str, tuple[nn.Module, CTQuantizationScheme, dict[str, Tensor]]] = {}
-    if entry.get("config_groups"):
-        config = QuantizationConfig.model_validate(entry)
+    if config is not None:
         for name, module, scheme in _assigned_schemes(model, config):
             prefix = f"{name}."
-            stored = {key[len(prefix) :]: tensors.pop(key) for key in _local_keys(tensors, prefix)}
+            keys = _local_keys(tensors, prefix)
+            stored = {key[len(prefix) :]: tensors.pop(key) for key in keys}
+            origin = ", ".join(sorted({str(files[key]) for key in keys})) or str(path)
+            check_layer(name, module, scheme, stored, origin)
             layer = decompress_layer(stored, scheme)
             tensors.update({prefix + key: layer[key] for key in LAYER_TENSORS if key in layer})
             qparams = {key: layer[key] for key in QPARAM_BUFFERS if key in layer}
             quantized[name] = (module, scheme, qparams)
-    _load_state(model, tensors)
+    _load_state(model, tensors, files)
     if keep_quantization:
         for module, scheme, qparams in quantized.values():
             _restore_quantization(module, from_ct_scheme(scheme), qparams)
     return model.eval()
-
-
-def _read_tensors(path: Path) -> dict[str, Tensor]:
-    index = path / INDEX_NAME
-    files = (
-        sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        if index.exists()
-        else [SINGLE_SHARD_NAME]
-    )
-    tensors: dict[str, Tensor] = {}
-    for name in files:
-        tensors.update(load_file(path / name))
-    return tensors
 
 
 def _assigned_schemes(
@@ -117,17 +117,20 @@ def _local_keys(tensors: dict[str, Tensor], prefix: str) -> list[str]:
     return [key for key in tensors if key.startswith(prefix) and "." not in key[len(prefix) :]]
 
 
-def _load_state(model: nn.Module, tensors: dict[str, Tensor]) -> None:
+def _load_state(model: nn.Module, tensors: dict[str, Tensor], files: dict[str, Path]) -> None:
     """Loads ``tensors``; only tensors tied to loaded ones (tied embeddings) may be missing."""
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
     state = model.state_dict()
+    check_state(tensors, state, files)
+    unexpected = sorted(key for key in tensors if key not in state)
     loaded = {state[key].data_ptr() for key in tensors if key in state}
-    untied = [key for key in missing if state[key].data_ptr() not in loaded]
+    untied = [key for key in state if key not in tensors and state[key].data_ptr() not in loaded]
     if unexpected or untied:
+        culprits = sorted({str(files[key]) for key in unexpected} or set(map(str, files.values())))
         raise ExportError(
-            f"the checkpoint does not fit {type(model).__name__}: missing {untied}, unexpected "
-            f"{unexpected}"
+            f"{', '.join(culprits)}: the checkpoint does not fit {type(model).__name__}: "
+            f"missing {untied}, unexpected {unexpected}"
         )
+    model.load_state_dict(tensors, strict=False)
 
 
 def _restore_quantization(
