@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -42,7 +43,7 @@ def check_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> Path:
 
     Raises:
         ExportError: when ``output_dir`` is a file, or a non-empty directory and
-            ``overwrite`` is false.
+            ``overwrite`` is false, or it cannot be written (see :func:`_check_writable`).
     """
     path = Path(output_dir)
     if path.exists() and not path.is_dir():
@@ -52,7 +53,41 @@ def check_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> Path:
             f"output directory {str(path)!r} exists and is not empty; choose another "
             "directory or set overwrite=True to replace it"
         )
+    _check_writable(path)
     return path
+
+
+def _check_writable(path: Path) -> None:
+    """Checks that ``path`` can be written by creating and removing a file where it would go.
+
+    The probe goes into the nearest existing directory above ``path``, where the work
+    directory of a save is made: a real write, since permission bits do not tell what root,
+    read-only mounts or quotas allow.
+
+    Args:
+        path: the directory to be written.
+
+    Raises:
+        ExportError: naming ``path`` when the nearest existing ancestor is not a directory or
+            no file can be created in it.
+    """
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ExportError(
+            f"output directory {str(path)!r} cannot be created: {str(parent)!r} is a file, "
+            "expected a directory"
+        )
+    try:
+        descriptor, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=parent)
+    except OSError as error:
+        raise ExportError(
+            f"output directory {str(path)!r} is not writable: no file can be created in "
+            f"{str(parent)!r} ({error.strerror or error})"
+        ) from error
+    os.close(descriptor)
+    os.unlink(probe)
 
 
 @contextmanager
