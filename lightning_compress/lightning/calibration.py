@@ -21,6 +21,7 @@ from lightning_compress.pipelines import (
     check_pipeline_name,
     create_pipeline,
 )
+from lightning_compress.pipelines.calibration_data import check_token_batch
 from lightning_compress.pipelines.record import RECORD_ATTRIBUTE, partial_compression
 from lightning_compress.recipe import Recipe, RecipeArgsInput, RecipeInput, RecipeStageInput
 
@@ -193,6 +194,7 @@ class CalibrationModule(pl.LightningModule):
     @override
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         with self._aborting_on_error():
+            check_token_batch(self.model, batch, batch_idx)
             self._pipeline.add_batch(batch)
 
     @override

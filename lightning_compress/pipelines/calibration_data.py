@@ -18,7 +18,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_compress.core.distributed import ShardSampler
 
-__all__ = ["DATASET_FORMS", "Sample", "calibration_loader", "calibration_samples"]
+__all__ = [
+    "DATASET_FORMS",
+    "Sample",
+    "calibration_loader",
+    "calibration_samples",
+    "check_token_batch",
+]
 
 Sample = dict[str, torch.Tensor]
 DATASET_FORMS = (
@@ -117,6 +123,29 @@ def calibration_loader(
         sampler=ShardSampler(len(samples)) if shard else None,
         collate_fn=partial(_pad, pad_id=pad_id),
     )
+
+
+def check_token_batch(model: nn.Module, batch: Any, index: int) -> None:
+    """Check a calibration batch of token ids for ``model`` as it arrives.
+
+    Batches that carry no token ids (``model`` has no input embedding or vocabulary size, or
+    a dict without ``input_ids``) are left to the model.
+
+    Args:
+        model: the model the batch is for.
+        batch: a ``[B, L]`` tensor, a dict with ``input_ids`` (and ``attention_mask``), or a
+            tuple ``(input_ids, attention_mask)``.
+        index: the batch's position, named in errors.
+
+    Raises:
+        TypeError: as ``calibration_samples``.
+        ValueError: as ``calibration_samples`` with ``model``.
+    """
+    limits = _TokenLimits.of(model)
+    if limits.vocab_size is None or (isinstance(batch, Mapping) and "input_ids" not in batch):
+        return
+    for where, sample in _unbatched(batch, f"calibration batch {index}"):
+        limits.check(sample["input_ids"], where)
 
 
 # ------------------------------------------------------------- model limits

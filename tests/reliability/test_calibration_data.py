@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 from export_models import VOCAB, tiny_model
+from lightning.pytorch import Trainer
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -341,3 +342,14 @@ def test_the_compress_command_fails_before_calibrating_on_an_unwritable_output_d
     with pytest.raises(ExportError, match=rf"output directory '{output_dir}'"):
         main(["compress", "--config", str(path), "--output_dir", str(output_dir)])
     assert calibrations == []
+
+
+def test_a_bad_batch_under_a_trainer_is_refused_naming_it(llama):
+    """CalibrationModule under Trainer.validate reads batches lazily: each is checked on arrival."""
+    ids = _with(token_ids(), VOCAB)
+    before = snapshot(llama)
+    trainer = Trainer(accelerator="cpu", inference_mode=False, enable_model_summary=False, **QUIET)
+    loader = DataLoader(TensorDataset(ids, padding_mask()), batch_size=BATCH)
+    with pytest.raises(ValueError, match=r"calibration batch 1, row 1: token id 128 is outside"):
+        trainer.validate(CalibrationModule(llama, gptq()), dataloaders=loader, verbose=False)
+    assert_untouched(llama, before)
