@@ -66,9 +66,12 @@ def oneshot(
         recipe: the recipe (path, YAML text, dict, modifiers).
         dataset: the calibration data: a LongTensor ``[N, L]`` of token ids, a list of dicts with
             ``input_ids`` (and optionally ``attention_mask``), a torch ``Dataset``, a
-            ``DataLoader`` (its batches are split into samples), a Hugging Face
-            ``datasets.Dataset`` (``input_ids`` or ``text`` column), or text (a string, cut
-            into windows, or a list of strings) with a tokenizer; None runs data-free.
+            ``DataLoader`` (its batches, tensors, dicts or ``(input_ids, attention_mask)``
+            tuples, are split into samples), a Hugging Face ``datasets.Dataset``
+            (``input_ids`` or ``text`` column), or text (a string, cut into windows, or a list
+            of strings) with a tokenizer; None runs data-free. It is read and checked (integer
+            ids within the model's vocabulary and positions, masks of 0 and 1) before
+            calibrating.
         num_calibration_samples: samples to take from the start of ``dataset``; None takes all.
         max_seq_length: samples are truncated to this many tokens (text is cut into windows
             of this length).
@@ -102,10 +105,11 @@ def oneshot(
 
     Raises:
         TypeError: if ``model`` or ``dataset`` has the wrong type.
-        ValueError: for bad sizes, too little data, a spawning strategy, or ``trainer``
-            together with Trainer settings.
+        ValueError: for bad sizes, too little data, token ids or masks the model cannot
+            take, a spawning strategy, or ``trainer`` together with Trainer settings.
         ExportError: if ``output_dir`` exists and is not empty (without
-            ``overwrite_output_dir``), or the compressed model cannot be exported.
+            ``overwrite_output_dir``) or cannot be written, or the compressed model cannot be
+            exported.
         ImportError: if ``output_dir`` is set but the ``hf`` extra is not installed.
         KeyboardInterrupt: after Ctrl-C during the calibration (not Lightning's
             ``SystemExit``), once the model is cleaned up.
