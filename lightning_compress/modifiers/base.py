@@ -251,7 +251,8 @@ class Modifier:
             self.finalized_ = True
 
     def abort(self, state: State) -> None:
-        """Stop without finishing: remove every hook and added buffer, mark finalized.
+        """Stop without finishing: remove every hook and every added buffer (except those
+        kept with ``keep_buffers``), mark finalized.
 
         Args:
             state: the session's state.
@@ -399,7 +400,7 @@ class Modifier:
 
         Buffers travel with the module's ``state_dict``, so Lightning checkpoints, shards and
         restores them like weights. Buffers added here are removed by ``remove_buffers`` and
-        when the modifier aborts.
+        when the modifier aborts, unless ``keep_buffers`` made them part of the model.
 
         Args:
             module: the module to hold the buffer.
@@ -422,10 +423,22 @@ class Modifier:
         self._added_buffers.append((module, name))
 
     def remove_buffers(self) -> None:
-        """Remove every buffer this modifier added."""
+        """Remove every buffer this modifier added (and did not keep)."""
         for module, name in self._added_buffers:
             module._buffers.pop(name, None)
         self._added_buffers.clear()
+
+    def keep_buffers(self, module: nn.Module) -> None:
+        """Make the buffers added to ``module`` part of the model: neither ``remove_buffers``
+        nor ``abort`` removes them afterwards.
+
+        For a layer whose compression has finished (its scales and zero points): a later
+        failure of the calibration leaves the layer consistently compressed.
+
+        Args:
+            module: the module holding the buffers.
+        """
+        self._added_buffers = [(m, name) for m, name in self._added_buffers if m is not module]
 
     # -------------------------------------------------------------------- hooks
     def register_hook(

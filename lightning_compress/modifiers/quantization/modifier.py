@@ -244,8 +244,10 @@ class QuantizationModifier(Modifier):
     def abort(self, state: State) -> None:
         """Stop without finishing: undo what this modifier added to the model.
 
-        Removes the quantized forward, the parametrizations, hooks and buffers; weights
-        already quantized one-shot stay quantized.
+        Removes the calibration hooks and observers, and for quantization-aware training the
+        quantized forward, the parametrizations and buffers. Layers already quantized one-shot
+        stay quantized with their qparams and quantized forward, so the model stays
+        consistent (the pipeline records which blocks are).
 
         Args:
             state: the session's state.
@@ -309,7 +311,8 @@ class QuantizationModifier(Modifier):
                 module.weight.copy_(result.weight)
             for buffer, value in result.buffers.items():
                 self.add_buffer(module, buffer, value)
-            self._attach(module, scheme)
+            attach_quantization(module, scheme)
+            self.keep_buffers(module)  # finished: an abort leaves the layer quantized
         self._log_errors(state, errors)
 
     def _quantize_layers(self, state: State, names: list[str]) -> dict[str, QuantizedLayer]:
