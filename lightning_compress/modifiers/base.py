@@ -16,7 +16,11 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_compress.core.events import Event, EventType
-from lightning_compress.core.model_layer import match_named_modules
+from lightning_compress.core.model_layer import (
+    match_named_modules,
+    module_matches,
+    normalize_targets,
+)
 from lightning_compress.core.state import State
 from lightning_compress.modifiers.fields import check_value
 from lightning_compress.recipe.errors import RecipeError
@@ -98,6 +102,7 @@ class Modifier:
         self._hooks: list[RemovableHandle] = []
         self._hooks_disabled = False
         self._added_buffers: list[tuple[nn.Module, str]] = []
+        self._ignore_checked = False
 
     # ----------------------------------------------------------------- settings
     def validate(self) -> None:
@@ -348,12 +353,31 @@ class Modifier:
             The modules selected by ``targets`` and not by ``ignore``, by name.
 
         Raises:
-            RecipeError: if the targets match nothing.
+            RecipeError: if the targets match nothing, or ``ignore`` removes every module
+                they match (the modifier would compress nothing).
+
+        An ``ignore`` entry that matches no module of ``model`` (a likely typo) is named in
+        a warning, once per modifier.
         """
+        owner = type(self).__name__
+        patterns = targets or self.targets
         try:
-            return match_named_modules(model, targets or self.targets, self.ignore)
+            layers = match_named_modules(model, patterns, self.ignore)
         except ValueError as err:
-            raise RecipeError(f"{type(self).__name__}.targets: {err}") from err
+            raise RecipeError(f"{owner}.targets: {err}") from err
+        if not self._ignore_checked:
+            self._ignore_checked = True
+            _warn_unmatched_ignore(owner, model, self.ignore)
+        if not layers:
+            selected = list(match_named_modules(model, patterns))
+            raise RecipeError(
+                f"{owner}.ignore: {self.ignore} removes every module that targets "
+                f"{normalize_targets(patterns)} select in {type(model).__name__} "
+                f"({_summary(selected)}), so {owner} would compress nothing; expected "
+                f"at least one targeted module left (narrow ignore or targets, or remove {owner} "
+                "from the recipe)"
+            )
+        return layers
 
     # ------------------------------------------------------- subclass callbacks
     def on_initialize(self, state: State, **kwargs: Any) -> Any:
@@ -511,6 +535,25 @@ class Modifier:
         except Exception:
             self.remove_hooks()
             raise
+
+
+def _warn_unmatched_ignore(owner: str, model: nn.Module, ignore: list[str]) -> None:
+    """Warns about ``ignore`` entries that match no module of ``model``."""
+    named = list(model.named_modules())
+    for pattern in ignore:
+        if not any(module_matches(name, module, pattern) for name, module in named if name):
+            logger.warning(
+                "{}.ignore: '{}' matches no module of {}; it ignores nothing (a typo?)",
+                owner,
+                pattern,
+                type(model).__name__,
+            )
+
+
+def _summary(names: list[str]) -> str:
+    """``names`` shortened for a message: the first few and how many there are."""
+    shown = ", ".join(names[:3])
+    return f"{shown}, ... {len(names)} in all" if len(names) > 3 else shown
 
 
 def _reject_unknown_settings(cls: type, init: Callable[..., None]) -> Callable[..., None]:

@@ -4,9 +4,9 @@ GPTQ, SparseGPT and Wanda hook the targeted layers at CALIBRATION_EPOCH_START, g
 statistics of their inputs, reduce them across ranks and compress each block's layers at its
 SEQUENTIAL_EPOCH_END. The helpers here are the parts of that flow that do not depend on the
 method: the base of the statistics collectors, the attention-mask bookkeeping that keeps
-padded tokens out of the statistics, the error for a run without data, the check that every
-layer saw tokens, which layers a subgraph holds, and a Hessian solve whose errors name the
-layer.
+padded tokens out of the statistics, the error for a run without data, the checks that every
+layer saw tokens and that weights and input statistics are finite, which layers a subgraph
+holds, and a Hessian solve whose errors name the layer.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any, Protocol, TypeVar
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 from torch.utils.hooks import RemovableHandle
 
 from lightning_compress.core.distributed import all_reduce_sum_
@@ -30,6 +31,8 @@ __all__ = [
     "StatisticsCollector",
     "TokenMaskTracker",
     "check_calibrated",
+    "check_finite_inputs",
+    "check_finite_weights",
     "layers_inside",
     "linear_layers",
     "modules_inside",
@@ -350,6 +353,68 @@ def check_calibrated(owner: str, statistics: Mapping[str, InputStatistics], num_
     )
 
 
+def check_finite_weights(owner: str, layers: Mapping[str, nn.Module]) -> None:
+    """Refuses layers whose weight holds NaN or Inf, before anything is changed.
+
+    One non-finite weight would spread through the layer's compression (a whole quantized row
+    or pruning decision) and, through its outputs, into the statistics of later layers, where
+    the error would name the wrong layer.
+
+    Args:
+        owner: the modifier's class name.
+        layers: the layers it will change or read, by name (those without a weight are
+            skipped; a parametrized weight is checked as stored).
+
+    Raises:
+        ValueError: naming the first layer with a non-finite weight, how many values are not
+            finite and where the first one is.
+    """
+    for name, module in layers.items():
+        weight = _stored_weight(module)
+        if weight is None or all_finite(weight):
+            continue
+        bad = ~torch.isfinite(weight)
+        first = bad.nonzero()[0]
+        raise ValueError(
+            f"{owner}: the weight of layer '{name}' holds NaN or Inf ({int(bad.sum())} "
+            f"value(s), the first {float(weight[tuple(first)])} at {first.tolist()}); expected "
+            "finite weights (check how the model was loaded or trained), or add the layer to "
+            "ignore"
+        )
+
+
+def _stored_weight(module: nn.Module) -> Tensor | None:
+    """The weight ``module`` stores (the original under a parametrization), or None."""
+    if parametrize.is_parametrized(module, "weight"):
+        return module.parametrizations.weight.original.detach()
+    weight = getattr(module, "weight", None)
+    return weight.detach() if isinstance(weight, Tensor) else None
+
+
+def check_finite_inputs(owner: str, names: Sequence[str], statistic: Tensor, what: str) -> None:
+    """Refuses calibration statistics that hold NaN or Inf, naming the layers they describe.
+
+    Args:
+        owner: the modifier's class name.
+        names: the layers whose inputs ``statistic`` summarises.
+        statistic: e.g. their input Hessian or per-channel norms.
+        what: what ``statistic`` is, for the message (``"Hessian"``, ``"input-norm
+            statistic"``).
+
+    Raises:
+        ValueError: when ``statistic`` is not finite; the message says the calibration inputs
+            of those layers are.
+    """
+    if all_finite(statistic):
+        return
+    where = f"layer '{names[0]}'" if len(names) == 1 else f"layers {list(names)}"
+    raise ValueError(
+        f"{owner}: the {what} of {where} holds NaN or Inf: the calibration inputs are not "
+        "finite (check the data and the model's dtype, e.g. float16 overflow, and the weights "
+        "of the layers before it), or add the layer to ignore"
+    )
+
+
 def solve_on_hessian(
     owner: str,
     names: Sequence[str],
@@ -377,13 +442,8 @@ def solve_on_hessian(
         ValueError: when the Hessian holds NaN or Inf.
         SingularHessianError: when no dampening made it invertible.
     """
+    check_finite_inputs(owner, names, hessian, "Hessian")
     where = f"layer '{names[0]}'" if len(names) == 1 else f"layers {list(names)}"
-    if not all_finite(hessian):
-        raise ValueError(
-            f"{owner}: the Hessian of {where} holds NaN or Inf: its calibration inputs are "
-            "not finite (check the data and the model's dtype, e.g. float16 overflow), or add "
-            "the layer to ignore"
-        )
     dtype = torch.promote_types(weight.dtype, torch.float32)
     try:
         return solve(hessian.to(device=weight.device, dtype=dtype))

@@ -17,12 +17,14 @@ from lightning_compress.modifiers.hessian_collector import mask_sources
 from lightning_compress.modifiers.layerwise import (
     StatisticsCollector,
     check_calibrated,
+    check_finite_weights,
     layers_inside,
     linear_layers,
     modules_inside,
     needs_data,
 )
 from lightning_compress.modifiers.pruning.masks import MaskStructureSetting
+from lightning_compress.modifiers.tied_weights import untie_weights
 
 __all__ = ["CalibratedPruningModifier"]
 
@@ -39,7 +41,9 @@ class CalibratedPruningModifier(Modifier, MaskStructureSetting, register=False):
     then are the weights changed, the layers' hooks removed and their statistics freed. An
     error leaves the block's layers as they were. CALIBRATION_EPOCH_END prunes the rest
     (every layer, with the basic pipeline). Without calibration data it raises a
-    ``RecipeError`` and leaves the model unchanged.
+    ``RecipeError`` and leaves the model unchanged. ``initialize`` refuses a targeted layer
+    whose weight holds NaN or Inf, naming it, and gives a layer whose weight another module
+    shares (a tied ``lm_head``) its own copy, with a warning.
 
     The pruned weights are exact zeros; no buffer is added, so a later stage keeps them with
     ``ConstantPruningModifier``. Per-layer sparsity goes to ``layer_sparsity`` and the
@@ -124,8 +128,11 @@ class CalibratedPruningModifier(Modifier, MaskStructureSetting, register=False):
     # ---------------------------------------------------------------- lifecycle
     def on_initialize(self, state: State, **kwargs: Any) -> None:
         targets = self.resolve_targets(state.model)
-        self._pending: dict[str, nn.Linear] = linear_layers(type(self).__name__, targets)
+        owner = type(self).__name__
+        self._pending: dict[str, nn.Linear] = linear_layers(owner, targets)
         self.check_widths({name: module.in_features for name, module in self._pending.items()})
+        check_finite_weights(owner, self._pending)
+        untie_weights(owner, state.model, self._pending)
         self._collector = self.make_collector()
         self._layer_hooks: dict[str, RemovableHandle] = {}
         self.layer_sparsity: dict[str, float] = {}

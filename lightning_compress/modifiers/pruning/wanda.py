@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from lightning_compress.modifiers.channel_statistics import ChannelStatistic
+from lightning_compress.modifiers.layerwise import check_finite_inputs
 from lightning_compress.modifiers.pruning.calibrated import CalibratedPruningModifier
 from lightning_compress.modifiers.pruning.channel_norms import ChannelNormCollector
 from lightning_compress.modifiers.pruning.masks import nm_mask
@@ -84,6 +85,8 @@ class WandaPruningModifier(CalibratedPruningModifier):
     def prune_layers(
         self, weights: dict[str, Tensor], statistics: ChannelStatistic
     ) -> dict[str, tuple[Tensor, None]]:
+        owner = type(self).__name__
+        check_finite_inputs(owner, list(weights), statistics.values, "input-norm statistic")
         norms = statistics.values.sqrt()
         results = {}
         for name, weight in weights.items():

@@ -13,7 +13,12 @@ from torch.utils.hooks import RemovableHandle
 from lightning_compress.core.events import Event, EventType
 from lightning_compress.core.state import State
 from lightning_compress.modifiers.base import ONE_SHOT, Modifier
-from lightning_compress.modifiers.layerwise import layers_inside, linear_layers, modules_inside
+from lightning_compress.modifiers.layerwise import (
+    check_finite_weights,
+    layers_inside,
+    linear_layers,
+    modules_inside,
+)
 from lightning_compress.modifiers.quantization.args import (
     PRESET_SCHEMES,
     QuantizationScheme,
@@ -36,6 +41,7 @@ from lightning_compress.modifiers.quantization.runtime import (
     attach_quantization,
     remove_quantization,
 )
+from lightning_compress.modifiers.tied_weights import untie_weights
 from lightning_compress.recipe.errors import RecipeError
 
 __all__ = ["QuantizationModifier"]
@@ -69,6 +75,12 @@ class QuantizationModifier(Modifier):
     buffers and a ``quantization_scheme`` attribute, and keeps quantizing its input at
     inference through a persistent pre-hook
     (:func:`~lightning_compress.modifiers.quantization.runtime.remove_quantization` undoes it).
+
+    Before changing anything, ``initialize`` refuses a targeted layer whose weight holds NaN
+    or Inf, naming it (and so does the bake at the end of quantization-aware training), and
+    gives a layer whose weight another module shares (``lm_head`` tied to the input
+    embedding) its own copy, with a warning (see
+    :func:`~lightning_compress.modifiers.tied_weights.untie_weights`).
 
     Args:
         scheme: a preset name (``W8A16``, ``W4A16``, ``W4A16_ASYM``, ``W8A8``, ``W4A8``,
@@ -178,6 +190,10 @@ class QuantizationModifier(Modifier):
     # ---------------------------------------------------------------- lifecycle
     def on_initialize(self, state: State, **kwargs: Any) -> None:
         self._plan = self._plan_layers(state.model)
+        layers = {name: module for name, (module, _) in self._plan.items()}
+        check_finite_weights(type(self).__name__, layers)
+        optimizer = None if self.is_one_shot else state.optimizer
+        untie_weights(type(self).__name__, state.model, layers, optimizer)
         self._pending: Plan = dict(self._plan)
         self._observers: dict[str, CalibrationObserver] = {}
         self._layer_hooks: dict[str, list[RemovableHandle]] = {}
@@ -351,6 +367,8 @@ class QuantizationModifier(Modifier):
             switch.frozen = frozen
 
     def _finish_training(self, state: State) -> None:
+        layers = {name: module for name, (module, _) in self._plan.items()}
+        check_finite_weights(type(self).__name__, layers)  # training may have diverged
         errors = {}
         for name, (module, _) in self._plan.items():
             original = module.parametrizations.weight.original

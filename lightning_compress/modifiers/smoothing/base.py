@@ -13,7 +13,12 @@ from lightning_compress.core.model_layer import module_matches
 from lightning_compress.core.state import State
 from lightning_compress.modifiers.base import ONE_SHOT, Modifier
 from lightning_compress.modifiers.hessian_collector import mask_sources
-from lightning_compress.modifiers.layerwise import layers_inside, needs_data
+from lightning_compress.modifiers.layerwise import (
+    check_finite_inputs,
+    check_finite_weights,
+    layers_inside,
+    needs_data,
+)
 from lightning_compress.modifiers.smoothing.calls import CallRecorder
 from lightning_compress.modifiers.smoothing.folding import (
     SmoothingMapping,
@@ -51,6 +56,10 @@ class SmoothingModifier(Modifier, register=False):
     Balance layers are rescaled with :func:`~lightning_compress.modifiers.input_scaling.
     scale_inputs`, so later modifiers of the same recipe that already observed their inputs
     (GPTQ's Hessians) correct their statistics, and the chain runs in one calibration pass.
+
+    ``initialize`` refuses NaN or Inf in the weights of the targeted linear and normalization
+    layers, and a block whose layers received NaN or Inf during calibration is refused before it
+    is smoothed; either error names the layer.
 
     Afterwards ``smoothed`` lists each mapping applied as ``(smooth layer, balance layers)``.
 
@@ -92,6 +101,7 @@ class SmoothingModifier(Modifier, register=False):
             if is_norm(module) and not any(module_matches(name, module, p) for p in self.ignore)
         }
         check_specs(type(self).__name__, self._specs, model, self._linears, self.ignore)
+        check_finite_weights(type(self).__name__, {**self._linears, **self._norms})
         self._names = {module: name for name, module in model.named_modules()}
         self._pending = dict(self._linears)
         self._blocks_seen = 0
@@ -171,6 +181,8 @@ class SmoothingModifier(Modifier, register=False):
         has_call = all_reduce_min_(torch.tensor([int(call is not None)]))
         if not bool(has_call.item()):
             raise needs_data(owner, f"no calibration batch reached block '{block_name}'")
+        for name, statistic in self._statistic.reduced(linears).items():
+            check_finite_inputs(owner, [name], statistic.values, "input-magnitude statistic")
         probe = BlockProbe(block, call)
         if self._specs:
             modules = {self._names[module]: module for module in block.modules()}
