@@ -228,15 +228,20 @@ def test_a_subgraph_with_an_uncalibrated_layer_is_left_unchanged(model):
     assert torch.equal(model.blocks[0].up.weight, before["up.weight"])
 
 
-def test_abort_removes_the_quantized_forward(model):
+def test_abort_keeps_finished_layers_quantized_and_removes_the_observers(model):
     session = start(model, QuantizationModifier(scheme="FP8"))
     for h in batches():
         model(h)
     session.event(EventType.SEQUENTIAL_EPOCH_END, subgraph=model.blocks[0])
     session.lifecycle.abort()
-    layer = model.blocks[0].up
-    assert not hasattr(layer, "quantization_scheme") and not hasattr(layer, "input_scale")
-    assert not any(module._forward_pre_hooks for module in model.modules())
+    for layer in model.blocks[0].modules():  # finished: consistently quantized
+        if isinstance(layer, nn.Linear):
+            assert hasattr(layer, "quantization_scheme") and hasattr(layer, "input_scale")
+            hooks = list(layer._forward_pre_hooks.values())
+            assert len(hooks) == 1 and isinstance(hooks[0], InputQuantizer)
+    for layer in model.blocks[1].modules():  # pending: as before the calibration
+        assert not hasattr(layer, "quantization_scheme") and not hasattr(layer, "input_scale")
+        assert not layer._forward_pre_hooks
     model(batches()[0])
 
 
