@@ -261,21 +261,38 @@ def _unbatched(batch: Any, where: str) -> Iterator[tuple[str, Sample]]:
         batch = _ids_and_mask(batch, where)
     if isinstance(batch, torch.Tensor):
         batch = {"input_ids": batch}
-    ids = batch.get("input_ids") if isinstance(batch, Mapping) else None
-    ids = _as_tensor(ids, "input_ids", where) if ids is not None else None
-    if ids is None or ids.dim() != 2:
-        if ids is not None:
-            found += f" with input_ids of shape {list(ids.shape)}"
+    if not isinstance(batch, Mapping) or batch.get("input_ids") is None:
         raise TypeError(f"{where}: a DataLoader batch is a {found}; expected {BATCH_FORMS}")
-    mask = batch.get("attention_mask")
-    if mask is not None and len(mask) != len(ids):
-        raise ValueError(
-            f"{where}: attention_mask has {len(mask)} rows; expected one per row of "
-            f"input_ids ({len(ids)})"
+    ids = _batch_field(batch, "input_ids", where)
+    if ids.dim() != 2:
+        raise TypeError(
+            f"{where}: a DataLoader batch is a {found} with input_ids of shape "
+            f"{list(ids.shape)}; expected {BATCH_FORMS}"
         )
+    mask = batch.get("attention_mask")
+    if mask is not None:
+        mask = _batch_field(batch, "attention_mask", where)
+        if mask.shape[:1] != ids.shape[:1]:
+            raise ValueError(
+                f"{where}: attention_mask has shape {list(mask.shape)}; expected one row per "
+                f"row of input_ids ({len(ids)})"
+            )
     for row in range(len(ids)):
         item = {"input_ids": ids[row], "attention_mask": None if mask is None else mask[row]}
         yield f"{where}, row {row}", _sample(item, None, f"{where}, row {row}")
+
+
+def _batch_field(batch: Mapping, field: str, where: str) -> torch.Tensor:
+    """A batch's ``field`` as one tensor; a list of tensors is refused, not transposed."""
+    value = batch[field]
+    if isinstance(value, (tuple, list)) and _all_tensors(value):
+        raise TypeError(
+            f"{where}: {field} is a list of {len(value)} tensors; expected a [B, L] tensor "
+            f"(a DataLoader's default collate makes one tensor per position of items that hold "
+            f"lists): give the items' {field} as tensors, or a collate_fn that returns [B, L] "
+            f"tensors"
+        )
+    return _as_tensor(value, field, where)
 
 
 def _all_tensors(values: tuple | list) -> bool:

@@ -215,8 +215,17 @@ def test_tuples_of_more_than_ids_and_mask_are_refused(llama, tuples, where_):
 
 def test_a_mask_with_fewer_rows_than_the_batch_is_refused():
     loader = [{"input_ids": token_ids(rows=2), "attention_mask": padding_mask(rows=1)}]
-    with pytest.raises(ValueError, match=r"batch 0: attention_mask has 1 rows; expected one per"):
+    with pytest.raises(
+        ValueError, match=r"batch 0: attention_mask has shape \[1, 8\]; expected one"
+    ):
         calibration_samples(DataLoader(loader, batch_size=None), None, LENGTH)
+
+
+def test_a_dataloader_over_lists_of_ids_is_refused_not_transposed():
+    """Default collate turns items holding lists into one tensor per position, not [B, L]."""
+    loader = DataLoader(_dicts(token_ids(), None), batch_size=BATCH)
+    with pytest.raises(TypeError, match=r"batch 0: input_ids is a list of 8 tensors; expected a"):
+        calibration_samples(loader, None, LENGTH)
 
 
 @pytest.mark.parametrize("form", [form for form in FORMS if form not in MASKLESS])
