@@ -19,11 +19,12 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, Trainer
 from lightning_models import Regressor, regression_loader
 from loguru import logger
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.utils.data import DataLoader, TensorDataset
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from lightning_compress import Compressor, oneshot, save_compressed
@@ -305,15 +306,27 @@ class TiedLanguageModel(Regressor):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
 
 
-def test_quantization_aware_training_of_a_tied_lm_head_trains_both_copies():
-    module = TiedLanguageModel()
-    embedding = module.net.model.embed_tokens.weight.detach().clone()
-    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(token_ids(4)), batch_size=2)
+class OptimizedWeights(Callback):
+    """Records, when training starts, which of the embedding and lm_head weights are trained."""
+
+    def on_train_start(self, trainer: Trainer, pl_module: TiedLanguageModel) -> None:
+        net = pl_module.net
+        trained = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+        head = net.lm_head
+        head_weight = (
+            head.parametrizations.weight.original
+            if parametrize.is_parametrized(head)
+            else head.weight
+        )
+        self.embedding_trained = id(net.model.embed_tokens.weight) in trained
+        self.head_trained = id(head_weight) in trained
+        self.shared = head_weight is net.model.embed_tokens.weight
+
+
+def fit(module: Regressor, modifier: Modifier, data, *callbacks: Callback) -> Trainer:
     trainer = Trainer(
         max_epochs=1,
-        callbacks=[
-            Compressor(QuantizationModifier(scheme="W8A16", start=0, targets="net.lm_head"))
-        ],
+        callbacks=[Compressor(modifier), *callbacks],
         accelerator="cpu",
         logger=False,
         enable_checkpointing=False,
@@ -321,12 +334,36 @@ def test_quantization_aware_training_of_a_tied_lm_head_trains_both_copies():
         enable_model_summary=False,
     )
     trainer.fit(module, data)
+    return trainer
+
+
+def token_loader() -> DataLoader:
+    return DataLoader(TensorDataset(token_ids(4)), batch_size=2)
+
+
+def test_quantization_aware_training_of_a_tied_lm_head_trains_both_copies():
+    module = TiedLanguageModel()
+    embedding = module.net.model.embed_tokens.weight.detach().clone()
+    record = OptimizedWeights()
+    qat = QuantizationModifier(scheme="W8A16", start=0, targets="net.lm_head")
+    fit(module, qat, token_loader(), record)
+    assert not record.shared and record.head_trained and record.embedding_trained
     net = module.net
-    assert net.lm_head.weight is not net.model.embed_tokens.weight
-    trained = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
-    assert id(net.model.embed_tokens.weight) in trained
     assert not torch.equal(net.model.embed_tokens.weight, embedding)  # trained, not quantized
     assert hasattr(net.lm_head, "weight_scale")
+
+
+def test_magnitude_pruning_of_a_tied_lm_head_leaves_the_embedding_dense():
+    module = TiedLanguageModel()
+    pruning = MagnitudePruningModifier(
+        init_sparsity=0.5, final_sparsity=0.5, start=0, end=1, targets="net.lm_head"
+    )
+    record = OptimizedWeights()
+    fit(module, pruning, token_loader(), record)
+    assert not record.shared and record.head_trained and record.embedding_trained
+    net = module.net
+    assert float((net.lm_head.weight == 0).float().mean()) == pytest.approx(0.5)
+    assert not bool((net.model.embed_tokens.weight == 0).any())
 
 
 # ------------------------------------------------------------ targets / ignore
@@ -372,18 +409,8 @@ def test_training_refuses_a_recipe_that_ignores_every_target_before_the_first_st
     pruning = MagnitudePruningModifier(
         init_sparsity=0.1, final_sparsity=0.5, start=0, end=1, ignore=["fc1", "fc2"]
     )
-    trainer = Trainer(
-        max_epochs=1,
-        callbacks=[Compressor(pruning)],
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
     with pytest.raises(RecipeError, match=r"ignore: \['fc1', 'fc2'\] removes every module"):
-        trainer.fit(module, regression_loader())
-    assert trainer.global_step == 0
+        fit(module, pruning, regression_loader())
     assert_unchanged(module, before)
 
 

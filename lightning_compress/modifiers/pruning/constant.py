@@ -14,6 +14,7 @@ from lightning_compress.core.state import State
 from lightning_compress.modifiers.base import UNTIL_END, Modifier
 from lightning_compress.modifiers.pruning.masks import like_weight
 from lightning_compress.modifiers.pruning.schedule import INDEX_TOLERANCE
+from lightning_compress.modifiers.tied_weights import untie_weights
 from lightning_compress.recipe.errors import RecipeError
 
 __all__ = ["MASK_BUFFER", "ConstantPruningModifier", "WeightMaskModifier"]
@@ -39,6 +40,8 @@ class WeightMaskModifier(Modifier, register=False):
 
     def on_initialize(self, state: State, **kwargs: Any) -> None:
         self.layers_ = self.weight_layers(state.model)
+        # a mask on a tied lm_head would prune the input embedding too
+        untie_weights(type(self).__name__, state.model, self.layers_, state.optimizer)
         for module in self.layers_.values():
             self.add_buffer(module, MASK_BUFFER, self.initial_mask(module.weight.detach()))
 
