@@ -10,11 +10,16 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
+from loguru import logger
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from lightning_compress.core import CompressionSession, EventType, LoggerManager, model_sparsity
 from lightning_compress.lightning.loggers import TrainerLogger
+from lightning_compress.modifiers.pruning.constant import MASK_BUFFER
+from lightning_compress.modifiers.quantization.qat import OBSERVER_BUFFERS
+from lightning_compress.modifiers.quantization.runtime import QPARAM_BUFFERS
 from lightning_compress.recipe import (
     Recipe,
     RecipeArgsInput,
@@ -23,6 +28,10 @@ from lightning_compress.recipe import (
 )
 
 __all__ = ["Compressor", "compression_loss"]
+
+# Names of the state that modifiers add to a model: buffers, and the parametrized weight.
+_COMPRESSION_NAMES = frozenset((MASK_BUFFER, *QPARAM_BUFFERS, *OBSERVER_BUFFERS))
+_PARAMETRIZED = ".parametrizations."
 
 
 def compression_loss(pl_module: pl.LightningModule, loss: torch.Tensor) -> torch.Tensor:
@@ -52,6 +61,28 @@ class Compressor(Callback):
     batch emits BATCH_START, LOSS_CALCULATED, OPTIM_PRE_STEP, OPTIM_POST_STEP (from an
     optimizer step post-hook, so a step skipped by AMP's GradScaler emits nothing) and
     BATCH_END, and ``on_train_end`` finalizes.
+
+    Resuming (``trainer.fit(..., ckpt_path=...)``) continues exactly like an uninterrupted
+    run, up to float rounding of the hardware, when:
+
+    - the Compressor gets a recipe with the same modifiers and settings, in the same order
+      (stage and group names, and YAML versus Python objects, do not matter); another recipe
+      is refused with a ``RecipeError`` before training, naming the compression state that
+      differs, and so is a resume with a Compressor without the checkpoint's recipe (a
+      resume without any Compressor fails in Lightning's strict ``load_state_dict``, which
+      names the compression buffers it did not expect);
+    - the checkpoint was saved at an epoch boundary, or the training DataLoader is
+      resumable (it implements ``state_dict`` / ``load_state_dict``, like torchdata's
+      ``StatefulDataLoader``): otherwise a mid-epoch resume restarts the data at batch 0
+      and trains on other batches, which is logged as a warning;
+    - the epoch geometry is the same (batches per epoch, ``accumulate_grad_batches``,
+      number of devices): schedules in epochs map to other steps otherwise (warned);
+    - the training itself is deterministic (same data order, seeds, devices and kernels).
+
+    Everything compression needs at the next step is restored before any modifier acts:
+    masks, qparams, observer statistics and layers already baked by quantization-aware
+    training come from the model's state; each schedule decision is made from the step
+    index alone.
 
     Args:
         recipe: the recipe (path, YAML/JSON text, dict, modifiers: any ``RecipeInput``; typed
@@ -87,6 +118,8 @@ class Compressor(Callback):
         self._optimizer_hooks: list[Any] = []
         self._global_batch = 0
         self._last_post_step: tuple[int, int] | None = None
+        self._load_check: RemovableHandle | None = None
+        self._saved_geometry: tuple[int | None, int | None] | None = None
 
     # ------------------------------------------------------------------ set-up
     @override
@@ -113,15 +146,20 @@ class Compressor(Callback):
             model_log_cadence=self.model_log_cadence,
             copy_data=False,
         )
+        self._load_check = pl_module.register_load_state_dict_post_hook(self._check_loaded_keys)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._remove_load_check()
         optimizers = trainer.optimizers
         if self.teacher is not None:
             self.teacher.to(pl_module.device).eval()
+        steps_per_epoch = _steps_per_epoch(trainer, pl_module)
+        if trainer.ckpt_path is not None:
+            self._warn_if_resume_is_not_exact(trainer, steps_per_epoch)
         self.session.initialize(
             optimizer=optimizers[0] if len(optimizers) == 1 else optimizers,
-            steps_per_epoch=_steps_per_epoch(trainer, pl_module),
+            steps_per_epoch=steps_per_epoch,
             batches_per_step=trainer.accumulate_grad_batches,
             start=trainer.current_epoch,
         )
@@ -191,7 +229,11 @@ class Compressor(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
         self._remove_optimizer_hooks()
-        self.session.lifecycle.abort()
+        self._remove_load_check()
+        try:
+            self.session.lifecycle.abort()
+        except Exception as err:  # Lightning re-raises ``exception`` itself afterwards
+            logger.error("Compressor: cleaning up after {!r} failed: {!r}", exception, err)
 
     def modify_loss(self, loss: torch.Tensor) -> torch.Tensor:
         """Pass ``loss`` through every active modifier's ``modify_loss``.
@@ -216,17 +258,32 @@ class Compressor(Callback):
             "recipe": self.session.get_serialized_recipe() if lifecycle.initialized_ else None,
             "global_step": lifecycle.global_step,
             "global_batch": lifecycle.global_batch,
+            "steps_per_epoch": self.session.state.steps_per_epoch,
+            "batches_per_step": self.session.state.batches_per_step,
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._saved_geometry = (
+            state_dict.get("steps_per_epoch"),
+            state_dict.get("batches_per_step"),
+        )
         saved = state_dict.get("recipe")
-        current = self.session.get_serialized_recipe()
-        if saved is not None and self.session.lifecycle.initialized_ and saved != current:
+        if saved is None or not self.session.lifecycle.initialized_:
+            return
+        current = self.session.lifecycle.recipe
+        try:
+            same = Recipe.create_instance(saved).same_modifiers(current)
+        except RecipeError as err:
+            raise RecipeError(
+                f"the checkpoint's recipe cannot be built ({err}); resume with a version of "
+                f"lightning-compress that has its modifiers, or start a new run"
+            ) from err
+        if not same:
             raise RecipeError(
                 "the checkpoint was trained with a different recipe than this Compressor's; "
                 f"resume with the checkpoint's recipe:\n{saved}\nor start a new run. "
-                f"This Compressor's recipe:\n{current}"
+                f"This Compressor's recipe:\n{current.yaml()}"
             )
 
     # ----------------------------------------------------------------- helpers
@@ -242,6 +299,56 @@ class Compressor(Callback):
         for handle in self._optimizer_hooks:
             handle.remove()
         self._optimizer_hooks = []
+
+    def _remove_load_check(self) -> None:
+        if self._load_check is not None:
+            self._load_check.remove()
+            self._load_check = None
+
+    def _check_loaded_keys(self, module: nn.Module, incompatible: Any) -> None:
+        """Post-hook of the LightningModule's ``load_state_dict`` while a checkpoint restores.
+
+        Raises:
+            RecipeError: under strict loading, when compression state (masks, qparams,
+                observer statistics, parametrized weights) of the checkpoint and of the model
+                this Compressor's recipe set up differ; it names the keys.
+        """
+        if not getattr(module, "strict_loading", True):
+            return
+        missing, unexpected = list(incompatible.missing_keys), list(incompatible.unexpected_keys)
+        if not any(map(_is_compression_key, missing + unexpected)):
+            return
+        raise RecipeError(
+            "the checkpoint's compression state does not match this Compressor's recipe: "
+            f"the checkpoint lacks {_some(missing)} and holds {_some(unexpected)} that the "
+            "recipe does not create. Resume with the recipe the checkpoint was trained with "
+            "(its callback state 'recipe' holds it), or start a new run. This Compressor's "
+            f"recipe:\n{self.session.get_serialized_recipe()}"
+        )
+
+    def _warn_if_resume_is_not_exact(self, trainer: pl.Trainer, steps: int | None) -> None:
+        geometry = (steps, trainer.accumulate_grad_batches)
+        if self._saved_geometry is not None and self._saved_geometry != geometry:
+            logger.warning(
+                "Compressor: resuming with (steps per epoch, batches per step) = {} where the "
+                "checkpoint had {}: schedules in epochs move to other steps, so the resumed "
+                "run is not exact",
+                geometry,
+                self._saved_geometry,
+            )
+        if steps is None or trainer.global_step % steps == 0:
+            return
+        if all(map(_resumable, _train_loaders(trainer.train_dataloader))):
+            return
+        logger.warning(
+            "Compressor: resuming mid-epoch (step {} of {} per epoch) with a training "
+            "DataLoader that has no state_dict/load_state_dict: it restarts at batch 0, so the "
+            "compression schedule meets other batches and the resumed run is not exact. Save "
+            "checkpoints at epoch boundaries or use a resumable loader (e.g. torchdata's "
+            "StatefulDataLoader)",
+            trainer.global_step % steps,
+            steps,
+        )
 
     def _summary(self) -> str:
         state = self.session.state
@@ -267,6 +374,31 @@ def _check_trainable(recipe: Recipe) -> None:
             f"set 'start' (e.g. start: 0) to run them during training, or use oneshot() "
             f"for post-training compression"
         )
+
+
+def _is_compression_key(key: str) -> bool:
+    return key.rsplit(".", 1)[-1] in _COMPRESSION_NAMES or _PARAMETRIZED in key
+
+
+def _some(keys: list[str], limit: int = 6) -> str:
+    if not keys:
+        return "nothing"
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return f"{sorted(keys)[:limit]}{more}"
+
+
+def _train_loaders(loaders: Any) -> list[Any]:
+    """The DataLoaders of ``trainer.train_dataloader`` (one, or a list/dict of them)."""
+    if isinstance(loaders, dict):
+        return [item for value in loaders.values() for item in _train_loaders(value)]
+    if isinstance(loaders, (list, tuple)):
+        return [item for value in loaders for item in _train_loaders(value)]
+    return [loaders]
+
+
+def _resumable(loader: Any) -> bool:
+    """Whether Lightning restores ``loader``'s position from a checkpoint."""
+    return hasattr(loader, "state_dict") and hasattr(loader, "load_state_dict")
 
 
 def _steps_per_epoch(trainer: pl.Trainer, pl_module: pl.LightningModule) -> int | None:

@@ -6,7 +6,7 @@ import json
 import os
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Union
 
@@ -169,6 +169,28 @@ class Recipe:
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Recipe) and self.dict() == other.dict()
+
+    def modifier_settings(self) -> list[tuple[str, dict[str, Any]]]:
+        """What the recipe runs, without its names: each modifier's class and settings.
+
+        Stage, group and argument names do not appear, and defaults are filled in, so a
+        recipe written as YAML and the same modifiers given as Python objects agree.
+
+        Returns:
+            ``(ClassName, {field: value})`` for every modifier, in order.
+        """
+        return [(type(mod).__name__, _effective_settings(mod)) for mod in self.modifiers]
+
+    def same_modifiers(self, other: Recipe) -> bool:
+        """Whether ``other`` runs the same modifiers, in the same order, with the same settings.
+
+        Args:
+            other: the recipe to compare with.
+
+        Returns:
+            True when ``modifier_settings()`` of both are equal.
+        """
+        return self.modifier_settings() == other.modifier_settings()
 
 
 def _as_sources(path_or_modifiers: RecipeInput) -> list[Any]:
@@ -335,6 +357,20 @@ def _group_dict(modifiers: Iterable[Any]) -> dict[str, Any] | list[dict[str, Any
     if len(set(names)) == len(names):
         return {name: entry[name] for entry in entries for name in entry}
     return entries
+
+
+def _effective_settings(modifier: Any) -> dict[str, Any]:
+    """Every setting of ``modifier`` (defaults included), with one spelling per value."""
+    return {item.name: _plain(getattr(modifier, item.name)) for item in fields(modifier)}
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with tuples as lists, recursively (YAML has no tuples)."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    return value
 
 
 def _combine(recipes: list[Recipe]) -> Recipe:

@@ -35,6 +35,7 @@ from lightning_compress.modifiers.quantization.qat import (
     WeightFakeQuantizer,
     add_weight_fake_quantizer,
     bake_weight,
+    bake_weight_saved_baked,
     training_buffers,
 )
 from lightning_compress.modifiers.quantization.runtime import (
@@ -200,6 +201,8 @@ class QuantizationModifier(Modifier):
         self._quantizers: list[WeightFakeQuantizer] = []
         self._trackers: list[TrainingInputObserver] = []
         self._attached: list[nn.Module] = []
+        self._baked: list[nn.Module] = []  # restored from a checkpoint saved after ``end``
+        self._load_hooks: list[RemovableHandle] = []
         self.layer_errors: dict[str, float] = {}
         if not self.is_one_shot:
             try:
@@ -351,11 +354,23 @@ class QuantizationModifier(Modifier):
             for buffer, value in training_buffers(module.weight, scheme).items():
                 self.add_buffer(module, buffer, value)
             self._quantizers.append(add_weight_fake_quantizer(module, scheme.weights))
+            hook = module.register_load_state_dict_pre_hook(self._load_baked_layer)
+            self._load_hooks.append(hook)
+
+    def _load_baked_layer(self, module: nn.Module, state_dict: dict, prefix: str, *_: Any) -> None:
+        """Load pre-hook: a checkpoint saved after ``end`` holds the layer baked; bake it too."""
+        if bake_weight_saved_baked(module, state_dict, prefix):
+            self.keep_buffers(module)
+            self._quantizers = [item for item in self._quantizers if item.owner is not module]
+            self._baked.append(module)
 
     def _start_training(self) -> None:
         for quantizer in self._quantizers:
             quantizer.enabled = True
         for module, scheme in self._plan.values():
+            if module in self._baked:  # resumed after ``end``: quantized already
+                attach_quantization(module, scheme)
+                continue
             if _has_static_inputs(scheme):
                 tracker = TrainingInputObserver(module, scheme.input_activations)
                 self._trackers.append(tracker)
@@ -370,20 +385,32 @@ class QuantizationModifier(Modifier):
         layers = {name: module for name, (module, _) in self._plan.items()}
         check_finite_weights(type(self).__name__, layers)  # training may have diverged
         errors = {}
+        self._remove_load_hooks()
         for name, (module, _) in self._plan.items():
+            if module in self._baked:
+                continue
             original = module.parametrizations.weight.original
             errors[name] = _relative_error(original, module.weight)
             bake_weight(module)
             for buffer in OBSERVER_BUFFERS:
                 module._buffers.pop(buffer, None)
+            self.keep_buffers(module)  # finished: an abort leaves the layer quantized
+        self._quantizers.clear()
+        self._attached.clear()
         self._log_errors(state, errors)
 
     def _undo_training(self) -> None:
         """Removes what ``_prepare_training`` added: parametrizations and buffers."""
+        self._remove_load_hooks()
         for quantizer in self._quantizers:
             bake_weight(quantizer.owner, quantized=False)
         self._quantizers.clear()
         self.remove_buffers()
+
+    def _remove_load_hooks(self) -> None:
+        for handle in self._load_hooks:
+            handle.remove()
+        self._load_hooks.clear()
 
     def _attach(self, module: nn.Module, scheme: QuantizationScheme) -> None:
         attach_quantization(module, scheme)

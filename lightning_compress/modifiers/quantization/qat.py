@@ -37,6 +37,7 @@ __all__ = [
     "WeightFakeQuantizer",
     "add_weight_fake_quantizer",
     "bake_weight",
+    "bake_weight_saved_baked",
     "training_buffers",
 ]
 
@@ -146,6 +147,32 @@ def bake_weight(module: nn.Module, quantized: bool = True) -> None:
             parameter object stays the same, so optimizers keep tracking it.
     """
     parametrize.remove_parametrizations(module, "weight", leave_parametrized=quantized)
+
+
+def bake_weight_saved_baked(module: nn.Module, state_dict: dict[str, Tensor], prefix: str) -> bool:
+    """Bakes ``module`` when ``state_dict`` holds it baked, so that the state dict loads.
+
+    A checkpoint saved after quantization-aware training ended holds the layer's plain
+    (quantized) ``weight`` and no observer statistics; a freshly set-up model holds the
+    parametrization and the statistics. Called before the layer loads, this makes the layer
+    look like the saved one (the values are then loaded over it).
+
+    Args:
+        module: a layer parametrized by :func:`add_weight_fake_quantizer`.
+        state_dict: the state dict being loaded.
+        prefix: the layer's key prefix in ``state_dict``.
+
+    Returns:
+        True when the layer was baked.
+    """
+    saved_baked = f"{prefix}weight" in state_dict
+    if not saved_baked or not parametrize.is_parametrized(module, "weight"):
+        return False
+    bake_weight(module)
+    for name in OBSERVER_BUFFERS:
+        if f"{prefix}{name}" not in state_dict:
+            module._buffers.pop(name, None)
+    return True
 
 
 class TrainingInputObserver:
