@@ -3,6 +3,8 @@ with a clear error before any layer of the model changes."""
 
 from __future__ import annotations
 
+import random
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -64,10 +66,13 @@ class HuggingFaceLike(Rows):
         self.column_names = list(rows[0]) if rows else ["input_ids"]
 
 
-def _dicts(ids: torch.Tensor, mask: torch.Tensor | None) -> list[dict[str, Any]]:
-    rows = [{"input_ids": row.tolist()} for row in ids]
+def _dicts(
+    ids: torch.Tensor, mask: torch.Tensor | None, lists: bool = True
+) -> list[dict[str, Any]]:
+    """One dict per row, holding lists (as tokenizers give them) or tensors."""
+    rows = [{"input_ids": row.tolist() if lists else row} for row in ids]
     for row, values in zip(rows, mask if mask is not None else [], strict=False):
-        row["attention_mask"] = values.tolist()
+        row["attention_mask"] = values.tolist() if lists else values
     return rows
 
 
@@ -83,17 +88,10 @@ FORMS: dict[str, Callable[[torch.Tensor, torch.Tensor | None], Any]] = {
     "tuple-dataset": lambda ids, mask: TensorDataset(*_tensors(ids, mask)),
     "hf": lambda ids, mask: HuggingFaceLike(_dicts(ids, mask)),
     "loader-tensors": lambda ids, mask: DataLoader(ids, batch_size=BATCH),
-    "loader-dicts": lambda ids, mask: DataLoader(Rows(_dicts_of_tensors(ids, mask)), BATCH),
+    "loader-dicts": lambda ids, mask: DataLoader(Rows(_dicts(ids, mask, lists=False)), BATCH),
     "loader-tuples": lambda ids, mask: DataLoader(TensorDataset(*_tensors(ids, mask)), BATCH),
 }
 MASKLESS = {"tensor", "loader-tensors"}
-
-
-def _dicts_of_tensors(ids: torch.Tensor, mask: torch.Tensor | None) -> list[dict[str, Any]]:
-    rows = [{"input_ids": row} for row in ids]
-    for row, values in zip(rows, mask if mask is not None else [], strict=False):
-        row["attention_mask"] = values
-    return rows
 
 
 def where(form: str, row: int) -> str:
@@ -109,11 +107,19 @@ def _with(tensor: torch.Tensor, value: int) -> torch.Tensor:
     return tensor
 
 
+INTEGERS = r"integer.*, got torch\."  # what both refusals of non-integer ids say
 # name: (ids, mask, max_seq_length, error, message, row the message names or None)
 VARIANTS: dict[str, tuple[torch.Tensor, torch.Tensor | None, int, type, str, int | None]] = {
-    "float-ids": (token_ids().float(), None, LENGTH, TypeError, r"integer", None),
-    "bool-ids": (token_ids().bool(), None, LENGTH, TypeError, r"integer", None),
-    "negative-id": (_with(token_ids(), -1), None, LENGTH, ValueError, r"id -1 is negative", 3),
+    "float-ids": (token_ids().float(), None, LENGTH, TypeError, INTEGERS + "float32", None),
+    "bool-ids": (token_ids().bool(), None, LENGTH, TypeError, INTEGERS + "bool", None),
+    "negative-id": (
+        _with(token_ids(), -1),
+        None,
+        LENGTH,
+        ValueError,
+        r"token id -1 is negative; expected ids >= 0",
+        BAD_ROW,
+    ),
     "out-of-vocabulary-id": (
         _with(token_ids(), VOCAB),
         None,
@@ -194,6 +200,27 @@ def test_bad_data_of_every_form_is_refused_before_the_model_changes(llama, form,
             batch_size=BATCH,
             trainer_kwargs=QUIET,
         )
+    assert_untouched(llama, before)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_a_random_bad_value_is_reported_where_it_is(llama, seed):
+    """Fault injection: a bad id or mask value at a random place of a random dataset form."""
+    rng = random.Random(seed)
+    ids, mask = token_ids(), padding_mask()
+    target, value, message = rng.choice(
+        [
+            (ids, -rng.randint(1, 1000), "is negative; expected ids >= 0"),
+            (ids, VOCAB + rng.randint(0, 1000), "outside the model's vocabulary; expected ids"),
+            (mask, rng.choice([-1, 2, 7]), "expected only 0 (padding) and 1 (token)"),
+        ]
+    )
+    row, column = rng.randrange(ROWS), rng.randrange(LENGTH)
+    target[row, column] = value
+    form = rng.choice([form for form in FORMS if target is ids or form not in MASKLESS])
+    before = snapshot(llama)
+    with pytest.raises(ValueError, match=rf"{where(form, row)}: .*{value}.*{re.escape(message)}"):
+        oneshot(llama, gptq(), FORMS[form](ids, mask), max_seq_length=LENGTH, **_quiet())
     assert_untouched(llama, before)
 
 
