@@ -173,7 +173,7 @@ class _TokenLimits:
             raise ValueError(
                 f"{where}: {len(ids)} tokens, more than the model's {self.max_positions} "
                 f"positions (config.max_position_embeddings); expected at most "
-                f"{self.max_positions}: lower max_seq_length to {self.max_positions}"
+                f"{self.max_positions} tokens per sample: lower max_seq_length or cut the data"
             )
 
 
