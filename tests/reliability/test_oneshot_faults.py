@@ -476,3 +476,13 @@ def test_a_failure_at_the_end_of_a_data_free_run_is_recorded(tmp_path):
     assert all(hooks_of(module) == [] for module in model.modules())
     with pytest.raises(ExportError, match="partly compressed"):
         save_compressed(model, tmp_path / "out")
+
+
+def test_a_data_failure_removes_the_spilled_activations(tmp_path):
+    model = fresh_model()
+    module = CalibrationModule(model, RECIPES["gptq"](), offload_dir=tmp_path)
+    loader = DataLoader(Rows(), batch_size=1, collate_fn=FailingCollate(at=2))
+    with pytest.raises(ValueError, match="injected fault"):
+        trainer().validate(module, dataloaders=loader, verbose=False)
+    assert list(tmp_path.iterdir()) == []
+    assert all(hooks_of(layer) == [] for layer in model.modules())
