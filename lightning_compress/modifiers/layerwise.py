@@ -18,6 +18,7 @@ from typing import Any, Protocol, TypeVar
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from torch.nn.utils import parametrize
 from torch.utils.hooks import RemovableHandle
 
@@ -363,7 +364,8 @@ def check_finite_weights(owner: str, layers: Mapping[str, nn.Module]) -> None:
     Args:
         owner: the modifier's class name.
         layers: the layers it will change or read, by name (those without a weight are
-            skipped; a parametrized weight is checked as stored).
+            skipped; a parametrized weight is checked as stored). Every rank must call it
+            with the same layers (a sharded weight is gathered).
 
     Raises:
         ValueError: naming the first layer with a non-finite weight, how many values are not
@@ -384,11 +386,16 @@ def check_finite_weights(owner: str, layers: Mapping[str, nn.Module]) -> None:
 
 
 def _stored_weight(module: nn.Module) -> Tensor | None:
-    """The weight ``module`` stores (the original under a parametrization), or None."""
+    """The weight ``module`` stores (the original under a parametrization), whole (gathered
+    from every rank when sharded, so that all ranks decide alike), or None when it has none
+    or it is not materialized (meta)."""
     if parametrize.is_parametrized(module, "weight"):
-        return module.parametrizations.weight.original.detach()
-    weight = getattr(module, "weight", None)
-    return weight.detach() if isinstance(weight, Tensor) else None
+        weight = module.parametrizations.weight.original
+    else:
+        weight = getattr(module, "weight", None)
+    if not isinstance(weight, Tensor) or weight.is_meta:
+        return None
+    return (weight.full_tensor() if isinstance(weight, DTensor) else weight).detach()
 
 
 def check_finite_inputs(owner: str, names: Sequence[str], statistic: Tensor, what: str) -> None:
