@@ -162,6 +162,47 @@ def test_a_non_finite_weight_is_refused_naming_its_layer_before_any_change(
     assert_unchanged(model, before)
 
 
+def several_weight_faults() -> list:
+    """Per algorithm, three draws of 2 to 6 non-finite values over random targeted layers."""
+    draw = random.Random(SEED + 2)
+    cases = []
+    for algorithm in ALGORITHMS:
+        layers = LINEARS if algorithm == "qat" else BLOCK_LINEARS
+        for index in range(3):
+            faults = []
+            for _ in range(draw.randint(2, 6)):
+                layer = draw.choice(layers)
+                out_features, in_features = tiny_llama().get_submodule(layer).weight.shape
+                position = (draw.randrange(out_features), draw.randrange(in_features))
+                faults.append((layer, position, draw.choice(list(VALUES.values()))))
+            cases.append(pytest.param(algorithm, faults, id=f"{algorithm}-{index}"))
+    return cases
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("algorithm", "faults"), several_weight_faults())
+def test_several_non_finite_weights_name_the_first_layer_its_count_and_first_position(
+    algorithm, faults
+):
+    model = tiny_llama()
+    with torch.no_grad():
+        for layer, position, value in faults:
+            model.get_submodule(layer).weight[position] = value
+    before = snapshot(model)
+    first_layer = min((layer for layer, _, _ in faults), key=LINEARS.index)
+    planted = {position: value for layer, position, value in faults if layer == first_layer}
+    first = min(planted)  # row-major order
+    expected = rf"the weight of layer '{re.escape(first_layer)}' holds NaN or Inf "
+    expected += rf"\({len(planted)} value\(s\), the first {planted[first]} at "
+    expected += rf"\[{first[0]}, {first[1]}\]\)"
+    with pytest.raises(ValueError, match=expected):
+        if algorithm == "qat":
+            CompressionSession().initialize(recipe=ALGORITHMS[algorithm](), model=model)
+        else:
+            calibrate(model, ALGORITHMS[algorithm]())
+    assert_unchanged(model, before)
+
+
 def input_faults() -> list:
     """One fault per algorithm that reads calibration inputs: a random layer and token."""
     draw = random.Random(SEED + 1)
