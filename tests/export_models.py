@@ -69,9 +69,9 @@ def token_ids(count: int = 8, length: int = 16, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, VOCAB, (count, length), generator=torch.Generator().manual_seed(seed))
 
 
-def compressed(kind: str, scheme: str) -> nn.Module:
+def compressed(kind: str, scheme: str, seed: int = 0) -> nn.Module:
     """A tiny model compressed one-shot with ``scheme`` (``2:4+...``: pruned 2:4 first)."""
-    model = tiny_model(kind)
+    model = tiny_model(kind, seed)
     if scheme.startswith("2:4"):
         prune_2_4(model)
     ids = token_ids()

@@ -87,18 +87,21 @@ def recover_checkpoint(output_dir: str | os.PathLike) -> None:
     if not path.parent.is_dir():
         return
     for work in _work_dirs(path):
-        lock = _try_lock(work / MARKER_NAME)
-        if lock is None:
-            _remove_if_empty(work)
-            continue
+        marker = work / MARKER_NAME
+        lock = _try_lock(marker)
+        if lock is None and marker.exists():
+            continue  # its save is running
         try:
             if _marker_target(work) == path.name:
                 _settle(work, path, prefer_new=True)
                 logger.warning(
                     "removed {}, left by an interrupted save of {}", work.name, str(path)
                 )
+            elif _unstarted(work):
+                _remove_work(work)
         finally:
-            os.close(lock)
+            if lock is not None:
+                os.close(lock)
 
 
 def _create_work_dir(path: Path) -> tuple[Path, int]:
@@ -143,7 +146,20 @@ def _settle(work: Path, path: Path, prefer_new: bool) -> None:
             _fsync(path.parent)
             what = "the interrupted save's checkpoint" if source == new else "the previous one"
             logger.warning("{} was missing after an interrupted save: put {} back", path, what)
-    shutil.rmtree(work)
+    _remove_work(work)
+
+
+def _remove_work(work: Path) -> None:
+    """Removes ``work``, its marker last: a crash meanwhile leaves it recognizable."""
+    for entry in work.iterdir():
+        if entry.name == MARKER_NAME:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    (work / MARKER_NAME).unlink(missing_ok=True)
+    work.rmdir()
 
 
 def _work_dirs(path: Path) -> list[Path]:
@@ -179,13 +195,9 @@ def _marker_target(work: Path) -> str | None:
     return marker.get("target")
 
 
-def _remove_if_empty(work: Path) -> None:
-    """Removes a work directory that died before its marker was written (it is empty)."""
-    if not (work / MARKER_NAME).exists():
-        try:
-            work.rmdir()
-        except OSError:
-            return
+def _unstarted(work: Path) -> bool:
+    """Whether ``work`` holds nothing but an empty marker: its save died creating it."""
+    return all(entry.name == MARKER_NAME and entry.stat().st_size == 0 for entry in work.iterdir())
 
 
 def _fsync_tree(root: Path) -> None:

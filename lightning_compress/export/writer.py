@@ -1,14 +1,10 @@
-"""Atomic checkpoint directories and safetensors shards."""
+"""Checkpoint directories and safetensors shards."""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from safetensors.torch import save_file
@@ -21,14 +17,12 @@ __all__ = [
     "INDEX_NAME",
     "SINGLE_SHARD_NAME",
     "check_output_dir",
-    "staged_directory",
     "write_shards",
 ]
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 SINGLE_SHARD_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
-STAGING_SUFFIX = ".partial"
 
 
 def check_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> Path:
@@ -80,62 +74,14 @@ def _check_writable(path: Path) -> None:
             "expected a directory"
         )
     try:
-        descriptor, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=parent)
+        # Unnamed where the OS allows (O_TMPFILE): a process killed here leaves no file.
+        with tempfile.TemporaryFile(dir=parent):
+            pass
     except OSError as error:
         raise ExportError(
             f"output directory {str(path)!r} is not writable: no file can be created in "
             f"{str(parent)!r} ({error.strerror or error})"
         ) from error
-    os.close(descriptor)
-    os.unlink(probe)
-
-
-@contextmanager
-def staged_directory(output_dir: str | os.PathLike, overwrite: bool) -> Iterator[Path]:
-    """Yields an empty sibling directory that becomes ``output_dir`` when the block succeeds.
-
-    Everything is written into a hidden temporary sibling (``.<name>.<random>.partial``),
-    renamed to ``output_dir`` at the end; an error inside the block removes it, so
-    ``output_dir`` is either the complete checkpoint or untouched.
-
-    Args:
-        output_dir: the checkpoint directory.
-        overwrite: replace an existing, non-empty ``output_dir``.
-
-    Yields:
-        The staging directory to write into.
-
-    Raises:
-        ExportError: as :func:`check_output_dir`.
-    """
-    path = check_output_dir(output_dir, overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = _sibling(path, STAGING_SUFFIX)
-    try:
-        yield staging
-        check_output_dir(path, overwrite)
-        _publish(staging, path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-def _publish(staging: Path, path: Path) -> None:
-    """Renames ``staging`` to ``path``, first moving an existing ``path`` out of the way."""
-    retired = None
-    if path.exists():
-        retired = _sibling(path, ".old")
-        os.replace(path, retired / path.name)
-    os.replace(staging, path)
-    if retired is not None:
-        shutil.rmtree(retired, ignore_errors=True)
-
-
-def _sibling(path: Path, suffix: str) -> Path:
-    """Creates a new hidden directory beside ``path`` (with the usual permissions)."""
-    sibling = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}{suffix}"
-    sibling.mkdir()
-    return sibling
 
 
 def write_shards(
