@@ -46,7 +46,11 @@ def save_compressed(
     for unquantized linear layers, and a ``sparsity_config`` when linear layers are pruned,
     ``2:4`` or unstructured), the model's ``generation_config.json``, the tokenizer's files
     and ``recipe.yaml``. ``AutoModelForCausalLM.from_pretrained(output_dir)`` then gives the
-    logits of the model in memory.
+    logits of the model in memory: each layer is checked to read back as it is and in the
+    layout the installed transformers prepares to load. Layers with asymmetric int weights
+    in groups or channels are stored ``naive-quantized`` (one int8 code per weight), with a
+    warning, where the installed compressed-tensors cannot load its own ``pack-quantized``
+    zero points (see :data:`~lightning_compress.export.schemes.FALLBACK_FORMAT`).
 
     A model that was never quantized nor pruned is saved plainly (no ``quantization_config``).
     The bundled ``TinyDecoder`` is saved as the ``LlamaForCausalLM`` it equals.
@@ -74,9 +78,9 @@ def save_compressed(
         ExportError: when ``output_dir`` exists, is not empty and ``overwrite`` is false; when
             compression is unfinished (QAT parametrizations, pruning masks, a failed
             calibration that left the model partly compressed); when a layer's
-            scheme cannot be expressed in compressed-tensors format (the message names the
-            layer and the scheme); when a weight left its quantization grid; or for sharded
-            (``DTensor``) weights.
+            scheme cannot be expressed in compressed-tensors format, or in a layout the
+            installed transformers loads (the message names the layer and the scheme); when
+            a weight left its quantization grid; or for sharded (``DTensor``) weights.
         TypeError: for a model that is not exportable, or an unsupported tokenizer.
     """
     _refuse_partly_compressed(model)
