@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import typing
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -360,8 +361,16 @@ def _group_dict(modifiers: Iterable[Any]) -> dict[str, Any] | list[dict[str, Any
 
 
 def _effective_settings(modifier: Any) -> dict[str, Any]:
-    """Every setting of ``modifier`` (defaults included), with one spelling per value."""
-    return {item.name: _plain(getattr(modifier, item.name)) for item in fields(modifier)}
+    """Every setting of ``modifier`` (defaults included), with one spelling per value: a
+    single name where a list of names is accepted (``targets: Linear``) becomes a list."""
+    hints = typing.get_type_hints(type(modifier))
+    settings = {}
+    for item in fields(modifier):
+        value = getattr(modifier, item.name)
+        if isinstance(value, str) and list[str] in typing.get_args(hints[item.name]):
+            value = [value]
+        settings[item.name] = _plain(value)
+    return settings
 
 
 def _plain(value: Any) -> Any:

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from lightning.pytorch import Callback, Trainer
 from lightning_models import Regressor, regression_loader
@@ -92,6 +93,25 @@ def test_ddp_qat_keeps_quantization_parameters_identical_on_all_ranks():
         strategy="ddp_spawn",
         max_steps=4,
         callbacks=[Compressor(modifier), RankAgreement("input_scale")],
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(Regressor(), regression_loader(64))
+
+
+@pytest.mark.slow
+def test_ddp_training_goes_on_after_qat_ends_and_bakes_the_weights():
+    # Baking used to swap the parameter's storage (set_), after which DDP's gradient hooks
+    # never fired again: the next step failed with "parameters that were not used".
+    modifier = QuantizationModifier(scheme="W8A16", targets=["Linear"], start=0, end=0.125)
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        max_steps=3,  # 8 steps per epoch: QAT ends (bakes) after step 1
+        callbacks=[Compressor(modifier), RankAgreement("weight_scale")],
         logger=False,
         enable_progress_bar=False,
         enable_checkpointing=False,

@@ -321,6 +321,34 @@ def test_a_failure_after_qat_ended_raises_itself_and_leaves_the_layers_quantized
         assert "weight_mask" not in layer._buffers  # the unfinished pruning is undone
 
 
+def test_baking_a_qat_weight_keeps_its_gradient_accumulator_for_ddp_hooks():
+    # DDP reduces gradients from hooks on each parameter's gradient accumulator; baking
+    # used to swap the parameter's storage (set_), after which those hooks never fired.
+    from lightning_compress.modifiers.quantization.args import preset_scheme
+    from lightning_compress.modifiers.quantization.qat import (
+        add_weight_fake_quantizer,
+        bake_weight,
+        training_buffers,
+    )
+
+    layer = torch.nn.Linear(16, 8)
+    scheme = preset_scheme("W8A16", ["Linear"])
+    for name, value in training_buffers(layer.weight, scheme).items():
+        layer.register_buffer(name, value)
+    quantizer = add_weight_fake_quantizer(layer, scheme.weights)
+    quantizer.enabled = True
+    parameter = layer.parametrizations.weight.original
+    accumulator = parameter.view_as(parameter).grad_fn.next_functions[0][0]
+    fired: list[bool] = []
+    accumulator.register_hook(lambda *_: fired.append(True))
+    expected = layer.weight.detach().clone()
+    bake_weight(layer)
+    assert layer.weight is parameter
+    torch.testing.assert_close(layer.weight.detach(), expected, rtol=0, atol=0)
+    layer(torch.randn(2, 16)).sum().backward()
+    assert fired
+
+
 # ------------------------------------------------------------------------ recipes on resume
 PYTHON_PRUNING_WITH_QAT = [
     MagnitudePruningModifier(
@@ -355,6 +383,36 @@ def test_resume_refuses_a_recipe_with_other_settings(tmp_path):
         )
 
 
+def test_recipes_compare_by_their_modifiers_and_settings_not_by_names():
+    from lightning_compress.recipe import Recipe
+
+    written = Recipe.create_instance(PRUNING_WITH_QAT)
+    assert written.same_modifiers(Recipe.create_instance(PYTHON_PRUNING_WITH_QAT))
+    renamed = PRUNING_WITH_QAT.replace("prune_stage", "a_stage").replace("quant_", "q_")
+    assert written.same_modifiers(Recipe.create_instance(renamed))
+    one_name, one_item_list = (
+        Recipe.create_instance(PRUNING_WITH_QAT.replace("[fc1, fc2]", spelling))
+        for spelling in ("fc1", "[fc1]")
+    )
+    assert one_name.same_modifiers(one_item_list)
+    other_order = list(reversed(PYTHON_PRUNING_WITH_QAT))
+    assert not written.same_modifiers(Recipe.create_instance(other_order))
+    other_value = PRUNING_WITH_QAT.replace("update: 0.25", "update: 0.5")
+    assert not written.same_modifiers(Recipe.create_instance(other_value))
+
+
+def test_resume_with_another_epoch_geometry_warns_that_it_is_not_exact(tmp_path):
+    messages: list[str] = []
+    with pytest.raises(InjectedFault):
+        train(PRUNING_WITH_QAT, tmp_path, fault=FailAt(8, "on_train_batch_start"))
+    sink = logger.add(lambda message: messages.append(str(message)), level="WARNING")
+    try:
+        train(PRUNING_WITH_QAT, tmp_path, resume=True, accumulate=2)
+    finally:
+        logger.remove(sink)
+    assert any("steps per epoch" in message and "not exact" in message for message in messages)
+
+
 PRUNING = PRUNING_WITH_QAT.split("  quant_modifiers")[0]
 
 
@@ -375,3 +433,80 @@ def test_resume_with_a_recipe_of_other_compression_state_is_refused_naming_it(
     with pytest.raises(RecipeError, match="compression state does not match") as error:
         train(resumed_with, tmp_path, resume=True)
     assert "weight_mask" in str(error.value) or "weight_scale" in str(error.value)
+
+
+# ------------------------------------------------------------------------------- save_dir
+def test_an_unwritable_save_dir_fails_at_setup_before_any_training_step(tmp_path):
+    from lightning_compress.export import ExportError  # the optional hf extra
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    save_dir = blocker / "compressed"
+    recorder = DataRecorder()
+    model = Regressor()
+    trainer = Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        callbacks=[Compressor(PRUNING, save_dir=save_dir), recorder],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    with pytest.raises(ExportError, match=str(save_dir)):
+        trainer.fit(model, training_data())
+    assert recorder.seen == []
+    assert not [name for name, _ in model.named_buffers() if name.endswith("weight_mask")]
+
+
+# ------------------------------------------------------------------------------------ DDP
+class SaveFinal(Callback):
+    """Rank 0 saves the model's state after the Compressor finalized (listed after it)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.global_rank == 0:
+            torch.save(
+                {k: v.detach().clone() for k, v in pl_module.state_dict().items()}, self.path
+            )
+
+
+def train_ddp(out: Path, result: Path, fault: Callback | None = None, resume: bool = False):
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(SAMPLES, 16, generator=generator)
+    y = x @ torch.randn(16, 4, generator=generator)
+    callbacks = [*([fault] if fault else []), Compressor(PRUNING_WITH_QAT), SaveFinal(result)]
+    callbacks.append(
+        ModelCheckpoint(dirpath=out, every_n_train_steps=1, save_top_k=0, save_last=True)
+    )
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        max_epochs=3,
+        callbacks=callbacks,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    ckpt = str(out / "last.ckpt") if resume else None
+    trainer.fit(
+        Regressor(optimizer="adam"),
+        DataLoader(TensorDataset(x, y), batch_size=BATCH),
+        ckpt_path=ckpt,
+    )
+
+
+@pytest.mark.slow
+def test_ddp_run_killed_at_a_pruning_update_with_qat_active_resumes_exactly(tmp_path):
+    # 2 ranks: 4 steps per epoch; kill at an epoch boundary (a plain DataLoader restarts
+    # there exactly) where a pruning update is due (every 2 steps) and QAT is active.
+    step = random.Random(15).choice([8, 12])
+    train_ddp(tmp_path / "whole", tmp_path / "whole.pt")
+    with pytest.raises(Exception, match="injected"):
+        train_ddp(tmp_path / "broken", tmp_path / "unused.pt", FailAt(step, "on_train_batch_start"))
+    train_ddp(tmp_path / "broken", tmp_path / "resumed.pt", resume=True)
+    expected = torch.load(tmp_path / "whole.pt", weights_only=True)
+    assert_same_result(expected, torch.load(tmp_path / "resumed.pt", weights_only=True))

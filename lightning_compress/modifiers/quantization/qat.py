@@ -144,9 +144,14 @@ def bake_weight(module: nn.Module, quantized: bool = True) -> None:
     Args:
         module: a layer parametrized by :func:`add_weight_fake_quantizer`.
         quantized: keep the fake-quantized value (True) or the float weight (False). The
-            parameter object stays the same, so optimizers keep tracking it.
+            parameter object stays the same, so optimizers keep tracking it; its value is
+            copied in place (not ``set_``), so the gradient hooks DDP registered on it keep
+            firing when training goes on.
     """
-    parametrize.remove_parametrizations(module, "weight", leave_parametrized=quantized)
+    if quantized:
+        with torch.no_grad():
+            module.parametrizations.weight.original.copy_(module.weight)
+    parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
 
 
 def bake_weight_saved_baked(module: nn.Module, state_dict: dict[str, Tensor], prefix: str) -> bool:
