@@ -146,14 +146,15 @@ def _validation_problems(err: ValidationError) -> str:
 def _check_format(scheme: CTQuantizationScheme, stored_as: str | None, where: str) -> None:
     """A group's format must be one compressed-tensors writes for its scheme: e.g.
     ``int-quantized`` is the format of schemes with quantized input activations."""
-    formats = [value.value for value in CompressionFormat]
+    formats = BaseCompressor.registered_names()
     if stored_as not in formats:
-        raise ExportError(f"{where}: format {stored_as!r} is not one of {formats}")
-    compressor = BaseCompressor.get_value_from_registry(stored_as)
-    if scheme.weights is None or not compressor.can_compress(nn.Linear, scheme):
-        written = (
-            infer_module_format(nn.Linear, scheme).value if scheme.weights is not None else None
+        raise ExportError(
+            f"{where}: format {stored_as!r} is not one layers are stored in; expected one of "
+            f"{formats}"
         )
+    written = infer_module_format(nn.Linear, scheme).value
+    compressor = BaseCompressor.get_value_from_registry(stored_as)
+    if stored_as != written and not compressor.can_compress(nn.Linear, scheme):
         raise ExportError(
             f"{where}: format {stored_as!r} does not store the group's scheme "
             f"({_describe(scheme)}; compressed-tensors writes it as {written!r}): a field was "

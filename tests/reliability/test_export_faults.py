@@ -22,10 +22,12 @@ from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from lightning_compress.export import ExportError, load_compressed, save_compressed
+from lightning_compress.export import schemes as export_schemes
 from lightning_compress.export import staging as export_staging
+from lightning_compress.export import tensors as export_tensors
 from lightning_compress.export import writer as export_writer
 from lightning_compress.export.layout import differences, prepared_layout, written_layout
-from lightning_compress.export.schemes import FALLBACK_FORMAT
+from lightning_compress.export.schemes import FALLBACK_FORMAT, to_ct_scheme
 from lightning_compress.lightning.oneshot import oneshot
 from lightning_compress.modifiers import QuantizationModifier
 from lightning_compress.modifiers.quantization import PRESET_SCHEMES
@@ -137,8 +139,6 @@ def test_the_installed_compressed_tensors_cannot_load_its_own_asymmetric_packing
     meta-device branch): the reason asymmetric layers are stored naive-quantized."""
     model = compressed_wide("W4A16_ASYM")
     layer = model.model.layers[0].self_attn.q_proj
-    from lightning_compress.export.schemes import to_ct_scheme
-
     scheme = to_ct_scheme("q_proj", layer).model_copy(update={"format": "pack-quantized"})
     shape = ((128, 128), False, torch.float32, scheme)
     assert differences(written_layout(*shape), prepared_layout(*shape)) == [
@@ -157,6 +157,20 @@ def test_asymmetric_weights_are_stored_in_a_format_transformers_loads(tmp_path, 
     stored = local_tensors(path)
     assert stored["model.layers.0.mlp.down_proj.weight"].dtype == torch.int8
     assert stored["model.layers.0.mlp.down_proj.weight_zero_point"].shape == (128, 2)
+
+
+def test_asymmetric_pack_quantized_checkpoints_of_other_writers_still_load(tmp_path, monkeypatch):
+    """What llm-compressor writes (and this project did): packed zero points."""
+    model = compressed_wide("W4A16_ASYM")
+    monkeypatch.setattr(export_tensors, "prepared_layout", written_layout)
+    monkeypatch.setattr(
+        export_schemes, "_loadable_format", lambda name, module, scheme: "pack-quantized"
+    )
+    path = save_compressed(model, tmp_path / "ckpt")
+    monkeypatch.undo()
+    stored = local_tensors(path)
+    assert stored["model.layers.0.mlp.down_proj.weight_zero_point"].shape == (16, 2)
+    torch.testing.assert_close(logits(load_compressed(path)), logits(model), rtol=0, atol=0)
 
 
 def test_a_layer_transformers_cannot_load_is_refused_at_export(tmp_path):
@@ -544,3 +558,26 @@ def test_saves_killed_at_random_times_leave_the_old_or_the_new_checkpoint(models
 @pytest.mark.slow
 def test_many_saves_killed_at_random_times_leave_the_old_or_the_new_checkpoint(models, tmp_path):
     kill_at_random_times(models, tmp_path, count=60)
+
+
+@pytest.mark.parametrize(
+    ("stored_as", "message"),
+    [
+        ("bogus", r"format: Input should be 'dense'"),
+        ("mixed-precision", "Value error, mixed-precision cannot be set"),
+        ("marlin-24", "format 'marlin-24' is not one layers are stored in"),
+        ("float-quantized", "format 'float-quantized' does not store the group's scheme"),
+        ("int-quantized", "format 'int-quantized' does not store the group's scheme"),
+    ],
+)
+def test_a_group_format_that_does_not_store_its_scheme_is_refused(
+    stored_as, message, saved, tmp_path
+):
+    path = copy_of(saved, "W4A16", tmp_path)
+
+    def change(config: dict) -> None:
+        config["quantization_config"]["config_groups"]["group_0"]["format"] = stored_as
+
+    edit_config(path, change)
+    with pytest.raises(ExportError, match=rf"config\.json: .*config_groups\.group_0\W+{message}"):
+        load_compressed(path)
