@@ -126,7 +126,7 @@ def check_state(
         layout_of({key: expected[key] for key in common}),
     )
     if gaps:
-        culprits = sorted({str(files[gap.split(" ", 1)[0]]) for gap in gaps})
+        culprits = sorted({str(files.get(gap.split(" ", 1)[0], "the checkpoint")) for gap in gaps})
         raise ExportError(f"{', '.join(culprits)}: {'; '.join(gaps)}")
 
 
