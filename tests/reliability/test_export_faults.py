@@ -327,6 +327,39 @@ def test_truncated_safetensors_are_named_at_any_length(saved, tmp_path):
             load_compressed(path)
 
 
+def flip_header_bytes(saved: dict[str, Path], tmp_path: Path, count: int) -> None:
+    """Changes one random byte of the safetensors header at a time: loading must raise an
+    ExportError or give exactly the saved model, never a raw error or another model."""
+    rng = random.Random(SEED)
+    path = copy_of(saved, "W4A16", tmp_path)
+    content = (path / "model.safetensors").read_bytes()
+    header_end = 8 + int.from_bytes(content[:8], "little")
+    expected = logits(load_compressed(path))
+    outcomes = {"refused": 0, "unchanged": 0}
+    for _ in range(count):
+        corrupt = bytearray(content)
+        corrupt[rng.randrange(header_end)] ^= rng.randrange(1, 256)
+        (path / "model.safetensors").write_bytes(bytes(corrupt))
+        try:
+            model = load_compressed(path)
+        except ExportError as error:
+            assert re.search(r"model\.safetensors|config\.json", str(error)), error
+            outcomes["refused"] += 1
+            continue
+        torch.testing.assert_close(logits(model), expected, rtol=0, atol=0)
+        outcomes["unchanged"] += 1
+    assert outcomes["refused"] > count // 2, outcomes
+
+
+def test_corrupted_headers_give_a_named_error_or_the_saved_model(saved, tmp_path):
+    flip_header_bytes(saved, tmp_path, count=12)
+
+
+@pytest.mark.slow
+def test_many_corrupted_headers_give_a_named_error_or_the_saved_model(saved, tmp_path):
+    flip_header_bytes(saved, tmp_path, count=300)
+
+
 def test_a_shard_missing_or_short_of_its_index_is_named(tmp_path):
     model = compressed("llama", "W4A16")
     path = save_compressed(model, tmp_path / "ckpt", max_shard_bytes=30_000)
