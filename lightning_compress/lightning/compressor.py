@@ -15,7 +15,13 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from lightning_compress.core import CompressionSession, EventType, LoggerManager, model_sparsity
+from lightning_compress.core import (
+    CompressionSession,
+    Event,
+    EventType,
+    LoggerManager,
+    model_sparsity,
+)
 from lightning_compress.lightning.loggers import TrainerLogger
 from lightning_compress.modifiers.pruning.constant import MASK_BUFFER
 from lightning_compress.modifiers.quantization.qat import OBSERVER_BUFFERS
@@ -163,6 +169,8 @@ class Compressor(Callback):
             batches_per_step=trainer.accumulate_grad_batches,
             start=trainer.current_epoch,
         )
+        if trainer.ckpt_path is not None and trainer.global_step > 0:
+            self._catch_up(trainer)
         self._optimizer_hooks = [
             optimizer.register_step_post_hook(self._on_optimizer_step) for optimizer in optimizers
         ]
@@ -299,6 +307,19 @@ class Compressor(Callback):
         for handle in self._optimizer_hooks:
             handle.remove()
         self._optimizer_hooks = []
+
+    def _catch_up(self, trainer: pl.Trainer) -> None:
+        """Start (and end) the modifiers an uninterrupted run has started (and ended) by now."""
+        state = self.session.state
+        first = Event(
+            type_=EventType.BATCH_START,
+            steps_per_epoch=state.steps_per_epoch,
+            batches_per_step=state.batches_per_step,
+            global_step=trainer.global_step,
+            global_batch=trainer.fit_loop.epoch_loop.batch_progress.total.completed,
+        )
+        for modifier in self.session.lifecycle.recipe.modifiers:
+            modifier.catch_up(state, first)
 
     def _remove_load_check(self) -> None:
         if self._load_check is not None:

@@ -289,6 +289,28 @@ class Modifier:
         self.on_end(state, event, **kwargs)
         self.ended_ = True
 
+    def catch_up(self, state: State, event: Event) -> None:
+        """Redo, on a resumed run, the schedule an uninterrupted run went through before ``event``.
+
+        ``event`` is the first BATCH_START after a checkpoint: the modifier starts if ``start``
+        was reached by an earlier batch, and ends too if ``end`` was reached by the last
+        optimizer step, so what ``on_start``/``on_end`` set up (hooks, switches) is as in an
+        uninterrupted run before any modifier acts on ``event``.
+
+        Args:
+            state: the session's state (compression state already restored into the model).
+            event: the first BATCH_START of the resumed run.
+        """
+        if self.is_one_shot or self.started_ or event.global_step < 1:
+            return
+        earlier = event.new_instance(global_step=event.global_step - 1)
+        if not self.should_start(earlier):
+            return
+        self._start(state, earlier)
+        reached = event.new_instance(type_=EventType.BATCH_END)
+        if self.should_end(reached):
+            self._end(state, reached)
+
     def should_start(self, event: Event) -> bool:
         """Whether a training-scheduled modifier starts at ``event``.
 

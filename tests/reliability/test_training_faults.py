@@ -15,10 +15,11 @@ from lightning_models import Regressor
 from loguru import logger
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_compress import Compressor
+from lightning_compress import Compressor, compression_loss
 from lightning_compress.modifiers import (
     ConstantPruningModifier,
     MagnitudePruningModifier,
+    OutputDistillationModifier,
     QuantizationModifier,
 )
 from lightning_compress.recipe import RecipeError
@@ -74,6 +75,19 @@ class FailAt(Callback):
             raise InjectedFault(f"injected at step {self.step}")
 
 
+class DistilledRegressor(Regressor):
+    """The regressor with the one line that lets distillation modifiers change its loss."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return compression_loss(self, torch.nn.functional.mse_loss(self(x), y))
+
+
+def teacher() -> torch.nn.Module:
+    torch.manual_seed(1)
+    return torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+
+
 class DataRecorder(Callback):
     """Records the first value of each training batch with the step it is used at."""
 
@@ -102,7 +116,7 @@ def train(
         The final state dict (after the Compressor finalized).
     """
     callbacks: list[Callback] = [fault] if fault is not None else []
-    callbacks += [Compressor(recipe), *([recorder] if recorder else [])]
+    callbacks += [Compressor(recipe, teacher=teacher()), *([recorder] if recorder else [])]
     if out is not None:
         callbacks.append(
             ModelCheckpoint(dirpath=out, every_n_train_steps=1, save_last=True, save_top_k=0)
@@ -118,7 +132,7 @@ def train(
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    model = Regressor(optimizer="adam")
+    model = DistilledRegressor(optimizer="adam")
     ckpt = str(out / "last.ckpt") if resume else None
     trainer.fit(model, training_data(resumable), ckpt_path=ckpt)
     return {key: value.detach().clone() for key, value in model.state_dict().items()}
@@ -237,15 +251,19 @@ def test_resume_at_an_epoch_boundary_with_a_plain_loader_is_exact_and_silent(tmp
 
 
 # ---------------------------------------------------------------- random kill points, fixed seed
-def constant_pruning_with_qat() -> list:
+def constant_pruning_qat_and_distillation() -> list:
     return [
         MagnitudePruningModifier(targets=["fc1"], final_sparsity=0.6, start=0, end=1, update=0.5),
         ConstantPruningModifier(targets=["fc2"], start=0),
         QuantizationModifier(scheme="W8A8", targets=["Linear"], start=1, freeze_observers=2),
+        OutputDistillationModifier(comparison="mse", start=0.5, end=2),
     ]
 
 
-RECIPES = {"gradual_pruning_with_qat": lambda: PRUNING_WITH_QAT, "mixed": constant_pruning_with_qat}
+RECIPES = {
+    "gradual_pruning_with_qat": lambda: PRUNING_WITH_QAT,
+    "mixed": constant_pruning_qat_and_distillation,
+}
 HOOKS = ("on_train_batch_start", "on_before_optimizer_step", "on_train_batch_end")
 TOTAL_STEPS = 3 * SAMPLES // BATCH
 
@@ -257,6 +275,15 @@ def kill_points(count: int, seed: int) -> list[tuple[str, int, str]]:
         (rng.choice(sorted(RECIPES)), rng.randrange(2, TOTAL_STEPS), rng.choice(HOOKS))
         for _ in range(count)
     ]
+
+
+def test_resume_where_a_modifier_ended_does_not_run_it_again(tmp_path):
+    # Distillation ends at index 2 (step 16): before, the resumed run started it again at its
+    # first batch and distilled one more step than an uninterrupted run.
+    recipe = constant_pruning_qat_and_distillation
+    whole = train(recipe())
+    resumed = interrupted_then_resumed(recipe(), tmp_path, 16, "on_train_batch_start")
+    assert_same_result(whole, resumed)
 
 
 @pytest.fixture(scope="module")
