@@ -87,8 +87,9 @@ class Compressor(Callback):
 
     Everything compression needs at the next step is restored before any modifier acts:
     masks, qparams, observer statistics and layers already baked by quantization-aware
-    training come from the model's state; each schedule decision is made from the step
-    index alone.
+    training come from the model's state; before the first batch, every modifier is started
+    (and ended) as an uninterrupted run has it at that step; each schedule decision is made
+    from the step index alone.
 
     Args:
         recipe: the recipe (path, YAML/JSON text, dict, modifiers: any ``RecipeInput``; typed

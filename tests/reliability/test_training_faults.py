@@ -177,6 +177,15 @@ def test_a_pruning_schedule_ending_with_training_reaches_its_final_sparsity(
         assert pruned == round(final * state[key].numel()), (key, sparsity(state[key]))
 
 
+def test_a_pruning_schedule_ending_at_max_steps_reaches_its_final_sparsity():
+    modifier = MagnitudePruningModifier(
+        targets=["fc1", "fc2"], final_sparsity=0.5, start=0, end=0.5
+    )
+    state = train(modifier, max_steps=4)  # 8 steps per epoch: end is the last step
+    for key in ("fc1.weight", "fc2.weight"):
+        assert int((state[key] == 0).sum()) == round(0.5 * state[key].numel()), key
+
+
 def test_a_pruning_schedule_cut_by_max_steps_holds_the_target_of_the_last_step():
     modifier = MagnitudePruningModifier(
         targets=["fc1", "fc2"], final_sparsity=0.8, start=0, end=2, inter_func="linear"
