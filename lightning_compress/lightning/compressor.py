@@ -234,6 +234,10 @@ class Compressor(Callback):
             save_compressed(pl_module, self.save_dir, recipe=self.session.get_serialized_recipe())
 
     @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._remove_load_check()  # a fit that ends before training starts never reaches it
+
+    @override
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
@@ -343,9 +347,11 @@ class Compressor(Callback):
         raise RecipeError(
             "the checkpoint's compression state does not match this Compressor's recipe: "
             f"the checkpoint lacks {_some(missing)} and holds {_some(unexpected)} that the "
-            "recipe does not create. Resume with the recipe the checkpoint was trained with "
-            "(its callback state 'recipe' holds it), or start a new run. This Compressor's "
-            f"recipe:\n{self.session.get_serialized_recipe()}"
+            "recipe does not create. Either it was trained with another recipe (resume with "
+            "that one: the checkpoint's callback state 'recipe' holds it) or it was saved after "
+            "compression finished (masks and training state are removed then: start a new run "
+            "from its weights). This Compressor's recipe:\n"
+            f"{self.session.get_serialized_recipe()}"
         )
 
     def _warn_if_resume_is_not_exact(self, trainer: pl.Trainer, steps: int | None) -> None:

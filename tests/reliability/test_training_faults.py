@@ -546,3 +546,49 @@ def test_ddp_run_killed_at_a_pruning_update_with_qat_active_resumes_exactly(tmp_
     train_ddp(tmp_path / "broken", tmp_path / "resumed.pt", resume=True)
     expected = torch.load(tmp_path / "whole.pt", weights_only=True)
     assert_same_result(expected, torch.load(tmp_path / "resumed.pt", weights_only=True))
+
+
+def test_the_compressor_leaves_no_load_check_on_the_model(tmp_path):
+    def fit(max_steps: int, resume: bool) -> Regressor:
+        model = Regressor(optimizer="adam")
+        trainer = Trainer(
+            accelerator="cpu",
+            max_steps=max_steps,
+            callbacks=[
+                Compressor(PRUNING),
+                ModelCheckpoint(
+                    dirpath=tmp_path, every_n_train_steps=1, save_last=True, save_top_k=0
+                ),
+            ],
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        ckpt = str(tmp_path / "last.ckpt") if resume else None
+        trainer.fit(model, training_data(), ckpt_path=ckpt)
+        return model
+
+    assert not fit(4, resume=False)._load_state_dict_post_hooks
+    # Resumed at its last step: Lightning skips training, so only teardown can remove it.
+    assert not fit(4, resume=True)._load_state_dict_post_hooks
+
+
+def test_resuming_a_checkpoint_saved_after_compression_finished_says_so(tmp_path):
+    def fit(max_steps: int, resume: bool) -> None:
+        trainer = Trainer(
+            accelerator="cpu",
+            max_steps=max_steps,
+            callbacks=[
+                Compressor(PRUNING),
+                ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0),
+            ],
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        ckpt = str(tmp_path / "last.ckpt") if resume else None
+        trainer.fit(Regressor(optimizer="adam"), training_data(), ckpt_path=ckpt)
+
+    fit(4, resume=False)  # last.ckpt is written when training ends, after finalize
+    with pytest.raises(RecipeError, match="saved after compression finished"):
+        fit(8, resume=True)
