@@ -33,7 +33,7 @@ from lightning_compress.recipe import (
     RecipeStageInput,
 )
 
-__all__ = ["Compressor", "compression_loss"]
+__all__ = ["Compressor", "check_compressor_resume", "compression_loss"]
 
 # Names of the state that modifiers add to a model: buffers, and the parametrized weight.
 _COMPRESSION_NAMES = frozenset((MASK_BUFFER, *QPARAM_BUFFERS, *OBSERVER_BUFFERS))
@@ -58,6 +58,37 @@ def compression_loss(pl_module: pl.LightningModule, loss: torch.Tensor) -> torch
     return loss
 
 
+def check_compressor_resume(trainer: pl.Trainer, checkpoint: dict[str, Any]) -> None:
+    """Refuse to resume a compressing run's checkpoint in a Trainer without a ``Compressor``.
+
+    Call it from a LightningModule's ``on_load_checkpoint`` (``CausalLMModule`` does):
+    Lightning calls that before it loads the model's state, which holds masks and qparams
+    that only a Compressor with the checkpoint's recipe sets up.
+
+    Args:
+        trainer: the Trainer restoring ``checkpoint``.
+        checkpoint: the loaded checkpoint.
+
+    Raises:
+        RecipeError: when fitting from a checkpoint that holds a Compressor's state while
+            ``trainer`` has no Compressor; the message holds the checkpoint's recipe.
+    """
+    if trainer.state.fn != "fit" or any(isinstance(cb, Compressor) for cb in trainer.callbacks):
+        return
+    states = checkpoint.get("callbacks") or {}
+    recipes = [
+        state.get("recipe")
+        for key, state in states.items()
+        if str(key).startswith(Compressor.__qualname__) and isinstance(state, dict)
+    ]
+    if recipes:
+        raise RecipeError(
+            "the checkpoint was saved by a run compressing the model with a Compressor, and "
+            "this Trainer has none: resume with Compressor(<the same recipe>) in its "
+            f"callbacks. The checkpoint's recipe:\n{recipes[0]}"
+        )
+
+
 class Compressor(Callback):
     """Compress any LightningModule while it trains, following a recipe.
 
@@ -74,9 +105,10 @@ class Compressor(Callback):
     - the Compressor gets a recipe with the same modifiers and settings, in the same order
       (stage and group names, and YAML versus Python objects, do not matter); another recipe
       is refused with a ``RecipeError`` before training, naming the compression state that
-      differs, and so is a resume with a Compressor without the checkpoint's recipe (a
-      resume without any Compressor fails in Lightning's strict ``load_state_dict``, which
-      names the compression buffers it did not expect);
+      differs, and so is a resume with a Compressor without the checkpoint's recipe; a
+      resume without any Compressor is refused by ``check_compressor_resume`` in the
+      LightningModule's ``on_load_checkpoint`` (``CausalLMModule`` calls it; elsewhere
+      Lightning's strict ``load_state_dict`` names the compression buffers it did not expect);
     - the checkpoint was saved at an epoch boundary, or the training DataLoader is
       resumable (it implements ``state_dict`` / ``load_state_dict``, like torchdata's
       ``StatefulDataLoader``): otherwise a mid-epoch resume restarts the data at batch 0

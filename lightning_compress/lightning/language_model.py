@@ -16,6 +16,7 @@ from lightning_compress.bundled import (
     load_tokenizer,
     token_windows,
 )
+from lightning_compress.lightning.compressor import check_compressor_resume
 
 __all__ = ["BundledTextDataModule", "CausalLMModule", "causal_lm_logits"]
 
@@ -71,6 +72,9 @@ class CausalLMModule(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_compressor_resume(self.trainer, checkpoint)
 
 
 class BundledTextDataModule(pl.LightningDataModule):

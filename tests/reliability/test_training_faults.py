@@ -16,6 +16,7 @@ from loguru import logger
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_compress import Compressor, compression_loss
+from lightning_compress.lightning import check_compressor_resume
 from lightning_compress.modifiers import (
     ConstantPruningModifier,
     MagnitudePruningModifier,
@@ -592,3 +593,50 @@ def test_resuming_a_checkpoint_saved_after_compression_finished_says_so(tmp_path
     fit(4, resume=False)  # last.ckpt is written when training ends, after finalize
     with pytest.raises(RecipeError, match="saved after compression finished"):
         fit(8, resume=True)
+
+
+class CheckingRegressor(Regressor):
+    """A user module that refuses resuming a compressing run without its Compressor."""
+
+    def on_load_checkpoint(self, checkpoint) -> None:
+        check_compressor_resume(self.trainer, checkpoint)
+
+
+def fit_checking(out: Path, compressor: bool, resume: bool, max_steps: int) -> None:
+    callbacks: list[Callback] = [Compressor(PRUNING)] if compressor else []
+    callbacks.append(
+        ModelCheckpoint(dirpath=out, every_n_train_steps=1, save_top_k=0, save_last=True)
+    )
+    trainer = Trainer(
+        accelerator="cpu",
+        max_steps=max_steps,
+        callbacks=callbacks,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    ckpt = str(out / "last.ckpt") if resume else None
+    trainer.fit(CheckingRegressor(optimizer="adam"), training_data(), ckpt_path=ckpt)
+
+
+def test_resume_without_the_compressor_is_refused_naming_the_recipe(tmp_path):
+    fit_checking(tmp_path, compressor=True, resume=False, max_steps=3)
+    with pytest.raises(RecipeError, match="MagnitudePruningModifier") as error:
+        fit_checking(tmp_path, compressor=False, resume=True, max_steps=6)
+    assert "this Trainer has none" in str(error.value)
+    fit_checking(tmp_path, compressor=True, resume=True, max_steps=6)  # with it: resumes
+
+
+def test_causal_lm_module_refuses_a_compressing_checkpoint_without_a_compressor():
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    from lightning_compress.lightning.language_model import CausalLMModule
+
+    module = CausalLMModule(model=torch.nn.Linear(4, 4))
+    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    trainer.state.fn = TrainerFn.FITTING
+    module.trainer = trainer
+    checkpoint = {"callbacks": {"Compressor": {"recipe": "default_stage: ..."}}, "state_dict": {}}
+    with pytest.raises(RecipeError, match="this Trainer has none"):
+        module.on_load_checkpoint(checkpoint)
+    module.on_load_checkpoint({"callbacks": {}, "state_dict": {}})  # a plain checkpoint loads
