@@ -191,7 +191,13 @@ def test_a_pruning_schedule_cut_by_max_steps_holds_the_target_of_the_last_step()
     modifier = MagnitudePruningModifier(
         targets=["fc1", "fc2"], final_sparsity=0.8, start=0, end=2, inter_func="linear"
     )
-    state = train(modifier, max_steps=5)  # 8 steps per epoch: the run stops at index 5/8
+    messages: list[str] = []
+    sink = logger.add(lambda message: messages.append(str(message)), level="WARNING")
+    try:
+        state = train(modifier, max_steps=5)  # 8 steps per epoch: the run stops at index 5/8
+    finally:
+        logger.remove(sink)
+    assert any("before end=2 of the schedule" in message for message in messages)
     due = modifier.target_sparsity(5 / 8)
     assert due > modifier.target_sparsity(4 / 8)
     weight = state["fc1.weight"]

@@ -6,6 +6,7 @@ import math
 from typing import Any, Literal
 
 import torch
+from loguru import logger
 from torch import nn
 
 from lightning_compress.core.events import Event, EventType
@@ -96,6 +97,8 @@ class MagnitudePruningModifier(WeightMaskModifier, MaskStructureSetting):
         # The target sparsity the masks were last computed for: a cache that skips
         # recomputing within a step (gradient accumulation) and between grid points.
         self.applied_sparsity_: float | None = None
+        # The index the last optimizer step reached (None before any training batch ends).
+        self.reached_index_: float | None = None
 
     def weight_layers(self, model: nn.Module) -> dict[str, nn.Module]:
         """The target layers, checked to hold 2-D weights that fit ``mask_structure``.
@@ -121,6 +124,8 @@ class MagnitudePruningModifier(WeightMaskModifier, MaskStructureSetting):
     def on_event(self, state: State, event: Event, **kwargs: Any) -> None:
         if event.type_ in _SCHEDULE_EVENTS and not self.is_one_shot:
             self._follow_schedule(state, event)
+        if event.type_ == EventType.BATCH_END:
+            self.reached_index_ = event.current_index
         super().on_event(state, event, **kwargs)
 
     def _follow_schedule(self, state: State, event: Event) -> None:
@@ -155,6 +160,20 @@ class MagnitudePruningModifier(WeightMaskModifier, MaskStructureSetting):
 
     def apply_at_finalize(self) -> bool:
         return self.leave_enabled
+
+    def on_finalize(self, state: State, **kwargs: Any) -> None:
+        reached = self.reached_index_
+        if reached is not None and reached < self.end - INDEX_TOLERANCE:
+            logger.warning(
+                "{}: training ended at index {:.4g}, before end={:g} of the schedule; the layers "
+                "are pruned to {:.4f} instead of final_sparsity={}",
+                type(self).__name__,
+                reached,
+                self.end,
+                self.target_sparsity(reached) if reached >= self.start else 0.0,
+                self.final_sparsity,
+            )
+        super().on_finalize(state, **kwargs)
 
     # ------------------------------------------------------------------ pruning
     def prune_to(self, state: State, sparsity: float, step: float | None) -> None:
