@@ -70,16 +70,19 @@ def check_compressor_resume(trainer: pl.Trainer, checkpoint: dict[str, Any]) -> 
         checkpoint: the loaded checkpoint.
 
     Raises:
-        RecipeError: when fitting from a checkpoint that holds a Compressor's state while
-            ``trainer`` has no Compressor; the message holds the checkpoint's recipe.
+        RecipeError: when fitting from a checkpoint saved while a Compressor was compressing
+            (not after it finished) and ``trainer`` has no Compressor; the message holds the
+            checkpoint's recipe.
     """
     if trainer.state.fn != "fit" or any(isinstance(cb, Compressor) for cb in trainer.callbacks):
         return
     states = checkpoint.get("callbacks") or {}
-    recipes = [
+    recipes = [  # a checkpoint saved once compression finished holds a plain model
         state.get("recipe")
         for key, state in states.items()
-        if str(key).startswith(Compressor.__qualname__) and isinstance(state, dict)
+        if str(key).startswith(Compressor.__qualname__)
+        and isinstance(state, dict)
+        and not state.get("finalized")
     ]
     if recipes:
         raise RecipeError(
@@ -305,6 +308,7 @@ class Compressor(Callback):
             "global_batch": lifecycle.global_batch,
             "steps_per_epoch": self.session.state.steps_per_epoch,
             "batches_per_step": self.session.state.batches_per_step,
+            "finalized": lifecycle.finalized,
         }
 
     @override

@@ -646,3 +646,5 @@ def test_causal_lm_module_refuses_a_compressing_checkpoint_without_a_compressor(
     with pytest.raises(RecipeError, match="this Trainer has none"):
         module.on_load_checkpoint(checkpoint)
     module.on_load_checkpoint({"callbacks": {}, "state_dict": {}})  # a plain checkpoint loads
+    finished = {"Compressor": {"recipe": "default_stage: ...", "finalized": True}}
+    module.on_load_checkpoint({"callbacks": finished, "state_dict": {}})  # compression done
