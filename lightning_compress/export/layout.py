@@ -21,13 +21,33 @@ from compressed_tensors.quantization.lifecycle.initialize import (
 from compressed_tensors.utils.module import get_direct_state_dict
 from torch import Tensor, nn
 
-__all__ = ["Layout", "differences", "layout_of", "prepared_layout", "written_layout"]
+__all__ = [
+    "Layout",
+    "asymmetric_int_weights",
+    "differences",
+    "layout_of",
+    "prepared_layout",
+    "written_layout",
+]
 
 Layout = dict[str, tuple[tuple[int, ...], torch.dtype]]
 """Tensor name to shape and dtype."""
 
 WIDE_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 """Dtypes transformers converts into one another when it loads a tensor."""
+
+
+def asymmetric_int_weights(scheme: CTQuantizationScheme) -> bool:
+    """Whether ``scheme`` quantizes weights to asymmetric ints (stored with zero points).
+
+    Args:
+        scheme: a compressed-tensors scheme.
+
+    Returns:
+        True for int weights with ``symmetric: false``.
+    """
+    weights = scheme.weights
+    return weights is not None and weights.type == "int" and not weights.symmetric
 
 
 def layout_of(tensors: dict[str, Tensor]) -> Layout:

@@ -36,6 +36,7 @@ def save_compressed(
     recipe: RecipeInput | None = None,
     overwrite: bool = False,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    pack_asymmetric: bool = False,
 ) -> Path:
     """Saves a compressed model in the compressed-tensors format transformers and vLLM load.
 
@@ -50,7 +51,8 @@ def save_compressed(
     layout the installed transformers prepares to load. Layers with asymmetric int weights
     in groups or channels are stored ``naive-quantized`` (one int8 code per weight), with a
     warning, where the installed compressed-tensors cannot load its own ``pack-quantized``
-    zero points (see :data:`~lightning_compress.export.schemes.FALLBACK_FORMAT`).
+    zero points (see :data:`~lightning_compress.export.schemes.FALLBACK_FORMAT`); vLLM
+    serves int4 from ``pack-quantized`` only, which ``pack_asymmetric=True`` writes.
 
     A model that was never quantized nor pruned is saved plainly (no ``quantization_config``).
     The bundled ``TinyDecoder`` is saved as the ``LlamaForCausalLM`` it equals.
@@ -70,6 +72,8 @@ def save_compressed(
             reads: YAML text, a path, modifiers, a ``Recipe``), saved as ``recipe.yaml``.
         overwrite: replace ``output_dir`` if it exists and is not empty.
         max_shard_bytes: the largest safetensors file.
+        pack_asymmetric: store asymmetric int weights ``pack-quantized`` (what vLLM and
+            ``load_compressed`` read) even where the installed transformers cannot load it.
 
     Returns:
         ``output_dir`` as a Path.
@@ -91,7 +95,7 @@ def save_compressed(
     config = checkpoint_config(model)
     _check_local(model)
     check_finished(model)
-    layers = quantized_layers(model)
+    layers = quantized_layers(model, pack_asymmetric)
     qconfig = quantization_config(model, layers, sparsity_config(model))
     if qconfig is not None:
         config["quantization_config"] = qconfig

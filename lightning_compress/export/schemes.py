@@ -18,7 +18,12 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lightning_compress.export.errors import ExportError
-from lightning_compress.export.layout import differences, prepared_layout, written_layout
+from lightning_compress.export.layout import (
+    asymmetric_int_weights,
+    differences,
+    prepared_layout,
+    written_layout,
+)
 from lightning_compress.modifiers.pruning import MASK_BUFFER
 from lightning_compress.modifiers.quantization import QuantizationArgs, QuantizationScheme
 from lightning_compress.modifiers.quantization.qat import OBSERVER_BUFFERS
@@ -58,11 +63,16 @@ def check_finished(model: nn.Module) -> None:
             )
 
 
-def quantized_layers(model: nn.Module) -> dict[str, tuple[nn.Module, CTQuantizationScheme]]:
+def quantized_layers(
+    model: nn.Module, pack_asymmetric: bool = False
+) -> dict[str, tuple[nn.Module, CTQuantizationScheme]]:
     """The quantized layers of ``model``, each with its compressed-tensors scheme.
 
     Args:
         model: the model.
+        pack_asymmetric: store asymmetric int weights in the format compressed-tensors picks
+            (``pack-quantized``, what vLLM serves) even where the installed transformers
+            cannot load it, instead of :data:`FALLBACK_FORMAT`.
 
     Returns:
         Layer name to ``(layer, scheme)``; each scheme's ``format`` is the storage format
@@ -84,17 +94,20 @@ def quantized_layers(model: nn.Module) -> dict[str, tuple[nn.Module, CTQuantizat
                 "not a lightning_compress scheme: load compressed checkpoints with "
                 "lightning_compress.export.load_compressed to save them again"
             )
-        layers[name] = (module, to_ct_scheme(name, module))
-    _warn_fallbacks(layers)
+        layers[name] = (module, to_ct_scheme(name, module, pack_asymmetric))
+    _warn_about_formats(layers)
     return layers
 
 
-def to_ct_scheme(name: str, module: nn.Module) -> CTQuantizationScheme:
+def to_ct_scheme(
+    name: str, module: nn.Module, pack_asymmetric: bool = False
+) -> CTQuantizationScheme:
     """The compressed-tensors scheme of one quantized layer, with its storage format.
 
     Args:
         name: the layer's name, for error messages.
         module: the layer; it has a ``quantization_scheme``.
+        pack_asymmetric: as :func:`quantized_layers`.
 
     Returns:
         The scheme, targeting ``name``.
@@ -119,7 +132,10 @@ def to_ct_scheme(name: str, module: nn.Module) -> CTQuantizationScheme:
             f"layer '{name}' has scheme {scheme.to_dict()}, which compressed-tensors cannot "
             f"express: {err}"
         ) from err
-    ct_scheme.format = _loadable_format(name, module, ct_scheme)
+    if pack_asymmetric and asymmetric_int_weights(ct_scheme):
+        ct_scheme.format = infer_module_format(type(module), ct_scheme).value
+    else:
+        ct_scheme.format = _loadable_format(name, module, ct_scheme)
     return ct_scheme
 
 
@@ -146,25 +162,42 @@ def _layout_gaps(module: nn.Module, ct_scheme: CTQuantizationScheme, stored_as: 
     return differences(written_layout(*shape), prepared_layout(*shape))
 
 
-def _warn_fallbacks(layers: dict[str, tuple[nn.Module, CTQuantizationScheme]]) -> None:
-    """Says which layers are stored in :data:`FALLBACK_FORMAT`, and why."""
-    moved = {
-        name: infer_module_format(type(module), scheme).value
-        for name, (module, scheme) in layers.items()
-        if scheme.format != infer_module_format(type(module), scheme).value
-    }
+def _warn_about_formats(layers: dict[str, tuple[nn.Module, CTQuantizationScheme]]) -> None:
+    """Says which layers are stored in :data:`FALLBACK_FORMAT`, or in a format the installed
+    transformers cannot load (``pack_asymmetric``), and why."""
+    moved, unloadable = {}, {}
+    for name, (module, scheme) in layers.items():
+        preferred = infer_module_format(type(module), scheme).value
+        if scheme.format != preferred:
+            moved[name] = preferred
+        elif asymmetric_int_weights(scheme) and _layout_gaps(module, scheme, preferred):
+            unloadable[name] = preferred
     if moved:
         name, preferred = next(iter(moved.items()))
         module, scheme = layers[name]
         logger.warning(
             "{} layers (e.g. '{}') are stored {} (one int8 code per weight) instead of {}: the "
             "installed compressed-tensors {} writes {} in a layout transformers' "
-            "from_pretrained cannot load ({})",
+            "from_pretrained cannot load ({}). vLLM serves int4 from {} only: "
+            "save_compressed(..., pack_asymmetric=True) writes that",
             len(moved),
             name,
             FALLBACK_FORMAT,
             preferred,
             compressed_tensors.__version__,
+            preferred,
+            "; ".join(_layout_gaps(module, scheme, preferred)),
+            preferred,
+        )
+    if unloadable:
+        name, preferred = next(iter(unloadable.items()))
+        module, scheme = layers[name]
+        logger.warning(
+            "{} layers (e.g. '{}') are stored {} as asked (pack_asymmetric=True): vLLM and "
+            "load_compressed read them, but the installed transformers' from_pretrained "
+            "cannot ({})",
+            len(unloadable),
+            name,
             preferred,
             "; ".join(_layout_gaps(module, scheme, preferred)),
         )

@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import torch
 from compressed_tensors.compressors import BaseCompressor
+from compressed_tensors.config import CompressionFormat
 from compressed_tensors.quantization import QuantizationScheme as CTQuantizationScheme
 from torch import Tensor, nn
 
 from lightning_compress.export.errors import ExportError
-from lightning_compress.export.layout import differences, layout_of, prepared_layout
+from lightning_compress.export.layout import (
+    asymmetric_int_weights,
+    differences,
+    layout_of,
+    prepared_layout,
+    written_layout,
+)
 
 __all__ = ["compress_layer", "compressed_state_dict", "decompress_layer"]
 
 Layers = dict[str, tuple[nn.Module, CTQuantizationScheme]]
+PACKED = CompressionFormat.pack_quantized.value
 ROUNDING_ULPS = 2
 """How far (in units of the weight dtype's epsilon, relative) a stored weight may read back."""
 
@@ -74,12 +82,17 @@ def compress_layer(
         ExportError: when the stored weight would read back different from
             ``tensors["weight"]`` (beyond :data:`ROUNDING_ULPS`): the weight is not on the grid
             of its qparams, so it changed after quantization; or when the stored tensors
-            differ from those transformers' ``from_pretrained`` prepares for the layer.
+            differ from those transformers' ``from_pretrained`` prepares for the layer (for
+            asymmetric layers stored ``pack-quantized``: from those compressed-tensors writes).
     """
     compressor = BaseCompressor.get_value_from_registry(scheme.format)
     packed = compressor.compress(dict(tensors), scheme)
     weight = tensors["weight"]
-    expected = prepared_layout(tuple(weight.shape), "bias" in tensors, weight.dtype, scheme)
+    # Asymmetric layers are stored pack-quantized only where transformers loads that layout,
+    # or on request (``pack_asymmetric``): then what compressed-tensors writes is the target.
+    packed_asymmetric = asymmetric_int_weights(scheme) and scheme.format == PACKED
+    layout = written_layout if packed_asymmetric else prepared_layout
+    expected = layout(tuple(weight.shape), "bias" in tensors, weight.dtype, scheme)
     gaps = differences(layout_of(packed), expected)
     if gaps:
         raise ExportError(

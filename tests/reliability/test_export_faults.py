@@ -22,9 +22,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from lightning_compress.export import ExportError, load_compressed, save_compressed
-from lightning_compress.export import schemes as export_schemes
 from lightning_compress.export import staging as export_staging
-from lightning_compress.export import tensors as export_tensors
 from lightning_compress.export import writer as export_writer
 from lightning_compress.export.layout import differences, prepared_layout, written_layout
 from lightning_compress.export.schemes import FALLBACK_FORMAT, to_ct_scheme
@@ -154,23 +152,33 @@ def test_asymmetric_weights_are_stored_in_a_format_transformers_loads(tmp_path, 
     assert config["config_groups"]["group_0"]["weights"]["symmetric"] is False
     [warning] = [message for message in warnings if FALLBACK_FORMAT in message]
     assert "7 layers" in warning and "pack-quantized" in warning and "weight_zero_point" in warning
+    assert "pack_asymmetric=True" in warning  # how to get what vLLM serves
     stored = local_tensors(path)
     assert stored["model.layers.0.mlp.down_proj.weight"].dtype == torch.int8
     assert stored["model.layers.0.mlp.down_proj.weight_zero_point"].shape == (128, 2)
 
 
-def test_asymmetric_pack_quantized_checkpoints_of_other_writers_still_load(tmp_path, monkeypatch):
-    """What llm-compressor writes (and this project did): packed zero points."""
+def test_asymmetric_weights_are_packed_for_vllm_on_request(tmp_path, warnings):
+    """What vLLM serves and llm-compressor writes: packed codes and packed zero points."""
     model = compressed_wide("W4A16_ASYM")
-    monkeypatch.setattr(export_tensors, "prepared_layout", written_layout)
-    monkeypatch.setattr(
-        export_schemes, "_loadable_format", lambda name, module, scheme: "pack-quantized"
-    )
-    path = save_compressed(model, tmp_path / "ckpt")
-    monkeypatch.undo()
+    path = save_compressed(model, tmp_path / "ckpt", pack_asymmetric=True)
+    config = json.loads((path / "config.json").read_text())["quantization_config"]
+    assert config["format"] == "pack-quantized"
+    [warning] = [message for message in warnings if "pack_asymmetric=True" in message]
+    assert "7 layers" in warning and "cannot" in warning and "weight_zero_point" in warning
     stored = local_tensors(path)
+    assert stored["model.layers.0.mlp.down_proj.weight_packed"].dtype == torch.int32
     assert stored["model.layers.0.mlp.down_proj.weight_zero_point"].shape == (16, 2)
     torch.testing.assert_close(logits(load_compressed(path)), logits(model), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="mismatched_sizes"):  # the upstream mismatch
+        AutoModelForCausalLM.from_pretrained(path)
+
+
+def test_pack_asymmetric_leaves_symmetric_layers_as_they_are(tmp_path):
+    model = compressed_wide("W4A16")
+    path = save_compressed(model, tmp_path / "ckpt", pack_asymmetric=True)
+    loaded = AutoModelForCausalLM.from_pretrained(path)
+    torch.testing.assert_close(logits(loaded), logits(model), rtol=1e-3, atol=1e-3)
 
 
 def test_a_layer_transformers_cannot_load_is_refused_at_export(tmp_path):
