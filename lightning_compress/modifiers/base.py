@@ -23,7 +23,7 @@ from lightning_compress.core.model_layer import (
 )
 from lightning_compress.core.state import State
 from lightning_compress.modifiers.fields import check_value
-from lightning_compress.recipe.errors import RecipeError
+from lightning_compress.recipe.errors import RecipeError, did_you_mean
 from lightning_compress.recipe.registry import register_modifier
 
 __all__ = ["ONE_SHOT", "Modifier"]
@@ -579,7 +579,7 @@ def _summary(names: list[str]) -> str:
 
 
 def _reject_unknown_settings(cls: type, init: Callable[..., None]) -> Callable[..., None]:
-    """Wrap a dataclass ``__init__`` so unknown settings list the valid ones."""
+    """Wrap a dataclass ``__init__`` so unknown settings list the valid ones and the closest."""
     valid = [item.name for item in dataclasses.fields(cls)]
     required = [item.name for item in dataclasses.fields(cls) if _default_of(item) is MISSING]
 
@@ -591,6 +591,7 @@ def _reject_unknown_settings(cls: type, init: Callable[..., None]) -> Callable[.
         if unknown:
             raise RecipeError(
                 f"{cls.__name__}: unknown setting(s) {unknown}; valid settings: {valid}"
+                + did_you_mean(unknown, valid)
             )
         missing = [key for key in required if key not in kwargs]
         if missing:

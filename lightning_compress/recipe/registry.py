@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-from lightning_compress.recipe.errors import RecipeError
+from lightning_compress.recipe.errors import RecipeError, did_you_mean
 
 __all__ = ["get_modifier_class", "register_modifier", "registered_modifiers"]
 
@@ -60,12 +60,14 @@ def get_modifier_class(name: str) -> type:
         The class.
 
     Raises:
-        RecipeError: if no modifier has that name; the message lists the registered names.
+        RecipeError: if no modifier has that name; the message lists the registered names
+            and the closest ones.
     """
     importlib.import_module(_BUILTIN_PACKAGE)
     if name not in _REGISTRY:
         raise RecipeError(
             f"unknown modifier '{name}'; registered modifiers: {', '.join(sorted(_REGISTRY))}"
+            + did_you_mean([name], _REGISTRY)
         )
     return _REGISTRY[name]
 

@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from lightning_compress.recipe.errors import did_you_mean
+
 __all__ = [
     "OBSERVER_NAMES",
     "PRESET_SCHEMES",
@@ -63,7 +65,10 @@ def _check_keys(d: Any, valid: list[str], where: str) -> None:
         raise ValueError(f"{where}: expected a mapping, got {type(d).__name__}")
     unknown = sorted(set(d) - set(valid))
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys are {valid}")
+        raise ValueError(
+            f"{where}: unknown key(s) {unknown}; valid keys are {valid}"
+            + did_you_mean(unknown, valid)
+        )
 
 
 @dataclass(frozen=True)
@@ -327,9 +332,13 @@ def preset_scheme(name: str, targets: list[str]) -> QuantizationScheme:
         The scheme; roles a preset leaves out are None.
 
     Raises:
-        ValueError: when the name is not a preset; the message lists the presets.
+        ValueError: when the name is not a preset; the message lists the presets and the
+            closest ones.
     """
     roles = PRESET_SCHEMES.get(name.upper())
     if roles is None:
-        raise ValueError(f"unknown preset scheme {name!r}; presets are {list(PRESET_SCHEMES)}")
+        raise ValueError(
+            f"unknown preset scheme {name!r}; presets are {list(PRESET_SCHEMES)}"
+            + did_you_mean([name], PRESET_SCHEMES, ignore_case=True)
+        )
     return QuantizationScheme(targets=list(targets), **{role: roles.get(role) for role in ROLES})
