@@ -46,6 +46,8 @@ def oneshot(
     staged: bool = True,
     trainer: pl.Trainer | None = None,
     overwrite_output_dir: bool = False,
+    text_column: str = "text",
+    concatenate_data: bool | None = None,
 ) -> nn.Module:
     """Compress ``model`` after training: calibrate on ``dataset`` and apply ``recipe``.
 
@@ -68,9 +70,14 @@ def oneshot(
             ``input_ids`` (and optionally ``attention_mask``), a torch ``Dataset``, a
             ``DataLoader`` (its batches, tensors, dicts or ``(input_ids, attention_mask)``
             tuples, are split into samples), a Hugging Face ``datasets.Dataset``
-            (``input_ids`` or ``text`` column), or text (a string, cut into windows, or a list
-            of strings) with a tokenizer; None runs data-free. It is read and checked (integer
-            ids within the model's vocabulary and positions, masks of 0 and 1) before
+            (``input_ids``, text or chat ``messages`` column), the path of a local data file
+            (``.txt``, ``.json``, ``.jsonl``, ``.parquet``, ``.arrow``, or a directory written by
+            ``datasets.Dataset.save_to_disk``), or text with a tokenizer (a list of strings,
+            or one string with spaces or lines, cut into windows); None runs data-free. A
+            string that looks like a path (a data-file suffix, or a path separator and no
+            spaces) must exist; one word that is no local path is taken for a hub dataset
+            name and refused (nothing is downloaded). It is read and checked (integer ids
+            within the model's vocabulary and positions, masks of 0 and 1) before
             calibrating.
         num_calibration_samples: samples to take from the start of ``dataset``; None takes all.
         max_seq_length: samples are truncated to this many tokens (text is cut into windows
@@ -99,14 +106,23 @@ def oneshot(
         trainer: run on this Trainer (built with ``inference_mode=False``) instead of one
             built from ``device``, ``devices``, ``strategy`` and ``trainer_kwargs``.
         overwrite_output_dir: replace ``output_dir`` if it exists and is not empty.
+        text_column: the column of ``dataset``'s records that holds their text; records
+            without the default ``"text"`` but with ``messages`` are chat, rendered by the
+            tokenizer's chat template.
+        concatenate_data: for data files: True joins the records' tokens into windows of
+            ``max_seq_length``; False takes one sample per record (per line of a ``.txt``);
+            None windows ``.txt`` files and takes one sample per record of the others.
 
     Returns:
         ``model``, compressed.
 
     Raises:
-        TypeError: if ``model`` or ``dataset`` has the wrong type.
+        TypeError: if ``model`` or ``dataset`` has the wrong type, or a record lacks
+            ``text_column``.
         ValueError: for bad sizes, too little data, token ids or masks the model cannot
-            take, a spawning strategy, or ``trainer`` together with Trainer settings.
+            take, a dataset name, an unreadable data file, chat records without a chat
+            template, a spawning strategy, or ``trainer`` together with Trainer settings.
+        FileNotFoundError: if ``dataset`` is a path, or looks like one, and does not exist.
         ExportError: if ``output_dir`` exists and is not empty (without
             ``overwrite_output_dir``) or cannot be written, or the compressed model cannot be
             exported.
@@ -140,7 +156,13 @@ def oneshot(
         is_global_zero = rank_and_world_size()[0] == 0
     else:
         samples = calibration_samples(
-            dataset, num_calibration_samples, max_seq_length, tokenizer, model
+            dataset,
+            num_calibration_samples,
+            max_seq_length,
+            tokenizer,
+            model,
+            text_column=text_column,
+            concatenate_data=concatenate_data,
         )
         if trainer is None:
             trainer = _trainer(device, devices, strategy, trainer_kwargs)

@@ -1,11 +1,16 @@
 """Calibration data: samples from every accepted dataset form, checked, then padded into batches.
 
+Files: ``calibration_samples(path, num_samples, max_seq_length, tokenizer, text_column="text",
+concatenate_data=None)`` reads a ``.txt``, ``.json``, ``.jsonl``, ``.parquet`` or ``.arrow``
+file (see ``dataset_files``), as ``oneshot(dataset=path)`` does.
+
 Each sample is checked where it is read (a DataLoader's batches one by one, as they arrive), so
 bad data fails before calibration starts, with an error that says where and what was expected.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -13,10 +18,12 @@ from itertools import islice
 from typing import Any
 
 import torch
+from loguru import logger
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_compress.core.distributed import ShardSampler
+from lightning_compress.pipelines.dataset_files import dataset_path, is_text_file, read_items
 
 __all__ = [
     "DATASET_FORMS",
@@ -29,9 +36,11 @@ __all__ = [
 Sample = dict[str, torch.Tensor]
 DATASET_FORMS = (
     "a LongTensor [N, L] of token ids, a list of dicts with 'input_ids' (and optionally "
-    "'attention_mask'), a torch Dataset, a DataLoader, a Hugging Face datasets.Dataset, or "
-    "text (a string or a list of strings) with a tokenizer"
+    "'attention_mask'), a torch Dataset, a DataLoader, a Hugging Face datasets.Dataset, the "
+    "path of a .txt, .json, .jsonl, .parquet or .arrow file, or text (a string or a list of "
+    "strings) with a tokenizer"
 )
+MESSAGES = "messages"  # the column of chat records
 BATCH_FORMS = (
     "a [B, L] tensor of token ids, a dict with 'input_ids' [B, L] (and optionally "
     "'attention_mask' [B, L]), or a tuple (input_ids,) or (input_ids, attention_mask)"
@@ -44,6 +53,8 @@ def calibration_samples(
     max_seq_length: int,
     tokenizer: Any | None = None,
     model: nn.Module | None = None,
+    text_column: str = "text",
+    concatenate_data: bool | None = None,
 ) -> list[Sample]:
     """Turn any accepted ``dataset`` into samples ``{"input_ids": [L], "attention_mask"?}``.
 
@@ -57,30 +68,51 @@ def calibration_samples(
             ``input_ids`` (and optionally ``attention_mask``), a torch ``Dataset``, a
             ``DataLoader`` (its batches, ``[B, L]`` tensors, dicts or ``(input_ids,
             attention_mask)`` tuples, are split into samples), a Hugging Face
-            ``datasets.Dataset`` (``input_ids`` or ``text`` column), or text (a string, cut
-            into windows, or a list of strings) with a tokenizer.
+            ``datasets.Dataset`` (``input_ids``, text or ``messages`` column), the path of a
+            data file (``.txt``, ``.json``, ``.jsonl``, ``.parquet``, ``.arrow``, or a
+            ``save_to_disk`` directory; a string that looks like a path must exist, a dataset
+            name is refused: see ``dataset_files``), or text (a string with spaces or lines,
+            cut into windows, or a list of strings) with a tokenizer. Records hold
+            ``input_ids``, text in ``text_column``, or chat ``messages`` (lists of
+            ``{"role", "content"}``, rendered by the tokenizer's chat template); records
+            with empty text are skipped with a warning.
         num_samples: how many samples to take from the start; None takes all.
         max_seq_length: samples are truncated to this many tokens.
         tokenizer: needed for text.
         model: the model the samples are for; None skips the checks against it.
+        text_column: the records' column that holds their text; where records lack the
+            default ``"text"``, a ``messages`` column is read as chat.
+        concatenate_data: for data files only: True joins the records' tokens and cuts them
+            into windows of ``max_seq_length`` tokens (a shorter last window is dropped
+            unless it is the only one); False takes one sample per record (a ``.txt`` file:
+            per non-blank line), truncated; None (the default) windows ``.txt`` files and
+            takes one sample per record of the others.
 
     Returns:
         The samples, as 1-D LongTensors.
 
     Raises:
         TypeError: if ``dataset`` (or one of its items or batches) has no accepted form, or
-            holds ids that are not integers.
+            holds ids that are not integers, or a record lacks ``text_column``.
         ValueError: for non-positive sizes, fewer samples than ``num_samples``, negative or
             out-of-vocabulary ids, masks with values other than 0 and 1 or another shape
-            than the ids, or samples longer than the model's positions.
+            than the ids, samples longer than the model's positions, a dataset name, an
+            unreadable data file, chat records without a chat template, or
+            ``concatenate_data`` set for data that is no file.
+        FileNotFoundError: if ``dataset`` is a path, or a string that looks like one, and
+            does not exist.
+        ImportError: for Parquet or Arrow files without the ``data`` extra.
     """
     if num_samples is not None and num_samples <= 0:
         raise ValueError(f"num_calibration_samples: expected a positive int, got {num_samples}")
     if max_seq_length <= 0:
         raise ValueError(f"max_seq_length: expected a positive int, got {max_seq_length}")
+    if not isinstance(text_column, str) or not text_column:
+        raise ValueError(f"text_column: expected a column name, got {text_column!r}")
     limits = _TokenLimits.of(model) if model is not None else _TokenLimits()
+    items = _items(dataset, tokenizer, max_seq_length, _Text(text_column, concatenate_data))
     samples = []
-    for where, sample in islice(_items(dataset, tokenizer, max_seq_length), num_samples):
+    for where, sample in islice(items, num_samples):
         sample = _truncated(sample, max_seq_length)
         limits.check(sample["input_ids"], where)
         samples.append(sample)
@@ -193,12 +225,32 @@ def _config_int(model: nn.Module, name: str) -> int | None:
 
 
 # ----------------------------------------------------------------- datasets
+@dataclass(frozen=True)
+class _Text:
+    """How text records become samples: their column and whether they are joined."""
+
+    column: str = "text"
+    concatenate: bool | None = None
+
+
 def _items(
-    dataset: Any, tokenizer: Any | None, max_seq_length: int
+    dataset: Any, tokenizer: Any | None, max_seq_length: int, text: _Text
 ) -> Iterator[tuple[str, Sample]]:
     """Every sample of ``dataset``, checked, with where it came from."""
+    path = dataset_path(dataset) if isinstance(dataset, (str, os.PathLike)) else None
+    if path is not None:
+        windows = is_text_file(path) if text.concatenate is None else text.concatenate
+        items = read_items(path, whole_text=windows)
+        samples = _records(items, tokenizer, text.column)
+        yield from _windows(samples, max_seq_length, str(path)) if windows else samples
+        return
+    if text.concatenate is not None:
+        raise ValueError(
+            f"concatenate_data: applies to data files only; got {text.concatenate!r} with a "
+            f"{type(dataset).__name__}: leave it None"
+        )
     if isinstance(dataset, str):
-        yield from _text_windows(dataset, tokenizer, max_seq_length)
+        yield from _windows(_records([("dataset text", dataset)], tokenizer), max_seq_length)
     elif isinstance(dataset, torch.Tensor):
         if dataset.dim() != 2 or not _holds_integers(dataset):
             raise TypeError(
@@ -212,9 +264,8 @@ def _items(
         for index, batch in enumerate(dataset):
             yield from _unbatched(batch, f"dataset batch {index}")
     elif isinstance(dataset, (Dataset, list, tuple)) or _is_hf_dataset(dataset):
-        for index, item in enumerate(_iterate(dataset)):
-            where = f"dataset item {index}"
-            yield where, _sample(item, tokenizer, where)
+        items = ((f"dataset item {index}", item) for index, item in enumerate(_iterate(dataset)))
+        yield from _records(items, tokenizer, text.column)
     else:
         raise TypeError(f"dataset: expected {DATASET_FORMS}; got {type(dataset).__name__}")
 
@@ -229,11 +280,28 @@ def _iterate(dataset: Any) -> Iterable[Any]:
     return dataset
 
 
-def _sample(item: Any, tokenizer: Any | None, where: str) -> Sample:
+def _records(
+    items: Iterable[tuple[str, Any]], tokenizer: Any | None, text_column: str = "text"
+) -> Iterator[tuple[str, Sample]]:
+    """The samples of ``items``; those with empty text are skipped, with one warning."""
+    skipped = False
+    for where, item in items:
+        sample = _sample(item, tokenizer, where, text_column)
+        if sample is not None:
+            yield where, sample
+        elif not skipped:
+            skipped = True
+            logger.warning(f"{where}: empty text, skipped (as is every record with empty text)")
+
+
+def _sample(
+    item: Any, tokenizer: Any | None, where: str, text_column: str = "text"
+) -> Sample | None:
+    """``item`` as a sample; None for empty text."""
     if isinstance(item, (tuple, list)) and _all_tensors(item):
         item = _ids_and_mask(item, where)
     if isinstance(item, str):
-        return {"input_ids": _as_ids(_tokenize(item, tokenizer), where)}
+        return _text_sample(item, tokenizer, where)
     if isinstance(item, torch.Tensor):
         return {"input_ids": _as_ids(item, where)}
     if isinstance(item, Mapping):
@@ -242,11 +310,14 @@ def _sample(item: Any, tokenizer: Any | None, where: str) -> Sample:
             if item.get("attention_mask") is not None:
                 sample["attention_mask"] = _as_mask(item["attention_mask"], sample, where)
             return sample
-        if "text" in item:
-            return {"input_ids": _as_ids(_tokenize(item["text"], tokenizer), where)}
+        if text_column in item:
+            return _column_sample(item[text_column], tokenizer, f"{where}, {text_column!r}")
+        if MESSAGES in item and text_column == "text":
+            return _chat_sample(item[MESSAGES], tokenizer, f"{where}, {MESSAGES!r}")
         raise TypeError(
-            f"{where} has keys {sorted(item)}; expected 'input_ids' (token ids) or "
-            f"'text' (with a tokenizer)"
+            f"{where} has keys {sorted(item)}; expected 'input_ids' (token ids), "
+            f"{text_column!r} (text, with a tokenizer; text_column names the column that "
+            f"holds it) or {MESSAGES!r} (chat, with a tokenizer that has a chat template)"
         )
     raise TypeError(
         f"{where} is a {type(item).__name__}; expected a dict with 'input_ids', a 1-D tensor "
@@ -309,17 +380,76 @@ def _ids_and_mask(values: tuple | list, where: str) -> dict[str, torch.Tensor]:
     return dict(zip(("input_ids", "attention_mask"), values, strict=False))
 
 
-def _text_windows(text: str, tokenizer: Any | None, length: int) -> Iterator[tuple[str, Sample]]:
-    ids = _as_ids(_tokenize(text, tokenizer), "dataset text")
-    for index, window in enumerate(ids.split(length)):
-        if len(window) == length or len(ids) < length:
-            yield f"dataset text window {index}", {"input_ids": window}
+def _windows(
+    samples: Iterable[tuple[str, Sample]], length: int, name: str = "dataset text"
+) -> Iterator[tuple[str, Sample]]:
+    """The samples' tokens joined and cut into windows of ``length`` tokens.
+
+    A shorter last window is dropped unless it is the only one.
+    """
+    held: list[torch.Tensor] = []
+    index = 0
+    for where, sample in samples:
+        mask = sample.get("attention_mask")
+        if mask is not None and not bool(mask.all()):
+            raise ValueError(
+                f"{where}: attention_mask masks tokens out, which joined windows would feed to "
+                f"the model; expected unpadded records, or concatenate_data=False"
+            )
+        held.append(sample["input_ids"])
+        ids = torch.cat(held)
+        full = len(ids) // length * length
+        for window in ids[:full].split(length):
+            yield f"{name} window {index}", {"input_ids": window}
+            index += 1
+        held = [ids[full:]]
+    if index == 0 and held and len(held[0]):
+        yield f"{name} window 0", {"input_ids": held[0]}
 
 
-def _tokenize(text: str, tokenizer: Any | None) -> Any:
+def _column_sample(value: Any, tokenizer: Any | None, where: str) -> Sample | None:
+    if isinstance(value, str):
+        return _text_sample(value, tokenizer, where)
+    if isinstance(value, (list, tuple)) and value and isinstance(value[0], Mapping):
+        return _chat_sample(value, tokenizer, where)
+    raise TypeError(
+        f"{where} is a {type(value).__name__}; expected a string (text) or a list of chat messages"
+    )
+
+
+def _text_sample(text: str, tokenizer: Any | None, where: str) -> Sample | None:
+    if not text.strip():
+        return None
+    return {"input_ids": _as_ids(_tokenizer(tokenizer)(text)["input_ids"], where)}
+
+
+def _chat_sample(messages: Any, tokenizer: Any | None, where: str) -> Sample:
+    """Chat ``messages`` rendered by the tokenizer's chat template, then tokenized."""
+    tokenizer = _tokenizer(tokenizer)
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"{where}: chat records are rendered by the tokenizer's chat template, and this "
+            f"{type(tokenizer).__name__} has none; expected a tokenizer with a chat template, "
+            f"or records with text (text_column names the column that holds it)"
+        )
+    if not (
+        isinstance(messages, (list, tuple))
+        and messages
+        and all(isinstance(m, Mapping) and {"role", "content"} <= m.keys() for m in messages)
+    ):
+        raise TypeError(
+            f"{where}: expected a non-empty list of {{'role': ..., 'content': ...}} messages, "
+            f"got {messages!r:.80}"
+        )
+    text = tokenizer.apply_chat_template(list(messages), tokenize=False)
+    # The template writes the special tokens (BOS, turn markers) itself.
+    return {"input_ids": _as_ids(tokenizer(text, add_special_tokens=False)["input_ids"], where)}
+
+
+def _tokenizer(tokenizer: Any | None) -> Any:
     if tokenizer is None:
         raise TypeError("dataset: text needs a tokenizer; pass tokenizer=...")
-    return tokenizer(text)["input_ids"]
+    return tokenizer
 
 
 def _as_tensor(value: Any, field: str, where: str) -> torch.Tensor:
