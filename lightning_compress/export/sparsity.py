@@ -4,19 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from compressed_tensors.config import CompressionFormat, DenseSparsityConfig, SparsityStructure
 from torch import nn
 
 from lightning_compress.export.quantization_config import LINEAR_TARGET, unmatched_linears
+from lightning_compress.modifiers.pruning.structure import SPARSITY_THRESHOLD, follows_2_4
 
 __all__ = ["SPARSITY_THRESHOLD", "follows_2_4", "sparsity_config"]
-
-SPARSITY_THRESHOLD = 0.5
-"""A linear layer counts as pruned when at least this fraction of its weights is zero.
-
-Rounding to 4 bits alone zeroes far fewer weights, so quantized layers are not mistaken for
-pruned ones."""
 
 
 def sparsity_config(model: nn.Module) -> dict[str, Any] | None:
@@ -62,18 +56,3 @@ def sparsity_config(model: nn.Module) -> dict[str, Any] | None:
         sparsity_structure=structure.value,
     )
     return config.model_dump()
-
-
-def follows_2_4(weight: torch.Tensor) -> bool:
-    """Whether every run of 4 consecutive input weights of each row holds at least 2 zeros.
-
-    Args:
-        weight: a ``[out_features, in_features]`` weight.
-
-    Returns:
-        True for a 2:4-sparse weight (``in_features`` must be a multiple of 4).
-    """
-    if weight.dim() != 2 or weight.shape[1] % 4:
-        return False
-    zeros_per_group = (weight.reshape(weight.shape[0], -1, 4) == 0).sum(dim=-1)
-    return bool((zeros_per_group >= 2).all())
