@@ -123,7 +123,13 @@ ONE_SHOT: dict[str, Callable[[], Modifier]] = {
     "smoothquant": lambda: SmoothQuantModifier(ignore=["lm_head"]),
     "awq": lambda: AWQModifier(weights=W4_G32, ignore=["lm_head"]),
 }
-ALGORITHMS = {**ONE_SHOT, "qat": lambda: QuantizationModifier(scheme="W8A16", start=0)}
+TRAINING: dict[str, Callable[[], Modifier]] = {
+    "qat": lambda: QuantizationModifier(scheme="W8A16", start=0),
+    "gradual-pruning": lambda: MagnitudePruningModifier(final_sparsity=0.5, start=0, end=4),
+    "constant-pruning": lambda: ConstantPruningModifier(start=0),
+}
+DATA_FREE = {"magnitude": lambda: MagnitudePruningModifier(final_sparsity=0.5, ignore=["lm_head"])}
+ALGORITHMS = {**ONE_SHOT, **DATA_FREE, **TRAINING}
 VALUES = {"nan": float("nan"), "+inf": float("inf"), "-inf": float("-inf")}
 LINEARS = [name for name, m in tiny_llama().named_modules() if isinstance(m, nn.Linear)]
 BLOCK_LINEARS = [name for name in LINEARS if name != "lm_head"]
@@ -135,7 +141,7 @@ def weight_faults() -> list:
     cases = []
     for algorithm in ALGORITHMS:
         for label, value in VALUES.items():
-            layers = LINEARS if algorithm == "qat" else BLOCK_LINEARS
+            layers = LINEARS if algorithm in TRAINING else BLOCK_LINEARS
             layer = draw.choice(layers)
             out_features, in_features = tiny_llama().get_submodule(layer).weight.shape
             position = (draw.randrange(out_features), draw.randrange(in_features))
@@ -155,7 +161,7 @@ def test_a_non_finite_weight_is_refused_naming_its_layer_before_any_change(
     expected = rf"the weight of layer '{re.escape(layer)}' holds NaN or Inf \(1 value\(s\), "
     expected += rf"the first {value} at \[{position[0]}, {position[1]}\]\)"
     with pytest.raises(ValueError, match=expected):
-        if algorithm == "qat":
+        if algorithm in TRAINING:
             CompressionSession().initialize(recipe=ALGORITHMS[algorithm](), model=model)
         else:
             calibrate(model, ALGORITHMS[algorithm]())
@@ -167,7 +173,7 @@ def several_weight_faults() -> list:
     draw = random.Random(SEED + 2)
     cases = []
     for algorithm in ALGORITHMS:
-        layers = LINEARS if algorithm == "qat" else BLOCK_LINEARS
+        layers = LINEARS if algorithm in TRAINING else BLOCK_LINEARS
         for index in range(3):
             faults = []
             for _ in range(draw.randint(2, 6)):
@@ -196,7 +202,7 @@ def test_several_non_finite_weights_name_the_first_layer_its_count_and_first_pos
     expected += rf"\({len(planted)} value\(s\), the first {planted[first]} at "
     expected += rf"\[{first[0]}, {first[1]}\]\)"
     with pytest.raises(ValueError, match=expected):
-        if algorithm == "qat":
+        if algorithm in TRAINING:
             CompressionSession().initialize(recipe=ALGORITHMS[algorithm](), model=model)
         else:
             calibrate(model, ALGORITHMS[algorithm]())
@@ -249,6 +255,37 @@ def test_a_quantization_aware_run_that_diverged_is_refused_at_the_bake():
         layer.parametrizations.weight.original[2, 7] = float("nan")
     with pytest.raises(ValueError, match=r"weight of layer 'model.layers.1.mlp.down_proj' holds"):
         session.finalize()
+
+
+def test_gradual_pruning_refuses_to_score_weights_that_diverged():
+    model = tiny_llama()
+    session = CompressionSession()
+    recipe = MagnitudePruningModifier(final_sparsity=0.5, start=0, end=4, update=1)
+    session.initialize(recipe=recipe, model=model)
+    session.event(EventType.BATCH_START, global_step=0)
+    layer = model.model.layers[0].self_attn.k_proj
+    with torch.no_grad():
+        layer.weight[3, 5] = float("inf")
+    masks = {
+        name: m.weight_mask.clone()
+        for name, m in model.named_modules()
+        if hasattr(m, "weight_mask")
+    }
+    rest_of_the_step = [
+        (EventType.LOSS_CALCULATED, {"loss": torch.tensor(1.0)}),
+        (EventType.OPTIM_PRE_STEP, {}),
+        (EventType.OPTIM_POST_STEP, {}),
+        (EventType.BATCH_END, {}),
+        (EventType.BATCH_START, {}),  # the next update of the schedule is due by here
+    ]
+    with pytest.raises(
+        ValueError, match=r"weight of layer 'model.layers.0.self_attn.k_proj' holds"
+    ):
+        for event, kwargs in rest_of_the_step:
+            step = 1 if event == EventType.BATCH_START else 0
+            session.event(event, global_step=step, **kwargs)
+    for name, mask in masks.items():  # no mask was changed
+        assert torch.equal(model.get_submodule(name).weight_mask, mask)
 
 
 # ------------------------------------------------------------ tied embeddings

@@ -12,6 +12,7 @@ from torch.nn.utils import parametrize
 from lightning_compress.core.events import Event, EventType
 from lightning_compress.core.state import State
 from lightning_compress.modifiers.base import UNTIL_END, Modifier
+from lightning_compress.modifiers.layerwise import check_finite_weights
 from lightning_compress.modifiers.pruning.masks import like_weight
 from lightning_compress.modifiers.pruning.schedule import INDEX_TOLERANCE
 from lightning_compress.modifiers.tied_weights import untie_weights
@@ -40,6 +41,7 @@ class WeightMaskModifier(Modifier, register=False):
 
     def on_initialize(self, state: State, **kwargs: Any) -> None:
         self.layers_ = self.weight_layers(state.model)
+        check_finite_weights(type(self).__name__, self.layers_)
         # a mask on a tied lm_head would prune the input embedding too
         untie_weights(type(self).__name__, state.model, self.layers_, state.optimizer)
         for module in self.layers_.values():

@@ -12,6 +12,7 @@ from torch import nn
 from lightning_compress.core.events import Event, EventType
 from lightning_compress.core.state import State
 from lightning_compress.modifiers.base import UNTIL_END
+from lightning_compress.modifiers.layerwise import check_finite_weights
 from lightning_compress.modifiers.pruning.constant import WeightMaskModifier, stored_weight
 from lightning_compress.modifiers.pruning.masks import (
     MaskStructureSetting,
@@ -184,6 +185,8 @@ class MagnitudePruningModifier(WeightMaskModifier, MaskStructureSetting):
             sparsity: the target sparsity.
             step: the schedule index, for the logs.
         """
+        # Training may have diverged since initialize: NaN scores would prune at random.
+        check_finite_weights(type(self).__name__, self.layers_)
         masks = self.select_masks(
             {name: self._scores(module) for name, module in self.layers_.items()}, sparsity
         )
