@@ -21,7 +21,7 @@ import importlib
 import json
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -185,40 +185,42 @@ def _json_lines_of(path: Path, lines: Iterable[str]) -> Iterator[Item]:
 
 
 def _parquet(path: Path, whole_text: bool) -> Iterator[Item]:
-    pyarrow = _import("pyarrow", path)
     parquet = _import("pyarrow.parquet", path)
-    try:
-        batches = parquet.ParquetFile(path).iter_batches()
-    except pyarrow.ArrowException as error:
-        raise ValueError(f"dataset: {path} is not a Parquet file ({error})") from error
-    yield from _rows(path, batches)
+    yield from _rows(path, "a Parquet file", lambda: parquet.ParquetFile(path).iter_batches())
 
 
 def _arrow(path: Path, whole_text: bool) -> Iterator[Item]:
+    ipc = _import("pyarrow.ipc", path)
+    what = "an Arrow file (the IPC file or stream format that datasets.Dataset.save_to_disk writes)"
+    yield from _rows(path, what, lambda: _arrow_batches(ipc, path))
+
+
+def _arrow_batches(ipc: Any, path: Path) -> Iterator[Any]:
     pyarrow = _import("pyarrow", path)
-    _import("pyarrow.ipc", path)
     with pyarrow.memory_map(str(path)) as source:
         try:
-            reader = pyarrow.ipc.open_file(source)
-            batches = (reader.get_batch(index) for index in range(reader.num_record_batches))
-        except pyarrow.ArrowException:
+            reader = ipc.open_file(source)
+        except pyarrow.ArrowInvalid:  # no file footer: the stream format
             source.seek(0)
-            try:
-                batches = pyarrow.ipc.open_stream(source)
-            except pyarrow.ArrowException as error:
-                raise ValueError(
-                    f"dataset: {path} is not an Arrow file (the IPC file or stream format, as "
-                    f"datasets.Dataset.save_to_disk writes) ({error})"
-                ) from error
-        yield from _rows(path, batches)
+            yield from ipc.open_stream(source)
+            return
+        for index in range(reader.num_record_batches):
+            yield reader.get_batch(index)
 
 
-def _rows(path: Path, batches: Iterable[Any]) -> Iterator[Item]:
+def _rows(path: Path, what: str, batches: Callable[[], Iterable[Any]]) -> Iterator[Item]:
+    """The rows of the record ``batches`` that pyarrow reads from ``path``, as dicts."""
+    pyarrow = _import("pyarrow", path)
     index = 0
-    for batch in batches:
-        for row in batch.to_pylist():
-            yield f"{path} row {index}", row
-            index += 1
+    try:
+        for batch in batches():
+            for row in batch.to_pylist():
+                yield f"{path} row {index}", row
+                index += 1
+    except (pyarrow.ArrowException, OSError) as error:
+        raise ValueError(
+            f"dataset: {path} is not {what}, or is damaged after row {index} ({error})"
+        ) from error
 
 
 def _saved_dataset(path: Path) -> Iterator[Item]:
