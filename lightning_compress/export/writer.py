@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
+import uuid
 from pathlib import Path
 
 from safetensors.torch import save_file
@@ -113,9 +115,12 @@ def write_shards(
         else [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
     )
     weight_map = {}
+    mode = _creation_mode(directory)
     for name, keys in zip(names, shards, strict=True):
         shard = {key: tensors[key].detach().cpu().contiguous() for key in keys}
         save_file(shard, directory / name, metadata={"format": "pt"})
+        # safetensors writes a private temporary file (0600) and renames it
+        os.chmod(directory / name, mode)
         weight_map.update(dict.fromkeys(keys, name))
     if count > 1:
         index = {
@@ -124,6 +129,27 @@ def write_shards(
         }
         (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
     return names
+
+
+def _creation_mode(directory: Path) -> int:
+    """The permission bits a new file gets in ``directory`` (``0o666`` less the umask).
+
+    Read from a probe file created and removed there, so the umask is never changed (changing
+    it would race with other threads creating files).
+
+    Args:
+        directory: an existing, writable directory.
+
+    Returns:
+        The mode bits, e.g. ``0o644`` under the usual umask ``022``.
+    """
+    probe = directory / f".mode-probe-{uuid.uuid4().hex[:12]}"
+    descriptor = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        return stat.S_IMODE(os.fstat(descriptor).st_mode)
+    finally:
+        os.close(descriptor)
+        probe.unlink()
 
 
 def _plan_shards(tensors: dict[str, Tensor], max_shard_bytes: int) -> list[list[str]]:
