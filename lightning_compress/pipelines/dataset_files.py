@@ -143,7 +143,8 @@ def _existing(path: Path, given: str) -> Path:
 def _text(path: Path, whole_text: bool) -> Iterator[Item]:
     text = _read_text(path)
     if whole_text:
-        yield str(path), text
+        if text.strip():
+            yield str(path), text
         return
     for number, line in enumerate(text.splitlines(), 1):
         if line.strip():
@@ -217,7 +218,7 @@ def _rows(path: Path, what: str, batches: Callable[[], Iterable[Any]]) -> Iterat
             for row in batch.to_pylist():
                 yield f"{path} row {index}", row
                 index += 1
-    except (pyarrow.ArrowException, OSError) as error:
+    except (pyarrow.ArrowException, OSError, UnicodeDecodeError) as error:
         raise ValueError(
             f"dataset: {path} is not {what}, or is damaged after row {index} ({error})"
         ) from error
