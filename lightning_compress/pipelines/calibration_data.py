@@ -109,6 +109,10 @@ def calibration_samples(
         raise ValueError(f"max_seq_length: expected a positive int, got {max_seq_length}")
     if not isinstance(text_column, str) or not text_column:
         raise ValueError(f"text_column: expected a column name, got {text_column!r}")
+    if concatenate_data not in (None, True, False):
+        raise ValueError(
+            f"concatenate_data: expected True, False or None, got {concatenate_data!r}"
+        )
     limits = _TokenLimits.of(model) if model is not None else _TokenLimits()
     items = _items(dataset, tokenizer, max_seq_length, _Text(text_column, concatenate_data))
     samples = []

@@ -186,6 +186,19 @@ def test_concatenate_data_is_refused_for_data_that_is_no_file():
         samples([{"text": TEXTS[0]}], concatenate_data=True)
 
 
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"text_column": ""}, "text_column: expected a column name"),
+        ({"concatenate_data": "yes"}, "concatenate_data: expected True, False or None"),
+    ],
+)
+def test_bad_file_reading_settings_are_refused_naming_them(setting, message, tmp_path):
+    path = write_jsonl(tmp_path / "data.jsonl", [{"text": TEXTS[0]}])
+    with pytest.raises(ValueError, match=message):
+        samples(path, **setting)
+
+
 @pytest.fixture
 def warnings() -> Iterator[list[str]]:
     messages: list[str] = []
