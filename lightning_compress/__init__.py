@@ -1,6 +1,11 @@
 """lightning-compress: quantize, prune and distil models with PyTorch Lightning."""
 
-from lightning_compress.core import CompressionSession, active_session, create_session
+from lightning_compress.core import (
+    CompressionSession,
+    active_session,
+    create_session,
+    set_verbosity,
+)
 from lightning_compress.modifiers import Modifier, QuantizationModifier
 from lightning_compress.recipe import Recipe, RecipeError
 
@@ -8,6 +13,7 @@ __all__ = [
     "CalibrationModule",
     "Compressor",
     "CompressionSession",
+    "CompressionSummary",
     "Modifier",
     "QuantizationModifier",
     "Recipe",
@@ -18,6 +24,7 @@ __all__ = [
     "load_compressed",
     "oneshot",
     "save_compressed",
+    "set_verbosity",
 ]
 __version__ = "0.1.0"
 
@@ -26,6 +33,7 @@ __version__ = "0.1.0"
 _LAZY_NAMES = {
     "CalibrationModule": "lightning_compress.lightning",
     "Compressor": "lightning_compress.lightning",
+    "CompressionSummary": "lightning_compress.pipelines.summary",
     "compression_loss": "lightning_compress.lightning",
     "oneshot": "lightning_compress.lightning",
     "load_compressed": "lightning_compress.export",

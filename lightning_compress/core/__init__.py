@@ -17,6 +17,7 @@ from lightning_compress.core.session_functions import (
     reset_session,
 )
 from lightning_compress.core.state import Data, Hardware, ModifiedState, State
+from lightning_compress.core.verbosity import set_verbosity, verbosity
 
 __all__ = [
     "BaseLogger",
@@ -39,5 +40,7 @@ __all__ = [
     "match_named_modules",
     "model_sparsity",
     "reset_session",
+    "set_verbosity",
     "should_log_model_info",
+    "verbosity",
 ]

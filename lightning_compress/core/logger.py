@@ -7,6 +7,8 @@ from typing import Any
 
 from loguru import logger
 
+from lightning_compress.core.verbosity import shows_details
+
 __all__ = ["BaseLogger", "LoggerManager", "LoguruLogger"]
 
 
@@ -63,7 +65,11 @@ class BaseLogger:
 
 
 class LoguruLogger(BaseLogger):
-    """Writes metrics to loguru at ``level`` (DEBUG by default, so runs stay quiet).
+    """Writes metrics to loguru at ``level`` (DEBUG by default).
+
+    Metrics below INFO are per-layer detail: they are written only at the ``debug``
+    verbosity (``lightning_compress.set_verbosity("debug")``), so that loguru's default
+    sink, which shows DEBUG, does not print one line per layer.
 
     Args:
         name: a name for the logger.
@@ -76,13 +82,18 @@ class LoguruLogger(BaseLogger):
         self.level = level
 
     def log_hyperparams(self, params: dict[str, Any]) -> None:
-        logger.log(self.level, "hyperparams: {}", params)
+        self._log("hyperparams: {}", params)
 
     def log_scalar(self, tag: str, value: float, step: float | None = None) -> None:
-        logger.log(self.level, "{} = {} (step {})", tag, _as_float(value), step)
+        self._log("{} = {} (step {})", tag, _as_float(value), step)
 
     def log_string(self, tag: str, string: str, step: float | None = None) -> None:
-        logger.log(self.level, "{}: {} (step {})", tag, string, step)
+        self._log("{}: {} (step {})", tag, string, step)
+
+    def _log(self, message: str, *args: Any) -> None:
+        if logger.level(self.level).no < _INFO and not shows_details():
+            return
+        logger.opt(depth=1).log(self.level, message, *args)
 
 
 class LoggerManager:
@@ -189,6 +200,9 @@ class LoggerManager:
         """Log text to every enabled logger."""
         for item in self._enabled():
             item.log_string(tag, string, step)
+
+
+_INFO = logger.level("INFO").no
 
 
 def _as_float(value: Any) -> float:

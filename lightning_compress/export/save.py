@@ -37,6 +37,7 @@ def save_compressed(
     overwrite: bool = False,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     pack_asymmetric: bool = False,
+    progress: bool = True,
 ) -> Path:
     """Saves a compressed model in the compressed-tensors format transformers and vLLM load.
 
@@ -74,6 +75,8 @@ def save_compressed(
         max_shard_bytes: the largest safetensors file.
         pack_asymmetric: store asymmetric int weights ``pack-quantized`` (what vLLM and
             ``load_compressed`` read) even where the installed transformers cannot load it.
+        progress: show a progress bar over the tensors being packed and checked (on stderr,
+            when it is a terminal).
 
     Returns:
         ``output_dir`` as a Path.
@@ -99,7 +102,7 @@ def save_compressed(
     qconfig = quantization_config(model, layers, sparsity_config(model))
     if qconfig is not None:
         config["quantization_config"] = qconfig
-    tensors = compressed_state_dict(model, layers)
+    tensors = compressed_state_dict(model, layers, progress)
     recipe_text = None if recipe is None else Recipe.create_instance(recipe).yaml()
     with staged_directory(path, overwrite) as staging:
         write_shards(tensors, staging, max_shard_bytes)

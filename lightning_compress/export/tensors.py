@@ -8,6 +8,7 @@ from compressed_tensors.config import CompressionFormat
 from compressed_tensors.quantization import QuantizationScheme as CTQuantizationScheme
 from torch import Tensor, nn
 
+from lightning_compress.core.progress import progress_bar
 from lightning_compress.export.errors import ExportError
 from lightning_compress.export.layout import (
     asymmetric_int_weights,
@@ -25,7 +26,9 @@ ROUNDING_ULPS = 2
 """How far (in units of the weight dtype's epsilon, relative) a stored weight may read back."""
 
 
-def compressed_state_dict(model: nn.Module, layers: Layers) -> dict[str, Tensor]:
+def compressed_state_dict(
+    model: nn.Module, layers: Layers, progress: bool = False
+) -> dict[str, Tensor]:
     """``model``'s state dict with each quantized layer in its compressed-tensors format.
 
     Tensors shared by several names (tied embeddings) are kept once, under the first name.
@@ -33,6 +36,7 @@ def compressed_state_dict(model: nn.Module, layers: Layers) -> dict[str, Tensor]
     Args:
         model: the model.
         layers: its quantized layers with their compressed-tensors schemes.
+        progress: show a progress bar over the tensors (on stderr, when it is a terminal).
 
     Returns:
         Checkpoint names to tensors, in ``state_dict`` order.
@@ -48,7 +52,7 @@ def compressed_state_dict(model: nn.Module, layers: Layers) -> dict[str, Tensor]
             per_layer.setdefault(owner, {})[attribute] = tensor
     out: dict[str, Tensor] = {}
     seen: set[tuple[torch.device, int, torch.Size, torch.dtype]] = set()
-    for key, tensor in state.items():
+    for key, tensor in progress_bar(state.items(), "Saving tensors", len(state), progress):
         owner = key.rpartition(".")[0]
         if owner in layers:
             if owner in per_layer:  # the layer's first tensor: write all of them packed

@@ -74,6 +74,8 @@ class CalibrationModule(pl.LightningModule):
             ``PipelineOptions``).
         staged: calibrate blocks in one forward that compresses each group of layers
             when every batch reaches it (see ``PipelineOptions``).
+        progress: show a progress bar over the blocks (on rank zero, on stderr when it is a
+            terminal); None: where the Trainer shows its own progress bar.
 
     Raises:
         TypeError: if ``model`` is not a module.
@@ -95,6 +97,7 @@ class CalibrationModule(pl.LightningModule):
         offload_dir: str | Path | None = None,
         propagate_compressed: bool = True,
         staged: bool = True,
+        progress: bool | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -122,6 +125,7 @@ class CalibrationModule(pl.LightningModule):
             propagate_compressed=propagate_compressed,
             staged=staged,
         )
+        self.progress = progress
         self.block_reports: list[BlockReport] = []
         self._pipeline: CalibrationPipeline | None = None
 
@@ -147,7 +151,8 @@ class CalibrationModule(pl.LightningModule):
         """
         batches = list(batches)
         with self._aborting_on_error():
-            pipeline = self._prepare(bool(batches), self.options.device, progress=True)
+            progress = self.progress is not False
+            pipeline = self._prepare(bool(batches), self.options.device, progress=progress)
             pipeline(batches)
             self.session.finalize()
         return self.model
@@ -180,13 +185,16 @@ class CalibrationModule(pl.LightningModule):
                 "that cannot update the model's weights"
             )
         trainer = self.trainer
+        progress = self.progress
+        if progress is None:
+            progress = trainer.progress_bar_callback is not None
         if trainer.world_size > 1:
             _unshare(self.model)
         with self._aborting_on_error():
             self._pipeline = self._prepare(
                 has_data=True,
                 device=self.options.device or trainer.strategy.root_device,
-                progress=trainer.is_global_zero and trainer.progress_bar_callback is not None,
+                progress=trainer.is_global_zero and progress,
                 trainer=trainer,
             )
             self._pipeline.start()

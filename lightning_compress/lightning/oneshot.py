@@ -18,7 +18,9 @@ from torch.utils.data import DataLoader
 
 from lightning_compress.core.distributed import rank_and_world_size
 from lightning_compress.lightning.calibration import CalibrationModule
+from lightning_compress.lightning.quiet import quiet_lightning
 from lightning_compress.pipelines.calibration_data import calibration_loader, calibration_samples
+from lightning_compress.pipelines.summary import CompressionSummary
 from lightning_compress.recipe import RecipeArgsInput, RecipeInput, RecipeStageInput
 
 __all__ = ["calibration_loader", "calibration_samples", "oneshot"]
@@ -48,13 +50,16 @@ def oneshot(
     overwrite_output_dir: bool = False,
     text_column: str = "text",
     concatenate_data: bool | None = None,
+    progress: bool = True,
+    summary: CompressionSummary | None = None,
 ) -> nn.Module:
     """Compress ``model`` after training: calibrate on ``dataset`` and apply ``recipe``.
 
     The calibration runs as ``Trainer(inference_mode=False).validate(CalibrationModule)``
     (one process by default); without a dataset the recipe runs data-free, without a Trainer.
     The sequential pipeline keeps the model where it is and runs one block at a time on
-    ``device``. The model is compressed in place.
+    ``device``. The model is compressed in place. The run ends with a summary of what was
+    compressed, the size before and after and the time per phase (``CompressionSummary``).
 
     Whatever raises (the data, the model, a modifier, Ctrl-C), the model keeps no calibration
     hook and no temporary buffer, and its modes and placement are restored. The block whose
@@ -112,6 +117,14 @@ def oneshot(
         concatenate_data: for data files: True joins the records' tokens into windows of
             ``max_seq_length``; False takes one sample per record (per line of a ``.txt``);
             None windows ``.txt`` files and takes one sample per record of the others.
+        progress: show a progress bar over the calibrated blocks and one over the saved
+            tensors (on stderr, when it is a terminal). Lightning's own progress bar and its
+            informational messages are hidden during the run either way (see
+            ``lightning_compress.set_verbosity``).
+        summary: a ``CompressionSummary`` to fill in (layers compressed per scheme, ignored
+            and left out, size before and after, seconds per phase); the caller then logs
+            it, after adding what it measured around the call (loading, quality). None: one
+            is made and logged at INFO at the end of the run.
 
     Returns:
         ``model``, compressed.
@@ -139,6 +152,9 @@ def oneshot(
         from lightning_compress.export import check_output_dir, save_compressed
 
         check_output_dir(output_dir, overwrite_output_dir)
+    logs_summary = summary is None
+    summary = CompressionSummary() if summary is None else summary
+    summary.measure_before(model)
     module = CalibrationModule(
         model,
         recipe,
@@ -150,35 +166,48 @@ def oneshot(
         offload_dir=offload_dir,
         propagate_compressed=propagate_compressed,
         staged=staged,
+        progress=progress,
     )
     if dataset is None:
-        module.calibrate()
+        with summary.phase("compress"):
+            module.calibrate()
         is_global_zero = rank_and_world_size()[0] == 0
     else:
-        samples = calibration_samples(
-            dataset,
-            num_calibration_samples,
-            max_seq_length,
-            tokenizer,
-            model,
-            text_column=text_column,
-            concatenate_data=concatenate_data,
-        )
-        if trainer is None:
-            trainer = _trainer(device, devices, strategy, trainer_kwargs)
-        _refuse_spawning(trainer)
-        loader = calibration_loader(
-            samples, batch_size, _pad_id(tokenizer), shard=not _shards_itself(trainer)
-        )
-        if pipeline == "auto" and not module.needs_calibration_data:
-            logger.info("no modifier of the recipe needs calibration data: the data is not read")
-            module.calibrate()
-        else:
-            _validate(trainer, module, loader)
+        with summary.phase("data"):
+            samples = calibration_samples(
+                dataset,
+                num_calibration_samples,
+                max_seq_length,
+                tokenizer,
+                model,
+                text_column=text_column,
+                concatenate_data=concatenate_data,
+            )
+        with quiet_lightning(), summary.phase("compress"):
+            if trainer is None:
+                trainer = _trainer(device, devices, strategy, trainer_kwargs)
+            _refuse_spawning(trainer)
+            loader = calibration_loader(
+                samples, batch_size, _pad_id(tokenizer), shard=not _shards_itself(trainer)
+            )
+            if pipeline == "auto" and not module.needs_calibration_data:
+                logger.info(
+                    "no modifier of the recipe needs calibration data: the data is not read"
+                )
+                module.calibrate()
+            else:
+                _validate(trainer, module, loader)
         is_global_zero = trainer.is_global_zero
     if output_dir is not None and is_global_zero:
         recipe_text = module.session.get_serialized_recipe()
-        save_compressed(model, output_dir, tokenizer, recipe_text, overwrite_output_dir)
+        with summary.phase("save"):
+            save_compressed(
+                model, output_dir, tokenizer, recipe_text, overwrite_output_dir, progress=progress
+            )
+        summary.record_checkpoint(output_dir)
+    summary.describe(model, _ignore_patterns(module))
+    if logs_summary and is_global_zero:
+        summary.log()
     return model
 
 
@@ -193,7 +222,7 @@ def _validate(trainer: pl.Trainer, module: CalibrationModule, loader: DataLoader
         KeyboardInterrupt: after Ctrl-C, once everything is cleaned up.
     """
     try:
-        with _sigint_handler_kept():
+        with _sigint_handler_kept(), _progress_bar_hidden(trainer):
             trainer.validate(module, dataloaders=loader, verbose=False)
     except SystemExit as exit_:
         module.abort(exit_.__context__ or exit_)
@@ -219,6 +248,27 @@ def _sigint_handler_kept() -> Iterator[None]:
             signal.signal(signal.SIGINT, handler)
 
 
+@contextmanager
+def _progress_bar_hidden(trainer: pl.Trainer) -> Iterator[None]:
+    """Hides the Trainer's own progress bar (a "Validation" bar over the calibration batches)
+    inside the context: the calibration shows its own, over the blocks."""
+    bar = trainer.progress_bar_callback
+    if bar is None or bar.is_disabled:
+        yield
+        return
+    bar.disable()
+    try:
+        yield
+    finally:
+        bar.enable()
+
+
+def _ignore_patterns(module: CalibrationModule) -> list[str]:
+    """The ``ignore`` patterns of every modifier of the recipe that ran."""
+    recipe = module.session.lifecycle.recipe
+    return [pattern for item in (recipe.modifiers if recipe else []) for pattern in item.ignore]
+
+
 def _pad_id(tokenizer: Any | None) -> int:
     pad_id = getattr(tokenizer, "pad_token_id", None)
     return pad_id if isinstance(pad_id, int) else 0
@@ -238,6 +288,7 @@ def _trainer(
         "logger": False,
         "enable_checkpointing": False,
         "enable_model_summary": False,
+        "enable_progress_bar": False,
         "use_distributed_sampler": False,
     }
     if device is not None:

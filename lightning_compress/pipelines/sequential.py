@@ -7,10 +7,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from lightning_compress.core import CompressionSession, EventType
 from lightning_compress.core.distributed import check_same_on_all_ranks
+from lightning_compress.core.progress import progress_bar
 from lightning_compress.pipelines.base import (
     BlockReport,
     CalibrationPipeline,
@@ -84,7 +84,7 @@ class SequentialPipeline(CalibrationPipeline):
             self.cache.append(capture_block_inputs(self.model, self.blocks[0][1], batch))
 
     def run(self) -> None:
-        blocks = tqdm(self.blocks, desc="Calibrating blocks", disable=not self.options.progress)
+        blocks = progress_bar(self.blocks, "Calibrating blocks", enabled=self.options.progress)
         for index, (name, block) in enumerate(blocks):
             begin = time.perf_counter()
             forwards = self._calibrate(block)

@@ -7,6 +7,7 @@ import torch
 from loguru import logger
 
 from lightning_compress.core import BaseLogger, LoggerManager, LoguruLogger, model_sparsity
+from lightning_compress.core.verbosity import set_verbosity
 
 
 class Sink(BaseLogger):
@@ -56,10 +57,12 @@ def test_log_ready(current, last, frequency, cadence, ready):
 def test_loguru_logger_writes_messages():
     messages = []
     handler = logger.add(messages.append, level="DEBUG", format="{message}")
+    set_verbosity("debug")
     try:
         LoguruLogger().log_scalar("acc", 0.5, step=2)
         LoguruLogger(level="INFO").log_string("note", "hello", step=1)
     finally:
+        set_verbosity("info")
         logger.remove(handler)
     assert any("acc = 0.5 (step 2)" in m for m in messages)
     assert any("note: hello (step 1)" in m for m in messages)
