@@ -87,8 +87,9 @@ def read_items(path: Path, whole_text: bool = True) -> Iterator[Item]:
 
     Raises:
         ValueError: for an unknown suffix, a file that is not what its suffix says (not UTF-8,
-            invalid JSON, not Parquet or Arrow), a JSON value that is no record, or a file
-            with no records.
+            invalid JSON, not Parquet or Arrow), a directory that holds no saved dataset or
+            several splits, or a file with no records.
+        TypeError: for a JSON value that is neither a record nor a string.
         ImportError: if Parquet, Arrow or saved datasets are read without the ``data`` extra.
     """
     if path.is_dir():
