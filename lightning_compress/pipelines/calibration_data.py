@@ -403,8 +403,8 @@ def _windows(
         held.append(sample["input_ids"])
         ids = torch.cat(held)
         full = len(ids) // length * length
-        for window in ids[:full].split(length):
-            yield f"{name} window {index}", {"input_ids": window}
+        for start in range(0, full, length):  # not split(): an empty tensor splits into one
+            yield f"{name} window {index}", {"input_ids": ids[start : start + length]}
             index += 1
         held = [ids[full:]]
     if index == 0 and held and len(held[0]):
