@@ -1,0 +1,109 @@
+"""CompressionSummary: scheme labels, sizes, coverage and phases of a compression run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import TwoLayer
+from torch import nn
+
+from lightning_compress.modifiers.quantization.args import (
+    PRESET_SCHEMES,
+    QuantizationArgs,
+    QuantizationScheme,
+    preset_scheme,
+)
+from lightning_compress.pipelines.summary import (
+    CompressionSummary,
+    parameter_bytes,
+    scheme_label,
+)
+
+
+@pytest.mark.parametrize("name", sorted(PRESET_SCHEMES))
+def test_a_preset_scheme_is_labelled_with_its_name(name):
+    assert scheme_label(preset_scheme(name, ["Linear"])).startswith(f"{name} (")
+
+
+def test_scheme_labels_say_bits_groups_symmetry_and_activations():
+    assert scheme_label(preset_scheme("W4A16", ["Linear"])) == "W4A16 (int4 g128)"
+    assert scheme_label(preset_scheme("W4A16_ASYM", ["Linear"])) == "W4A16_ASYM (int4 asym g128)"
+    assert (
+        scheme_label(preset_scheme("W8A8", ["Linear"]))
+        == "W8A8 (int8 per-channel, act int8 per-token dynamic)"
+    )
+    custom = QuantizationScheme(
+        ["Linear"], QuantizationArgs(num_bits=3, strategy="group", group_size=32), None
+    )
+    assert scheme_label(custom) == "W3A16 (int3 g32)"
+
+
+def test_parameter_bytes_count_tied_weights_once_in_their_dtype():
+    embedding = nn.Embedding(10, 4)
+    head = nn.Linear(4, 10, bias=False)
+    head.weight = embedding.weight
+    model = nn.Sequential(embedding, head).to(torch.bfloat16)
+    assert parameter_bytes(model) == (10 * 4 * 2, "bfloat16")
+
+
+def test_the_summary_sorts_linear_layers_into_quantized_sparse_ignored_and_left_out():
+    torch.manual_seed(0)
+    model = TwoLayer()
+    model.fc1.quantization_scheme = preset_scheme("W8A16", ["fc1"])
+    with torch.no_grad():
+        model.fc2.weight.view(-1, 4)[:, :2] = 0  # 2 of every 4 zero: 2:4 sparse
+    summary = CompressionSummary()
+    summary.describe(model)
+    assert summary.quantized == {"fc1": "W8A16 (int8 per-channel)"}
+    assert summary.sparse == {"fc2": "2:4 sparse"}
+    assert summary.schemes == {"W8A16 (int8 per-channel)": 1, "2:4 sparse": 1}
+    assert (summary.ignored, summary.left_out, summary.linear_layers) == ([], [], 2)
+
+    plain = TwoLayer()
+    summary.describe(plain, ignore=["fc2"])
+    assert (summary.quantized, summary.sparse) == ({}, {})
+    assert (summary.ignored, summary.left_out) == (["fc2"], ["fc1"])
+    text = summary.format()
+    assert "ignored: 1 (fc2)" in text
+    assert "left out (neither compressed nor ignored): 1 (fc1)" in text
+
+
+def test_many_left_out_layers_are_counted_with_a_few_named():
+    model = nn.Sequential(*(nn.Linear(2, 2) for _ in range(12)))
+    summary = CompressionSummary()
+    summary.describe(model)
+    assert "left out (neither compressed nor ignored): 12 (e.g. 0, 1, 2)" in summary.format()
+
+
+def test_the_size_line_compares_parameter_bytes_with_the_saved_files(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"x" * 2500)
+    (tmp_path / "config.json").write_text("{}")
+    summary = CompressionSummary(size_before=10_000, dtype="float32")
+    assert "size: 10.0 KB of float32 parameters (not saved)" in summary.format()
+    summary.record_checkpoint(tmp_path)
+    assert summary.size_after == 2500
+    assert (
+        f"size: 10.0 KB of float32 parameters -> 2.5 KB of safetensors files in {tmp_path}, "
+        "4.00x smaller"
+    ) in summary.format()
+
+
+def test_phases_add_up_their_seconds_even_when_they_fail():
+    summary = CompressionSummary()
+    with summary.phase("compress"):
+        pass
+    first = summary.phases["compress"]
+    with pytest.raises(RuntimeError), summary.phase("compress"):
+        raise RuntimeError("boom")
+    assert summary.phases["compress"] >= first >= 0
+    assert list(summary.phases) == ["compress"]
+    assert "time: compress" in summary.format()
+
+
+def test_quality_before_and_after_with_the_relative_change():
+    summary = CompressionSummary()
+    assert "perplexity" not in summary.format()
+    summary.set_quality("perplexity", 10.0, 10.5)
+    assert "perplexity: 10 before -> 10.5 after (+5.0%)" in summary.format()
+    summary.set_quality("perplexity", 10.0, None)
+    assert "perplexity: 10 before -> n/a after" in summary.format()
