@@ -76,7 +76,7 @@ def written_layout(
     Returns:
         The layout of the stored tensors.
     """
-    return _layout(tuple(shape), bias, dtype, scheme.model_dump_json(), "cpu")
+    return _layout(tuple(shape), bias, dtype, _cache_key(scheme), "cpu")
 
 
 def prepared_layout(
@@ -93,7 +93,7 @@ def prepared_layout(
     Returns:
         The layout of the tensors the loading model holds for the layer.
     """
-    return _layout(tuple(shape), bias, dtype, scheme.model_dump_json(), "meta")
+    return _layout(tuple(shape), bias, dtype, _cache_key(scheme), "meta")
 
 
 def differences(found: Layout, expected: Layout) -> list[str]:
@@ -119,6 +119,12 @@ def differences(found: Layout, expected: Layout) -> list[str]:
                 f"{name} is {_describe(shape, dtype)}, expected {_describe(want_shape, want_dtype)}"
             )
     return missing + extra + sorted(changed)
+
+
+def _cache_key(scheme: CTQuantizationScheme) -> str:
+    """The scheme as JSON without its targets, which do not change the layout: layers of one
+    shape and scheme share one computed layout."""
+    return scheme.model_copy(update={"targets": []}).model_dump_json()
 
 
 @lru_cache(maxsize=256)

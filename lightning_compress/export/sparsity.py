@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from compressed_tensors.config import CompressionFormat, DenseSparsityConfig, SparsityStructure
 from torch import nn
 
@@ -34,7 +35,9 @@ def sparsity_config(model: nn.Module) -> dict[str, Any] | None:
         for name, module in model.named_modules()
         if isinstance(module, nn.Linear)
     }
-    zeros = {name: int((weight == 0).sum()) for name, weight in linears.items()}
+    zeros = {
+        name: weight.numel() - int(torch.count_nonzero(weight)) for name, weight in linears.items()
+    }
     sparse = [
         name
         for name, weight in linears.items()

@@ -1,0 +1,83 @@
+"""What ``save_compressed`` checks, kept while it got faster: every layer reads back within its
+guarantee, the layouts are computed once per shape, pruned layers are found by their zeros."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_compress.export import ExportError, save_compressed
+from lightning_compress.export.layout import _layout
+from lightning_compress.export.schemes import quantized_layers
+from lightning_compress.export.sparsity import sparsity_config
+from lightning_compress.export.tensors import reads_back
+
+SEED = 20261206
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("ulps", [0.0, 0.5, 1.0, 1.9, 2.1, 4.0, 100.0])
+def test_reads_back_agrees_with_allclose_in_float32(dtype, ulps):
+    generator = torch.Generator().manual_seed(SEED)
+    eps = torch.finfo(dtype).eps
+    original = torch.randn(64, 48, generator=generator).to(dtype)
+    original[0, :4] = 0.0
+    noise = torch.rand(original.shape, generator=generator) * 2 - 1
+    restored = (original.float() * (1 + ulps * eps * noise)).to(dtype)
+    for rtol in (eps, 2 * eps):
+        expected = torch.allclose(restored.float(), original.float(), rtol=rtol, atol=0.0)
+        assert reads_back(restored, original, rtol) == expected
+        assert reads_back(restored.float(), original, rtol) == expected
+
+
+def test_a_nan_never_reads_back():
+    original = torch.ones(4, 4, dtype=torch.bfloat16)
+    original[1, 2] = float("nan")
+    assert not reads_back(original.clone(), original, 1.0)
+    assert not reads_back(original.float(), original, 1.0)
+
+
+@pytest.mark.parametrize("case", range(4))
+def test_a_weight_moved_off_its_grid_anywhere_is_refused_naming_its_layer(
+    case, compressed, tmp_path
+):
+    rng = random.Random(SEED + case)
+    model = compressed("llama", "W4A16")
+    layers = list(quantized_layers(model))
+    name = rng.choice(layers)
+    layer = model.get_submodule(name)
+    row, column = rng.randrange(layer.weight.shape[0]), rng.randrange(layer.weight.shape[1])
+    scale = float(layer.weight_scale[row, column // layer.quantization_scheme.weights.group_size])
+    with torch.no_grad():
+        layer.weight[row, column] += scale / 2  # halfway to the next grid point
+    with pytest.raises(ExportError, match=rf"layer '{name}' would be stored with a different"):
+        save_compressed(model, tmp_path / "checkpoint")
+    assert not (tmp_path / "checkpoint").exists()
+
+
+def test_layouts_are_computed_once_per_layer_shape_not_per_layer(compressed):
+    model = compressed("llama", "W4A16")
+    _layout.cache_clear()
+    layers = quantized_layers(model)
+    shapes = {tuple(module.weight.shape) for module, _ in layers.values()}
+    assert len(layers) > len(shapes)
+    # what compressed-tensors writes and what transformers prepares, once per shape
+    assert _layout.cache_info().misses == 2 * len(shapes)
+
+
+def test_layers_pruned_by_a_mask_with_negative_zeros_are_found():
+    torch.manual_seed(SEED)
+    model = nn.Sequential(nn.Linear(16, 8), nn.Linear(8, 8))
+    with torch.no_grad():
+        weight = model[0].weight
+        weight.copy_(-weight.abs() - 0.1)
+        weight.mul_((torch.arange(16) % 4 < 2).float())  # -w * 0 is -0.0
+    assert torch.signbit(weight[0, 3]) and weight[0, 3] == 0
+    config = sparsity_config(model)
+    assert config is not None
+    assert config["sparsity_structure"] == "2:4"
+    assert config["ignore"] == ["1"]
+    assert config["global_sparsity"] == pytest.approx(64 / (128 + 64))
