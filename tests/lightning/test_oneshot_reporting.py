@@ -271,3 +271,34 @@ def test_a_summary_passed_in_is_filled_and_left_to_the_caller_to_log(console):
     summary.set_quality("perplexity", VOCAB, VOCAB)
     summary.log()
     assert "perplexity: 128 before -> 128 after (+0.0%)" in "\n".join(console)
+
+
+class MetricsLogger(pl.loggers.Logger):
+    """A Trainer logger that keeps what it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.metrics: dict[str, float] = {}
+
+    @property
+    def name(self) -> str:
+        return "metrics"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.metrics.update(metrics)
+
+    def log_hyperparams(self, params: object, *args: object, **kwargs: object) -> None:
+        pass
+
+
+def test_layer_metrics_reach_the_trainers_loggers_while_the_console_stays_quiet(console):
+    metrics = MetricsLogger()
+    trainer = pl.Trainer(accelerator="cpu", inference_mode=False, logger=metrics)
+    recipe = GPTQModifier(scheme="W8A16", ignore=["lm_head"])
+    oneshot(tiny_model("llama"), recipe, token_ids(), 8, trainer=trainer)
+    assert "compression/QuantizationError/model.layers.1.mlp.down_proj" in metrics.metrics
+    assert not any("QuantizationError/" in line for line in console)
