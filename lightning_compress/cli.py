@@ -1,17 +1,108 @@
-"""The ``lightning-compress`` command."""
+"""The ``lightning-compress`` command: ``compress``, ``evaluate``, ``quickstart`` and training."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
-from loguru import logger
+from lightning_compress.cli_options import apply_verbosity
 
-__all__ = ["main"]
+__all__ = ["COMMANDS", "build_parser", "main"]
 
 # LightningCLI's subcommands, handled by ``lightning_compress.lightning.cli``.
-TRAINER_COMMANDS = ("fit", "validate", "test", "predict", "compress")
+TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
+COMMANDS = {
+    "compress": "compress a model (a local transformers checkpoint or the bundled one) with a "
+    "recipe, one-shot, and save it for transformers and vLLM",
+    "evaluate": "perplexity on a data file, and lm-evaluation-harness tasks, of any model, "
+    "compressed or not",
+    "quickstart": "compress the bundled model with several recipes and compare perplexities",
+    "fit": "train with compression (LightningCLI; add a Compressor to trainer.callbacks)",
+    "validate": "validate a model (LightningCLI)",
+    "test": "test a model (LightningCLI)",
+    "predict": "predict with a model (LightningCLI)",
+}
+VERBOSE = "--verbose"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser: every subcommand, and the ``quickstart`` command's options.
+
+    ``compress``, ``evaluate`` and the training commands parse their own options (run
+    ``lightning-compress COMMAND --help``).
+
+    Returns:
+        The parser with its subcommands.
+    """
+    parser = argparse.ArgumentParser(
+        prog="lightning-compress",
+        description="Quantize, prune and distil models with PyTorch Lightning. "
+        "Run 'lightning-compress COMMAND --help' for a command's options.",
+    )
+    parser.add_argument(VERBOSE, action="store_true", help="show the library's log")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, summary in COMMANDS.items():
+        if name != "quickstart":
+            commands.add_parser(name, help=summary, add_help=False)
+    quickstart = commands.add_parser(
+        "quickstart", help=COMMANDS["quickstart"], description=COMMANDS["quickstart"]
+    )
+    quickstart.add_argument(
+        "--recipe",
+        action="append",
+        help="a recipe file to run (repeatable; calibrated recipes calibrate on the bundled "
+        "text); default: RTN presets",
+    )
+    quickstart.add_argument("--windows", type=int, default=16, help="evaluation windows")
+    quickstart.add_argument(VERBOSE, action="store_true", help="show the library's log")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the command line.
+
+    ``--verbose`` may come before or after the subcommand.
+
+    Args:
+        argv: the arguments; ``sys.argv[1:]`` when None.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    verbose = False
+    while args and args[0] == VERBOSE:
+        verbose = True
+        args.pop(0)
+    command = args[0] if args else None
+    runners: dict[str, Callable[[list[str], bool], None]] = {
+        "compress": _compress,
+        "evaluate": _evaluate,
+    }
+    if command in runners:
+        runners[command](args[1:], verbose)
+        return
+    if command in TRAINER_COMMANDS:
+        from lightning_compress.lightning.cli import run_cli
+
+        rest = [arg for arg in args[1:] if arg != VERBOSE]
+        apply_verbosity(verbose or len(rest) < len(args) - 1)
+        run_cli([command, *rest])
+        return
+    parsed = build_parser().parse_args(args)
+    apply_verbosity(verbose or parsed.verbose)
+    _quickstart(parsed)
+
+
+def _compress(args: list[str], verbose: bool) -> None:
+    from lightning_compress.lightning.compress_command import run_compress
+
+    run_compress(args, verbose)
+
+
+def _evaluate(args: list[str], verbose: bool) -> None:
+    from lightning_compress.evaluate_command import run_evaluate
+
+    run_evaluate(args, verbose)
 
 
 def _quickstart(args: argparse.Namespace) -> None:
@@ -24,55 +115,3 @@ def _quickstart(args: argparse.Namespace) -> None:
         f"of Persuasion (never seen in training):\n"
     )
     print(format_table(rows))
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The command-line parser.
-
-    Returns:
-        The parser with its subcommands.
-    """
-    parser = argparse.ArgumentParser(
-        prog="lightning-compress",
-        description="Compress models. Also: lightning-compress compress --config CONFIG.yaml "
-        "[--output_dir DIR] (one-shot compression, saved as a checkpoint transformers and vLLM "
-        "load) and lightning-compress {fit,validate,test,predict} --config CONFIG.yaml "
-        "(training); both are LightningCLI with the bundled model as default.",
-    )
-    parser.add_argument("--verbose", action="store_true", help="show the library's log")
-    commands = parser.add_subparsers(dest="command", required=True)
-    quickstart = commands.add_parser(
-        "quickstart", help="compress the bundled model and compare perplexities"
-    )
-    quickstart.add_argument(
-        "--recipe", action="append", help="a recipe file to run (repeatable); default: RTN presets"
-    )
-    quickstart.add_argument("--windows", type=int, default=16, help="evaluation windows")
-    quickstart.set_defaults(run=_quickstart)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Run the command line.
-
-    Args:
-        argv: the arguments; ``sys.argv[1:]`` when None.
-    """
-    given = argv
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in TRAINER_COMMANDS:
-        from lightning_compress.lightning.cli import run_cli
-
-        _show_warnings_only()
-        run_cli(given)  # None: LightningCLI reads sys.argv itself (no "args and argv" warning)
-        return
-    args = build_parser().parse_args(argv)
-    if not args.verbose:
-        _show_warnings_only()
-    args.run(args)
-
-
-def _show_warnings_only() -> None:
-    """Keep the library's log to warnings and errors (its metrics go to DEBUG)."""
-    logger.remove()
-    logger.add(lambda message: print(message, end=""), level="WARNING")

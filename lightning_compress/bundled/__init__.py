@@ -1,6 +1,6 @@
 """A small pretrained Llama-style model, its byte tokenizer and text, for quickstarts and tests."""
 
-from lightning_compress.bundled.evaluate import perplexity
+from lightning_compress.bundled.evaluate import causal_lm_logits, perplexity
 from lightning_compress.bundled.loading import (
     bundled_text,
     load_bundled_model,
@@ -18,6 +18,7 @@ __all__ = [
     "TinyDecoder",
     "TinyDecoderConfig",
     "bundled_text",
+    "causal_lm_logits",
     "load_bundled_model",
     "load_tokenizer",
     "perplexity",

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
 from lightning_compress.bundled.evaluate import perplexity
 from lightning_compress.bundled.loading import (
@@ -15,7 +16,7 @@ from lightning_compress.bundled.loading import (
     load_tokenizer,
     token_windows,
 )
-from lightning_compress.core import CompressionSession
+from lightning_compress.lightning.oneshot import oneshot
 from lightning_compress.modifiers import QuantizationModifier
 
 __all__ = ["DEFAULT_RECIPES", "QuickstartRow", "format_table", "run_quickstart"]
@@ -34,7 +35,8 @@ class QuickstartRow:
         name: the recipe's label.
         perplexity: held-out perplexity after compression.
         seconds: time spent compressing.
-        weight_error: mean relative weight error over the quantized layers (None for FP).
+        weight_error: mean relative weight error over the layers the recipe changed (None
+            for FP).
     """
 
     name: str
@@ -44,14 +46,22 @@ class QuickstartRow:
 
 
 def run_quickstart(
-    recipes: dict[str, Any] | None = None, num_windows: int = 16, seq_len: int = 256
+    recipes: dict[str, Any] | None = None,
+    num_windows: int = 16,
+    seq_len: int = 256,
+    num_calibration_samples: int = 32,
 ) -> list[QuickstartRow]:
     """Compress a fresh copy of the bundled model with each recipe and measure it.
+
+    Each recipe runs through ``oneshot``: calibrated recipes (GPTQ, SparseGPT, AWQ, ...) on
+    windows of the bundled calibration text, data-free ones (weight-only RTN) without reading
+    it.
 
     Args:
         recipes: label → recipe (path, YAML text, dict or modifiers); the defaults when None.
         num_windows: evaluation windows of held-out text.
         seq_len: tokens per window.
+        num_calibration_samples: calibration windows of ``seq_len`` tokens.
 
     Returns:
         The FP baseline first, then one row per recipe.
@@ -59,24 +69,41 @@ def run_quickstart(
     torch.manual_seed(0)
     tokenizer = load_tokenizer()
     windows = token_windows(bundled_text("evaluation"), tokenizer, seq_len, num_windows)
+    calibration = token_windows(
+        bundled_text("calibration"), tokenizer, seq_len, num_calibration_samples
+    )
     rows = [
         QuickstartRow("FP32 (bundled model)", perplexity(load_bundled_model(), windows), 0, None)
     ]
     for name, recipe in (recipes or DEFAULT_RECIPES).items():
         model = load_bundled_model()
+        original = _linear_weights(model)
         begin = time.perf_counter()
-        session = CompressionSession()
-        session.initialize(recipe=recipe, model=model)
-        session.finalize()
+        oneshot(model, recipe, calibration, num_calibration_samples=None, max_seq_length=seq_len)
         seconds = time.perf_counter() - begin
-        errors = [
-            value
-            for modifier in session.lifecycle.recipe.modifiers
-            for value in getattr(modifier, "layer_errors", {}).values()
-        ]
-        error = sum(errors) / len(errors) if errors else None
+        error = _mean_weight_error(original, _linear_weights(model))
         rows.append(QuickstartRow(name, perplexity(model, windows), seconds, error))
     return rows
+
+
+def _linear_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {
+        name: module.weight.detach().clone()
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear)
+    }
+
+
+def _mean_weight_error(
+    original: dict[str, torch.Tensor], compressed: dict[str, torch.Tensor]
+) -> float | None:
+    """Mean of ``||W - W'|| / ||W||`` over the layers the recipe changed; None if none."""
+    errors = [
+        float((weight - compressed[name]).norm() / weight.norm().clamp_min(1e-12))
+        for name, weight in original.items()
+        if not torch.equal(weight, compressed[name])
+    ]
+    return sum(errors) / len(errors) if errors else None
 
 
 def format_table(rows: list[QuickstartRow]) -> str:

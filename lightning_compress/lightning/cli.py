@@ -1,41 +1,39 @@
-"""LightningCLI for compression: ``lightning-compress {fit,validate,test,predict,compress}``."""
+"""LightningCLI for training with compression: ``lightning-compress {fit,validate,test,predict}``.
+
+One-shot compression from the command line is ``lightning-compress compress``
+(``lightning_compress.lightning.compress_command``).
+"""
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningCLI
 from torch import nn
 
 from lightning_compress.bundled import (
     TinyDecoder,
     bundled_text,
     load_tokenizer,
-    perplexity,
     token_windows,
 )
 from lightning_compress.lightning.language_model import CausalLMModule
 from lightning_compress.lightning.oneshot import oneshot
 
-__all__ = ["CompressionCLI", "CompressionTrainer", "language_model", "run_cli"]
+__all__ = [
+    "LIGHTNING_COMMANDS",
+    "CompressionCLI",
+    "CompressionTrainer",
+    "language_model",
+    "run_cli",
+]
 
-COMPRESS = "compress"
-# Calibration statistics must not become inference tensors; calibration shards its own data.
-COMPRESS_TRAINER_DEFAULTS = {
-    "inference_mode": False,
-    "use_distributed_sampler": False,
-    "logger": False,
-    "enable_checkpointing": False,
-    "enable_model_summary": False,
-}
-EVALUATION_WINDOWS = 16
-EVALUATION_SEQ_LEN = 256
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 
 class CompressionTrainer(pl.Trainer):
-    """A Trainer with a ``compress`` method, the ``compress`` subcommand of the CLI."""
+    """A Trainer with a ``compress`` method: one-shot compression after ``fit`` in Python."""
 
     def compress(
         self,
@@ -123,31 +121,11 @@ class CompressionTrainer(pl.Trainer):
 
 
 class CompressionCLI(LightningCLI):
-    """LightningCLI with a ``compress`` subcommand; prints the bundled model's perplexity."""
-
-    perplexity_before: float | None = None
-
-    @staticmethod
-    def subcommands() -> dict[str, set[str]]:
-        return {**LightningCLI.subcommands(), COMPRESS: {"model", "datamodule"}}
+    """LightningCLI whose model defaults to ``CausalLMModule`` (the bundled LM)."""
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         class_path = f"{CausalLMModule.__module__}.{CausalLMModule.__qualname__}"
         parser.set_defaults({"model": {"class_path": class_path}})
-
-    def before_compress(self) -> None:
-        self.perplexity_before = _bundled_perplexity(self.trainer, self.model)
-
-    def after_compress(self) -> None:
-        after = _bundled_perplexity(self.trainer, self.model)
-        output_dir = self.config[COMPRESS].get("output_dir")
-        if output_dir is not None and self.trainer.is_global_zero:
-            print(f"Saved the compressed model to {output_dir} (compressed-tensors format)")
-        if after is not None:
-            print(
-                f"Perplexity on {EVALUATION_WINDOWS} windows of the bundled evaluation text: "
-                f"{self.perplexity_before:.3f} before compression, {after:.3f} after"
-            )
 
 
 def language_model(model: nn.Module) -> nn.Module:
@@ -162,41 +140,25 @@ def language_model(model: nn.Module) -> nn.Module:
     return model.model if isinstance(model, CausalLMModule) else model
 
 
-def _bundled_perplexity(trainer: pl.Trainer, model: nn.Module) -> float | None:
-    model = language_model(model)
-    if not isinstance(model, TinyDecoder) or not trainer.is_global_zero:
-        return None
-    seq_len = min(EVALUATION_SEQ_LEN, model.config.max_seq_len)
-    windows = token_windows(
-        bundled_text("evaluation"), load_tokenizer(), seq_len, EVALUATION_WINDOWS
-    )
-    return perplexity(model, windows)
-
-
 def run_cli(args: list[str] | None = None) -> LightningCLI:
     """Run the LightningCLI; the model defaults to the bundled LM.
 
     ``fit``/``validate``/``test``/``predict`` train and evaluate (add
-    ``lightning_compress.Compressor`` under ``trainer.callbacks`` to compress while training);
-    ``compress`` compresses after training (``CompressionTrainer.compress``), calibrating on
-    the bundled text unless ``data`` is set.
+    ``lightning_compress.Compressor`` under ``trainer.callbacks`` to compress while training).
 
     Args:
-        args: e.g. ``["compress", "--config", "configs/compress/w4a16_rtn_bundled.yaml"]``.
+        args: e.g. ``["fit", "--config", "configs/train/gradual_pruning.yaml"]``; None:
+            ``sys.argv[1:]``.
 
     Returns:
         The CLI object (its ``trainer`` and ``model`` hold the results).
     """
-    argv = sys.argv[1:] if args is None else args
-    compress = bool(argv) and argv[0] == COMPRESS
     return CompressionCLI(
         CausalLMModule,
-        None,  # any LightningDataModule; optional, since compress defaults to the bundled text
+        None,  # any LightningDataModule
         subclass_mode_model=True,
         subclass_mode_data=True,
         trainer_class=CompressionTrainer,
-        trainer_defaults=COMPRESS_TRAINER_DEFAULTS if compress else None,
-        save_config_callback=None if compress else SaveConfigCallback,
         args=args,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,

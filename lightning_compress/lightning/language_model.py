@@ -12,6 +12,7 @@ from torchmetrics.text import Perplexity
 
 from lightning_compress.bundled import (
     bundled_text,
+    causal_lm_logits,
     load_bundled_model,
     load_tokenizer,
     token_windows,
@@ -19,20 +20,6 @@ from lightning_compress.bundled import (
 from lightning_compress.lightning.compressor import check_compressor_resume
 
 __all__ = ["BundledTextDataModule", "CausalLMModule", "causal_lm_logits"]
-
-
-def causal_lm_logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    """Logits of a causal LM, whether it returns a tensor or a Hugging Face output.
-
-    Args:
-        model: the language model.
-        input_ids: token ids ``[batch, seq]``.
-
-    Returns:
-        Logits ``[batch, seq, vocab]``.
-    """
-    output = model(input_ids)
-    return output if isinstance(output, torch.Tensor) else output.logits
 
 
 class CausalLMModule(pl.LightningModule):

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 from lightning_compress.bundled.quickstart import QuickstartRow, format_table, run_quickstart
 from lightning_compress.cli import main
+
+CONFIGS = Path(__file__).parents[2] / "configs" / "recipes"
 
 
 def test_quickstart_rows_are_measured():
@@ -35,3 +38,15 @@ def test_recipe_files_from_the_command_line(capsys, tmp_path):
 def test_table_shows_change_against_the_baseline():
     table = format_table([QuickstartRow("a", 4.0, 0, None), QuickstartRow("b", 5.0, 1.5, 0.25)])
     assert "| b | 5.000 | +25.00% | 0.2500 | 1.50 |" in table
+
+
+def test_calibrated_recipes_run_in_the_quickstart():
+    recipes = {
+        name: CONFIGS / f"{name}.yaml" for name in ("gptq_w4a16_g64", "w4a16_rtn", "sparsegpt_50")
+    }
+    rows = run_quickstart(recipes, num_windows=1, num_calibration_samples=2)
+    by_name = {row.name: row for row in rows}
+    assert all(math.isfinite(row.perplexity) for row in rows)
+    assert by_name["gptq_w4a16_g64"].weight_error > 0
+    # SparseGPT zeroes half of each layer's weights: the relative error is well above rounding's
+    assert by_name["sparsegpt_50"].weight_error > 2 * by_name["w4a16_rtn"].weight_error

@@ -10,7 +10,7 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lightning_compress.export import ExportError
-from lightning_compress.lightning.cli import run_cli
+from lightning_compress.lightning.compress_command import run_compress
 from lightning_compress.lightning.oneshot import oneshot
 from lightning_compress.recipe import Recipe
 
@@ -77,7 +77,7 @@ def test_the_compress_command_ends_in_a_served_format_checkpoint(tmp_path, capsy
     path.write_text(yaml.safe_dump(config))
     output_dir = tmp_path / "tiny-w4a16"
 
-    cli = run_cli(["compress", "--config", str(path), "--output_dir", str(output_dir)])
+    compressed = run_compress(["--config", str(path), "--output_dir", str(output_dir)])
 
     assert f"Saved the compressed model to {output_dir}" in capsys.readouterr().out
     assert {"config.json", "model.safetensors", "recipe.yaml", "tokenizer.json"} <= {
@@ -85,6 +85,6 @@ def test_the_compress_command_ends_in_a_served_format_checkpoint(tmp_path, capsy
     }
     probe = AutoTokenizer.from_pretrained(output_dir)("It is a truth", return_tensors="pt")
     with torch.no_grad():
-        expected = cli.model.model(probe["input_ids"])
+        expected = compressed(probe["input_ids"])
         loaded = AutoModelForCausalLM.from_pretrained(output_dir)(probe["input_ids"]).logits
     torch.testing.assert_close(loaded, expected, rtol=1e-5, atol=1e-5)

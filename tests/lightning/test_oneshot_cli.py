@@ -57,7 +57,7 @@ def test_the_shipped_config_parses(capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     modifier = printed["recipe"]["quant_stage"]["quant_modifiers"]["QuantizationModifier"]
     assert modifier["scheme"] == "W4A16"
-    assert printed["trainer"]["inference_mode"] is False
+    assert printed["max_seq_length"] == 256 and printed["trainer"]["accelerator"] == "cpu"
 
 
 @pytest.mark.skipif(

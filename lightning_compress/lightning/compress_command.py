@@ -1,0 +1,238 @@
+"""``lightning-compress compress``: one-shot compression of a checkpoint, from flags or YAML."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+from jsonargparse import ArgumentParser, Namespace
+from torch import nn
+
+from lightning_compress.bundled import TinyDecoder, bundled_text, load_tokenizer, perplexity
+from lightning_compress.cli_options import (
+    add_flag,
+    add_model_options,
+    apply_verbosity,
+    command_parser,
+)
+from lightning_compress.evaluate import evaluation_samples
+from lightning_compress.lightning.cli import language_model
+from lightning_compress.lightning.oneshot import oneshot
+from lightning_compress.pipelines.calibration_data import Sample
+from lightning_compress.pretrained import default_seq_length, load_pretrained, torch_dtype
+
+__all__ = ["compress_parser", "run_compress"]
+
+PROG = "lightning-compress compress"
+USAGE = (
+    f"{PROG} --recipe RECIPE [--model CHECKPOINT_DIR] [--dataset FILE] [--text_column NAME] "
+    f"[--eval_dataset FILE] [--output_dir DIR] [--overwrite_output_dir] [--config YAML] "
+    f"[options] [--trainer.* ...]"
+)
+BUNDLED_EVALUATION_SEQ_LEN = 256
+
+
+def compress_parser() -> ArgumentParser:
+    """The ``compress`` command's parser: compression options first, the Trainer's last.
+
+    Returns:
+        The parser.
+    """
+    parser = command_parser(
+        PROG,
+        USAGE,
+        "Compress a causal LM after training (one-shot, calibrated where the recipe needs it) "
+        "and save it as a compressed-tensors checkpoint that transformers and vLLM load. "
+        "Every option is also a key of a --config YAML file.",
+    )
+    add_model_options(parser, modules=True)
+    parser.add_argument(
+        "--recipe", type=Any, required=True, help="a recipe file, or the recipe (YAML/mapping)"
+    )
+    parser.add_argument(
+        "--recipe_stage", type=str | list[str] | None, default=None, help="the stage(s) to run"
+    )
+    parser.add_argument(
+        "--recipe_args", type=dict | None, default=None, help="values for ${args.name}"
+    )
+    parser.add_argument(
+        "--dataset",
+        type=str | None,
+        default=None,
+        help="calibration data: a .txt, .json, .jsonl, .parquet or .arrow file, or a "
+        "datasets.save_to_disk directory; default: the bundled calibration text",
+    )
+    parser.add_argument("--text_column", type=str, default="text", help="the records' text")
+    parser.add_argument(
+        "--concatenate_data",
+        type=bool | None,
+        default=None,
+        help="join the records' tokens into windows (default: for .txt only)",
+    )
+    parser.add_argument(
+        "--num_calibration_samples",
+        type=int | None,
+        default=64,
+        help="samples from the start of the data; null: all",
+    )
+    parser.add_argument(
+        "--max_seq_length",
+        type=int | None,
+        default=None,
+        help="tokens per sample; default: the model's context, at most 2048",
+    )
+    parser.add_argument("--batch_size", type=int, default=1, help="samples per batch")
+    parser.add_argument(
+        "--pipeline",
+        type=Literal["auto", "sequential", "basic", "data_free"],
+        default="auto",
+        help="auto: data_free where no modifier needs data, else sequential (block by block)",
+    )
+    parser.add_argument(
+        "--sequential_targets",
+        type=list[str] | None,
+        default=None,
+        help="class names of the blocks calibrated one at a time",
+    )
+    parser.add_argument("--device", type=str | None, default=None, help="where blocks run")
+    parser.add_argument(
+        "--offload_dir", type=str | None, default=None, help="spill the activation cache here"
+    )
+    add_flag(parser, "--propagate_compressed", "feed blocks compressed outputs", default=True)
+    add_flag(parser, "--staged", "calibrate blocks in one staged forward", default=True)
+    parser.add_argument(
+        "--output_dir", type=str | None, default=None, help="save the compressed model here"
+    )
+    add_flag(parser, "--overwrite_output_dir", "replace --output_dir if it is not empty")
+    parser.add_argument(
+        "--eval_dataset",
+        type=str | None,
+        default=None,
+        help="print perplexity before and after on this data file (windows of "
+        "--max_seq_length tokens); default: the bundled text for the bundled model",
+    )
+    parser.add_argument(
+        "--eval_samples", type=int | None, default=None, help="evaluation windows; default: all"
+    )
+    parser.add_argument("--seed_everything", type=int | None, default=0, help="random seed")
+    parser.add_class_arguments(
+        pl.Trainer, "trainer", skip={"inference_mode"}, instantiate=False, fail_untyped=False
+    )
+    parser.groups["trainer"].title = "Lightning Trainer that runs the calibration (optional)"
+    parser.groups["trainer"].description = None
+    return parser
+
+
+def run_compress(argv: list[str], verbose: bool = False) -> nn.Module:
+    """Run ``lightning-compress compress`` with ``argv``.
+
+    Args:
+        argv: the command's arguments (after ``compress``).
+        verbose: show the library's log even without ``--verbose``.
+
+    Returns:
+        The compressed model.
+    """
+    parser = compress_parser()
+    config = parser.parse_args(argv)
+    apply_verbosity(verbose or config.verbose)
+    _check_output_dir(parser, config)
+    if config.seed_everything is not None:
+        pl.seed_everything(config.seed_everything, verbose=False)
+    model, tokenizer = _model(config)
+    if config.max_seq_length is None:
+        config.max_seq_length = default_seq_length(model)
+    evaluation, label = _evaluation(config, model, tokenizer)
+    before = perplexity(model, evaluation) if evaluation is not None else None
+    dataset = config.dataset if config.dataset is not None else bundled_text("calibration")
+    oneshot(
+        model,
+        config.recipe,
+        dataset,
+        num_calibration_samples=config.num_calibration_samples,
+        max_seq_length=config.max_seq_length,
+        output_dir=config.output_dir,
+        pipeline=config.pipeline,
+        sequential_targets=config.sequential_targets,
+        batch_size=config.batch_size,
+        device=config.device,
+        offload_dir=config.offload_dir,
+        recipe_stage=config.recipe_stage,
+        recipe_args=config.recipe_args,
+        tokenizer=tokenizer,
+        trainer_kwargs=_trainer_kwargs(parser, config),
+        propagate_compressed=config.propagate_compressed,
+        staged=config.staged,
+        overwrite_output_dir=config.overwrite_output_dir,
+        text_column=config.text_column,
+        concatenate_data=config.concatenate_data,
+    )
+    if config.output_dir is not None:
+        print(f"Saved the compressed model to {config.output_dir} (compressed-tensors format)")
+    if before is not None:
+        after = perplexity(model, evaluation)
+        print(f"Perplexity on {label}: {before:.3f} before compression, {after:.3f} after")
+    return model
+
+
+def _check_output_dir(parser: ArgumentParser, config: Namespace) -> None:
+    """Refuses a non-empty ``--output_dir`` before anything is loaded, naming the flag."""
+    output_dir = config.output_dir
+    if output_dir is None or config.overwrite_output_dir:
+        return
+    path = Path(output_dir)
+    if path.is_dir() and any(path.iterdir()):
+        parser.error(
+            f"--output_dir {output_dir!r} exists and is not empty; choose another directory "
+            f"or add --overwrite_output_dir to replace it"
+        )
+
+
+def _model(config: Namespace) -> tuple[nn.Module, Any]:
+    """The model and tokenizer that ``--model``, ``--dtype`` and ``--tokenizer`` name."""
+    if not isinstance(config.model, dict):
+        return load_pretrained(config.model, config.dtype, config.tokenizer, False)
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(nn.Module, "model")
+    model = language_model(parser.instantiate(parser.parse_object({"model": config.model})).model)
+    dtype = torch_dtype(config.dtype)
+    if dtype is not None:
+        model = model.to(dtype)
+    if config.tokenizer is not None:
+        from transformers import AutoTokenizer
+
+        return model, AutoTokenizer.from_pretrained(config.tokenizer)
+    return model, load_tokenizer() if isinstance(model, TinyDecoder) else None
+
+
+def _evaluation(
+    config: Namespace, model: nn.Module, tokenizer: Any
+) -> tuple[list[Sample] | None, str]:
+    """The evaluation windows and how to name them; the bundled text for the bundled model."""
+    if config.eval_dataset is not None:
+        samples = evaluation_samples(
+            config.eval_dataset,
+            tokenizer,
+            model,
+            config.max_seq_length,
+            config.eval_samples,
+            config.text_column,
+        )
+        return (
+            samples,
+            f"{len(samples)} windows of {config.max_seq_length} tokens of {config.eval_dataset}",
+        )
+    if not isinstance(model, TinyDecoder):
+        return None, ""
+    seq_len = min(BUNDLED_EVALUATION_SEQ_LEN, model.config.max_seq_len)
+    samples = evaluation_samples(None, tokenizer, model, seq_len, config.eval_samples)
+    return samples, f"{len(samples)} windows of the bundled evaluation text"
+
+
+def _trainer_kwargs(parser: ArgumentParser, config: Namespace) -> dict[str, Any]:
+    """The Trainer options given (others keep ``oneshot``'s quiet defaults)."""
+    defaults = parser.get_defaults().trainer
+    given = {key for key, value in config.trainer.items() if value != defaults.get(key)}
+    trainer = parser.instantiate(config).trainer
+    return {key: trainer[key] for key in given}

@@ -1,0 +1,128 @@
+"""Load a causal language model and its tokenizer: a local checkpoint, or the bundled model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_compress.bundled import load_bundled_model, load_tokenizer
+
+__all__ = ["DTYPES", "default_seq_length", "load_pretrained", "torch_dtype"]
+
+DTYPES = ("float32", "bfloat16", "float16")
+CONFIG_NAME = "config.json"
+LONGEST_SEQUENCE = 2048
+UNKNOWN_CONTEXT = 256
+
+
+def torch_dtype(name: str | None) -> torch.dtype | None:
+    """The torch dtype named ``name``.
+
+    Args:
+        name: one of :data:`DTYPES`, or None.
+
+    Returns:
+        The dtype; None for None (keep the checkpoint's).
+
+    Raises:
+        ValueError: for another name.
+    """
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise ValueError(f"dtype: expected one of {list(DTYPES)}, got {name!r}")
+    return getattr(torch, name)
+
+
+def load_pretrained(
+    path: str | Path | None,
+    dtype: str | None = None,
+    tokenizer: str | Path | None = None,
+    keep_quantization: bool = True,
+) -> tuple[nn.Module, Any]:
+    """Load a causal LM and its tokenizer from a local checkpoint directory.
+
+    A plain checkpoint is read with transformers' ``AutoModelForCausalLM``; one with a
+    ``quantization_config`` (a compressed-tensors checkpoint) with ``load_compressed``.
+
+    Args:
+        path: a transformers checkpoint directory (``config.json`` and weights); None: the
+            bundled tiny decoder with its byte tokenizer.
+        dtype: ``float32``, ``bfloat16`` or ``float16``; None keeps the checkpoint's dtype
+            (the bundled model: float32).
+        tokenizer: the tokenizer's directory; None: ``path``.
+        keep_quantization: for a compressed checkpoint, keep its layers quantized (True) or
+            load the dequantized dense model (False, the start for a new recipe).
+
+    Returns:
+        ``(model, tokenizer)``, the model in eval mode.
+
+    Raises:
+        FileNotFoundError: if ``path`` is no directory with a ``config.json``.
+        ValueError: for an unknown ``dtype``, or a checkpoint without a loadable tokenizer.
+        ImportError: without the ``hf`` extra (transformers, compressed-tensors).
+    """
+    chosen = torch_dtype(dtype)
+    if path is None:
+        return load_bundled_model(chosen or torch.float32), load_tokenizer()
+    config = _read_config(Path(path))
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if "quantization_config" in config:
+        from lightning_compress.export import load_compressed
+
+        model = load_compressed(path, keep_quantization=keep_quantization)
+        if chosen is not None:
+            model = model.to(chosen)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=chosen or "auto")
+    source = path if tokenizer is None else tokenizer
+    try:
+        loaded = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, TypeError) as error:
+        raise ValueError(
+            f"tokenizer: no tokenizer could be loaded from {str(source)!r} ({error}); save the "
+            f"tokenizer beside the model or name its directory"
+        ) from error
+    return model.eval(), loaded
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    """The checkpoint's ``config.json``, checked to exist and hold a JSON object."""
+    config = path / CONFIG_NAME
+    if not config.is_file():
+        what = "directory" if path.is_dir() else "no directory"
+        raise FileNotFoundError(
+            f"model: {str(path)!r} is {what} with a {CONFIG_NAME}; expected a transformers "
+            f"checkpoint directory (config.json, weights, tokenizer), e.g. from "
+            f"save_pretrained"
+        )
+    try:
+        loaded = json.loads(config.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"model: {config} is not valid JSON ({error})") from error
+    if not isinstance(loaded, dict):
+        raise ValueError(f"model: {config} holds a {type(loaded).__name__}; expected an object")
+    return loaded
+
+
+def default_seq_length(model: nn.Module) -> int:
+    """The default tokens per sample or window: the model's context, at most 2048.
+
+    Args:
+        model: a transformers model (``config.max_position_embeddings``) or the bundled one
+            (``config.max_seq_len``).
+
+    Returns:
+        Tokens per window; 256 where the model does not say its context.
+    """
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "max_seq_len"):
+        positions = getattr(config, name, None)
+        if isinstance(positions, int) and positions > 1:
+            return min(positions, LONGEST_SEQUENCE)
+    return UNKNOWN_CONTEXT

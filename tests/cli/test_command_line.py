@@ -1,0 +1,133 @@
+"""The command line's surface: help, flags, errors that name real flags, ``--verbose``."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import yaml
+from cli_checkpoints import save_checkpoint
+from loguru import logger
+
+from lightning_compress.cli import COMMANDS, main
+from lightning_compress.lightning.compress_command import compress_parser
+
+TRAINING = ("fit", "validate", "test", "predict")
+RTN = yaml.safe_dump({"q_modifiers": {"QuantizationModifier": {"scheme": "W8A16"}}})
+
+
+def help_of(argv: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_top_level_help_lists_every_subcommand(capsys):
+    out = help_of(["--help"], capsys)
+    for command in ("compress", "evaluate", "quickstart", *TRAINING):
+        assert re.search(rf"^\s+{command}\b", out, re.MULTILINE), command
+    assert set(COMMANDS) == {
+        "compress",
+        "evaluate",
+        "quickstart",
+        "fit",
+        "validate",
+        "test",
+        "predict",
+    }
+
+
+def test_compress_help_shows_the_compression_options_before_the_trainers(capsys):
+    out = help_of(["compress", "--help"], capsys)
+    usage, _, options = out.partition("options:")
+    assert "--trainer.accelerator" not in usage  # the usage line names the main options only
+    trainer = options.index("--trainer.accelerator")
+    for option in (
+        "--model",
+        "--recipe",
+        "--dataset",
+        "--text_column",
+        "--eval_dataset",
+        "--output_dir",
+        "--overwrite_output_dir",
+        "--dtype",
+        "--verbose",
+    ):
+        assert options.index(option) < trainer, option
+
+
+# an option only each command's own help shows
+OWN_OPTION = {
+    "compress": "--eval_dataset",
+    "evaluate": "--tasks",
+    "quickstart": "--windows",
+    **dict.fromkeys(TRAINING, "--trainer.max_epochs"),
+}
+
+
+def test_every_subcommand_has_its_own_help(capsys):
+    for command in COMMANDS:
+        out = help_of([command, "--help"], capsys)
+        assert OWN_OPTION[command] in out, command
+
+
+@pytest.fixture
+def model_dir(tmp_path_factory):
+    return save_checkpoint(tmp_path_factory.mktemp("model"))
+
+
+def test_boolean_options_work_as_bare_flags(model_dir, tmp_path):
+    output_dir = tmp_path / "out"
+    output_dir.mkdir()
+    (output_dir / "old.txt").write_text("an older run")
+    argv = ["--model", str(model_dir), "--recipe", RTN, "--output_dir", str(output_dir)]
+    main(["compress", *argv, "--overwrite_output_dir"])
+    assert (output_dir / "config.json").exists() and not (output_dir / "old.txt").exists()
+    parsed = compress_parser().parse_args(["--recipe", RTN, "--staged", "--verbose"])
+    assert parsed.staged is True and parsed.verbose is True and parsed.overwrite_output_dir is False
+    parsed = compress_parser().parse_args(["--recipe", RTN, "--staged", "false"])
+    assert parsed.staged is False
+
+
+def test_the_occupied_output_dir_error_names_a_flag_that_exists(model_dir, tmp_path, capsys):
+    (tmp_path / "old.txt").write_text("an older run")
+    argv = ["--model", str(model_dir), "--recipe", RTN, "--output_dir", str(tmp_path)]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compress", *argv])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    named = set(re.findall(r"--\w+", error.split("error:")[-1]))
+    assert "--overwrite_output_dir" in named
+    known = {option for action in compress_parser()._actions for option in action.option_strings}
+    assert named <= known, named - known
+    assert (tmp_path / "old.txt").exists() and not (tmp_path / "config.json").exists()
+
+
+INFO_LINE = "no modifier of the recipe needs calibration data"
+
+
+@pytest.mark.parametrize("where", ["before the command", "after the command", "as --verbose=true"])
+def test_verbose_works_on_compress_wherever_it_is_given(where, model_dir, capsys):
+    argv = ["--model", str(model_dir), "--recipe", RTN, "--max_seq_length", "16"]
+    if where == "before the command":
+        main(["--verbose", "compress", *argv])
+    elif where == "after the command":
+        main(["compress", "--verbose", *argv])
+    else:
+        main(["compress", *argv, "--verbose=true"])
+    assert INFO_LINE in capsys.readouterr().err
+
+
+def test_without_verbose_the_log_shows_warnings_only(model_dir, capsys):
+    main(["compress", "--model", str(model_dir), "--recipe", RTN, "--max_seq_length", "16"])
+    captured = capsys.readouterr()
+    assert INFO_LINE not in captured.err + captured.out
+    logger.warning("a warning still shows")
+    assert "a warning still shows" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["evaluate", "quickstart", *TRAINING])
+def test_verbose_is_accepted_by_every_subcommand(command, capsys):
+    for argv in (["--verbose", command, "--help"], [command, "--verbose", "--help"]):
+        assert OWN_OPTION[command] in help_of(argv, capsys)
