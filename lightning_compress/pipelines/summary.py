@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from loguru import logger
 from torch import nn
 
@@ -45,7 +46,8 @@ class CompressionSummary:
             ``"unstructured sparse"``.
         ignored: uncompressed linear layers that an ``ignore`` pattern of the recipe names.
         left_out: uncompressed linear layers that no ``ignore`` pattern names.
-        linear_layers: the number of linear layers of the model.
+        linear_layers: the number of linear layers of the model (and of other layers that
+            carry a quantization scheme, counted with them).
         size_before: the model's parameter bytes in its dtype, before compression.
         dtype: the dtype of most of those bytes.
         output_dir: where the checkpoint was saved, if it was.
@@ -96,14 +98,16 @@ class CompressionSummary:
         self.quantized, self.sparse, self.ignored, self.left_out = {}, {}, [], []
         self.linear_layers = 0
         for name, module in model.named_modules():
-            if not isinstance(module, nn.Linear):
+            scheme = getattr(module, "quantization_scheme", None)
+            quantized = isinstance(scheme, QuantizationScheme)
+            if not (isinstance(module, nn.Linear) or quantized):
                 continue
             self.linear_layers += 1
-            scheme = getattr(module, "quantization_scheme", None)
-            if isinstance(scheme, QuantizationScheme):
+            if quantized:
                 self.quantized[name] = scheme_label(scheme)
-            weight = module.weight.detach()
-            if is_pruned(weight):
+            weight = getattr(module, "weight", None)
+            weight = weight.detach() if isinstance(weight, torch.Tensor) else None
+            if weight is not None and is_pruned(weight):
                 self.sparse[name] = "2:4 sparse" if follows_2_4(weight) else "unstructured sparse"
             if name in self.quantized or name in self.sparse:
                 continue

@@ -107,3 +107,12 @@ def test_quality_before_and_after_with_the_relative_change():
     assert "perplexity: 10 before -> 10.5 after (+5.0%)" in summary.format()
     summary.set_quality("perplexity", 10.0, None)
     assert "perplexity: 10 before -> n/a after" in summary.format()
+
+
+def test_a_quantized_layer_that_is_not_linear_is_counted():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Conv1d(4, 4, 1))
+    model[1].quantization_scheme = preset_scheme("W8A16", ["1"])
+    summary = CompressionSummary()
+    summary.describe(model)
+    assert summary.quantized == {"1": "W8A16 (int8 per-channel)"}
+    assert (summary.linear_layers, summary.left_out) == (2, ["0"])

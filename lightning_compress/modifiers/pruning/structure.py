@@ -22,7 +22,7 @@ def is_pruned(weight: torch.Tensor) -> bool:
     Returns:
         True for a pruned weight.
     """
-    return int((weight == 0).sum()) >= SPARSITY_THRESHOLD * weight.numel()
+    return weight.numel() - int(torch.count_nonzero(weight)) >= SPARSITY_THRESHOLD * weight.numel()
 
 
 def follows_2_4(weight: torch.Tensor) -> bool:
