@@ -226,7 +226,7 @@ def scheme_label(scheme: QuantizationScheme) -> str:
 
 
 def parameter_bytes(model: nn.Module) -> tuple[int, str]:
-    """The bytes of ``model``'s parameters, each tensor counted once (tied weights share one).
+    """The bytes of ``model``'s parameters, each counted once (tied weights share one).
 
     Args:
         model: the model.
@@ -234,13 +234,8 @@ def parameter_bytes(model: nn.Module) -> tuple[int, str]:
     Returns:
         The bytes, and the dtype holding most of them (e.g. ``"bfloat16"``).
     """
-    seen: set[tuple[str, int]] = set()
     per_dtype: Counter[str] = Counter()
-    for parameter in model.parameters():
-        key = (str(parameter.device), parameter.data_ptr())
-        if key in seen and parameter.numel():
-            continue
-        seen.add(key)
+    for parameter in model.parameters():  # a parameter shared by several modules comes once
         dtype = str(parameter.dtype).removeprefix("torch.")
         per_dtype[dtype] += parameter.numel() * parameter.element_size()
     dtype = per_dtype.most_common(1)[0][0] if per_dtype else "no"
