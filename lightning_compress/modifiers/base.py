@@ -71,6 +71,8 @@ class Modifier:
         start: when the modifier starts (-1: one-shot).
         end: when it ends (-1 or None: at the end of training).
         update: how often ``on_update`` work is due (None or 0: every step).
+        strict: make an ``ignore`` entry that matches no module of the model an error (it
+            is a warning otherwise): a misspelled entry would leave its layer compressed.
     """
 
     targets: str | list[str] = dataclasses.field(default_factory=lambda: ["Linear"])
@@ -78,6 +80,7 @@ class Modifier:
     start: float | None = ONE_SHOT
     end: float | None = None
     update: float | None = None
+    strict: bool = False
 
     _hooks_disabled_globally: ClassVar[int] = 0
 
@@ -376,10 +379,11 @@ class Modifier:
 
         Raises:
             RecipeError: if the targets match nothing, or ``ignore`` removes every module
-                they match (the modifier would compress nothing).
+                they match (the modifier would compress nothing), or (with ``strict``) an
+                ``ignore`` entry matches no module of ``model``.
 
         An ``ignore`` entry that matches no module of ``model`` (a likely typo) is named in
-        a warning, once per modifier.
+        a warning, once per modifier, or in the error with ``strict``.
         """
         owner = type(self).__name__
         patterns = targets or self.targets
@@ -388,8 +392,8 @@ class Modifier:
         except ValueError as err:
             raise RecipeError(f"{owner}.targets: {err}") from err
         if not self._ignore_checked:
+            _check_unmatched_ignore(owner, model, self.ignore, self.strict)
             self._ignore_checked = True
-            _warn_unmatched_ignore(owner, model, self.ignore)
         if not layers:
             selected = list(match_named_modules(model, patterns))
             raise RecipeError(
@@ -559,17 +563,41 @@ class Modifier:
             raise
 
 
-def _warn_unmatched_ignore(owner: str, model: nn.Module, ignore: list[str]) -> None:
-    """Warns about ``ignore`` entries that match no module of ``model``."""
-    named = list(model.named_modules())
-    for pattern in ignore:
-        if not any(module_matches(name, module, pattern) for name, module in named if name):
-            logger.warning(
-                "{}.ignore: '{}' matches no module of {}; it ignores nothing (a typo?)",
-                owner,
-                pattern,
-                type(model).__name__,
-            )
+def _check_unmatched_ignore(owner: str, model: nn.Module, ignore: list[str], strict: bool) -> None:
+    """Names the ``ignore`` entries that match no module of ``model``: a warning each, or one
+    error with ``strict``, with the closest module names or classes.
+
+    Raises:
+        RecipeError: with ``strict``, when an entry matches no module.
+    """
+    named = [(name, module) for name, module in model.named_modules() if name]
+    unmatched = [
+        pattern
+        for pattern in ignore
+        if not any(module_matches(name, module, pattern) for name, module in named)
+    ]
+    if not unmatched:
+        return
+    candidates = dict.fromkeys(
+        [name for name, _ in named] + [type(module).__name__ for _, module in named]
+    )
+    model_name = type(model).__name__
+    if strict:
+        raise RecipeError(
+            f"{owner}.ignore: {unmatched} match no module of {model_name} (strict=True); "
+            "expected module names, class names or 're:' patterns of its modules"
+            + did_you_mean(unmatched, candidates)
+        )
+    for pattern in unmatched:
+        hint = did_you_mean([pattern], candidates).removeprefix(";")
+        logger.warning(
+            "{}.ignore: '{}' matches no module of {}; it ignores nothing (a typo?{}); "
+            "strict=True makes this an error",
+            owner,
+            pattern,
+            model_name,
+            hint,
+        )
 
 
 def _summary(names: list[str]) -> str:
