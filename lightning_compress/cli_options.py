@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-import sys
 from typing import Literal
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 from loguru import logger
 
+from lightning_compress.core.verbosity import set_verbosity
 from lightning_compress.pretrained import DTYPES
 
 __all__ = ["add_flag", "add_model_options", "apply_verbosity", "command_parser"]
+
+DETAILED_FORMAT = "{time:HH:mm:ss} | {level: <7} | {name}:{function}:{line} - {message}"
+WARNING = logger.level("WARNING").no
 
 
 def command_parser(prog: str, usage: str, description: str) -> ArgumentParser:
@@ -74,13 +77,23 @@ def add_model_options(parser: ArgumentParser, modules: bool = False) -> None:
 
 
 def apply_verbosity(verbose: bool) -> None:
-    """Show the library's log down to DEBUG on stderr if ``verbose``, else warnings only.
+    """Print the library's log from INFO (the run summary, warnings), or DEBUG if ``verbose``.
+
+    ``verbose`` also sets ``set_verbosity("debug")``: per-layer metrics and Lightning's own
+    messages show.
 
     Args:
-        verbose: show everything the library logs.
+        verbose: show everything the library and Lightning log.
     """
+    set_verbosity("debug" if verbose else "info")
     logger.remove()
-    if verbose:
-        logger.add(lambda message: print(message, end="", file=sys.stderr), level="DEBUG")
-    else:
-        logger.add(lambda message: print(message, end=""), level="WARNING")
+    logger.add(
+        lambda message: print(message, end=""),
+        level="DEBUG" if verbose else "INFO",
+        format=DETAILED_FORMAT if verbose else _plain_format,
+    )
+
+
+def _plain_format(record: dict) -> str:
+    """INFO messages as they are (the run summary), warnings and errors with their level."""
+    return "{message}\n" if record["level"].no < WARNING else "{level}: {message}\n{exception}"
