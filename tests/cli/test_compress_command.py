@@ -141,3 +141,18 @@ def test_the_checkpoint_dtype_is_kept_unless_dtype_is_given(tmp_path):
 def test_a_model_that_is_no_checkpoint_is_refused_in_one_line(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"model: .* expected a transformers checkpoint"):
         run_compress(["--model", str(tmp_path), "--recipe", yaml.safe_dump(RTN)])
+
+
+def test_trainer_options_given_reach_oneshot_and_the_others_keep_its_defaults(
+    checkpoint, monkeypatch
+):
+    calls = []
+    monkeypatch.setattr(
+        "lightning_compress.lightning.compress_command.oneshot",
+        lambda model, recipe, dataset, **kwargs: calls.append(kwargs),
+    )
+    argv = ["--model", str(checkpoint), "--recipe", yaml.safe_dump(RTN)]
+    run_compress(argv)
+    run_compress([*argv, "--trainer.accelerator", "cpu", "--trainer.precision", "bf16-mixed"])
+    assert calls[0]["trainer_kwargs"] == {}
+    assert calls[1]["trainer_kwargs"] == {"accelerator": "cpu", "precision": "bf16-mixed"}
