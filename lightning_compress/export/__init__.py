@@ -17,6 +17,13 @@ except ImportError as err:
 from lightning_compress.export.errors import ExportError
 from lightning_compress.export.load import load_compressed
 from lightning_compress.export.save import save_compressed
+from lightning_compress.export.tokenizer import check_tokenizer
 from lightning_compress.export.writer import check_output_dir
 
-__all__ = ["ExportError", "check_output_dir", "load_compressed", "save_compressed"]
+__all__ = [
+    "ExportError",
+    "check_output_dir",
+    "check_tokenizer",
+    "load_compressed",
+    "save_compressed",
+]

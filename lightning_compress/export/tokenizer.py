@@ -11,7 +11,7 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from lightning_compress.bundled import ByteTokenizer
 
-__all__ = ["byte_tokenizer_fast", "save_tokenizer"]
+__all__ = ["byte_tokenizer_fast", "check_tokenizer", "save_tokenizer"]
 
 
 def save_tokenizer(tokenizer: Any, directory: Path) -> None:
@@ -26,14 +26,30 @@ def save_tokenizer(tokenizer: Any, directory: Path) -> None:
     Raises:
         TypeError: for any other object.
     """
+    check_tokenizer(tokenizer)
     if isinstance(tokenizer, ByteTokenizer):
         tokenizer = byte_tokenizer_fast()
-    if not callable(getattr(tokenizer, "save_pretrained", None)):
+    tokenizer.save_pretrained(directory)
+
+
+def check_tokenizer(tokenizer: Any, where: str = "tokenizer") -> None:
+    """Checks that :func:`save_tokenizer` can write ``tokenizer``.
+
+    Args:
+        tokenizer: the object to check.
+        where: what it was given as, for the message (e.g. ``Compressor.tokenizer``).
+
+    Raises:
+        TypeError: naming ``where`` unless ``tokenizer`` is a ``ByteTokenizer`` or has a
+            ``save_pretrained`` method.
+    """
+    if not isinstance(tokenizer, ByteTokenizer) and not callable(
+        getattr(tokenizer, "save_pretrained", None)
+    ):
         raise TypeError(
-            f"tokenizer: expected a transformers tokenizer (with save_pretrained) or a "
+            f"{where}: expected a transformers tokenizer (with save_pretrained) or a "
             f"ByteTokenizer, got {type(tokenizer).__name__}"
         )
-    tokenizer.save_pretrained(directory)
 
 
 def byte_tokenizer_fast() -> PreTrainedTokenizerFast:

@@ -137,8 +137,18 @@ class Compressor(Callback):
             per-layer sparsity is logged to the Trainer's loggers.
         save_dir: when training ends (after finalize, on rank 0), save the model the
             LightningModule holds (a transformers model or the bundled TinyDecoder) here as a
-            compressed-tensors checkpoint with the recipe (``save_compressed``; needs the
-            ``hf`` extra). It must not exist or be empty; that is checked at ``setup``.
+            compressed-tensors checkpoint with the recipe and the tokenizer
+            (``save_compressed``; needs the ``hf`` extra). It must not exist or be empty
+            (unless ``overwrite``); that is checked at ``setup``.
+        tokenizer: the tokenizer saved into ``save_dir`` (a transformers tokenizer or the
+            bundled ``ByteTokenizer``); when None, the ``tokenizer`` attribute of the
+            LightningModule or else of the datamodule (``CausalLMModule`` has one). Without
+            any, the checkpoint has no tokenizer files, which is logged as a warning at
+            ``setup``.
+        overwrite: replace ``save_dir`` when it exists and is not empty.
+
+    Raises:
+        TypeError: at ``setup``, for a tokenizer that cannot be saved.
     """
 
     def __init__(
@@ -149,6 +159,8 @@ class Compressor(Callback):
         teacher: nn.Module | None = None,
         model_log_cadence: float | None = None,
         save_dir: str | os.PathLike | None = None,
+        tokenizer: Any | None = None,
+        overwrite: bool = False,
     ) -> None:
         self.recipe = recipe
         self.recipe_stage = recipe_stage
@@ -156,7 +168,10 @@ class Compressor(Callback):
         self.teacher = teacher
         self.model_log_cadence = model_log_cadence
         self.save_dir = save_dir
+        self.tokenizer = tokenizer
+        self.overwrite = overwrite
         self.session = CompressionSession()
+        self._save_tokenizer: Any | None = None
         self._optimizer_hooks: list[Any] = []
         self._global_batch = 0
         self._last_post_step: tuple[int, int] | None = None
@@ -171,7 +186,8 @@ class Compressor(Callback):
         if self.save_dir is not None:  # on every rank, so that all of them stop alike
             from lightning_compress.export import check_output_dir  # the optional hf extra
 
-            check_output_dir(self.save_dir, overwrite=False)
+            check_output_dir(self.save_dir, overwrite=self.overwrite)
+            self._save_tokenizer = self._find_tokenizer(trainer, pl_module)
         recipe = (
             Recipe()
             if self.recipe is None
@@ -266,7 +282,13 @@ class Compressor(Callback):
         if self.save_dir is not None and trainer.is_global_zero and finished:
             from lightning_compress.export import save_compressed  # the optional hf extra
 
-            save_compressed(pl_module, self.save_dir, recipe=self.session.get_serialized_recipe())
+            save_compressed(
+                pl_module,
+                self.save_dir,
+                tokenizer=self._save_tokenizer,
+                recipe=self.session.get_serialized_recipe(),
+                overwrite=self.overwrite,
+            )
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -336,6 +358,32 @@ class Compressor(Callback):
             )
 
     # ----------------------------------------------------------------- helpers
+    def _find_tokenizer(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any | None:
+        """The tokenizer to save: ``self.tokenizer``, else the module's or the datamodule's.
+
+        Raises:
+            TypeError: naming where the tokenizer came from when it cannot be saved.
+        """
+        from lightning_compress.export import check_tokenizer  # the optional hf extra
+
+        sources = {
+            "Compressor.tokenizer": self.tokenizer,
+            f"{type(pl_module).__name__}.tokenizer": getattr(pl_module, "tokenizer", None),
+            "the datamodule's tokenizer": getattr(trainer.datamodule, "tokenizer", None),
+        }
+        for where, tokenizer in sources.items():
+            if tokenizer is not None:
+                check_tokenizer(tokenizer, where)
+                return tokenizer
+        if trainer.is_global_zero:
+            logger.warning(
+                "Compressor(save_dir={!r}) found no tokenizer (neither Compressor(tokenizer=...) "
+                "nor a 'tokenizer' attribute of the LightningModule or the datamodule): the "
+                "checkpoint will have no tokenizer files, so AutoTokenizer cannot load it",
+                str(self.save_dir),
+            )
+        return None
+
     def _event(self, trainer: pl.Trainer, event_type: EventType, **kwargs: Any) -> None:
         self.session.event(
             event_type,

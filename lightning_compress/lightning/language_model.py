@@ -29,11 +29,23 @@ class CausalLMModule(pl.LightningModule):
         model: the language model; the bundled tiny decoder when None.
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
+        tokenizer: the model's tokenizer, saved with it by ``Compressor(save_dir=...)``; the
+            bundled ``ByteTokenizer`` when ``model`` is None.
     """
 
-    def __init__(self, model: nn.Module | None = None, lr: float = 3e-4, weight_decay: float = 0.0):
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        lr: float = 3e-4,
+        weight_decay: float = 0.0,
+        tokenizer: Any | None = None,
+    ):
         super().__init__()
-        self.model = model if model is not None else load_bundled_model().train()
+        if model is None:
+            model = load_bundled_model().train()
+            tokenizer = load_tokenizer() if tokenizer is None else tokenizer
+        self.model = model
+        self.tokenizer = tokenizer
         self.lr = lr
         self.weight_decay = weight_decay
         self.val_perplexity = Perplexity()
@@ -86,14 +98,14 @@ class BundledTextDataModule(pl.LightningDataModule):
         self.batch_size = batch_size
         self.train_windows = train_windows
         self.val_windows = val_windows
+        self.tokenizer = load_tokenizer()
 
     def setup(self, stage: str) -> None:
-        tokenizer = load_tokenizer()
         self.train_data = token_windows(
-            bundled_text("calibration"), tokenizer, self.seq_len, self.train_windows
+            bundled_text("calibration"), self.tokenizer, self.seq_len, self.train_windows
         )
         self.val_data = token_windows(
-            bundled_text("evaluation"), tokenizer, self.seq_len, self.val_windows
+            bundled_text("evaluation"), self.tokenizer, self.seq_len, self.val_windows
         )
 
     def train_dataloader(self) -> DataLoader:

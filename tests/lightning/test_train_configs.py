@@ -1,10 +1,14 @@
-"""Every LightningCLI training config in configs/train runs as written (for a few steps)."""
+"""Every LightningCLI training config in configs/train runs as written (for a few steps) and
+saves a checkpoint that transformers loads with its tokenizer."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lightning_compress import Compressor
 from lightning_compress.lightning.cli import run_cli
@@ -12,8 +16,17 @@ from lightning_compress.lightning.cli import run_cli
 CONFIGS = sorted((Path(__file__).parents[2] / "configs" / "train").glob("*.yaml"))
 
 
+def compressor_args(config: Path) -> dict:
+    callbacks = yaml.safe_load(config.read_text())["trainer"]["callbacks"]
+    (compressor,) = [cb for cb in callbacks if cb["class_path"].endswith("Compressor")]
+    return compressor["init_args"]
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
-def test_config_fits(config, tmp_path):
+def test_config_fits_and_saves_a_checkpoint_transformers_loads_with_its_tokenizer(
+    config, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)  # save_dir is relative, as a user runs it from the repository
     cli = run_cli(
         [
             "fit",
@@ -30,3 +43,13 @@ def test_config_fits(config, tmp_path):
     session = compressors[0].session
     assert session.lifecycle.finalized and session.lifecycle.recipe.modifiers
     assert cli.trainer.global_step == 3
+
+    saved = tmp_path / compressor_args(config)["save_dir"]
+    model = AutoModelForCausalLM.from_pretrained(saved)
+    tokenizer = AutoTokenizer.from_pretrained(saved)
+    text = "It is a truth universally acknowledged"
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    trained = cli.model.eval()
+    assert ids[0].tolist() == list(cli.model.tokenizer.encode(text))  # the one trained with
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, trained(ids), rtol=1e-4, atol=1e-4)
