@@ -28,7 +28,7 @@ def evaluate_parser() -> ArgumentParser:
     """
     parser = command_parser(
         PROG,
-        f"{PROG} [--model CHECKPOINT_DIR] [--dataset FILE] [--tasks TASK ...] [--include_path DIR] "
+        f"{PROG} [--model CHECKPOINT_DIR] [--dataset FILE] [--tasks TASK,...] [--include_path DIR] "
         f"[--config YAML] [options]",
         "Evaluate a causal LM, compressed (a compressed-tensors checkpoint) or not: perplexity "
         "on a data file (torchmetrics), and lm-evaluation-harness tasks with --tasks (the "
@@ -55,7 +55,10 @@ def evaluate_parser() -> ArgumentParser:
     parser.add_argument("--batch_size", type=int, default=8, help="windows per forward pass")
     parser.add_argument("--device", type=str | None, default=None, help="e.g. cuda")
     parser.add_argument(
-        "--tasks", type=list[str] | None, default=None, help="lm-evaluation-harness tasks"
+        "--tasks",
+        type=str | list[str] | None,
+        default=None,
+        help="lm-evaluation-harness tasks, comma-separated (a list in YAML)",
     )
     parser.add_argument(
         "--include_path", type=str | None, default=None, help="a directory of task YAML files"
@@ -90,8 +93,9 @@ def run_evaluate(argv: list[str], verbose: bool = False) -> dict[str, Any]:
     model, tokenizer = load_pretrained(config.model, config.dtype, config.tokenizer)
     if config.device is not None:
         model = model.to(config.device)
+    tasks = config.tasks.split(",") if isinstance(config.tasks, str) else config.tasks
     measured: dict[str, Any] = {}
-    if config.dataset is not None or not config.tasks:
+    if config.dataset is not None or not tasks:
         length = config.max_seq_length or default_seq_length(model)
         samples = evaluation_samples(
             config.dataset,
@@ -107,11 +111,11 @@ def run_evaluate(argv: list[str], verbose: bool = False) -> dict[str, Any]:
             f"Perplexity on {len(samples)} windows of {length} tokens of "
             f"{source}: {measured['perplexity']:.4f}"
         )
-    if config.tasks:
+    if tasks:
         results = lm_eval_results(
             model,
             tokenizer,
-            config.tasks,
+            tasks,
             include_path=config.include_path,
             limit=_limit(config.limit),
             batch_size=config.batch_size,

@@ -91,9 +91,9 @@ def compress_parser() -> ArgumentParser:
     )
     parser.add_argument(
         "--sequential_targets",
-        type=list[str] | None,
+        type=str | list[str] | None,
         default=None,
-        help="class names of the blocks calibrated one at a time",
+        help="class names of the blocks calibrated one at a time (comma-separated)",
     )
     parser.add_argument("--device", type=str | None, default=None, help="where blocks run")
     parser.add_argument(
@@ -154,7 +154,7 @@ def run_compress(argv: list[str], verbose: bool = False) -> nn.Module:
         max_seq_length=config.max_seq_length,
         output_dir=config.output_dir,
         pipeline=config.pipeline,
-        sequential_targets=config.sequential_targets,
+        sequential_targets=_names(config.sequential_targets),
         batch_size=config.batch_size,
         device=config.device,
         offload_dir=config.offload_dir,
@@ -236,3 +236,8 @@ def _trainer_kwargs(parser: ArgumentParser, config: Namespace) -> dict[str, Any]
     given = {key for key, value in config.trainer.items() if value != defaults.get(key)}
     trainer = parser.instantiate(config).trainer
     return {key: trainer[key] for key in given}
+
+
+def _names(value: str | list[str] | None) -> list[str] | None:
+    """A comma-separated string as a list; a list or None as it is."""
+    return value.split(",") if isinstance(value, str) else value

@@ -13,7 +13,7 @@ from cli_checkpoints import RECORDS
 from transformers import AutoModelForCausalLM
 
 from lightning_compress.cli import main
-from lightning_compress.evaluate import evaluation_samples, lm_eval_results
+from lightning_compress.evaluate import evaluation_samples
 from lightning_compress.evaluate_command import run_evaluate
 from lightning_compress.export import save_compressed
 from lightning_compress.export.tokenizer import byte_tokenizer_fast
@@ -142,20 +142,18 @@ def _choice(doc: dict, index: int) -> tuple[str, str]:
     return doc["question"], doc["choices"][index]
 
 
-def test_an_lm_eval_task_from_local_files_scores_like_a_direct_computation(checkpoint, tmp_path):
+def test_an_lm_eval_task_from_local_files_scores_like_a_direct_computation(
+    checkpoint, tmp_path, capsys
+):
     pytest.importorskip("lm_eval", reason="needs the eval extra")
     data = tmp_path / "docs.jsonl"
     data.write_text("".join(json.dumps(doc) + "\n" for doc in DOCS))
     (tmp_path / "tiny_choice.yaml").write_text(TASK.format(data=data))
     model = AutoModelForCausalLM.from_pretrained(checkpoint)
-    results = lm_eval_results(
-        model,
-        byte_tokenizer_fast(),
-        ["tiny_choice"],
-        include_path=tmp_path,
-        batch_size=2,
-        prefix_token_id=PREFIX,
-    )
+    argv = ["--model", str(checkpoint), "--tasks", "tiny_choice", "--include_path", str(tmp_path)]
+    measured = run_evaluate([*argv, "--prefix_token_id", str(PREFIX), "--batch_size", "2"])
+    assert "perplexity" not in measured  # tasks without --dataset: no perplexity
+    assert re.search(r"tiny_choice\s*\|.*\|acc", capsys.readouterr().out)
     correct = [
         max(
             range(2), key=lambda i: choice_log_likelihood(model, doc["question"], doc["choices"][i])
@@ -163,19 +161,19 @@ def test_an_lm_eval_task_from_local_files_scores_like_a_direct_computation(check
         == doc["label"]
         for doc in DOCS
     ]
-    assert results["results"]["tiny_choice"]["acc,none"] == pytest.approx(sum(correct) / len(DOCS))
+    assert measured["tasks"]["tiny_choice"]["acc,none"] == pytest.approx(sum(correct) / len(DOCS))
 
 
 def test_tasks_without_the_eval_extra_name_it(checkpoint, monkeypatch):
     monkeypatch.setitem(sys.modules, "lm_eval", None)
     with pytest.raises(ImportError, match=r"lightning-compress\[eval\]"):
-        run_evaluate(["--model", str(checkpoint), "--tasks", "[hellaswag]"])
+        run_evaluate(["--model", str(checkpoint), "--tasks", "hellaswag"])
 
 
 def test_tasks_without_a_context_start_token_are_refused_naming_the_option(checkpoint):
     pytest.importorskip("lm_eval", reason="needs the eval extra")
     with pytest.raises(ValueError, match="prefix_token_id"):
-        run_evaluate(["--model", str(checkpoint), "--tasks", "[hellaswag]"])
+        run_evaluate(["--model", str(checkpoint), "--tasks", "hellaswag"])
 
 
 def test_records_shorter_than_a_window_are_joined_into_full_windows(checkpoint, jsonl):
