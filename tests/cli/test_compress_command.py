@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from lightning_compress.evaluate import evaluation_samples
 from lightning_compress.lightning.compress_command import run_compress
 from lightning_compress.pretrained import load_pretrained
 
+CONFIGS = Path(__file__).parents[2] / "configs" / "compress"
 GPTQ = {
     "quant_stage": {
         "quant_modifiers": {
@@ -156,3 +158,13 @@ def test_trainer_options_given_reach_oneshot_and_the_others_keep_its_defaults(
     run_compress([*argv, "--trainer.accelerator", "cpu", "--trainer.precision", "bf16-mixed"])
     assert calls[0]["trainer_kwargs"] == {}
     assert calls[1]["trainer_kwargs"] == {"accelerator": "cpu", "precision": "bf16-mixed"}
+
+
+def test_a_shipped_config_runs_on_a_checkpoint_given_by_flag(checkpoint, jsonl, capsys):
+    shipped = CONFIGS / "gptq_w4a16_bundled.yaml"
+    data = jsonl(texts=RECORDS * 8)  # 32 windows of 32 tokens: the config's sample count
+    argv = ["--config", str(shipped), "--model", str(checkpoint), "--dataset", str(data)]
+    model = run_compress([*argv, "--eval_dataset", str(data), "--max_seq_length", "32", *QUIET])
+    assert type(model).__name__ == "LlamaForCausalLM"
+    before, after = printed_perplexities(capsys.readouterr().out)
+    assert before != after
