@@ -66,3 +66,20 @@ def test_the_shipped_config_parses(capsys):
 def test_the_shipped_config_runs(capsys):
     main(["compress", "--config", str(SHIPPED)])
     assert "before compression" in capsys.readouterr().out
+
+
+def test_the_compression_trainer_compresses_after_training_in_python():
+    from lightning_compress.bundled import TinyDecoder, TinyDecoderConfig
+    from lightning_compress.lightning.cli import CompressionTrainer
+
+    config = TinyDecoderConfig(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2)
+    model = TinyDecoder(config)
+    trainer = CompressionTrainer(
+        accelerator="cpu", inference_mode=False, logger=False, enable_progress_bar=False
+    )
+    recipe = {"q_modifiers": {"GPTQModifier": {"scheme": "W8A16", "ignore": ["lm_head"]}}}
+    compressed = trainer.compress(
+        model, recipe=recipe, num_calibration_samples=2, max_seq_length=16
+    )
+    assert compressed is model
+    assert hasattr(model.get_submodule("model.layers.0.mlp.down_proj"), "weight_scale")
