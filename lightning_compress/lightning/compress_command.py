@@ -16,6 +16,7 @@ from lightning_compress.cli_options import (
     apply_verbosity,
     command_parser,
 )
+from lightning_compress.core.distributed import rank_and_world_size
 from lightning_compress.evaluate import evaluation_samples
 from lightning_compress.lightning.cli import language_model
 from lightning_compress.lightning.oneshot import oneshot
@@ -168,10 +169,12 @@ def run_compress(argv: list[str], verbose: bool = False) -> nn.Module:
         text_column=config.text_column,
         concatenate_data=config.concatenate_data,
     )
+    after = perplexity(model, evaluation) if evaluation is not None else None
+    if rank_and_world_size()[0] != 0:
+        return model
     if config.output_dir is not None:
         print(f"Saved the compressed model to {config.output_dir} (compressed-tensors format)")
-    if before is not None:
-        after = perplexity(model, evaluation)
+    if after is not None:
         print(f"Perplexity on {label}: {before:.3f} before compression, {after:.3f} after")
     return model
 
@@ -195,7 +198,8 @@ def _model(config: Namespace) -> tuple[nn.Module, Any]:
         return load_pretrained(config.model, config.dtype, config.tokenizer, False)
     parser = ArgumentParser(exit_on_error=False)
     parser.add_subclass_arguments(nn.Module, "model")
-    model = language_model(parser.instantiate(parser.parse_object({"model": config.model})).model)
+    module = parser.instantiate(parser.parse_object({"model": config.model})).model
+    model = language_model(module)
     dtype = torch_dtype(config.dtype)
     if dtype is not None:
         model = model.to(dtype)
@@ -203,7 +207,10 @@ def _model(config: Namespace) -> tuple[nn.Module, Any]:
         from transformers import AutoTokenizer
 
         return model, AutoTokenizer.from_pretrained(config.tokenizer)
-    return model, load_tokenizer() if isinstance(model, TinyDecoder) else None
+    tokenizer = getattr(module, "tokenizer", None)  # a CausalLMModule may hold one
+    if tokenizer is None and isinstance(model, TinyDecoder):
+        tokenizer = load_tokenizer()
+    return model, tokenizer
 
 
 def _evaluation(
