@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -77,16 +78,10 @@ def main(argv: list[str] | None = None) -> None:
     runners: dict[str, Callable[[list[str], bool], None]] = {
         "compress": _compress,
         "evaluate": _evaluate,
+        **dict.fromkeys(TRAINER_COMMANDS, _train),
     }
     if command in runners:
-        runners[command](args[1:], verbose)
-        return
-    if command in TRAINER_COMMANDS:
-        from lightning_compress.lightning.cli import run_cli
-
-        rest = [arg for arg in args[1:] if arg != VERBOSE]
-        apply_verbosity(verbose or len(rest) < len(args) - 1)
-        run_cli([command, *rest])
+        runners[command](args, verbose)
         return
     parsed = build_parser().parse_args(args)
     apply_verbosity(verbose or parsed.verbose)
@@ -96,13 +91,25 @@ def main(argv: list[str] | None = None) -> None:
 def _compress(args: list[str], verbose: bool) -> None:
     from lightning_compress.lightning.compress_command import run_compress
 
-    run_compress(args, verbose)
+    run_compress(args[1:], verbose)
 
 
 def _evaluate(args: list[str], verbose: bool) -> None:
     from lightning_compress.evaluate_command import run_evaluate
 
-    run_evaluate(args, verbose)
+    run_evaluate(args[1:], verbose)
+
+
+def _train(args: list[str], verbose: bool) -> None:
+    """LightningCLI's ``fit``/``validate``/``test``/``predict``, with ``--verbose`` taken out."""
+    from lightning_compress.lightning.cli import run_cli
+
+    kept = [arg for arg in args if arg != VERBOSE]
+    apply_verbosity(verbose or len(kept) < len(args))
+    with warnings.catch_warnings():
+        # the arguments are given on purpose (without --verbose), not mixed with sys.argv
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        run_cli(kept)
 
 
 def _quickstart(args: argparse.Namespace) -> None:
