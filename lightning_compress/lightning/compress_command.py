@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-from jsonargparse import ArgumentParser, Namespace
+from jsonargparse import ArgumentError, ArgumentParser, Namespace
 from torch import nn
 
 from lightning_compress.bundled import TinyDecoder, bundled_text, load_tokenizer, perplexity
@@ -141,7 +141,7 @@ def run_compress(argv: list[str], verbose: bool = False) -> nn.Module:
     _check_output_dir(parser, config)
     if config.seed_everything is not None:
         pl.seed_everything(config.seed_everything, verbose=False)
-    model, tokenizer = _model(config)
+    model, tokenizer = _model(parser, config)
     if config.max_seq_length is None:
         config.max_seq_length = default_seq_length(model)
     evaluation, label = _evaluation(config, model, tokenizer)
@@ -192,13 +192,11 @@ def _check_output_dir(parser: ArgumentParser, config: Namespace) -> None:
         )
 
 
-def _model(config: Namespace) -> tuple[nn.Module, Any]:
+def _model(parser: ArgumentParser, config: Namespace) -> tuple[nn.Module, Any]:
     """The model and tokenizer that ``--model``, ``--dtype`` and ``--tokenizer`` name."""
     if not isinstance(config.model, dict):
         return load_pretrained(config.model, config.dtype, config.tokenizer, False)
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_subclass_arguments(nn.Module, "model")
-    module = parser.instantiate(parser.parse_object({"model": config.model})).model
+    module = _module(parser, config.model)
     model = language_model(module)
     dtype = torch_dtype(config.dtype)
     if dtype is not None:
@@ -211,6 +209,21 @@ def _model(config: Namespace) -> tuple[nn.Module, Any]:
     if tokenizer is None and isinstance(model, TinyDecoder):
         tokenizer = load_tokenizer()
     return model, tokenizer
+
+
+def _module(parser: ArgumentParser, spec: dict) -> nn.Module:
+    """The module a ``{class_path, init_args}`` mapping describes; a usage error otherwise."""
+    if "class_path" not in spec:
+        parser.error(
+            f"--model: got the keys {sorted(spec)}; expected a checkpoint directory "
+            f"(--model PATH) or, in a YAML config, a module as {{class_path, init_args}}"
+        )
+    modules = ArgumentParser(exit_on_error=False)
+    modules.add_subclass_arguments(nn.Module, "model")
+    try:
+        return modules.instantiate(modules.parse_object({"model": spec})).model
+    except ArgumentError as error:
+        parser.error(f"--model: {spec['class_path']} cannot be built: {error}")
 
 
 def _evaluation(

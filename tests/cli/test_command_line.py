@@ -132,3 +132,11 @@ def test_without_verbose_the_run_prints_its_summary_and_no_per_layer_metric(mode
 def test_verbose_is_accepted_by_every_subcommand(command, capsys):
     for argv in (["--verbose", command, "--help"], [command, "--verbose", "--help"]):
         assert OWN_OPTION[command] in help_of(argv, capsys)
+
+
+def test_a_nested_model_flag_gets_a_short_error_naming_the_model_flag(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compress", "--model.model", "/some/checkpoint", "--recipe", RTN])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.split("error:")[-1].strip()
+    assert "--model PATH" in error and len(error.splitlines()) == 1
