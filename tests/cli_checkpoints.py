@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
+import pytest
 import torch
+from loguru import logger
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from lightning_compress.core.verbosity import set_verbosity
 from lightning_compress.export.tokenizer import byte_tokenizer_fast
 
 ARCHITECTURE = {
@@ -41,3 +45,12 @@ def write_jsonl(path: Path, texts: list[str], column: str = "text") -> Path:
     """One JSON record per line, its text in ``column``."""
     path.write_text("".join(json.dumps({column: text}) + "\n" for text in texts))
     return path
+
+
+@pytest.fixture(autouse=True)
+def log_settings_restored():
+    """Commands set the process's verbosity and loguru sinks: the defaults come back after."""
+    yield
+    set_verbosity("info")
+    logger.remove()
+    logger.add(sys.stderr)

@@ -6,7 +6,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from cli_checkpoints import RECORDS, save_checkpoint, write_jsonl
+from cli_checkpoints import (  # noqa: F401 (an autouse fixture)
+    RECORDS,
+    log_settings_restored,
+    save_checkpoint,
+    write_jsonl,
+)
 
 
 @pytest.fixture(scope="module")

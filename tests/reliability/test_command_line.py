@@ -9,7 +9,12 @@ import shutil
 
 import pytest
 import yaml
-from cli_checkpoints import RECORDS, save_checkpoint, write_jsonl
+from cli_checkpoints import (  # noqa: F401 (an autouse fixture)
+    RECORDS,
+    log_settings_restored,
+    save_checkpoint,
+    write_jsonl,
+)
 
 from lightning_compress.cli import main
 from lightning_compress.evaluate_command import run_evaluate
