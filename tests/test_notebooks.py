@@ -20,7 +20,8 @@ from nbclient.exceptions import CellExecutionError
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_NAMES = ["lightning_cli.ipynb", "one_shot.ipynb", "training_aware.ipynb"]
-PRINTS = re.compile(r"^\s*(print|display|output = lightning_compress)\(", re.MULTILINE)
+# A cell that prints or displays at its top level (not inside a function it defines).
+PRINTS = re.compile(r"^(print|display|output = lightning_compress)\(", re.MULTILINE)
 _SPEC = importlib.util.spec_from_file_location(
     "run_notebooks", ROOT / "scripts" / "run_notebooks.py"
 )
