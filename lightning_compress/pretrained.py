@@ -79,7 +79,7 @@ def load_pretrained(
         if chosen is not None:
             model = model.to(chosen)
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=chosen or "auto")
+        model = AutoModelForCausalLM.from_pretrained(path, **{_dtype_keyword(): chosen or "auto"})
     source = path if tokenizer is None else tokenizer
     try:
         loaded = AutoTokenizer.from_pretrained(source)
@@ -126,3 +126,14 @@ def default_seq_length(model: nn.Module) -> int:
         if isinstance(positions, int) and positions > 1:
             return min(positions, LONGEST_SEQUENCE)
     return UNKNOWN_CONTEXT
+
+
+def _dtype_keyword() -> str:
+    """``from_pretrained``'s dtype keyword: ``dtype`` since transformers 4.56, else ``torch_dtype``.
+
+    Older versions pass an unknown ``dtype`` on to the config and load float32.
+    """
+    import transformers
+
+    major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
+    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
