@@ -17,6 +17,7 @@ from lightning_compress.export.layout import (
     prepared_layout,
     written_layout,
 )
+from lightning_compress.export.packing import pack_layer
 
 __all__ = ["compress_layer", "compressed_state_dict", "decompress_layer", "reads_back"]
 
@@ -70,8 +71,9 @@ def compressed_state_dict(
 def compress_layer(
     name: str, tensors: dict[str, Tensor], scheme: CTQuantizationScheme
 ) -> dict[str, Tensor]:
-    """Packs one quantized layer with compressed-tensors, and checks it reads back unchanged
-    and in the layout transformers prepares to load.
+    """Packs one quantized layer (:func:`~lightning_compress.export.packing.pack_layer`), and
+    checks it reads back unchanged with compressed-tensors' decompressor and in the layout
+    transformers prepares to load.
 
     Args:
         name: the layer's name, for error messages.
@@ -89,8 +91,7 @@ def compress_layer(
             differ from those transformers' ``from_pretrained`` prepares for the layer (for
             asymmetric layers stored ``pack-quantized``: from those compressed-tensors writes).
     """
-    compressor = BaseCompressor.get_value_from_registry(scheme.format)
-    packed = compressor.compress(dict(tensors), scheme)
+    packed = pack_layer(tensors, scheme)
     weight = tensors["weight"]
     # Asymmetric layers are stored pack-quantized only where transformers loads that layout,
     # or on request (``pack_asymmetric``): then what compressed-tensors writes is the target.

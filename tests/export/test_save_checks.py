@@ -7,13 +7,18 @@ import random
 
 import pytest
 import torch
+from compressed_tensors.compressors import BaseCompressor
+from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
 from torch import nn
 
 from lightning_compress.export import ExportError, save_compressed
 from lightning_compress.export.layout import _layout
+from lightning_compress.export.packing import _pack, pack_layer
 from lightning_compress.export.schemes import quantized_layers
 from lightning_compress.export.sparsity import sparsity_config
 from lightning_compress.export.tensors import reads_back
+from lightning_compress.lightning.oneshot import oneshot
+from lightning_compress.modifiers import QuantizationModifier
 
 SEED = 20261206
 
@@ -81,3 +86,53 @@ def test_layers_pruned_by_a_mask_with_negative_zeros_are_found():
     assert config["sparsity_structure"] == "2:4"
     assert config["ignore"] == ["1"]
     assert config["global_sparsity"] == pytest.approx(64 / (128 + 64))
+
+
+CASES = [
+    (bits, strategy, dtype)
+    for bits in (4, 8)
+    for strategy in ("group", "channel", "tensor")
+    for dtype in (torch.float32, torch.bfloat16, torch.float16)
+]
+
+
+@pytest.mark.parametrize(("bits", "strategy", "dtype"), CASES)
+def test_symmetric_layers_are_packed_exactly_as_compressed_tensors_packs_them(
+    bits, strategy, dtype
+):
+    torch.manual_seed(SEED + bits)
+    model = nn.Sequential(nn.Linear(96, 48), nn.Linear(48, 32, bias=False)).to(dtype)
+    weights = {"num_bits": bits, "strategy": strategy}
+    if strategy == "group":
+        weights["group_size"] = 16
+    group = {"targets": ["Linear"], "weights": weights}
+    oneshot(model, QuantizationModifier(config_groups={"g": group}))
+    layers = quantized_layers(model)
+    assert {scheme.format for _, scheme in layers.values()} == {"pack-quantized"}
+    for name, (module, scheme) in layers.items():
+        tensors = {key.rpartition(".")[2]: value for key, value in module.state_dict().items()}
+        with torch.no_grad():  # off the grid too: the same codes, so the same refusal
+            off_grid = dict(tensors, weight=tensors["weight"] * 1.37)
+        for state in (tensors, off_grid):
+            ours = pack_layer(state, scheme)
+            theirs = BaseCompressor.get_value_from_registry(scheme.format).compress(
+                dict(state), scheme
+            )
+            assert list(ours) == list(theirs), name
+            for key, value in theirs.items():
+                assert ours[key].dtype == value.dtype and torch.equal(ours[key], value), key
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("columns", [8, 16, 24, 36, 40, 576])
+def test_random_codes_are_packed_as_compressed_tensors_packs_them(bits, columns):
+    generator = torch.Generator().manual_seed(SEED + columns)
+    low, high = -(2 ** (bits - 1)), 2 ** (bits - 1)
+    codes = torch.randint(low, high, (12, columns), dtype=torch.int8, generator=generator)
+    codes[0] = low  # both ends of the range
+    codes[1] = high - 1
+    packed = _pack(codes, bits)
+    expected = pack_to_int32(codes, bits)
+    assert packed.dtype == torch.int32 and packed.shape == expected.shape
+    assert torch.equal(packed, expected)
+    assert torch.equal(unpack_from_int32(packed, bits, codes.shape), codes)

@@ -1,0 +1,87 @@
+"""One quantized layer in its compressed-tensors format, the common case without a detour.
+
+compressed-tensors' ``pack-quantized`` compressor recomputes the integer codes with clamps
+against tensor bounds, which takes as long as the packing itself. For symmetric int weights the
+codes come from this project's own :func:`~lightning_compress.modifiers.quantization.ops.quantize`
+(the one the layers were quantized with) and are packed as compressed-tensors'
+``pack_to_int32`` packs them (4-bit codes by byte-wise bit operations), giving the same
+tensors. Every other scheme and format goes through compressed-tensors' compressor. Either
+way the caller reads each layer back with compressed-tensors' decompressor before it is
+written.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from compressed_tensors.compressors import BaseCompressor
+from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+from compressed_tensors.config import CompressionFormat
+from compressed_tensors.quantization import QuantizationScheme as CTQuantizationScheme
+from torch import Tensor
+
+from lightning_compress.export.schemes import from_ct_scheme
+from lightning_compress.modifiers.quantization.ops import quantize
+
+__all__ = ["pack_layer"]
+
+PACKED = CompressionFormat.pack_quantized.value
+
+
+def pack_layer(tensors: dict[str, Tensor], scheme: CTQuantizationScheme) -> dict[str, Tensor]:
+    """The tensors compressed-tensors stores for one layer in ``scheme.format``.
+
+    Args:
+        tensors: the layer's tensors by local name (``weight``, ``weight_scale``, ...).
+        scheme: its compressed-tensors scheme, with ``format`` set.
+
+    Returns:
+        The compressed tensors by local name (e.g. ``weight_packed``, ``weight_shape``,
+        ``weight_scale``), as compressed-tensors' compressor returns them.
+    """
+    weights = scheme.weights
+    if scheme.format != PACKED or weights is None or weights.type != "int" or not weights.symmetric:
+        compressor = BaseCompressor.get_value_from_registry(scheme.format)
+        return compressor.compress(dict(tensors), scheme)
+    weight = tensors["weight"]
+    scale = tensors["weight_scale"]
+    zero_point = tensors.get("weight_zero_point")
+    if zero_point is None:
+        zero_point = torch.zeros_like(scale, dtype=torch.int8)
+    codes = quantize(weight, scale, zero_point, from_ct_scheme(scheme).weights)
+    packed = {
+        key: value
+        for key, value in tensors.items()
+        if key not in ("weight", "weight_zero_point")
+        and not (key.endswith("_zero_point") and _symmetric(scheme, key))
+    }
+    packed["weight_packed"] = _pack(codes, weights.num_bits)
+    packed["weight_shape"] = torch.tensor(weight.shape)
+    return packed
+
+
+def _pack(codes: Tensor, num_bits: int) -> Tensor:
+    """``pack_to_int32(codes, num_bits)``; 4-bit rows of whole int32 words on a little-endian
+    host take two bytes' worth of bit operations instead of its general scatter.
+
+    Args:
+        codes: ``[rows, columns]`` int8 codes in ``[-2**(num_bits-1), 2**(num_bits-1) - 1]``.
+        num_bits: their width.
+
+    Returns:
+        ``[rows, ceil(columns * num_bits / 32)]`` int32 words, code ``i`` of a row in bits
+        ``num_bits * i`` (offset by ``2**(num_bits-1)``), as compressed-tensors unpacks them.
+    """
+    if num_bits != 4 or codes.dim() != 2 or codes.shape[1] % 8 or sys.byteorder != "little":
+        return pack_to_int32(codes, num_bits)
+    nibbles = (codes + 8).view(torch.uint8).reshape(codes.shape[0], -1, 2)
+    return (nibbles[..., 0] | (nibbles[..., 1] << 4)).view(torch.int32)
+
+
+def _symmetric(scheme: CTQuantizationScheme, key: str) -> bool:
+    """Whether the role a ``<role>_zero_point`` belongs to is symmetric (its zero point is
+    not stored)."""
+    role = {"input": scheme.input_activations, "output": scheme.output_activations}
+    args = role.get(key.removesuffix("_zero_point"))
+    return args is not None and args.symmetric
