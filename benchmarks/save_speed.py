@@ -6,7 +6,7 @@ Builds a ``LlamaForCausalLM`` with SmolLM2-135M's configuration (hidden 576, 30 
 ``oneshot``), then times ``save_compressed`` (every layer packed, checked to read back within
 its guarantee, written and fsynced). Each repeat builds a fresh model.
 
-    python benchmarks/save_speed.py [--repeats 3] [--threads 2] [--profile]
+    python benchmarks/save_speed.py [--repeats 3] [--threads 1] [--profile]
 
 Prints a Markdown table of compression and save seconds per repeat, wall-clock and CPU time of
 this process (steadier than wall-clock on a busy machine); ``--profile`` also prints the top of
@@ -81,7 +81,12 @@ def measure(seed: int, profiler: cProfile.Profile | None) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1: steady on a shared machine, where waiting threads swing timings)",
+    )
     parser.add_argument("--profile", action="store_true", help="cProfile the last save")
     parser.add_argument("--sort", default="cumulative", help="profile order (pstats keys)")
     args = parser.parse_args()
