@@ -44,8 +44,13 @@ SMOLLM2_135M = {
 W4A16_G64 = {
     "group_0": {
         "targets": ["Linear"],
-        "weights": {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group"}
-        | {"group_size": 64},
+        "weights": {
+            "num_bits": 4,
+            "type": "int",
+            "symmetric": True,
+            "strategy": "group",
+            "group_size": 64,
+        },
     }
 }
 
