@@ -21,6 +21,7 @@ from lightning_compress.evaluate import evaluation_samples
 from lightning_compress.lightning.cli import language_model
 from lightning_compress.lightning.oneshot import oneshot
 from lightning_compress.pipelines.calibration_data import Sample
+from lightning_compress.pipelines.summary import CompressionSummary
 from lightning_compress.pretrained import default_seq_length, load_pretrained, torch_dtype
 
 __all__ = ["compress_parser", "run_compress"]
@@ -141,11 +142,16 @@ def run_compress(argv: list[str], verbose: bool = False) -> nn.Module:
     _check_output_dir(parser, config)
     if config.seed_everything is not None:
         pl.seed_everything(config.seed_everything, verbose=False)
-    model, tokenizer = _model(parser, config)
+    summary = CompressionSummary()
+    with summary.phase("load"):
+        model, tokenizer = _model(parser, config)
     if config.max_seq_length is None:
         config.max_seq_length = default_seq_length(model)
     evaluation, label = _evaluation(config, model, tokenizer)
-    before = perplexity(model, evaluation) if evaluation is not None else None
+    before = after = None
+    if evaluation is not None:
+        with summary.phase("evaluate"):
+            before = perplexity(model, evaluation)
     dataset = config.dataset if config.dataset is not None else bundled_text("calibration")
     oneshot(
         model,
@@ -168,10 +174,16 @@ def run_compress(argv: list[str], verbose: bool = False) -> nn.Module:
         overwrite_output_dir=config.overwrite_output_dir,
         text_column=config.text_column,
         concatenate_data=config.concatenate_data,
+        summary=summary,
     )
-    after = perplexity(model, evaluation) if evaluation is not None else None
+    if evaluation is not None:
+        with summary.phase("evaluate"):
+            after = perplexity(model, evaluation)
     if rank_and_world_size()[0] != 0:
         return model
+    if after is not None:
+        summary.set_quality(f"perplexity on {label}", before, after)
+    summary.log()
     if config.output_dir is not None:
         print(f"Saved the compressed model to {config.output_dir} (compressed-tensors format)")
     if after is not None:

@@ -88,6 +88,28 @@ def test_compress_takes_a_local_checkpoint_and_a_jsonl_dataset(
     assert weight.unique().numel() < weight.numel()  # quantized: few distinct values per group
 
 
+def test_the_summary_holds_the_perplexities_and_every_phase(
+    checkpoint, recipe, jsonl, tmp_path, capsys
+):
+    data, eval_data = jsonl("calibration.jsonl"), jsonl("eval.jsonl", RECORDS[::-1])
+    main(["compress", *flags(checkpoint, recipe, data, eval_data, tmp_path / "out")])
+    captured = capsys.readouterr()
+    before, after = printed_perplexities(captured.out)
+    output = captured.out + captured.err
+    summary = output[output.index("compression summary:") :]
+    change = f"{(after - before) / before:+.1%}"
+    assert "perplexity on " in summary and f"-> {after:.4g} after ({change})" in summary
+    assert f"{before:.4g} before" in summary
+    phases = re.search(r"time: (.*) \(total", summary)[1]
+    assert [phase.split()[0] for phase in phases.split(", ")] == [
+        "load",
+        "evaluate",
+        "data",
+        "compress",
+        "save",
+    ]
+
+
 def test_the_same_keys_work_in_a_yaml_config(checkpoint, recipe, jsonl, tmp_path, capsys):
     data, eval_data = jsonl("calibration.jsonl"), jsonl("eval.jsonl", RECORDS[::-1])
     main(["compress", *flags(checkpoint, recipe, data, eval_data, tmp_path / "by-flags")])
