@@ -1,5 +1,5 @@
 """``python -m lightning_compress``: the command line."""
 
-from lightning_compress.cli import main
+from lightning_compress.cli import run
 
-main()
+run()

@@ -88,6 +88,32 @@ def main(argv: list[str] | None = None) -> None:
     _quickstart(parsed)
 
 
+def run() -> None:
+    """The ``lightning-compress`` program: :func:`main`, with refused input said in one line.
+
+    A recipe, data file, checkpoint or output directory the library refuses (a ``ValueError``,
+    ``TypeError`` or ``OSError`` such as ``RecipeError``, ``ExportError`` or
+    ``FileNotFoundError``) ends the program with its message on stderr and exit status 1; with
+    ``--verbose`` the traceback is shown instead.
+    """
+    try:
+        main()
+    except (ValueError, TypeError, OSError) as error:
+        if _asks_verbose(sys.argv[1:]):
+            raise
+        command = Path(sys.argv[0]).name
+        print(f"{command}: error: {error}\n(--verbose shows the traceback)", file=sys.stderr)
+        sys.exit(1)
+
+
+def _asks_verbose(args: list[str]) -> bool:
+    for arg in args:
+        flag, _, value = arg.partition("=")
+        if flag == VERBOSE and value.lower() not in ("false", "0", "no"):
+            return True
+    return False
+
+
 def _compress(args: list[str], verbose: bool) -> None:
     from lightning_compress.lightning.compress_command import run_compress
 

@@ -9,8 +9,9 @@ import yaml
 from cli_checkpoints import save_checkpoint
 from loguru import logger
 
-from lightning_compress.cli import COMMANDS, main
+from lightning_compress.cli import COMMANDS, main, run
 from lightning_compress.lightning.compress_command import compress_parser
+from lightning_compress.recipe import RecipeError
 
 TRAINING = ("fit", "validate", "test", "predict")
 RTN = yaml.safe_dump({"q_modifiers": {"QuantizationModifier": {"scheme": "W8A16"}}})
@@ -140,3 +141,24 @@ def test_a_nested_model_flag_gets_a_short_error_naming_the_model_flag(capsys):
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.split("error:")[-1].strip()
     assert "--model PATH" in error and len(error.splitlines()) == 1
+
+
+MISSPELLED = yaml.safe_dump({"q_modifiers": {"GPTQModifer": {"scheme": "W8A16"}}})
+
+
+def test_the_program_says_a_refused_recipe_in_one_line(monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["lightning-compress", "compress", "--recipe", MISSPELLED])
+    with pytest.raises(SystemExit) as exit_info:
+        run()
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("lightning-compress: error: ") and "Traceback" not in err
+    assert "unknown modifier 'GPTQModifer'" in err and "did you mean 'GPTQModifier'" in err
+
+
+@pytest.mark.parametrize("flag", ["--verbose", "--verbose=true"])
+def test_the_program_shows_the_traceback_with_verbose(flag, monkeypatch):
+    argv = ["lightning-compress", "compress", "--recipe", MISSPELLED, flag]
+    monkeypatch.setattr("sys.argv", argv)
+    with pytest.raises(RecipeError, match="unknown modifier 'GPTQModifer'"):
+        run()
