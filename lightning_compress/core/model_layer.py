@@ -13,6 +13,7 @@ __all__ = [
     "ModelParameterizedLayer",
     "get_layers_params",
     "match_named_modules",
+    "module_class_names",
     "module_matches",
     "normalize_targets",
 ]
@@ -60,14 +61,29 @@ def module_matches(name: str, module: nn.Module, target: str) -> bool:
         name: the module's name in the model.
         module: the module.
         target: a class name (``Linear``), a module name (``lm_head``) or ``re:<regex>``
-            matched from the start of the module name.
+            matched from the start of the module name. A class name selects the module's
+            class and every ``nn.Module`` class it derives from, as compressed-tensors
+            matches: ``Linear`` selects Falcon's ``FalconLinear``.
 
     Returns:
         True if the target selects the module.
     """
     if target.startswith(REGEX_PREFIX):
         return re.match(target[len(REGEX_PREFIX) :], name) is not None
-    return target in (name, type(module).__name__)
+    return target == name or target in module_class_names(module)
+
+
+def module_class_names(module: nn.Module) -> list[str]:
+    """The names a class-name target may use to select ``module``.
+
+    Args:
+        module: the module.
+
+    Returns:
+        The names of its class and of every ``nn.Module`` class it derives from, most
+        derived first.
+    """
+    return [cls.__name__ for cls in type(module).__mro__ if issubclass(cls, nn.Module)]
 
 
 def match_named_modules(

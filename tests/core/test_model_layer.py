@@ -6,6 +6,7 @@ import pytest
 from torch import nn
 
 from lightning_compress.core import ModelParameterizedLayer, get_layers_params, match_named_modules
+from lightning_compress.core.model_layer import module_matches
 
 
 @pytest.mark.parametrize(
@@ -61,3 +62,34 @@ def test_get_layers_params_rejects_layers_without_the_parameter(model):
 def test_nested_names():
     outer = nn.Sequential(nn.Sequential(nn.Linear(2, 2)), nn.Linear(2, 2))
     assert list(match_named_modules(outer, "re:0\\.")) == ["0.0"]
+
+
+class _SubclassedLinear(nn.Linear):
+    """A subclass of ``nn.Linear`` (as Falcon's ``FalconLinear``)."""
+
+
+def _with_subclassed_linear() -> nn.Sequential:
+    return nn.Sequential(_SubclassedLinear(2, 2), nn.ReLU(), nn.Linear(2, 2))
+
+
+def test_a_class_target_selects_subclasses():
+    assert list(match_named_modules(_with_subclassed_linear(), "Linear")) == ["0", "2"]
+
+
+def test_a_subclass_target_selects_only_the_subclass():
+    assert list(match_named_modules(_with_subclassed_linear(), "_SubclassedLinear")) == ["0"]
+
+
+def test_ignoring_a_base_class_ignores_its_subclasses():
+    model = _with_subclassed_linear()
+    assert list(match_named_modules(model, ["Linear", "ReLU"], ignore="Linear")) == ["1"]
+
+
+def test_class_matching_agrees_with_compressed_tensors():
+    from compressed_tensors.utils.match import is_match
+
+    model = _with_subclassed_linear()
+    for target in ["Linear", "_SubclassedLinear", "ReLU", "Module", "Sequential"]:
+        for name, module in model.named_modules():
+            if name:
+                assert module_matches(name, module, target) == is_match(name, module, target)
