@@ -10,8 +10,8 @@ from torch import Tensor, nn
 
 from lightning_compress.core.distributed import all_reduce_max_, all_reduce_min_
 from lightning_compress.modifiers.quantization.args import QuantizationArgs, QuantizationScheme
-from lightning_compress.modifiers.quantization.observers import observer_for
-from lightning_compress.modifiers.quantization.ops import fake_quantize, qparams_for_weight
+from lightning_compress.modifiers.quantization.observers import observer_for, qparams_for_weight
+from lightning_compress.modifiers.quantization.ops import fake_quantize
 from lightning_compress.recipe.errors import RecipeError
 
 __all__ = ["CalibrationObserver", "QuantizedLayer", "quantize_layer", "quantized_layer"]

@@ -33,10 +33,8 @@ from torch import Tensor
 
 from lightning_compress.modifiers.hessian import BlockwiseOBS
 from lightning_compress.modifiers.quantization.args import QuantizationArgs
-from lightning_compress.modifiers.quantization.ops import (
-    fake_quantize_aligned,
-    qparams_for_weight,
-)
+from lightning_compress.modifiers.quantization.observers import qparams_for_weight
+from lightning_compress.modifiers.quantization.ops import fake_quantize_aligned
 
 if TYPE_CHECKING:
     from collections.abc import Sequence

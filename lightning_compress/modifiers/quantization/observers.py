@@ -28,6 +28,7 @@ __all__ = [
     "MovingAverageMinMaxObserver",
     "Observer",
     "observer_for",
+    "qparams_for_weight",
 ]
 
 
@@ -199,3 +200,28 @@ def observer_for(args: QuantizationArgs) -> Observer:
     if observer_class is None:
         raise ValueError(f"unknown observer {args.observer!r}; observers are {list(_OBSERVERS)}")
     return observer_class(args)
+
+
+def qparams_for_weight(
+    weight: Tensor, args: QuantizationArgs, observer: Observer | None = None
+) -> tuple[Tensor, Tensor]:
+    """Computes a weight's scales and zero points.
+
+    Args:
+        weight: the weight, ``[out, in]`` for a linear layer.
+        args: the quantization arguments; ``tensor``, ``channel`` or ``group`` strategy.
+        observer: the observer to use; None builds a fresh one from ``args.observer``.
+
+    Returns:
+        ``(scale, zero_point)`` of the strategy's qparams shape.
+
+    Raises:
+        ValueError: for the ``token`` strategy, which is for activations.
+    """
+    if args.strategy == "token":
+        raise ValueError(
+            "strategy='token' is for activations; weights take 'tensor', 'channel' or 'group'"
+        )
+    if observer is None:
+        observer = observer_for(args)
+    return observer(weight)

@@ -15,15 +15,12 @@ Conventions, as in compressed-tensors:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from lightning_compress.modifiers.quantization.args import QuantizationArgs
-
-if TYPE_CHECKING:
-    from lightning_compress.modifiers.quantization.observers import Observer
 
 __all__ = [
     "FP8_MAX",
@@ -33,7 +30,6 @@ __all__ = [
     "fake_quantize",
     "fake_quantize_aligned",
     "fake_quantize_ste",
-    "qparams_for_weight",
     "quant_range",
     "quantize",
     "quantized_dtype",
@@ -165,34 +161,6 @@ def compute_dynamic_qparams(x: Tensor, args: QuantizationArgs) -> tuple[Tensor, 
         ``(scale, zero_point)`` of the strategy's qparams shape.
     """
     return calculate_qparams(*reduce_min_max(x.detach(), args), args)
-
-
-def qparams_for_weight(
-    weight: Tensor, args: QuantizationArgs, observer: Observer | None = None
-) -> tuple[Tensor, Tensor]:
-    """Computes a weight's scales and zero points.
-
-    Args:
-        weight: the weight, ``[out, in]`` for a linear layer.
-        args: the quantization arguments; ``tensor``, ``channel`` or ``group`` strategy.
-        observer: the observer to use; None builds a fresh one from ``args.observer``.
-
-    Returns:
-        ``(scale, zero_point)`` of the strategy's qparams shape.
-
-    Raises:
-        ValueError: for the ``token`` strategy, which is for activations.
-    """
-    if args.strategy == "token":
-        raise ValueError(
-            "strategy='token' is for activations; weights take 'tensor', 'channel' or 'group'"
-        )
-    if observer is None:
-        # Imported here: observers build on this module.
-        from lightning_compress.modifiers.quantization.observers import observer_for
-
-        observer = observer_for(args)
-    return observer(weight)
 
 
 def _groups_and_qparams(

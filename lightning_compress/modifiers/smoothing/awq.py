@@ -13,11 +13,8 @@ from lightning_compress.core.events import Event
 from lightning_compress.core.state import State
 from lightning_compress.modifiers.hessian_collector import HessianCollector, mask_sources
 from lightning_compress.modifiers.quantization.args import QuantizationArgs, preset_scheme
-from lightning_compress.modifiers.quantization.ops import (
-    fake_quantize,
-    qparams_for_weight,
-    strategy_groups,
-)
+from lightning_compress.modifiers.quantization.observers import qparams_for_weight
+from lightning_compress.modifiers.quantization.ops import fake_quantize, strategy_groups
 from lightning_compress.modifiers.smoothing.base import SmoothingModifier
 from lightning_compress.modifiers.smoothing.folding import SmoothingMapping, linear_weight
 from lightning_compress.recipe.errors import RecipeError

@@ -10,11 +10,8 @@ import torch
 from lightning_compress.modifiers.hessian import SingularHessianError
 from lightning_compress.modifiers.quantization.args import QuantizationArgs
 from lightning_compress.modifiers.quantization.gptq import gptq_quantize, normalize_actorder
-from lightning_compress.modifiers.quantization.ops import (
-    calculate_qparams,
-    fake_quantize,
-    qparams_for_weight,
-)
+from lightning_compress.modifiers.quantization.observers import qparams_for_weight
+from lightning_compress.modifiers.quantization.ops import calculate_qparams, fake_quantize
 
 OUT, IN, GROUP, DAMP = 16, 64, 16, 0.01
 

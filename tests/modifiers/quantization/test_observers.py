@@ -11,12 +11,9 @@ from lightning_compress.modifiers.quantization.observers import (
     MovingAverageMinMaxObserver,
     MSEObserver,
     observer_for,
-)
-from lightning_compress.modifiers.quantization.ops import (
-    calculate_qparams,
-    fake_quantize,
     qparams_for_weight,
 )
+from lightning_compress.modifiers.quantization.ops import calculate_qparams, fake_quantize
 
 CHANNEL_INT4 = QuantizationArgs(num_bits=4, strategy="channel")
 

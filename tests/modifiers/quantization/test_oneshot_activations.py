@@ -19,12 +19,11 @@ from lightning_compress.modifiers.quantization.args import (
     QuantizationScheme,
     preset_scheme,
 )
-from lightning_compress.modifiers.quantization.observers import observer_for
+from lightning_compress.modifiers.quantization.observers import observer_for, qparams_for_weight
 from lightning_compress.modifiers.quantization.ops import (
     calculate_qparams,
     compute_dynamic_qparams,
     fake_quantize,
-    qparams_for_weight,
 )
 from lightning_compress.modifiers.quantization.runtime import InputQuantizer, remove_quantization
 from lightning_compress.recipe import RecipeError

@@ -15,6 +15,7 @@ from lightning_compress.modifiers.quantization.args import (
     QuantizationScheme,
     preset_scheme,
 )
+from lightning_compress.modifiers.quantization.observers import qparams_for_weight
 from lightning_compress.modifiers.quantization.ops import (
     calculate_qparams,
     compute_dynamic_qparams,
@@ -22,7 +23,6 @@ from lightning_compress.modifiers.quantization.ops import (
     fake_quantize,
     fake_quantize_aligned,
     fake_quantize_ste,
-    qparams_for_weight,
     quantize,
     strategy_groups,
 )

@@ -18,7 +18,8 @@ from lightning_compress.core import CompressionSession
 from lightning_compress.modifiers import QuantizationModifier
 from lightning_compress.modifiers.hessian import HessianAccumulator
 from lightning_compress.modifiers.quantization.args import QuantizationArgs
-from lightning_compress.modifiers.quantization.ops import fake_quantize, qparams_for_weight
+from lightning_compress.modifiers.quantization.observers import qparams_for_weight
+from lightning_compress.modifiers.quantization.ops import fake_quantize
 from lightning_compress.modifiers.smoothing import AWQModifier, awq_search
 from lightning_compress.recipe import RecipeError
 
