@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_compress.core.distributed import all_reduce_max_, all_reduce_sum_
-from lightning_compress.modifiers.hessian_collector import same_input, tensor_version
+from lightning_compress.core.tensors import same_input, tensor_version
 from lightning_compress.modifiers.input_scaling import input_axis
 from lightning_compress.modifiers.layerwise import StatisticsCollector
 

@@ -33,10 +33,11 @@ from lightning_compress.core.distributed import (
     all_reduce_sum_,
     is_distributed,
 )
+from lightning_compress.core.tensors import same_input, tensor_version
 from lightning_compress.modifiers.hessian import HessianAccumulator
 from lightning_compress.modifiers.layerwise import StatisticsCollector
 
-__all__ = ["HessianCollector", "mask_sources", "same_input", "tensor_version"]
+__all__ = ["HessianCollector", "mask_sources"]
 
 HESSIAN_DTYPE = torch.float64
 """Accumulation dtype: sums over differently sharded data then agree to far below float32
@@ -235,30 +236,6 @@ def _takes_mask(module: nn.Module) -> bool:
         return "attention_mask" in inspect.signature(module.forward).parameters
     except (TypeError, ValueError):
         return False
-
-
-def same_input(a: Tensor, b: Tensor) -> bool:
-    """Whether ``b`` is ``a`` or a view of the same memory with the same layout (``a`` is
-    kept alive by the caller, so its memory cannot have been reused)."""
-    return a is b or (
-        a.data_ptr() == b.data_ptr()
-        and a.shape == b.shape
-        and a.stride() == b.stride()
-        and a.dtype == b.dtype
-        and a.device == b.device
-    )
-
-
-def tensor_version(x: Tensor) -> int:
-    """The in-place modification counter of ``x``: it changes when ``x`` is modified in place.
-
-    Args:
-        x: a tensor.
-
-    Returns:
-        ``x._version``, or 0 for an inference tensor (which has none and cannot change).
-    """
-    return 0 if x.is_inference() else x._version
 
 
 def _distinct(accumulators: Iterable[HessianAccumulator]) -> list[HessianAccumulator]:

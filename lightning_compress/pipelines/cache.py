@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from lightning_compress.pipelines.capture import BlockInputs, map_tensors
+from lightning_compress.core.tensors import map_tensors
+from lightning_compress.pipelines.capture import BlockInputs
 
 __all__ = ["ActivationCache"]
 

@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import nn
 
+from lightning_compress.core.tensors import map_tensors
+
 __all__ = [
     "BlockInputs",
     "call_model",
     "capture_block_inputs",
     "input_device",
-    "map_tensors",
 ]
 
 
@@ -64,27 +65,6 @@ class BlockInputs:
         """
         args, kwargs = map_tensors((self.args, self.kwargs), lambda tensor: tensor.to(device))
         return BlockInputs(args, kwargs)
-
-
-def map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-    """Apply ``fn`` to every tensor inside nested tuples, lists and dicts.
-
-    Args:
-        value: a tensor, a container of them, or anything else (returned as is).
-        fn: the function to apply.
-
-    Returns:
-        The same structure with ``fn`` applied to its tensors.
-    """
-    if isinstance(value, torch.Tensor):
-        return fn(value)
-    if isinstance(value, tuple):
-        return tuple(map_tensors(item, fn) for item in value)
-    if isinstance(value, list):
-        return [map_tensors(item, fn) for item in value]
-    if isinstance(value, dict):
-        return {key: map_tensors(item, fn) for key, item in value.items()}
-    return value
 
 
 def input_device(model: nn.Module) -> torch.device:

@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_compress.core.distributed import all_reduce_max_, all_reduce_min_, is_distributed
-from lightning_compress.modifiers.hessian_collector import same_input
+from lightning_compress.core.tensors import same_input
 from lightning_compress.pipelines.capture import BlockInputs
 from lightning_compress.pipelines.snapshot import BlockSnapshot
 

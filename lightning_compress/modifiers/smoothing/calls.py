@@ -7,8 +7,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from lightning_compress.modifiers.hessian_collector import tensor_version
-from lightning_compress.pipelines.capture import map_tensors
+from lightning_compress.core.tensors import map_tensors, tensor_version
 
 __all__ = ["CallRecorder", "RecordedCall", "tensors_in"]
 

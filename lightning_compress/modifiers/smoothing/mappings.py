@@ -40,7 +40,7 @@ from torch import nn
 
 from lightning_compress.core.distributed import all_reduce_min_
 from lightning_compress.core.model_layer import module_matches
-from lightning_compress.modifiers.hessian_collector import same_input
+from lightning_compress.core.tensors import same_input
 from lightning_compress.modifiers.smoothing.folding import (
     SmoothingMapping,
     is_linear,

@@ -6,7 +6,7 @@ data instead of assumed from names:
 
 * :meth:`BlockProbe.baseline` runs the block once, recording which linear layers read the
   output of a normalization layer directly (the same tensor, see
-  :func:`~lightning_compress.modifiers.hessian_collector.same_input`);
+  :func:`~lightning_compress.core.tensors.same_input`);
 * :meth:`BlockProbe.reached` multiplies a few output channels of a smooth layer by
   ``PROBE_FACTOR`` and tells which layers see exactly those input channels multiplied by it
   and every other channel unchanged;
@@ -30,8 +30,8 @@ import torch
 from loguru import logger
 from torch import Tensor, nn
 
+from lightning_compress.core.tensors import same_input
 from lightning_compress.modifiers.base import Modifier
-from lightning_compress.modifiers.hessian_collector import same_input
 from lightning_compress.modifiers.smoothing.calls import RecordedCall, tensors_in
 from lightning_compress.modifiers.smoothing.folding import (
     SmoothingMapping,
