@@ -3,7 +3,7 @@
 Importing the package registers the project's adapters (each module registers its own).
 """
 
-from lightning_compress.layers import experts
+from lightning_compress.layers import conv1d, experts
 from lightning_compress.layers.experts import LinearExperts, calibrating_all_experts
 from lightning_compress.layers.linearize import (
     ADAPTERS,
@@ -19,6 +19,7 @@ __all__ = [
     "LinearExperts",
     "Linearization",
     "calibrating_all_experts",
+    "conv1d",
     "experts",
     "linearize",
     "register_adapter",
