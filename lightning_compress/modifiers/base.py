@@ -405,6 +405,24 @@ class Modifier:
             )
         return layers
 
+    def compression_targets(self, model: nn.Module) -> dict[str, nn.Module]:
+        """The layers whose weights this modifier compresses, found without changing ``model``.
+
+        The coverage check asks every modifier of a recipe for these before any of them
+        initializes (``strict=True`` refuses a recipe that leaves a weight out).
+
+        Args:
+            model: the model.
+
+        Returns:
+            The layers by name; none for modifiers that compress no weight (smoothing,
+            distillation).
+
+        Raises:
+            RecipeError: for targets or ``ignore`` patterns the modifier refuses.
+        """
+        return {}
+
     # ------------------------------------------------------- subclass callbacks
     def on_initialize(self, state: State, **kwargs: Any) -> Any:
         """Prepare for ``state.model`` (resolve targets, check settings against it)."""

@@ -126,6 +126,10 @@ class CalibratedPruningModifier(Modifier, MaskStructureSetting, register=False):
         raise NotImplementedError
 
     # ---------------------------------------------------------------- lifecycle
+    def compression_targets(self, model: nn.Module) -> dict[str, nn.Module]:
+        """The linear layers this modifier prunes (see ``Modifier``)."""
+        return linear_layers(type(self).__name__, self.resolve_targets(model))
+
     def on_initialize(self, state: State, **kwargs: Any) -> None:
         targets = self.resolve_targets(state.model)
         owner = type(self).__name__

@@ -39,6 +39,10 @@ class WeightMaskModifier(Modifier, register=False):
     ``DTensor`` (FSDP2), its mask is sharded the same way, so masking stays shard-local.
     """
 
+    def compression_targets(self, model: nn.Module) -> dict[str, nn.Module]:
+        """The layers whose weights this modifier masks (see ``Modifier``)."""
+        return self.weight_layers(model)
+
     def on_initialize(self, state: State, **kwargs: Any) -> None:
         self.layers_ = self.weight_layers(state.model)
         check_finite_weights(type(self).__name__, self.layers_)

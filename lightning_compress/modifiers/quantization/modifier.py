@@ -117,6 +117,10 @@ class QuantizationModifier(Modifier):
         for where, scheme in self._labeled_schemes():
             self._check_scheme(where, scheme)
 
+    def compression_targets(self, model: nn.Module) -> dict[str, nn.Module]:
+        """The linear layers a scheme of this modifier quantizes (see ``Modifier``)."""
+        return {name: module for name, (module, _) in self._plan_layers(model).items()}
+
     def resolved_schemes(self) -> list[QuantizationScheme]:
         """The schemes this modifier applies, presets and config groups together.
 
