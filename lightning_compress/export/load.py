@@ -20,6 +20,8 @@ from lightning_compress.export.schemes import from_ct_scheme
 from lightning_compress.export.staging import recover_checkpoint
 from lightning_compress.export.tensors import decompress_layer
 from lightning_compress.export.validation import check_layer, check_state, read_quantization_config
+from lightning_compress.layers import linearize
+from lightning_compress.layers.conv1d import conv1d_orientation
 from lightning_compress.modifiers.quantization import QuantizationScheme, attach_quantization
 from lightning_compress.modifiers.quantization.ops import quantized_dtype
 from lightning_compress.modifiers.quantization.runtime import QPARAM_BUFFERS
@@ -41,6 +43,10 @@ def load_compressed(path: str | os.PathLike, keep_quantization: bool = True) -> 
     Without it the model is dense, holding the dequantized weights: the start for a new
     recipe (quantization-aware training, another scheme). Pruned weights stay zero either
     way; a ``ConstantPruningModifier`` keeps them so while fine-tuning.
+
+    The model's layers are linearized as for compressing (see
+    :func:`~lightning_compress.layers.linearize`): GPT-2's ``Conv1D`` layers come back as
+    ``nn.Linear`` layers, which transformers cannot build quantized.
 
     Args:
         path: the checkpoint directory (``config.json`` and safetensors files).
@@ -71,7 +77,9 @@ def load_compressed(path: str | os.PathLike, keep_quantization: bool = True) -> 
     config_dict = read_json(path / CONFIG_NAME)
     config = read_quantization_config(config_dict, path / CONFIG_NAME)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config_dict))
+    linearize(model)
     tensors, files = read_tensors(path)
+    tensors = conv1d_orientation(model, tensors)
     quantized: dict[str, tuple[nn.Module, CTQuantizationScheme, dict[str, Tensor]]] = {}
     if config is not None:
         for name, module, scheme in _assigned_schemes(model, config):

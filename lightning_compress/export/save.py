@@ -20,6 +20,7 @@ from lightning_compress.export.staging import recover_checkpoint, staged_directo
 from lightning_compress.export.tensors import compressed_state_dict
 from lightning_compress.export.tokenizer import save_tokenizer
 from lightning_compress.export.writer import DEFAULT_MAX_SHARD_BYTES, check_output_dir, write_shards
+from lightning_compress.layers.conv1d import conv1d_orientation
 from lightning_compress.pipelines.record import RECORD_ATTRIBUTE, partial_compression
 from lightning_compress.recipe import Recipe, RecipeInput
 
@@ -54,6 +55,10 @@ def save_compressed(
     warning, where the installed compressed-tensors cannot load its own ``pack-quantized``
     zero points (see :data:`~lightning_compress.export.schemes.FALLBACK_FORMAT`); vLLM
     serves int4 from ``pack-quantized`` only, which ``pack_asymmetric=True`` writes.
+
+    Layers that were transformers' ``Conv1D`` (GPT-2) keep its orientation of ``.weight``
+    (``[in, out]``, which transformers and vLLM's GPT-2 read); their packed weights and
+    qparams are in ``nn.Linear`` layout, as compressed-tensors and vLLM expect.
 
     A model that was never quantized nor pruned is saved plainly (no ``quantization_config``).
     The bundled ``TinyDecoder`` is saved as the ``LlamaForCausalLM`` it equals.
@@ -102,7 +107,7 @@ def save_compressed(
     qconfig = quantization_config(model, layers, sparsity_config(model))
     if qconfig is not None:
         config["quantization_config"] = qconfig
-    tensors = compressed_state_dict(model, layers, progress)
+    tensors = conv1d_orientation(model, compressed_state_dict(model, layers, progress))
     recipe_text = None if recipe is None else Recipe.create_instance(recipe).yaml()
     with staged_directory(path, overwrite) as staging:
         write_shards(tensors, staging, max_shard_bytes)
