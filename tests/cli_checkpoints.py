@@ -11,8 +11,8 @@ import torch
 from loguru import logger
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from lightning_compress.bundled.tokenizer import byte_tokenizer_fast
 from lightning_compress.core.verbosity import set_verbosity
-from lightning_compress.export.tokenizer import byte_tokenizer_fast
 
 ARCHITECTURE = {
     "num_hidden_layers": 2,

@@ -8,11 +8,14 @@ recipes whose targets and ignore patterns were written for Llama apply unchanged
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import LlamaConfig
 
 
 @dataclass
@@ -331,3 +334,37 @@ class TinyDecoder(nn.Module):
             Logits of shape ``[batch, seq, vocab_size]``.
         """
         return self.lm_head(self.model(input_ids, attention_mask))
+
+    def pretrained_config(self) -> LlamaConfig:
+        """The transformers config of the model this one computes exactly, for export.
+
+        Returns:
+            A ``LlamaConfig`` naming ``LlamaForCausalLM`` (untied embeddings, no biases, SiLU,
+            default RoPE).
+
+        Raises:
+            ImportError: without the ``hf`` extra (transformers).
+        """
+        from transformers import LlamaConfig
+
+        config = self.config
+        return LlamaConfig(
+            vocab_size=config.vocab_size,
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            num_hidden_layers=config.num_layers,
+            num_attention_heads=config.num_heads,
+            num_key_value_heads=config.num_kv_heads,
+            head_dim=config.head_dim,
+            max_position_embeddings=config.max_seq_len,
+            rope_theta=config.rope_theta,
+            rms_norm_eps=config.rms_norm_eps,
+            hidden_act="silu",
+            attention_bias=False,
+            mlp_bias=False,
+            tie_word_embeddings=False,
+            bos_token_id=None,
+            eos_token_id=None,
+            pad_token_id=None,
+            architectures=["LlamaForCausalLM"],
+        )

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 
 class ByteTokenizer:
@@ -58,3 +64,35 @@ class ByteTokenizer:
         if return_tensors == "pt":
             return {"input_ids": torch.tensor([ids], dtype=torch.long)}
         raise ValueError(f"return_tensors must be None or 'pt', got {return_tensors!r}")
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write the files of :func:`byte_tokenizer_fast`, the transformers tokenizer giving
+        the same ids, so that transformers and vLLM can load this tokenizer.
+
+        Args:
+            directory: where to write.
+
+        Raises:
+            ImportError: without the ``hf`` extra (transformers).
+        """
+        byte_tokenizer_fast().save_pretrained(directory)
+
+
+def byte_tokenizer_fast() -> PreTrainedTokenizerFast:
+    """A transformers tokenizer giving the same ids as ``ByteTokenizer``: one per UTF-8 byte.
+
+    Returns:
+        A byte-level BPE tokenizer without merges, token id = byte value.
+
+    Raises:
+        ImportError: without the ``hf`` extra (transformers, tokenizers).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    byte_chars = bytes_to_unicode()
+    backend = Tokenizer(models.BPE(vocab={byte_chars[b]: b for b in range(256)}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend)

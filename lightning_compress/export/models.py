@@ -1,8 +1,10 @@
 """Which models can be exported, and the ``config.json`` each is described by.
 
-Hugging Face ``PreTrainedModel`` s keep their own config. The bundled
-:class:`~lightning_compress.bundled.TinyDecoder` has Llama's architecture and module names, so
-it is exported as a ``LlamaForCausalLM`` checkpoint, which transformers and vLLM load as is.
+Hugging Face ``PreTrainedModel`` s keep their own config. Any other model exports when it
+describes itself: a ``pretrained_config()`` method returns the transformers config (with
+``architectures``) of the model it computes exactly, with the same module names. The bundled
+:class:`~lightning_compress.bundled.TinyDecoder` does so as a ``LlamaForCausalLM``, which
+transformers and vLLM load as is.
 """
 
 from __future__ import annotations
@@ -11,14 +13,24 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import LlamaConfig, PreTrainedModel
+from transformers import PreTrainedModel
 
-from lightning_compress.bundled import TinyDecoder, TinyDecoderConfig
+__all__ = ["checkpoint_config", "find_exportable", "is_exportable"]
 
-__all__ = ["EXPORTABLE", "checkpoint_config", "find_exportable", "llama_config"]
 
-EXPORTABLE = (PreTrainedModel, TinyDecoder)
-"""The model classes ``save_compressed`` writes."""
+def is_exportable(module: nn.Module) -> bool:
+    """Whether ``save_compressed`` can write ``module``.
+
+    Args:
+        module: a model.
+
+    Returns:
+        True for a transformers ``PreTrainedModel`` and for a model with a
+        ``pretrained_config()`` method.
+    """
+    return isinstance(module, PreTrainedModel) or callable(
+        getattr(module, "pretrained_config", None)
+    )
 
 
 def find_exportable(module: nn.Module) -> nn.Module:
@@ -34,15 +46,15 @@ def find_exportable(module: nn.Module) -> nn.Module:
     Raises:
         TypeError: when ``module`` holds no exportable model, or several.
     """
-    if isinstance(module, EXPORTABLE):
+    if is_exportable(module):
         return module
     found = _outermost_exportable(module)
     if len(found) != 1:
         names = [name for name, _ in found]
         raise TypeError(
             f"{type(module).__name__} holds {len(found)} exportable models {names}; expected "
-            "exactly one transformers PreTrainedModel or TinyDecoder to save (pass that model "
-            "itself)"
+            "exactly one transformers PreTrainedModel or model with pretrained_config() to save "
+            "(pass that model itself)"
         )
     return found[0][1]
 
@@ -50,7 +62,7 @@ def find_exportable(module: nn.Module) -> nn.Module:
 def _outermost_exportable(module: nn.Module) -> list[tuple[str, nn.Module]]:
     found: list[tuple[str, nn.Module]] = []
     for name, child in module.named_children():
-        if isinstance(child, EXPORTABLE):
+        if is_exportable(child):
             found.append((name, child))
         else:
             inside = _outermost_exportable(child)
@@ -62,7 +74,8 @@ def checkpoint_config(model: nn.Module) -> dict[str, Any]:
     """The ``config.json`` content of ``model``'s checkpoint, without ``quantization_config``.
 
     Args:
-        model: a transformers ``PreTrainedModel`` or a ``TinyDecoder``.
+        model: a transformers ``PreTrainedModel``, or a model with a ``pretrained_config()``
+            method.
 
     Returns:
         The config, with ``architectures`` and the dtype of the model's weights.
@@ -73,47 +86,21 @@ def checkpoint_config(model: nn.Module) -> dict[str, Any]:
     if isinstance(model, PreTrainedModel):
         config = model.config.to_dict()
         config["architectures"] = [type(model).__name__]
-    elif isinstance(model, TinyDecoder):
-        config = llama_config(model.config).to_dict()
-        config["architectures"] = ["LlamaForCausalLM"]
+    elif callable(getattr(model, "pretrained_config", None)):
+        config = model.pretrained_config().to_dict()
+        if not config.get("architectures"):
+            raise TypeError(
+                f"save_compressed: {type(model).__name__}.pretrained_config() names no "
+                "architectures; expected the transformers class that computes the model"
+            )
     else:
         raise TypeError(
-            f"save_compressed: expected a transformers PreTrainedModel or the bundled "
-            f"TinyDecoder, got {type(model).__name__}"
+            f"save_compressed: expected a transformers PreTrainedModel or a model with "
+            f"pretrained_config(), got {type(model).__name__}"
         )
     config.pop("quantization_config", None)
     config["torch_dtype" if "torch_dtype" in config else "dtype"] = _dtype_name(model)
     return config
-
-
-def llama_config(config: TinyDecoderConfig) -> LlamaConfig:
-    """The ``LlamaConfig`` of the model a ``TinyDecoder`` computes exactly.
-
-    Args:
-        config: the tiny decoder's configuration.
-
-    Returns:
-        The Llama configuration (untied embeddings, no biases, SiLU, default RoPE).
-    """
-    return LlamaConfig(
-        vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_layers,
-        num_attention_heads=config.num_heads,
-        num_key_value_heads=config.num_kv_heads,
-        head_dim=config.head_dim,
-        max_position_embeddings=config.max_seq_len,
-        rope_theta=config.rope_theta,
-        rms_norm_eps=config.rms_norm_eps,
-        hidden_act="silu",
-        attention_bias=False,
-        mlp_bias=False,
-        tie_word_embeddings=False,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
-    )
 
 
 def _dtype_name(model: nn.Module) -> str:

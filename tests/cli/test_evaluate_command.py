@@ -12,11 +12,11 @@ import torch
 from cli_checkpoints import RECORDS
 from transformers import AutoModelForCausalLM
 
+from lightning_compress.bundled.tokenizer import byte_tokenizer_fast
 from lightning_compress.cli import main
 from lightning_compress.evaluate import evaluation_samples
 from lightning_compress.evaluate_command import run_evaluate
 from lightning_compress.export import save_compressed
-from lightning_compress.export.tokenizer import byte_tokenizer_fast
 from lightning_compress.lightning.oneshot import oneshot
 from lightning_compress.modifiers import QuantizationModifier
 from lightning_compress.pretrained import load_pretrained

@@ -90,3 +90,16 @@ def test_only_transformers_models_and_the_tiny_decoder_are_exported(tmp_path):
     with pytest.raises(TypeError, match="tokenizer: expected a transformers tokenizer"):
         save_compressed(TinyDecoder(config), tmp_path / "ckpt", tokenizer=object())
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_a_model_whose_pretrained_config_names_no_architecture_is_refused(tmp_path):
+    class Described(TinyDecoder):
+        def pretrained_config(self):
+            config = super().pretrained_config()
+            config.architectures = None
+            return config
+
+    config = TinyDecoderConfig(hidden_size=32, intermediate_size=64, num_layers=1)
+    with pytest.raises(TypeError, match=r"Described\.pretrained_config\(\) names no architec"):
+        save_compressed(Described(config), tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()

@@ -18,8 +18,8 @@ from transformers import AutoTokenizer
 
 from lightning_compress import Compressor
 from lightning_compress.bundled import ByteTokenizer
+from lightning_compress.bundled.tokenizer import byte_tokenizer_fast
 from lightning_compress.export import ExportError
-from lightning_compress.export.tokenizer import byte_tokenizer_fast
 from lightning_compress.lightning.language_model import CausalLMModule
 from lightning_compress.modifiers import MagnitudePruningModifier
 
