@@ -55,7 +55,9 @@ class Modifier:
     error that lists the valid ones.
 
     Lifecycle: ``initialize`` → ``on_initialize``; ``update_event`` → ``on_event`` for every
-    event, ``on_start``/``on_end`` when the schedule says so and ``on_update`` while active;
+    event (which hands the calibration events to ``on_calibration_start``,
+    ``on_sequential_epoch_end`` and ``on_calibration_end``), ``on_start``/``on_end`` when the
+    schedule says so and ``on_update`` while active;
     ``finalize`` → ``on_end`` (if still active) and ``on_finalize``; hooks registered with
     ``register_hook`` are removed at finalize, abort, and on any error there.
 
@@ -437,7 +439,36 @@ class Modifier:
         """Finish compressing (``event`` is None when ended from ``finalize``)."""
 
     def on_event(self, state: State, event: Event, **kwargs: Any) -> Any:
-        """Any event, before the schedule is applied (e.g. SEQUENTIAL_EPOCH_END)."""
+        """Any event, before the schedule is applied.
+
+        By default it hands the calibration events to the named hooks below, so an
+        algorithm overrides those instead of testing ``event.type_``.
+
+        Args:
+            state: the session's state.
+            event: the event.
+            **kwargs: event data (``subgraph`` for SEQUENTIAL_EPOCH_END).
+
+        Returns:
+            What the named hook returned (None for other events).
+        """
+        if event.type_ == EventType.CALIBRATION_EPOCH_START:
+            return self.on_calibration_start(state, event)
+        if event.type_ == EventType.SEQUENTIAL_EPOCH_END:
+            return self.on_sequential_epoch_end(state, kwargs.get("subgraph"))
+        if event.type_ == EventType.CALIBRATION_EPOCH_END:
+            return self.on_calibration_end(state, event)
+        return None
+
+    def on_calibration_start(self, state: State, event: Event) -> None:
+        """CALIBRATION_EPOCH_START, before a one-shot modifier's ``on_start``."""
+
+    def on_sequential_epoch_end(self, state: State, subgraph: nn.Module | None) -> None:
+        """SEQUENTIAL_EPOCH_END: the pipeline has calibrated ``subgraph`` (a block, or the
+        layers of a block that read one input; see :meth:`staged_layers`)."""
+
+    def on_calibration_end(self, state: State, event: Event) -> None:
+        """CALIBRATION_EPOCH_END, before a one-shot modifier's ``on_end``."""
 
     def on_finalize(self, state: State, **kwargs: Any) -> Any:
         """Last chance to clean up; hooks are removed right after."""

@@ -29,6 +29,7 @@ __all__ = [
     "nm_mask",
     "nm_mask_of_run",
     "parse_mask_structure",
+    "row_mask",
     "unstructured_mask",
 ]
 
@@ -94,6 +95,40 @@ def nm_mask(scores: torch.Tensor, n: int, m: int, layer: str | None = None) -> t
     mask = torch.ones_like(groups, dtype=torch.bool)
     mask.scatter_(-1, order[..., : m - n], False)
     return mask.view(scores.shape)
+
+
+def row_mask(
+    scores: torch.Tensor,
+    sparsity: float,
+    mask_structure: tuple[int, int] | None = None,
+    layer: str | None = None,
+) -> torch.Tensor:
+    """Prune each row of ``[out, in]`` scores on its own: its lowest ``sparsity``, or N:M.
+
+    Unstructured, each row prunes its ``round(sparsity * in)`` lowest scores; N:M, each row
+    keeps the ``n`` highest of every ``m`` consecutive columns. Ties prune the lower column
+    first.
+
+    Args:
+        scores: ``[out, in]`` importance of each weight.
+        sparsity: the fraction of each row to prune, in [0, 1] (unstructured only).
+        mask_structure: ``(n, m)`` to keep ``n`` of every ``m`` columns; None: unstructured.
+        layer: the layer's name, for error messages.
+
+    Returns:
+        A bool mask shaped like ``scores``: True keeps a weight.
+
+    Raises:
+        ValueError: when ``m`` does not divide ``in``.
+    """
+    if mask_structure is not None:
+        return nm_mask(scores, *mask_structure, layer=layer)
+    width = scores.shape[-1]
+    pruned = round(sparsity * width)
+    if pruned in (0, width):
+        return torch.full_like(scores, pruned == 0, dtype=torch.bool)
+    # a row is one N:M group with M = in_features
+    return nm_mask(scores, width - pruned, width, layer=layer)
 
 
 def _keep_largest(groups: torch.Tensor, n: int, dim: int = -1) -> torch.Tensor:

@@ -7,9 +7,10 @@ from torch import Tensor
 
 from lightning_compress.modifiers.channel_statistics import ChannelStatistic
 from lightning_compress.modifiers.layerwise import check_finite_inputs
+from lightning_compress.modifiers.layerwise_modifier import CompressedLayer
 from lightning_compress.modifiers.pruning.calibrated import CalibratedPruningModifier
 from lightning_compress.modifiers.pruning.channel_norms import ChannelNormCollector
-from lightning_compress.modifiers.pruning.masks import nm_mask
+from lightning_compress.modifiers.pruning.masks import row_mask
 
 __all__ = ["WandaPruningModifier", "wanda_mask"]
 
@@ -49,13 +50,7 @@ def wanda_mask(
             f"{tuple(channel_norms.shape)} do not fit: expected [out, in] and [in]"
         )
     scores = weight.detach().abs().double() * channel_norms.to(weight.device, torch.float64)
-    if mask_structure is not None:
-        return nm_mask(scores, *mask_structure, layer=layer)
-    pruned = round(sparsity * width)
-    if pruned in (0, width):
-        return torch.full_like(scores, pruned == 0, dtype=torch.bool)
-    # a row is one N:M group with M = in_features
-    return nm_mask(scores, width - pruned, width, layer=layer)
+    return row_mask(scores, sparsity, mask_structure, layer)
 
 
 class WandaPruningModifier(CalibratedPruningModifier):
@@ -82,14 +77,15 @@ class WandaPruningModifier(CalibratedPruningModifier):
     def make_collector(self) -> ChannelNormCollector:
         return ChannelNormCollector()
 
-    def prune_layers(
-        self, weights: dict[str, Tensor], statistics: ChannelStatistic
-    ) -> dict[str, tuple[Tensor, None]]:
+    def compress_stack(
+        self, stack: list[str], statistics: ChannelStatistic
+    ) -> dict[str, CompressedLayer]:
         owner = type(self).__name__
-        check_finite_inputs(owner, list(weights), statistics.values, "input-norm statistic")
+        check_finite_inputs(owner, stack, statistics.values, "input-norm statistic")
         norms = statistics.values.sqrt()
         results = {}
-        for name, weight in weights.items():
+        for name in stack:
+            weight = self._pending[name].module.weight.detach()
             mask = wanda_mask(weight, norms, self.sparsity, self.structure, layer=name)
-            results[name] = (torch.where(mask, weight, 0), None)
+            results[name] = CompressedLayer(torch.where(mask, weight, 0))
         return results
