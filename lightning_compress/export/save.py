@@ -11,6 +11,7 @@ from loguru import logger
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from lightning_compress.core.compression_record import RECORD_ATTRIBUTE, partial_compression
 from lightning_compress.export.errors import ExportError
 from lightning_compress.export.models import checkpoint_config, find_exportable
 from lightning_compress.export.quantization_config import quantization_config
@@ -21,7 +22,6 @@ from lightning_compress.export.tensors import compressed_state_dict
 from lightning_compress.export.tokenizer import save_tokenizer
 from lightning_compress.export.writer import DEFAULT_MAX_SHARD_BYTES, check_output_dir, write_shards
 from lightning_compress.layers.conv1d import conv1d_orientation
-from lightning_compress.pipelines.record import RECORD_ATTRIBUTE, partial_compression
 from lightning_compress.recipe import Recipe, RecipeInput
 
 __all__ = ["CONFIG_NAME", "RECIPE_NAME", "save_compressed"]

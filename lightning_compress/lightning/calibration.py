@@ -13,6 +13,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_compress.core import CompressionSession, LoggerManager
+from lightning_compress.core.compression_record import RECORD_ATTRIBUTE, partial_compression
 from lightning_compress.lightning.loggers import TrainerLogger
 from lightning_compress.pipelines import (
     BlockReport,
@@ -22,7 +23,6 @@ from lightning_compress.pipelines import (
     create_pipeline,
 )
 from lightning_compress.pipelines.calibration_data import check_token_batch
-from lightning_compress.pipelines.record import RECORD_ATTRIBUTE, partial_compression
 from lightning_compress.recipe import Recipe, RecipeArgsInput, RecipeInput, RecipeStageInput
 
 __all__ = ["CalibrationModule"]

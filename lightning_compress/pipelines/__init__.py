@@ -1,6 +1,7 @@
 """Calibration pipelines (sequential, basic, data-free), the activation cache, and the
 helpers modifiers call to reduce statistics across ranks. Never imports lightning."""
 
+from lightning_compress.core.compression_record import PartialCompression, partial_compression
 from lightning_compress.pipelines.base import (
     BlockReport,
     CalibrationPipeline,
@@ -17,7 +18,6 @@ from lightning_compress.pipelines.capture import (
     input_device,
 )
 from lightning_compress.pipelines.data_free import DataFreePipeline
-from lightning_compress.pipelines.record import PartialCompression, partial_compression
 from lightning_compress.pipelines.registry import (
     PIPELINES,
     check_pipeline_name,

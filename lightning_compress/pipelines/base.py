@@ -13,7 +13,7 @@ from loguru import logger
 from torch import nn
 
 from lightning_compress.core import CompressionSession, EventType
-from lightning_compress.pipelines.record import (
+from lightning_compress.core.compression_record import (
     RECORD_ATTRIBUTE,
     PartialCompression,
     mark_partial,
