@@ -244,10 +244,9 @@ class LayerwiseModifier(Modifier, register=False):
     def on_sequential_epoch_end(self, state: State, subgraph: nn.Module | None) -> None:
         if not self.active:
             return
-        names = layers_inside(type(self).__name__, subgraph, self._modules(self._pending))
-        self._compress(
-            state, names, layers_inside(type(self).__name__, subgraph, self._plan_modules)
-        )
+        owner = type(self).__name__
+        names = layers_inside(owner, subgraph, self._modules(self._pending))
+        self._compress(state, names, layers_inside(owner, subgraph, self._modules(self._plan)))
 
     def staged_layers(self, subgraph: nn.Module) -> list[nn.Module] | None:
         """The pending layers inside ``subgraph``: each is compressed from its own inputs.
