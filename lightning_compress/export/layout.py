@@ -27,6 +27,7 @@ __all__ = [
     "differences",
     "layout_of",
     "prepared_layout",
+    "scheme_key",
     "written_layout",
 ]
 
@@ -76,7 +77,7 @@ def written_layout(
     Returns:
         The layout of the stored tensors.
     """
-    return _layout(tuple(shape), bias, dtype, _cache_key(scheme), "cpu")
+    return _layout(tuple(shape), bias, dtype, scheme_key(scheme), "cpu")
 
 
 def prepared_layout(
@@ -93,7 +94,7 @@ def prepared_layout(
     Returns:
         The layout of the tensors the loading model holds for the layer.
     """
-    return _layout(tuple(shape), bias, dtype, _cache_key(scheme), "meta")
+    return _layout(tuple(shape), bias, dtype, scheme_key(scheme), "meta")
 
 
 def differences(found: Layout, expected: Layout) -> list[str]:
@@ -121,9 +122,16 @@ def differences(found: Layout, expected: Layout) -> list[str]:
     return missing + extra + sorted(changed)
 
 
-def _cache_key(scheme: CTQuantizationScheme) -> str:
-    """The scheme as JSON without its targets, which do not change the layout: layers of one
-    shape and scheme share one computed layout."""
+def scheme_key(scheme: CTQuantizationScheme) -> str:
+    """The scheme as JSON without its targets, which do not change how a layer is stored:
+    layers of one shape and scheme share one computed layout.
+
+    Args:
+        scheme: a compressed-tensors scheme.
+
+    Returns:
+        A string equal for schemes that store layers alike.
+    """
     return scheme.model_copy(update={"targets": []}).model_dump_json()
 
 

@@ -14,11 +14,11 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from lightning_compress.export.errors import ExportError
+from lightning_compress.export.readback import decompress_layer
 from lightning_compress.export.reader import read_json, read_tensors
 from lightning_compress.export.save import CONFIG_NAME
 from lightning_compress.export.schemes import from_ct_scheme
 from lightning_compress.export.staging import recover_checkpoint
-from lightning_compress.export.tensors import decompress_layer
 from lightning_compress.export.validation import check_layer, check_state, read_quantization_config
 from lightning_compress.layers import linearize
 from lightning_compress.layers.conv1d import conv1d_orientation

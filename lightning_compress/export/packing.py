@@ -5,14 +5,14 @@ against tensor bounds, which takes as long as the packing itself. For symmetric 
 codes come from this project's own :func:`~lightning_compress.modifiers.quantization.ops.quantize`
 (the one the layers were quantized with) and are packed as compressed-tensors'
 ``pack_to_int32`` packs them (4-bit codes by byte-wise bit operations), giving the same
-tensors. Every other scheme and format goes through compressed-tensors' compressor. Either
-way the caller reads each layer back with compressed-tensors' decompressor before it is
-written.
+tensors; the codes are kept beside them, so that the caller can check the packed words
+integer by integer. Every other scheme and format goes through compressed-tensors' compressor.
 """
 
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 
 import torch
 from compressed_tensors.compressors import BaseCompressor
@@ -22,14 +22,33 @@ from compressed_tensors.quantization import QuantizationScheme as CTQuantization
 from torch import Tensor
 
 from lightning_compress.export.schemes import from_ct_scheme
+from lightning_compress.modifiers.quantization.args import QuantizationArgs
 from lightning_compress.modifiers.quantization.ops import quantize
 
-__all__ = ["pack_layer"]
+__all__ = ["PackedLayer", "pack_layer"]
 
 PACKED = CompressionFormat.pack_quantized.value
 
 
-def pack_layer(tensors: dict[str, Tensor], scheme: CTQuantizationScheme) -> dict[str, Tensor]:
+@dataclass(frozen=True)
+class PackedLayer:
+    """One layer as compressed-tensors stores it.
+
+    Attributes:
+        tensors: the compressed tensors by local name (e.g. ``weight_packed``,
+            ``weight_shape``, ``weight_scale``), as compressed-tensors' compressor returns them.
+        codes: the integer codes packed into ``weight_packed`` when this module packed them
+            (symmetric int weights), of the weight's shape; None when compressed-tensors'
+            compressor did.
+        args: the weight's quantization arguments the codes were computed with, or None.
+    """
+
+    tensors: dict[str, Tensor]
+    codes: Tensor | None = None
+    args: QuantizationArgs | None = None
+
+
+def pack_layer(tensors: dict[str, Tensor], scheme: CTQuantizationScheme) -> PackedLayer:
     """The tensors compressed-tensors stores for one layer in ``scheme.format``.
 
     Args:
@@ -37,19 +56,19 @@ def pack_layer(tensors: dict[str, Tensor], scheme: CTQuantizationScheme) -> dict
         scheme: its compressed-tensors scheme, with ``format`` set.
 
     Returns:
-        The compressed tensors by local name (e.g. ``weight_packed``, ``weight_shape``,
-        ``weight_scale``), as compressed-tensors' compressor returns them.
+        The compressed tensors, with the codes they pack where this module packed them.
     """
     weights = scheme.weights
     if scheme.format != PACKED or weights is None or weights.type != "int" or not weights.symmetric:
         compressor = BaseCompressor.get_value_from_registry(scheme.format)
-        return compressor.compress(dict(tensors), scheme)
+        return PackedLayer(compressor.compress(dict(tensors), scheme))
     weight = tensors["weight"]
     scale = tensors["weight_scale"]
     zero_point = tensors.get("weight_zero_point")
     if zero_point is None:
         zero_point = torch.zeros_like(scale, dtype=torch.int8)
-    codes = quantize(weight, scale, zero_point, from_ct_scheme(scheme).weights)
+    args = from_ct_scheme(scheme).weights
+    codes = quantize(weight, scale, zero_point, args)
     packed = {
         key: value
         for key, value in tensors.items()
@@ -58,7 +77,7 @@ def pack_layer(tensors: dict[str, Tensor], scheme: CTQuantizationScheme) -> dict
     }
     packed["weight_packed"] = _pack(codes, weights.num_bits)
     packed["weight_shape"] = torch.tensor(weight.shape)
-    return packed
+    return PackedLayer(packed, codes, args)
 
 
 def _pack(codes: Tensor, num_bits: int) -> Tensor:

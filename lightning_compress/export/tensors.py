@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-from compressed_tensors.compressors import BaseCompressor
 from compressed_tensors.config import CompressionFormat
 from compressed_tensors.quantization import QuantizationScheme as CTQuantizationScheme
 from torch import Tensor, nn
@@ -18,13 +17,12 @@ from lightning_compress.export.layout import (
     written_layout,
 )
 from lightning_compress.export.packing import pack_layer
+from lightning_compress.export.readback import ReadBackCheck
 
-__all__ = ["compress_layer", "compressed_state_dict", "decompress_layer", "reads_back"]
+__all__ = ["compress_layer", "compressed_state_dict"]
 
 Layers = dict[str, tuple[nn.Module, CTQuantizationScheme]]
 PACKED = CompressionFormat.pack_quantized.value
-ROUNDING_ULPS = 2
-"""How far (in units of the weight dtype's epsilon, relative) a stored weight may read back."""
 
 
 def compressed_state_dict(
@@ -51,13 +49,14 @@ def compressed_state_dict(
         owner, _, attribute = key.rpartition(".")
         if owner in layers:
             per_layer.setdefault(owner, {})[attribute] = tensor
+    check = ReadBackCheck()
     out: dict[str, Tensor] = {}
     seen: set[tuple[torch.device, int, torch.Size, torch.dtype]] = set()
     for key, tensor in progress_bar(state.items(), "Saving tensors", len(state), progress):
         owner = key.rpartition(".")[0]
         if owner in layers:
             if owner in per_layer:  # the layer's first tensor: write all of them packed
-                packed = compress_layer(owner, per_layer.pop(owner), layers[owner][1])
+                packed = compress_layer(owner, per_layer.pop(owner), layers[owner][1], check)
                 out.update({f"{owner}.{name}": value for name, value in packed.items()})
             continue
         view = (tensor.device, tensor.data_ptr(), tensor.shape, tensor.dtype)
@@ -69,16 +68,20 @@ def compressed_state_dict(
 
 
 def compress_layer(
-    name: str, tensors: dict[str, Tensor], scheme: CTQuantizationScheme
+    name: str,
+    tensors: dict[str, Tensor],
+    scheme: CTQuantizationScheme,
+    check: ReadBackCheck,
 ) -> dict[str, Tensor]:
     """Packs one quantized layer (:func:`~lightning_compress.export.packing.pack_layer`), and
-    checks it reads back unchanged with compressed-tensors' decompressor and in the layout
-    transformers prepares to load.
+    checks it reads back unchanged (:class:`~lightning_compress.export.readback.ReadBackCheck`)
+    and in the layout transformers prepares to load.
 
     Args:
         name: the layer's name, for error messages.
         tensors: its tensors by local name (``weight``, ``weight_scale``, ...).
         scheme: its compressed-tensors scheme, with ``format`` set.
+        check: the read-back check of the save the layer belongs to.
 
     Returns:
         The compressed tensors by local name (e.g. ``weight_packed``, ``weight_shape``,
@@ -86,10 +89,10 @@ def compress_layer(
 
     Raises:
         ExportError: when the stored weight would read back different from
-            ``tensors["weight"]`` (beyond :data:`ROUNDING_ULPS`): the weight is not on the grid
-            of its qparams, so it changed after quantization; or when the stored tensors
-            differ from those transformers' ``from_pretrained`` prepares for the layer (for
-            asymmetric layers stored ``pack-quantized``: from those compressed-tensors writes).
+            ``tensors["weight"]``: the weight is not finite or not on the grid of its qparams,
+            so it changed after quantization; or when the stored tensors differ from those
+            transformers' ``from_pretrained`` prepares for the layer (for asymmetric layers
+            stored ``pack-quantized``: from those compressed-tensors writes).
     """
     packed = pack_layer(tensors, scheme)
     weight = tensors["weight"]
@@ -98,56 +101,11 @@ def compress_layer(
     packed_asymmetric = asymmetric_int_weights(scheme) and scheme.format == PACKED
     layout = written_layout if packed_asymmetric else prepared_layout
     expected = layout(tuple(weight.shape), "bias" in tensors, weight.dtype, scheme)
-    gaps = differences(layout_of(packed), expected)
+    gaps = differences(layout_of(packed.tensors), expected)
     if gaps:
         raise ExportError(
             f"layer '{name}' would be stored ({scheme.format}) in a layout transformers "
             f"cannot load: {'; '.join(gaps)}"
         )
-    restored = decompress_layer(packed, scheme)["weight"]
-    # Our dequantization and compressed-tensors' round differently, by an ulp at most.
-    if not reads_back(restored, weight, ROUNDING_ULPS * torch.finfo(weight.dtype).eps):
-        error = float((restored.float() - weight.float()).abs().max())
-        raise ExportError(
-            f"layer '{name}' would be stored with a different weight than it has (max "
-            f"difference {error:.3g}): its weight is not on the grid of its weight_scale/"
-            "weight_zero_point, so it changed after quantization (e.g. trained without "
-            "quantization-aware training); quantize it again before saving"
-        )
-    return packed
-
-
-def reads_back(restored: Tensor, original: Tensor, rtol: float) -> bool:
-    """Whether every element of ``restored`` lies within ``rtol`` (relative) of ``original``.
-
-    As ``torch.allclose(restored, original, rtol=rtol, atol=0)`` computed in float32 (NaNs
-    never read back), in fewer passes: a weight that reads back exactly (the usual case) is
-    recognized in one, without conversions.
-
-    Args:
-        restored: the weight as read back.
-        original: the weight in memory, of the same shape.
-        rtol: the largest difference relative to ``|original|``.
-
-    Returns:
-        True when every ``|restored - original| <= rtol * |original|``.
-    """
-    if restored.dtype == original.dtype and torch.equal(restored, original):
-        return True
-    original = original.float()
-    difference = (restored.float() - original).abs_()
-    return bool((difference <= original.abs().mul_(rtol)).all())
-
-
-def decompress_layer(tensors: dict[str, Tensor], scheme: CTQuantizationScheme) -> dict[str, Tensor]:
-    """Reads one layer back with compressed-tensors' own decompressor.
-
-    Args:
-        tensors: the layer's stored tensors by local name.
-        scheme: its compressed-tensors scheme, with ``format`` set.
-
-    Returns:
-        The tensors with ``weight`` dequantized (qparams kept as stored).
-    """
-    compressor = BaseCompressor.get_value_from_registry(scheme.format)
-    return compressor.decompress(dict(tensors), scheme)
+    check(name, tensors, packed, scheme)
+    return packed.tensors

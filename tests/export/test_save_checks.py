@@ -1,5 +1,6 @@
 """What ``save_compressed`` checks, kept while it got faster: every layer reads back within its
-guarantee, the layouts are computed once per shape, pruned layers are found by their zeros."""
+guarantee (exactly, on its integer codes, or through compressed-tensors' decompressor), the
+layouts are computed once per shape, pruned layers are found by their zeros."""
 
 from __future__ import annotations
 
@@ -11,14 +12,16 @@ from compressed_tensors.compressors import BaseCompressor
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
 from torch import nn
 
-from lightning_compress.export import ExportError, save_compressed
+from lightning_compress.export import ExportError, packing, readback, save_compressed
 from lightning_compress.export.layout import _layout
 from lightning_compress.export.packing import _pack, pack_layer
-from lightning_compress.export.schemes import quantized_layers
+from lightning_compress.export.readback import reads_back
+from lightning_compress.export.schemes import from_ct_scheme, quantized_layers
 from lightning_compress.export.sparsity import sparsity_config
-from lightning_compress.export.tensors import reads_back
 from lightning_compress.lightning.oneshot import oneshot
 from lightning_compress.modifiers import QuantizationModifier
+from lightning_compress.modifiers.quantization.observers import qparams_for_weight
+from lightning_compress.modifiers.quantization.ops import fake_quantize
 
 SEED = 20261206
 
@@ -114,7 +117,7 @@ def test_symmetric_layers_are_packed_exactly_as_compressed_tensors_packs_them(
         with torch.no_grad():  # off the grid too: the same codes, so the same refusal
             off_grid = dict(tensors, weight=tensors["weight"] * 1.37)
         for state in (tensors, off_grid):
-            ours = pack_layer(state, scheme)
+            ours = pack_layer(state, scheme).tensors
             theirs = BaseCompressor.get_value_from_registry(scheme.format).compress(
                 dict(state), scheme
             )
@@ -136,3 +139,76 @@ def test_random_codes_are_packed_as_compressed_tensors_packs_them(bits, columns)
     assert packed.dtype == torch.int32 and packed.shape == expected.shape
     assert torch.equal(packed, expected)
     assert torch.equal(unpack_from_int32(packed, bits, codes.shape), codes)
+
+
+def _corrupt_one_code(monkeypatch, layer_shape: tuple[int, int]) -> None:
+    """Packs layers of ``layer_shape`` with one code changed (a packing bug's effect)."""
+    original = packing._pack
+
+    def corrupting(codes, num_bits):
+        words = original(codes, num_bits)
+        if tuple(codes.shape) == layer_shape:
+            words = words.clone()
+            words[-1, -1] ^= 1 << 4  # the second code of the last word
+        return words
+
+    monkeypatch.setattr(packing, "_pack", corrupting)
+
+
+def test_a_packed_code_that_does_not_unpack_to_its_code_is_refused(
+    compressed, tmp_path, monkeypatch
+):
+    model = compressed("llama", "W4A16")
+    name = "model.layers.1.mlp.down_proj"
+    _corrupt_one_code(monkeypatch, tuple(model.get_submodule(name).weight.shape))
+    with pytest.raises(ExportError, match=r"layer 'model\.layers\.\d\.mlp\.down_proj'.*1 of"):
+        save_compressed(model, tmp_path / "checkpoint")
+    assert not (tmp_path / "checkpoint").exists()
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_a_weight_that_is_not_finite_is_refused(value, compressed, tmp_path):
+    model = compressed("llama", "W4A16")
+    name = "model.layers.1.self_attn.o_proj"
+    with torch.no_grad():
+        model.get_submodule(name).weight[3, 5] = value
+    with pytest.raises(ExportError, match=rf"layer '{name}'.*not finite"):
+        save_compressed(model, tmp_path / "checkpoint")
+    assert not (tmp_path / "checkpoint").exists()
+
+
+def test_each_kind_of_layer_is_decompressed_once_and_the_rest_checked_on_codes(
+    compressed, tmp_path, monkeypatch
+):
+    model = compressed("llama", "W4A16")
+    decompressed = []
+    real = readback.decompress_layer
+
+    def counting(tensors, scheme):
+        decompressed.append(tuple(tensors["weight_shape"].tolist()))
+        return real(tensors, scheme)
+
+    monkeypatch.setattr(readback, "decompress_layer", counting)
+    save_compressed(model, tmp_path / "checkpoint")
+    shapes = [tuple(module.weight.shape) for module, _ in quantized_layers(model).values()]
+    assert sorted(decompressed) == sorted(set(shapes))
+    assert len(shapes) > len(decompressed)
+
+
+def test_a_layer_whose_codes_do_not_reproduce_it_is_decided_by_the_decompressor():
+    # int8 codes in bfloat16: re-quantizing a dequantized weight can move a code at the top
+    # of the range by one, one bfloat16 ulp of the weight; the save accepts it as before.
+    torch.manual_seed(SEED)
+    model = nn.Sequential(nn.Linear(576, 512, bias=False)).to(torch.bfloat16)
+    weights = {"num_bits": 8, "strategy": "group", "group_size": 64}
+    group = {"targets": ["Linear"], "weights": weights}
+    oneshot(model, QuantizationModifier(config_groups={"g": group}))
+    ((module, scheme),) = quantized_layers(model).values()
+    args = from_ct_scheme(scheme).weights
+    weight = torch.randn(512, 576).to(torch.bfloat16)
+    scale, zero_point = qparams_for_weight(weight, args)
+    weight = fake_quantize(weight, scale, zero_point, args)
+    tensors = {"weight": weight, "weight_scale": scale}
+    packed = pack_layer(tensors, scheme)
+    assert not readback._codes_read_back("0", tensors, packed)
+    readback.ReadBackCheck()("0", tensors, packed, scheme)  # within two ulps: accepted
