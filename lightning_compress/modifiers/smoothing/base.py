@@ -23,6 +23,7 @@ from lightning_compress.modifiers.smoothing.calls import CallRecorder
 from lightning_compress.modifiers.smoothing.folding import (
     SmoothingMapping,
     apply_smoothing,
+    has_weight_matrix,
     is_linear,
     is_norm,
 )
@@ -184,14 +185,20 @@ class SmoothingModifier(Modifier, register=False):
         for name, statistic in self._statistic.reduced(linears).items():
             check_finite_inputs(owner, [name], statistic.values, "input-magnitude statistic")
         probe = BlockProbe(block, call)
+        modules = {self._names[module]: module for module in block.modules()}
+        targeted = set(self._linears.values())
+        others = {
+            name: module
+            for name, module in modules.items()
+            if has_weight_matrix(module) and module not in targeted
+        }
         if self._specs:
-            modules = {self._names[module]: module for module in block.modules()}
-            mappings = resolve_mappings(owner, self._specs, block_name, modules)
-            check_mappings(owner, probe, mappings, block_name)
+            mappings = resolve_mappings(owner, self._specs, block_name, modules, self._linears)
+            mappings = check_mappings(owner, probe, mappings, others, self._names, block_name)
         else:
-            inside = set(block.modules())
+            inside = set(modules.values())
             norms = {name: norm for name, norm in self._norms.items() if norm in inside}
-            mappings = find_mappings(probe, linears, norms)
+            mappings = find_mappings(owner, probe, linears, norms, others, block_name)
         if not mappings:
             raise RecipeError(
                 f"{owner}: no smoothing mapping in block '{block_name}' (layers "

@@ -4,7 +4,10 @@ A *smooth layer* produces the channels that smoothing divides by ``s``: a normal
 (any module with a per-channel ``weight`` and optional ``bias``, applied last: LayerNorm,
 RMSNorm of any library) or a linear layer (its output rows). The *balance layers* read those
 channels and take ``s`` in their input columns (:func:`~lightning_compress.modifiers.
-input_scaling.scale_inputs`).
+input_scaling.scale_inputs`). Other modules that read those channels through a weight matrix
+without being compressed (a mixture's router, which must keep routing the same tokens, or an
+ignored linear layer) are *passengers*: they take ``s`` in their weight columns too, so the
+model's function does not change, but their weights play no part in choosing ``s``.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ __all__ = [
     "apply_smoothing",
     "is_linear",
     "is_norm",
+    "has_weight_matrix",
     "linear_weight",
     "output_width",
     "scale_outputs",
@@ -36,12 +40,18 @@ class SmoothingMapping:
         smooth: the layer whose output channels are divided by ``s``.
         balance_names: the balance layers' names.
         balances: the linear layers that take ``s`` in their input columns.
+        passenger_names: the passengers' names.
+        passengers: modules that read the same channels through a weight matrix ``[out, in]``
+            and are not compressed (routers, ignored layers): they take ``s`` in their weight
+            columns but not part in choosing it.
     """
 
     smooth_name: str
     smooth: nn.Module
     balance_names: tuple[str, ...]
     balances: tuple[nn.Module, ...]
+    passenger_names: tuple[str, ...] = ()
+    passengers: tuple[nn.Module, ...] = ()
 
     @property
     def named_balances(self) -> dict[str, nn.Module]:
@@ -51,7 +61,7 @@ class SmoothingMapping:
 
 def apply_smoothing(mapping: SmoothingMapping, scale: Tensor, notify: bool = True) -> None:
     """Divides the smooth layer's outputs by ``scale`` and folds ``scale`` into the balance
-    layers' input columns; in exact arithmetic the balance layers' outputs do not change.
+    layers' and the passengers' input columns; in exact arithmetic their outputs do not change.
 
     Args:
         mapping: the layers.
@@ -61,6 +71,42 @@ def apply_smoothing(mapping: SmoothingMapping, scale: Tensor, notify: bool = Tru
     """
     scale_outputs(mapping.smooth, 1 / scale)
     scale_inputs(mapping.balances, scale, notify=notify)
+    for passenger in mapping.passengers:
+        _scale_columns(passenger, scale)
+
+
+@torch.no_grad()
+def _scale_columns(module: nn.Module, scale: Tensor) -> None:
+    """Multiplies the input columns of a passenger's weight matrix by ``scale``."""
+    if is_linear(module):
+        scale_inputs([module], scale, notify=False)
+        return
+    weight = module.weight
+    factors = scale.to(device=weight.device, dtype=torch.promote_types(weight.dtype, torch.float32))
+    weight.copy_(weight * factors)
+
+
+def has_weight_matrix(module: nn.Module) -> bool:
+    """Whether ``module`` may read its input through a weight matrix ``[out, in]`` of its own:
+    a linear layer, or a module such as a mixture's router that applies ``F.linear`` to its
+    input with a 2-D floating-point ``weight`` and has no submodules.
+
+    Args:
+        module: the module.
+
+    Returns:
+        True for such a module (whether it reads a given input linearly is checked on data).
+    """
+    if is_linear(module):
+        return True
+    weight = getattr(module, "weight", None)
+    return (
+        isinstance(weight, Tensor)
+        and weight.dim() == 2
+        and weight.is_floating_point()
+        and next(module.children(), None) is None
+        and not isinstance(module, nn.Embedding)
+    )
 
 
 def is_linear(module: nn.Module) -> bool:

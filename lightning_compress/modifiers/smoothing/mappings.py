@@ -4,8 +4,13 @@ A mapping joins a *smooth layer* to the *balance layers* that read its output ch
 :mod:`~lightning_compress.modifiers.smoothing.folding`). No table of architectures or names is
 used. Inside each block (decoder layer):
 
-* **norm → linears**: the linear layers whose input is the very tensor a normalization layer
-  returned (LayerNorm, RMSNorm of any library, with or without bias);
+* **norm → linears**: the linear layers whose input is the tensor a normalization layer
+  returned (LayerNorm, RMSNorm of any library, with or without bias), a view of it, or rows
+  gathered from it (a mixture's experts, each reading the tokens routed to it; experts that
+  no token of the probe reached are taken with their siblings). Every other module reading
+  it through a weight matrix (a router, a shared expert's gate, an ignored linear layer)
+  rides along as a *passenger*: rescaled so the function and the routing do not change, not
+  compressed;
 * **linear → linears**: a linear layer P and the later linear layers N with as many input
   channels as P has outputs, which :meth:`~lightning_compress.modifiers.smoothing.probe.
   BlockProbe.reached` shows to receive P's channels linearly, channel for channel: ``v_proj →
@@ -14,15 +19,20 @@ used. Inside each block (decoder layer):
   grouped-query ``v_proj → o_proj`` (other widths) are not.
 
 Every mapping found must then leave the block's output unchanged when applied
-(:meth:`~lightning_compress.modifiers.smoothing.probe.BlockProbe.preserves_output`); one that
-does not (another module reads the smooth layer's output too, or a balance layer's weight is
-tied to another module) is dropped.
+(:meth:`~lightning_compress.modifiers.smoothing.probe.BlockProbe.preserves_output`). One that
+does not is dropped when its smooth layer cannot carry a scale (a norm computing ``x * (1 +
+w)``), a balance layer's weight is tied to another module, or it joins two linear layers; a
+norm whose scale reaches its readers but whose readers were not all found is an error naming
+the norm and the readers found: half of a norm's readers are never smoothed.
 
 Mappings may also be given, as in llm-compressor: ``[[balance patterns], smooth pattern]`` or
 ``{balance_layers: [...], smooth_layer: ...}``, patterns being module names or ``re:`` regexes.
-They are checked against the model when the modifier is initialized and with the same probes
-on each block's calibration data before any weight changes; a mapping that is not exact is an
-error naming the layer.
+Balance patterns may match passengers (a router); passengers reading a given smooth
+normalization layer that the patterns leave out are added, as above, so the reference
+project's MoE recipes (``post_attention_layernorm → experts.*.gate_proj, experts.*.up_proj``)
+keep the routing. They are checked against the model when the modifier is initialized and
+with the same probes on each block's calibration data before any weight changes; a mapping
+that is not exact is an error naming the layer.
 
 Under several processes each probe's verdict is the agreement of all ranks, so every rank
 finds the same mappings.
@@ -30,8 +40,8 @@ finds the same mappings.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -43,6 +53,7 @@ from lightning_compress.core.model_layer import module_matches
 from lightning_compress.core.tensors import same_input
 from lightning_compress.modifiers.smoothing.folding import (
     SmoothingMapping,
+    has_weight_matrix,
     is_linear,
     is_norm,
     linear_weight,
@@ -129,7 +140,8 @@ def check_specs(
 
     Raises:
         RecipeError: when a pattern matches nothing, a smooth layer is neither a normalization
-            nor a linear layer or is ignored, or a balance layer is not a targeted linear.
+            nor a linear layer or is ignored, or a balance layer is neither a targeted linear
+            nor a passenger (a module such as a router reading through a weight matrix).
     """
     modules = dict(model.named_modules())
     for index, spec in enumerate(specs):
@@ -147,7 +159,7 @@ def check_specs(
             if any(module_matches(name, module, pattern) for pattern in ignore):
                 raise RecipeError(f"{where}: smooth layer '{name}' is in ignore")
         for name, module in _matching(modules, spec.balance).items():
-            if name not in linears:
+            if name not in linears and (is_linear(module) or not has_weight_matrix(module)):
                 what = "in ignore or not in targets" if is_linear(module) else "not linear"
                 raise RecipeError(
                     f"{where}: balance layer '{name}' ({type(module).__name__}) is {what}; "
@@ -156,7 +168,11 @@ def check_specs(
 
 
 def resolve_mappings(
-    owner: str, specs: Sequence[MappingSpec], block_name: str, modules: dict[str, nn.Module]
+    owner: str,
+    specs: Sequence[MappingSpec],
+    block_name: str,
+    modules: dict[str, nn.Module],
+    linears: dict[str, nn.Module],
 ) -> list[SmoothingMapping]:
     """The given mappings inside one block.
 
@@ -165,6 +181,7 @@ def resolve_mappings(
         specs: the mappings (checked by :func:`check_specs`).
         block_name: the block's name, for messages.
         modules: the block's modules, by their names in the model.
+        linears: the targeted linear layers; other balance layers matched are passengers.
 
     Returns:
         One mapping per spec whose smooth pattern matches inside the block.
@@ -193,35 +210,50 @@ def resolve_mappings(
             )
         width = output_width(smooth_layer)
         for name, layer in balances.items():
-            if linear_weight(layer).shape[1] != width:
+            if _input_width(layer) != width:
                 raise RecipeError(
-                    f"{where}: balance layer '{name}' has {linear_weight(layer).shape[1]} input "
+                    f"{where}: balance layer '{name}' has {_input_width(layer)} input "
                     f"channels but smooth layer '{smooth_name}' has {width} output channels"
                 )
-        mappings.append(
-            SmoothingMapping(smooth_name, smooth_layer, tuple(balances), tuple(balances.values()))
-        )
+        mappings.append(_mapping(smooth_name, smooth_layer, balances, linears))
     return mappings
 
 
 def find_mappings(
-    probe: BlockProbe, linears: dict[str, nn.Module], norms: dict[str, nn.Module]
+    owner: str,
+    probe: BlockProbe,
+    linears: dict[str, nn.Module],
+    norms: dict[str, nn.Module],
+    others: dict[str, nn.Module],
+    block_name: str,
 ) -> list[SmoothingMapping]:
     """Finds the mappings of one block (see the module docstring).
 
     Args:
+        owner: the modifier's class name, for messages.
         probe: the block and one of its calibration calls.
         linears: the targeted linear layers inside the block, by name.
         norms: the normalization layers inside the block (not ignored), by name.
+        others: the block's other modules that may read through a weight matrix (routers,
+            ignored linear layers), by name: passengers where they read a norm's output.
+        block_name: the block's name, for messages.
 
     Returns:
         The exact mappings, in the order their balance layers run.
+
+    Raises:
+        RecipeError: for a norm whose readers were not all found (see the module docstring).
     """
-    names = {module: name for name, module in {**linears, **norms}.items()}
-    baseline = probe.baseline(linears.values(), norms.values())
-    found = {norm: readers for norm, readers in baseline.readers.items() if readers}
+    names = {module: name for name, module in {**others, **linears, **norms}.items()}
+    watched = {**others, **linears}
+    baseline = probe.baseline(watched.values(), norms.values())
+    found: dict[nn.Module, list[nn.Module]] = {}
+    for norm, readers in baseline.readers.items():
+        readers = _with_idle_siblings(readers, watched, baseline)
+        if any(reader in linears.values() for reader in readers):
+            found[norm] = readers
     claimed = {reader for readers in found.values() for reader in readers}
-    order = list(baseline.inputs)
+    order = [layer for layer in baseline.inputs if layer in linears.values()]
     for index, producer in enumerate(order):
         candidates = [
             reader
@@ -236,30 +268,49 @@ def find_mappings(
             if reached:
                 found[producer] = reached
                 claimed.update(reached)
+    ran = list(baseline.inputs)
+
+    def first_run(readers: list[nn.Module]) -> int:
+        return min(ran.index(reader) for reader in readers if reader in baseline.inputs)
+
     mappings = [
-        SmoothingMapping(names[smooth], smooth, tuple(names[b] for b in balances), tuple(balances))
-        for smooth, balances in sorted(found.items(), key=lambda item: order.index(item[1][0]))
+        _mapping(names[smooth], smooth, {names[r]: r for r in readers}, linears)
+        for smooth, readers in sorted(found.items(), key=lambda item: first_run(item[1]))
     ]
-    return _exact(probe, mappings, baseline)
+    return _exact(owner, probe, mappings, baseline, block_name)
 
 
 def check_mappings(
-    owner: str, probe: BlockProbe, mappings: Sequence[SmoothingMapping], block_name: str
-) -> None:
-    """Checks given mappings on a block's calibration data, before any weight changes.
+    owner: str,
+    probe: BlockProbe,
+    mappings: Sequence[SmoothingMapping],
+    others: dict[str, nn.Module],
+    names: dict[nn.Module, str],
+    block_name: str,
+) -> list[SmoothingMapping]:
+    """Checks given mappings on a block's calibration data, before any weight changes, and adds
+    the passengers of each smooth normalization layer that the patterns left out.
 
     Args:
         owner: the modifier's class name, for messages.
         probe: the block and one of its calibration calls.
         mappings: the block's mappings (from :func:`resolve_mappings`).
+        others: the block's modules that may read through a weight matrix and are not
+            targeted (routers, ignored linear layers), by name.
+        names: the model's modules' names, for messages.
         block_name: the block's name, for messages.
+
+    Returns:
+        The mappings, with their passengers.
 
     Raises:
         RecipeError: naming the balance layer that does not receive the smooth layer's output
             channels linearly, or the mapping whose smoothing changes the block's output.
     """
     balances = [layer for mapping in mappings for layer in mapping.balances]
-    baseline = probe.baseline(balances, [])
+    smooth_norms = [mapping.smooth for mapping in mappings if is_norm(mapping.smooth)]
+    baseline = probe.baseline([*balances, *others.values()], smooth_norms)
+    mappings = [_with_passengers(mapping, others, baseline) for mapping in mappings]
     for mapping in mappings:
         for name, layer in zip(mapping.balance_names, mapping.balances, strict=True):
             if layer not in baseline.inputs:
@@ -280,31 +331,134 @@ def check_mappings(
                 )
     for mapping in mappings:
         if not _agreed([probe.preserves_output([mapping], baseline)])[0]:
+            readers = baseline.readers.get(mapping.smooth)
+            found = f" (readers found: {[names[r] for r in readers]})" if readers else ""
             raise RecipeError(
                 f"{owner}.mappings: smoothing '{mapping.smooth_name}' into "
-                f"{list(mapping.balance_names)} changes the output of block '{block_name}': "
-                f"expected every layer that reads the output of '{mapping.smooth_name}' among "
-                "the balance layers, and no weight shared with another module (tied "
-                "embeddings)"
+                f"{[*mapping.balance_names, *mapping.passenger_names]} changes the output of "
+                f"block '{block_name}'{found}: expected every layer that reads the output of "
+                f"'{mapping.smooth_name}' among the balance layers, and no weight shared with "
+                "another module (tied embeddings)"
             )
+    return mappings
 
 
 def _exact(
-    probe: BlockProbe, mappings: list[SmoothingMapping], baseline: Baseline
+    owner: str,
+    probe: BlockProbe,
+    mappings: list[SmoothingMapping],
+    baseline: Baseline,
+    block_name: str,
 ) -> list[SmoothingMapping]:
-    """The mappings whose smoothing leaves the block's output unchanged."""
+    """The mappings whose smoothing leaves the block's output unchanged.
+
+    Raises:
+        RecipeError: for a norm that carries a scale, has no tied balance layer, and whose
+            mapping is not exact: some of its readers were not found.
+    """
     if not mappings or _agreed([probe.preserves_output(mappings, baseline)])[0]:
         return mappings
     verdicts = _agreed([probe.preserves_output([mapping], baseline) for mapping in mappings])
     for mapping, ok in zip(mappings, verdicts, strict=True):
-        if not ok:
-            logger.info(
-                "not smoothing {} into {}: that changes the block's output (another module "
-                "reads the smoothed channels, or a weight is shared)",
-                mapping.smooth_name,
-                list(mapping.balance_names),
+        if ok:
+            continue
+        if (
+            is_norm(mapping.smooth)
+            and not _tied(probe.block, mapping.balances)
+            and _agreed([probe.scales_exactly(mapping.smooth, baseline)])[0]
+        ):
+            raise RecipeError(
+                f"{owner}: smoothing '{mapping.smooth_name}' into the readers found, "
+                f"{[*mapping.balance_names, *mapping.passenger_names]}, changes the output of "
+                f"block '{block_name}': another module reads its output in a way the probes "
+                "cannot follow; give mappings naming every reader, or add "
+                f"'{mapping.smooth_name}' to ignore"
             )
+        logger.info(
+            "not smoothing {} into {}: that changes the block's output (its weight does not "
+            "scale its output, or a weight is shared)",
+            mapping.smooth_name,
+            list(mapping.balance_names),
+        )
     return [mapping for mapping, ok in zip(mappings, verdicts, strict=True) if ok]
+
+
+def _mapping(
+    smooth_name: str,
+    smooth: nn.Module,
+    readers: dict[str, nn.Module],
+    linears: dict[str, nn.Module],
+) -> SmoothingMapping:
+    """A mapping whose targeted readers are balance layers and the others passengers."""
+    targeted = set(linears.values())
+    balances = {name: layer for name, layer in readers.items() if layer in targeted}
+    passengers = {name: layer for name, layer in readers.items() if layer not in targeted}
+    return SmoothingMapping(
+        smooth_name,
+        smooth,
+        tuple(balances),
+        tuple(balances.values()),
+        tuple(passengers),
+        tuple(passengers.values()),
+    )
+
+
+def _with_passengers(
+    mapping: SmoothingMapping, others: dict[str, nn.Module], baseline: Baseline
+) -> SmoothingMapping:
+    """The mapping with every passenger reading its smooth norm that it lacks."""
+    readers = baseline.readers.get(mapping.smooth, [])
+    known = {*mapping.balances, *mapping.passengers}
+    added = {
+        name: layer for name, layer in others.items() if layer in readers and layer not in known
+    }
+    if not added:
+        return mapping
+    logger.debug("{} also rescales {} (passengers)", mapping.smooth_name, list(added))
+    return replace(
+        mapping,
+        passenger_names=(*mapping.passenger_names, *added),
+        passengers=(*mapping.passengers, *added.values()),
+    )
+
+
+def _with_idle_siblings(
+    readers: list[nn.Module], watched: dict[str, nn.Module], baseline: Baseline
+) -> list[nn.Module]:
+    """``readers`` and their siblings that did not run: the same layer of another expert
+    (``experts.<i>.gate_proj``) that no token of the probe was routed to."""
+    names = {module: name for name, module in watched.items()}
+    families: dict[tuple[str, ...], list[nn.Module]] = {}
+    for name, module in watched.items():
+        families.setdefault(_family(name), []).append(module)
+    result = list(readers)
+    for reader in readers:
+        for sibling in families.get(_family(names[reader]), []):
+            if sibling not in baseline.inputs and sibling not in result:
+                result.append(sibling)
+    return result
+
+
+def _family(name: str) -> tuple[str, ...]:
+    """The name with its last numeric part (an expert's index) replaced by ``#``."""
+    parts = name.split(".")
+    numeric = [index for index, part in enumerate(parts) if part.isdigit()]
+    if numeric:
+        parts[numeric[-1]] = "#"
+    return tuple(parts)
+
+
+def _tied(block: nn.Module, layers: Iterable[nn.Module]) -> bool:
+    """Whether the weight of one of ``layers`` is also another module's parameter."""
+    counts: dict[int, int] = {}
+    for _, parameter in block.named_parameters(remove_duplicate=False):
+        counts[id(parameter)] = counts.get(id(parameter), 0) + 1
+    return any(counts.get(id(layer.weight), 0) > 1 for layer in layers)
+
+
+def _input_width(module: nn.Module) -> int:
+    """The input channels of a balance layer or passenger."""
+    return linear_weight(module).shape[1] if is_linear(module) else module.weight.shape[1]
 
 
 def _matching(modules: dict[str, nn.Module], patterns: Sequence[str]) -> dict[str, nn.Module]:

@@ -4,12 +4,14 @@ Smoothing is exact only where the smooth layer's channels reach the balance laye
 and channel for channel, and only if no other module reads them. Both are checked on the
 data instead of assumed from names:
 
-* :meth:`BlockProbe.baseline` runs the block once, recording which linear layers read the
-  output of a normalization layer directly (the same tensor, see
-  :func:`~lightning_compress.core.tensors.same_input`);
+* :meth:`BlockProbe.baseline` runs the block once, recording which layers read the output of
+  a normalization layer directly (:func:`reads_rows`: the same tensor, a view of it, or rows
+  gathered from it, as a mixture's experts read the tokens routed to them);
 * :meth:`BlockProbe.reached` multiplies a few output channels of a smooth layer by
   ``PROBE_FACTOR`` and tells which layers see exactly those input channels multiplied by it
   and every other channel unchanged;
+* :meth:`BlockProbe.scales_exactly` tells whether multiplying a normalization layer's weight
+  multiplies its output (not so for ``x * (1 + w)``);
 * :meth:`BlockProbe.preserves_output` applies smoothings with ``s = PROBE_FACTOR`` and tells
   whether the block's output is unchanged.
 
@@ -40,7 +42,7 @@ from lightning_compress.modifiers.smoothing.folding import (
     scale_outputs,
 )
 
-__all__ = ["PROBE_FACTOR", "TOLERANCE", "Baseline", "BlockProbe"]
+__all__ = ["PROBE_FACTOR", "TOLERANCE", "Baseline", "BlockProbe", "reads_rows"]
 
 PROBE_FACTOR = -2.0
 TOLERANCE = 1e-3
@@ -55,13 +57,15 @@ class Baseline:
     """What one unchanged run of the block showed.
 
     Args:
-        inputs: the first input of each watched linear layer, in the order they ran.
-        readers: for each watched normalization layer, the linear layers reading its output.
+        inputs: the first input of each watched layer, in the order they ran.
+        readers: for each watched normalization layer, the watched layers reading its output.
+        norm_outputs: the output of each watched normalization layer.
         output: the block's output tensors.
     """
 
     inputs: dict[nn.Module, Tensor] = field(default_factory=dict)
     readers: dict[nn.Module, list[nn.Module]] = field(default_factory=dict)
+    norm_outputs: dict[nn.Module, Tensor] = field(default_factory=dict)
     output: list[Tensor] = field(default_factory=list)
 
 
@@ -89,11 +93,13 @@ class BlockProbe:
         """Runs the block unchanged.
 
         Args:
-            linears: the linear layers to watch.
+            linears: the layers to watch (linear layers, and modules that may read their input
+                through a weight matrix).
             norms: the normalization layers whose readers to find.
 
         Returns:
-            The inputs of the linear layers, the readers of each norm, the block's output.
+            The inputs of the watched layers, the readers and output of each norm, the block's
+            output.
         """
         linears, norms = list(linears), list(norms)
         try:
@@ -107,18 +113,18 @@ class BlockProbe:
 
     def _baseline(self, linears: list[nn.Module], norms: list[nn.Module]) -> Baseline:
         baseline = Baseline(readers={norm: [] for norm in norms})
-        latest: dict[nn.Module, Tensor] = {}
+        latest = baseline.norm_outputs
 
         def keep_output(module: nn.Module, args: Any, output: Any) -> None:
             if isinstance(output, Tensor):
                 latest[module] = output
 
         def read(module: nn.Module, args: tuple[Any, ...]) -> None:
-            if not args or module in baseline.inputs:
+            if not args or not isinstance(args[0], Tensor) or module in baseline.inputs:
                 return
             baseline.inputs[module] = args[0]
             for norm, output in latest.items():
-                if same_input(output, args[0]):
+                if reads_rows(output, args[0]):
                     baseline.readers[norm].append(module)
 
         hooks = [norm.register_forward_hook(keep_output) for norm in baseline.readers]
@@ -144,9 +150,7 @@ class BlockProbe:
         Returns:
             One flag per candidate.
         """
-        width = output_width(smooth)
-        probed = torch.zeros(width, dtype=torch.bool)
-        probed[torch.linspace(0, width - 1, min(width, PROBED_CHANNELS)).round().long()] = True
+        probed = _probed_channels(output_width(smooth))
         factors = torch.where(probed, PROBE_FACTOR, 1.0)
         seen: dict[nn.Module, Tensor] = {}
 
@@ -163,6 +167,35 @@ class BlockProbe:
             for candidate in candidates
         ]
 
+    def scales_exactly(self, norm: nn.Module, baseline: Baseline) -> bool:
+        """Whether multiplying a few channels of ``norm``'s weight (and bias) by
+        ``PROBE_FACTOR`` multiplies exactly those channels of its output by it.
+
+        Args:
+            norm: a normalization layer watched by ``baseline``.
+            baseline: the unchanged run.
+
+        Returns:
+            True for a norm whose output is its weight times something (False for ``x * (1 +
+            w)``), so a scale folded into the weight reaches its readers.
+        """
+        width = output_width(norm)
+        probed = _probed_channels(width)
+        seen: list[Tensor] = []
+
+        def keep(module: nn.Module, args: Any, output: Any) -> None:
+            seen.append(output)
+            raise _Stop
+
+        with _restored([norm]):
+            scale_outputs(norm, torch.where(probed, PROBE_FACTOR, 1.0))
+            self._run([norm.register_forward_hook(keep)])
+        return (
+            bool(seen)
+            and isinstance(seen[0], Tensor)
+            and _scaled(seen[0], baseline.norm_outputs[norm], probed)
+        )
+
     def preserves_output(self, mappings: Sequence[SmoothingMapping], baseline: Baseline) -> bool:
         """Whether smoothing with ``s = PROBE_FACTOR`` leaves the block's output unchanged.
 
@@ -173,7 +206,9 @@ class BlockProbe:
         Returns:
             True when every output tensor matches the baseline.
         """
-        layers = [layer for item in mappings for layer in (item.smooth, *item.balances)]
+        layers = [
+            layer for item in mappings for layer in (item.smooth, *item.balances, *item.passengers)
+        ]
         with _restored(layers):
             for item in mappings:
                 scale = torch.full((output_width(item.smooth),), PROBE_FACTOR)
@@ -210,6 +245,59 @@ def _restored(layers: Iterable[nn.Module]) -> Iterator[None]:
         with torch.no_grad():
             for tensor, value in saved:
                 tensor.copy_(value)
+
+
+def reads_rows(source: Tensor, x: Tensor) -> bool:
+    """Whether every row of ``x`` (a vector along its last axis) is a row of ``source``, bit for
+    bit: ``x`` is ``source``, a view of it, or rows gathered from it (the tokens routed to an
+    expert), possibly cast to a wider floating-point type without loss.
+
+    Args:
+        source: a tensor ``[..., channels]`` (a normalization layer's output).
+        x: what a layer read.
+
+    Returns:
+        True when ``x`` holds nothing but rows of ``source``.
+    """
+    if x.shape[-1:] != source.shape[-1:] or x.device != source.device or x.numel() == 0:
+        return False
+    if same_input(source, x) or (
+        x.data_ptr() == source.data_ptr()
+        and x.dtype == source.dtype
+        and x.numel() == source.numel()
+        and x.is_contiguous()
+        and source.is_contiguous()
+    ):
+        return True
+    if x.dtype != source.dtype:
+        if not (x.is_floating_point() and source.is_floating_point()):
+            return False
+        narrowed = x.to(source.dtype)
+        if not torch.equal(narrowed.to(x.dtype), x):
+            return False
+        x = narrowed
+    rows = x.reshape(-1, x.shape[-1])
+    table = source.reshape(-1, source.shape[-1])
+    keys, wanted = _row_keys(table), _row_keys(rows)
+    order = keys.argsort()
+    where = torch.searchsorted(keys[order], wanted).clamp(max=keys.numel() - 1)
+    match = order[where]
+    return bool((keys[match] == wanted).all()) and torch.equal(table[match], rows)
+
+
+def _row_keys(rows: Tensor) -> Tensor:
+    """An exact integer fingerprint of each row's bits (equal rows, equal keys)."""
+    bits = rows.detach().contiguous().view(torch.int16).long()
+    generator = torch.Generator().manual_seed(bits.shape[-1])
+    weights = torch.randint(1, 2**31 - 1, (bits.shape[-1],), generator=generator)
+    return (bits * weights.to(bits.device)).sum(dim=-1)
+
+
+def _probed_channels(width: int) -> Tensor:
+    """The channels a probe multiplies: up to ``PROBED_CHANNELS``, spread over ``width``."""
+    probed = torch.zeros(width, dtype=torch.bool)
+    probed[torch.linspace(0, width - 1, min(width, PROBED_CHANNELS)).round().long()] = True
+    return probed
 
 
 def _scaled(got: Tensor, base: Tensor, probed: Tensor) -> bool:
