@@ -139,7 +139,7 @@ def _train(args: list[str], verbose: bool) -> None:
 
 
 def _quickstart(args: argparse.Namespace) -> None:
-    from lightning_compress.bundled.quickstart import format_table, run_quickstart
+    from lightning_compress.lightning.quickstart import format_table, run_quickstart
 
     recipes = {Path(path).stem: path for path in args.recipe} if args.recipe else None
     rows = run_quickstart(recipes, num_windows=args.windows)

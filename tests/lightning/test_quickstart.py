@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from lightning_compress.bundled.quickstart import QuickstartRow, format_table, run_quickstart
 from lightning_compress.cli import main
+from lightning_compress.lightning.quickstart import QuickstartRow, format_table, run_quickstart
 
 CONFIGS = Path(__file__).parents[2] / "configs" / "recipes"
 
