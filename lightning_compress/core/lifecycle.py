@@ -10,6 +10,7 @@ from loguru import logger
 
 from lightning_compress.core.events import Event, EventType
 from lightning_compress.core.state import State
+from lightning_compress.layers import Linearization, linearize
 from lightning_compress.recipe import Recipe, RecipeArgsInput, RecipeInput, RecipeStageInput
 
 __all__ = ["CompressionLifecycle"]
@@ -59,8 +60,12 @@ class CompressionLifecycle:
 
         A second call only updates the state. After ``reset_stage`` the recipe given
         before is reused, so ``initialize(recipe_stage=next_stage)`` runs the next stage.
-        If building the recipe or initializing a modifier fails, the modifiers already
-        initialized are undone and the lifecycle and its state are left as they were.
+        First every weight matrix of the state's model that is not an ``nn.Linear`` layer
+        (fused experts, ``Conv1D``) is swapped for ``nn.Linear`` layers (see
+        ``lightning_compress.layers.linearize``), so modifiers' targets reach it. If that,
+        building the recipe or initializing a modifier fails, the swap and the modifiers
+        already initialized are undone and the lifecycle, its state and the model are left
+        as they were.
 
         Args:
             recipe: a recipe (path, YAML/JSON string, dict, ``Recipe``, ``Modifier`` or list).
@@ -78,7 +83,10 @@ class CompressionLifecycle:
 
         logger.debug("Initializing compression lifecycle")
         source = recipe if recipe is not None else self._recipe_source
+        swapped = Linearization()
         try:
+            if self.state.model is not None:
+                swapped = linearize(self.state.model)
             new_recipe = (
                 Recipe()
                 if source is None
@@ -88,6 +96,7 @@ class CompressionLifecycle:
             )
             mod_data = _initialize_all(new_recipe.modifiers, self.state, kwargs)
         except Exception:
+            swapped.undo()
             _restore(self.state, snapshot)
             raise
         self.recipe = new_recipe

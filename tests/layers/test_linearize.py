@@ -1,0 +1,106 @@
+"""The linearizing driver: swaps claimed modules, refuses unknown fused layouts, undoes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from moe_models import tiny_moe, tokens
+from torch import nn
+
+from lightning_compress.core import CompressionLifecycle, State
+from lightning_compress.layers import LayerAdapter, LinearExperts, linearize, register_adapter
+from lightning_compress.layers.experts import FusedExpertsAdapter
+from lightning_compress.modifiers import QuantizationModifier
+
+
+class Fused3D(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(2, 3, 4))
+
+
+class Holder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+        self.odd = Fused3D()
+
+
+def test_a_second_linearize_changes_nothing():
+    model = tiny_moe("mixtral")
+    assert len(linearize(model)) == 2
+    before = dict(model.named_modules())
+    assert len(linearize(model)) == 0
+    assert dict(model.named_modules()) == before
+
+
+def test_undo_puts_the_fused_modules_back():
+    model = tiny_moe("qwen3_moe")
+    original = model.model.layers[1].mlp.experts
+    swaps = linearize(model)
+    assert isinstance(model.model.layers[1].mlp.experts, LinearExperts)
+    swaps.undo()
+    assert model.model.layers[1].mlp.experts is original
+
+
+def test_an_unknown_fused_parameter_is_refused_before_anything_changes():
+    model = Holder()
+    model.experts = tiny_moe("mixtral").model.layers[0].mlp.experts
+    with pytest.raises(ValueError, match=r"Holder holds odd\.weight with shape \(2, 3, 4\)"):
+        linearize(model)
+    assert not isinstance(model.experts, LinearExperts)
+
+
+def test_a_layout_the_adapter_refuses_leaves_the_model_unchanged():
+    model = tiny_moe("mixtral")
+    first = model.model.layers[0].mlp.experts
+    broken = model.model.layers[1].mlp.experts
+    broken.down_proj = nn.Parameter(torch.zeros(4, 5, 5))
+    with pytest.raises(ValueError, match=r"layers\.1\.mlp\.experts \(MixtralExperts\).*down_proj"):
+        linearize(model)
+    assert model.model.layers[0].mlp.experts is first
+
+
+def test_register_adapter_refuses_what_is_not_an_adapter():
+    with pytest.raises(TypeError, match="LayerAdapter"):
+        register_adapter(object())
+
+
+def test_register_adapter_keeps_one_adapter_of_each_kind():
+    from lightning_compress.layers import ADAPTERS
+
+    count = len(ADAPTERS)
+    register_adapter(FusedExpertsAdapter())
+    assert len(ADAPTERS) == count
+
+
+class Failing(LayerAdapter):
+    def claims(self, module):
+        return isinstance(module, nn.Linear)
+
+    def linearize(self, module):
+        raise RuntimeError("cannot build")
+
+
+def test_a_replacement_that_fails_to_build_leaves_the_model_unchanged():
+    model = tiny_moe("mixtral")
+    experts = model.model.layers[0].mlp.experts
+    with pytest.raises(RuntimeError, match="cannot build"):
+        linearize(model, adapters=[FusedExpertsAdapter(), Failing()])
+    assert model.model.layers[0].mlp.experts is experts
+
+
+def test_lifecycle_initialize_linearizes_and_undoes_on_failure():
+    model = tiny_moe("olmoe")
+    experts = model.model.layers[0].mlp.experts
+    failing = QuantizationModifier(targets=["Linear"], scheme="W4A16")  # groups of 128 > 32
+    lifecycle = CompressionLifecycle(state=State())
+    with pytest.raises(Exception, match="group_size"):
+        lifecycle.initialize(recipe=failing, model=model)
+    assert model.model.layers[0].mlp.experts is experts
+
+    lifecycle = CompressionLifecycle(state=State())
+    lifecycle.initialize(model=model)
+    assert isinstance(model.model.layers[0].mlp.experts, LinearExperts)
+    with torch.no_grad():
+        model(tokens())
