@@ -14,6 +14,7 @@ from typing_extensions import override
 
 from lightning_compress.core import CompressionSession, LoggerManager
 from lightning_compress.core.compression_record import RECORD_ATTRIBUTE, partial_compression
+from lightning_compress.core.distributed import rank_and_world_size
 from lightning_compress.lightning.loggers import TrainerLogger
 from lightning_compress.pipelines import (
     BlockReport,
@@ -23,6 +24,12 @@ from lightning_compress.pipelines import (
     create_pipeline,
 )
 from lightning_compress.pipelines.calibration_data import check_token_batch
+from lightning_compress.pipelines.coverage import (
+    coverage_checked,
+    ignore_patterns,
+    targeted_layers,
+)
+from lightning_compress.pipelines.summary import CompressionSummary
 from lightning_compress.recipe import Recipe, RecipeArgsInput, RecipeInput, RecipeStageInput
 
 __all__ = ["CalibrationModule"]
@@ -38,6 +45,13 @@ class CalibrationModule(pl.LightningModule):
     first block's inputs), ``on_validation_epoch_end`` walks the blocks (SEQUENTIAL_EPOCH_END
     for each, a rank-zero progress bar, per-block seconds to the session's loggers) and
     ``on_validation_end`` emits CALIBRATION_EPOCH_END and finalizes the session.
+
+    When it ends, the run's coverage of the decoder blocks' weights (compressed, ignored,
+    left out; see ``lightning_compress.pipelines.coverage``) is put in ``summary``, its
+    numbers go to the Trainer's loggers (``compression/coverage/...``) and weights the
+    recipe left out, unnamed by any ``ignore``, are listed in a WARNING. With ``strict``,
+    such a recipe (or an ``ignore`` pattern that matches nothing) is refused before the
+    model changes.
 
     The model is deliberately not a registered submodule: Lightning does not move it, the
     pipeline places it (one block at a time on ``device``, the rest where it is). Under DDP
@@ -76,12 +90,18 @@ class CalibrationModule(pl.LightningModule):
             when every batch reaches it (see ``PipelineOptions``).
         progress: show a progress bar over the blocks (on rank zero, on stderr when it is a
             terminal); None: where the Trainer shows its own progress bar.
+        strict: refuse, before the model changes, a recipe that leaves a weight of the decoder
+            blocks out or has an ``ignore`` pattern that matches nothing (checked when this
+            module initializes the session, against the recipe given here).
+        summary: the ``CompressionSummary`` to fill in at the end (its owner logs it); None:
+            one is made and its coverage line logged at INFO.
 
     Raises:
         TypeError: if ``model`` is not a module.
         ValueError: for an unknown pipeline, both ``recipe`` as a session and ``session``, or
             a model that an earlier failed calibration left partly compressed.
-        RecipeError: for an invalid recipe.
+        RecipeError: for an invalid recipe; with ``strict``, when it starts, for a recipe that
+            leaves weights out.
     """
 
     def __init__(
@@ -98,6 +118,8 @@ class CalibrationModule(pl.LightningModule):
         propagate_compressed: bool = True,
         staged: bool = True,
         progress: bool | None = None,
+        strict: bool = False,
+        summary: CompressionSummary | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -126,6 +148,10 @@ class CalibrationModule(pl.LightningModule):
             staged=staged,
         )
         self.progress = progress
+        self.strict = strict
+        self.summary = CompressionSummary() if summary is None else summary
+        self._logs_coverage = summary is None
+        self._targeted: dict[str, str] = {}
         self.block_reports: list[BlockReport] = []
         self._pipeline: CalibrationPipeline | None = None
 
@@ -155,6 +181,7 @@ class CalibrationModule(pl.LightningModule):
             pipeline = self._prepare(bool(batches), self.options.device, progress=progress)
             pipeline(batches)
             self.session.finalize()
+        self._report_coverage(rank_and_world_size()[0] == 0)
         return self.model
 
     def abort(self, error: BaseException | None = None) -> None:
@@ -216,6 +243,7 @@ class CalibrationModule(pl.LightningModule):
             self._pipeline.end()
             self._pipeline = None
             self.session.finalize()
+        self._report_coverage(self.trainer.is_global_zero)
 
     # --------------------------------------------------------------- steps
     def _prepare(
@@ -228,15 +256,27 @@ class CalibrationModule(pl.LightningModule):
         """Initialize the session (unless it is) and build the pipeline."""
         if not self.session.lifecycle.initialized_:
             loggers = LoggerManager([TrainerLogger(trainer)]) if trainer is not None else None
-            self.session.initialize(
-                recipe=self.recipe, model=self.model, loggers=loggers, copy_data=False
-            )
+            modifiers = self.recipe.modifiers if self.recipe is not None else []
+            targets = self.options.sequential_targets
+            with coverage_checked(self.model, modifiers, self.strict, targets):
+                self.session.initialize(
+                    recipe=self.recipe, model=self.model, loggers=loggers, copy_data=False
+                )
+            self._targeted = targeted_layers(self.model, self.session.lifecycle.recipe.modifiers)
         _record_hardware(self.session, trainer, device)
         self.options.device = device
         self.options.progress = progress
         self.options.on_block_end = self._on_block_end
         self.block_reports = []
         return create_pipeline(self.pipeline_name, self.model, self.session, self.options, has_data)
+
+    def _report_coverage(self, is_global_zero: bool) -> None:
+        """Fills ``summary`` in and reports the coverage (on rank zero)."""
+        recipe = self.session.lifecycle.recipe
+        ignore = ignore_patterns(recipe.modifiers if recipe is not None else [])
+        self.summary.describe(self.model, ignore, self._targeted, self.options.sequential_targets)
+        if is_global_zero:
+            self.summary.report_coverage(self.session.state.loggers, self._logs_coverage)
 
     def _on_block_end(self, report: BlockReport) -> None:
         self.block_reports.append(report)

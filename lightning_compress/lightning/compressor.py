@@ -26,6 +26,12 @@ from lightning_compress.lightning.loggers import TrainerLogger
 from lightning_compress.modifiers.pruning.constant import MASK_BUFFER
 from lightning_compress.modifiers.quantization.qat import OBSERVER_BUFFERS
 from lightning_compress.modifiers.quantization.runtime import QPARAM_BUFFERS
+from lightning_compress.pipelines.coverage import (
+    coverage_checked,
+    ignore_patterns,
+    targeted_layers,
+)
+from lightning_compress.pipelines.summary import CompressionSummary
 from lightning_compress.recipe import (
     Recipe,
     RecipeArgsInput,
@@ -100,7 +106,10 @@ class Compressor(Callback):
     is restored), ``on_train_start`` hands over the optimizer and the epoch geometry, each
     batch emits BATCH_START, LOSS_CALCULATED, OPTIM_PRE_STEP, OPTIM_POST_STEP (from an
     optimizer step post-hook, so a step skipped by AMP's GradScaler emits nothing) and
-    BATCH_END, and ``on_train_end`` finalizes.
+    BATCH_END, and ``on_train_end`` finalizes and reports the coverage of the decoder blocks'
+    weights (compressed, ignored, left out: ``summary``, a line at INFO, its numbers to the
+    Trainer's loggers under ``compression/coverage/``, and a WARNING listing weights the recipe
+    left out that no ``ignore`` names).
 
     Resuming (``trainer.fit(..., ckpt_path=...)``) continues exactly like an uninterrupted
     run, up to float rounding of the hardware, when:
@@ -146,9 +155,14 @@ class Compressor(Callback):
             any, the checkpoint has no tokenizer files, which is logged as a warning at
             ``setup``.
         overwrite: replace ``save_dir`` when it exists and is not empty.
+        strict: refuse at ``setup``, before the model changes, a recipe that leaves a weight
+            of the decoder blocks out (neither targeted nor ignored) or has an ``ignore``
+            pattern that matches nothing.
 
     Raises:
         TypeError: at ``setup``, for a tokenizer that cannot be saved.
+        RecipeError: at ``setup``, for an invalid recipe, or (``strict``) one that leaves
+            weights out.
     """
 
     def __init__(
@@ -161,6 +175,7 @@ class Compressor(Callback):
         save_dir: str | os.PathLike | None = None,
         tokenizer: Any | None = None,
         overwrite: bool = False,
+        strict: bool = False,
     ) -> None:
         self.recipe = recipe
         self.recipe_stage = recipe_stage
@@ -170,7 +185,10 @@ class Compressor(Callback):
         self.save_dir = save_dir
         self.tokenizer = tokenizer
         self.overwrite = overwrite
+        self.strict = strict
         self.session = CompressionSession()
+        self.summary = CompressionSummary()
+        self._targeted: dict[str, str] = {}
         self._save_tokenizer: Any | None = None
         self._optimizer_hooks: list[Any] = []
         self._global_batch = 0
@@ -196,14 +214,16 @@ class Compressor(Callback):
             )
         )
         _check_trainable(recipe)
-        self.session.initialize(
-            recipe=recipe,
-            model=pl_module,
-            teacher_model=self.teacher,
-            loggers=LoggerManager([TrainerLogger(trainer)], log_python=False),
-            model_log_cadence=self.model_log_cadence,
-            copy_data=False,
-        )
+        with coverage_checked(pl_module, recipe.modifiers, self.strict):
+            self.session.initialize(
+                recipe=recipe,
+                model=pl_module,
+                teacher_model=self.teacher,
+                loggers=LoggerManager([TrainerLogger(trainer)], log_python=False),
+                model_log_cadence=self.model_log_cadence,
+                copy_data=False,
+            )
+        self._targeted = targeted_layers(pl_module, self.session.lifecycle.recipe.modifiers)
         self._load_check = pl_module.register_load_state_dict_post_hook(self._check_loaded_keys)
 
     @override
@@ -275,6 +295,10 @@ class Compressor(Callback):
         if self.session.lifecycle.initialized_ and not self.session.lifecycle.finalized:
             self.session.finalize()
             rank_zero_info(f"Compressor finished: {self._sparsity_line(pl_module)}")
+            ignore = ignore_patterns(self.session.lifecycle.recipe.modifiers)
+            self.summary.describe(pl_module, ignore, self._targeted)
+            if trainer.is_global_zero:
+                self.summary.report_coverage(self.session.state.loggers)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

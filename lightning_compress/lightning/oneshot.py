@@ -52,6 +52,7 @@ def oneshot(
     concatenate_data: bool | None = None,
     progress: bool = True,
     summary: CompressionSummary | None = None,
+    strict: bool = False,
 ) -> nn.Module:
     """Compress ``model`` after training: calibrate on ``dataset`` and apply ``recipe``.
 
@@ -59,7 +60,9 @@ def oneshot(
     (one process by default); without a dataset the recipe runs data-free, without a Trainer.
     The sequential pipeline keeps the model where it is and runs one block at a time on
     ``device``. The model is compressed in place. The run ends with a summary of what was
-    compressed, the size before and after and the time per phase (``CompressionSummary``).
+    compressed, the size before and after and the time per phase (``CompressionSummary``);
+    weights of the decoder blocks that the recipe leaves out (neither compressed nor named by
+    an ``ignore``) are listed in a WARNING.
 
     Whatever raises (the data, the model, a modifier, Ctrl-C), the model keeps no calibration
     hook and no temporary buffer, and its modes and placement are restored. The block whose
@@ -125,6 +128,9 @@ def oneshot(
             and left out, size before and after, seconds per phase); the caller then logs
             it, after adding what it measured around the call (loading, quality). None: one
             is made and logged at INFO at the end of the run.
+        strict: refuse, before the model changes, a recipe that leaves a weight of the
+            decoder blocks out (neither targeted nor ignored) or has an ``ignore`` pattern
+            that matches nothing.
 
     Returns:
         ``model``, compressed.
@@ -142,6 +148,7 @@ def oneshot(
         ImportError: if ``output_dir`` is set but the ``hf`` extra is not installed.
         KeyboardInterrupt: after Ctrl-C during the calibration (not Lightning's
             ``SystemExit``), once the model is cleaned up.
+        RecipeError: for an invalid recipe; with ``strict``, for one that leaves weights out.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -167,6 +174,8 @@ def oneshot(
         propagate_compressed=propagate_compressed,
         staged=staged,
         progress=progress,
+        strict=strict,
+        summary=summary,
     )
     if dataset is None:
         with summary.phase("compress"):
@@ -205,7 +214,6 @@ def oneshot(
                 model, output_dir, tokenizer, recipe_text, overwrite_output_dir, progress=progress
             )
         summary.record_checkpoint(output_dir)
-    summary.describe(model, _ignore_patterns(module))
     if logs_summary and is_global_zero:
         summary.log()
     return model
@@ -261,12 +269,6 @@ def _progress_bar_hidden(trainer: pl.Trainer) -> Iterator[None]:
         yield
     finally:
         bar.enable()
-
-
-def _ignore_patterns(module: CalibrationModule) -> list[str]:
-    """The ``ignore`` patterns of every modifier of the recipe that ran."""
-    recipe = module.session.lifecycle.recipe
-    return [pattern for item in (recipe.modifiers if recipe else []) for pattern in item.ignore]
 
 
 def _pad_id(tokenizer: Any | None) -> int:

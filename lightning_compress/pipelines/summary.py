@@ -1,10 +1,10 @@
-"""``CompressionSummary``: what a one-shot run compressed, its size and its time."""
+"""``CompressionSummary``: what a compression run compressed, its size and its time."""
 
 from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +13,7 @@ import torch
 from loguru import logger
 from torch import nn
 
+from lightning_compress.core.logger import LoggerManager
 from lightning_compress.core.model_layer import module_matches
 from lightning_compress.modifiers.pruning.structure import follows_2_4, is_pruned
 from lightning_compress.modifiers.quantization.args import (
@@ -21,6 +22,7 @@ from lightning_compress.modifiers.quantization.args import (
     QuantizationArgs,
     QuantizationScheme,
 )
+from lightning_compress.pipelines.coverage import WeightCoverage, weight_coverage
 
 __all__ = ["CompressionSummary", "parameter_bytes", "scheme_label"]
 
@@ -37,7 +39,8 @@ class CompressionSummary:
     ``oneshot`` fills one in and logs it at INFO when it ends. Pass your own
     (``oneshot(..., summary=CompressionSummary())``) to read the numbers, or to add phases
     and quality measured around the call (``phases["load"]``, :meth:`set_quality`); then
-    ``oneshot`` leaves logging it to you (:meth:`log`).
+    ``oneshot`` leaves logging it to you (:meth:`log`); left-out weights are warned about
+    either way (:meth:`report_coverage`).
 
     Args:
         quantized: quantized linear layer names to their scheme's label (:func:`scheme_label`).
@@ -48,6 +51,8 @@ class CompressionSummary:
         left_out: uncompressed linear layers that no ``ignore`` pattern names.
         linear_layers: the number of linear layers of the model (and of other layers that
             carry a quantization scheme, counted with them).
+        coverage: the weight tensors of the decoder blocks compressed, ignored and left
+            out (see ``lightning_compress.pipelines.coverage``).
         size_before: the model's parameter bytes in its dtype, before compression.
         dtype: the dtype of most of those bytes.
         output_dir: where the checkpoint was saved, if it was.
@@ -63,6 +68,7 @@ class CompressionSummary:
     ignored: list[str] = field(default_factory=list)
     left_out: list[str] = field(default_factory=list)
     linear_layers: int = 0
+    coverage: WeightCoverage | None = None
     size_before: int | None = None
     dtype: str | None = None
     output_dir: Path | None = None
@@ -87,12 +93,21 @@ class CompressionSummary:
         """
         self.size_before, self.dtype = parameter_bytes(model)
 
-    def describe(self, model: nn.Module, ignore: Iterable[str] = ()) -> None:
-        """Records the compressed, ignored and left-out linear layers of ``model``.
+    def describe(
+        self,
+        model: nn.Module,
+        ignore: Iterable[str] = (),
+        targeted: Iterable[str] = (),
+        sequential_targets: Sequence[str] | None = None,
+    ) -> None:
+        """Records the compressed, ignored and left-out linear layers of ``model``, and the
+        coverage of its decoder blocks' weights.
 
         Args:
             model: the compressed model.
             ignore: the recipe's ``ignore`` patterns.
+            targeted: the names of the layers the recipe targeted for compression.
+            sequential_targets: class names of the decoder blocks (found by default).
         """
         ignore = list(ignore)
         self.quantized, self.sparse, self.ignored, self.left_out = {}, {}, [], []
@@ -115,6 +130,30 @@ class CompressionSummary:
                 self.ignored.append(name)
             else:
                 self.left_out.append(name)
+        labels = {
+            name: " + ".join(item for item in (self.quantized.get(name), label) if item)
+            for name, label in self.sparse.items()
+        }
+        self.coverage = weight_coverage(
+            model, {**self.quantized, **labels}, ignore, targeted, sequential_targets
+        )
+
+    def report_coverage(self, loggers: LoggerManager | None = None, log_line: bool = True) -> None:
+        """Reports the coverage (after :meth:`describe`): a WARNING listing the left-out
+        weights, its numbers to ``loggers`` under ``coverage/`` and, with ``log_line``, its
+        line at INFO.
+
+        Args:
+            loggers: a session's loggers (inside a Trainer, they reach its loggers).
+            log_line: log the coverage line (leave it to :meth:`log` otherwise).
+        """
+        if self.coverage is None:
+            return
+        if log_line:
+            logger.opt(depth=1).info("compression coverage: {}", self.coverage.format())
+        self.coverage.warn()
+        if loggers is not None:
+            loggers.log_scalars("coverage", self.coverage.metrics())
 
     def record_checkpoint(self, output_dir: str | Path) -> None:
         """Records the checkpoint saved in ``output_dir`` and the size of its weights on disk.
@@ -159,6 +198,8 @@ class CompressionSummary:
         )
         lines.append(f"  ignored: {_names(self.ignored)}")
         lines.append(f"  left out (neither compressed nor ignored): {_names(self.left_out)}")
+        if self.coverage is not None:
+            lines.append(f"  weights of the {self.coverage.format()}")
         if self.size_before is not None or self.size_after is not None:
             lines.append(f"  size: {self._size()}")
         if self.phases:

@@ -117,7 +117,9 @@ def test_a_failed_run_restores_reporting_state_and_logs_no_summary(fault, tmp_pa
     assert not (tmp_path / "out").exists()
     if summary is not None:
         assert summary.size_after is None and summary.output_dir is None
-        assert summary.quantized == {} and summary.linear_layers == 0
+        compressed = fault.kind == "save error"  # the save failed after the compression
+        assert bool(summary.quantized) == compressed
+        assert (summary.linear_layers > 0) == compressed
 
 
 @pytest.mark.parametrize("level", ["loud", "", "warning", None, 3, "debug "])
