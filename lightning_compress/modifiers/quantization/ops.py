@@ -164,8 +164,8 @@ def compute_dynamic_qparams(x: Tensor, args: QuantizationArgs) -> tuple[Tensor, 
 
 
 def _groups_and_qparams(
-    x: Tensor, scale: Tensor, zero_point: Tensor, args: QuantizationArgs
-) -> tuple[Tensor, Tensor, Tensor]:
+    x: Tensor, scale: Tensor, zero_point: Tensor | None, args: QuantizationArgs
+) -> tuple[Tensor, Tensor, Tensor | None]:
     """Groups ``x`` and shapes ``scale`` and ``zero_point`` to broadcast against the groups.
 
     Raises:
@@ -174,13 +174,13 @@ def _groups_and_qparams(
     groups = strategy_groups(x, args)
     expected = groups.shape[:-1]
     for name, qparam in (("scale", scale), ("zero_point", zero_point)):
-        if not _broadcasts_to(qparam.shape, expected):
+        if qparam is not None and not _broadcasts_to(qparam.shape, expected):
             raise ValueError(
                 f"{name} of shape {tuple(qparam.shape)} does not fit strategy="
                 f"{args.strategy!r} on input of shape {tuple(x.shape)}: expected "
                 f"{tuple(expected)}"
             )
-    return groups, scale.unsqueeze(-1), zero_point.unsqueeze(-1)
+    return groups, scale.unsqueeze(-1), None if zero_point is None else zero_point.unsqueeze(-1)
 
 
 def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
@@ -228,13 +228,14 @@ def _round_trip(
     return x_hat.reshape(like.shape).to(like.dtype)
 
 
-def quantize(x: Tensor, scale: Tensor, zero_point: Tensor, args: QuantizationArgs) -> Tensor:
+def quantize(x: Tensor, scale: Tensor, zero_point: Tensor | None, args: QuantizationArgs) -> Tensor:
     """Quantizes ``x`` to integer (or fp8) values, clamped to :func:`quant_range`.
 
     Args:
         x: the tensor.
         scale: scales of the strategy's qparams shape (or broadcastable to it).
-        zero_point: zero points, same shape rules.
+        zero_point: zero points, same shape rules; None for zero points that are all 0
+            (symmetric qparams): the same values, one operation fewer.
         args: the quantization arguments.
 
     Returns:
@@ -249,13 +250,15 @@ def quantize(x: Tensor, scale: Tensor, zero_point: Tensor, args: QuantizationArg
     return q.reshape(x.shape).to(quantized_dtype(args))
 
 
-def dequantize(q: Tensor, scale: Tensor, zero_point: Tensor, args: QuantizationArgs) -> Tensor:
+def dequantize(
+    q: Tensor, scale: Tensor, zero_point: Tensor | None, args: QuantizationArgs
+) -> Tensor:
     """Maps quantized values back: ``(q - zero_point) * scale``.
 
     Args:
         q: quantized values, as :func:`quantize` returns them.
         scale: the scales used to quantize.
-        zero_point: the zero points used to quantize.
+        zero_point: the zero points used to quantize; None for zero points that are all 0.
         args: the quantization arguments.
 
     Returns:

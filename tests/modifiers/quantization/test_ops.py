@@ -171,6 +171,17 @@ def test_aligned_without_zero_points_equals_zero_zero_points(args: QuantizationA
     assert torch.equal(aligned.reshape(x.shape), expected)
 
 
+@pytest.mark.parametrize("args", [a for a in INT_CASES + FP8_CASES if a.symmetric], ids=case_id)
+def test_quantize_and_dequantize_without_zero_points_equal_zero_zero_points(
+    args: QuantizationArgs,
+) -> None:
+    x = sample(args)
+    scale, zero_point = qparams(x, args)
+    q = quantize(x, scale, zero_point, args)
+    assert torch.equal(quantize(x, scale, None, args), q)
+    assert torch.equal(dequantize(q, scale, None, args), dequantize(q, scale, zero_point, args))
+
+
 @pytest.mark.parametrize("args", INT_CASES, ids=case_id)
 def test_int_values_in_range_and_error_at_most_half_a_step(args: QuantizationArgs) -> None:
     x = sample(args)
