@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -18,6 +18,7 @@ from lightning_compress.core.compression_record import (
     PartialCompression,
     mark_partial,
 )
+from lightning_compress.layers import calibrating_all_experts
 from lightning_compress.pipelines.snapshot import BlockVersions
 
 __all__ = ["BlockReport", "CalibrationPipeline", "PipelineOptions", "placed_on"]
@@ -61,6 +62,10 @@ class PipelineOptions:
             compress it, then run it again.
         progress: show a progress bar over the blocks.
         on_block_end: called after each block with its ``BlockReport``.
+        moe_calibrate_all_experts: during calibration every expert of a mixture-of-experts
+            block runs on every token, so its statistics come from all tokens, while the
+            block's output still follows the router (the reference project's default).
+            False: each expert sees only the tokens routed to it.
     """
 
     device: torch.device | str | None = None
@@ -70,6 +75,7 @@ class PipelineOptions:
     staged: bool = True
     progress: bool = False
     on_block_end: Callable[[BlockReport], None] | None = None
+    moe_calibrate_all_experts: bool = True
 
 
 class CalibrationPipeline:
@@ -106,6 +112,7 @@ class CalibrationPipeline:
         self.options = options
         self.compressed: list[str] = []
         self._modes: dict[nn.Module, bool] = {}
+        self._experts_mode = ExitStack()
         self._end_versions: BlockVersions | None = None
 
     @property
@@ -130,9 +137,13 @@ class CalibrationPipeline:
             raise
 
     def start(self) -> None:
-        """Put the model in eval mode and emit CALIBRATION_EPOCH_START."""
+        """Put the model in eval mode (experts in their calibration mode) and emit
+        CALIBRATION_EPOCH_START."""
         self._modes = {module: module.training for module in self.model.modules()}
         self.model.eval()
+        self._experts_mode.enter_context(
+            calibrating_all_experts(self.model, self.options.moe_calibrate_all_experts)
+        )
         self.session.event(EventType.CALIBRATION_EPOCH_START)
 
     def add_batch(self, batch: Any) -> None:
@@ -186,10 +197,11 @@ class CalibrationPipeline:
             error.__notes__ = [*getattr(error, "__notes__", []), note]
 
     def close(self) -> None:
-        """Drop the pipeline's state and restore the model's train/eval modes."""
+        """Drop the pipeline's state and restore the model's train/eval modes (experts routed)."""
         for module, training in self._modes.items():
             module.training = training
         self._modes = {}
+        self._experts_mode.close()
 
 
 @contextmanager
