@@ -18,6 +18,8 @@ import nbformat
 import pytest
 from nbclient.exceptions import CellExecutionError
 
+pytestmark = pytest.mark.notebook
+
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_NAMES = ["lightning_cli.ipynb", "one_shot.ipynb", "training_aware.ipynb"]
 # A cell that prints or displays at its top level (not inside a function it defines).

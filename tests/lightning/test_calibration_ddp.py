@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from calibration_runs import calibrate_tiny_decoder
 from torch import nn
@@ -19,6 +20,8 @@ from lightning_compress.core.distributed import (
 )
 from lightning_compress.modifiers import Modifier, QuantizationModifier
 from lightning_compress.pipelines import find_blocks
+
+pytestmark = pytest.mark.distributed
 
 
 class InputStatistics(Modifier):

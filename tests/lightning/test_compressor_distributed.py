@@ -15,6 +15,8 @@ from lightning_compress import Compressor
 from lightning_compress.modifiers import QuantizationModifier
 from lightning_compress.modifiers.pruning import MagnitudePruningModifier
 
+pytestmark = pytest.mark.distributed
+
 FSDP2_SCRIPT = Path(__file__).with_name("fsdp2_run.py")
 
 

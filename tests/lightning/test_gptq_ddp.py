@@ -5,11 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from calibration_runs import calibrate_tiny_decoder
 
 from lightning_compress.bundled import TinyDecoderConfig
 from lightning_compress.modifiers import GPTQModifier, QuantizationModifier
+
+pytestmark = pytest.mark.distributed
 
 W4_G32 = {"num_bits": 4, "strategy": "group", "group_size": 32}
 INT8_STATIC_ASYMMETRIC = {"num_bits": 8, "symmetric": False}

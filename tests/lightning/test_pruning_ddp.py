@@ -5,12 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from calibration_runs import calibrate_tiny_decoder
 
 from lightning_compress.bundled import TinyDecoderConfig
 from lightning_compress.modifiers import Modifier
 from lightning_compress.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
+
+pytestmark = pytest.mark.distributed
 
 
 def recipe() -> list[Modifier]:

@@ -542,6 +542,7 @@ def train_ddp(out: Path, result: Path, fault: Callback | None = None, resume: bo
     )
 
 
+@pytest.mark.distributed
 @pytest.mark.slow
 def test_ddp_run_killed_at_a_pruning_update_with_qat_active_resumes_exactly(tmp_path):
     # 2 ranks: 4 steps per epoch; kill at an epoch boundary (a plain DataLoader restarts

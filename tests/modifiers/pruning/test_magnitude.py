@@ -409,6 +409,7 @@ def test_targets_without_weights_are_refused():
         start_session(model, MagnitudePruningModifier(final_sparsity=0.5, targets=["re:.*"]))
 
 
+@pytest.mark.distributed
 def test_fsdp2_sharded_weights_get_sharded_masks():
     if dist.is_initialized():
         pytest.skip("needs its own single-rank process group")

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from calibration_runs import calibrate_tiny_decoder
 
 from lightning_compress.bundled import TinyDecoder, TinyDecoderConfig
 from lightning_compress.modifiers.smoothing import AWQModifier, SmoothQuantModifier
+
+pytestmark = pytest.mark.distributed
 
 CONFIG = TinyDecoderConfig(
     hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=4, vocab_size=64
