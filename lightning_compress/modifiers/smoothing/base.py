@@ -194,7 +194,9 @@ class SmoothingModifier(Modifier, register=False):
         }
         if self._specs:
             mappings = resolve_mappings(owner, self._specs, block_name, modules, self._linears)
-            mappings = check_mappings(owner, probe, mappings, others, self._names, block_name)
+            mappings = check_mappings(
+                owner, probe, mappings, linears, others, self._names, block_name
+            )
         else:
             inside = set(modules.values())
             norms = {name: norm for name, norm in self._norms.items() if norm in inside}

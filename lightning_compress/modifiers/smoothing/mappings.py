@@ -176,6 +176,11 @@ def resolve_mappings(
 ) -> list[SmoothingMapping]:
     """The given mappings inside one block.
 
+    Each smooth layer a pattern matches pairs with the balance layers matched inside its
+    nearest enclosing module that holds any (as the reference project resolves them): a
+    block-level norm with the block's layers, ``experts.3.up_proj`` with
+    ``experts.3.down_proj``.
+
     Args:
         owner: the modifier's class name, for messages.
         specs: the mappings (checked by :func:`check_specs`).
@@ -184,39 +189,55 @@ def resolve_mappings(
         linears: the targeted linear layers; other balance layers matched are passengers.
 
     Returns:
-        One mapping per spec whose smooth pattern matches inside the block.
+        One mapping per smooth layer matched inside the block, in the order of the specs.
 
     Raises:
-        RecipeError: when a smooth pattern matches several layers of the block, its balance
-            patterns none, or the widths differ.
+        RecipeError: when no balance layer goes with a smooth layer, one goes with two smooth
+            layers of a spec, or the widths differ.
     """
     mappings = []
     for index, spec in enumerate(specs):
         where = f"{owner}.mappings[{index}]"
-        smooth = _matching(modules, [spec.smooth])
-        if not smooth:
-            continue
-        if len(smooth) > 1:
-            raise RecipeError(
-                f"{where}: {spec.smooth!r} matches {list(smooth)} in block '{block_name}'; "
-                "expected one smooth layer per block"
-            )
-        ((smooth_name, smooth_layer),) = smooth.items()
-        balances = _matching(modules, spec.balance)
-        if not balances:
-            raise RecipeError(
-                f"{where}: {list(spec.balance)} match no layer of block '{block_name}', where "
-                f"the smooth layer is '{smooth_name}'"
-            )
-        width = output_width(smooth_layer)
-        for name, layer in balances.items():
-            if _input_width(layer) != width:
+        matched = _matching(modules, spec.balance)
+        owners: dict[str, str] = {}
+        for smooth_name, smooth_layer in _matching(modules, [spec.smooth]).items():
+            balances = _nearest(smooth_name, matched)
+            if not balances:
                 raise RecipeError(
-                    f"{where}: balance layer '{name}' has {_input_width(layer)} input "
-                    f"channels but smooth layer '{smooth_name}' has {width} output channels"
+                    f"{where}: {list(spec.balance)} match no layer of block '{block_name}', "
+                    f"where the smooth layer is '{smooth_name}'"
                 )
-        mappings.append(_mapping(smooth_name, smooth_layer, balances, linears))
+            width = output_width(smooth_layer)
+            for name, layer in balances.items():
+                if name in owners:
+                    raise RecipeError(
+                        f"{where}: balance layer '{name}' goes with both '{owners[name]}' and "
+                        f"'{smooth_name}'; expected each balance layer to read one smooth layer"
+                    )
+                owners[name] = smooth_name
+                if _input_width(layer) != width:
+                    raise RecipeError(
+                        f"{where}: balance layer '{name}' has {_input_width(layer)} input "
+                        f"channels but smooth layer '{smooth_name}' has {width} output channels"
+                    )
+            mappings.append(_mapping(smooth_name, smooth_layer, balances, linears))
     return mappings
+
+
+def _nearest(smooth_name: str, matched: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """The layers of ``matched`` inside the nearest module enclosing ``smooth_name`` that holds
+    any of them."""
+    parts = smooth_name.split(".")
+    for end in range(len(parts) - 1, -1, -1):
+        prefix = ".".join(parts[:end])
+        inside = {
+            name: layer
+            for name, layer in matched.items()
+            if name != smooth_name and (not prefix or name.startswith(f"{prefix}."))
+        }
+        if inside:
+            return inside
+    return {}
 
 
 def find_mappings(
@@ -284,6 +305,7 @@ def check_mappings(
     owner: str,
     probe: BlockProbe,
     mappings: Sequence[SmoothingMapping],
+    linears: dict[str, nn.Module],
     others: dict[str, nn.Module],
     names: dict[nn.Module, str],
     block_name: str,
@@ -295,6 +317,8 @@ def check_mappings(
         owner: the modifier's class name, for messages.
         probe: the block and one of its calibration calls.
         mappings: the block's mappings (from :func:`resolve_mappings`).
+        linears: the targeted linear layers inside the block, by name (watched, so an error
+            can name the readers a mapping leaves out).
         others: the block's modules that may read through a weight matrix and are not
             targeted (routers, ignored linear layers), by name.
         names: the model's modules' names, for messages.
@@ -309,7 +333,8 @@ def check_mappings(
     """
     balances = [layer for mapping in mappings for layer in mapping.balances]
     smooth_norms = [mapping.smooth for mapping in mappings if is_norm(mapping.smooth)]
-    baseline = probe.baseline([*balances, *others.values()], smooth_norms)
+    watched = dict.fromkeys([*balances, *linears.values(), *others.values()])
+    baseline = probe.baseline(watched, smooth_norms)
     mappings = [_with_passengers(mapping, others, baseline) for mapping in mappings]
     for mapping in mappings:
         for name, layer in zip(mapping.balance_names, mapping.balances, strict=True):
