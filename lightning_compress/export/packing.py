@@ -63,12 +63,8 @@ def pack_layer(tensors: dict[str, Tensor], scheme: CTQuantizationScheme) -> Pack
         compressor = BaseCompressor.get_value_from_registry(scheme.format)
         return PackedLayer(compressor.compress(dict(tensors), scheme))
     weight = tensors["weight"]
-    scale = tensors["weight_scale"]
-    zero_point = tensors.get("weight_zero_point")
-    if zero_point is None:
-        zero_point = torch.zeros_like(scale, dtype=torch.int8)
     args = from_ct_scheme(scheme).weights
-    codes = quantize(weight, scale, zero_point, args)
+    codes = quantize(weight, tensors["weight_scale"], None, args)  # symmetric: zero points of 0
     packed = {
         key: value
         for key, value in tensors.items()
@@ -82,7 +78,7 @@ def pack_layer(tensors: dict[str, Tensor], scheme: CTQuantizationScheme) -> Pack
 
 def _pack(codes: Tensor, num_bits: int) -> Tensor:
     """``pack_to_int32(codes, num_bits)``; 4-bit rows of whole int32 words on a little-endian
-    host take two bytes' worth of bit operations instead of its general scatter.
+    host take three operations on 16-bit pairs of codes instead of its general scatter.
 
     Args:
         codes: ``[rows, columns]`` int8 codes in ``[-2**(num_bits-1), 2**(num_bits-1) - 1]``.
@@ -94,8 +90,10 @@ def _pack(codes: Tensor, num_bits: int) -> Tensor:
     """
     if num_bits != 4 or codes.dim() != 2 or codes.shape[1] % 8 or sys.byteorder != "little":
         return pack_to_int32(codes, num_bits)
-    nibbles = (codes + 8).view(torch.uint8).reshape(codes.shape[0], -1, 2)
-    return (nibbles[..., 0] | (nibbles[..., 1] << 4)).view(torch.int32)
+    # Offset codes lie in [0, 15]: a pair (low byte a, high byte b) becomes a | b << 4 in its
+    # low byte, which the conversion to uint8 keeps.
+    pairs = (codes + 8).view(torch.int16)
+    return (pairs | (pairs >> 4)).to(torch.uint8).view(torch.int32)
 
 
 def _symmetric(scheme: CTQuantizationScheme, key: str) -> bool:

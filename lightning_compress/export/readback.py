@@ -5,8 +5,9 @@ Two checks, the second only where the first cannot decide:
 * **Exact, on the integer codes** (symmetric int weights packed by
   :mod:`~lightning_compress.export.packing`): ``weight_packed`` unpacked by compressed-tensors'
   own ``unpack_from_int32`` gives the codes back, and the codes dequantized by this project's
-  :func:`~lightning_compress.modifiers.quantization.ops.dequantize` equal the weight bit for
-  bit. Integer and elementwise passes only, no float conversion of the whole layer.
+  :func:`~lightning_compress.modifiers.quantization.ops.dequantize` equal the weight exactly
+  (compared bit for bit, zeros of either sign alike). A few elementwise passes, no float32
+  copy of the layer.
 * **Through compressed-tensors' decompressor**, within :data:`ROUNDING_ULPS`: every other
   format, a weight the exact check does not reproduce (e.g. int8 codes in bfloat16, where
   re-quantizing a dequantized weight can move a code by one at the top of the range), and
@@ -49,7 +50,7 @@ class ReadBackCheck:
         tensors: dict[str, Tensor],
         packed: PackedLayer,
         scheme: CTQuantizationScheme,
-    ) -> None:
+    ) -> bool:
         """Checks that ``packed`` reads back as ``tensors["weight"]``.
 
         Args:
@@ -57,6 +58,10 @@ class ReadBackCheck:
             tensors: its tensors in memory by local name (``weight``, ``weight_scale``, ...).
             packed: what it is stored as.
             scheme: its compressed-tensors scheme, with ``format`` set.
+
+        Returns:
+            True when the weight equals its packed codes times its scales exactly; then its
+            zero weights are its zero codes.
 
         Raises:
             ExportError: naming the layer when its packed words do not unpack to its codes,
@@ -66,14 +71,14 @@ class ReadBackCheck:
         """
         weight = tensors["weight"]
         kind = (scheme_key(scheme), tuple(weight.shape), weight.dtype)
-        finite = _reads_back_finite(tensors, scheme)
-        exact = finite and packed.codes is not None and _codes_read_back(name, tensors, packed)
+        fitting = _scales_fit(tensors, scheme)
+        exact = fitting and packed.codes is not None and _codes_read_back(name, tensors, packed)
         if exact and kind in self._decompressed:
-            return
+            return True
         restored = decompress_layer(packed.tensors, scheme)["weight"]
         # Our dequantization and compressed-tensors' round differently, by an ulp at most.
         close = reads_back(restored, weight, ROUNDING_ULPS * torch.finfo(weight.dtype).eps)
-        if not (close and (finite or bool(torch.isfinite(weight).all()))):
+        if not (close and (fitting or bool(torch.isfinite(weight).all()))):
             error = float((restored.float() - weight.float()).abs().max())
             raise ExportError(
                 f"layer '{name}' would be stored with a different weight than it has (max "
@@ -82,44 +87,59 @@ class ReadBackCheck:
                 "without quantization-aware training); quantize it again before saving"
             )
         self._decompressed.add(kind)
+        return exact
 
 
-def _reads_back_finite(tensors: dict[str, Tensor], scheme: CTQuantizationScheme) -> bool:
-    """Whether every value the layer's int codes and scales dequantize to is finite.
+def _scales_fit(tensors: dict[str, Tensor], scheme: CTQuantizationScheme) -> bool:
+    """Whether the layer's int codes dequantize to finite values, zero for zero codes only.
 
-    Then a weight equal to what it reads back as is finite too, with no pass over it:
-    ``|code - zero_point| < 2**num_bits`` and the scales are few.
+    Then a weight equal to what its codes dequantize to is finite and its zeros are its zero
+    codes, with no pass over it: ``|code - zero_point| < 2**num_bits``, every scale is finite
+    and at least the smallest normal number of the weight's dtype, and the scales are few.
     """
     weights = scheme.weights
     scale = tensors.get("weight_scale")
     if weights is None or weights.type != "int" or scale is None or not scale.numel():
         return False
-    largest = float(scale.detach().abs().amax())  # NaN when a scale is NaN
-    return largest * 2**weights.num_bits <= torch.finfo(tensors["weight"].dtype).max
+    magnitudes = scale.detach().abs()
+    limits = torch.finfo(tensors["weight"].dtype)
+    # NaN scales fail both comparisons
+    smallest, largest = float(magnitudes.amin()), float(magnitudes.amax())
+    return smallest >= limits.tiny and largest * 2**weights.num_bits <= limits.max
 
 
 def _codes_read_back(name: str, tensors: dict[str, Tensor], packed: PackedLayer) -> bool:
-    """Whether the packed codes dequantize exactly to the weight.
+    """Whether the packed codes (of zero points 0) dequantize exactly to the weight.
 
     Raises:
         ExportError: when ``weight_packed`` does not unpack to the codes it was packed from.
     """
     codes = packed.codes
-    stored = packed.tensors
-    unpacked = unpack_from_int32(stored["weight_packed"], packed.args.num_bits, codes.shape)
-    if not torch.equal(unpacked, codes):
+    unpacked = unpack_from_int32(packed.tensors["weight_packed"], packed.args.num_bits, codes.shape)
+    if unpacked.shape != codes.shape or not _same_bits(unpacked, codes):
         wrong = int((unpacked != codes).sum()) if unpacked.shape == codes.shape else codes.numel()
         raise ExportError(
             f"layer '{name}': weight_packed unpacks to other codes than it was packed from "
             f"({wrong} of {codes.numel()} differ); the packing is broken, nothing was written"
         )
     weight = tensors["weight"]
-    scale = tensors["weight_scale"]
-    zero_point = tensors.get("weight_zero_point")
-    if zero_point is None:
-        zero_point = torch.zeros_like(scale, dtype=torch.int8)
-    restored = dequantize(codes, scale, zero_point, packed.args)
-    return restored.dtype == weight.dtype and torch.equal(restored, weight)
+    restored = dequantize(codes, tensors["weight_scale"], None, packed.args)
+    # Code 0 dequantizes to +0.0 where the weight may hold -0.0: adding 0 makes it +0.0 too.
+    return restored.dtype == weight.dtype and _same_bits(restored, weight + 0.0)
+
+
+def _same_bits(first: Tensor, second: Tensor) -> bool:
+    """Whether two tensors of one shape and dtype hold the same bits (NaN equals itself).
+
+    Compared 8 bytes at a time where the sizes allow: ``torch.equal`` compares 16-bit and
+    8-bit elements one by one, many times slower.
+    """
+    if not (first.is_contiguous() and second.is_contiguous()):
+        return torch.equal(first, second)
+    first, second = first.reshape(-1).view(torch.uint8), second.reshape(-1).view(torch.uint8)
+    if first.numel() % 8 == 0:
+        first, second = first.view(torch.int64), second.view(torch.int64)
+    return torch.equal(first, second)
 
 
 def reads_back(restored: Tensor, original: Tensor, rtol: float) -> bool:

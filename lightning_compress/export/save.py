@@ -104,10 +104,11 @@ def save_compressed(
     _check_local(model)
     check_finished(model)
     layers = quantized_layers(model, pack_asymmetric)
-    qconfig = quantization_config(model, layers, sparsity_config(model))
+    state = compressed_state_dict(model, layers, progress)
+    qconfig = quantization_config(model, layers, sparsity_config(model, state.zeros))
     if qconfig is not None:
         config["quantization_config"] = qconfig
-    tensors = conv1d_orientation(model, compressed_state_dict(model, layers, progress))
+    tensors = conv1d_orientation(model, state.tensors)
     recipe_text = None if recipe is None else Recipe.create_instance(recipe).yaml()
     with staged_directory(path, overwrite) as staging:
         write_shards(tensors, staging, max_shard_bytes)

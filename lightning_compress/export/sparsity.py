@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -14,7 +15,9 @@ from lightning_compress.modifiers.pruning.structure import SPARSITY_THRESHOLD, f
 __all__ = ["SPARSITY_THRESHOLD", "follows_2_4", "sparsity_config"]
 
 
-def sparsity_config(model: nn.Module) -> dict[str, Any] | None:
+def sparsity_config(
+    model: nn.Module, zeros: Mapping[str, int] | None = None
+) -> dict[str, Any] | None:
     """Describes the pruned linear layers of ``model``, read from their zero weights.
 
     Pruning modifiers leave their zeros in the weights and nothing else, so sparsity is
@@ -26,6 +29,8 @@ def sparsity_config(model: nn.Module) -> dict[str, Any] | None:
 
     Args:
         model: the model.
+        zeros: zero weights already counted, by layer name (e.g. on the int8 codes of
+            quantized layers, a quarter of the work); the other layers are counted here.
 
     Returns:
         The ``sparsity_config`` mapping, or None when no linear layer is pruned.
@@ -35,8 +40,10 @@ def sparsity_config(model: nn.Module) -> dict[str, Any] | None:
         for name, module in model.named_modules()
         if isinstance(module, nn.Linear)
     }
+    counted = {} if zeros is None else zeros
     zeros = {
-        name: weight.numel() - int(torch.count_nonzero(weight)) for name, weight in linears.items()
+        name: counted[name] if name in counted else _zeros(weight)
+        for name, weight in linears.items()
     }
     sparse = [
         name
@@ -59,3 +66,7 @@ def sparsity_config(model: nn.Module) -> dict[str, Any] | None:
         sparsity_structure=structure.value,
     )
     return config.model_dump()
+
+
+def _zeros(weight: torch.Tensor) -> int:
+    return weight.numel() - int(torch.count_nonzero(weight))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from compressed_tensors.config import CompressionFormat
 from compressed_tensors.quantization import QuantizationScheme as CTQuantizationScheme
@@ -19,15 +21,28 @@ from lightning_compress.export.layout import (
 from lightning_compress.export.packing import pack_layer
 from lightning_compress.export.readback import ReadBackCheck
 
-__all__ = ["compress_layer", "compressed_state_dict"]
+__all__ = ["CompressedState", "compress_layer", "compressed_state_dict"]
 
 Layers = dict[str, tuple[nn.Module, CTQuantizationScheme]]
 PACKED = CompressionFormat.pack_quantized.value
 
 
+class CompressedState(NamedTuple):
+    """A checkpoint's tensors, and what packing them counted on the way.
+
+    Attributes:
+        tensors: checkpoint names to tensors, in ``state_dict`` order.
+        zeros: the number of zero weights of each quantized layer whose weight equals its
+            codes times its scales exactly (counted on the int8 codes), by layer name.
+    """
+
+    tensors: dict[str, Tensor]
+    zeros: dict[str, int]
+
+
 def compressed_state_dict(
     model: nn.Module, layers: Layers, progress: bool = False
-) -> dict[str, Tensor]:
+) -> CompressedState:
     """``model``'s state dict with each quantized layer in its compressed-tensors format.
 
     Tensors shared by several names (tied embeddings) are kept once, under the first name.
@@ -38,7 +53,7 @@ def compressed_state_dict(
         progress: show a progress bar over the tensors (on stderr, when it is a terminal).
 
     Returns:
-        Checkpoint names to tensors, in ``state_dict`` order.
+        The tensors, with the zero counts of the layers packed from exact codes.
 
     Raises:
         ExportError: when a layer's weight does not read back as it is in memory.
@@ -51,20 +66,25 @@ def compressed_state_dict(
             per_layer.setdefault(owner, {})[attribute] = tensor
     check = ReadBackCheck()
     out: dict[str, Tensor] = {}
+    zeros: dict[str, int] = {}
     seen: set[tuple[torch.device, int, torch.Size, torch.dtype]] = set()
     for key, tensor in progress_bar(state.items(), "Saving tensors", len(state), progress):
         owner = key.rpartition(".")[0]
         if owner in layers:
             if owner in per_layer:  # the layer's first tensor: write all of them packed
-                packed = compress_layer(owner, per_layer.pop(owner), layers[owner][1], check)
+                packed, zero_count = compress_layer(
+                    owner, per_layer.pop(owner), layers[owner][1], check
+                )
                 out.update({f"{owner}.{name}": value for name, value in packed.items()})
+                if zero_count is not None:
+                    zeros[owner] = zero_count
             continue
         view = (tensor.device, tensor.data_ptr(), tensor.shape, tensor.dtype)
         if view in seen and tensor.numel():
             continue
         seen.add(view)
         out[key] = tensor
-    return out
+    return CompressedState(out, zeros)
 
 
 def compress_layer(
@@ -72,7 +92,7 @@ def compress_layer(
     tensors: dict[str, Tensor],
     scheme: CTQuantizationScheme,
     check: ReadBackCheck,
-) -> dict[str, Tensor]:
+) -> tuple[dict[str, Tensor], int | None]:
     """Packs one quantized layer (:func:`~lightning_compress.export.packing.pack_layer`), and
     checks it reads back unchanged (:class:`~lightning_compress.export.readback.ReadBackCheck`)
     and in the layout transformers prepares to load.
@@ -85,7 +105,8 @@ def compress_layer(
 
     Returns:
         The compressed tensors by local name (e.g. ``weight_packed``, ``weight_shape``,
-        ``weight_scale``).
+        ``weight_scale``), and the number of zero weights where the codes reproduce the
+        weight exactly (else None).
 
     Raises:
         ExportError: when the stored weight would read back different from
@@ -107,5 +128,6 @@ def compress_layer(
             f"layer '{name}' would be stored ({scheme.format}) in a layout transformers "
             f"cannot load: {'; '.join(gaps)}"
         )
-    check(name, tensors, packed, scheme)
-    return packed.tensors
+    if check(name, tensors, packed, scheme):
+        return packed.tensors, packed.codes.numel() - int(torch.count_nonzero(packed.codes))
+    return packed.tensors, None

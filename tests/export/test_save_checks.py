@@ -18,6 +18,7 @@ from lightning_compress.export.packing import _pack, pack_layer
 from lightning_compress.export.readback import reads_back
 from lightning_compress.export.schemes import from_ct_scheme, quantized_layers
 from lightning_compress.export.sparsity import sparsity_config
+from lightning_compress.export.tensors import compressed_state_dict
 from lightning_compress.lightning.oneshot import oneshot
 from lightning_compress.modifiers import QuantizationModifier
 from lightning_compress.modifiers.quantization.observers import qparams_for_weight
@@ -212,3 +213,16 @@ def test_a_layer_whose_codes_do_not_reproduce_it_is_decided_by_the_decompressor(
     packed = pack_layer(tensors, scheme)
     assert not readback._codes_read_back("0", tensors, packed)
     readback.ReadBackCheck()("0", tensors, packed, scheme)  # within two ulps: accepted
+
+
+def test_zeros_counted_on_the_codes_describe_the_same_sparsity_as_the_weights(compressed):
+    model = compressed("llama", "2:4+W4A16")
+    layers = quantized_layers(model)
+    state = compressed_state_dict(model, layers)
+    assert set(state.zeros) == set(layers)
+    for name, count in state.zeros.items():
+        weight = model.get_submodule(name).weight
+        assert count == int((weight == 0).sum())
+    config = sparsity_config(model, state.zeros)
+    assert config is not None and config["sparsity_structure"] == "2:4"
+    assert config == sparsity_config(model)
