@@ -107,6 +107,12 @@ def compress_parser() -> ArgumentParser:
         "--output_dir", type=str | None, default=None, help="save the compressed model here"
     )
     add_flag(parser, "--overwrite_output_dir", "replace --output_dir if it is not empty")
+    add_flag(
+        parser,
+        "--strict",
+        "refuse, before compressing, a recipe that leaves a weight of the decoder blocks "
+        "neither targeted nor ignored, or whose ignore matches nothing",
+    )
     parser.add_argument(
         "--eval_dataset",
         type=str | None,
@@ -175,6 +181,7 @@ def run_compress(argv: list[str], verbose: bool = False) -> nn.Module:
         text_column=config.text_column,
         concatenate_data=config.concatenate_data,
         summary=summary,
+        strict=config.strict,
     )
     if evaluation is not None:
         with summary.phase("evaluate"):

@@ -138,8 +138,8 @@ class WeightCoverage:
         if self.left_out:
             logger.opt(depth=1).warning(
                 "{} weight tensors of the {} ({}) were left out, neither compressed nor "
-                "named by an ignore pattern: {}. Target them, add them to ignore, or pass "
-                "strict=True to refuse such a recipe before it changes the model",
+                "named by an ignore pattern: {}. Target them or add them to ignore; strict=True "
+                "(--strict on the command line) refuses such a recipe before it changes the model",
                 len(self.left_out),
                 self.scope,
                 self._share(self.left_out),

@@ -17,6 +17,7 @@ from lightning_compress.cli import main
 from lightning_compress.evaluate import evaluation_samples
 from lightning_compress.lightning.compress_command import run_compress
 from lightning_compress.pretrained import load_pretrained
+from lightning_compress.recipe import RecipeError
 
 CONFIGS = Path(__file__).parents[2] / "configs" / "compress"
 GPTQ = {
@@ -165,6 +166,17 @@ def test_the_checkpoint_dtype_is_kept_unless_dtype_is_given(tmp_path):
 def test_a_model_that_is_no_checkpoint_is_refused_in_one_line(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"model: .* expected a transformers checkpoint"):
         run_compress(["--model", str(tmp_path), "--recipe", yaml.safe_dump(RTN)])
+
+
+def test_strict_refuses_a_recipe_that_leaves_weights_out_before_compressing(checkpoint, capsys):
+    rtn = {"scheme": "W8A16", "targets": [r"re:.*self_attn\..*_proj"], "ignore": ["lm_head"]}
+    attention_only = {"quant_modifiers": {"QuantizationModifier": rtn}}
+    argv = ["--model", str(checkpoint), "--recipe", yaml.safe_dump(attention_only), *QUIET]
+    with pytest.raises(RecipeError, match=r"strict: .*mlp\.down_proj\.weight x2"):
+        run_compress([*argv, "--strict"])
+    capsys.readouterr()
+    run_compress(argv)  # without --strict: a warning, printed with the library's log
+    assert "WARNING: 6 weight tensors of the decoder blocks" in capsys.readouterr().out
 
 
 def test_trainer_options_given_reach_oneshot_and_the_others_keep_its_defaults(
