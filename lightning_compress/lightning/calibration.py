@@ -88,6 +88,9 @@ class CalibrationModule(pl.LightningModule):
             ``PipelineOptions``).
         staged: calibrate blocks in one forward that compresses each group of layers
             when every batch reaches it (see ``PipelineOptions``).
+        moe_calibrate_all_experts: during calibration every expert of a mixture-of-experts
+            block sees every token (outputs still follow the router); False: only the
+            tokens routed to it (see ``PipelineOptions``).
         progress: show a progress bar over the blocks (on rank zero, on stderr when it is a
             terminal); None: where the Trainer shows its own progress bar.
         strict: refuse, before the model changes, a recipe that leaves a weight of the decoder
@@ -117,6 +120,7 @@ class CalibrationModule(pl.LightningModule):
         offload_dir: str | Path | None = None,
         propagate_compressed: bool = True,
         staged: bool = True,
+        moe_calibrate_all_experts: bool = True,
         progress: bool | None = None,
         strict: bool = False,
         summary: CompressionSummary | None = None,
@@ -146,6 +150,7 @@ class CalibrationModule(pl.LightningModule):
             offload_dir=offload_dir,
             propagate_compressed=propagate_compressed,
             staged=staged,
+            moe_calibrate_all_experts=moe_calibrate_all_experts,
         )
         self.progress = progress
         self.strict = strict

@@ -46,6 +46,7 @@ def oneshot(
     trainer_kwargs: dict[str, Any] | None = None,
     propagate_compressed: bool = True,
     staged: bool = True,
+    moe_calibrate_all_experts: bool = True,
     trainer: pl.Trainer | None = None,
     overwrite_output_dir: bool = False,
     text_column: str = "text",
@@ -111,6 +112,9 @@ def oneshot(
         propagate_compressed: feed each block the compressed previous block's outputs.
         staged: calibrate blocks in one forward that compresses each group of layers
             when every batch reaches it (see ``PipelineOptions``).
+        moe_calibrate_all_experts: during calibration every expert of a mixture-of-experts
+            block sees every token (outputs still follow the router); False: only the
+            tokens routed to it (see ``PipelineOptions``).
         trainer: run on this Trainer (built with ``inference_mode=False``) instead of one
             built from ``device``, ``devices``, ``strategy`` and ``trainer_kwargs``.
         overwrite_output_dir: replace ``output_dir`` if it exists and is not empty.
@@ -173,6 +177,7 @@ def oneshot(
         offload_dir=offload_dir,
         propagate_compressed=propagate_compressed,
         staged=staged,
+        moe_calibrate_all_experts=moe_calibrate_all_experts,
         progress=progress,
         strict=strict,
         summary=summary,

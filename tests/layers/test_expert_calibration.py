@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import torch
@@ -18,9 +18,15 @@ class RowCounter(Modifier):
     """Counts the input rows each target layer sees during calibration."""
 
     targets: str | list[str] = "re:.*experts.1.up_proj$"
+    last_rows: ClassVar[dict[str, int]] = {}  # of the latest instance (recipes copy modifiers)
+
+    @property
+    def needs_calibration_data(self) -> bool:
+        return True
 
     def on_initialize(self, state: State, **kwargs: Any) -> None:
         self.rows: dict[str, int] = {}
+        RowCounter.last_rows = self.rows
         for name, layer in self.resolve_targets(state.model).items():
             self.rows[name] = 0
             self.register_hook(layer, self._hook(name), "forward")
@@ -77,3 +83,26 @@ def test_routed_only_calibration_feeds_each_expert_its_tokens(pipeline):
     expected = routed_counts(model, [tokens(1, 12, seed) for seed in range(3)])
     assert rows == expected
     assert all(0 < count < 3 * 12 for count in rows.values())
+
+
+def test_oneshot_switches_between_all_tokens_and_routed_tokens():
+    from export_models import QUIET
+
+    from lightning_compress.lightning.oneshot import oneshot
+
+    batches = torch.cat([tokens(1, 12, seed) for seed in range(3)])
+    seen = {}
+    for everything in (True, False):
+        model = tiny_moe("mixtral")
+        oneshot(
+            model,
+            RowCounter(),
+            batches,
+            num_calibration_samples=3,
+            moe_calibrate_all_experts=everything,
+            trainer_kwargs=QUIET,
+            progress=False,
+        )
+        seen[everything] = dict(RowCounter.last_rows)
+    assert set(seen[True].values()) == {3 * 12}
+    assert seen[False] == routed_counts(model, [batches[i : i + 1] for i in range(3)])
