@@ -13,6 +13,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import Logger
 from lightning_models import Regressor, regression_loader
 from loguru import logger
+from moe_models import tiny_moe
 from safetensors.torch import load_file
 from torch import nn
 
@@ -150,6 +151,28 @@ def test_a_full_run_covers_every_weight_as_the_checkpoint_stores_it(tmp_path, wa
     assert coverage.elements == {name: int(shape.prod()) for name, shape in packed.items()}
     config = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
     assert config["ignore"] == ["lm_head"]
+
+
+def test_strict_checks_experts_as_linear_layers_and_undoes_that_swap_when_it_refuses():
+    model = tiny_moe("qwen3_moe")
+    experts = type(model.model.layers[0].mlp.experts)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    router = r"Qwen3MoeTopKRouter \(no layer adapter .*\): model\.layers\.\*\.mlp\.gate\.weight x2"
+    with pytest.raises(RecipeError, match=router):
+        oneshot(model, rtn(["lm_head"]), progress=False, strict=True)
+    assert type(model.model.layers[0].mlp.experts) is experts
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[name], tensor) for name, tensor in before.items())
+
+    summary = CompressionSummary()
+    recipe = rtn(["lm_head", r"re:.*mlp\.gate$"])
+    oneshot(model, recipe, summary=summary, progress=False, strict=True)
+    coverage = summary.coverage
+    assert coverage.ignored == [f"model.layers.{index}.mlp.gate.weight" for index in (0, 1)]
+    assert coverage.left_out == {}
+    experts_weights = {name for name in coverage.compressed if ".mlp.experts." in name}
+    assert len(experts_weights) == 2 * 4 * 3  # blocks x experts x (gate, up, down)
 
 
 class MetricsLogger(Logger):

@@ -6,6 +6,7 @@ import pytest
 import torch
 from helpers import TwoLayer
 from torch import nn
+from torch.nn.utils import parametrize
 
 from lightning_compress.modifiers.quantization.args import (
     PRESET_SCHEMES,
@@ -116,3 +117,63 @@ def test_a_quantized_layer_that_is_not_linear_is_counted():
     summary.describe(model)
     assert summary.quantized == {"1": "W8A16 (int8 per-channel)"}
     assert (summary.linear_layers, summary.left_out) == (2, ["0"])
+
+
+class Blocks(nn.Module):
+    """``count`` blocks of one linear layer and a norm each."""
+
+    def __init__(self, count: int = 2) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList(
+            nn.ModuleDict({"proj": nn.Linear(8, 8), "norm": nn.LayerNorm(8)}) for _ in range(count)
+        )
+
+
+def test_the_coverage_counts_each_weight_matrix_of_the_blocks_once():
+    model = Blocks(3)
+    model.layers[2]["proj"].weight = model.layers[1]["proj"].weight  # tied: counted once
+    parametrize.register_parametrization(model.layers[0]["proj"], "weight", nn.Identity())
+    summary = CompressionSummary()
+    summary.describe(model)
+    assert summary.coverage.elements == {"layers.0.proj.weight": 64, "layers.1.proj.weight": 64}
+    assert summary.coverage.scope == "decoder blocks layers.0 to layers.2"
+
+
+def test_a_layer_both_quantized_and_sparse_carries_both_labels():
+    model = Blocks()
+    layer = model.layers[0]["proj"]
+    layer.quantization_scheme = preset_scheme("W8A16", ["Linear"])
+    with torch.no_grad():
+        layer.weight.view(-1, 4)[:, :2] = 0
+    summary = CompressionSummary()
+    summary.describe(model, ignore=["re:.*1.proj"])
+    assert summary.coverage.compressed == {
+        "layers.0.proj.weight": "W8A16 (int8 per-channel) + 2:4 sparse"
+    }
+    assert summary.coverage.ignored == ["layers.1.proj.weight"]
+
+
+def test_a_targeted_weight_is_pruned_with_any_zeros_and_left_out_without():
+    model = Blocks()
+    with torch.no_grad():
+        model.layers[0]["proj"].weight[0, :4] = 0  # 4 of 64: too few to be saved sparse
+    summary = CompressionSummary()
+    summary.describe(model, targeted=["layers.0.proj", "layers.1.proj"])
+    assert summary.coverage.compressed == {"layers.0.proj.weight": "pruned under 50% (saved dense)"}
+    assert summary.coverage.left_out == {
+        "layers.1.proj.weight": "targeted, but left unchanged by the run"
+    }
+
+
+def test_left_out_weights_of_many_blocks_are_named_once_with_a_count():
+    summary = CompressionSummary()
+    summary.describe(Blocks(60))
+    assert len(summary.coverage.left_out) == 60
+    assert (
+        summary.coverage.describe_left_out()
+        == "Linear layers no target matches: layers.*.proj.weight x60"
+    )
+    assert "0 of 60 weight tensors compressed (0.0% of 3,840 elements), 0 ignored" in (
+        summary.format()
+    )
