@@ -20,7 +20,6 @@ from torch import Tensor, nn
 
 from lightning_compress.core.distributed import all_reduce_max_, all_reduce_sum_
 from lightning_compress.core.tensors import same_input, tensor_version
-from lightning_compress.modifiers.input_scaling import input_axis
 from lightning_compress.modifiers.layerwise import StatisticsCollector
 
 __all__ = ["STATISTIC_DTYPE", "ChannelStatistic", "ChannelStatisticCollector"]
@@ -116,7 +115,7 @@ class ChannelStatisticCollector(StatisticsCollector):
         nothing get zeros (``num_samples == 0``).
 
         Args:
-            layers: the layers (``nn.Linear`` or ``Conv1D``), by name.
+            layers: the ``nn.Linear`` layers, by name.
 
         Returns:
             The reduced statistics, by name (new objects; the collector's own are unchanged).
@@ -125,7 +124,7 @@ class ChannelStatisticCollector(StatisticsCollector):
         if not layers:
             return {}
         device = next(iter(layers.values())).weight.device
-        widths = [layer.weight.shape[input_axis(layer)] for layer in layers.values()]
+        widths = [layer.in_features for layer in layers.values()]
         parts = [
             self._statistics.get(name, ChannelStatistic(torch.zeros(width)))
             for name, width in zip(layers, widths, strict=True)

@@ -24,8 +24,6 @@ from torch.utils.hooks import RemovableHandle
 __all__ = [
     "InputScaleHook",
     "follow_input_scaling",
-    "input_axis",
-    "is_conv1d",
     "register_input_scale_hook",
     "scale_inputs",
 ]
@@ -37,41 +35,6 @@ are now ``x / scale``; ``scale`` is ``[in_features]``."""
 _HOOKS: weakref.WeakKeyDictionary[nn.Module, OrderedDict[int, InputScaleHook]] = (
     weakref.WeakKeyDictionary()
 )
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """Whether ``module`` is a transformers ``Conv1D`` (GPT-2): a linear layer whose weight is
-    stored transposed, ``[in_features, out_features]``.
-
-    Args:
-        module: the module.
-
-    Returns:
-        True for a ``Conv1D``.
-    """
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
-
-
-def input_axis(module: nn.Module) -> int:
-    """The axis of ``module.weight`` that runs over the input channels.
-
-    Args:
-        module: an ``nn.Linear`` or a transformers ``Conv1D``.
-
-    Returns:
-        1 for ``nn.Linear`` (``[out, in]``), 0 for ``Conv1D`` (``[in, out]``).
-
-    Raises:
-        TypeError: for any other module.
-    """
-    if isinstance(module, nn.Linear):
-        return 1
-    if is_conv1d(module):
-        return 0
-    raise TypeError(
-        f"a {type(module).__name__} cannot take a scale in its input channels; expected an "
-        "nn.Linear or a transformers Conv1D"
-    )
 
 
 def register_input_scale_hook(module: nn.Module, hook: InputScaleHook) -> RemovableHandle:
@@ -119,29 +82,33 @@ def scale_inputs(layers: Sequence[nn.Module], scale: Tensor, notify: bool = True
     """Multiplies the layers' weight columns by ``scale``, for inputs divided by ``scale``.
 
     Args:
-        layers: ``nn.Linear`` or ``Conv1D`` layers reading the same channels.
+        layers: ``nn.Linear`` layers reading the same channels (a model's ``Conv1D`` and
+            fused experts are ``nn.Linear`` layers once linearized, see
+            :func:`~lightning_compress.layers.linearize`).
         scale: ``[in_features]``; computed in float32 (or the weight's dtype when wider).
         notify: call the input-scale hooks registered on ``layers``, each distinct hook once
             with the layers it is registered on (a trial that will be undone passes False).
 
     Raises:
-        TypeError: for a layer that is not linear.
+        TypeError: for a layer that is not an ``nn.Linear``.
         ValueError: when ``scale`` does not have one value per input channel.
     """
     for layer in layers:
-        axis = input_axis(layer)
+        if not isinstance(layer, nn.Linear):
+            raise TypeError(
+                f"a {type(layer).__name__} cannot take a scale in its input channels; expected "
+                "an nn.Linear (linearize the model first: lightning_compress.layers.linearize)"
+            )
         weight = layer.weight
-        if scale.shape != (weight.shape[axis],):
+        if scale.shape != (layer.in_features,):
             raise ValueError(
                 f"a scale of shape {tuple(scale.shape)} does not fit a "
-                f"{type(layer).__name__} with {weight.shape[axis]} input channels"
+                f"{type(layer).__name__} with {layer.in_features} input channels"
             )
-        shape = [1, 1]
-        shape[axis] = -1
         factors = scale.to(
             device=weight.device, dtype=torch.promote_types(weight.dtype, torch.float32)
         )
-        weight.copy_(weight * factors.view(shape))
+        weight.copy_(weight * factors)
     if not notify:
         return
     calls: dict[InputScaleHook, list[nn.Module]] = {}

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lightning_compress.modifiers.input_scaling import input_axis, is_conv1d, scale_inputs
+from lightning_compress.modifiers.input_scaling import scale_inputs
 
 __all__ = [
     "SmoothingMapping",
@@ -110,7 +110,8 @@ def has_weight_matrix(module: nn.Module) -> bool:
 
 
 def is_linear(module: nn.Module) -> bool:
-    """Whether ``module`` is an ``nn.Linear`` or a transformers ``Conv1D``.
+    """Whether ``module`` is an ``nn.Linear`` (a model's ``Conv1D`` and fused experts are, once
+    linearized: see :func:`~lightning_compress.layers.linearize`).
 
     Args:
         module: the module.
@@ -118,7 +119,7 @@ def is_linear(module: nn.Module) -> bool:
     Returns:
         True for a linear layer.
     """
-    return isinstance(module, nn.Linear) or is_conv1d(module)
+    return isinstance(module, nn.Linear)
 
 
 def is_norm(module: nn.Module) -> bool:
@@ -148,19 +149,19 @@ def output_width(module: nn.Module) -> int:
     """
     if is_norm(module):
         return module.weight.numel()
-    return module.weight.shape[1 - input_axis(module)]
+    return module.out_features
 
 
 def linear_weight(module: nn.Module) -> Tensor:
-    """A linear layer's weight in ``nn.Linear`` layout ``[out, in]`` (a view, not a copy).
+    """A linear layer's weight ``[out, in]``.
 
     Args:
-        module: an ``nn.Linear`` or ``Conv1D``.
+        module: an ``nn.Linear``.
 
     Returns:
-        The weight, transposed for ``Conv1D``.
+        Its weight.
     """
-    return module.weight if input_axis(module) == 1 else module.weight.T
+    return module.weight
 
 
 @torch.no_grad()
@@ -174,11 +175,14 @@ def scale_outputs(module: nn.Module, factors: Tensor) -> None:
     Raises:
         TypeError: for a module that is neither.
     """
-    axis = 0 if is_norm(module) else 1 - input_axis(module)
-    shape = [1] * module.weight.dim()
-    shape[axis] = -1
+    if not (is_norm(module) or is_linear(module)):
+        raise TypeError(
+            f"a {type(module).__name__} cannot scale its output channels; expected a "
+            "normalization layer or an nn.Linear"
+        )
     for tensor in (module.weight, getattr(module, "bias", None)):
         if tensor is not None:
             dtype = torch.promote_types(tensor.dtype, torch.float32)
             scaled = factors.to(device=tensor.device, dtype=dtype)
-            tensor.copy_(tensor * (scaled.view(shape) if tensor.dim() > 1 else scaled))
+            # output channels run along the first axis of a weight matrix
+            tensor.copy_(tensor * (scaled.view(-1, 1) if tensor.dim() > 1 else scaled))
