@@ -9,9 +9,9 @@ error onto the columns not yet visited, using the upper Cholesky factor of ``H^-
 and done as one matrix product per block).
 
 Layout: the functions here and in ``gptq.py`` / ``sparsegpt.py`` take weights in
-``nn.Linear`` layout ``[out_features, in_features]``. GPT-2's ``Conv1D`` stores its weight
-as ``[in_features, out_features]``: callers transpose it before and after (its inputs
-are laid out like a linear layer's, so the Hessian needs no change).
+``nn.Linear`` layout ``[out_features, in_features]``. GPT-2's ``Conv1D`` (weight
+``[in_features, out_features]``) is swapped for an ``nn.Linear`` holding the transposed
+weight before any modifier runs (:mod:`lightning_compress.layers.conv1d`).
 """
 
 from __future__ import annotations
