@@ -12,11 +12,13 @@ from torch import Tensor
 from lightning_compress.core.events import Event
 from lightning_compress.core.state import State
 from lightning_compress.modifiers.hessian_collector import HessianCollector, mask_sources
+from lightning_compress.modifiers.input_scaling import follow_input_scaling
 from lightning_compress.modifiers.quantization.args import QuantizationArgs, preset_scheme
 from lightning_compress.modifiers.quantization.observers import qparams_for_weight
 from lightning_compress.modifiers.quantization.ops import fake_quantize, strategy_groups
 from lightning_compress.modifiers.smoothing.base import SmoothingModifier
 from lightning_compress.modifiers.smoothing.folding import SmoothingMapping, linear_weight
+from lightning_compress.modifiers.smoothing.routing import RoutedHessians
 from lightning_compress.recipe.errors import RecipeError
 
 __all__ = ["AWQModifier", "AWQResult", "awq_search"]
@@ -134,8 +136,11 @@ class AWQModifier(SmoothingModifier):
     The error is measured on the balance layers' outputs, through their input Hessians: exact
     over every calibration token (padding excluded, summed over ranks), at a search cost that
     does not grow with the number of tokens, and with no need to run the attention again for
-    each candidate. The mappings are found on each block (see :class:`~lightning_compress.
-    modifiers.smoothing.base.SmoothingModifier`).
+    each candidate. The layers of a mixture's experts count each token they are routed to
+    with its router weight, so their error is the one the block's output gets under the real
+    routing, even when every expert calibrates on every token (see
+    :mod:`~lightning_compress.modifiers.smoothing.routing`). The mappings are found on each
+    block (see :class:`~lightning_compress.modifiers.smoothing.base.SmoothingModifier`).
 
     After calibration ``results`` holds each smooth layer's :class:`AWQResult`.
 
@@ -202,13 +207,21 @@ class AWQModifier(SmoothingModifier):
 
     def on_start(self, state: State, event: Event | None, **kwargs: Any) -> None:
         super().on_start(state, event, **kwargs)
+        self._routed = RoutedHessians(state.model, self._linears)
+        plain = {name: layer for name, layer in self._linears.items() if name not in self._routed}
         self._hessians = HessianCollector()
-        self._hessians.follow_input_scaling(self._linears)
-        for name, layer in self._linears.items():
+        self._hessians.follow_input_scaling(plain)
+        for name, layer in plain.items():
             self.register_hook(layer, self._hessians.layer_hook(name), "forward_pre")
+        for module in self._routed.mixtures:
+            self.register_hook(module, self._routed.experts_hook, "forward_pre")
+        routed = {name: self._linears[name] for name in self._routed.names}
+        self._routing_scales = follow_input_scaling(routed, self._routed.rescale_inputs)
+        for name, layer in routed.items():
+            self.register_hook(layer, self._routed.layer_hook(name), "forward_pre")
         for module in mask_sources(state.model, self._linears):
-            hook = self._hessians.mask_hook(module)
-            self.register_hook(module, hook, "forward_pre", with_kwargs=True)
+            for hook in (self._hessians.mask_hook(module), self._routed.masks.hook(module)):
+                self.register_hook(module, hook, "forward_pre", with_kwargs=True)
 
     def compute_scale(self, mapping: SmoothingMapping) -> Tensor:
         """AWQ's scale for one mapping (see :func:`awq_search`).
@@ -221,14 +234,18 @@ class AWQModifier(SmoothingModifier):
         """
         layers = mapping.named_balances
         act = self._statistic.magnitude(layers)
-        accumulators = self._hessians.reduced(layers)
+        routed = {name: layer for name, layer in layers.items() if name in self._routed}
+        plain = {name: layer for name, layer in layers.items() if name not in routed}
+        accumulators = self._hessians.reduced(plain)
         shared: dict[int, list[Tensor]] = {}  # layers reading one input: one stacked weight
-        for name, layer in layers.items():
+        for name, layer in plain.items():
             shared.setdefault(id(accumulators[name]), []).append(linear_weight(layer))
         hessians = {id(acc): acc.hessian() for acc in accumulators.values()}
+        weights = [torch.cat(stacked) for stacked in shared.values()]
+        weights += [linear_weight(layer) for layer in routed.values()]
         result = awq_search(
-            [torch.cat(weights) for weights in shared.values()],
-            [hessians[key] for key in shared],
+            weights,
+            [hessians[key] for key in shared] + list(self._routed.reduced(routed).values()),
             act,
             self._weight_args,
             self.n_grid,
@@ -239,6 +256,10 @@ class AWQModifier(SmoothingModifier):
 
     def release_block(self, names: list[str]) -> None:
         self._hessians.discard(names)
+        self._routed.discard(names)
 
     def release_all(self) -> None:
         self._hessians.clear()
+        self._routed.clear()
+        for handle in self._routing_scales:
+            handle.remove()
