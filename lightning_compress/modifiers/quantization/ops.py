@@ -184,6 +184,8 @@ def _groups_and_qparams(
 
 
 def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
+    if shape == target:  # the usual case, without broadcast_shapes' checks (slow in Python)
+        return True
     try:
         return torch.broadcast_shapes(shape, target) == target
     except RuntimeError:
