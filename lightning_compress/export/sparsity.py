@@ -68,5 +68,18 @@ def sparsity_config(
     return config.model_dump()
 
 
+SIGNLESS_BITS = {2: (torch.int16, 0x7FFF), 4: (torch.int32, 0x7FFFFFFF)}
+"""Per float width: the int dtype of that width and the mask that drops the sign bit."""
+
+
 def _zeros(weight: torch.Tensor) -> int:
+    """The number of zeros (of either sign) in ``weight``.
+
+    16- and 32-bit floats are counted on their bits without the sign, several times faster
+    than ``count_nonzero`` on the floats themselves.
+    """
+    bits = SIGNLESS_BITS.get(weight.element_size())
+    if weight.is_floating_point() and bits is not None and weight.is_contiguous():
+        int_dtype, mask = bits
+        weight = weight.view(int_dtype) & mask
     return weight.numel() - int(torch.count_nonzero(weight))

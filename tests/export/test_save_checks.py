@@ -226,3 +226,18 @@ def test_zeros_counted_on_the_codes_describe_the_same_sparsity_as_the_weights(co
     config = sparsity_config(model, state.zeros)
     assert config is not None and config["sparsity_structure"] == "2:4"
     assert config == sparsity_config(model)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_zeros_of_either_sign_are_counted_in_every_float_dtype(dtype):
+    generator = torch.Generator().manual_seed(SEED)
+    weight = torch.randn(48, 64, generator=generator).to(dtype)
+    weight[weight.abs() < 0.7] = 0.0
+    weight[:, :5] = -0.0
+    weight[1, 7] = float("nan")
+    weight[2, 7] = float("-inf")
+    model = nn.Sequential(nn.Linear(64, 48, bias=False)).to(dtype)
+    with torch.no_grad():
+        model[0].weight.copy_(weight)
+    config = sparsity_config(model)
+    assert config["global_sparsity"] == pytest.approx(int((weight == 0).sum()) / weight.numel())
