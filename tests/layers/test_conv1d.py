@@ -9,10 +9,12 @@ targets it.
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
 import transformers
+from safetensors import safe_open
 from torch import nn
 from transformers.pytorch_utils import Conv1D as TransformersConv1D
 
@@ -228,6 +230,22 @@ def _compressed(layer: nn.Linear, recipe: str) -> bool:
     return hasattr(layer, "weight_scale")
 
 
+def _check_vllm_orientation(checkpoint: Path) -> None:
+    """vLLM's GPT-2 transposes every ``.weight`` of ``c_attn``/``c_proj``/``c_fc`` it loads
+    (``Conv1D``'s ``[in, out]``) and nothing else: packed weights and qparams are ``[out, ...]``.
+    """
+    with safe_open(checkpoint / "model.safetensors", "pt") as stored:
+        shapes = {
+            key.rpartition(".")[2]: tuple(stored.get_slice(key).get_shape())
+            for key in stored.keys()  # noqa: SIM118 (safe_open is not iterable)
+            if key.startswith("transformer.h.0.mlp.c_fc.")
+        }
+    assert shapes.pop("bias") == (128,)
+    if "weight" in shapes:  # dense, or int8 codes
+        assert shapes.pop("weight") == (64, 128)
+    assert all(shape[0] == 128 for key, shape in shapes.items() if key != "weight_shape")
+
+
 @pytest.mark.parametrize(("kind", "recipe"), _cells())
 def test_every_block_weight_is_compressed_and_the_checkpoint_reloads(kind, recipe, tmp_path):
     model = MODELS[kind]()
@@ -238,6 +256,8 @@ def test_every_block_weight_is_compressed_and_the_checkpoint_reloads(kind, recip
     probe = token_ids(2, 10, seed=4)
     expected = model(probe).logits
     save_compressed(model, tmp_path, progress=False)
+    if kind == "gpt2":
+        _check_vllm_orientation(tmp_path)
     reloaded = load_compressed(tmp_path)
     torch.testing.assert_close(reloaded(probe).logits, expected, rtol=1e-5, atol=1e-5)
     if (kind, recipe) in TRANSFORMERS_LOADS:
