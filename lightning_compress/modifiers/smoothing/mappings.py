@@ -275,7 +275,12 @@ def find_mappings(
             found[norm] = readers
     claimed = {reader for readers in found.values() for reader in readers}
     order = [layer for layer in baseline.inputs if layer in linears.values()]
+    probed: set[tuple[str, ...]] = set()
     for index, producer in enumerate(order):
+        family = _family(names[producer])
+        if family in probed:
+            continue  # a sibling (the same layer of another expert) answered for it
+        probed.add(family)
         candidates = [
             reader
             for reader in order[index + 1 :]
@@ -287,12 +292,14 @@ def find_mappings(
             verdicts = _agreed(probe.reached(producer, candidates, baseline))
             reached = [reader for reader, ok in zip(candidates, verdicts, strict=True) if ok]
             if reached:
-                found[producer] = reached
-                claimed.update(reached)
+                for smooth, readers in _analogues(producer, reached, linears, names).items():
+                    if smooth not in found and not claimed.intersection(readers):
+                        found[smooth] = readers
+                        claimed.update(readers)
     ran = list(baseline.inputs)
 
     def first_run(readers: list[nn.Module]) -> int:
-        return min(ran.index(reader) for reader in readers if reader in baseline.inputs)
+        return min((ran.index(r) for r in readers if r in baseline.inputs), default=len(ran))
 
     mappings = [
         _mapping(names[smooth], smooth, {names[r]: r for r in readers}, linears)
@@ -336,15 +343,26 @@ def check_mappings(
     watched = dict.fromkeys([*balances, *linears.values(), *others.values()])
     baseline = probe.baseline(watched, smooth_norms)
     mappings = [_with_passengers(mapping, others, baseline) for mapping in mappings]
-    for mapping in mappings:
+    probed: set[tuple[tuple[str, ...], ...]] = set()
+    for mapping in _running_first(mappings, baseline):
+        family = tuple(map(_family, (mapping.smooth_name, *mapping.balance_names)))
+        if family in probed:
+            continue  # a sibling (the same layers of another expert) answered for it
+        running = {}
         for name, layer in zip(mapping.balance_names, mapping.balances, strict=True):
-            if layer not in baseline.inputs:
+            if layer in baseline.inputs:
+                running[name] = layer
+            elif not any(
+                _family(other) == _family(name) and sibling in baseline.inputs
+                for other, sibling in linears.items()
+            ):
                 raise RecipeError(
                     f"{owner}.mappings: balance layer '{name}' did not run in block "
                     f"'{block_name}'; expected it to read the output of '{mapping.smooth_name}'"
                 )
-        verdicts = _agreed(probe.reached(mapping.smooth, mapping.balances, baseline))
-        for name, ok in zip(mapping.balance_names, verdicts, strict=True):
+        probed.add(family)
+        verdicts = _agreed(probe.reached(mapping.smooth, tuple(running.values()), baseline))
+        for name, ok in zip(running, verdicts, strict=True):
             if not ok:
                 raise RecipeError(
                     f"{owner}.mappings: '{name}' does not receive the output channels of "
@@ -354,6 +372,8 @@ def check_mappings(
                     f"folded into '{mapping.smooth_name}' cannot be undone in the input "
                     f"columns of '{name}', since a non-linear function sits between them"
                 )
+    if _agreed([probe.preserves_output(mappings, baseline)])[0]:
+        return mappings
     for mapping in mappings:
         if not _agreed([probe.preserves_output([mapping], baseline)])[0]:
             readers = baseline.readers.get(mapping.smooth)
@@ -365,7 +385,10 @@ def check_mappings(
                 f"'{mapping.smooth_name}' among the balance layers, and no weight shared with "
                 "another module (tied embeddings)"
             )
-    return mappings
+    raise RecipeError(
+        f"{owner}.mappings: each mapping of block '{block_name}' keeps its output, but "
+        "together they change it; expected mappings that do not overlap"
+    )
 
 
 def _exact(
@@ -462,6 +485,49 @@ def _with_idle_siblings(
             if sibling not in baseline.inputs and sibling not in result:
                 result.append(sibling)
     return result
+
+
+def _running_first(
+    mappings: Sequence[SmoothingMapping], baseline: Baseline
+) -> list[SmoothingMapping]:
+    """The mappings whose balance layers all ran first, the others after (stable)."""
+    return sorted(mappings, key=lambda m: not all(b in baseline.inputs for b in m.balances))
+
+
+def _analogues(
+    producer: nn.Module,
+    readers: list[nn.Module],
+    linears: dict[str, nn.Module],
+    names: dict[nn.Module, str],
+) -> dict[nn.Module, list[nn.Module]]:
+    """A linear → linear mapping found by a probe, and the same mapping in each sibling of the
+    producer (``experts.<i>.up_proj → experts.<i>.down_proj`` for every ``i``): siblings are
+    the same module class, so one probe answers for all; the block's output check verifies
+    every sibling that ran."""
+    result = {producer: readers}
+    producer_name = names[producer]
+    for name, sibling in linears.items():
+        if sibling is producer or _family(name) != _family(producer_name):
+            continue
+        index = _index(name)
+        twins = [linears.get(_with_index(names[reader], index)) for reader in readers]
+        if all(twin is not None for twin in twins):
+            result[sibling] = twins
+    return result
+
+
+def _index(name: str) -> str | None:
+    """The last numeric part of a module name (an expert's or a block's index)."""
+    return next((part for part in reversed(name.split(".")) if part.isdigit()), None)
+
+
+def _with_index(name: str, index: str | None) -> str:
+    """``name`` with its last numeric part replaced by ``index``."""
+    parts = name.split(".")
+    numeric = [position for position, part in enumerate(parts) if part.isdigit()]
+    if numeric and index is not None:
+        parts[numeric[-1]] = index
+    return ".".join(parts)
 
 
 def _family(name: str) -> tuple[str, ...]:

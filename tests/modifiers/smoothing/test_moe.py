@@ -9,14 +9,16 @@ import re
 
 import pytest
 import torch
-from architectures.tiny_models import ROUTERS, tiny_model, token_ids
+from architectures.tiny_models import ROUTERS, tiny_config, tiny_model, token_ids
 from modifiers.smoothing.models import calibrate, logits
 from torch import nn
+from transformers import AutoModelForCausalLM
 
 from lightning_compress.layers import linearize
 from lightning_compress.layers.experts import LinearExperts, calibrating_all_experts
 from lightning_compress.modifiers import QuantizationModifier
 from lightning_compress.modifiers.smoothing import AWQModifier, SmoothQuantModifier
+from lightning_compress.modifiers.smoothing.probe import BlockProbe
 from lightning_compress.recipe import RecipeError
 
 W4_G32 = {"num_bits": 4, "symmetric": True, "strategy": "group", "group_size": 32}
@@ -245,3 +247,49 @@ def test_smoothing_then_quantization_compresses_every_expert(recipe):
         n for n, m in layers.items() if n not in router_names and not hasattr(m, "weight_scale")
     ]
     assert not left
+
+
+def test_reference_mappings_accept_experts_no_token_reached():
+    model = linearized("gpt_oss")
+    for layer in model.model.layers:
+        layer.mlp.router.bias.data[3] = -1e4
+    original = copy.deepcopy(model)
+    experts = ["re:.*mlp.experts.*.gate_proj$", "re:.*mlp.experts.*.up_proj$"]
+    mappings = [[experts, "re:.*post_attention_layernorm$"]]
+    modifier = SmoothQuantModifier(mappings=mappings, ignore=ignored("gpt_oss"))
+    (smoother,) = smooth(model, [modifier], all_experts=False)
+    assert (
+        "model.layers.0.mlp.experts.3.up_proj"
+        in dict(smoother.smoothed)["model.layers.0.post_attention_layernorm"]
+    )
+    for copy_ in (model, original):
+        for layer in copy_.model.layers:
+            layer.mlp.router.bias.data[3] = 0.0
+    assert_same_function(model, original)
+
+
+@pytest.mark.parametrize("explicit", [False, True], ids=["found", "given"])
+def test_one_probe_answers_for_every_expert(monkeypatch, explicit):
+    """The probes a block costs do not grow with its number of experts."""
+    mappings = [
+        [["re:.*experts.*gate_proj$", "re:.*experts.*up_proj$"], "re:.*post_attention_layernorm"],
+        [["re:.*down_proj$"], "re:.*up_proj$"],
+    ]
+    calls = []
+    reached = BlockProbe.reached
+    monkeypatch.setattr(
+        BlockProbe, "reached", lambda self, *args: calls.append(1) or reached(self, *args)
+    )
+    counts = []
+    for experts in (4, 8):
+        config = tiny_config("mixtral")
+        config.num_local_experts = experts
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config).eval()
+        linearize(model)
+        calls.clear()
+        settings = {"mappings": mappings} if explicit else {}
+        (smoother,) = smooth(model, [SmoothQuantModifier(ignore=ignored("mixtral"), **settings)])
+        assert len(smoother.smoothed) == 2 * (1 + experts + (0 if explicit else 1))
+        counts.append(len(calls))
+    assert counts[0] == counts[1]
