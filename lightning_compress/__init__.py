@@ -33,7 +33,7 @@ __version__ = "0.1.0"
 _LAZY_NAMES = {
     "CalibrationModule": "lightning_compress.lightning",
     "Compressor": "lightning_compress.lightning",
-    "CompressionSummary": "lightning_compress.pipelines.summary",
+    "CompressionSummary": "lightning_compress.summary",
     "compression_loss": "lightning_compress.lightning",
     "oneshot": "lightning_compress.lightning",
     "load_compressed": "lightning_compress.export",

@@ -29,8 +29,8 @@ from lightning_compress.pipelines.coverage import (
     ignore_patterns,
     targeted_layers,
 )
-from lightning_compress.pipelines.summary import CompressionSummary
 from lightning_compress.recipe import Recipe, RecipeArgsInput, RecipeInput, RecipeStageInput
+from lightning_compress.summary import CompressionSummary
 
 __all__ = ["CalibrationModule"]
 

@@ -21,8 +21,8 @@ from lightning_compress.evaluate import evaluation_samples
 from lightning_compress.lightning.cli import language_model
 from lightning_compress.lightning.oneshot import oneshot
 from lightning_compress.pipelines.calibration_data import Sample
-from lightning_compress.pipelines.summary import CompressionSummary
 from lightning_compress.pretrained import default_seq_length, load_pretrained, torch_dtype
+from lightning_compress.summary import CompressionSummary
 
 __all__ = ["compress_parser", "run_compress"]
 

@@ -31,13 +31,13 @@ from lightning_compress.pipelines.coverage import (
     ignore_patterns,
     targeted_layers,
 )
-from lightning_compress.pipelines.summary import CompressionSummary
 from lightning_compress.recipe import (
     Recipe,
     RecipeArgsInput,
     RecipeError,
     RecipeStageInput,
 )
+from lightning_compress.summary import CompressionSummary
 
 __all__ = ["Compressor", "check_compressor_resume", "compression_loss"]
 

@@ -20,8 +20,8 @@ from lightning_compress.core.distributed import rank_and_world_size
 from lightning_compress.lightning.calibration import CalibrationModule
 from lightning_compress.lightning.quiet import quiet_lightning
 from lightning_compress.pipelines.calibration_data import calibration_loader, calibration_samples
-from lightning_compress.pipelines.summary import CompressionSummary
 from lightning_compress.recipe import RecipeArgsInput, RecipeInput, RecipeStageInput
+from lightning_compress.summary import CompressionSummary
 
 __all__ = ["calibration_loader", "calibration_samples", "oneshot"]
 

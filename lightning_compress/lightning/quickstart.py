@@ -18,7 +18,7 @@ from lightning_compress.bundled.loading import (
 )
 from lightning_compress.lightning.oneshot import oneshot
 from lightning_compress.modifiers import QuantizationModifier
-from lightning_compress.pipelines.summary import CompressionSummary
+from lightning_compress.summary import CompressionSummary
 
 __all__ = ["DEFAULT_RECIPES", "QuickstartRow", "format_table", "run_quickstart"]
 

@@ -31,7 +31,7 @@ from lightning_compress.modifiers import (
     SmoothQuantModifier,
     SparseGPTModifier,
 )
-from lightning_compress.pipelines.summary import CompressionSummary
+from lightning_compress.summary import CompressionSummary
 
 GROUP_SIZE = 32
 W4_GROUP = {"num_bits": 4, "symmetric": True, "strategy": "group", "group_size": GROUP_SIZE}

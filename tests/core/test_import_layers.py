@@ -34,11 +34,11 @@ ALLOWED: dict[str, set[str]] = {
     # each other (what both need lives in core).
     "modifiers": {"core", "recipe", "layers"},
     "pipelines": {"core", "recipe", "layers"},
-    # The run's report (compressed, ignored and left-out weights): it reads the schemes and
-    # masks the modifiers leave on the model.
-    "pipelines.summary": {"core", "recipe", "layers", "pipelines", "modifiers"},
     # compressed-tensors checkpoints: reads the modifiers' quantization and sparsity state.
     "export": {"core", "recipe", "layers", "modifiers"},
+    # The run's report (compressed, ignored and left-out weights, size, time): it reads the
+    # schemes and masks the modifiers leave on the model and the pipelines' coverage.
+    "summary": {"core", "recipe", "layers", "modifiers", "pipelines"},
     # Lightning: the callback, one-shot calibration, LightningCLI and the commands it runs.
     "lightning": {
         "core",
@@ -46,7 +46,7 @@ ALLOWED: dict[str, set[str]] = {
         "layers",
         "modifiers",
         "pipelines",
-        "pipelines.summary",
+        "summary",
         "export",
         "bundled",
         "pretrained",

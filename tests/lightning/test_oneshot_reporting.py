@@ -24,7 +24,7 @@ from lightning_compress.core.verbosity import set_verbosity
 from lightning_compress.lightning.oneshot import oneshot
 from lightning_compress.lightning.quiet import LIGHTNING_LOGGERS
 from lightning_compress.modifiers import GPTQModifier, QuantizationModifier, SparseGPTModifier
-from lightning_compress.pipelines.summary import CompressionSummary
+from lightning_compress.summary import CompressionSummary
 
 LIGHTNING_CHATTER = ("GPU available", "TPU available", "litlogger", "LOCAL_RANK", "Validation")
 LAYER_METRICS = ("QuantizationError/", "GPTQ/loss/", "GPTQ/seconds/")

@@ -20,8 +20,8 @@ from torch import nn
 from lightning_compress import Compressor
 from lightning_compress.lightning.oneshot import oneshot
 from lightning_compress.modifiers import MagnitudePruningModifier, QuantizationModifier
-from lightning_compress.pipelines.summary import CompressionSummary
 from lightning_compress.recipe import RecipeError
+from lightning_compress.summary import CompressionSummary
 
 WIDTH = 32
 

@@ -20,7 +20,7 @@ from lightning_compress.core.verbosity import VERBOSITY_LEVELS, set_verbosity, v
 from lightning_compress.lightning.oneshot import oneshot
 from lightning_compress.lightning.quiet import LIGHTNING_LOGGERS
 from lightning_compress.modifiers import GPTQModifier
-from lightning_compress.pipelines.summary import CompressionSummary
+from lightning_compress.summary import CompressionSummary
 
 KINDS = ("bad data", "block error", "interrupt", "save error")
 EXPECTED = {

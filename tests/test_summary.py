@@ -14,7 +14,7 @@ from lightning_compress.modifiers.quantization.args import (
     QuantizationScheme,
     preset_scheme,
 )
-from lightning_compress.pipelines.summary import (
+from lightning_compress.summary import (
     CompressionSummary,
     parameter_bytes,
     scheme_label,
