@@ -52,7 +52,7 @@ ALLOWED: dict[str, set[str]] = {
         "pretrained",
         "cli_options",
         "evaluate",
-    },  # fmt: skip
+    },
     # The application: loading models, evaluation and the command line.
     "pretrained": {"bundled", "export"},
     "evaluate": {"bundled", "pipelines"},
