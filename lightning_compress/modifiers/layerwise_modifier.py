@@ -95,8 +95,8 @@ class LayerwiseModifier(Modifier, register=False):
     :meth:`apply_result` reports).
     """
 
-    log_tag: ClassVar[str]
-    """Prefix of the logged scalars."""
+    log_tag: ClassVar[str | None] = None
+    """Prefix of the logged losses and times (None: not logged)."""
     data_free_method: ClassVar[str]
     """What :meth:`compress_data_free` does, for the warnings."""
     min_tokens: ClassVar[int] = 1
@@ -222,12 +222,13 @@ class LayerwiseModifier(Modifier, register=False):
         self._pending: dict[str, PendingLayer] = dict(self._plan)
         self._collector = self.make_collector()
         self._layer_hooks: dict[str, list[RemovableHandle]] = {}
-        self._tokens: dict[str, int] = {}
+        self._tokens: dict[str, int] = {}  # tokens each compressed layer saw, on all ranks
+        self._scope: list[str] = []  # the planned layers of the block being compressed
         self.layer_losses: dict[str, float] = {}
         self.layer_fallbacks: dict[str, str] = {}
 
     def on_start(self, state: State, event: Event | None, **kwargs: Any) -> None:
-        if event is None and self.needs_calibration_data:
+        if event is None and self._collector is not None:
             raise needs_data(type(self).__name__, "finalize ran without calibration")
         for name, layer in self._plan.items():
             for hook, kind in self.layer_hooks(name, layer):
@@ -388,7 +389,7 @@ class LayerwiseModifier(Modifier, register=False):
 
     def _log(self, state: State, losses: dict[str, float], seconds: dict[str, float]) -> None:
         self.layer_losses.update(losses)
-        if state.loggers is None or not seconds:
+        if state.loggers is None or not seconds or self.log_tag is None:
             return
         if losses:
             state.loggers.log_scalars(f"{self.log_tag}/loss", losses)

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from lightning_compress.core.distributed import all_reduce_max_, all_reduce_min_
+from lightning_compress.modifiers.layerwise_modifier import CompressedLayer
 from lightning_compress.modifiers.quantization.args import QuantizationArgs, QuantizationScheme
 from lightning_compress.modifiers.quantization.observers import observer_for, qparams_for_weight
 from lightning_compress.modifiers.quantization.ops import fake_quantize
 from lightning_compress.recipe.errors import RecipeError
 
-__all__ = ["CalibrationObserver", "QuantizedLayer", "quantize_layer", "quantized_layer"]
+__all__ = ["CalibrationObserver", "quantize_layer", "quantized_layer", "relative_error"]
 
 
 class CalibrationObserver:
@@ -85,26 +85,14 @@ class CalibrationObserver:
         return self.observer.get_qparams()
 
 
-@dataclass
-class QuantizedLayer:
-    """The result of quantizing one layer, computed before the layer is changed.
-
-    Args:
-        weight: the weight's quantize→dequantize round trip.
-        buffers: the qparam buffers to add, by compressed-tensors name.
-    """
-
-    weight: Tensor
-    buffers: dict[str, Tensor]
-
-
 def quantized_layer(
     weight: Tensor,
     scale: Tensor,
     zero_point: Tensor,
     observer: CalibrationObserver | None,
     g_idx: Tensor | None = None,
-) -> QuantizedLayer:
+    loss: float | None = None,
+) -> CompressedLayer:
     """Gathers a quantized weight and its qparams, adding the calibrated input qparams.
 
     Args:
@@ -113,6 +101,7 @@ def quantized_layer(
         zero_point: its ``weight_zero_point``.
         observer: the calibration observer of static input activations, else None.
         g_idx: the group of each input column, when it is not ``column // group_size``.
+        loss: the method's reconstruction loss for the layer, where it has one.
 
     Returns:
         The layer with the buffers ``weight_scale``, ``weight_zero_point``, and
@@ -128,13 +117,13 @@ def quantized_layer(
         input_scale, input_zero_point = observer.qparams()
         buffers["input_scale"] = input_scale.to(weight.dtype)
         buffers["input_zero_point"] = input_zero_point
-    return QuantizedLayer(weight, buffers)
+    return CompressedLayer(weight, buffers, loss)
 
 
 @torch.no_grad()
 def quantize_layer(
     module: nn.Linear, scheme: QuantizationScheme, observer: CalibrationObserver | None
-) -> QuantizedLayer:
+) -> CompressedLayer:
     """Computes a layer's quantized weight and its qparams, leaving the layer unchanged.
 
     Args:
@@ -153,3 +142,17 @@ def quantize_layer(
     scale, zero_point = qparams_for_weight(weight, scheme.weights)
     quantized = fake_quantize(weight, scale, zero_point, scheme.weights)
     return quantized_layer(quantized, scale, zero_point, observer)
+
+
+def relative_error(weight: Tensor, quantized: Tensor) -> float:
+    """``||weight - quantized|| / ||weight||``, the error a layer's quantization makes.
+
+    Args:
+        weight: the weight before.
+        quantized: after quantization.
+
+    Returns:
+        The relative error (0 for a zero weight quantized exactly).
+    """
+    with torch.no_grad():
+        return float((weight - quantized).norm() / weight.norm().clamp_min(1e-12))

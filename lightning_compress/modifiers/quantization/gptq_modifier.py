@@ -2,38 +2,39 @@
 
 from __future__ import annotations
 
-import time
-from typing import Any, Literal
+from collections.abc import Mapping
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
 
-from lightning_compress.core.events import Event
-from lightning_compress.core.state import State
 from lightning_compress.modifiers.base import ONE_SHOT
 from lightning_compress.modifiers.hessian import HessianAccumulator
-from lightning_compress.modifiers.hessian_collector import HessianCollector, mask_sources
-from lightning_compress.modifiers.layerwise import check_calibrated, needs_data, solve_on_hessian
+from lightning_compress.modifiers.layerwise import solve_on_hessian
+from lightning_compress.modifiers.layerwise_modifier import CompressedLayer, HessianMethod
 from lightning_compress.modifiers.quantization.args import QuantizationScheme
-from lightning_compress.modifiers.quantization.calibration import QuantizedLayer, quantized_layer
+from lightning_compress.modifiers.quantization.calibration import quantized_layer
 from lightning_compress.modifiers.quantization.gptq import (
     GPTQResult,
     gptq_quantize,
     normalize_actorder,
 )
-from lightning_compress.modifiers.quantization.modifier import QuantizationModifier
+from lightning_compress.modifiers.quantization.oneshot import LayerwiseQuantization
 from lightning_compress.recipe.errors import RecipeError
 
 __all__ = ["GPTQModifier"]
 
 
-class GPTQModifier(QuantizationModifier):
+class GPTQModifier(LayerwiseQuantization, HessianMethod):
     """Quantizes the weights of targeted ``nn.Linear`` layers with GPTQ (one-shot only).
 
     Schemes are given as for :class:`QuantizationModifier` (a ``scheme`` preset or
-    ``config_groups``); weights take static ``tensor``, ``channel`` or ``group`` qparams, and
-    input activations are quantized as there (static ranges are calibrated on the same data
-    and reduced across ranks).
+    ``config_groups``; both take them through
+    :class:`~lightning_compress.modifiers.quantization.schemes.QuantizationSchemes`); weights
+    take static ``tensor``, ``channel`` or ``group`` qparams, and input activations are
+    quantized as there (static ranges are calibrated on the same data and reduced across
+    ranks). The layer-wise flow, its errors and fallbacks are
+    :class:`~lightning_compress.modifiers.layerwise_modifier.LayerwiseModifier`'s.
 
     At CALIBRATION_EPOCH_START each targeted layer gets a forward pre-hook that accumulates
     the Hessian of its inputs through a
@@ -65,7 +66,8 @@ class GPTQModifier(QuantizationModifier):
         start: -1: GPTQ is one-shot.
         block_size: columns per lazy batch update of the GPTQ sweep.
         dampening_frac: dampening added to the Hessian's diagonal, as a fraction of its mean
-            (raised 10x up to three times when the Hessian is not invertible).
+            (raised 10x up to three times when the Hessian is not invertible, then the
+            layers fall back to round-to-nearest; see ``HessianMethod``).
         actorder: column order, as in compressed-tensors: ``"static"`` / ``"weight"`` visit
             columns by decreasing Hessian diagonal and keep the groups; ``"group"`` /
             ``"dynamic"`` also form the groups in that order (stored as ``weight_g_idx``; needs
@@ -73,19 +75,14 @@ class GPTQModifier(QuantizationModifier):
         offload_hessians: keep the Hessians on the CPU while blocks run on an accelerator.
     """
 
-    block_size: int = 128
-    dampening_frac: float = 0.01
     actorder: Literal["static", "weight", "group", "dynamic", "none"] | None = "static"
-    offload_hessians: bool = False
+
+    log_tag: ClassVar[str] = "GPTQ"
 
     # ----------------------------------------------------------------- settings
     def validate(self) -> None:
         if self.start != ONE_SHOT:
             self.fail("start", "-1 (GPTQ is one-shot; QuantizationModifier does QAT)")
-        if self.block_size <= 0:
-            self.fail("block_size", "an int > 0")
-        if not 0 <= self.dampening_frac < 1:
-            self.fail("dampening_frac", "a float in [0, 1)")
         super().validate()
 
     def _check_scheme(self, where: str, scheme: QuantizationScheme) -> None:
@@ -104,90 +101,14 @@ class GPTQModifier(QuantizationModifier):
             )
 
     @property
-    def needs_calibration_data(self) -> bool:
-        """Always: GPTQ needs the input Hessians."""
-        return True
-
-    @property
     def _reorders_groups(self) -> bool:
         """Whether groups follow the activation order (then ``weight_g_idx`` is stored)."""
         return normalize_actorder(self.actorder) == "group"
 
-    # ---------------------------------------------------------------- lifecycle
-    def on_initialize(self, state: State, **kwargs: Any) -> None:
-        super().on_initialize(state, **kwargs)
-        self._hessians = HessianCollector(offload=self.offload_hessians)
-        self.layer_losses: dict[str, float] = {}
-
-    def on_start(self, state: State, event: Event | None, **kwargs: Any) -> None:
-        if event is None:
-            raise needs_data(type(self).__name__, "finalize ran without calibration")
-        super().on_start(state, event, **kwargs)
-        for name in self._plan:
-            self.register_layer_hook(name, self._hessians.layer_hook(name), "forward_pre")
-        for module in mask_sources(state.model, self._plan):
-            hook = self._hessians.mask_hook(module)
-            self.register_hook(module, hook, "forward_pre", with_kwargs=True)
-        # smoothing earlier in the recipe rescales these inputs after they were observed
-        self._hessians.follow_input_scaling(
-            {name: module for name, (module, _) in self._plan.items()}
-        )
-
-    def on_end(self, state: State, event: Event | None, **kwargs: Any) -> None:
-        try:
-            super().on_end(state, event, **kwargs)
-        finally:
-            self._hessians.clear()
-
-    def abort(self, state: State) -> None:
-        """Stop without finishing: free the Hessians, then as ``QuantizationModifier.abort``.
-
-        Args:
-            state: the session's state.
-        """
-        self._hessians.clear()
-        super().abort(state)
-
     # ------------------------------------------------------------- quantizing
-    def _quantize_layers(self, state: State, names: list[str]) -> dict[str, QuantizedLayer]:
-        """Runs GPTQ on the pending layers ``names`` without changing them.
-
-        Args:
-            state: the session's state.
-            names: the layers, in plan order (the same on every rank).
-
-        Returns:
-            Each layer's quantized weight and buffers.
-
-        Raises:
-            RecipeError: when no calibration data reached the layers at all.
-            ValueError: when a layer saw no tokens, or its Hessian is not finite or cannot
-                be inverted (``SingularHessianError``); the message names the layer.
-        """
-        hessians = self._hessians.reduced({name: self._pending[name][0] for name in names})
-        check_calibrated(type(self).__name__, hessians, self._hessians.num_reads)
-        results, losses, seconds = {}, {}, {}
-        for stack in self._stacks(names, hessians):
-            begin = time.perf_counter()
-            result = self._gptq(stack, hessians[stack[0]].hessian())
-            elapsed = (time.perf_counter() - begin) / len(stack)
-            rows = [self._pending[name][0].weight.shape[0] for name in stack]
-            per_row = (result.weight_q, result.scale, result.zero_point, result.row_losses)
-            if len(stack) == 1:  # also per-tensor qparams, which have no rows to split
-                parts = [(stack[0], *per_row)]
-            else:
-                parts = zip(stack, *(tensor.split(rows) for tensor in per_row), strict=True)
-            g_idx = result.g_idx if self._reorders_groups else None
-            for name, weight_q, scale, zero_point, row_losses in parts:
-                seconds[name] = elapsed
-                losses[name] = row_losses.sum().item()
-                observer = self._observers.get(name)
-                results[name] = quantized_layer(weight_q, scale, zero_point, observer, g_idx)
-        self._hessians.discard(names)
-        self._log_losses(state, losses, seconds)
-        return results
-
-    def _stacks(self, names: list[str], hessians: dict[str, HessianAccumulator]) -> list[list[str]]:
+    def stacks(
+        self, names: list[str], statistics: Mapping[str, HessianAccumulator]
+    ) -> list[list[str]]:
         """Groups the layers that one GPTQ sweep can quantize together.
 
         GPTQ treats rows independently, so layers that share a Hessian (``q/k/v_proj``,
@@ -199,7 +120,7 @@ class GPTQModifier(QuantizationModifier):
         keys: list[tuple[Any, ...]] = []
         for name in names:
             module, scheme = self._pending[name]
-            key = (hessians[name], scheme.weights, module.weight.dtype, module.weight.device)
+            key = (statistics[name], scheme.weights, module.weight.dtype, module.weight.device)
             shares = scheme.weights.strategy != "tensor" and key in keys
             if shares:
                 stacks[keys.index(key)].append(name)
@@ -207,6 +128,42 @@ class GPTQModifier(QuantizationModifier):
                 stacks.append([name])
                 keys.append(key)
         return stacks
+
+    def compress_stack(
+        self, stack: list[str], statistics: HessianAccumulator
+    ) -> dict[str, CompressedLayer]:
+        """GPTQ on the stacked weights of ``stack``, split back into its layers.
+
+        Args:
+            stack: layers sharing one Hessian and weight arguments.
+            statistics: their reduced Hessian.
+
+        Returns:
+            Each layer's quantized weight, qparams and GPTQ loss.
+
+        Raises:
+            ValueError: when the Hessian is not finite or cannot be inverted
+                (``SingularHessianError``); the message names the layers.
+        """
+        result = self._gptq(stack, statistics.hessian())
+        rows = [self._pending[name].module.weight.shape[0] for name in stack]
+        per_row = (result.weight_q, result.scale, result.zero_point, result.row_losses)
+        if len(stack) == 1:  # also per-tensor qparams, which have no rows to split
+            parts = [(stack[0], *per_row)]
+        else:
+            parts = zip(stack, *(tensor.split(rows) for tensor in per_row), strict=True)
+        g_idx = result.g_idx if self._reorders_groups else None
+        return {
+            name: quantized_layer(
+                weight_q,
+                scale,
+                zero_point,
+                self._observers.get(name),
+                g_idx,
+                loss=row_losses.sum().item(),
+            )
+            for name, weight_q, scale, zero_point, row_losses in parts
+        }
 
     def _gptq(self, stack: list[str], hessian: Tensor) -> GPTQResult:
         """GPTQ for the pending layers ``stack`` (sharing ``hessian``); errors name them."""
@@ -220,11 +177,3 @@ class GPTQModifier(QuantizationModifier):
 
         owner = type(self).__name__
         return solve_on_hessian(owner, stack, weight, hessian, self.dampening_frac, quantize)
-
-    def _log_losses(
-        self, state: State, losses: dict[str, float], seconds: dict[str, float]
-    ) -> None:
-        self.layer_losses.update(losses)
-        if state.loggers is not None and losses:
-            state.loggers.log_scalars("GPTQ/loss", losses)
-            state.loggers.log_scalars("GPTQ/seconds", seconds)

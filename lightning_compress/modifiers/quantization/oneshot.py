@@ -1,0 +1,133 @@
+"""``LayerwiseQuantization``: one-shot quantization of each layer, round to nearest by default.
+
+The layer-wise flow (:class:`~lightning_compress.modifiers.layerwise_modifier.LayerwiseModifier`)
+with what quantizing adds to it: observers of static input activations, reduced across ranks
+before a layer is quantized, and a quantized layer that keeps its qparams, its scheme and its
+quantized forward. Round-to-nearest is both its method and its data-free fallback;
+``GPTQModifier`` replaces the method.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+from lightning_compress.core.state import State
+from lightning_compress.modifiers.layerwise_modifier import (
+    CompressedLayer,
+    LayerwiseModifier,
+    PendingLayer,
+)
+from lightning_compress.modifiers.quantization.calibration import (
+    CalibrationObserver,
+    quantize_layer,
+    relative_error,
+)
+from lightning_compress.modifiers.quantization.runtime import attach_quantization
+from lightning_compress.modifiers.quantization.schemes import (
+    QuantizationSchemes,
+    has_static_inputs,
+)
+
+__all__ = ["LayerwiseQuantization"]
+
+
+class LayerwiseQuantization(QuantizationSchemes, LayerwiseModifier, register=False):
+    """One-shot quantization of the planned layers, one block at a time.
+
+    Layers with static input activations get a
+    :class:`~lightning_compress.modifiers.quantization.calibration.CalibrationObserver` at
+    the start of calibration; before a layer is quantized its range is reduced across ranks
+    (min/max), so every rank gets the qparams one process seeing all the data would. A
+    quantized layer holds its quantized weight, ``weight_scale`` / ``weight_zero_point``
+    (and ``input_scale`` / ``input_zero_point`` for static inputs) buffers, kept by an abort,
+    and a ``quantization_scheme`` attribute, and quantizes its input at inference through a
+    persistent pre-hook. Relative weight errors go to ``layer_errors`` and the loggers
+    (``QuantizationError``).
+    """
+
+    data_free_method: ClassVar[str] = "round-to-nearest (same scheme)"
+
+    def on_initialize(self, state: State, **kwargs: Any) -> None:
+        super().on_initialize(state, **kwargs)
+        self._observers: dict[str, CalibrationObserver] = {}
+        self.layer_errors: dict[str, float] = {}
+
+    def layer_hooks(self, name: str, layer: PendingLayer) -> list[tuple[Callable, str]]:
+        """The observer of the layer's static input activations, if it has them.
+
+        Args:
+            name: the layer's name.
+            layer: the layer and its scheme.
+
+        Returns:
+            ``[(observer, "forward_pre")]``, or nothing.
+        """
+        if not has_static_inputs(layer.settings):
+            return []
+        observer = CalibrationObserver(name, layer.settings.input_activations)
+        self._observers[name] = observer
+        return [(observer, "forward_pre")]
+
+    def compute_layers(self, state: State, names: list[str]) -> dict[str, CompressedLayer]:
+        """Reduces the layers' input ranges across ranks, then quantizes them (unchanged).
+
+        Args:
+            state: the session's state.
+            names: the layers, in plan order (the same on every rank).
+
+        Returns:
+            Each layer's quantized weight and buffers.
+        """
+        for name in names:  # every rank reduces the same observers in the same order
+            if name in self._observers:
+                self._observers[name].reduce_across_ranks()
+        return self._quantize_layers(state, names)
+
+    def _quantize_layers(self, state: State, names: list[str]) -> dict[str, CompressedLayer]:
+        """The layer-wise computation of ``names``, after their ranges are reduced."""
+        return super().compute_layers(state, names)
+
+    def compress_stack(self, stack: list[str], statistics: Any) -> dict[str, CompressedLayer]:
+        """Round-to-nearest, layer by layer (no statistics needed).
+
+        Args:
+            stack: the layers.
+            statistics: unused.
+
+        Returns:
+            Each layer's quantized weight and buffers.
+        """
+        return {name: self.compress_data_free(name) for name in stack}
+
+    def compress_data_free(self, name: str) -> CompressedLayer:
+        """Round-to-nearest with the layer's scheme (its weight observer gives the qparams).
+
+        Args:
+            name: a pending layer.
+
+        Returns:
+            The quantized weight and buffers.
+        """
+        return quantize_layer(*self._pending[name], self._observers.get(name))
+
+    def apply_result(self, name: str, layer: PendingLayer, result: CompressedLayer) -> None:
+        """Copies the quantized weight, adds the qparams and attaches the quantized forward.
+
+        Args:
+            name: the layer's name.
+            layer: the layer and its scheme.
+            result: its quantized weight and buffers.
+        """
+        self._observers.pop(name, None)
+        self.layer_errors[name] = relative_error(layer.module.weight, result.weight)
+        super().apply_result(name, layer, result)
+        for buffer, value in result.buffers.items():
+            self.add_buffer(layer.module, buffer, value)
+        attach_quantization(layer.module, layer.settings)
+        self.keep_buffers(layer.module)  # finished: an abort leaves the layer quantized
+
+    def log_results(self, state: State, results: dict[str, CompressedLayer]) -> None:
+        if state.loggers is not None and results:
+            errors = {name: self.layer_errors[name] for name in results}
+            state.loggers.log_scalars("QuantizationError", errors)

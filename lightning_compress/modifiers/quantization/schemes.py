@@ -1,0 +1,179 @@
+"""``QuantizationSchemes``: the scheme settings quantizing modifiers share.
+
+``QuantizationModifier`` and ``GPTQModifier`` take their schemes alike (a ``scheme`` preset
+or compressed-tensors ``config_groups``), check them alike and plan each targeted layer with
+its scheme alike; this is that piece, without any of the quantizing itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from lightning_compress.modifiers.base import Modifier
+from lightning_compress.modifiers.layerwise import linear_layers
+from lightning_compress.modifiers.layerwise_modifier import PendingLayer
+from lightning_compress.modifiers.quantization.args import (
+    PRESET_SCHEMES,
+    QuantizationScheme,
+    preset_scheme,
+)
+from lightning_compress.recipe.errors import RecipeError
+
+__all__ = ["QuantizationSchemes", "has_static_inputs"]
+
+
+class QuantizationSchemes(Modifier, register=False):
+    """The ``scheme`` / ``config_groups`` settings, their checks, and the plan of layers.
+
+    Args:
+        scheme: a preset name (``W8A16``, ``W4A16``, ``W4A16_ASYM``, ``W8A8``, ``W4A8``,
+            ``FP8``, ``FP8_DYNAMIC``) applied to ``targets``, or ``{preset: [targets]}``.
+        config_groups: ``{group_name: {targets, weights: {...}, input_activations: {...}}}``
+            in compressed-tensors form (``num_bits``, ``type``, ``symmetric``, ``strategy``,
+            ``group_size``, ``dynamic``, ``observer``, ``averaging_constant``).
+    """
+
+    scheme: str | dict[str, list[str]] | None = None
+    config_groups: dict[str, dict[str, Any]] | None = None
+
+    def validate(self) -> None:
+        if self.scheme is None and self.config_groups is None:
+            self.fail("scheme", f"a preset name ({', '.join(PRESET_SCHEMES)}) or config_groups")
+        for where, scheme in self._labeled_schemes():
+            self._check_scheme(where, scheme)
+        super().validate()
+
+    def resolved_schemes(self) -> list[QuantizationScheme]:
+        """The schemes this modifier applies, presets and config groups together.
+
+        Returns:
+            The schemes, in recipe order.
+
+        Raises:
+            RecipeError: for an unknown preset or an invalid config group; the message names
+                the field.
+        """
+        return [scheme for _, scheme in self._labeled_schemes()]
+
+    def plan_layers(self, model: nn.Module) -> dict[str, PendingLayer]:
+        """Every layer a scheme targets, with its scheme.
+
+        Args:
+            model: the model.
+
+        Returns:
+            The layers, by name, each with its scheme as ``settings``.
+
+        Raises:
+            RecipeError: when a target is not an ``nn.Linear``, a layer is targeted by two
+                schemes, or group sizes do not divide some layers' input features (one error
+                listing them all).
+        """
+        owner = type(self).__name__
+        plan: dict[str, PendingLayer] = {}
+        for scheme in self.resolved_schemes():
+            layers = linear_layers(owner, self.resolve_targets(model, scheme.targets))
+            for name, module in layers.items():
+                if name in plan:
+                    raise RecipeError(
+                        f"{owner}: layer '{name}' is targeted by two schemes "
+                        f"({plan[name].settings.targets} and {scheme.targets}); expected one"
+                    )
+                plan[name] = PendingLayer(module, scheme)
+        _check_group_sizes(owner, plan)
+        return plan
+
+    def _labeled_schemes(self) -> list[tuple[str, QuantizationScheme]]:
+        """The schemes with the field they come from (``scheme`` or ``config_groups.<name>``)."""
+        name = type(self).__name__
+        presets = {self.scheme: self.targets} if isinstance(self.scheme, str) else self.scheme
+        labeled = []
+        for preset, targets in (presets or {}).items():
+            try:
+                labeled.append(("scheme", preset_scheme(preset, _as_list(targets))))
+            except ValueError as err:
+                raise RecipeError(f"{name}.scheme: {err}") from err
+        for group, spec in (self.config_groups or {}).items():
+            where = f"config_groups.{group}"
+            try:
+                labeled.append((where, QuantizationScheme.from_dict(spec, where=where)))
+            except ValueError as err:
+                raise RecipeError(f"{name}.{err}") from err
+        return labeled
+
+    def _check_scheme(self, where: str, scheme: QuantizationScheme) -> None:
+        """Refuses a scheme no quantizing modifier can apply; subclasses add their limits.
+
+        Args:
+            where: the field the scheme comes from.
+            scheme: the scheme.
+
+        Raises:
+            RecipeError: naming ``<Class>.<where>.<field>``.
+        """
+        if scheme.weights is None:
+            raise RecipeError(
+                f"{type(self).__name__}.{where}: scheme for {scheme.targets} has no 'weights'; "
+                "expected weight quantization arguments"
+            )
+        if scheme.output_activations is not None:
+            raise self.bad_scheme(
+                where, "output_activations", "None (outputs are not quantized)", "arguments"
+            )
+        inputs = scheme.input_activations
+        if has_static_inputs(scheme) and inputs.strategy != "tensor":
+            raise self.bad_scheme(
+                where,
+                "input_activations.strategy",
+                "'tensor' for static input activations (or dynamic=True)",
+                inputs.strategy,
+            )
+
+    def bad_scheme(self, where: str, field: str, expected: str, got: Any) -> RecipeError:
+        """The error for a scheme field this modifier cannot apply.
+
+        Args:
+            where: the field the scheme comes from (``scheme``, ``config_groups.<name>``).
+            field: the scheme's field, e.g. ``weights.observer``.
+            expected: what was expected.
+            got: the value.
+
+        Returns:
+            The error, naming ``<Class>.<where>.<field>``.
+        """
+        return RecipeError(
+            f"{type(self).__name__}.{where}.{field}: expected {expected}, got {got!r}"
+        )
+
+
+def has_static_inputs(scheme: QuantizationScheme) -> bool:
+    """Whether ``scheme`` quantizes input activations with calibrated (static) ranges.
+
+    Args:
+        scheme: a scheme.
+
+    Returns:
+        True for static input activations.
+    """
+    return scheme.input_activations is not None and not scheme.input_activations.dynamic
+
+
+def _check_group_sizes(owner: str, plan: dict[str, PendingLayer]) -> None:
+    bad = {
+        f"{name} (in_features={layer.module.in_features})": layer.settings.weights.group_size
+        for name, layer in plan.items()
+        if layer.settings.weights.strategy == "group"
+        and layer.module.in_features % layer.settings.weights.group_size
+    }
+    if bad:
+        sizes = sorted(set(bad.values()))
+        raise RecipeError(
+            f"{owner}: group_size {sizes} does not divide the input features of "
+            f"{list(bad)}; expected a group_size that divides them, or add these layers to ignore"
+        )
+
+
+def _as_list(targets: str | list[str]) -> list[str]:
+    return [targets] if isinstance(targets, str) else list(targets)
