@@ -5,12 +5,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import torch
 from compressed_tensors.config import CompressionFormat, DenseSparsityConfig, SparsityStructure
 from torch import nn
 
 from lightning_compress.export.quantization_config import LINEAR_TARGET, unmatched_linears
-from lightning_compress.modifiers.pruning.structure import SPARSITY_THRESHOLD, follows_2_4
+from lightning_compress.modifiers.pruning.structure import (
+    SPARSITY_THRESHOLD,
+    follows_2_4,
+    zero_count,
+)
 
 __all__ = ["SPARSITY_THRESHOLD", "follows_2_4", "sparsity_config"]
 
@@ -42,7 +45,7 @@ def sparsity_config(
     }
     counted = {} if zeros is None else zeros
     zeros = {
-        name: counted[name] if name in counted else _zeros(weight)
+        name: counted[name] if name in counted else zero_count(weight)
         for name, weight in linears.items()
     }
     sparse = [
@@ -66,20 +69,3 @@ def sparsity_config(
         sparsity_structure=structure.value,
     )
     return config.model_dump()
-
-
-SIGNLESS_BITS = {2: (torch.int16, 0x7FFF), 4: (torch.int32, 0x7FFFFFFF)}
-"""Per float width: the int dtype of that width and the mask that drops the sign bit."""
-
-
-def _zeros(weight: torch.Tensor) -> int:
-    """The number of zeros (of either sign) in ``weight``.
-
-    16- and 32-bit floats are counted on their bits without the sign, several times faster
-    than ``count_nonzero`` on the floats themselves.
-    """
-    bits = SIGNLESS_BITS.get(weight.element_size())
-    if weight.is_floating_point() and bits is not None and weight.is_contiguous():
-        int_dtype, mask = bits
-        weight = weight.view(int_dtype) & mask
-    return weight.numel() - int(torch.count_nonzero(weight))
