@@ -1,12 +1,13 @@
 """Steps shared by one-shot modifiers that compress each ``nn.Linear`` from its calibration inputs.
 
-GPTQ, SparseGPT and Wanda hook the targeted layers at CALIBRATION_EPOCH_START, gather
-statistics of their inputs, reduce them across ranks and compress each block's layers at its
-SEQUENTIAL_EPOCH_END. The helpers here are the parts of that flow that do not depend on the
-method: the base of the statistics collectors, the attention-mask bookkeeping that keeps
-padded tokens out of the statistics, the error for a run without data, the checks that every
-layer saw tokens and that weights and input statistics are finite, which layers a subgraph
-holds, and a Hessian solve whose errors name the layer.
+GPTQ, SparseGPT, Wanda and round-to-nearest hook the targeted layers at calibration start,
+gather statistics of their inputs, reduce them across ranks and compress each block's layers at
+its SEQUENTIAL_EPOCH_END; :mod:`~lightning_compress.modifiers.layerwise_modifier` holds that
+flow. The helpers here are its method-independent parts (smoothing uses some): the base of the
+statistics collectors, the attention-mask bookkeeping that keeps padded tokens out of the
+statistics, the error for a run without data, the checks that every layer saw tokens and that
+weights and input statistics are finite, which layers a subgraph holds, and a Hessian solve
+whose errors name the layer.
 """
 
 from __future__ import annotations
