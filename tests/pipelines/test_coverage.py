@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from export_models import tiny_model, w4a16
+from export_models import tiny_model, token_ids, w4a16
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import Logger
 from lightning_models import Regressor, regression_loader
@@ -19,7 +19,11 @@ from torch import nn
 
 from lightning_compress import Compressor
 from lightning_compress.lightning.oneshot import oneshot
-from lightning_compress.modifiers import MagnitudePruningModifier, QuantizationModifier
+from lightning_compress.modifiers import (
+    GPTQModifier,
+    MagnitudePruningModifier,
+    QuantizationModifier,
+)
 from lightning_compress.recipe import RecipeError
 from lightning_compress.summary import CompressionSummary
 
@@ -210,6 +214,18 @@ def trainer(metrics: Logger | None = None, **settings: object) -> Trainer:
 
 def pruning(targets: list[str]) -> MagnitudePruningModifier:
     return MagnitudePruningModifier(targets=targets, final_sparsity=0.5, start=0, end=1)
+
+
+def test_a_calibration_on_a_trainer_sends_its_coverage_to_the_trainers_loggers():
+    metrics = MetricsLogger()
+    calibration = trainer(metrics, inference_mode=False)
+    recipe = GPTQModifier(scheme="W8A16", ignore=["lm_head"])
+    oneshot(tiny_model("llama"), recipe, token_ids(), 8, trainer=calibration, progress=False)
+    assert {
+        "compression/coverage/compressed_tensors": 14.0,
+        "compression/coverage/left_out_tensors": 0.0,
+        "compression/coverage/compressed_elements_fraction": 1.0,
+    }.items() <= metrics.metrics.items()
 
 
 def test_training_reports_its_coverage_to_the_trainers_loggers_and_warns(warnings):
