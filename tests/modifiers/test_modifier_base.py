@@ -249,3 +249,42 @@ def test_buffers_are_added_and_removed_on_abort(model):
         modifier.add_buffer(model.fc1, "weight", torch.ones(1))
     modifier.abort(State(model=model))
     assert "fc1.weight_mask" not in model.state_dict()
+
+
+class CalibrationHooks(Modifier):
+    """Records the named calibration hooks in the order they run, with ``on_start``/``on_end``."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.calls: list[tuple[str, object]] = []
+
+    def on_calibration_start(self, state, event) -> None:
+        self.calls.append(("calibration_start", event.type_))
+
+    def on_start(self, state, event, **kwargs) -> None:
+        self.calls.append(("start", event.type_))
+
+    def on_sequential_epoch_end(self, state, subgraph) -> None:
+        self.calls.append(("sequential_epoch_end", subgraph))
+
+    def on_calibration_end(self, state, event) -> None:
+        self.calls.append(("calibration_end", event.type_))
+
+    def on_end(self, state, event, **kwargs) -> None:
+        self.calls.append(("end", event.type_))
+
+
+def test_calibration_events_reach_the_named_hooks_before_start_and_end(model):
+    session = CompressionSession()
+    session.initialize(recipe=CalibrationHooks(), model=model)
+    (modifier,) = session.lifecycle.recipe.modifiers
+    session.event(EventType.CALIBRATION_EPOCH_START)
+    session.event(EventType.SEQUENTIAL_EPOCH_END, subgraph=model.fc1)
+    session.event(EventType.CALIBRATION_EPOCH_END)
+    assert modifier.calls == [
+        ("calibration_start", EventType.CALIBRATION_EPOCH_START),
+        ("start", EventType.CALIBRATION_EPOCH_START),
+        ("sequential_epoch_end", model.fc1),
+        ("calibration_end", EventType.CALIBRATION_EPOCH_END),
+        ("end", EventType.CALIBRATION_EPOCH_END),
+    ]
