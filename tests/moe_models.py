@@ -29,7 +29,7 @@ MOE_CONFIGS: dict[str, dict[str, Any]] = {
     "qwen2_moe": {
         "num_experts": 4,
         "moe_intermediate_size": 16,
-        "shared_expert_intermediate_size": 24,
+        "shared_expert_intermediate_size": 32,
     },
     "qwen3_moe": {"num_experts": 4, "moe_intermediate_size": 16, "head_dim": 8},
     "olmoe": {"num_experts": 4},

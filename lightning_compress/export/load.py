@@ -22,6 +22,7 @@ from lightning_compress.export.staging import recover_checkpoint
 from lightning_compress.export.validation import check_layer, check_state, read_quantization_config
 from lightning_compress.layers import linearize
 from lightning_compress.layers.conv1d import conv1d_orientation
+from lightning_compress.layers.expert_names import to_model_names
 from lightning_compress.modifiers.quantization import QuantizationScheme, attach_quantization
 from lightning_compress.modifiers.quantization.ops import quantized_dtype
 from lightning_compress.modifiers.quantization.runtime import QPARAM_BUFFERS
@@ -79,7 +80,8 @@ def load_compressed(path: str | os.PathLike, keep_quantization: bool = True) -> 
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config_dict))
     linearize(model)
     tensors, files = read_tensors(path)
-    tensors = conv1d_orientation(model, tensors)
+    tensors = conv1d_orientation(model, to_model_names(model, tensors))
+    files = to_model_names(model, files)
     quantized: dict[str, tuple[nn.Module, CTQuantizationScheme, dict[str, Tensor]]] = {}
     if config is not None:
         for name, module, scheme in _assigned_schemes(model, config):

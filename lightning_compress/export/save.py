@@ -22,6 +22,7 @@ from lightning_compress.export.tensors import compressed_state_dict
 from lightning_compress.export.tokenizer import save_tokenizer
 from lightning_compress.export.writer import DEFAULT_MAX_SHARD_BYTES, check_output_dir, write_shards
 from lightning_compress.layers.conv1d import conv1d_orientation
+from lightning_compress.layers.expert_names import to_checkpoint_names
 from lightning_compress.recipe import Recipe, RecipeInput
 
 __all__ = ["CONFIG_NAME", "RECIPE_NAME", "save_compressed"]
@@ -59,6 +60,12 @@ def save_compressed(
     Layers that were transformers' ``Conv1D`` (GPT-2) keep its orientation of ``.weight``
     (``[in, out]``, which transformers and vLLM's GPT-2 read); their packed weights and
     qparams are in ``nn.Linear`` layout, as compressed-tensors and vLLM expect.
+
+    Mixture-of-experts layers (linearized experts) are saved per expert under the names
+    transformers' conversion mapping fuses on loading (``lightning_compress.layers.expert_names``:
+    Mixtral ``block_sparse_moe.experts.<e>.w1/w3/w2``, Qwen-MoE, DeepSeek-V3 and OLMoE
+    ``mlp.experts.<e>.gate_proj/up_proj/down_proj``); transformers 5 reads quantized experts
+    only with ``CompressedTensorsConfig(dequantize=True)``.
 
     A model that was never quantized nor pruned is saved plainly (no ``quantization_config``).
     The bundled ``TinyDecoder`` is saved as the ``LlamaForCausalLM`` it equals.
@@ -108,7 +115,7 @@ def save_compressed(
     qconfig = quantization_config(model, layers, sparsity_config(model, state.zeros))
     if qconfig is not None:
         config["quantization_config"] = qconfig
-    tensors = conv1d_orientation(model, state.tensors)
+    tensors = to_checkpoint_names(model, conv1d_orientation(model, state.tensors))
     recipe_text = None if recipe is None else Recipe.create_instance(recipe).yaml()
     with staged_directory(path, overwrite) as staging:
         write_shards(tensors, staging, max_shard_bytes)
