@@ -361,7 +361,9 @@ def check_mappings(
                     f"'{block_name}'; expected it to read the output of '{mapping.smooth_name}'"
                 )
         probed.add(family)
-        verdicts = _agreed(probe.reached(mapping.smooth, tuple(running.values()), baseline))
+        verdicts = _agreed(
+            probe.reached(mapping.smooth, tuple(running.values()), baseline, mapping.passengers)
+        )
         for name, ok in zip(running, verdicts, strict=True):
             if not ok:
                 raise RecipeError(

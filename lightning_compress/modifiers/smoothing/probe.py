@@ -33,6 +33,7 @@ from loguru import logger
 from torch import Tensor, nn
 
 from lightning_compress.core.tensors import same_input
+from lightning_compress.layers.experts import LinearExperts
 from lightning_compress.modifiers.base import Modifier
 from lightning_compress.modifiers.smoothing.calls import RecordedCall, tensors_in
 from lightning_compress.modifiers.smoothing.folding import (
@@ -133,19 +134,25 @@ class BlockProbe:
         return baseline
 
     def reached(
-        self, smooth: nn.Module, candidates: Sequence[nn.Module], baseline: Baseline
+        self,
+        smooth: nn.Module,
+        candidates: Sequence[nn.Module],
+        baseline: Baseline,
+        passengers: Sequence[nn.Module] = (),
     ) -> list[bool]:
         """Which candidates receive ``smooth``'s output channels linearly, channel for channel.
 
-        A few output channels of ``smooth`` are multiplied by ``PROBE_FACTOR``; a candidate
-        passes when exactly the same input channels are multiplied by it and the others do not
-        change. The block stops as soon as every candidate has read its input.
+        A few output channels of ``smooth`` are multiplied by ``PROBE_FACTOR`` (and the
+        passengers' columns divided by it, so a router keeps routing the same tokens); a
+        candidate passes when exactly the same input channels are multiplied by it and the
+        others do not change. The block stops as soon as every candidate has read its input.
 
         Args:
             smooth: the smooth layer.
             candidates: linear layers watched by ``baseline``, with as many input channels
                 as ``smooth`` has output channels.
             baseline: the unchanged run.
+            passengers: modules reading ``smooth``'s output that keep their outputs.
 
         Returns:
             One flag per candidate.
@@ -159,8 +166,10 @@ class BlockProbe:
             if len(seen) == len(candidates):
                 raise _Stop
 
-        with _restored([smooth]):
-            scale_outputs(smooth, factors)
+        with _restored([smooth, *passengers]):
+            names = ("",) * len(passengers)
+            riders = SmoothingMapping("", smooth, (), (), names, tuple(passengers))
+            apply_smoothing(riders, 1 / factors, notify=False)
             self._run([candidate.register_forward_pre_hook(read) for candidate in candidates])
         return [
             candidate in seen and _scaled(seen[candidate], baseline.inputs[candidate], probed)
@@ -219,13 +228,21 @@ class BlockProbe:
         )
 
     def _run(self, hooks: list[torch.utils.hooks.RemovableHandle]) -> Any:
-        """Runs the block with every modifier's hooks off, then removes ``hooks``."""
+        """Runs the block with every modifier's hooks off and its experts on their routed
+        tokens only (the output is the same, at a fraction of the cost of calibrating every
+        expert on every token), then removes ``hooks``."""
+        experts = [m for m in self.block.modules() if isinstance(m, LinearExperts)]
+        saved = [module.calibrate_all for module in experts]
         try:
+            for module in experts:
+                module.calibrate_all = False
             with torch.no_grad(), Modifier.disable_hooks():
                 return self.call.replay(self.block)
         except _Stop:
             return None
         finally:
+            for module, flag in zip(experts, saved, strict=True):
+                module.calibrate_all = flag
             for handle in hooks:
                 handle.remove()
 

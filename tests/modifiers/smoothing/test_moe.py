@@ -15,8 +15,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from lightning_compress.layers import linearize
-from lightning_compress.layers.experts import LinearExperts, calibrating_all_experts
-from lightning_compress.modifiers import QuantizationModifier
+from lightning_compress.layers.experts import LinearExperts
+from lightning_compress.modifiers import Modifier, QuantizationModifier
 from lightning_compress.modifiers.smoothing import AWQModifier, SmoothQuantModifier
 from lightning_compress.modifiers.smoothing.probe import BlockProbe
 from lightning_compress.recipe import RecipeError
@@ -38,8 +38,8 @@ def ignored(kind: str) -> list[str]:
 
 
 def smooth(model: nn.Module, modifiers: list, all_experts: bool = True) -> list:
-    with calibrating_all_experts(model, all_experts):
-        return calibrate(model, modifiers, list(token_ids(4, 16).split(2)))
+    batches = list(token_ids(4, 16).split(2))
+    return calibrate(model, modifiers, batches, moe_calibrate_all_experts=all_experts)
 
 
 def routers(model: nn.Module, kind: str) -> dict[str, nn.Module]:
@@ -293,3 +293,19 @@ def test_one_probe_answers_for_every_expert(monkeypatch, explicit):
         assert len(smoother.smoothed) == 2 * (1 + experts + (0 if explicit else 1))
         counts.append(len(calls))
     assert counts[0] == counts[1]
+
+
+def test_probes_run_the_experts_on_their_routed_tokens_only(monkeypatch):
+    """Replaying a block for a probe does not pay for every expert on every token."""
+    model = linearized("mixtral")
+    seen = []
+    forward = LinearExperts.forward
+
+    def spy(self, *args):
+        seen.append((bool(Modifier._hooks_disabled_globally), self.calibrate_all))
+        return forward(self, *args)
+
+    monkeypatch.setattr(LinearExperts, "forward", spy)
+    calibrate(model, [SmoothQuantModifier(ignore=ignored("mixtral"))], [token_ids(2, 16)])
+    assert (True, False) in seen and (False, True) in seen
+    assert (True, True) not in seen
