@@ -393,9 +393,7 @@ class Modifier:
             layers = match_named_modules(model, patterns, self.ignore)
         except ValueError as err:
             raise RecipeError(f"{owner}.targets: {err}") from err
-        if not self._ignore_checked:
-            _check_unmatched_ignore(owner, model, self.ignore, self.strict)
-            self._ignore_checked = True
+        self.check_ignore(model)
         if not layers:
             selected = list(match_named_modules(model, patterns))
             raise RecipeError(
@@ -406,6 +404,23 @@ class Modifier:
                 "from the recipe)"
             )
         return layers
+
+    def check_ignore(self, model: nn.Module, strict: bool = False) -> None:
+        """Names the ``ignore`` entries that match no module of ``model`` (a likely typo): a
+        warning each, once per modifier, or one error with ``strict`` or ``self.strict``.
+
+        Args:
+            model: the model.
+            strict: make it an error whatever ``self.strict`` says (a run's own switch).
+
+        Raises:
+            RecipeError: with ``strict`` or ``self.strict``, when an entry matches no module.
+        """
+        strict = strict or self.strict
+        if self._ignore_checked and not strict:
+            return
+        _check_unmatched_ignore(type(self).__name__, model, self.ignore, strict)
+        self._ignore_checked = True
 
     def compression_targets(self, model: nn.Module) -> dict[str, nn.Module]:
         """The layers whose weights this modifier compresses, found without changing ``model``.

@@ -281,8 +281,8 @@ def check_coverage(
 ) -> WeightCoverage:
     """Refuse a recipe that would leave a weight of the decoder blocks out (``strict=True``).
 
-    Every modifier is made strict first, so an ``ignore`` pattern that matches nothing is an
-    error too. Nothing in ``model`` changes.
+    An ``ignore`` pattern of any modifier that matches nothing is an error too. Nothing in
+    ``model`` or in the modifiers' settings changes.
 
     Args:
         model: the model, before compression.
@@ -297,7 +297,7 @@ def check_coverage(
         RecipeError: naming the left-out weights, or a modifier's refused pattern.
     """
     for modifier in modifiers:
-        modifier.strict = True
+        modifier.check_ignore(model, strict=True)
     coverage = recipe_coverage(model, modifiers, sequential_targets)
     if coverage.left_out:
         raise RecipeError(

@@ -18,11 +18,13 @@ from safetensors.torch import load_file
 from torch import nn
 
 from lightning_compress import Compressor
+from lightning_compress.lightning.calibration import CalibrationModule
 from lightning_compress.lightning.oneshot import oneshot
 from lightning_compress.modifiers import (
     GPTQModifier,
     MagnitudePruningModifier,
     QuantizationModifier,
+    SmoothQuantModifier,
 )
 from lightning_compress.recipe import RecipeError
 from lightning_compress.summary import CompressionSummary
@@ -125,11 +127,20 @@ def test_ignored_weights_are_reported_as_ignored_and_strict_accepts_the_recipe(w
     assert "2 ignored (50.0% of elements), 0 left out" in summary.format()
 
 
-def test_strict_refuses_an_ignore_pattern_that_matches_nothing():
+def test_strict_refuses_an_ignore_pattern_that_matches_nothing_in_any_modifier():
     model = Decoder()
     with pytest.raises(RecipeError, match=r"\['re:.*mixer'\] match no module"):
         oneshot(model, rtn(["head", "re:.*mix", "re:.*mixer"]), progress=False, strict=True)
+    smoothing = SmoothQuantModifier(ignore=["re:.*nothing"])
+    with pytest.raises(RecipeError, match=r"SmoothQuantModifier.ignore: \['re:.*nothing'\]"):
+        oneshot(model, [smoothing, rtn(["head", "re:.*mix"])], progress=False, strict=True)
     assert not any(hasattr(module, "quantization_scheme") for module in model.modules())
+
+
+def test_strict_is_a_switch_of_the_run_not_a_setting_saved_with_the_recipe():
+    module = CalibrationModule(Decoder(), rtn(["head", "re:.*mix"]), strict=True)
+    module.calibrate()
+    assert "strict" not in module.session.get_serialized_recipe()
 
 
 def test_a_full_run_covers_every_weight_as_the_checkpoint_stores_it(tmp_path, warnings):
