@@ -40,8 +40,12 @@ TRAINING_STEPS = 3
 
 
 def ignored(kind: str) -> list[str]:
-    """What every recipe leaves out on purpose: the LM head and the routers."""
-    return ["lm_head", *ROUTERS.get(kind, [])]
+    """What every recipe leaves out on purpose: the LM head and the routers.
+
+    Patterns, not names: inside the ``Compressor`` the modules are named from the
+    LightningModule (``model.lm_head``).
+    """
+    return [r"re:(.*\.)?lm_head$", *ROUTERS.get(kind, [])]
 
 
 def _w4(kind: str) -> dict:
@@ -99,7 +103,7 @@ class Run:
         before: the decoder blocks' weight matrices before compression (copies).
         model: the compressed model, in eval mode.
         checkpoint: the saved checkpoint.
-        summary: the one-shot run's summary (None for training).
+        summary: the run's summary (``oneshot``'s or the ``Compressor``'s).
     """
 
     kind: str
@@ -107,7 +111,7 @@ class Run:
     before: dict[str, torch.Tensor]
     model: nn.Module
     checkpoint: Path
-    summary: CompressionSummary | None
+    summary: CompressionSummary
 
 
 @functools.cache
@@ -124,9 +128,8 @@ def compress(kind: str, recipe: str) -> Run:
     model = tiny_model(kind)
     before = {name: matrix.detach().clone() for name, matrix in block_matrices(model).items()}
     checkpoint = Path(tempfile.mkdtemp(prefix=f"{kind}-{recipe}-")) / "checkpoint"
-    summary = None
     if recipe in TRAINING:
-        _train(model, RECIPES[recipe](kind), checkpoint)
+        summary = _train(model, RECIPES[recipe](kind), checkpoint)
     else:
         summary = CompressionSummary()
         oneshot(
@@ -141,14 +144,16 @@ def compress(kind: str, recipe: str) -> Run:
     return Run(kind, recipe, before, model.eval(), checkpoint, summary)
 
 
-def _train(model: nn.Module, recipe: list[Modifier], checkpoint: Path) -> None:
+def _train(model: nn.Module, recipe: list[Modifier], checkpoint: Path) -> CompressionSummary:
+    compressor = Compressor(recipe, save_dir=checkpoint)
     module = CausalLMModule(model.train(), lr=1e-3)
     trainer = Trainer(
         accelerator="cpu",
         max_steps=TRAINING_STEPS,
         enable_checkpointing=False,
         enable_model_summary=False,
-        callbacks=[Compressor(recipe, save_dir=checkpoint)],
+        callbacks=[compressor],
         **QUIET,
     )
     trainer.fit(module, DataLoader(token_ids(12, 16, seed=2), batch_size=4))
+    return compressor.summary

@@ -128,7 +128,6 @@ ROUTERS: dict[str, list[str]] = {
 }
 """The routers of each mixture of experts, as ignore patterns (vLLM keeps them unquantized)."""
 
-MIXTURES = frozenset(ROUTERS)
 _TRANSPOSED_EXPERTS = frozenset({"GptOssExperts"})
 _EXPERT_PARAMETERS = ("gate_up_proj", "down_proj")
 
