@@ -1,0 +1,73 @@
+"""Train a tiny mixture-of-experts LM with a recipe; optionally die (SIGKILL) after a step,
+or resume.
+
+Run as a script by the expert training test: ``python moe_resume_run.py RECIPE OUT_DIR
+[--kill-after N] [--resume]``. Writes the final model state to ``OUT_DIR/final.pt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from moe_models import tiny_moe, tokens  # noqa: E402
+
+from lightning_compress import Compressor  # noqa: E402
+from lightning_compress.lightning.language_model import CausalLMModule  # noqa: E402
+
+STEPS = 8
+
+
+class KillAfter(Callback):
+    """Kills the process (no clean-up, like a crash) once ``step`` optimizer steps are saved."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step >= self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("recipe")
+    parser.add_argument("out_dir")
+    parser.add_argument("--kill-after", type=int)
+    parser.add_argument("--resume", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    out = Path(args.out_dir)
+    checkpoint = ModelCheckpoint(dirpath=out, every_n_train_steps=1, save_last=True)
+    callbacks = [Compressor(Path(args.recipe).read_text()), checkpoint]
+    if args.kill_after:
+        callbacks.append(KillAfter(args.kill_after))
+    trainer = Trainer(
+        accelerator="cpu",
+        max_steps=STEPS,
+        callbacks=callbacks,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    module = CausalLMModule(tiny_moe("mixtral").train(), lr=1e-2)
+    # One batch per epoch: a resumed epoch replays exactly the data an uninterrupted run sees.
+    trainer.fit(
+        module,
+        DataLoader([tokens(4, 16)], batch_size=None),
+        ckpt_path=str(out / "last.ckpt") if args.resume else None,
+    )
+    torch.save(dict(module.model.state_dict()), out / "final.pt")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""QAT and pruning of experts inside the Compressor callback; kill and resume is exact."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+SCRIPT = Path(__file__).with_name("moe_resume_run.py")
+
+RECIPE = """
+prune_stage:
+  pruning_modifiers:
+    MagnitudePruningModifier:
+      targets: ["re:.*experts.*_proj$"]
+      init_sparsity: 0.1
+      final_sparsity: 0.5
+      start: 0
+      end: 6
+      update: 2
+qat_stage:
+  quant_modifiers:
+    QuantizationModifier:
+      start: 2
+      end: 8
+      freeze_observers: 6
+      config_groups:
+        g:
+          targets: ["re:.*experts.*_proj$"]
+          weights: {num_bits: 4, strategy: group, group_size: 16}
+          input_activations: {num_bits: 8, symmetric: false, observer: moving_average}
+"""
+
+
+def run(recipe: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), str(recipe), str(out), *extra],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_expert_qat_and_pruning_resume_exactly(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(RECIPE)
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    done = run(recipe, whole)
+    assert done.returncode == 0, done.stderr[-3000:]
+    killed = run(recipe, broken, "--kill-after", "4")
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    resumed = run(recipe, broken, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    expected = torch.load(whole / "final.pt", weights_only=True)
+    actual = torch.load(broken / "final.pt", weights_only=True)
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        assert torch.equal(expected[key], actual[key]), key
+
+    down = expected["model.layers.1.mlp.experts.2.down_proj.weight"]
+    assert 0.45 <= float((down == 0).float().mean()) <= 0.55
+    assert "model.layers.1.mlp.experts.2.down_proj.weight_scale" in expected
+    assert "model.layers.1.mlp.experts.2.down_proj.input_zero_point" in expected
