@@ -37,6 +37,8 @@ GROUP_SIZE = 32
 W4_GROUP = {"num_bits": 4, "symmetric": True, "strategy": "group", "group_size": GROUP_SIZE}
 QUIET = {"enable_progress_bar": False, "logger": False}
 TRAINING_STEPS = 3
+_CHECKPOINTS = tempfile.TemporaryDirectory(prefix="architecture-matrix-")
+"""Where the runs save their checkpoints; removed when the test process ends."""
 
 
 def ignored(kind: str) -> list[str]:
@@ -127,7 +129,7 @@ def compress(kind: str, recipe: str) -> Run:
     """
     model = tiny_model(kind)
     before = {name: matrix.detach().clone() for name, matrix in block_matrices(model).items()}
-    checkpoint = Path(tempfile.mkdtemp(prefix=f"{kind}-{recipe}-")) / "checkpoint"
+    checkpoint = Path(_CHECKPOINTS.name) / f"{kind}-{recipe}"
     if recipe in TRAINING:
         summary = _train(model, RECIPES[recipe](kind), checkpoint)
     else:
