@@ -26,6 +26,7 @@ from architectures.tiny_models import ARCHITECTURES, block_matrices, is_router, 
 from loguru import logger
 from torch import nn
 from transformers import AutoModelForCausalLM
+from transformers.utils.quantization_config import CompressedTensorsConfig
 
 from lightning_compress.export import load_compressed
 
@@ -66,7 +67,7 @@ INT8_EXPERTS = (
     "transformers 5.25 finds no tensors to merge into its fused experts from int8 "
     "(int-quantized) per-expert weights"
 )
-PACKED = frozenset({"gptq_w4", "awq_rtn_w4", "qat_w4"})
+PACKED = ("gptq_w4", "awq_rtn_w4", "qat_w4")
 TRANSFORMERS_FAILURES: dict[str, dict[str, str]] = {
     "opt": {"smoothquant_w8a8": TOKEN_SCALES_2D},
     "gpt2": {recipe: CONV1D_IN_TRANSFORMERS for recipe in RECIPES if recipe != "sparsegpt_2of4"},
@@ -206,3 +207,15 @@ def test_coverage_summary_says_every_block_weight_is_compressed(kind, recipe):
     assert coverage.left_out == {}
     assert coverage.elements_of(coverage.compressed) == weights
     assert coverage.elements_of(coverage.ignored) == routers
+
+
+@pytest.mark.parametrize(
+    "recipe",
+    [r if DEFAULT["falcon"] == r else pytest.param(r, marks=pytest.mark.slow) for r in PACKED],
+)
+def test_transformers_loads_falcon_packed_checkpoints_dequantized(recipe):
+    run = compress("falcon", recipe)
+    loaded = AutoModelForCausalLM.from_pretrained(
+        run.checkpoint, quantization_config=CompressedTensorsConfig(dequantize=True)
+    )
+    torch.testing.assert_close(logits(loaded), logits(run.model), **LOGITS_TOLERANCE)
