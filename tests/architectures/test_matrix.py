@@ -64,8 +64,8 @@ SPARSE_EXPERTS = (
     "dequantization, which fails on a sparsity-only config (no config_groups)"
 )
 INT8_EXPERTS = (
-    "transformers 5.25 finds no tensors to merge into its fused experts from int8 "
-    "(int-quantized) per-expert weights"
+    "transformers 5.25 dequantizes per-expert checkpoint tensors into its fused experts from "
+    "FP8 or packed int weights only, not from int8 (int-quantized) ones"
 )
 PACKED = ("gptq_w4", "awq_rtn_w4", "qat_w4")
 TRANSFORMERS_FAILURES: dict[str, dict[str, str]] = {
