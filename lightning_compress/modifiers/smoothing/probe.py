@@ -118,15 +118,20 @@ class BlockProbe:
 
         def keep_output(module: nn.Module, args: Any, output: Any) -> None:
             if isinstance(output, Tensor):
+                latest.pop(module, None)  # the latest norm to run comes last
                 latest[module] = output
 
         def read(module: nn.Module, args: tuple[Any, ...]) -> None:
             if not args or not isinstance(args[0], Tensor) or module in baseline.inputs:
                 return
-            baseline.inputs[module] = args[0]
-            for norm, output in latest.items():
-                if reads_rows(output, args[0]):
-                    baseline.readers[norm].append(module)
+            x = baseline.inputs[module] = args[0]
+            # the norm whose very output this is; else the latest whose rows it holds (two
+            # norms of one input, as GPT-NeoX's, may give equal values)
+            sources = [norm for norm, output in latest.items() if _same_memory(output, x)]
+            if not sources:
+                sources = [norm for norm, out in latest.items() if reads_rows(out, x)][-1:]
+            for norm in sources:
+                baseline.readers[norm].append(module)
 
         hooks = [norm.register_forward_hook(keep_output) for norm in baseline.readers]
         hooks += [linear.register_forward_pre_hook(read) for linear in linears]
@@ -278,13 +283,7 @@ def reads_rows(source: Tensor, x: Tensor) -> bool:
     """
     if x.shape[-1:] != source.shape[-1:] or x.device != source.device or x.numel() == 0:
         return False
-    if same_input(source, x) or (
-        x.data_ptr() == source.data_ptr()
-        and x.dtype == source.dtype
-        and x.numel() == source.numel()
-        and x.is_contiguous()
-        and source.is_contiguous()
-    ):
+    if _same_memory(source, x):
         return True
     if x.dtype != source.dtype:
         if not (x.is_floating_point() and source.is_floating_point()):
@@ -300,6 +299,18 @@ def reads_rows(source: Tensor, x: Tensor) -> bool:
     where = torch.searchsorted(keys[order], wanted).clamp(max=keys.numel() - 1)
     match = order[where]
     return bool((keys[match] == wanted).all()) and torch.equal(table[match], rows)
+
+
+def _same_memory(source: Tensor, x: Tensor) -> bool:
+    """Whether ``x`` is ``source`` or a view of all of it with the same element order."""
+    return same_input(source, x) or (
+        x.data_ptr() == source.data_ptr()
+        and x.dtype == source.dtype
+        and x.device == source.device
+        and x.numel() == source.numel()
+        and x.is_contiguous()
+        and source.is_contiguous()
+    )
 
 
 def _row_keys(rows: Tensor) -> Tensor:

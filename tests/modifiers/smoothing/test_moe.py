@@ -201,13 +201,21 @@ def test_a_norm_read_beyond_what_the_probes_follow_is_refused_naming_it():
     [
         ("gpt2", [("ln_1", ["attn.c_attn"]), ("ln_2", ["mlp.c_fc"])]),
         ("falcon", [("input_layernorm", ["self_attention.query_key_value", "mlp.dense_h_to_4h"])]),
+        # two norms of one input with equal (untrained) outputs: each keeps its own readers
+        (
+            "gpt_neox",
+            [
+                ("input_layernorm", ["attention.query_key_value"]),
+                ("post_attention_layernorm", ["mlp.dense_h_to_4h"]),
+            ],
+        ),
     ],
 )
-def test_gpt2_and_falcon_are_smoothed_as_linear_layers(kind, expected):
+def test_gpt2_falcon_and_gpt_neox_are_smoothed_as_linear_layers(kind, expected):
     model = linearized(kind)
     original = copy.deepcopy(model)
     (smoother,) = smooth(model, [SmoothQuantModifier(smoothing_strength=0.8, ignore=["lm_head"])])
-    blocks = "transformer.h"
+    blocks = "gpt_neox.layers" if kind == "gpt_neox" else "transformer.h"
     assert smoother.smoothed == [
         (f"{blocks}.{i}.{norm}", tuple(f"{blocks}.{i}.{layer}" for layer in layers))
         for i in range(2)
