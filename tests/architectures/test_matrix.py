@@ -34,11 +34,6 @@ PROBE = token_ids(2, 10, seed=4)
 LOGITS_TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}
 INT8_GRID_TOLERANCE = 1e-3
 
-PARALLEL_NORMS = (
-    "GPT-NeoX's two norms read the same input (parallel residual); untrained, they give equal "
-    "outputs, and the smoothing mapping finder takes the MLP's dense_h_to_4h for a reader of "
-    "input_layernorm, then refuses the mapping as not exact (distinct norm weights pass)"
-)
 TOKEN_SCALES_2D = (
     "compressed-tensors' dynamic per-token activation quantization keeps dimensions 0 and 1 "
     "of its input, so a layer fed [tokens, hidden] (OPT's MLP) gets one scale per element in "
@@ -83,8 +78,6 @@ TRANSFORMERS_FAILURES: dict[str, dict[str, str]] = {
 
 def expected_failure(kind: str, recipe: str, check: str) -> str | None:
     """Why one cell of the matrix fails, or None where it passes."""
-    if kind == "gpt_neox" and recipe in ("awq_rtn_w4", "smoothquant_w8a8"):
-        return PARALLEL_NORMS
     if check == "transformers":
         return TRANSFORMERS_FAILURES.get(kind, {}).get(recipe)
     return None
