@@ -104,3 +104,25 @@ def test_lifecycle_initialize_linearizes_and_undoes_on_failure():
     assert isinstance(model.model.layers[0].mlp.experts, LinearExperts)
     with torch.no_grad():
         model(tokens())
+
+
+def test_llama4_experts_are_refused_naming_the_parameter_and_the_model():
+    from transformers import AutoModelForCausalLM, Llama4TextConfig
+
+    config = Llama4TextConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=32,
+        intermediate_size_mlp=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        num_local_experts=4,
+    )
+    model = AutoModelForCausalLM.from_config(config)
+    with pytest.raises(
+        ValueError,
+        match=r"Llama4ForCausalLM holds model\.layers\.0\.feed_forward\.experts\.gate_up_proj",
+    ):
+        linearize(model)
