@@ -50,9 +50,8 @@ FALCON_PACKED = (
 )
 EXPERT_NAMES = (
     "the checkpoint names experts mlp.experts.<e>.gate_proj/up_proj/down_proj; transformers 5 "
-    "reads Mixtral's as block_sparse_moe.experts.<e>.w1/w3/w2, Granite-MoE's fused as "
-    "block_sparse_moe.input_linear/output_linear and gpt-oss's fused as experts.gate_up_proj/"
-    "down_proj, so it initializes the experts afresh"
+    "reads Granite-MoE's fused as block_sparse_moe.input_linear/output_linear and gpt-oss's "
+    "fused as experts.gate_up_proj/down_proj, so it initializes the experts afresh"
 )
 SPARSE_EXPERTS = (
     "transformers 5.25 merges per-expert checkpoint tensors through compressed-tensors' "
@@ -67,10 +66,10 @@ TRANSFORMERS_FAILURES: dict[str, dict[str, str]] = {
     "opt": {"smoothquant_w8a8": TOKEN_SCALES_2D},
     "gpt2": {recipe: CONV1D_IN_TRANSFORMERS for recipe in RECIPES if recipe != "sparsegpt_2of4"},
     "falcon": dict.fromkeys(PACKED, FALCON_PACKED),
-    **{kind: dict.fromkeys(RECIPES, EXPERT_NAMES) for kind in ("mixtral", "granitemoe", "gpt_oss")},
+    **{kind: dict.fromkeys(RECIPES, EXPERT_NAMES) for kind in ("granitemoe", "gpt_oss")},
     **{
         kind: {"sparsegpt_2of4": SPARSE_EXPERTS, "smoothquant_w8a8": INT8_EXPERTS}
-        for kind in ("qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")
+        for kind in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")
     },
 }
 """Cells whose checkpoint transformers does not load with the logits of the model in memory."""
