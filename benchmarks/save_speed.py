@@ -3,14 +3,16 @@
 Builds a ``LlamaForCausalLM`` with SmolLM2-135M's configuration (hidden 576, 30 layers, MLP 1536,
 9 heads / 3 KV heads, vocab 49152, tied embeddings) and random bf16 weights, quantizes every
 ``Linear`` but ``lm_head`` round-to-nearest to symmetric int4 in groups of 64 (data-free
-``oneshot``), then times ``save_compressed`` (every layer packed, checked to read back within
-its guarantee, written and fsynced). Each repeat builds a fresh model.
+``oneshot``), then times ``save_compressed`` (every layer packed and checked to read back as
+it is in memory: its packed codes unpacked by compressed-tensors and dequantized exactly to the
+weight, the first layer of each shape also through compressed-tensors' decompressor; written
+and fsynced). Each repeat builds a fresh model.
 
-    python benchmarks/save_speed.py [--repeats 3] [--threads 1] [--profile]
+    python benchmarks/save_speed.py [--repeats 5] [--threads 1] [--profile]
 
 Prints a Markdown table of compression and save seconds per repeat, wall-clock and CPU time of
-this process (steadier than wall-clock on a busy machine); ``--profile`` also prints the top of
-a cProfile of the last save.
+this process (steadier than wall-clock on a busy machine), then the median and range of each
+column; ``--profile`` also prints the top of a cProfile of the last save.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import pstats
+import statistics
 import sys
 import tempfile
 import time
@@ -85,7 +88,7 @@ def measure(seed: int, profiler: cProfile.Profile | None) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument(
         "--threads",
         type=int,
@@ -115,8 +118,20 @@ def main() -> None:
             f"| {index} | {row['compress_s']:.2f} | {row['save_s']:.2f} | {ratio:.2f} "
             f"| {row['compress_cpu_s']:.2f} | {row['save_cpu_s']:.2f} |"
         )
+    columns = ("compress_s", "save_s", "compress_cpu_s", "save_cpu_s")
+    ratios = [row["save_s"] / row["compress_s"] for row in rows]
+    cells = [_median_range([row[column] for row in rows]) for column in columns]
+    print(
+        f"| median (min-max) | {cells[0]} | {cells[1]} | {_median_range(ratios)} "
+        f"| {cells[2]} | {cells[3]} |"
+    )
     if args.profile:
         pstats.Stats(profiler).sort_stats(args.sort).print_stats(40)
+
+
+def _median_range(values: list[float]) -> str:
+    """``median (min-max)`` of ``values``, to two decimals."""
+    return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
 
 
 if __name__ == "__main__":
