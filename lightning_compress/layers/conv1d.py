@@ -10,8 +10,9 @@ every algorithm treats GPT-2's layers as any other linear layer. Checkpoints kee
 
 from __future__ import annotations
 
+import sys
+
 from torch import Tensor, nn
-from transformers.pytorch_utils import Conv1D as TransformersConv1D
 
 from lightning_compress.layers.linearize import LayerAdapter, register_adapter
 
@@ -39,7 +40,8 @@ class Conv1DAdapter(LayerAdapter):
         Returns:
             True for transformers' ``Conv1D`` (and subclasses).
         """
-        return isinstance(module, TransformersConv1D)
+        transformers_conv1d = _transformers_conv1d()
+        return transformers_conv1d is not None and isinstance(module, transformers_conv1d)
 
     def check(self, module: nn.Module, name: str) -> None:
         """Refuses a ``Conv1D`` whose weight is not a ``[nx, nf]`` matrix.
@@ -110,3 +112,13 @@ def conv1d_orientation(model: nn.Module, tensors: dict[str, Tensor]) -> dict[str
 
 
 register_adapter(Conv1DAdapter())
+
+
+def _transformers_conv1d() -> type | None:
+    """transformers' ``Conv1D`` class, or None when transformers was never imported.
+
+    A model cannot hold a transformers ``Conv1D`` before transformers is imported, so the
+    check never imports it (transformers is an optional extra).
+    """
+    module = sys.modules.get("transformers.pytorch_utils")
+    return getattr(module, "Conv1D", None)

@@ -49,3 +49,16 @@ def test_core_does_not_import_lightning():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_core_modifiers_and_pipelines_import_without_transformers():
+    """transformers is an optional extra: the package's engine must not need it to import."""
+    code = (
+        "import sys\n"
+        "sys.modules['transformers'] = None\n"
+        "import lightning_compress.core, lightning_compress.layers, lightning_compress.recipe\n"
+        "import lightning_compress.modifiers, lightning_compress.pipelines\n"
+        "print('imported')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0 and "imported" in result.stdout, result.stderr[-2000:]
