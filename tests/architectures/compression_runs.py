@@ -1,8 +1,9 @@
 """The recipes of the architecture matrix, each run once per architecture and remembered.
 
-A run compresses a tiny model (:mod:`tiny_models`) one-shot or in a few training steps, saves
-the checkpoint, and keeps what the checks of ``test_matrix.py`` read: the weight matrices of the
-decoder blocks before compression, the model after it, the checkpoint and the run's summary.
+A run compresses a tiny model (:mod:`tiny_models`) one-shot or in a few training steps, with
+``strict=True`` (a recipe that leaves a decoder weight out is refused), saves the checkpoint,
+and keeps what the checks of ``test_matrix.py`` read: the weight matrices of the decoder blocks
+before compression, the model after it, the checkpoint and the run's summary.
 """
 
 from __future__ import annotations
@@ -141,13 +142,14 @@ def compress(kind: str, recipe: str) -> Run:
             num_calibration_samples=8,
             trainer_kwargs=QUIET,
             summary=summary,
+            strict=True,
         )
         save_compressed(model, checkpoint, progress=False)
     return Run(kind, recipe, before, model.eval(), checkpoint, summary)
 
 
 def _train(model: nn.Module, recipe: list[Modifier], checkpoint: Path) -> CompressionSummary:
-    compressor = Compressor(recipe, save_dir=checkpoint)
+    compressor = Compressor(recipe, save_dir=checkpoint, strict=True)
     module = CausalLMModule(model.train(), lr=1e-3)
     trainer = Trainer(
         accelerator="cpu",
