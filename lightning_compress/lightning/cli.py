@@ -52,6 +52,7 @@ class CompressionTrainer(pl.Trainer):
         output_dir: str | None = None,
         propagate_compressed: bool = True,
         staged: bool = True,
+        moe_calibrate_all_experts: bool = True,
         overwrite_output_dir: bool = False,
     ) -> nn.Module:
         """Compress a model after training with a recipe (one-shot, calibrated).
@@ -76,6 +77,8 @@ class CompressionTrainer(pl.Trainer):
             propagate_compressed: feed each block the compressed previous block's outputs.
             staged: calibrate blocks in one forward that compresses each group of layers
                 when every batch reaches it (see ``PipelineOptions``).
+            moe_calibrate_all_experts: calibrate every expert of a mixture on every token
+                (False: on the tokens routed to it; see ``PipelineOptions``).
             overwrite_output_dir: replace ``output_dir`` if it exists and is not empty.
 
         Returns:
@@ -114,6 +117,7 @@ class CompressionTrainer(pl.Trainer):
             recipe_args=recipe_args,
             propagate_compressed=propagate_compressed,
             staged=staged,
+            moe_calibrate_all_experts=moe_calibrate_all_experts,
             trainer=self,
             tokenizer=load_tokenizer() if isinstance(model, TinyDecoder) else None,
             overwrite_output_dir=overwrite_output_dir,

@@ -103,6 +103,12 @@ def compress_parser() -> ArgumentParser:
     )
     add_flag(parser, "--propagate_compressed", "feed blocks compressed outputs", default=True)
     add_flag(parser, "--staged", "calibrate blocks in one staged forward", default=True)
+    add_flag(
+        parser,
+        "--moe_calibrate_all_experts",
+        "calibrate every expert on every token (false: on its routed tokens)",
+        default=True,
+    )
     parser.add_argument(
         "--output_dir", type=str | None, default=None, help="save the compressed model here"
     )
@@ -177,6 +183,7 @@ def run_compress(argv: list[str], verbose: bool = False) -> nn.Module:
         trainer_kwargs=_trainer_kwargs(parser, config),
         propagate_compressed=config.propagate_compressed,
         staged=config.staged,
+        moe_calibrate_all_experts=config.moe_calibrate_all_experts,
         overwrite_output_dir=config.overwrite_output_dir,
         text_column=config.text_column,
         concatenate_data=config.concatenate_data,
