@@ -48,7 +48,7 @@ import torch
 from loguru import logger
 from torch import nn
 
-from lightning_compress.core.distributed import all_reduce_min_
+from lightning_compress.core.distributed import all_reduce_max_, all_reduce_min_
 from lightning_compress.core.model_layer import module_matches
 from lightning_compress.core.tensors import same_input
 from lightning_compress.modifiers.smoothing.folding import (
@@ -268,13 +268,13 @@ def find_mappings(
     names = {module: name for name, module in {**others, **linears, **norms}.items()}
     watched = {**others, **linears}
     baseline = probe.baseline(watched.values(), norms.values())
+    readers_of = _agreed_readers(baseline, watched)
     found: dict[nn.Module, list[nn.Module]] = {}
-    for norm, readers in baseline.readers.items():
-        readers = _with_idle_siblings(readers, watched, baseline)
+    for norm, readers in readers_of.items():
         if any(reader in linears.values() for reader in readers):
             found[norm] = readers
     claimed = {reader for readers in found.values() for reader in readers}
-    order = [layer for layer in baseline.inputs if layer in linears.values()]
+    order = _ran_everywhere(baseline, linears)
     probed: set[tuple[str, ...]] = set()
     for index, producer in enumerate(order):
         family = _family(names[producer])
@@ -296,14 +296,18 @@ def find_mappings(
                     if smooth not in found and not claimed.intersection(readers):
                         found[smooth] = readers
                         claimed.update(readers)
-    ran = list(baseline.inputs)
+    position: dict[nn.Module, int] = {}
+    for layer in [*order, *watched.values()]:  # run order, then module order for idle ones
+        position.setdefault(layer, len(position))
 
-    def first_run(readers: list[nn.Module]) -> int:
-        return min((ran.index(r) for r in readers if r in baseline.inputs), default=len(ran))
+    def first(readers: list[nn.Module]) -> int:
+        return min(position[reader] for reader in readers)
 
     mappings = [
-        _mapping(names[smooth], smooth, {names[r]: r for r in readers}, linears)
-        for smooth, readers in sorted(found.items(), key=lambda item: first_run(item[1]))
+        _mapping(
+            names[smooth], smooth, {names[r]: r for r in sorted(readers, key=position.get)}, linears
+        )
+        for smooth, readers in sorted(found.items(), key=lambda item: first(item[1]))
     ]
     return _exact(owner, probe, mappings, baseline, block_name)
 
@@ -340,20 +344,22 @@ def check_mappings(
     """
     balances = [layer for mapping in mappings for layer in mapping.balances]
     smooth_norms = [mapping.smooth for mapping in mappings if is_norm(mapping.smooth)]
-    watched = dict.fromkeys([*balances, *linears.values(), *others.values()])
-    baseline = probe.baseline(watched, smooth_norms)
-    mappings = [_with_passengers(mapping, others, baseline) for mapping in mappings]
+    watched = {names[layer]: layer for layer in [*balances, *linears.values(), *others.values()]}
+    baseline = probe.baseline(watched.values(), smooth_norms)
+    readers_of = _agreed_readers(baseline, watched)
+    mappings = [_with_passengers(mapping, others, readers_of) for mapping in mappings]
+    ran = set(_ran_everywhere(baseline, watched))
     probed: set[tuple[tuple[str, ...], ...]] = set()
-    for mapping in _running_first(mappings, baseline):
+    for mapping in sorted(mappings, key=lambda m: not ran.issuperset(m.balances)):
         family = tuple(map(_family, (mapping.smooth_name, *mapping.balance_names)))
         if family in probed:
             continue  # a sibling (the same layers of another expert) answered for it
         running = {}
         for name, layer in zip(mapping.balance_names, mapping.balances, strict=True):
-            if layer in baseline.inputs:
+            if layer in ran:
                 running[name] = layer
             elif not any(
-                _family(other) == _family(name) and sibling in baseline.inputs
+                _family(other) == _family(name) and sibling in ran
                 for other, sibling in linears.items()
             ):
                 raise RecipeError(
@@ -378,7 +384,7 @@ def check_mappings(
         return mappings
     for mapping in mappings:
         if not _agreed([probe.preserves_output([mapping], baseline)])[0]:
-            readers = baseline.readers.get(mapping.smooth)
+            readers = readers_of.get(mapping.smooth)
             found = f" (readers found: {[names[r] for r in readers]})" if readers else ""
             raise RecipeError(
                 f"{owner}.mappings: smoothing '{mapping.smooth_name}' into "
@@ -454,10 +460,12 @@ def _mapping(
 
 
 def _with_passengers(
-    mapping: SmoothingMapping, others: dict[str, nn.Module], baseline: Baseline
+    mapping: SmoothingMapping,
+    others: dict[str, nn.Module],
+    readers_of: dict[nn.Module, list[nn.Module]],
 ) -> SmoothingMapping:
     """The mapping with every passenger reading its smooth norm that it lacks."""
-    readers = baseline.readers.get(mapping.smooth, [])
+    readers = readers_of.get(mapping.smooth, [])
     known = {*mapping.balances, *mapping.passengers}
     added = {
         name: layer for name, layer in others.items() if layer in readers and layer not in known
@@ -470,6 +478,28 @@ def _with_passengers(
         passenger_names=(*mapping.passenger_names, *added),
         passengers=(*mapping.passengers, *added.values()),
     )
+
+
+def _agreed_readers(
+    baseline: Baseline, watched: dict[str, nn.Module]
+) -> dict[nn.Module, list[nn.Module]]:
+    """Each watched norm's readers, with the siblings of its readers that did not run, seen
+    on any rank, in the block's module order: the same lists on every rank, though each rank
+    routed other tokens to other experts."""
+    result = {}
+    for norm, readers in baseline.readers.items():
+        readers = set(_with_idle_siblings(readers, watched, baseline))
+        flags = torch.tensor([layer in readers for layer in watched.values()], dtype=torch.int64)
+        agreed = all_reduce_max_(flags).tolist()
+        result[norm] = [layer for layer, ok in zip(watched.values(), agreed, strict=True) if ok]
+    return result
+
+
+def _ran_everywhere(baseline: Baseline, linears: dict[str, nn.Module]) -> list[nn.Module]:
+    """The linear layers that ran on every rank, in the order they ran (the same on all)."""
+    ran = _agreed([layer in baseline.inputs for layer in linears.values()])
+    everywhere = {layer for layer, ok in zip(linears.values(), ran, strict=True) if ok}
+    return [layer for layer in baseline.inputs if layer in everywhere]
 
 
 def _with_idle_siblings(
@@ -487,13 +517,6 @@ def _with_idle_siblings(
             if sibling not in baseline.inputs and sibling not in result:
                 result.append(sibling)
     return result
-
-
-def _running_first(
-    mappings: Sequence[SmoothingMapping], baseline: Baseline
-) -> list[SmoothingMapping]:
-    """The mappings whose balance layers all ran first, the others after (stable)."""
-    return sorted(mappings, key=lambda m: not all(b in baseline.inputs for b in m.balances))
 
 
 def _analogues(
