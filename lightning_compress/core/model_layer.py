@@ -12,6 +12,7 @@ from torch import nn
 __all__ = [
     "ModelParameterizedLayer",
     "get_layers_params",
+    "is_router",
     "match_named_modules",
     "module_class_names",
     "module_matches",
@@ -19,6 +20,8 @@ __all__ = [
 ]
 
 REGEX_PREFIX = "re:"
+ROUTER_LAYER_NAMES = ("shared_expert_gate",)
+"""Names of ``nn.Linear`` layers that route tokens in mixtures of experts (Qwen2/3.5-MoE)."""
 
 
 @dataclass
@@ -63,14 +66,38 @@ def module_matches(name: str, module: nn.Module, target: str) -> bool:
         target: a class name (``Linear``), a module name (``lm_head``) or ``re:<regex>``
             matched from the start of the module name. A class name selects the module's
             class and every ``nn.Module`` class it derives from, as compressed-tensors
-            matches: ``Linear`` selects Falcon's ``FalconLinear``.
+            matches: ``Linear`` selects Falcon's ``FalconLinear``; it never selects a router
+            (:func:`is_router`), which only its name or a regex selects.
 
     Returns:
         True if the target selects the module.
     """
     if target.startswith(REGEX_PREFIX):
         return re.match(target[len(REGEX_PREFIX) :], name) is not None
-    return target == name or target in module_class_names(module)
+    if target == name:
+        return True
+    return not is_router(name, module) and target in module_class_names(module)
+
+
+def is_router(name: str, module: nn.Module) -> bool:
+    """Whether ``module`` routes tokens to a mixture's experts.
+
+    Routers are kept in full precision unless a target names them (their module name or a
+    regex): a class-name target such as ``Linear`` passes them over, also when the router
+    is an ``nn.Linear`` (Llama 4's ``Llama4Router``, the
+    ``shared_expert_gate`` of Qwen2-MoE).
+
+    Args:
+        name: the module's name in the model.
+        module: the module.
+
+    Returns:
+        True for a module whose class name contains ``Router`` (transformers' ``TopKRouter``
+        classes) or a layer named like a shared expert's gate.
+    """
+    return "router" in type(module).__name__.lower() or name.rsplit(".", 1)[-1] in (
+        ROUTER_LAYER_NAMES
+    )
 
 
 def module_class_names(module: nn.Module) -> list[str]:

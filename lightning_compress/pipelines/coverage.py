@@ -7,8 +7,9 @@ the weight matrices (and any fused higher-dimensional weight). Vectors and scala
 weights, biases, scales, attention sinks) are not weights to compress and are not counted.
 
 Each counted weight is *compressed* (the run left it quantized or pruned), *ignored* (its
-layer matches an ``ignore`` pattern of the recipe) or *left out*: a weight the recipe did not
-reach that no ``ignore`` names — a layer type no layer adapter turns into an ``nn.Linear``, a
+layer matches an ``ignore`` pattern of the recipe), a *router* of a mixture of experts (kept
+in full precision unless a target names it, :func:`~lightning_compress.core.model_layer.is_router`)
+or *left out*: a weight the recipe did not reach that no ``ignore`` names — a layer type no layer adapter turns into an ``nn.Linear``, a
 ``Linear`` no target matches, or (after a run) a targeted layer left unchanged.
 """
 
@@ -26,7 +27,7 @@ from loguru import logger
 from torch import nn
 from torch.nn.utils import parametrize
 
-from lightning_compress.core.model_layer import module_matches
+from lightning_compress.core.model_layer import is_router, module_matches
 from lightning_compress.layers import linearize
 from lightning_compress.pipelines.blocks import find_blocks
 from lightning_compress.recipe import RecipeError
@@ -75,6 +76,7 @@ class WeightCoverage:
         elements: each counted weight's name to its number of elements.
         compressed: compressed weights to how (a scheme's label, ``"2:4 sparse"``, ...).
         ignored: weights whose layer an ``ignore`` pattern names.
+        routers: weights of routers no target named, kept in full precision by design.
         left_out: the other weights, to why they were not compressed.
     """
 
@@ -82,6 +84,7 @@ class WeightCoverage:
     elements: dict[str, int] = field(default_factory=dict)
     compressed: dict[str, str] = field(default_factory=dict)
     ignored: list[str] = field(default_factory=list)
+    routers: list[str] = field(default_factory=list)
     left_out: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -116,6 +119,7 @@ class WeightCoverage:
             + (f"; {per_label}" if per_label else "")
             + ")",
             f"{len(self.ignored)} ignored ({self._share(self.ignored)})",
+            *([f"{len(self.routers)} routers kept"] if self.routers else []),
             f"{len(self.left_out)} left out ({self._share(self.left_out)})",
         ]
         return ", ".join(parts)
@@ -151,6 +155,7 @@ class WeightCoverage:
         return {
             "compressed_tensors": float(len(self.compressed)),
             "ignored_tensors": float(len(self.ignored)),
+            "router_tensors": float(len(self.routers)),
             "left_out_tensors": float(len(self.left_out)),
             "compressed_elements_fraction": self.compressed_fraction,
         }
@@ -220,6 +225,8 @@ def weight_coverage(
             coverage.compressed[name] = compressed_layers[item.layer]
         elif any(module_matches(item.layer, item.module, pattern) for pattern in ignore):
             coverage.ignored.append(name)
+        elif is_router(item.layer, item.module) and item.layer not in targeted:
+            coverage.routers.append(name)
         elif item.attribute == "weight" and item.layer in targeted:
             if _holds_zeros(getattr(item.module, item.attribute)):
                 coverage.compressed[name] = SPARSE_DENSE

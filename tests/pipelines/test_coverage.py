@@ -172,22 +172,45 @@ def test_strict_checks_experts_as_linear_layers_and_undoes_that_swap_when_it_ref
     model = tiny_moe("qwen3_moe")
     experts = type(model.model.layers[0].mlp.experts)
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    router = r"Qwen3MoeTopKRouter \(no layer adapter .*\): model\.layers\.\*\.mlp\.gate\.weight x2"
-    with pytest.raises(RecipeError, match=router):
-        oneshot(model, rtn(["lm_head"]), progress=False, strict=True)
+    attention_only = QuantizationModifier(
+        targets=[r"re:.*self_attn\..*_proj$"], scheme="W8A16", ignore=["lm_head"]
+    )
+    left_out = r"Linear layers no target matches: model\.layers\.\*\.mlp\.experts\.\*\.gate_proj"
+    with pytest.raises(RecipeError, match=left_out):
+        oneshot(model, attention_only, progress=False, strict=True)
     assert type(model.model.layers[0].mlp.experts) is experts
     after = model.state_dict()
     assert after.keys() == before.keys()
     assert all(torch.equal(after[name], tensor) for name, tensor in before.items())
 
     summary = CompressionSummary()
-    recipe = rtn(["lm_head", r"re:.*mlp\.gate$"])
-    oneshot(model, recipe, summary=summary, progress=False, strict=True)
+    oneshot(model, rtn(["lm_head"]), summary=summary, progress=False, strict=True)
     coverage = summary.coverage
-    assert coverage.ignored == [f"model.layers.{index}.mlp.gate.weight" for index in (0, 1)]
     assert coverage.left_out == {}
     experts_weights = {name for name in coverage.compressed if ".mlp.experts." in name}
     assert len(experts_weights) == 2 * 4 * 3  # blocks x experts x (gate, up, down)
+
+
+def test_routers_are_kept_in_full_precision_unless_a_target_names_them(warnings):
+    model = tiny_moe("qwen2_moe")
+    router = model.model.layers[0].mlp.gate.weight.detach().clone()
+    summary = CompressionSummary()
+    oneshot(model, rtn(["lm_head"]), summary=summary, progress=False, strict=True)
+    coverage = summary.coverage
+    routers = [f"model.layers.{i}.mlp.{layer}.weight" for i in (0, 1) for layer in ("gate",)]
+    shared_gates = [f"model.layers.{i}.mlp.shared_expert_gate.weight" for i in (0, 1)]
+    assert sorted(coverage.routers) == sorted(routers + shared_gates)
+    assert coverage.left_out == {} and not warnings
+    assert "4 routers kept" in coverage.format()
+    assert torch.equal(model.model.layers[0].mlp.gate.weight, router)
+    assert not hasattr(model.model.layers[0].mlp.shared_expert_gate, "weight_scale")
+
+    named = tiny_moe("qwen2_moe")
+    recipe = QuantizationModifier(
+        targets=["Linear", r"re:.*shared_expert_gate$"], scheme="W8A16", ignore=["lm_head"]
+    )
+    oneshot(named, recipe, progress=False)
+    assert hasattr(named.model.layers[0].mlp.shared_expert_gate, "weight_scale")
 
 
 class MetricsLogger(Logger):
