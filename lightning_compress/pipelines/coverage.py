@@ -8,9 +8,10 @@ weights, biases, scales, attention sinks) are not weights to compress and are no
 
 Each counted weight is *compressed* (the run left it quantized or pruned), *ignored* (its
 layer matches an ``ignore`` pattern of the recipe), a *router* of a mixture of experts (kept
-in full precision unless a target names it, :func:`~lightning_compress.core.model_layer.is_router`)
-or *left out*: a weight the recipe did not reach that no ``ignore`` names — a layer type no layer adapter turns into an ``nn.Linear``, a
-``Linear`` no target matches, or (after a run) a targeted layer left unchanged.
+in full precision unless a target names it; ``core.model_layer.is_router``) or *left out*: a
+weight the recipe did not reach that no ``ignore`` names — a layer type no layer adapter turns
+into an ``nn.Linear``, a ``Linear`` no target matches, or (after a run) a targeted layer left
+unchanged.
 """
 
 from __future__ import annotations
