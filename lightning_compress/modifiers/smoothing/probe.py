@@ -115,11 +115,13 @@ class BlockProbe:
     def _baseline(self, linears: list[nn.Module], norms: list[nn.Module]) -> Baseline:
         baseline = Baseline(readers={norm: [] for norm in norms})
         latest = baseline.norm_outputs
+        indexes: dict[nn.Module, _RowIndex] = {}
 
         def keep_output(module: nn.Module, args: Any, output: Any) -> None:
             if isinstance(output, Tensor):
                 latest.pop(module, None)  # the latest norm to run comes last
                 latest[module] = output
+                indexes[module] = _RowIndex(output)
 
         def read(module: nn.Module, args: tuple[Any, ...]) -> None:
             if not args or not isinstance(args[0], Tensor) or module in baseline.inputs:
@@ -129,7 +131,7 @@ class BlockProbe:
             # norms of one input, as GPT-NeoX's, may give equal values)
             sources = [norm for norm, output in latest.items() if _same_memory(output, x)]
             if not sources:
-                sources = [norm for norm, out in latest.items() if reads_rows(out, x)][-1:]
+                sources = [norm for norm in latest if indexes[norm].holds(x)][-1:]
             for norm in sources:
                 baseline.readers[norm].append(module)
 
@@ -281,24 +283,43 @@ def reads_rows(source: Tensor, x: Tensor) -> bool:
     Returns:
         True when ``x`` holds nothing but rows of ``source``.
     """
-    if x.shape[-1:] != source.shape[-1:] or x.device != source.device or x.numel() == 0:
-        return False
-    if _same_memory(source, x):
-        return True
-    if x.dtype != source.dtype:
-        if not (x.is_floating_point() and source.is_floating_point()):
+    return _RowIndex(source).holds(x)
+
+
+class _RowIndex:
+    """The rows of a tensor, fingerprinted and sorted once, for :func:`reads_rows` checks."""
+
+    def __init__(self, source: Tensor) -> None:
+        self.source = source
+        self._table: Tensor | None = None
+        self._keys: Tensor | None = None
+        self._order: Tensor | None = None
+        self._sorted: Tensor | None = None
+
+    def holds(self, x: Tensor) -> bool:
+        """Whether every row of ``x`` is a row of the source (see :func:`reads_rows`)."""
+        source = self.source
+        if x.shape[-1:] != source.shape[-1:] or x.device != source.device or x.numel() == 0:
             return False
-        narrowed = x.to(source.dtype)
-        if not torch.equal(narrowed.to(x.dtype), x):
-            return False
-        x = narrowed
-    rows = x.reshape(-1, x.shape[-1])
-    table = source.reshape(-1, source.shape[-1])
-    keys, wanted = _row_keys(table), _row_keys(rows)
-    order = keys.argsort()
-    where = torch.searchsorted(keys[order], wanted).clamp(max=keys.numel() - 1)
-    match = order[where]
-    return bool((keys[match] == wanted).all()) and torch.equal(table[match], rows)
+        if _same_memory(source, x):
+            return True
+        if x.dtype != source.dtype:
+            if not (x.is_floating_point() and source.is_floating_point()):
+                return False
+            narrowed = x.to(source.dtype)
+            if not torch.equal(narrowed.to(x.dtype), x):
+                return False
+            x = narrowed
+        if self._table is None:
+            self._table = source.reshape(-1, source.shape[-1])
+            self._keys = _row_keys(self._table)
+            self._order = self._keys.argsort()
+            self._sorted = self._keys[self._order]
+        rows = x.reshape(-1, x.shape[-1])
+        wanted = _row_keys(rows)
+        where = torch.searchsorted(self._sorted, wanted).clamp(max=self._keys.numel() - 1)
+        match = self._order[where]
+        return bool((self._keys[match] == wanted).all()) and torch.equal(self._table[match], rows)
 
 
 def _same_memory(source: Tensor, x: Tensor) -> bool:
