@@ -143,24 +143,27 @@ def test_an_expert_no_token_reached_is_smoothed_with_its_siblings():
     assert_same_function(model, original)
 
 
-def test_the_reference_projects_moe_mappings_keep_the_routing():
-    """llm-compressor's MoE mapping names the experts only; the router is added and rescaled."""
+@pytest.mark.parametrize("router", [[], ["re:.*mlp.gate$"]], ids=["router_added", "router_named"])
+def test_the_reference_projects_moe_mappings_keep_the_routing(router):
+    """llm-compressor's MoE mapping names the experts only; the router is added (or may be
+    named) and rescaled, not compressed."""
     model = linearized("qwen3_moe")
     original = copy.deepcopy(model)
+    experts = ["re:.*mlp.experts.*.gate_proj$", "re:.*mlp.experts.*.up_proj$"]
     mappings = [
         [["re:.*q_proj$", "re:.*k_proj$", "re:.*v_proj$"], "re:.*input_layernorm$"],
-        [
-            ["re:.*mlp.experts.*.gate_proj$", "re:.*mlp.experts.*.up_proj$"],
-            "re:.*post_attention_layernorm$",
-        ],
+        [[*experts, *router], "re:.*post_attention_layernorm$"],
         [["re:.*down_proj$"], "re:.*up_proj$"],
     ]
     (smoother,) = smooth(
         model, [AWQModifier(weights=W4_G32, mappings=mappings, ignore=ignored("qwen3_moe"))]
     )
     assert len(smoother.smoothed) == 2 * (2 + 4)
-    for name, router in routers(model, "qwen3_moe").items():
-        assert not torch.equal(router.weight, original.get_submodule(name).weight), name
+    for block in ("model.layers.0", "model.layers.1"):
+        norm = f"{block}.post_attention_layernorm"
+        assert f"{block}.mlp.gate" not in dict(smoother.smoothed)[norm]
+        scale = original.get_submodule(norm).weight / model.get_submodule(norm).weight
+        assert_scaled_columns(model, original, f"{block}.mlp.gate", scale)
     assert_same_function(model, original)
 
 
