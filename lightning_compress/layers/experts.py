@@ -138,6 +138,24 @@ def _expert_from_fused(original: nn.Module, index: int) -> ExpertMLP:
     return ExpertMLP(halves[0], halves[1], down)
 
 
+def _joined(
+    original: nn.Module, layer: nn.Linear | tuple[nn.Linear, nn.Linear]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One expert's ``[out, in]`` weight and bias of a fused parameter: a layer's own, or the
+    gate's and the up projection's joined in the module's layout (concatenated or
+    interleaved)."""
+    if isinstance(layer, nn.Linear):
+        return layer.weight, layer.bias
+    gate, up = layer
+    if original.is_concatenated:
+        weight = torch.cat([gate.weight, up.weight])
+        bias = None if gate.bias is None else torch.cat([gate.bias, up.bias])
+    else:
+        weight = torch.stack([gate.weight, up.weight], dim=1).flatten(0, 1)
+        bias = None if gate.bias is None else torch.stack([gate.bias, up.bias], 1).flatten()
+    return weight, bias
+
+
 def _matrix(original: nn.Module, name: str, index: int) -> torch.Tensor:
     """Expert ``index``'s ``[out, in]`` matrix of the fused parameter ``name``."""
     weight = getattr(original, name)[index].detach()
@@ -247,6 +265,39 @@ class FusedExpertsAdapter(LayerAdapter):
             The replacement.
         """
         return LinearExperts(module)
+
+    def release(self, module: nn.Module) -> None:
+        """Free the fused parameters (each keeps its dtype and device, with no elements).
+
+        Args:
+            module: a fused experts module that was replaced.
+        """
+        for param in module.parameters(recurse=False):
+            param.data = param.data.new_empty(0)
+
+    def restore(self, module: nn.Module, replacement: nn.Module) -> None:
+        """Rebuild the fused parameters from the per-expert layers, in the module's layout.
+
+        Args:
+            module: the fused experts module whose parameters were released.
+            replacement: its :class:`LinearExperts`.
+        """
+        experts = list(replacement.experts())
+        fused: dict[str, list[torch.Tensor]] = {}
+        for expert in experts:
+            layers = {"down_proj": expert.down_proj}
+            if module.has_gate:
+                layers["gate_up_proj"] = (expert.gate_proj, expert.up_proj)
+            else:
+                layers["up_proj"] = expert.up_proj
+            for name, layer in layers.items():
+                weight, bias = _joined(module, layer)
+                fused.setdefault(name, []).append(weight.t() if module.is_transposed else weight)
+                if module.has_bias:
+                    fused.setdefault(f"{name}_bias", []).append(bias)
+        with torch.no_grad():
+            for name, tensors in fused.items():
+                getattr(module, name).data = torch.stack([t.detach() for t in tensors])
 
 
 @contextmanager

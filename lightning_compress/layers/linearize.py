@@ -23,7 +23,9 @@ class LayerAdapter(abc.ABC):
 
     The replacement computes the same function as the module it replaces and holds the same
     weights (copied, in the same dtype and device), so a model gives the same outputs after
-    the swap.
+    the swap. An adapter may free the original's copy of the weights once the replacement is
+    built (:meth:`release`), so a model never holds two copies of more than one module, and
+    then puts them back from the replacement if the swap is undone (:meth:`restore`).
     """
 
     @abc.abstractmethod
@@ -54,13 +56,28 @@ class LayerAdapter(abc.ABC):
     def linearize(self, module: nn.Module) -> nn.Module:
         """Build the replacement of ``module``.
 
-        Must not change ``module``: if a later step fails, it is put back as it was.
+        Must not change ``module`` (:meth:`release` may, after).
 
         Args:
             module: a module this adapter claims (already accepted by ``check``).
 
         Returns:
             An equivalent module whose weight matrices are ``nn.Linear`` layers.
+        """
+
+    def release(self, module: nn.Module) -> None:  # noqa: B027 (optional hook)
+        """Free ``module``'s weights, which its replacement now holds (by default, keep them).
+
+        Args:
+            module: a module :meth:`linearize` replaced.
+        """
+
+    def restore(self, module: nn.Module, replacement: nn.Module) -> None:  # noqa: B027
+        """Give ``module`` back the weights :meth:`release` freed, from ``replacement``.
+
+        Args:
+            module: the replaced module.
+            replacement: what :meth:`linearize` built from it.
         """
 
 
@@ -92,17 +109,21 @@ class Linearization:
     """The swaps :func:`linearize` made, so they can be undone.
 
     Args:
-        swaps: ``(parent, child name, original module)`` for each module replaced.
+        swaps: ``(parent, child name, original, replacement, adapter)`` for each module
+            replaced.
     """
 
-    swaps: list[tuple[nn.Module, str, nn.Module]] = field(default_factory=list)
+    swaps: list[tuple[nn.Module, str, nn.Module, nn.Module, LayerAdapter]] = field(
+        default_factory=list
+    )
 
     def __len__(self) -> int:
         return len(self.swaps)
 
     def undo(self) -> None:
         """Put every replaced module back, leaving the model as it was before the swap."""
-        for parent, child, original in reversed(self.swaps):
+        for parent, child, original, replacement, adapter in reversed(self.swaps):
+            adapter.restore(original, replacement)
             setattr(parent, child, original)
         self.swaps.clear()
 
@@ -131,14 +152,13 @@ def linearize(model: nn.Module, adapters: list[LayerAdapter] | None = None) -> L
         claimed[name][0].check(module, name)
     _refuse_unknown_fused(model, claimed)
 
-    built = [(name, adapter.linearize(module)) for name, (adapter, module) in claimed.items()]
+    built = _build(claimed)
     result = Linearization()
-    for name, replacement in built:
+    for name, adapter, original, replacement in built:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        original = getattr(parent, child)
         setattr(parent, child, replacement)
-        result.swaps.append((parent, child, original))
+        result.swaps.append((parent, child, original, replacement, adapter))
         logger.debug(
             "Replaced {} ({}) by {}", name, type(original).__name__, type(replacement).__name__
         )
@@ -149,6 +169,24 @@ def linearize(model: nn.Module, adapters: list[LayerAdapter] | None = None) -> L
             type(model).__name__,
         )
     return result
+
+
+def _build(
+    claimed: dict[str, tuple[LayerAdapter, nn.Module]],
+) -> list[tuple[str, LayerAdapter, nn.Module, nn.Module]]:
+    """Each claimed module's replacement, the original released as soon as it is built; if a
+    build fails, the released ones are restored before the error propagates."""
+    built: list[tuple[str, LayerAdapter, nn.Module, nn.Module]] = []
+    try:
+        for name, (adapter, module) in claimed.items():
+            replacement = adapter.linearize(module)
+            adapter.release(module)
+            built.append((name, adapter, module, replacement))
+    except BaseException:
+        for _, adapter, module, replacement in reversed(built):
+            adapter.restore(module, replacement)
+        raise
+    return built
 
 
 def _claimed_modules(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from moe_models import MOE_CONFIGS, tiny_moe, tokens
@@ -33,7 +35,7 @@ def test_linearized_model_gives_the_logits_of_the_fused_one(kind):
 @pytest.mark.parametrize("kind", list(MOE_CONFIGS))
 def test_each_expert_holds_its_slice_of_the_fused_weights(kind):
     model = tiny_moe(kind)
-    fused = dict(fused_experts(model))
+    fused = copy.deepcopy(fused_experts(model))  # linearize frees the fused weights
     linearize(model)
     for name, original in fused.items():
         expert = model.get_submodule(f"{name}.3")

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from moe_models import tiny_moe, tokens
+from moe_models import MOE_CONFIGS, tiny_moe, tokens
 from torch import nn
 
 from lightning_compress.core import CompressionLifecycle, State
 from lightning_compress.layers import LayerAdapter, LinearExperts, linearize, register_adapter
 from lightning_compress.layers.experts import FusedExpertsAdapter
 from lightning_compress.modifiers import QuantizationModifier
+
+
+def logits(model: nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(tokens()).logits
 
 
 class Fused3D(nn.Module):
@@ -34,13 +39,41 @@ def test_a_second_linearize_changes_nothing():
     assert dict(model.named_modules()) == before
 
 
-def test_undo_puts_the_fused_modules_back():
-    model = tiny_moe("qwen3_moe")
-    original = model.model.layers[1].mlp.experts
+def fused_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {
+        name: tensor.clone() for name, tensor in model.state_dict().items() if "experts" in name
+    }
+
+
+@pytest.mark.parametrize("kind", list(MOE_CONFIGS))
+def test_undo_puts_the_fused_modules_back_with_their_weights(kind):
+    model = tiny_moe(kind)
+    original = model.model.layers[1].mlp.experts if kind != "granitemoe" else None
+    before = fused_state(model)
+    expected = logits(model)
     swaps = linearize(model)
-    assert isinstance(model.model.layers[1].mlp.experts, LinearExperts)
+    assert all(
+        isinstance(module, LinearExperts)
+        for name, module in model.named_modules()
+        if name.endswith(".experts")
+    )
     swaps.undo()
-    assert model.model.layers[1].mlp.experts is original
+    if original is not None:
+        assert model.model.layers[1].mlp.experts is original
+    after = fused_state(model)
+    assert after.keys() == before.keys()
+    for name, tensor in before.items():
+        assert torch.equal(after[name], tensor), name
+    assert torch.equal(logits(model), expected)
+
+
+def test_the_fused_weights_are_freed_once_each_expert_holds_its_copy():
+    model = tiny_moe("mixtral")
+    fused = model.model.layers[0].mlp.experts
+    dtype = fused.gate_up_proj.dtype
+    linearize(model)
+    assert fused.gate_up_proj.numel() == 0 and fused.down_proj.numel() == 0
+    assert fused.gate_up_proj.dtype == dtype
 
 
 def test_an_unknown_fused_parameter_is_refused_before_anything_changes():
@@ -75,8 +108,13 @@ def test_register_adapter_keeps_one_adapter_of_each_kind():
 
 
 class Failing(LayerAdapter):
+    """Claims one module and fails to build its replacement."""
+
+    def __init__(self, target: nn.Module):
+        self.target = target
+
     def claims(self, module):
-        return isinstance(module, nn.Linear)
+        return module is self.target
 
     def linearize(self, module):
         raise RuntimeError("cannot build")
@@ -85,9 +123,12 @@ class Failing(LayerAdapter):
 def test_a_replacement_that_fails_to_build_leaves_the_model_unchanged():
     model = tiny_moe("mixtral")
     experts = model.model.layers[0].mlp.experts
+    before = fused_state(model)
     with pytest.raises(RuntimeError, match="cannot build"):
-        linearize(model, adapters=[FusedExpertsAdapter(), Failing()])
+        linearize(model, adapters=[FusedExpertsAdapter(), Failing(model.lm_head)])
     assert model.model.layers[0].mlp.experts is experts
+    after = fused_state(model)
+    assert all(torch.equal(after[name], tensor) for name, tensor in before.items())
 
 
 def test_lifecycle_initialize_linearizes_and_undoes_on_failure():
