@@ -8,7 +8,6 @@ from loguru import logger
 from moe_models import tiny_moe, tokens
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
-from transformers.utils.quantization_config import CompressedTensorsConfig
 
 from lightning_compress.export import load_compressed, save_compressed
 from lightning_compress.lightning.oneshot import oneshot
@@ -49,9 +48,7 @@ def check_reload(kind: str, tmp_path) -> None:
         assert {f"{key}.weight_packed", f"{key}.weight_scale", f"{key}.weight_shape"} <= set(stored)
     assert not any(".experts.gate_up_proj" in key for key in stored)
 
-    reloaded = AutoModelForCausalLM.from_pretrained(
-        path, quantization_config=CompressedTensorsConfig(dequantize=True)
-    )
+    reloaded = AutoModelForCausalLM.from_pretrained(path)
     torch.testing.assert_close(logits(reloaded), logits(model), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(logits(load_compressed(path)), logits(model), rtol=1e-5, atol=1e-6)
 
