@@ -143,8 +143,9 @@ def linearize(model: nn.Module, adapters: list[LayerAdapter] | None = None) -> L
 
     Raises:
         ValueError: before anything changes, if an adapter refuses a claimed module's layout, or
-            a parameter of three or more dimensions (a fused weight layout) sits in a module
-            that no adapter claims and that is not a convolution.
+            a stack of weight matrices (a parameter of three or more dimensions, the last two
+            larger than one) sits in a repeated block (a child of an ``nn.ModuleList``), in a
+            module that no adapter claims and that is not a convolution.
     """
     adapters = ADAPTERS if adapters is None else adapters
     claimed = _claimed_modules(model, adapters)
@@ -206,14 +207,24 @@ def _claimed_modules(
 def _refuse_unknown_fused(
     model: nn.Module, claimed: dict[str, tuple[LayerAdapter, nn.Module]]
 ) -> None:
-    """Raise for a 3-D+ parameter in a module no adapter claims (convolutions excepted)."""
+    """Raise for a stack of weight matrices (a parameter of three or more dimensions, the last
+    two larger than one) inside a repeated block (a child of an ``nn.ModuleList``) in a module
+    no adapter claims. Convolutions, and parameters outside the blocks (a vision tower's
+    position embeddings), are not weight matrices of the decoder and are left alone."""
+    blocks = [
+        f"{name}." if name else ""
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList)
+    ]
     for module_name, module in model.named_modules():
         if isinstance(module, nn.modules.conv._ConvNd) or any(
             module_name == outer or module_name.startswith(f"{outer}.") for outer in claimed
         ):
             continue
+        if not any(module_name.startswith(prefix) for prefix in blocks):
+            continue
         for param_name, param in module.named_parameters(recurse=False):
-            if param.dim() >= 3:
+            if param.dim() >= 3 and min(param.shape[-2:]) > 1:
                 full = f"{module_name}.{param_name}" if module_name else param_name
                 raise ValueError(
                     f"{type(model).__name__} holds {full} with shape {tuple(param.shape)} in "

@@ -28,7 +28,15 @@ class Holder(nn.Module):
     def __init__(self):
         super().__init__()
         self.proj = nn.Linear(4, 4)
-        self.odd = Fused3D()
+        self.blocks = nn.ModuleList([Fused3D()])
+
+
+class Embedded(nn.Module):
+    """A 3-D parameter that holds no stack of matrices, or lives outside the blocks."""
+
+    def __init__(self, *shape: int):
+        super().__init__()
+        self.embeddings = nn.Parameter(torch.zeros(*shape))
 
 
 def test_a_second_linearize_changes_nothing():
@@ -79,9 +87,16 @@ def test_the_fused_weights_are_freed_once_each_expert_holds_its_copy():
 def test_an_unknown_fused_parameter_is_refused_before_anything_changes():
     model = Holder()
     model.experts = tiny_moe("mixtral").model.layers[0].mlp.experts
-    with pytest.raises(ValueError, match=r"Holder holds odd\.weight with shape \(2, 3, 4\)"):
+    with pytest.raises(ValueError, match=r"Holder holds blocks\.0\.weight with shape \(2, 3, 4\)"):
         linearize(model)
     assert not isinstance(model.experts, LinearExperts)
+
+
+def test_embeddings_outside_the_blocks_and_per_channel_vectors_inside_are_accepted():
+    model = Holder()
+    model.blocks = nn.ModuleList([Embedded(1, 1, 4), Embedded(3, 4, 1)])  # no matrices
+    model.vision = Embedded(1, 5, 4)  # a vision tower's position embeddings, outside the blocks
+    assert len(linearize(model)) == 0
 
 
 def test_a_layout_the_adapter_refuses_leaves_the_model_unchanged():
