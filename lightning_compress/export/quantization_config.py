@@ -25,42 +25,40 @@ LINEAR_TARGET = "Linear"
 Layers = dict[str, tuple[nn.Module, CTQuantizationScheme]]
 
 
-def quantization_config(
-    model: nn.Module, layers: Layers, sparsity: dict[str, Any] | None
-) -> dict[str, Any] | None:
-    """Describes how ``model`` is stored: its config groups, ignored layers and sparsity.
+def quantization_config(model: nn.Module, layers: Layers) -> dict[str, Any] | None:
+    """Describes how ``model`` is stored: its config groups and ignored layers.
 
     Layers with equal schemes form one config group. The largest group (the last one)
     targets the class ``Linear`` and every unquantized linear layer is listed in ``ignore``;
     other groups list their layers by name, which compressed-tensors and vLLM match before
-    class names. So each layer is read back with exactly its own scheme.
+    class names. So each layer is read back with exactly its own scheme. The
+    ``sparsity_config`` is empty, as compressed-tensors writes it, whether or not the model
+    is pruned (see :mod:`lightning_compress.export.sparsity`).
 
     Args:
         model: the model.
         layers: its quantized layers with their compressed-tensors schemes.
-        sparsity: the sparsity config (``sparsity_config`` entry), or None.
 
     Returns:
         The ``quantization_config`` mapping (``quant_method: compressed-tensors``), or None
-        when the model is neither quantized nor sparse.
+        when the model is not quantized.
     """
-    if not layers and sparsity is None:
+    if not layers:
         return None
     entry: dict[str, Any] = {
         COMPRESSION_VERSION_NAME: compressed_tensors.__version__,
         QUANTIZATION_METHOD_NAME: QUANTIZATION_METHOD,
-        SPARSITY_CONFIG_NAME: sparsity or {},
+        SPARSITY_CONFIG_NAME: {},
         TRANSFORM_CONFIG_NAME: {},
     }
-    if layers:
-        config = QuantizationConfig(
-            config_groups=_config_groups(layers),
-            format=_overall_format(layers),
-            quantization_status=QuantizationStatus.COMPRESSED,
-            ignore=unmatched_linears(model, set(layers)),
-            kv_cache_scheme=None,
-        )
-        entry.update(config.model_dump(exclude={QUANTIZATION_METHOD_NAME}))
+    config = QuantizationConfig(
+        config_groups=_config_groups(layers),
+        format=_overall_format(layers),
+        quantization_status=QuantizationStatus.COMPRESSED,
+        ignore=unmatched_linears(model, set(layers)),
+        kv_cache_scheme=None,
+    )
+    entry.update(config.model_dump(exclude={QUANTIZATION_METHOD_NAME}))
     return entry
 
 

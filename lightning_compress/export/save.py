@@ -16,7 +16,7 @@ from lightning_compress.export.errors import ExportError
 from lightning_compress.export.models import checkpoint_config, find_exportable
 from lightning_compress.export.quantization_config import quantization_config
 from lightning_compress.export.schemes import check_finished, quantized_layers
-from lightning_compress.export.sparsity import sparsity_config
+from lightning_compress.export.sparsity import sparsity_record, write_record
 from lightning_compress.export.staging import recover_checkpoint, staged_directory
 from lightning_compress.export.tensors import compressed_state_dict
 from lightning_compress.export.tokenizer import save_tokenizer
@@ -47,9 +47,11 @@ def save_compressed(
     compressed-tensors (``pack-quantized`` for int4 weights, ``int-quantized`` for W8A8,
     ``float-quantized`` for FP8, ...), ``config.json`` with a ``quantization_config``
     (``quant_method: compressed-tensors``, one config group per distinct scheme, ``ignore``
-    for unquantized linear layers, and a ``sparsity_config`` when linear layers are pruned,
-    ``2:4`` or unstructured), the model's ``generation_config.json``, the tokenizer's files
-    and ``recipe.yaml``. ``AutoModelForCausalLM.from_pretrained(output_dir)`` then gives the
+    for unquantized linear layers and an empty ``sparsity_config``, which is what vLLM loads),
+    the model's ``generation_config.json``, the tokenizer's files, ``recipe.yaml`` and, when
+    linear layers are pruned, ``sparsity.json`` (the sparsity reached, global and per layer,
+    and its structure, ``2:4`` or unstructured; pruned weights are stored dense, their zeros
+    kept). ``AutoModelForCausalLM.from_pretrained(output_dir)`` then gives the
     logits of the model in memory: each layer is checked to read back as it is and in the
     layout the installed transformers prepares to load. Layers with asymmetric int weights
     in groups or channels are stored ``naive-quantized`` (one int8 code per weight), with a
@@ -67,7 +69,8 @@ def save_compressed(
     ``mlp.experts.<e>.gate_proj/up_proj/down_proj``); transformers 5 reads quantized experts
     only with ``CompressedTensorsConfig(dequantize=True)``.
 
-    A model that was never quantized nor pruned is saved plainly (no ``quantization_config``).
+    A model that is not quantized (never compressed, or only pruned) is saved plainly (no
+    ``quantization_config``), as compressed-tensors saves it.
     The bundled ``TinyDecoder`` is saved as the ``LlamaForCausalLM`` it equals.
 
     Everything is written into a hidden sibling directory, fsynced, and renamed to
@@ -112,7 +115,8 @@ def save_compressed(
     check_finished(model)
     layers = quantized_layers(model, pack_asymmetric)
     state = compressed_state_dict(model, layers, progress)
-    qconfig = quantization_config(model, layers, sparsity_config(model, state.zeros))
+    qconfig = quantization_config(model, layers)
+    sparsity = sparsity_record(model, state.zeros)
     if qconfig is not None:
         config["quantization_config"] = qconfig
     tensors = to_checkpoint_names(model, conv1d_orientation(model, state.tensors))
@@ -127,6 +131,8 @@ def save_compressed(
             save_tokenizer(tokenizer, staging)
         if recipe_text is not None:
             (staging / RECIPE_NAME).write_text(recipe_text)
+        if sparsity is not None:
+            write_record(sparsity, staging)
     logger.info(
         "saved {} ({} quantized layers, format {}) to {}",
         type(model).__name__,

@@ -53,10 +53,6 @@ EXPERT_NAMES = (
     "reads Granite-MoE's fused as block_sparse_moe.input_linear/output_linear and gpt-oss's "
     "fused as experts.gate_up_proj/down_proj, so it initializes the experts afresh"
 )
-SPARSE_EXPERTS = (
-    "transformers 5.25 merges per-expert checkpoint tensors through compressed-tensors' "
-    "dequantization, which fails on a sparsity-only config (no config_groups)"
-)
 INT8_EXPERTS = (
     "transformers 5.25 dequantizes per-expert checkpoint tensors into its fused experts from "
     "FP8 or packed int weights only, not from int8 (int-quantized) ones"
@@ -68,7 +64,7 @@ TRANSFORMERS_FAILURES: dict[str, dict[str, str]] = {
     "falcon": dict.fromkeys(PACKED, FALCON_PACKED),
     **{kind: dict.fromkeys(RECIPES, EXPERT_NAMES) for kind in ("granitemoe", "gpt_oss")},
     **{
-        kind: {"sparsegpt_2of4": SPARSE_EXPERTS, "smoothquant_w8a8": INT8_EXPERTS}
+        kind: {"smoothquant_w8a8": INT8_EXPERTS}
         for kind in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")
     },
 }

@@ -1,4 +1,4 @@
-"""What the checkpoint directory holds: config groups, sparsity, shards, sizes, extras."""
+"""What the checkpoint directory holds: config groups, shards, sizes, extras."""
 
 from __future__ import annotations
 
@@ -82,27 +82,6 @@ def test_int4_weights_take_a_quarter_of_the_fp16_bytes(compressed, tmp_path):
         assert stored[f"{name}.weight_packed"] * 4 == fp16_bytes
         assert fp16_bytes / sum(stored.values()) > 3.5
     assert tensors["lm_head.weight"]["dtype"] == "F16"
-
-
-def test_unstructured_pruning_is_described_without_quantization(tiny_model, tmp_path):
-    model = tiny_model("llama")
-    with torch.no_grad():
-        for layer in model.model.layers:
-            weight = layer.mlp.down_proj.weight
-            weight[weight.abs() <= weight.abs().median()] = 0
-    path = save_compressed(model, tmp_path / "ckpt")
-
-    config = quantization_config(path)
-    assert "config_groups" not in config
-    sparsity = config["sparsity_config"]
-    assert sparsity["format"] == "dense"
-    assert sparsity["sparsity_structure"] == "unstructured"
-    assert sparsity["targets"] == ["Linear"]
-    assert "model.layers.0.mlp.down_proj" not in sparsity["ignore"]
-    assert "model.layers.0.mlp.up_proj" in sparsity["ignore"]
-    assert 0 < sparsity["global_sparsity"] < 0.5
-    loaded = AutoModelForCausalLM.from_pretrained(path)
-    assert torch.equal(loaded.model.layers[1].mlp.down_proj.weight, weight)
 
 
 def test_a_model_never_compressed_is_saved_plainly_in_shards(tiny_model, tmp_path):

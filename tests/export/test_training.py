@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM
 
 from lightning_compress.export import ExportError, load_compressed, save_compressed
-from lightning_compress.export.sparsity import follows_2_4
+from lightning_compress.export.sparsity import SPARSITY_NAME, follows_2_4
 from lightning_compress.lightning import Compressor
 from lightning_compress.lightning.language_model import CausalLMModule
 from lightning_compress.modifiers import QuantizationModifier
@@ -58,7 +58,9 @@ def test_a_loaded_2_4_checkpoint_fine_tunes_with_its_zeros_kept(
     assert not torch.equal(after, before)
     assert torch.equal(after == 0, before == 0)
     config = json.loads((tmp_path / "tuned" / "config.json").read_text())
-    assert config["quantization_config"]["sparsity_config"]["sparsity_structure"] == "2:4"
+    assert "quantization_config" not in config
+    record = json.loads((tmp_path / "tuned" / SPARSITY_NAME).read_text())
+    assert record["sparsity_structure"] == "2:4"
     assert (tmp_path / "tuned" / "recipe.yaml").is_file()
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "tuned")
     assert follows_2_4(reloaded.model.layers[1].self_attn.k_proj.weight)

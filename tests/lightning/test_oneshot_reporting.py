@@ -21,6 +21,7 @@ from torch import nn
 
 from lightning_compress.bundled import load_bundled_model
 from lightning_compress.core.verbosity import set_verbosity
+from lightning_compress.export.sparsity import SPARSITY_NAME
 from lightning_compress.lightning.oneshot import oneshot
 from lightning_compress.lightning.quiet import LIGHTNING_LOGGERS
 from lightning_compress.modifiers import GPTQModifier, QuantizationModifier, SparseGPTModifier
@@ -82,9 +83,12 @@ def mixed_recipe() -> list:
     ]
 
 
-def checkpoint_layers(config: dict, model: nn.Module) -> tuple[dict[str, set[str]], set[str]]:
-    """The quantized layers of each config group and the sparse layers, as ``config.json``
-    declares them (a layer takes the first group that names it, else the ``Linear`` one)."""
+def checkpoint_layers(
+    config: dict, record: dict, model: nn.Module
+) -> tuple[dict[str, set[str]], set[str]]:
+    """The quantized layers of each config group, as ``config.json`` declares them (a layer
+    takes the first group that names it, else the ``Linear`` one), and the sparse layers, as
+    ``sparsity.json`` records them."""
     qconfig = config["quantization_config"]
     linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     groups: dict[str, set[str]] = defaultdict(set)
@@ -96,8 +100,7 @@ def checkpoint_layers(config: dict, model: nn.Module) -> tuple[dict[str, set[str
             key for key, group in qconfig["config_groups"].items() if "Linear" in group["targets"]
         ]
         groups[(named or by_class)[0]].add(name)
-    sparse = set(linears) - set(qconfig["sparsity_config"]["ignore"])
-    return dict(groups), sparse
+    return dict(groups), set(record["layers"])
 
 
 def test_the_summary_equals_what_was_saved(tmp_path):
@@ -116,7 +119,8 @@ def test_the_summary_equals_what_was_saved(tmp_path):
     wall = time.perf_counter() - begin
     out = tmp_path / "out"
     config = json.loads((out / "config.json").read_text())
-    groups, sparse = checkpoint_layers(config, model)
+    record = json.loads((out / SPARSITY_NAME).read_text())
+    groups, sparse = checkpoint_layers(config, record, model)
 
     by_label: dict[str, set[str]] = defaultdict(set)
     for name, label in summary.quantized.items():
@@ -130,7 +134,7 @@ def test_the_summary_equals_what_was_saved(tmp_path):
     assert set(summary.sparse) == sparse
     assert sparse == {f"model.layers.0.mlp.{kind}_proj" for kind in ("gate", "up", "down")}
     assert set(summary.sparse.values()) == {"2:4 sparse"}
-    assert config["quantization_config"]["sparsity_config"]["sparsity_structure"] == "2:4"
+    assert record["sparsity_structure"] == "2:4"
     assert summary.schemes == {
         **{label: len(names) for label, names in by_label.items()},
         "2:4 sparse": 3,
