@@ -45,7 +45,7 @@ class CompressionSummary:
     Args:
         quantized: quantized linear layer names to their scheme's label (:func:`scheme_label`).
         sparse: pruned linear layer names (at least half of their weights zero, as the
-            checkpoint's ``sparsity_config`` counts them) to ``"2:4 sparse"`` or
+            checkpoint's ``sparsity.json`` records them) to ``"2:4 sparse"`` or
             ``"unstructured sparse"``.
         ignored: uncompressed linear layers that an ``ignore`` pattern of the recipe names.
         left_out: uncompressed linear layers that no ``ignore`` pattern names.
