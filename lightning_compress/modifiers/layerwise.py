@@ -117,16 +117,21 @@ class TokenMaskTracker:
         return hook
 
     def mask_for(self, x: Tensor) -> Tensor | None:
-        """The mask of real tokens for the layer input ``x`` laid out ``[batch, seq, ...]``.
+        """The mask of real tokens for the layer input ``x``.
 
         Args:
-            x: a layer input ``[..., in_features]``.
+            x: a layer input ``[batch, seq, in_features]``, or ``[batch * seq, in_features]``
+                with the tokens flattened (a mixture's experts and routers read them so).
 
         Returns:
             A bool mask shaped ``x.shape[:-1]``, or None when no mask fits.
         """
         mask = self.current
-        return mask if mask is not None and mask.shape == x.shape[:-1] else None
+        if mask is None:
+            return None
+        if mask.shape == x.shape[:-1]:
+            return mask
+        return mask.reshape(-1) if x.dim() == 2 and x.shape[0] == mask.numel() else None
 
 
 class StatisticsCollector:
