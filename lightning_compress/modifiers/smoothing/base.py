@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_compress.core.distributed import all_reduce_min_
-from lightning_compress.core.events import Event, EventType
+from lightning_compress.core.events import Event
 from lightning_compress.core.model_layer import module_matches
 from lightning_compress.core.state import State
 from lightning_compress.modifiers.base import ONE_SHOT, Modifier
@@ -123,11 +123,11 @@ class SmoothingModifier(Modifier, register=False):
             self.register_hook(module, self._calls.pre_hook, "forward_pre", with_kwargs=True)
             self.register_hook(module, self._calls.post_hook, "forward", always_call=True)
 
-    def on_event(self, state: State, event: Event, **kwargs: Any) -> None:
-        if event.type_ != EventType.SEQUENTIAL_EPOCH_END or not self.active:
+    def on_sequential_epoch_end(self, state: State, subgraph: nn.Module | None) -> None:
+        if not self.active:
             return
         self._blocks_seen += 1
-        self._smooth_block(kwargs.get("subgraph"))
+        self._smooth_block(subgraph)
 
     def on_end(self, state: State, event: Event | None, **kwargs: Any) -> None:
         try:
