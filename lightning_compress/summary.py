@@ -289,7 +289,8 @@ def _shape(args: QuantizationArgs) -> tuple:
 
 def _args_label(args: QuantizationArgs) -> str:
     kind = "int" if args.type == "int" else "fp"
-    strategy = f"g{args.group_size}" if args.strategy == "group" else f"per-{args.strategy}"
+    grouped = args.strategy in ("group", "tensor_group")
+    strategy = f"g{args.group_size}" if grouped else f"per-{args.strategy}"
     parts = [f"{kind}{args.num_bits}", "" if args.symmetric else "asym", strategy]
     parts.append("dynamic" if args.dynamic else "")
     return " ".join(part for part in parts if part)

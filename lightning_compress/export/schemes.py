@@ -8,6 +8,7 @@ and its qparam buffers, so the scheme of each layer is read from the layer itsel
 from __future__ import annotations
 
 import compressed_tensors
+import torch
 from compressed_tensors.compressors.format import infer_module_format
 from compressed_tensors.config import CompressionFormat
 from compressed_tensors.quantization import QuantizationArgs as CTQuantizationArgs
@@ -113,9 +114,23 @@ def to_ct_scheme(
         The scheme, targeting ``name``.
 
     Raises:
-        ExportError: when the scheme cannot be expressed in compressed-tensors format.
+        ExportError: when the scheme cannot be expressed in compressed-tensors format, or
+            has fp4 weights in another dtype than bfloat16.
     """
     scheme: QuantizationScheme = module.quantization_scheme
+    weights = scheme.weights
+    if (
+        weights is not None
+        and weights.type == "float"
+        and weights.num_bits == 4
+        and module.weight.dtype != torch.bfloat16
+    ):
+        raise ExportError(
+            f"layer '{name}' has fp4 weights ({scheme.to_dict()}) in {module.weight.dtype}: "
+            f"compressed-tensors {compressed_tensors.__version__} reads fp4 checkpoints back in "
+            "bfloat16 only, so transformers could not run this one; quantize the model in "
+            "bfloat16 (model.to(torch.bfloat16) before compressing)"
+        )
     if "weight_g_idx" in module._buffers:
         raise ExportError(
             f"layer '{name}' has scheme {scheme.to_dict()} with a weight_g_idx (GPTQ "
@@ -236,6 +251,7 @@ def _ct_args(args: QuantizationArgs | None) -> CTQuantizationArgs | None:
         strategy=args.strategy,
         group_size=args.group_size,
         dynamic=args.dynamic,
+        scale_dtype=None if args.scale_dtype is None else getattr(torch, args.scale_dtype),
     )
 
 
@@ -249,4 +265,14 @@ def _our_args(args: CTQuantizationArgs | None) -> QuantizationArgs | None:
         strategy=str(args.strategy),
         group_size=args.group_size,
         dynamic=args.dynamic,
+        scale_dtype=_dtype_name(args),
     )
+
+
+def _dtype_name(args: CTQuantizationArgs) -> str | None:
+    """The name of a compressed-tensors argument's ``scale_dtype`` (``"float8_e4m3fn"``), where
+    it picks a format: compressed-tensors also sets it on fp8 and int arguments, whose scales
+    this project keeps in the weight's dtype."""
+    if args.scale_dtype is None or args.num_bits != 4:
+        return None
+    return str(args.scale_dtype).removeprefix("torch.")

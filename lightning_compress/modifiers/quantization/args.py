@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from lightning_compress.modifiers.quantization.formats import FORMATS, format_of
 from lightning_compress.recipe.errors import did_you_mean
 
 __all__ = [
@@ -23,11 +24,11 @@ __all__ = [
 ]
 
 TYPES = ("int", "float")
-STRATEGIES = ("tensor", "channel", "group", "token")
+STRATEGIES = ("tensor", "channel", "group", "tensor_group", "token")
+GROUPED_STRATEGIES = ("group", "tensor_group")
 DYNAMIC_STRATEGIES = ("tensor", "group", "token")
 OBSERVER_NAMES = ("minmax", "moving_average", "mse")
 ROLES = ("weights", "input_activations", "output_activations")
-FP8_NUM_BITS = 8
 
 
 def _require(ok: bool, field_name: str, value: Any, expected: str) -> None:
@@ -81,13 +82,17 @@ class QuantizationArgs:
     know the role) reject ``token`` for weights and ``channel`` for activations.
 
     Args:
-        num_bits: bits per value: 1 to 8 for ``int``; 8 (fp8 e4m3) for ``float``.
+        num_bits: bits per value: 1 to 8 for ``int``; 8 (fp8 e4m3) or 4 (fp4 e2m1) for
+            ``float``.
         type: ``"int"`` or ``"float"``.
         symmetric: zero point fixed at 0; ``float`` must be symmetric.
         strategy: which values share a scale: ``"tensor"`` (all), ``"channel"``
             (each output row), ``"group"`` (each ``group_size`` run of the last
-            dimension in a row) or ``"token"`` (each row of an activation).
-        group_size: values per group; required by and only allowed with ``"group"``.
+            dimension in a row), ``"tensor_group"`` (groups whose scales are stored
+            times one per-tensor global scale, NVFP4) or ``"token"`` (each row of an
+            activation).
+        group_size: values per group; required by and only allowed with ``"group"`` and
+            ``"tensor_group"``.
         dynamic: compute scales on the fly from each input instead of calibrating
             them; allowed with ``"tensor"``, ``"group"`` and ``"token"``.
         observer: how static scales are calibrated: ``"minmax"`` (running
@@ -95,6 +100,10 @@ class QuantizationArgs:
             ``"mse"`` (range shrunk to minimise the reconstruction error).
             Ignored when ``dynamic``.
         averaging_constant: EMA weight of the newest batch, in (0, 1].
+        scale_dtype: the dtype scales are stored in: None (the weight's dtype),
+            ``"float8_e4m3fn"`` (NVFP4) or ``"uint8"`` (E8M0 exponents, the MX formats).
+            With ``type`` and ``num_bits`` it picks the format in
+            :data:`~lightning_compress.modifiers.quantization.formats.FORMATS`.
 
     Raises:
         ValueError: when a field is invalid; the message names it.
@@ -108,10 +117,11 @@ class QuantizationArgs:
     dynamic: bool = False
     observer: str = "minmax"
     averaging_constant: float = 0.01
+    scale_dtype: str | None = None
 
     def __post_init__(self) -> None:
-        self._check_type_and_bits()
         self._check_strategy()
+        self._check_type_and_bits()
         _require(isinstance(self.dynamic, bool), "dynamic", self.dynamic, "a bool")
         _require(
             not self.dynamic or self.strategy in DYNAMIC_STRATEGIES,
@@ -143,29 +153,56 @@ class QuantizationArgs:
                 "an int in 1..8 for type='int'",
             )
         else:
-            _require(
-                _is_int(self.num_bits) and self.num_bits == FP8_NUM_BITS,
-                "num_bits",
-                self.num_bits,
-                "8 (fp8 e4m3) for type='float'",
-            )
             _require(self.symmetric, "symmetric", self.symmetric, "True for type='float'")
+        scale_dtypes = list(dict.fromkeys(f.scale_dtype for f in FORMATS if f.type == self.type))
+        _require(
+            self.scale_dtype in scale_dtypes,
+            "scale_dtype",
+            self.scale_dtype,
+            f"one of {scale_dtypes} for type={self.type!r}",
+        )
+        bits = [
+            bits
+            for f in FORMATS
+            if (f.type, f.scale_dtype) == (self.type, self.scale_dtype)
+            for bits in f.num_bits
+        ]
+        _require(
+            _is_int(self.num_bits) and self.num_bits in bits,
+            "num_bits",
+            self.num_bits,
+            f"one of {bits} for type={self.type!r} with scale_dtype={self.scale_dtype!r}",
+        )
+        quant_format = format_of(self.type, self.num_bits, self.scale_dtype)
+        _require(
+            self.strategy in quant_format.strategies,
+            "strategy",
+            self.strategy,
+            f"one of {quant_format.strategies} for the {quant_format.name} format",
+        )
+        _require(
+            quant_format.group_size in (None, self.group_size),
+            "group_size",
+            self.group_size,
+            f"{quant_format.group_size} for the {quant_format.name} format",
+        )
 
     def _check_strategy(self) -> None:
         _require(self.strategy in STRATEGIES, "strategy", self.strategy, f"one of {STRATEGIES}")
-        if self.strategy == "group":
+        if self.strategy in GROUPED_STRATEGIES:
             _require(
                 _is_int(self.group_size) and self.group_size > 0,
                 "group_size",
                 self.group_size,
-                "a positive int for strategy='group'",
+                f"a positive int for strategy={self.strategy!r}",
             )
         else:
             _require(
                 self.group_size is None,
                 "group_size",
                 self.group_size,
-                f"None for strategy={self.strategy!r} (group_size needs strategy='group')",
+                f"None for strategy={self.strategy!r} (group_size needs strategy='group' "
+                "or 'tensor_group')",
             )
         _require(
             self.strategy != "token" or self.dynamic,
@@ -295,6 +332,26 @@ class QuantizationScheme:
 
 _INT8_TOKEN_DYNAMIC = QuantizationArgs(num_bits=8, strategy="token", dynamic=True)
 
+
+def _int_weights_and_activations(weight_bits: int, act_bits: int) -> dict[str, QuantizationArgs]:
+    """compressed-tensors' ``W<w>A<a>`` int presets: symmetric int weights in groups of 128
+    and, below 16 bits, dynamic per-token int activations."""
+    roles = {"weights": QuantizationArgs(num_bits=weight_bits, strategy="group", group_size=128)}
+    if act_bits < 16:
+        roles["input_activations"] = QuantizationArgs(
+            num_bits=act_bits, strategy="token", dynamic=True
+        )
+    return roles
+
+
+_INT_FAMILY = {
+    f"W{weight_bits}A{act_bits}": _int_weights_and_activations(weight_bits, act_bits)
+    for weight_bits in range(2, 8)
+    for act_bits in (4, 8, 16)
+    if weight_bits <= act_bits
+}
+"""W2A4 ... W7A16 as compressed-tensors 0.20 defines them (its W4A8 and W4A16 included)."""
+
 PRESET_SCHEMES: dict[str, dict[str, QuantizationArgs]] = {
     "W8A16": {"weights": QuantizationArgs(num_bits=8, strategy="channel")},
     "W4A16": {"weights": QuantizationArgs(num_bits=4, strategy="group", group_size=128)},
@@ -317,6 +374,25 @@ PRESET_SCHEMES: dict[str, dict[str, QuantizationArgs]] = {
         "weights": QuantizationArgs(type="float", strategy="channel"),
         "input_activations": QuantizationArgs(type="float", strategy="token", dynamic=True),
     },
+    "W4AFP8": {
+        "weights": QuantizationArgs(num_bits=4, strategy="group", group_size=128),
+        "input_activations": QuantizationArgs(type="float", strategy="token", dynamic=True),
+    },
+    "NVFP4A16": {
+        "weights": QuantizationArgs(
+            num_bits=4,
+            type="float",
+            strategy="tensor_group",
+            group_size=16,
+            scale_dtype="float8_e4m3fn",
+        )
+    },
+    "MXFP4A16": {
+        "weights": QuantizationArgs(
+            num_bits=4, type="float", strategy="group", group_size=32, scale_dtype="uint8"
+        )
+    },
+    **{name: roles for name, roles in _INT_FAMILY.items() if name not in ("W4A8", "W4A16")},
 }
 """Preset name (upper case) to the arguments of each quantized role."""
 

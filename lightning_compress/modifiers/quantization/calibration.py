@@ -11,7 +11,11 @@ from lightning_compress.core.distributed import all_reduce_max_, all_reduce_min_
 from lightning_compress.modifiers.layerwise_modifier import CompressedLayer
 from lightning_compress.modifiers.quantization.args import QuantizationArgs, QuantizationScheme
 from lightning_compress.modifiers.quantization.observers import observer_for, qparams_for_weight
-from lightning_compress.modifiers.quantization.ops import fake_quantize
+from lightning_compress.modifiers.quantization.ops import (
+    fake_quantize,
+    global_scale,
+    reduce_min_max,
+)
 from lightning_compress.recipe.errors import RecipeError
 
 __all__ = ["CalibrationObserver", "quantize_layer", "quantized_layer", "relative_error"]
@@ -122,7 +126,10 @@ def quantized_layer(
 
 @torch.no_grad()
 def quantize_layer(
-    module: nn.Linear, scheme: QuantizationScheme, observer: CalibrationObserver | None
+    module: nn.Linear,
+    scheme: QuantizationScheme,
+    observer: CalibrationObserver | None,
+    name: str = "",
 ) -> CompressedLayer:
     """Computes a layer's quantized weight and its qparams, leaving the layer unchanged.
 
@@ -130,18 +137,29 @@ def quantize_layer(
         module: the layer.
         scheme: how to quantize it; ``weights`` use their configured observer.
         observer: the calibration observer of its static input activations, else None.
+        name: the layer's name, for error messages.
 
     Returns:
-        The quantized weight and the buffers ``weight_scale``, ``weight_zero_point`` and,
-        with static input activations, ``input_scale`` and ``input_zero_point``.
+        The quantized weight and the buffers ``weight_scale``, ``weight_zero_point``,
+        ``weight_global_scale`` for strategy ``tensor_group`` and, with static input
+        activations, ``input_scale`` and ``input_zero_point``.
 
     Raises:
         RecipeError: when static input activations saw no calibration data.
+        ValueError: naming the layer when strategy ``tensor_group`` meets a weight that is
+            all zero or not finite.
     """
     weight = module.weight.detach()
-    scale, zero_point = qparams_for_weight(weight, scheme.weights)
-    quantized = fake_quantize(weight, scale, zero_point, scheme.weights)
-    return quantized_layer(quantized, scale, zero_point, observer)
+    args = scheme.weights
+    tensor_scale = None
+    if args.strategy == "tensor_group":
+        tensor_scale = global_scale(*reduce_min_max(weight, args), args, f"layer '{name}' weight")
+    scale, zero_point = qparams_for_weight(weight, args, global_scale=tensor_scale)
+    quantized = fake_quantize(weight, scale, zero_point, args, tensor_scale)
+    layer = quantized_layer(quantized, scale, zero_point, observer)
+    if tensor_scale is not None:
+        layer.buffers["weight_global_scale"] = tensor_scale
+    return layer
 
 
 def relative_error(weight: Tensor, quantized: Tensor) -> float:

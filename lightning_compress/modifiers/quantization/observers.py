@@ -37,12 +37,17 @@ class Observer(ABC):
 
     Args:
         args: the quantization arguments; their strategy picks the groups.
+
+    Attributes:
+        global_scale: the per-tensor global scale the scales are stored times (strategy
+            ``tensor_group``), set by the caller before qparams are asked for; else None.
     """
 
     def __init__(self, args: QuantizationArgs) -> None:
         self.args = args
         self.min_vals: Tensor | None = None
         self.max_vals: Tensor | None = None
+        self.global_scale: Tensor | None = None
 
     def __call__(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Observes ``x`` and returns the updated ``(scale, zero_point)``."""
@@ -91,7 +96,7 @@ class Observer(ABC):
         """
         if self.min_vals is None or self.max_vals is None:
             raise RuntimeError(f"{type(self).__name__} has observed nothing; call update(x)")
-        return calculate_qparams(self.min_vals, self.max_vals, self.args)
+        return calculate_qparams(self.min_vals, self.max_vals, self.args, self.global_scale)
 
     def reset(self) -> None:
         """Forgets everything observed."""
@@ -172,8 +177,9 @@ class MSEObserver(MinMaxObserver):
 
     def _error(self, x: Tensor, min_vals: Tensor, max_vals: Tensor) -> Tensor:
         """Returns the per-group error of fake quantizing ``x`` with the given ranges."""
-        scale, zero_point = calculate_qparams(min_vals, max_vals, self.args)
-        error = (fake_quantize(x, scale, zero_point, self.args) - x).abs().float().pow(self.norm)
+        scale, zero_point = calculate_qparams(min_vals, max_vals, self.args, self.global_scale)
+        x_hat = fake_quantize(x, scale, zero_point, self.args, self.global_scale)
+        error = (x_hat - x).abs().float().pow(self.norm)
         return strategy_groups(error, self.args).sum(dim=-1)
 
 
@@ -203,25 +209,41 @@ def observer_for(args: QuantizationArgs) -> Observer:
 
 
 def qparams_for_weight(
-    weight: Tensor, args: QuantizationArgs, observer: Observer | None = None
+    weight: Tensor,
+    args: QuantizationArgs,
+    observer: Observer | None = None,
+    global_scale: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Computes a weight's scales and zero points.
 
     Args:
         weight: the weight, ``[out, in]`` for a linear layer.
-        args: the quantization arguments; ``tensor``, ``channel`` or ``group`` strategy.
+        args: the quantization arguments; ``tensor``, ``channel``, ``group`` or
+            ``tensor_group`` strategy.
         observer: the observer to use; None builds a fresh one from ``args.observer``.
+        global_scale: the weight's per-tensor global scale
+            (:func:`~lightning_compress.modifiers.quantization.ops.global_scale`), required by
+            and only used with ``tensor_group``.
 
     Returns:
-        ``(scale, zero_point)`` of the strategy's qparams shape.
+        ``(scale, zero_point)`` of the strategy's qparams shape; with a global scale the
+        scales are stored times it.
 
     Raises:
-        ValueError: for the ``token`` strategy, which is for activations.
+        ValueError: for the ``token`` strategy, which is for activations, or ``tensor_group``
+            without a global scale.
     """
     if args.strategy == "token":
         raise ValueError(
-            "strategy='token' is for activations; weights take 'tensor', 'channel' or 'group'"
+            "strategy='token' is for activations; weights take 'tensor', 'channel', 'group' "
+            "or 'tensor_group'"
+        )
+    if (args.strategy == "tensor_group") != (global_scale is not None):
+        raise ValueError(
+            f"global_scale is required by strategy='tensor_group' and only allowed with it; "
+            f"got strategy={args.strategy!r} with global_scale={global_scale!r}"
         )
     if observer is None:
         observer = observer_for(args)
+    observer.global_scale = global_scale
     return observer(weight)

@@ -109,7 +109,7 @@ class LayerwiseQuantization(QuantizationSchemes, LayerwiseModifier, register=Fal
         Returns:
             The quantized weight and buffers.
         """
-        return quantize_layer(*self._pending[name], self._observers.get(name))
+        return quantize_layer(*self._pending[name], self._observers.get(name), name)
 
     def apply_result(self, name: str, layer: PendingLayer, result: CompressedLayer) -> None:
         """Copies the quantized weight, adds the qparams and attaches the quantized forward.

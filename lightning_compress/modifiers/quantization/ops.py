@@ -2,12 +2,17 @@
 
 Conventions, as in compressed-tensors:
 
-* ``int`` values are signed: ``[-2**(b-1), 2**(b-1) - 1]``, asymmetric ones too.
-* ``float`` is fp8 e4m3: values in ``[-448, 448]``.
+* The values and their rounding come from the arguments' format
+  (:func:`~lightning_compress.modifiers.quantization.formats.format_of`): ``int`` values are
+  signed, ``[-2**(b-1), 2**(b-1) - 1]``, asymmetric ones too; fp8 e4m3 values lie in
+  ``[-448, 448]`` and round by casting to ``float8_e4m3fn``; fp4 e2m1 values lie in
+  ``[-6, 6]`` and round to nearest, ties to even.
 * ``q = clamp(round(x / scale + zero_point), qmin, qmax)`` and
-  ``x_hat = (q - zero_point) * scale``; fp8 rounds by casting to ``float8_e4m3fn``.
+  ``x_hat = (q - zero_point) * scale``. With a per-tensor ``global_scale`` (strategy
+  ``tensor_group``, NVFP4) the stored scale is divided by it first:
+  ``scale / global_scale`` is the scale used.
 * Scale and zero-point shapes for an input ``x``, per strategy:
-  ``tensor`` ``[1]``; ``channel`` ``[x.shape[0], 1]``; ``group``
+  ``tensor`` ``[1]``; ``channel`` ``[x.shape[0], 1]``; ``group`` and ``tensor_group``
   ``[*x.shape[:-1], x.shape[-1] // group_size]``; ``token`` ``[*x.shape[:-1], 1]``.
 * Scales take the dtype of the min/max they come from; zero points are
   ``int8`` for ``int`` and ``float8_e4m3fn`` (always 0) for ``float``.
@@ -21,6 +26,8 @@ import torch
 from torch import Tensor
 
 from lightning_compress.modifiers.quantization.args import QuantizationArgs
+from lightning_compress.modifiers.quantization.formats import QuantFormat, format_of
+from lightning_compress.modifiers.quantization.formats.scales import global_scale_for
 
 __all__ = [
     "FP8_MAX",
@@ -30,6 +37,7 @@ __all__ = [
     "fake_quantize",
     "fake_quantize_aligned",
     "fake_quantize_ste",
+    "global_scale",
     "quant_range",
     "quantize",
     "quantized_dtype",
@@ -47,11 +55,13 @@ def quant_range(args: QuantizationArgs) -> tuple[float, float]:
         args: the quantization arguments.
 
     Returns:
-        ``(-2**(b-1), 2**(b-1) - 1)`` for ``int``, ``(-448, 448)`` for fp8.
+        ``(-2**(b-1), 2**(b-1) - 1)`` for ``int``, ``(-448, 448)`` for fp8, ``(-6, 6)`` for fp4.
     """
-    if args.type == "float":
-        return -FP8_MAX, FP8_MAX
-    return float(-(2 ** (args.num_bits - 1))), float(2 ** (args.num_bits - 1) - 1)
+    return _format(args).grid.bounds(args.num_bits)
+
+
+def _format(args: QuantizationArgs) -> QuantFormat:
+    return format_of(args.type, args.num_bits, args.scale_dtype)
 
 
 def quantized_dtype(args: QuantizationArgs) -> torch.dtype:
@@ -61,9 +71,10 @@ def quantized_dtype(args: QuantizationArgs) -> torch.dtype:
         args: the quantization arguments.
 
     Returns:
-        ``torch.int8`` for ``int`` (every width up to 8 bits), ``torch.float8_e4m3fn`` for fp8.
+        ``torch.int8`` for ``int`` (every width up to 8 bits), ``torch.float8_e4m3fn`` for fp8
+        and fp4 (every fp4 value is exact in it).
     """
-    return torch.float8_e4m3fn if args.type == "float" else torch.int8
+    return _format(args).grid.storage_dtype
 
 
 def strategy_groups(x: Tensor, args: QuantizationArgs) -> Tensor:
@@ -114,21 +125,28 @@ def reduce_min_max(x: Tensor, args: QuantizationArgs) -> tuple[Tensor, Tensor]:
 
 
 def calculate_qparams(
-    min_vals: Tensor, max_vals: Tensor, args: QuantizationArgs
+    min_vals: Tensor,
+    max_vals: Tensor,
+    args: QuantizationArgs,
+    global_scale: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Turns observed ranges into scales and zero points.
 
-    The range is first widened to include 0. Symmetric:
-    ``scale = max(|min|, |max|) / ((qmax - qmin) / 2)`` (``/ 127.5`` for int8,
-    ``/ 448`` for fp8) and ``zero_point = 0``. Asymmetric:
-    ``scale = (max - min) / (qmax - qmin)`` and
+    The range is first widened to include 0. Symmetric: the format's scale encoding of
+    ``max(|min|, |max|)``: for int and fp8 ``scale = max(|min|, |max|) / ((qmax - qmin) / 2)``
+    (``/ 127.5`` for int8, ``/ 448`` for fp8); NVFP4 multiplies that by ``global_scale`` and
+    rounds it to fp8 e4m3; the MX formats round it to a power of two
+    (:mod:`~lightning_compress.modifiers.quantization.formats.scales`); ``zero_point = 0``.
+    Asymmetric: ``scale = (max - min) / (qmax - qmin)`` and
     ``zero_point = clamp(round(qmin - min / scale), qmin, qmax)``.
-    A zero scale becomes ``finfo(scale.dtype).eps``.
+    A zero scale becomes ``finfo(scale.dtype).eps`` (0.125 for fp8 scales).
 
     Args:
         min_vals: minima, any shape (0-d becomes ``[1]``).
         max_vals: maxima, same shape.
         args: the quantization arguments.
+        global_scale: the per-tensor global scale (:func:`global_scale`) of strategy
+            ``tensor_group``; None otherwise.
 
     Returns:
         ``(scale, zero_point)``: scale in the dtype of ``min_vals``, zero point in
@@ -138,7 +156,8 @@ def calculate_qparams(
     max_vals = max_vals.clamp(min=0)
     qmin, qmax = quant_range(args)
     if args.symmetric:
-        scale = _nonzero(torch.maximum(-min_vals, max_vals) / ((qmax - qmin) / 2))
+        max_abs = torch.maximum(-min_vals, max_vals)
+        scale = _format(args).scale.scale(max_abs, (qmax - qmin) / 2, global_scale)
         zero_point = torch.zeros_like(scale)
     else:
         scale = _nonzero((max_vals - min_vals) / (qmax - qmin))
@@ -150,6 +169,26 @@ def _nonzero(scale: Tensor) -> Tensor:
     return torch.where(scale == 0, torch.finfo(scale.dtype).eps, scale)
 
 
+def global_scale(min_vals: Tensor, max_vals: Tensor, args: QuantizationArgs, name: str) -> Tensor:
+    """The per-tensor global scale of strategy ``tensor_group`` (NVFP4):
+    ``448 * qmax / max|x|`` over the whole tensor, from the ranges of its groups.
+
+    Args:
+        min_vals: the minimum of each group.
+        max_vals: the maximum of each group.
+        args: the quantization arguments, of strategy ``tensor_group``.
+        name: what the tensor is (e.g. ``"layer 'q_proj' weight"``), for the error.
+
+    Returns:
+        The global scale, float32 of shape ``[1]``.
+
+    Raises:
+        ValueError: naming the tensor when it is all zero or not finite.
+    """
+    max_abs = torch.maximum(-min_vals.clamp(max=0), max_vals.clamp(min=0))
+    return global_scale_for(max_abs, quant_range(args)[1], name)
+
+
 def compute_dynamic_qparams(x: Tensor, args: QuantizationArgs) -> tuple[Tensor, Tensor]:
     """Computes scales and zero points from ``x`` itself, as dynamic activations do.
 
@@ -159,8 +198,25 @@ def compute_dynamic_qparams(x: Tensor, args: QuantizationArgs) -> tuple[Tensor, 
 
     Returns:
         ``(scale, zero_point)`` of the strategy's qparams shape.
+
+    Raises:
+        ValueError: for strategy ``tensor_group``, whose scales need a calibrated
+            per-tensor global scale.
     """
+    if args.strategy == "tensor_group":
+        raise ValueError(
+            "strategy='tensor_group' (NVFP4) stores its scales times a per-tensor global scale, "
+            "which dynamic qparams do not compute: quantization-aware training and dynamic "
+            "activations of this strategy are not implemented; use one-shot "
+            "QuantizationModifier (round-to-nearest) for its weights"
+        )
     return calculate_qparams(*reduce_min_max(x.detach(), args), args)
+
+
+def _unscaled(scale: Tensor, global_scale: Tensor | None) -> Tensor:
+    """The scale to use: ``scale / global_scale`` (in float32, as compressed-tensors divides)
+    when there is a global scale, else ``scale``."""
+    return scale if global_scale is None else scale / global_scale
 
 
 def _groups_and_qparams(
@@ -199,10 +255,8 @@ def _scale_to_grid(groups: Tensor, scale: Tensor, zero_point: Tensor | None) -> 
 
 
 def _round_to_grid(clamped: Tensor, args: QuantizationArgs) -> Tensor:
-    """Rounds values already clamped to :func:`quant_range`; in place for ``int``."""
-    if args.type == "float":
-        return clamped.to(torch.float8_e4m3fn).to(clamped.dtype)
-    return clamped.round_()
+    """Rounds values already clamped to :func:`quant_range`; in place for ``int`` and fp4."""
+    return _format(args).grid.round_(clamped)
 
 
 def _from_grid(q: Tensor, scale: Tensor, zero_point: Tensor | None) -> Tensor:
@@ -230,7 +284,13 @@ def _round_trip(
     return x_hat.reshape(like.shape).to(like.dtype)
 
 
-def quantize(x: Tensor, scale: Tensor, zero_point: Tensor | None, args: QuantizationArgs) -> Tensor:
+def quantize(
+    x: Tensor,
+    scale: Tensor,
+    zero_point: Tensor | None,
+    args: QuantizationArgs,
+    global_scale: Tensor | None = None,
+) -> Tensor:
     """Quantizes ``x`` to integer (or fp8) values, clamped to :func:`quant_range`.
 
     Args:
@@ -239,6 +299,8 @@ def quantize(x: Tensor, scale: Tensor, zero_point: Tensor | None, args: Quantiza
         zero_point: zero points, same shape rules; None for zero points that are all 0
             (symmetric qparams): the same values, one operation fewer.
         args: the quantization arguments.
+        global_scale: the per-tensor global scale ``scale`` is stored times
+            (``tensor_group``), else None.
 
     Returns:
         ``q`` of ``x``'s shape in :func:`quantized_dtype` (``int8`` holds every int width).
@@ -246,6 +308,7 @@ def quantize(x: Tensor, scale: Tensor, zero_point: Tensor | None, args: Quantiza
     Raises:
         ValueError: when a shape does not fit the strategy.
     """
+    scale = _unscaled(scale, global_scale)
     groups, scale, zero_point = _groups_and_qparams(x, scale, zero_point, args)
     scaled = _scale_to_grid(groups, scale, zero_point)
     q = _round_to_grid(scaled.clamp_(*quant_range(args)), args)
@@ -253,7 +316,11 @@ def quantize(x: Tensor, scale: Tensor, zero_point: Tensor | None, args: Quantiza
 
 
 def dequantize(
-    q: Tensor, scale: Tensor, zero_point: Tensor | None, args: QuantizationArgs
+    q: Tensor,
+    scale: Tensor,
+    zero_point: Tensor | None,
+    args: QuantizationArgs,
+    global_scale: Tensor | None = None,
 ) -> Tensor:
     """Maps quantized values back: ``(q - zero_point) * scale``.
 
@@ -262,18 +329,27 @@ def dequantize(
         scale: the scales used to quantize.
         zero_point: the zero points used to quantize; None for zero points that are all 0.
         args: the quantization arguments.
+        global_scale: as :func:`quantize`.
 
     Returns:
-        The dequantized tensor, of ``q``'s shape in ``scale``'s dtype.
+        The dequantized tensor, of ``q``'s shape in ``scale``'s dtype (float32 with a
+        ``global_scale``).
 
     Raises:
         ValueError: when a shape does not fit the strategy.
     """
+    scale = _unscaled(scale, global_scale)
     groups, scale, zero_point = _groups_and_qparams(q, scale, zero_point, args)
     return _from_grid(groups.to(scale.dtype, copy=True), scale, zero_point).reshape(q.shape)
 
 
-def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, args: QuantizationArgs) -> Tensor:
+def fake_quantize(
+    x: Tensor,
+    scale: Tensor,
+    zero_point: Tensor,
+    args: QuantizationArgs,
+    global_scale: Tensor | None = None,
+) -> Tensor:
     """Quantizes then dequantizes ``x``.
 
     Rounding has a zero gradient almost everywhere; train with :func:`fake_quantize_ste`.
@@ -283,6 +359,7 @@ def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, args: Quantizati
         scale: scales of the strategy's qparams shape.
         zero_point: zero points of the same shape.
         args: the quantization arguments.
+        global_scale: as :func:`quantize`.
 
     Returns:
         ``x_hat`` of ``x``'s shape and dtype.
@@ -290,6 +367,7 @@ def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, args: Quantizati
     Raises:
         ValueError: when a shape does not fit the strategy.
     """
+    scale = _unscaled(scale, global_scale)
     groups, scale, zero_point = _groups_and_qparams(x, scale, zero_point, args)
     return fake_quantize_aligned(groups, scale, zero_point, args).reshape(x.shape)
 
@@ -338,7 +416,11 @@ class _FakeQuantizeSTE(torch.autograd.Function):
 
 
 def fake_quantize_ste(
-    x: Tensor, scale: Tensor, zero_point: Tensor, args: QuantizationArgs
+    x: Tensor,
+    scale: Tensor,
+    zero_point: Tensor,
+    args: QuantizationArgs,
+    global_scale: Tensor | None = None,
 ) -> Tensor:
     """Fake quantization for training, with a straight-through gradient.
 
@@ -351,6 +433,7 @@ def fake_quantize_ste(
         scale: scales of the strategy's qparams shape.
         zero_point: zero points of the same shape.
         args: the quantization arguments.
+        global_scale: as :func:`quantize`.
 
     Returns:
         ``x_hat`` of ``x``'s shape and dtype.
@@ -358,4 +441,4 @@ def fake_quantize_ste(
     Raises:
         ValueError: when a shape does not fit the strategy.
     """
-    return _FakeQuantizeSTE.apply(x, scale, zero_point, args)
+    return _FakeQuantizeSTE.apply(x, _unscaled(scale, global_scale), zero_point, args)

@@ -30,7 +30,13 @@ __all__ = [
 ]
 
 INPUT_QPARAM_BUFFERS = ("input_scale", "input_zero_point")
-QPARAM_BUFFERS = ("weight_scale", "weight_zero_point", "weight_g_idx", *INPUT_QPARAM_BUFFERS)
+QPARAM_BUFFERS = (
+    "weight_scale",
+    "weight_zero_point",
+    "weight_global_scale",
+    "weight_g_idx",
+    *INPUT_QPARAM_BUFFERS,
+)
 """Buffers holding a quantized layer's qparams, named as in compressed-tensors."""
 
 

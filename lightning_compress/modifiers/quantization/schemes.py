@@ -164,7 +164,7 @@ def _check_group_sizes(owner: str, plan: dict[str, PendingLayer]) -> None:
     bad = {
         f"{name} (in_features={layer.module.in_features})": layer.settings.weights.group_size
         for name, layer in plan.items()
-        if layer.settings.weights.strategy == "group"
+        if layer.settings.weights.strategy in ("group", "tensor_group")
         and layer.module.in_features % layer.settings.weights.group_size
     }
     if bad:

@@ -416,6 +416,8 @@ def test_presets(name: str) -> None:
 
 
 def test_preset_names_and_unknown_preset() -> None:
-    assert set(PRESET_SCHEMES) == set(PRESET_TABLE)
-    with pytest.raises(ValueError, match=r"'W3A16'.*W4A16_ASYM"):
-        preset_scheme("W3A16", ["Linear"])
+    # the presets added with compressed-tensors 0.20's definitions: tests/modifiers/quantization/
+    # test_formats.py compares them with compressed-tensors'
+    assert set(PRESET_TABLE) <= set(PRESET_SCHEMES)
+    with pytest.raises(ValueError, match=r"'W9A16'.*W4A16_ASYM"):
+        preset_scheme("W9A16", ["Linear"])

@@ -1,0 +1,104 @@
+"""Value grids: the numbers a quantized value can take, and how a scaled value is rounded.
+
+A grid is the numerics of one element type, independent of how scales are chosen:
+``bounds`` is the clamp range, ``round_`` rounds values already clamped to it, and
+``storage_dtype`` holds the rounded values (and zero points) exactly.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch import Tensor
+
+__all__ = ["FP4_E2M1", "FP8_E4M3", "INT", "FP4E2M1Grid", "FP8E4M3Grid", "IntGrid", "ValueGrid"]
+
+
+class ValueGrid(ABC):
+    """The values of one element type.
+
+    Attributes:
+        name: the element type, e.g. ``"int"`` or ``"fp4_e2m1"``.
+        storage_dtype: the dtype that holds every value of the grid exactly.
+    """
+
+    name: str
+    storage_dtype: torch.dtype
+
+    @abstractmethod
+    def bounds(self, num_bits: int) -> tuple[float, float]:
+        """Returns ``(qmin, qmax)``, the range values are clamped to.
+
+        Args:
+            num_bits: the width of a value.
+
+        Returns:
+            The smallest and largest value of the grid.
+        """
+
+    @abstractmethod
+    def round_(self, clamped: Tensor) -> Tensor:
+        """Rounds values already clamped to :meth:`bounds` to the grid.
+
+        Args:
+            clamped: a temporary tensor; it may be changed in place.
+
+        Returns:
+            The rounded values, in ``clamped``'s dtype.
+        """
+
+
+class IntGrid(ValueGrid):
+    """Signed integers ``[-2**(b-1), 2**(b-1) - 1]``, rounded half to even."""
+
+    name = "int"
+    storage_dtype = torch.int8
+
+    def bounds(self, num_bits: int) -> tuple[float, float]:
+        return float(-(2 ** (num_bits - 1))), float(2 ** (num_bits - 1) - 1)
+
+    def round_(self, clamped: Tensor) -> Tensor:
+        return clamped.round_()
+
+
+class FP8E4M3Grid(ValueGrid):
+    """fp8 e4m3 (``float8_e4m3fn``): values in ``[-448, 448]``, rounded by the cast."""
+
+    name = "fp8_e4m3"
+    storage_dtype = torch.float8_e4m3fn
+
+    def bounds(self, num_bits: int) -> tuple[float, float]:
+        limit = float(torch.finfo(torch.float8_e4m3fn).max)
+        return -limit, limit
+
+    def round_(self, clamped: Tensor) -> Tensor:
+        return clamped.to(torch.float8_e4m3fn).to(clamped.dtype)
+
+
+class FP4E2M1Grid(ValueGrid):
+    """fp4 e2m1: ``0, ±0.5, ±1, ±1.5, ±2, ±3, ±4, ±6``, rounded to nearest, ties to even.
+
+    Between consecutive grid values the step is ``0.5`` below 2, ``1`` in ``[2, 4)`` and
+    ``2`` from 4 on, so ``round(x / step) * step`` (``torch.round`` rounds half to even, and
+    divisions by powers of two are exact) gives the nearest value, a tie going to the one
+    with an even mantissa, as compressed-tensors' ``cast_to_fp4`` does. Every value is
+    exact in ``float8_e4m3fn``, which stores them.
+    """
+
+    name = "fp4_e2m1"
+    storage_dtype = torch.float8_e4m3fn
+
+    def bounds(self, num_bits: int) -> tuple[float, float]:
+        return -6.0, 6.0
+
+    def round_(self, clamped: Tensor) -> Tensor:
+        # |x| = m * 2**exponent with m in [0.5, 1): the step is 2**(exponent - 2), from 0.5 to 2.
+        _, exponent = torch.frexp(clamped)
+        step = torch.ldexp(torch.ones_like(clamped), (exponent - 2).clamp_(-1, 1))
+        return clamped.div_(step).round_().mul_(step)
+
+
+INT = IntGrid()
+FP8_E4M3 = FP8E4M3Grid()
+FP4_E2M1 = FP4E2M1Grid()
