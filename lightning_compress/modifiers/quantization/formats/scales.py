@@ -68,8 +68,9 @@ class FP8Scale(ScaleEncoding):
     def scale(self, max_abs: Tensor, half_range: float, global_scale: Tensor | None) -> Tensor:
         scale = max_abs / half_range
         if global_scale is not None:
-            scale = global_scale * scale
-        rounded = scale.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).to(scale.dtype)
+            scale = global_scale * scale  # in float32, as compressed-tensors multiplies
+        # every fp8 e4m3 value is exact in bfloat16, float16 and float32
+        rounded = scale.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).to(max_abs.dtype)
         return _nonzero(rounded, self.eps)
 
 

@@ -1,0 +1,70 @@
+"""NVFP4 and MXFP4 checkpoints: stored by compressed-tensors' own compressors, every layer read
+back exactly, and loaded by transformers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from compressed_tensors.compressors import BaseCompressor
+from compressed_tensors.quantization import QuantizationConfig
+from export_models import QUIET, preset, tiny_model, token_ids
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from lightning_compress.export import ExportError, save_compressed
+from lightning_compress.lightning.oneshot import oneshot
+
+FORMATS = {
+    "NVFP4A16": ("nvfp4-pack-quantized", {"weight_packed", "weight_scale", "weight_global_scale"}),
+    "MXFP4A16": ("mxfp4-pack-quantized", {"weight_packed", "weight_scale"}),
+}
+PROBE = torch.tensor([[3, 17, 99, 5, 64, 2, 77, 11, 8, 120], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]])
+
+
+def fp4_model(scheme: str, dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
+    model = tiny_model("llama").to(dtype)
+    oneshot(model, preset(scheme), token_ids(), num_calibration_samples=8, trainer_kwargs=QUIET)
+    return model
+
+
+@pytest.mark.parametrize("scheme", list(FORMATS))
+def test_fp4_checkpoint_reads_back_exactly_and_loads_in_transformers(scheme, tmp_path):
+    model = fp4_model(scheme)
+    path = save_compressed(model, tmp_path / "ckpt")
+    stored = load_file(path / "model.safetensors")
+    config = json.loads((path / "config.json").read_text())["quantization_config"]
+    fmt, names = FORMATS[scheme]
+    assert config["format"] == fmt
+    scheme_config = QuantizationConfig.model_validate(config).config_groups["group_0"]
+    compressor = BaseCompressor.get_value_from_registry(fmt)
+    layers = {n: m for n, m in model.named_modules() if hasattr(m, "weight_scale")}
+    assert len(layers) == 14
+    for name, module in layers.items():
+        local = {
+            key.removeprefix(f"{name}."): tensor
+            for key, tensor in stored.items()
+            if key.rpartition(".")[0] == name
+        }
+        assert set(local) == names
+        assert local["weight_packed"].dtype == torch.uint8
+        # compressed-tensors' compressor packs the layer's own tensors to the same bytes
+        tensors = {"weight": module.weight, **dict(module.named_buffers())}
+        repacked = compressor.compress(tensors, scheme_config)
+        assert torch.equal(repacked["weight_packed"], local["weight_packed"]), name
+        weight = compressor.decompress(local, scheme_config)["weight"]
+        assert weight.dtype == module.weight.dtype
+        assert torch.equal(weight, module.weight.detach()), name
+
+    loaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    with torch.no_grad():
+        expected, got = model(PROBE).logits.float(), loaded(PROBE).logits.float()
+    # same weights; bfloat16 matmuls of another kernel order differ by about one rounding
+    torch.testing.assert_close(got, expected, rtol=2e-2, atol=1e-2)
+
+
+def test_fp4_in_float32_is_refused_with_the_dtype_to_use(tmp_path):
+    model = fp4_model("MXFP4A16", torch.float32)
+    with pytest.raises(ExportError, match=r"fp4 weights .* in torch.float32.*bfloat16"):
+        save_compressed(model, tmp_path / "ckpt")

@@ -1,0 +1,248 @@
+"""fp4 formats (NVFP4, MXFP4): value grid, scales and presets, checked against slow references
+and compressed-tensors' own definitions."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from compressed_tensors.quantization import QuantizationArgs as CTArgs
+from compressed_tensors.quantization.lifecycle.forward import fake_quantize as ct_fake_quantize
+from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES as CT_PRESETS
+from compressed_tensors.quantization.utils.helpers import calculate_qparams as ct_qparams
+from compressed_tensors.quantization.utils.helpers import generate_gparam
+
+from lightning_compress.core import CompressionSession
+from lightning_compress.modifiers import QuantizationModifier
+from lightning_compress.modifiers.quantization.args import (
+    PRESET_SCHEMES,
+    QuantizationArgs,
+    preset_scheme,
+)
+from lightning_compress.modifiers.quantization.calibration import quantize_layer
+from lightning_compress.modifiers.quantization.formats import FORMATS, format_of
+from lightning_compress.modifiers.quantization.gptq import make_column_quantizer
+from lightning_compress.modifiers.quantization.observers import qparams_for_weight
+from lightning_compress.modifiers.quantization.ops import (
+    compute_dynamic_qparams,
+    fake_quantize,
+    global_scale,
+    quantize,
+    reduce_min_max,
+)
+from lightning_compress.recipe import RecipeError
+
+E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
+"""The non-negative fp4 e2m1 values; the index is the code, an even code an even mantissa."""
+NVFP4 = preset_scheme("NVFP4A16", ["Linear"]).weights
+MXFP4 = preset_scheme("MXFP4A16", ["Linear"]).weights
+
+
+def e2m1_reference(value: float) -> float:
+    """Nearest e2m1 value of ``value`` clamped to [-6, 6]; a tie goes to the even code."""
+    magnitude = min(abs(value), 6.0)
+    distances = [abs(magnitude - grid) for grid in E2M1]
+    nearest = min(distances)
+    codes = [code for code, distance in enumerate(distances) if distance == nearest]
+    code = codes[0] if len(codes) == 1 else next(c for c in codes if c % 2 == 0)
+    return math.copysign(E2M1[code], value)
+
+
+def e8m0_reference(max_abs: float) -> float:
+    """MX scale of a group: ``max_abs`` rounded to a power of two (up from a mantissa of 1.75),
+    divided by 4 (fp4's largest power of two), its biased exponent clamped to a byte."""
+    if max_abs == 0:
+        return 2.0**-127
+    exponent = math.floor(math.log2(max_abs))
+    if max_abs / 2.0**exponent >= 1.75:
+        exponent += 1
+    biased = min(max(exponent - 2 + 127, 0), 255)
+    return 2.0 ** (biased - 127)
+
+
+def fp4_weight(dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A weight whose rows span several orders of magnitude."""
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.logspace(-3, 1, 24).unsqueeze(1)
+    return (torch.randn(24, 64, generator=generator) * rows).to(dtype)
+
+
+def test_e2m1_rounding_matches_the_value_table_with_ties_to_even() -> None:
+    midpoints = [(a + b) / 2 for a, b in zip(E2M1, E2M1[1:], strict=False)]
+    values = midpoints + E2M1 + [0.1, 0.26, 1.3, 2.4, 4.9, 5.1, 7.0, 100.0]
+    values += [-value for value in values]
+    values += torch.randn(2000, generator=torch.Generator().manual_seed(1)).mul(3).tolist()
+    x = torch.tensor(values)
+    # a scale of 1: quantize only clamps and rounds each value (groups of 32 copies of it)
+    codes = quantize(x.reshape(-1, 1).expand(-1, 32).contiguous(), torch.ones(1), None, MXFP4)
+    codes = codes[:, 0]
+    assert codes.dtype == torch.float8_e4m3fn
+    assert codes.float().tolist() == [e2m1_reference(value) for value in values]
+    assert [e2m1_reference(m) for m in midpoints] == [0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mxfp4_scales_are_e8m0_powers_of_two_of_each_group_of_32(dtype: torch.dtype) -> None:
+    weight = fp4_weight(dtype)
+    weight[3, :32] = 0  # a zero group
+    weight[4, :32] = 0
+    weight[4, 5] = 7.0  # mantissa 1.75: rounds up to 8, scale 2
+    weight[5, :32] = 0
+    weight[5, 7] = -6.0  # mantissa 1.5: rounds down to 4, scale 1
+    scale, zero_point = qparams_for_weight(weight, MXFP4)
+    assert scale.shape == (24, 2) and scale.dtype == dtype
+    max_abs = weight.float().abs().unflatten(-1, (2, 32)).amax(-1)
+    expected = [[e8m0_reference(float(m)) for m in row] for row in max_abs]
+    assert scale.float().tolist() == expected
+    assert scale[4, 0] == 2 and scale[5, 0] == 1
+    assert not zero_point.any()
+
+
+def test_mxfp4_qparams_and_round_trip_equal_compressed_tensors() -> None:
+    weight = fp4_weight(torch.bfloat16)
+    scale, zero_point = qparams_for_weight(weight, MXFP4)
+    ct_args = CTArgs(**{**MXFP4.to_dict(), "scale_dtype": torch.uint8})
+    ct_scale, _ = ct_qparams(*reduce_min_max(weight, MXFP4), ct_args)
+    assert torch.equal(scale, ct_scale)
+    expected = ct_fake_quantize(weight, ct_scale, zero_point, ct_args)
+    assert torch.equal(fake_quantize(weight, scale, zero_point, MXFP4), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nvfp4_scales_are_fp8_group_scales_times_a_global_scale(dtype: torch.dtype) -> None:
+    weight = fp4_weight(dtype)
+    tensor_scale = global_scale(*reduce_min_max(weight, NVFP4), NVFP4, "w")
+    assert tensor_scale.shape == (1,) and tensor_scale.dtype == torch.float32
+    max_abs = weight.abs().amax()
+    assert tensor_scale.item() == pytest.approx(448 * 6 / max_abs.item(), rel=1e-2)
+    scale, _ = qparams_for_weight(weight, NVFP4, global_scale=tensor_scale)
+    assert scale.shape == (24, 4) and scale.dtype == dtype
+    # slow reference, group by group: global * max|group| / 6, rounded to fp8 e4m3
+    groups = weight.unflatten(-1, (4, 16))
+    for row in range(24):
+        for group in range(4):
+            local = groups[row, group].abs().amax() / 6
+            stored = tensor_scale * local.float()
+            fp8 = stored.clamp(-448, 448).to(torch.float8_e4m3fn).float()
+            assert scale[row, group].float() == (fp8 if fp8 > 0 else 0.125)
+    assert scale.float().amax() == 448  # the largest group maps onto fp8's largest value
+
+
+def test_nvfp4_qparams_and_round_trip_equal_compressed_tensors() -> None:
+    weight = fp4_weight(torch.bfloat16)
+    min_vals, max_vals = reduce_min_max(weight, NVFP4)
+    tensor_scale = global_scale(min_vals, max_vals, NVFP4, "w")
+    ct_global = generate_gparam(weight.amin().reshape(1), weight.amax().reshape(1))
+    assert torch.equal(tensor_scale, ct_global)
+    ct_args = CTArgs(**{**NVFP4.to_dict(), "scale_dtype": torch.float8_e4m3fn})
+    ct_scale, _ = ct_qparams(min_vals, max_vals, ct_args, global_scale=ct_global)
+    scale, zero_point = qparams_for_weight(weight, NVFP4, global_scale=tensor_scale)
+    assert torch.equal(scale.float(), ct_scale)  # compressed-tensors keeps them in float32
+    expected = ct_fake_quantize(weight, ct_scale, None, ct_args, global_scale=tensor_scale)
+    assert torch.equal(fake_quantize(weight, scale, zero_point, NVFP4, tensor_scale), expected)
+
+
+@pytest.mark.parametrize("fill", [0.0, float("nan"), float("inf")])
+def test_nvfp4_refuses_a_weight_that_is_all_zero_or_not_finite(fill: float) -> None:
+    layer = torch.nn.Linear(32, 4)
+    with torch.no_grad():
+        layer.weight.zero_()
+        layer.weight[0, 0] = fill
+    what = "all zero" if fill == 0 else "not finite"
+    with pytest.raises(ValueError, match=rf"layer 'model.q_proj' weight is {what}"):
+        quantize_layer(layer, preset_scheme("NVFP4A16", ["Linear"]), None, "model.q_proj")
+
+
+def test_nvfp4_quantized_layer_holds_its_global_scale() -> None:
+    layer = torch.nn.Linear(32, 4)
+    result = quantize_layer(layer, preset_scheme("NVFP4A16", ["Linear"]), None, "q")
+    assert set(result.buffers) == {"weight_scale", "weight_zero_point", "weight_global_scale"}
+    buffers = result.buffers
+    expected = fake_quantize(
+        layer.weight, buffers["weight_scale"], None, NVFP4, buffers["weight_global_scale"]
+    )
+    assert torch.equal(result.weight, expected)
+
+
+def test_nvfp4_is_refused_where_no_global_scale_is_computed() -> None:
+    weight = fp4_weight()
+    with pytest.raises(ValueError, match="tensor_group.*quantization-aware training"):
+        compute_dynamic_qparams(weight, NVFP4)
+    with pytest.raises(ValueError, match="GPTQ with strategy='tensor_group'"):
+        make_column_quantizer(weight, NVFP4, weight.dtype)
+    with pytest.raises(ValueError, match="global_scale is required"):
+        qparams_for_weight(weight, NVFP4)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field_name"),
+    [
+        ({"num_bits": 4, "type": "float", "strategy": "group", "group_size": 32}, "num_bits"),
+        (
+            {
+                "num_bits": 4,
+                "type": "float",
+                "strategy": "group",
+                "group_size": 16,
+                "scale_dtype": "uint8",
+            },
+            "group_size",
+        ),
+        (
+            {
+                "num_bits": 4,
+                "type": "float",
+                "strategy": "group",
+                "group_size": 16,
+                "scale_dtype": "float8_e4m3fn",
+            },
+            "strategy",
+        ),
+        (
+            {"num_bits": 4, "strategy": "group", "group_size": 16, "scale_dtype": "uint8"},
+            "scale_dtype",
+        ),
+        ({"strategy": "tensor_group"}, "group_size"),
+    ],
+    ids=str,
+)
+def test_invalid_fp4_args_name_the_field(kwargs: dict, field_name: str) -> None:
+    with pytest.raises(ValueError, match=rf"^{field_name}=.* is invalid: expected "):
+        QuantizationArgs(**kwargs)
+
+
+def test_format_registry_has_one_row_per_combination() -> None:
+    keys = [(f.type, bits, f.scale_dtype) for f in FORMATS for bits in f.num_bits]
+    assert len(keys) == len(set(keys))
+    assert format_of("float", 4, "float8_e4m3fn").compressor == "nvfp4-pack-quantized"
+    assert format_of("float", 4, "uint8").compressor == "mxfp4-pack-quantized"
+    with pytest.raises(ValueError, match="must be one of"):
+        format_of("float", 6)
+
+
+KNOWN_DIFFERENT = {"W8A16": "channel-wise here (the project's preset before 0.20), group 128 there"}
+
+
+@pytest.mark.parametrize("name", sorted(set(PRESET_SCHEMES) - set(KNOWN_DIFFERENT)))
+def test_presets_have_compressed_tensors_definitions(name: str) -> None:
+    ours = PRESET_SCHEMES[name]
+    theirs = {role: args for role, args in CT_PRESETS[name].items() if args is not None}
+    assert set(ours) == set(theirs)
+    for role, args in ours.items():
+        ct = theirs[role]
+        fields = ("num_bits", "type", "symmetric", "strategy", "group_size", "dynamic")
+        assert {f: getattr(args, f) for f in fields} == {f: getattr(ct, f) for f in fields}
+        ct_scale_dtype = None if ct.scale_dtype is None or ct.num_bits != 4 else ct.scale_dtype
+        assert args.scale_dtype == (None if ct_scale_dtype is None else str(ct_scale_dtype)[6:])
+
+
+@pytest.mark.parametrize(("scheme", "size"), [("NVFP4A16", 16), ("MXFP4A16", 32)])
+def test_a_group_that_does_not_divide_a_layer_names_the_layer(scheme: str, size: int) -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(64, 8), torch.nn.Linear(8, 24))
+    session = CompressionSession()
+    error = rf"group_size \[{size}\] does not divide the input features of \['1 \(in_features=8"
+    with pytest.raises(RecipeError, match=error):
+        session.initialize(
+            recipe=QuantizationModifier(scheme=scheme, targets=["Linear"]), model=model
+        )
