@@ -146,7 +146,8 @@ def _load_state(model: nn.Module, tensors: dict[str, Tensor], files: dict[str, P
 def _restore_quantization(
     module: nn.Module, scheme: QuantizationScheme, stored: dict[str, Tensor]
 ) -> None:
-    """Gives ``module`` its qparam buffers (zero points of symmetric schemes are 0) and scheme."""
+    """Gives ``module`` its qparam buffers (zero points of symmetric schemes are 0, global
+    scales where stored) and scheme."""
     for role, args in (("weight", scheme.weights), ("input", scheme.input_activations)):
         scale = stored.get(f"{role}_scale")
         if args is None or scale is None:
@@ -158,4 +159,7 @@ def _restore_quantization(
         module.register_buffer(
             f"{role}_zero_point", zero_point.to(module.weight.device, quantized_dtype(args))
         )
+        global_scale = stored.get(f"{role}_global_scale")
+        if global_scale is not None:  # strategy tensor_group (NVFP4)
+            module.register_buffer(f"{role}_global_scale", global_scale.to(module.weight.device))
     attach_quantization(module, scheme)

@@ -13,7 +13,7 @@ from export_models import QUIET, preset, tiny_model, token_ids
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from lightning_compress.export import ExportError, save_compressed
+from lightning_compress.export import ExportError, load_compressed, save_compressed
 from lightning_compress.lightning.oneshot import oneshot
 
 FORMATS = {
@@ -68,3 +68,17 @@ def test_fp4_in_float32_is_refused_with_the_dtype_to_use(tmp_path):
     model = fp4_model("MXFP4A16", torch.float32)
     with pytest.raises(ExportError, match=r"fp4 weights .* in torch.float32.*bfloat16"):
         save_compressed(model, tmp_path / "ckpt")
+
+
+def test_load_compressed_restores_nvfp4_global_scales_and_saves_them_again(tmp_path):
+    model = fp4_model("NVFP4A16")
+    path = save_compressed(model, tmp_path / "first")
+    loaded = load_compressed(path)
+    expected, got = model.state_dict(), loaded.state_dict()
+    assert set(got) == set(expected)
+    assert all(torch.equal(got[key], expected[key]) for key in expected)
+    again = save_compressed(loaded, tmp_path / "second")
+    assert (
+        load_file(again / "model.safetensors").keys()
+        == load_file(path / "model.safetensors").keys()
+    )

@@ -134,7 +134,13 @@ class ColumnQuantizer:
         self.scales = list(scales)
         self.zero_points = list(zero_points)
         self.keep: Tensor | None = None
-        self._column_args = dataclasses.replace(args, strategy="channel", group_size=None)
+        # qparams of the columns of one group, one per row: a group's own arguments (formats
+        # that exist only in groups, as MXFP4, keep theirs), else per channel
+        self._column_args = (
+            args
+            if args.strategy == "group"
+            else dataclasses.replace(args, strategy="channel", group_size=None)
+        )
         self._aligned: dict[int, tuple[Tensor, Tensor]] = {}
 
     def __call__(self, j: int, w: Tensor, sweep: BlockwiseOBS) -> Tensor:

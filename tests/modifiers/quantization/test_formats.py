@@ -22,7 +22,7 @@ from lightning_compress.modifiers.quantization.args import (
 )
 from lightning_compress.modifiers.quantization.calibration import quantize_layer
 from lightning_compress.modifiers.quantization.formats import FORMATS, format_of
-from lightning_compress.modifiers.quantization.gptq import make_column_quantizer
+from lightning_compress.modifiers.quantization.gptq import gptq_quantize, make_column_quantizer
 from lightning_compress.modifiers.quantization.observers import qparams_for_weight
 from lightning_compress.modifiers.quantization.ops import (
     compute_dynamic_qparams,
@@ -246,3 +246,21 @@ def test_a_group_that_does_not_divide_a_layer_names_the_layer(scheme: str, size:
         session.initialize(
             recipe=QuantizationModifier(scheme=scheme, targets=["Linear"]), model=model
         )
+
+
+def test_gptq_quantizes_mxfp4_onto_its_grid_with_e8m0_scales_and_beats_rtn() -> None:
+    generator = torch.Generator().manual_seed(2)
+    weight = fp4_weight()
+    inputs = torch.randn(256, 64, generator=generator) * torch.linspace(0.1, 3, 64)
+    hessian = 2 * inputs.T @ inputs / inputs.shape[0]
+    result = gptq_quantize(weight, hessian, MXFP4)
+    assert result.scale.shape == (24, 2)
+    assert torch.equal(result.scale.log2(), result.scale.log2().round())  # powers of two
+    on_grid = fake_quantize(result.weight_q, result.scale, result.zero_point, MXFP4)
+    assert torch.equal(on_grid, result.weight_q)
+    rtn = fake_quantize(weight, *qparams_for_weight(weight, MXFP4), MXFP4)
+
+    def output_error(quantized: torch.Tensor) -> float:
+        return float(((quantized - weight) @ inputs.T).pow(2).sum())
+
+    assert output_error(result.weight_q) < output_error(rtn)
