@@ -264,3 +264,16 @@ def test_gptq_quantizes_mxfp4_onto_its_grid_with_e8m0_scales_and_beats_rtn() -> 
         return float(((quantized - weight) @ inputs.T).pow(2).sum())
 
     assert output_error(result.weight_q) < output_error(rtn)
+
+
+def test_quantization_aware_training_refuses_nvfp4_before_touching_the_model() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32))
+    state = {key: value.clone() for key, value in model.state_dict().items()}
+    with pytest.raises(ValueError, match="tensor_group.*quantization-aware training"):
+        CompressionSession().initialize(
+            recipe=QuantizationModifier(scheme="NVFP4A16", targets=["Linear"], start=0),
+            model=model,
+        )
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(model.state_dict()[key], state[key]) for key in state)
+    assert not hasattr(model[0], "quantization_scheme")

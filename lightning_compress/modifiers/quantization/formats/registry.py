@@ -7,11 +7,18 @@ format is a module with its grid or scale encoding (``grids.py``, ``scales.py``)
 row here.
 
 vLLM support is read from vLLM's compressed-tensors scheme code
-(``vllm/model_executor/layers/quantization/compressed_tensors/``): ``W4A16`` and int
-``W8A16`` are served by ``CompressedTensorsWNA16`` (packed int4/int8, group or channel),
-int8 ``W8A8`` by ``CompressedTensorsW8A8Int8``, fp8 by ``CompressedTensorsW8A8Fp8`` /
-``W8A16Fp8``, NVFP4 by ``CompressedTensorsW4A4Fp4`` / ``W4A16Fp4`` and MXFP4 weights by
+(``vllm/model_executor/layers/quantization/compressed_tensors/``): int weights with 16-bit
+activations are served by ``CompressedTensorsWNA16`` (4 and 8 bits; 2 to 8 bits in recent
+versions, whose ``WNA16_SUPPORTED_TYPES_MAP`` lists them), int8 weights and activations by
+``CompressedTensorsW8A8Int8``, fp8 by ``CompressedTensorsW8A8Fp8`` / ``W8A16Fp8``, NVFP4 weights
+by ``CompressedTensorsW4A16Fp4`` (and with NVFP4 activations by ``W4A4Fp4``), MXFP4 weights by
 ``CompressedTensorsW4A16Mxfp4``.
+
+Where a scheme is touched: ``args.py`` validates it against this table and names the presets;
+``ops.py`` takes the grid's bounds, rounding and storage dtype and the scale encoding from its
+row; ``observers.py`` and ``calibration.py`` pass the global scale of ``tensor_group``;
+``export/schemes.py`` maps ``scale_dtype`` to compressed-tensors, whose own compressors
+(picked by ``infer_module_format``) pack each format.
 """
 
 from __future__ import annotations
@@ -70,52 +77,52 @@ _ANY = ("tensor", "channel", "group", "token")
 
 FORMATS: tuple[QuantFormat, ...] = (
     QuantFormat(
-        "int",
-        "int",
-        (1, 2, 3, 4, 5, 6, 7, 8),
-        INT,
-        LinearScale(),
-        None,
-        _ANY,
-        None,
-        None,
-        "W4A16/W8A16 (group, channel), W8A8 int8; not W2/W3",
+        name="int",
+        type="int",
+        num_bits=(1, 2, 3, 4, 5, 6, 7, 8),
+        grid=INT,
+        scale=LinearScale(),
+        scale_dtype=None,
+        strategies=_ANY,
+        group_size=None,
+        compressor=None,
+        vllm="weight-only 4/8-bit (2-8 in recent vLLM); int8 W8A8; not int4 activations",
     ),
     QuantFormat(
-        "fp8",
-        "float",
-        (8,),
-        FP8_E4M3,
-        LinearScale(),
-        None,
-        _ANY,
-        None,
-        "float-quantized",
-        "yes (W8A8 on Hopper+, weight-only elsewhere)",
+        name="fp8",
+        type="float",
+        num_bits=(8,),
+        grid=FP8_E4M3,
+        scale=LinearScale(),
+        scale_dtype=None,
+        strategies=_ANY,
+        group_size=None,
+        compressor="float-quantized",
+        vllm="W8A8 (Ada/Hopper and newer), weight-only elsewhere",
     ),
     QuantFormat(
-        "nvfp4",
-        "float",
-        (4,),
-        FP4_E2M1,
-        FP8Scale(),
-        "float8_e4m3fn",
-        ("tensor_group",),
-        16,
-        "nvfp4-pack-quantized",
-        "yes (W4A4 on Blackwell, weight-only elsewhere)",
+        name="nvfp4",
+        type="float",
+        num_bits=(4,),
+        grid=FP4_E2M1,
+        scale=FP8Scale(),
+        scale_dtype="float8_e4m3fn",
+        strategies=("tensor_group",),
+        group_size=16,
+        compressor="nvfp4-pack-quantized",
+        vllm="weights only (W4A16); W4A4 on Blackwell once NVFP4 activations exist here",
     ),
     QuantFormat(
-        "mxfp4",
-        "float",
-        (4,),
-        FP4_E2M1,
-        E8M0Scale(),
-        "uint8",
-        ("group",),
-        32,
-        "mxfp4-pack-quantized",
-        "weights only (W4A16)",
+        name="mxfp4",
+        type="float",
+        num_bits=(4,),
+        grid=FP4_E2M1,
+        scale=E8M0Scale(),
+        scale_dtype="uint8",
+        strategies=("group",),
+        group_size=32,
+        compressor="mxfp4-pack-quantized",
+        vllm="weights only (W4A16)",
     ),
 )
 """Every format, looked up by :func:`format_of`."""
