@@ -291,6 +291,8 @@ def _args_label(args: QuantizationArgs) -> str:
     kind = "int" if args.type == "int" else "fp"
     grouped = args.strategy in ("group", "tensor_group")
     strategy = f"g{args.group_size}" if grouped else f"per-{args.strategy}"
+    if args.block_structure is not None:
+        strategy = "block " + "x".join(map(str, args.block_structure))
     parts = [f"{kind}{args.num_bits}", "" if args.symmetric else "asym", strategy]
     parts.append("dynamic" if args.dynamic else "")
     return " ".join(part for part in parts if part)

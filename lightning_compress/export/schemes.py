@@ -252,6 +252,7 @@ def _ct_args(args: QuantizationArgs | None) -> CTQuantizationArgs | None:
         group_size=args.group_size,
         dynamic=args.dynamic,
         scale_dtype=None if args.scale_dtype is None else getattr(torch, args.scale_dtype),
+        block_structure=None if args.block_structure is None else list(args.block_structure),
     )
 
 
@@ -266,6 +267,7 @@ def _our_args(args: CTQuantizationArgs | None) -> QuantizationArgs | None:
         group_size=args.group_size,
         dynamic=args.dynamic,
         scale_dtype=_dtype_name(args),
+        block_structure=None if args.block_structure is None else tuple(args.block_structure),
     )
 
 

@@ -1,5 +1,5 @@
-"""The int presets of compressed-tensors 0.20 (W2A4 ... W7A16, W4AFP8) save and load in
-transformers with the logits of the model in memory."""
+"""The int presets of compressed-tensors 0.20 (W2A4 ... W7A16, W4AFP8) and FP8_BLOCK save and
+load in transformers with the logits of the model in memory."""
 
 from __future__ import annotations
 
@@ -13,14 +13,19 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from lightning_compress.export import save_compressed
 from lightning_compress.lightning.oneshot import oneshot
 
-WIDE = {**ARCHITECTURE, "hidden_size": 128, "intermediate_size": 256}
-"""Layers 128 and 256 wide: the presets' groups of 128 divide them."""
+WIDE = {**ARCHITECTURE, "hidden_size": 128, "intermediate_size": 256, "num_key_value_heads": 4}
+"""Layers 128 and 256 wide: the presets' groups and blocks of 128 divide them."""
 PROBE = torch.tensor([[3, 17, 99, 5, 64, 2, 77, 11, 8, 120]])
-FORMATS = {"W2A16": "pack-quantized", "W3A4": "int-quantized", "W4AFP8": "int-quantized"}
+FORMATS = {
+    "W2A16": "pack-quantized",
+    "W3A4": "int-quantized",
+    "W4AFP8": "int-quantized",
+    "FP8_BLOCK": "float-quantized",
+}
 
 
 @pytest.mark.parametrize("scheme", list(FORMATS))
-def test_int_preset_loads_in_transformers_with_equal_logits(scheme, tmp_path):
+def test_preset_loads_in_transformers_with_equal_logits(scheme, tmp_path):
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**WIDE)).eval()
     oneshot(model, preset(scheme), token_ids(), num_calibration_samples=8, trainer_kwargs=QUIET)

@@ -24,7 +24,7 @@ __all__ = [
 ]
 
 TYPES = ("int", "float")
-STRATEGIES = ("tensor", "channel", "group", "tensor_group", "token")
+STRATEGIES = ("tensor", "channel", "group", "tensor_group", "block", "token")
 GROUPED_STRATEGIES = ("group", "tensor_group")
 DYNAMIC_STRATEGIES = ("tensor", "group", "token")
 OBSERVER_NAMES = ("minmax", "moving_average", "mse")
@@ -89,7 +89,8 @@ class QuantizationArgs:
         strategy: which values share a scale: ``"tensor"`` (all), ``"channel"``
             (each output row), ``"group"`` (each ``group_size`` run of the last
             dimension in a row), ``"tensor_group"`` (groups whose scales are stored
-            times one per-tensor global scale, NVFP4) or ``"token"`` (each row of an
+            times one per-tensor global scale, NVFP4), ``"block"`` (each
+            ``block_structure`` tile of a 2-D weight) or ``"token"`` (each row of an
             activation).
         group_size: values per group; required by and only allowed with ``"group"`` and
             ``"tensor_group"``.
@@ -104,6 +105,8 @@ class QuantizationArgs:
             ``"float8_e4m3fn"`` (NVFP4) or ``"uint8"`` (E8M0 exponents, the MX formats).
             With ``type`` and ``num_bits`` it picks the format in
             :data:`~lightning_compress.modifiers.quantization.formats.FORMATS`.
+        block_structure: ``(rows, columns)`` of a tile sharing a scale; required by and only
+            allowed with ``"block"`` (a list is taken as a tuple).
 
     Raises:
         ValueError: when a field is invalid; the message names it.
@@ -118,10 +121,14 @@ class QuantizationArgs:
     observer: str = "minmax"
     averaging_constant: float = 0.01
     scale_dtype: str | None = None
+    block_structure: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.block_structure, list):  # as YAML and JSON give it
+            object.__setattr__(self, "block_structure", tuple(self.block_structure))
         self._check_strategy()
         self._check_type_and_bits()
+        self._check_block_structure()
         _require(isinstance(self.dynamic, bool), "dynamic", self.dynamic, "a bool")
         _require(
             not self.dynamic or self.strategy in DYNAMIC_STRATEGIES,
@@ -187,6 +194,25 @@ class QuantizationArgs:
             f"{quant_format.group_size} for the {quant_format.name} format",
         )
 
+    def _check_block_structure(self) -> None:
+        blocks = self.block_structure
+        if self.strategy == "block":
+            _require(
+                isinstance(blocks, tuple)
+                and len(blocks) == 2
+                and all(_is_int(size) and size > 0 for size in blocks),
+                "block_structure",
+                blocks,
+                "two positive ints [rows, columns] for strategy='block'",
+            )
+        else:
+            _require(
+                blocks is None,
+                "block_structure",
+                blocks,
+                f"None for strategy={self.strategy!r} (block_structure needs strategy='block')",
+            )
+
     def _check_strategy(self) -> None:
         _require(self.strategy in STRATEGIES, "strategy", self.strategy, f"one of {STRATEGIES}")
         if self.strategy in GROUPED_STRATEGIES:
@@ -232,11 +258,12 @@ class QuantizationArgs:
             raise ValueError(f"{where}: {err}") from err
 
     def to_dict(self) -> dict[str, Any]:
-        """Returns the fields that differ from their defaults; ``from_dict`` inverts it."""
+        """Returns the fields that differ from their defaults (tuples as lists, as YAML writes
+        them); ``from_dict`` inverts it."""
         return {
-            f.name: getattr(self, f.name)
+            f.name: list(value) if isinstance(value, tuple) else value
             for f in fields(self)
-            if getattr(self, f.name) != f.default
+            if (value := getattr(self, f.name)) != f.default
         }
 
 
@@ -286,10 +313,10 @@ class QuantizationScheme:
         for role in ROLES[1:]:
             args = getattr(self, role)
             _require(
-                args is None or args.strategy != "channel",
+                args is None or args.strategy not in ("channel", "block"),
                 f"{role}.strategy",
-                "channel",
-                "'tensor', 'group' or 'token' (channel is for weights)",
+                None if args is None else args.strategy,
+                "'tensor', 'group' or 'token' (channel and block are for weights)",
             )
 
     @classmethod
@@ -386,6 +413,12 @@ PRESET_SCHEMES: dict[str, dict[str, QuantizationArgs]] = {
             group_size=16,
             scale_dtype="float8_e4m3fn",
         )
+    },
+    "FP8_BLOCK": {
+        "weights": QuantizationArgs(type="float", strategy="block", block_structure=(128, 128)),
+        "input_activations": QuantizationArgs(
+            type="float", strategy="group", group_size=128, dynamic=True
+        ),
     },
     "MXFP4A16": {
         "weights": QuantizationArgs(

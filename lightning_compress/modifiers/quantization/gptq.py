@@ -242,6 +242,11 @@ def _check_args(in_features: int, args: QuantizationArgs, actorder: str | None) 
             f"GPTQ computes static weight qparams: got strategy={args.strategy!r}, "
             f"dynamic={args.dynamic!r}; use 'tensor', 'channel' or 'group' with dynamic=False"
         )
+    if args.strategy == "block":
+        raise ValueError(
+            "GPTQ with strategy='block' (FP8_BLOCK) is not implemented; use "
+            "QuantizationModifier (round-to-nearest) for it"
+        )
     if args.strategy == "tensor_group":
         raise ValueError(
             "GPTQ with strategy='tensor_group' (NVFP4) is not implemented: its scales need a "

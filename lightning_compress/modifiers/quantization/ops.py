@@ -13,7 +13,9 @@ Conventions, as in compressed-tensors:
   ``scale / global_scale`` is the scale used.
 * Scale and zero-point shapes for an input ``x``, per strategy:
   ``tensor`` ``[1]``; ``channel`` ``[x.shape[0], 1]``; ``group`` and ``tensor_group``
-  ``[*x.shape[:-1], x.shape[-1] // group_size]``; ``token`` ``[*x.shape[:-1], 1]``.
+  ``[*x.shape[:-1], x.shape[-1] // group_size]``; ``block`` (2-D ``x``, tiles of
+  ``block_structure``) ``[rows // block_rows, columns // block_columns]``; ``token``
+  ``[*x.shape[:-1], 1]``.
 * Scales take the dtype of the min/max they come from; zero points are
   ``int8`` for ``int`` and ``float8_e4m3fn`` (always 0) for ``float``.
 """
@@ -91,8 +93,11 @@ def strategy_groups(x: Tensor, args: QuantizationArgs) -> Tensor:
         ``x`` reshaped to ``[*qparams_shape, values_per_scale]``.
 
     Raises:
-        ValueError: for ``group`` when ``group_size`` does not divide ``x.shape[-1]``.
+        ValueError: for ``group`` when ``group_size`` does not divide ``x.shape[-1]``, for
+            ``block`` when ``x`` is not 2-D or the blocks do not tile it.
     """
+    if args.strategy == "block":
+        return _blocks(x, args.block_structure)
     if args.strategy == "tensor":
         return x.reshape(1, -1)
     if args.strategy == "channel":
@@ -107,6 +112,28 @@ def strategy_groups(x: Tensor, args: QuantizationArgs) -> Tensor:
             "this module to `ignore`"
         )
     return x.unflatten(-1, (x.shape[-1] // group_size, group_size))
+
+
+def _blocks(x: Tensor, block_structure: tuple[int, int]) -> Tensor:
+    """``x`` ``[rows, columns]`` as ``[rows / r, columns / c, r * c]``, each tile's values last."""
+    rows, columns = block_structure
+    if x.dim() != 2 or x.shape[0] % rows or x.shape[1] % columns:
+        raise ValueError(
+            f"block_structure={list(block_structure)} does not tile a tensor of shape "
+            f"{tuple(x.shape)}: expected a 2-D tensor whose dimensions the blocks divide; add "
+            "this module to `ignore`"
+        )
+    tiles = x.reshape(x.shape[0] // rows, rows, x.shape[1] // columns, columns).transpose(1, 2)
+    return tiles.reshape(*tiles.shape[:2], rows * columns)
+
+
+def _ungroup(groups: Tensor, shape: torch.Size, args: QuantizationArgs) -> Tensor:
+    """Inverts :func:`strategy_groups`: values grouped as it groups them, back to ``shape``."""
+    if args.strategy != "block":
+        return groups.reshape(shape)
+    rows, columns = args.block_structure
+    tiles = groups.reshape(*groups.shape[:2], rows, columns).transpose(1, 2)
+    return tiles.reshape(shape)
 
 
 def reduce_min_max(x: Tensor, args: QuantizationArgs) -> tuple[Tensor, Tensor]:
@@ -279,9 +306,10 @@ def _round_trip(
     ``clamped`` must be a temporary: it is changed in place.
     """
     x_hat = _from_grid(_round_to_grid(clamped, args), scale, zero_point)
-    if x_hat.shape == like.shape and x_hat.dtype == like.dtype:
-        return x_hat  # skips two no-op calls: this runs once per column in GPTQ's sweep
-    return x_hat.reshape(like.shape).to(like.dtype)
+    if x_hat.shape == like.shape:  # ``like`` is grouped already (fake_quantize_aligned)
+        # skips a no-op call: this runs once per column in GPTQ's sweep
+        return x_hat if x_hat.dtype == like.dtype else x_hat.to(like.dtype)
+    return _ungroup(x_hat, like.shape, args).to(like.dtype)
 
 
 def quantize(
@@ -312,7 +340,7 @@ def quantize(
     groups, scale, zero_point = _groups_and_qparams(x, scale, zero_point, args)
     scaled = _scale_to_grid(groups, scale, zero_point)
     q = _round_to_grid(scaled.clamp_(*quant_range(args)), args)
-    return q.reshape(x.shape).to(quantized_dtype(args))
+    return _ungroup(q, x.shape, args).to(quantized_dtype(args))
 
 
 def dequantize(
@@ -340,7 +368,7 @@ def dequantize(
     """
     scale = _unscaled(scale, global_scale)
     groups, scale, zero_point = _groups_and_qparams(q, scale, zero_point, args)
-    return _from_grid(groups.to(scale.dtype, copy=True), scale, zero_point).reshape(q.shape)
+    return _ungroup(_from_grid(groups.to(scale.dtype, copy=True), scale, zero_point), q.shape, args)
 
 
 def fake_quantize(
@@ -369,7 +397,7 @@ def fake_quantize(
     """
     scale = _unscaled(scale, global_scale)
     groups, scale, zero_point = _groups_and_qparams(x, scale, zero_point, args)
-    return fake_quantize_aligned(groups, scale, zero_point, args).reshape(x.shape)
+    return _ungroup(fake_quantize_aligned(groups, scale, zero_point, args), x.shape, args)
 
 
 def fake_quantize_aligned(
@@ -406,7 +434,7 @@ class _FakeQuantizeSTE(torch.autograd.Function):
         clamped = scaled.clamp(*quant_range(args))
         # 1 where not clamped, in x's dtype: multiplying by it is far faster than a bool mask.
         inside = torch.empty(scaled.shape, dtype=x.dtype, device=x.device)
-        ctx.save_for_backward(torch.eq(clamped, scaled, out=inside).reshape(x.shape))
+        ctx.save_for_backward(_ungroup(torch.eq(clamped, scaled, out=inside), x.shape, args))
         return _round_trip(clamped, scale, zero_point, args, x)
 
     @staticmethod

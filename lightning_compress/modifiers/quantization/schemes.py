@@ -173,6 +173,24 @@ def _check_group_sizes(owner: str, plan: dict[str, PendingLayer]) -> None:
             f"{owner}: group_size {sizes} does not divide the input features of "
             f"{list(bad)}; expected a group_size that divides them, or add these layers to ignore"
         )
+    untiled = {
+        f"{name} ({layer.module.out_features}x{layer.module.in_features})": list(
+            layer.settings.weights.block_structure
+        )
+        for name, layer in plan.items()
+        if layer.settings.weights.strategy == "block"
+        and (
+            layer.module.out_features % layer.settings.weights.block_structure[0]
+            or layer.module.in_features % layer.settings.weights.block_structure[1]
+        )
+    }
+    if untiled:
+        blocks = sorted({tuple(block) for block in untiled.values()})
+        raise RecipeError(
+            f"{owner}: block_structure {[list(block) for block in blocks]} does not tile the "
+            f"weights of {list(untiled)}; they are not padded here: expected blocks that divide "
+            "both dimensions, or add these layers to ignore"
+        )
 
 
 def _as_list(targets: str | list[str]) -> list[str]:

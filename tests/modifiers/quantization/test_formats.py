@@ -18,6 +18,7 @@ from lightning_compress.modifiers import QuantizationModifier
 from lightning_compress.modifiers.quantization.args import (
     PRESET_SCHEMES,
     QuantizationArgs,
+    QuantizationScheme,
     preset_scheme,
 )
 from lightning_compress.modifiers.quantization.calibration import quantize_layer
@@ -26,6 +27,7 @@ from lightning_compress.modifiers.quantization.gptq import gptq_quantize, make_c
 from lightning_compress.modifiers.quantization.observers import qparams_for_weight
 from lightning_compress.modifiers.quantization.ops import (
     compute_dynamic_qparams,
+    dequantize,
     fake_quantize,
     global_scale,
     quantize,
@@ -232,6 +234,8 @@ def test_presets_have_compressed_tensors_definitions(name: str) -> None:
     for role, args in ours.items():
         ct = theirs[role]
         fields = ("num_bits", "type", "symmetric", "strategy", "group_size", "dynamic")
+        blocks = None if ct.block_structure is None else tuple(ct.block_structure)
+        assert args.block_structure == blocks
         assert {f: getattr(args, f) for f in fields} == {f: getattr(ct, f) for f in fields}
         ct_scale_dtype = None if ct.scale_dtype is None or ct.num_bits != 4 else ct.scale_dtype
         assert args.scale_dtype == (None if ct_scale_dtype is None else str(ct_scale_dtype)[6:])
@@ -277,3 +281,47 @@ def test_quantization_aware_training_refuses_nvfp4_before_touching_the_model() -
     assert model.state_dict().keys() == state.keys()
     assert all(torch.equal(model.state_dict()[key], state[key]) for key in state)
     assert not hasattr(model[0], "quantization_scheme")
+
+
+BLOCK = QuantizationArgs(type="float", strategy="block", block_structure=(4, 8))
+
+
+def test_block_scales_cover_tiles_and_round_trip_per_tile() -> None:
+    weight = fp4_weight()[:12, :16]
+    scale, zero_point = qparams_for_weight(weight, BLOCK)
+    assert scale.shape == (3, 2)
+    x_hat = fake_quantize(weight, scale, zero_point, BLOCK)
+    for row in range(3):
+        for column in range(2):
+            tile = weight[row * 4 : (row + 1) * 4, column * 8 : (column + 1) * 8]
+            tile_scale = tile.abs().amax() / 448
+            assert scale[row, column] == tile_scale
+            expected = (tile / tile_scale).to(torch.float8_e4m3fn).float() * tile_scale
+            got = x_hat[row * 4 : (row + 1) * 4, column * 8 : (column + 1) * 8]
+            assert torch.equal(got, expected)
+    codes = quantize(weight, scale, zero_point, BLOCK)
+    assert torch.equal(dequantize(codes, scale, zero_point, BLOCK), x_hat)
+
+
+def test_fp8_block_round_trip_equals_compressed_tensors() -> None:
+    weight = torch.randn(256, 384, generator=torch.Generator().manual_seed(3)).bfloat16()
+    args = preset_scheme("FP8_BLOCK", ["Linear"]).weights
+    scale, zero_point = qparams_for_weight(weight, args)
+    assert scale.shape == (2, 3)
+    ct_args = CTArgs(**args.to_dict())
+    expected = ct_fake_quantize(weight, scale, zero_point, ct_args)
+    assert torch.equal(fake_quantize(weight, scale, zero_point, args), expected)
+
+
+def test_blocks_that_do_not_tile_a_layer_name_it_and_gptq_refuses_blocks() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(256, 128), torch.nn.Linear(128, 96))
+    with pytest.raises(RecipeError, match=r"does not tile the weights of \['1 \(96x128\)'\]"):
+        CompressionSession().initialize(
+            recipe=QuantizationModifier(scheme="FP8_BLOCK", targets=["Linear"]), model=model
+        )
+    with pytest.raises(ValueError, match="GPTQ with strategy='block'"):
+        make_column_quantizer(fp4_weight()[:16, :16], BLOCK, torch.float32)
+    with pytest.raises(ValueError, match=r"^block_structure=None is invalid"):
+        QuantizationArgs(type="float", strategy="block")
+    with pytest.raises(ValueError, match=r"^input_activations.strategy='block' is invalid"):
+        QuantizationScheme(targets=["Linear"], weights=None, input_activations=BLOCK)

@@ -83,7 +83,8 @@ def reference_linear(layer: nn.Linear, x: torch.Tensor, scheme, observed=None) -
 
 
 @pytest.mark.parametrize(
-    "preset", ["W8A8", "W4A8", "W4A16", "W4A16_ASYM", "W8A16", "FP8", "FP8_DYNAMIC", "MXFP4A16"]
+    "preset",
+    ["W8A8", "W4A8", "W4A16", "W4A16_ASYM", "W8A16", "FP8", "FP8_DYNAMIC", "MXFP4A16", "FP8_BLOCK"],
 )
 def test_fake_quant_forward_equals_ops_reference(preset):
     model = make_model()
