@@ -57,6 +57,18 @@ def test_fp4_checkpoint_reads_back_exactly_and_loads_in_transformers(scheme, tmp
         assert weight.dtype == module.weight.dtype
         assert torch.equal(weight, module.weight.detach()), name
 
+    if scheme == "NVFP4A16":  # the layers vLLM fuses share their global scale, the smallest
+        for layer in model.model.layers:
+            attention, mlp = layer.self_attn, layer.mlp
+            for fused in (
+                [attention.q_proj, attention.k_proj, attention.v_proj],
+                [mlp.gate_proj, mlp.up_proj],
+            ):
+                scales = {float(module.weight_global_scale) for module in fused}
+                assert len(scales) == 1
+                own = min(448 * 6 / module.weight.detach().abs().amax().item() for module in fused)
+                assert scales.pop() == pytest.approx(own, rel=1e-2)
+
     loaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
     with torch.no_grad():
         expected, got = model(PROBE).logits.float(), loaded(PROBE).logits.float()

@@ -130,6 +130,7 @@ def quantize_layer(
     scheme: QuantizationScheme,
     observer: CalibrationObserver | None,
     name: str = "",
+    shared_global_scale: Tensor | None = None,
 ) -> CompressedLayer:
     """Computes a layer's quantized weight and its qparams, leaving the layer unchanged.
 
@@ -138,6 +139,8 @@ def quantize_layer(
         scheme: how to quantize it; ``weights`` use their configured observer.
         observer: the calibration observer of its static input activations, else None.
         name: the layer's name, for error messages.
+        shared_global_scale: for strategy ``tensor_group``, the global scale the layer shares
+            with the layers vLLM fuses it with; None computes the layer's own.
 
     Returns:
         The quantized weight and the buffers ``weight_scale``, ``weight_zero_point``,
@@ -153,7 +156,10 @@ def quantize_layer(
     args = scheme.weights
     tensor_scale = None
     if args.strategy == "tensor_group":
-        tensor_scale = global_scale(*reduce_min_max(weight, args), args, f"layer '{name}' weight")
+        tensor_scale = None if shared_global_scale is None else shared_global_scale.clone()
+        if tensor_scale is None:
+            ranges = reduce_min_max(weight, args)
+            tensor_scale = global_scale(*ranges, args, f"layer '{name}' weight")
     scale, zero_point = qparams_for_weight(weight, args, global_scale=tensor_scale)
     quantized = fake_quantize(weight, scale, zero_point, args, tensor_scale)
     layer = quantized_layer(quantized, scale, zero_point, observer)

@@ -9,8 +9,11 @@ quantized forward. Round-to-nearest is both its method and its data-free fallbac
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
 
 from lightning_compress.core.state import State
 from lightning_compress.modifiers.layerwise_modifier import (
@@ -23,6 +26,8 @@ from lightning_compress.modifiers.quantization.calibration import (
     quantize_layer,
     relative_error,
 )
+from lightning_compress.modifiers.quantization.fused import fused_groups
+from lightning_compress.modifiers.quantization.ops import global_scale, reduce_min_max
 from lightning_compress.modifiers.quantization.runtime import attach_quantization
 from lightning_compress.modifiers.quantization.schemes import (
     QuantizationSchemes,
@@ -88,8 +93,29 @@ class LayerwiseQuantization(QuantizationSchemes, LayerwiseModifier, register=Fal
         """The layer-wise computation of ``names``, after their ranges are reduced."""
         return super().compute_layers(state, names)
 
+    def stacks(self, names: list[str], statistics: Mapping[str, Any]) -> list[list[str]]:
+        """Layers vLLM fuses (q/k/v, gate/up) with equal ``tensor_group`` (NVFP4) weight
+        arguments form one stack: they share one per-tensor global scale. Others are alone.
+
+        Args:
+            names: the layers to quantize.
+            statistics: unused.
+
+        Returns:
+            The stacks, covering ``names``.
+        """
+        stacks = []
+        for group in fused_groups(names):
+            weights = {self._pending[name].settings.weights for name in group}
+            (args,) = weights if len(weights) == 1 else (None,)
+            shared = args is not None and args.strategy == "tensor_group"
+            stacks.extend([group] if shared else [[name] for name in group])
+        return stacks
+
     def compress_stack(self, stack: list[str], statistics: Any) -> dict[str, CompressedLayer]:
-        """Round-to-nearest, layer by layer (no statistics needed).
+        """Round-to-nearest, layer by layer (no statistics needed); the layers of a
+        ``tensor_group`` stack share the smallest of their global scales, so no group scale
+        of any of them leaves fp8's range.
 
         Args:
             stack: the layers.
@@ -97,8 +123,25 @@ class LayerwiseQuantization(QuantizationSchemes, LayerwiseModifier, register=Fal
 
         Returns:
             Each layer's quantized weight and buffers.
+
+        Raises:
+            ValueError: naming a ``tensor_group`` layer whose weight is all zero or not finite.
         """
-        return {name: self.compress_data_free(name) for name in stack}
+        shared = self._shared_global_scale(stack) if len(stack) > 1 else None
+        return {
+            name: quantize_layer(*self._pending[name], self._observers.get(name), name, shared)
+            for name in stack
+        }
+
+    def _shared_global_scale(self, stack: list[str]) -> Tensor:
+        """The smallest of the per-tensor global scales of the layers of ``stack``."""
+        scales = []
+        for name in stack:
+            module, scheme = self._pending[name]
+            weight = module.weight.detach()
+            ranges = reduce_min_max(weight, scheme.weights)
+            scales.append(global_scale(*ranges, scheme.weights, f"layer '{name}' weight"))
+        return torch.cat(scales).amin().reshape(1)
 
     def compress_data_free(self, name: str) -> CompressedLayer:
         """Round-to-nearest with the layer's scheme (its weight observer gives the qparams).

@@ -23,6 +23,7 @@ from lightning_compress.modifiers.quantization.args import (
 )
 from lightning_compress.modifiers.quantization.calibration import quantize_layer
 from lightning_compress.modifiers.quantization.formats import FORMATS, format_of
+from lightning_compress.modifiers.quantization.fused import fused_groups
 from lightning_compress.modifiers.quantization.gptq import gptq_quantize, make_column_quantizer
 from lightning_compress.modifiers.quantization.observers import qparams_for_weight
 from lightning_compress.modifiers.quantization.ops import (
@@ -325,3 +326,28 @@ def test_blocks_that_do_not_tile_a_layer_name_it_and_gptq_refuses_blocks() -> No
         QuantizationArgs(type="float", strategy="block")
     with pytest.raises(ValueError, match=r"^input_activations.strategy='block' is invalid"):
         QuantizationScheme(targets=["Linear"], weights=None, input_activations=BLOCK)
+
+
+def test_fused_groups_are_the_siblings_vllm_fuses() -> None:
+    names = [
+        "m.0.attn.q_proj",
+        "m.0.attn.k_proj",
+        "m.0.attn.v_proj",
+        "m.0.attn.o_proj",
+        "m.0.mlp.gate_proj",
+        "m.0.mlp.up_proj",
+        "m.0.mlp.down_proj",
+        "m.1.attn.q_proj",
+        "m.0.moe.experts.3.w1",
+        "m.0.moe.experts.3.w3",
+        "m.0.moe.experts.4.w1",
+    ]
+    assert fused_groups(names) == [
+        names[:3],
+        ["m.0.attn.o_proj"],
+        names[4:6],
+        ["m.0.mlp.down_proj"],
+        ["m.1.attn.q_proj"],
+        names[8:10],
+        ["m.0.moe.experts.4.w1"],
+    ]
