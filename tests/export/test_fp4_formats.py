@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from lightning_compress.export import ExportError, load_compressed, save_compressed
 from lightning_compress.lightning.oneshot import oneshot
+from lightning_compress.modifiers import GPTQModifier
 
 FORMATS = {
     "NVFP4A16": ("nvfp4-pack-quantized", {"weight_packed", "weight_scale", "weight_global_scale"}),
@@ -23,15 +24,23 @@ FORMATS = {
 PROBE = torch.tensor([[3, 17, 99, 5, 64, 2, 77, 11, 8, 120], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]])
 
 
-def fp4_model(scheme: str, dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
+def fp4_model(
+    scheme: str, dtype: torch.dtype = torch.bfloat16, algorithm: str = "RTN"
+) -> torch.nn.Module:
     model = tiny_model("llama").to(dtype)
-    oneshot(model, preset(scheme), token_ids(), num_calibration_samples=8, trainer_kwargs=QUIET)
+    recipe = (
+        GPTQModifier(scheme=scheme, targets=["Linear"], ignore=["lm_head"])
+        if algorithm == "GPTQ"
+        else preset(scheme)
+    )
+    oneshot(model, recipe, token_ids(), num_calibration_samples=8, trainer_kwargs=QUIET)
     return model
 
 
+@pytest.mark.parametrize("algorithm", ["RTN", "GPTQ"])
 @pytest.mark.parametrize("scheme", list(FORMATS))
-def test_fp4_checkpoint_reads_back_exactly_and_loads_in_transformers(scheme, tmp_path):
-    model = fp4_model(scheme)
+def test_fp4_checkpoint_reads_back_exactly_and_loads_in_transformers(scheme, algorithm, tmp_path):
+    model = fp4_model(scheme, algorithm=algorithm)
     path = save_compressed(model, tmp_path / "ckpt")
     stored = load_file(path / "model.safetensors")
     config = json.loads((path / "config.json").read_text())["quantization_config"]

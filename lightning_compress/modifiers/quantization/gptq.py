@@ -34,7 +34,11 @@ from torch import Tensor
 from lightning_compress.modifiers.hessian import BlockwiseOBS
 from lightning_compress.modifiers.quantization.args import QuantizationArgs
 from lightning_compress.modifiers.quantization.observers import qparams_for_weight
-from lightning_compress.modifiers.quantization.ops import fake_quantize_aligned
+from lightning_compress.modifiers.quantization.ops import (
+    fake_quantize_aligned,
+    global_scale,
+    reduce_min_max,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -50,6 +54,8 @@ __all__ = [
 ]
 
 ACTORDERS = ("weight", "group")
+GROUPED = ("group", "tensor_group")
+"""Strategies whose scales cover runs of ``group_size`` columns."""
 ACTORDER_ALIASES = {"none": None, "static": "weight", "dynamic": "group"}
 
 
@@ -72,6 +78,9 @@ class GPTQResult(NamedTuple):
     """``[out]``: each row's share of ``loss`` (rows are quantized independently)."""
     dampening_used: float
     """The dampening fraction that made ``H`` invertible (see ``damp_and_invert``)."""
+    global_scale: Tensor | None = None
+    """Strategy ``tensor_group`` only: the per-tensor global scale ``scale`` is stored times
+    (one for all the rows of a stacked call)."""
 
 
 def normalize_actorder(actorder: str | None) -> str | None:
@@ -118,6 +127,7 @@ class ColumnQuantizer:
             qparams on entry.
         scales: the fixed scales, one ``[out, 1]`` (or ``[1]``) per index.
         zero_points: the matching zero points.
+        global_scale: the global scale the scales are stored times (``tensor_group``).
     """
 
     def __init__(
@@ -127,18 +137,20 @@ class ColumnQuantizer:
         column_group: Sequence[int] | None = None,
         scales: Sequence[Tensor] = (),
         zero_points: Sequence[Tensor] = (),
+        global_scale: Tensor | None = None,
     ) -> None:
         self.args = args
         self.out_dtype = out_dtype
         self.column_group = column_group
         self.scales = list(scales)
         self.zero_points = list(zero_points)
+        self.global_scale = global_scale
         self.keep: Tensor | None = None
         # qparams of the columns of one group, one per row: a group's own arguments (formats
         # that exist only in groups, as MXFP4, keep theirs), else per channel
         self._column_args = (
             args
-            if args.strategy == "group"
+            if args.strategy in GROUPED
             else dataclasses.replace(args, strategy="channel", group_size=None)
         )
         self._aligned: dict[int, tuple[Tensor, Tensor]] = {}
@@ -165,6 +177,8 @@ class ColumnQuantizer:
         zero point is None when it is all 0."""
         if group not in self._aligned:
             scale = self.scales[group].reshape(-1).to(w.dtype)
+            if self.global_scale is not None:  # the scale used, as fake_quantize divides
+                scale = scale / self.global_scale
             zero_point = self.zero_points[group].reshape(-1).to(w.dtype)
             self._aligned[group] = (scale, zero_point if zero_point.any() else None)
         return self._aligned[group]
@@ -176,13 +190,18 @@ class ColumnQuantizer:
 
     def _enter_group(self, columns: Tensor) -> None:
         """Appends the qparams of the next group, computed from its current columns."""
-        scale, zero_point = _rounded_qparams(columns, self._column_args, self.out_dtype)
+        scale, zero_point = _rounded_qparams(
+            columns, self._column_args, self.out_dtype, self.global_scale
+        )
         self.scales.append(scale)
         self.zero_points.append(zero_point)
 
 
 def _rounded_qparams(
-    weight: Tensor, args: QuantizationArgs, out_dtype: torch.dtype
+    weight: Tensor,
+    args: QuantizationArgs,
+    out_dtype: torch.dtype,
+    global_scale: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Computes qparams with ``args``' observer, the scale rounded to ``out_dtype``.
 
@@ -190,11 +209,12 @@ def _rounded_qparams(
         weight: the values observed.
         args: the quantization arguments.
         out_dtype: the dtype the scale will be stored in.
+        global_scale: the global scale of strategy ``tensor_group``, else None.
 
     Returns:
         ``(scale, zero_point)``; the scale keeps ``weight``'s dtype.
     """
-    scale, zero_point = qparams_for_weight(weight, args)
+    scale, zero_point = qparams_for_weight(weight, args, global_scale=global_scale)
     return scale.to(out_dtype).to(weight.dtype), zero_point
 
 
@@ -204,6 +224,7 @@ def make_column_quantizer(
     out_dtype: torch.dtype,
     actorder: str | None = None,
     perm: Tensor | None = None,
+    global_scale: Tensor | None = None,
 ) -> ColumnQuantizer:
     """Builds the column quantizer for a sweep over ``weight[:, perm]``.
 
@@ -213,6 +234,8 @@ def make_column_quantizer(
         out_dtype: the dtype the weight and scales are returned in.
         actorder: canonical activation ordering (see :func:`normalize_actorder`).
         perm: the column order of the sweep; None is the natural order.
+        global_scale: the weight's global scale, required by and only used with
+            ``tensor_group``.
 
     Returns:
         The quantizer.
@@ -221,10 +244,10 @@ def make_column_quantizer(
         ValueError: for strategies or settings GPTQ cannot quantize (the message says why).
     """
     _check_args(weight.shape[1], args, actorder)
-    if args.strategy == "group" and actorder != "weight":
-        return ColumnQuantizer(args, out_dtype)
-    scale, zero_point = _rounded_qparams(weight, args, out_dtype)
-    if args.strategy != "group":
+    if args.strategy in GROUPED and actorder != "weight":
+        return ColumnQuantizer(args, out_dtype, global_scale=global_scale)
+    scale, zero_point = _rounded_qparams(weight, args, out_dtype, global_scale)
+    if args.strategy not in GROUPED:
         return ColumnQuantizer(args, out_dtype, [0] * weight.shape[1], [scale], [zero_point])
     order = torch.arange(weight.shape[1]) if perm is None else perm.cpu()
     return ColumnQuantizer(
@@ -233,6 +256,7 @@ def make_column_quantizer(
         (order // args.group_size).tolist(),
         scale.split(1, dim=1),
         zero_point.split(1, dim=1),
+        global_scale,
     )
 
 
@@ -247,17 +271,12 @@ def _check_args(in_features: int, args: QuantizationArgs, actorder: str | None) 
             "GPTQ with strategy='block' (FP8_BLOCK) is not implemented; use "
             "QuantizationModifier (round-to-nearest) for it"
         )
-    if args.strategy == "tensor_group":
-        raise ValueError(
-            "GPTQ with strategy='tensor_group' (NVFP4) is not implemented: its scales need a "
-            "per-tensor global scale; use QuantizationModifier (round-to-nearest) for it"
-        )
     if actorder == "group" and args.strategy != "group":
         raise ValueError(
             f"actorder='group' needs strategy='group', got strategy={args.strategy!r}; "
             "use actorder='weight' to reorder the columns without changing the groups"
         )
-    if args.strategy == "group" and in_features % args.group_size:
+    if args.strategy in GROUPED and in_features % args.group_size:
         raise ValueError(
             f"group_size={args.group_size} does not divide in_features={in_features}; "
             f"use a group_size that divides {in_features} or add this layer to `ignore`"
@@ -308,7 +327,10 @@ def gptq_quantize(
         permuted = hessian.index_select(0, perm).index_select(1, perm)
         sweep = BlockwiseOBS(weight.index_select(1, perm), permuted, block_size, dampening_frac)
         natural = sweep.weight.index_select(1, inverse)
-    quantizer = make_column_quantizer(natural, args, weight.dtype, actorder, perm)
+    tensor_scale = None
+    if args.strategy == "tensor_group":
+        tensor_scale = global_scale(*reduce_min_max(weight, args), args, "the weight")
+    quantizer = make_column_quantizer(natural, args, weight.dtype, actorder, perm, tensor_scale)
     zeros = weight == 0
     if zeros.any():
         kept = (~zeros).to(sweep.weight.dtype)
@@ -325,6 +347,7 @@ def gptq_quantize(
         loss,
         sweep.row_losses,
         sweep.dampening_frac,
+        tensor_scale,
     )
 
 

@@ -153,7 +153,7 @@ class GPTQModifier(LayerwiseQuantization, HessianMethod):
         else:
             parts = zip(stack, *(tensor.split(rows) for tensor in per_row), strict=True)
         g_idx = result.g_idx if self._reorders_groups else None
-        return {
+        layers = {
             name: quantized_layer(
                 weight_q,
                 scale,
@@ -164,6 +164,10 @@ class GPTQModifier(LayerwiseQuantization, HessianMethod):
             )
             for name, weight_q, scale, zero_point, row_losses in parts
         }
+        if result.global_scale is not None:  # one for the stack: the layers vLLM fuses share it
+            for layer in layers.values():
+                layer.buffers["weight_global_scale"] = result.global_scale.clone()
+        return layers
 
     def _gptq(self, stack: list[str], hessian: Tensor) -> GPTQResult:
         """GPTQ for the pending layers ``stack`` (sharing ``hessian``); errors name them."""

@@ -172,8 +172,6 @@ def test_nvfp4_is_refused_where_no_global_scale_is_computed() -> None:
     weight = fp4_weight()
     with pytest.raises(ValueError, match="tensor_group.*quantization-aware training"):
         compute_dynamic_qparams(weight, NVFP4)
-    with pytest.raises(ValueError, match="GPTQ with strategy='tensor_group'"):
-        make_column_quantizer(weight, NVFP4, weight.dtype)
     with pytest.raises(ValueError, match="global_scale is required"):
         qparams_for_weight(weight, NVFP4)
 
@@ -253,17 +251,27 @@ def test_a_group_that_does_not_divide_a_layer_names_the_layer(scheme: str, size:
         )
 
 
-def test_gptq_quantizes_mxfp4_onto_its_grid_with_e8m0_scales_and_beats_rtn() -> None:
+@pytest.mark.parametrize("actorder", [None, "weight"])
+@pytest.mark.parametrize("fmt", ["MXFP4A16", "NVFP4A16"])
+def test_gptq_quantizes_fp4_onto_its_grid_and_beats_rtn(fmt: str, actorder: str | None) -> None:
     generator = torch.Generator().manual_seed(2)
     weight = fp4_weight()
     inputs = torch.randn(256, 64, generator=generator) * torch.linspace(0.1, 3, 64)
     hessian = 2 * inputs.T @ inputs / inputs.shape[0]
-    result = gptq_quantize(weight, hessian, MXFP4)
-    assert result.scale.shape == (24, 2)
-    assert torch.equal(result.scale.log2(), result.scale.log2().round())  # powers of two
-    on_grid = fake_quantize(result.weight_q, result.scale, result.zero_point, MXFP4)
+    args = preset_scheme(fmt, ["Linear"]).weights
+    result = gptq_quantize(weight, hessian, args, actorder=actorder)
+    tensor_scale = result.global_scale
+    assert result.scale.shape == (24, 64 // args.group_size)
+    if fmt == "MXFP4A16":
+        assert tensor_scale is None
+        assert torch.equal(result.scale.log2(), result.scale.log2().round())  # powers of two
+    else:
+        assert torch.equal(tensor_scale, global_scale(*reduce_min_max(weight, args), args, "w"))
+        assert torch.equal(result.scale.to(torch.float8_e4m3fn).float(), result.scale)
+    on_grid = fake_quantize(result.weight_q, result.scale, result.zero_point, args, tensor_scale)
     assert torch.equal(on_grid, result.weight_q)
-    rtn = fake_quantize(weight, *qparams_for_weight(weight, MXFP4), MXFP4)
+    rtn_qparams = qparams_for_weight(weight, args, global_scale=tensor_scale)
+    rtn = fake_quantize(weight, *rtn_qparams, args, tensor_scale)
 
     def output_error(quantized: torch.Tensor) -> float:
         return float(((quantized - weight) @ inputs.T).pow(2).sum())
