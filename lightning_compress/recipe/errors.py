@@ -21,9 +21,10 @@ def did_you_mean(names: Iterable[str], valid: Iterable[str], ignore_case: bool =
         ignore_case: compare without case (for names read in any case, like preset schemes).
 
     Returns:
-        ``"; did you mean 'W4A16', 'W4A8' or 'W8A16'?"`` for one name (up to three
-        suggestions), ``"; did you mean 'targets' for 'targts', 'ignore' for 'ignor'?"`` for
-        several (the closest for each), or ``""`` when nothing valid is close.
+        ``"; did you mean 'W4A16', 'W4A8' or 'W8A16'?"`` for one name (three suggestions, more
+        where further names are as close as the third), ``"; did you mean 'targets' for
+        'targts', 'ignore' for 'ignor'?"`` for several (the closest for each), or ``""`` when
+        nothing valid is close.
     """
     fold = str.upper if ignore_case else str
     by_key = {fold(str(name)): str(name) for name in valid}
@@ -32,7 +33,12 @@ def did_you_mean(names: Iterable[str], valid: Iterable[str], ignore_case: bool =
     count = 3 if len(names) == 1 else 1
     hints = {}
     for name in names:
-        close = difflib.get_close_matches(fold(name), list(by_key), n=count, cutoff=0.6)
+        close = difflib.get_close_matches(fold(name), list(by_key), n=len(by_key), cutoff=0.6)
+        if len(close) > count:  # keep the names as close as the last one kept
+            last = _similarity(close[count - 1], fold(name))
+            close = close[:count] + [
+                key for key in close[count:] if _similarity(key, fold(name)) == last
+            ]
         if close:
             hints[name] = [repr(by_key[key]) for key in close]
     if not hints:
@@ -42,3 +48,8 @@ def did_you_mean(names: Iterable[str], valid: Iterable[str], ignore_case: bool =
         alternatives = ", ".join(close[:-1]) + " or " + close[-1] if len(close) > 1 else close[0]
         return f"; did you mean {alternatives}?"
     return "; did you mean " + ", ".join(f"{c[0]} for {n!r}" for n, c in hints.items()) + "?"
+
+
+def _similarity(candidate: str, name: str) -> float:
+    """The similarity ``difflib.get_close_matches`` ranks ``candidate`` by for ``name``."""
+    return difflib.SequenceMatcher(None, candidate, name).ratio()
