@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from lightning_compress.export import save_compressed
 from lightning_compress.lightning.oneshot import oneshot
+from lightning_compress.modifiers import GPTQModifier
 
 WIDE = {**ARCHITECTURE, "hidden_size": 128, "intermediate_size": 256, "num_key_value_heads": 4}
 """Layers 128 and 256 wide: the presets' groups and blocks of 128 divide them."""
@@ -21,6 +22,7 @@ FORMATS = {
     "W3A4": "int-quantized",
     "W4AFP8": "int-quantized",
     "FP8_BLOCK": "float-quantized",
+    "GPTQ FP8_BLOCK": "float-quantized",
 }
 
 
@@ -28,7 +30,13 @@ FORMATS = {
 def test_preset_loads_in_transformers_with_equal_logits(scheme, tmp_path):
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**WIDE)).eval()
-    oneshot(model, preset(scheme), token_ids(), num_calibration_samples=8, trainer_kwargs=QUIET)
+    name = scheme.removeprefix("GPTQ ")
+    recipe = (
+        GPTQModifier(scheme=name, targets=["Linear"], ignore=["lm_head"])
+        if scheme.startswith("GPTQ")
+        else preset(name)
+    )
+    oneshot(model, recipe, token_ids(), num_calibration_samples=8, trainer_kwargs=QUIET)
     path = save_compressed(model, tmp_path / "ckpt")
     config = json.loads((path / "config.json").read_text())["quantization_config"]
     assert config["format"] == FORMATS[scheme]

@@ -151,7 +151,9 @@ class ColumnQuantizer:
         self._column_args = (
             args
             if args.strategy in GROUPED
-            else dataclasses.replace(args, strategy="channel", group_size=None)
+            else dataclasses.replace(
+                args, strategy="channel", group_size=None, block_structure=None
+            )
         )
         self._aligned: dict[int, tuple[Tensor, Tensor]] = {}
 
@@ -186,6 +188,9 @@ class ColumnQuantizer:
     def qparams(self) -> tuple[Tensor, Tensor]:
         """Returns ``(scale, zero_point)`` in the strategy's shape; scale in ``out_dtype``."""
         scale, zero_point = torch.cat(self.scales, dim=-1), torch.cat(self.zero_points, dim=-1)
+        if self.args.strategy == "block":  # rows of a tile share its scales: one row per tile
+            rows = self.args.block_structure[0]
+            scale, zero_point = scale[::rows], zero_point[::rows]
         return scale.to(self.out_dtype), zero_point
 
     def _enter_group(self, columns: Tensor) -> None:
@@ -244,12 +249,22 @@ def make_column_quantizer(
         ValueError: for strategies or settings GPTQ cannot quantize (the message says why).
     """
     _check_args(weight.shape[1], args, actorder)
+    order = torch.arange(weight.shape[1]) if perm is None else perm.cpu()
+    if args.strategy == "block":  # each tile's qparams fixed up front, repeated over its rows
+        rows, columns = args.block_structure
+        scale, zero_point = _rounded_qparams(weight, args, out_dtype)
+        return ColumnQuantizer(
+            args,
+            out_dtype,
+            (order // columns).tolist(),
+            scale.repeat_interleave(rows, dim=0).split(1, dim=1),
+            zero_point.repeat_interleave(rows, dim=0).split(1, dim=1),
+        )
     if args.strategy in GROUPED and actorder != "weight":
         return ColumnQuantizer(args, out_dtype, global_scale=global_scale)
     scale, zero_point = _rounded_qparams(weight, args, out_dtype, global_scale)
     if args.strategy not in GROUPED:
         return ColumnQuantizer(args, out_dtype, [0] * weight.shape[1], [scale], [zero_point])
-    order = torch.arange(weight.shape[1]) if perm is None else perm.cpu()
     return ColumnQuantizer(
         args,
         out_dtype,
@@ -265,11 +280,6 @@ def _check_args(in_features: int, args: QuantizationArgs, actorder: str | None) 
         raise ValueError(
             f"GPTQ computes static weight qparams: got strategy={args.strategy!r}, "
             f"dynamic={args.dynamic!r}; use 'tensor', 'channel' or 'group' with dynamic=False"
-        )
-    if args.strategy == "block":
-        raise ValueError(
-            "GPTQ with strategy='block' (FP8_BLOCK) is not implemented; use "
-            "QuantizationModifier (round-to-nearest) for it"
         )
     if actorder == "group" and args.strategy != "group":
         raise ValueError(

@@ -114,14 +114,15 @@ class GPTQModifier(LayerwiseQuantization, HessianMethod):
         GPTQ treats rows independently, so layers that share a Hessian (``q/k/v_proj``,
         ``gate/up_proj``) and their weight arguments, dtype and device run as one stacked
         weight: one inversion and one column loop instead of one per layer. Per-tensor
-        qparams couple the rows, so ``strategy: tensor`` layers run alone.
+        qparams couple the rows, so ``strategy: tensor`` layers run alone, and so do
+        ``strategy: block`` layers (their scales are per tile of rows).
         """
         stacks: list[list[str]] = []
         keys: list[tuple[Any, ...]] = []
         for name in names:
             module, scheme = self._pending[name]
             key = (statistics[name], scheme.weights, module.weight.dtype, module.weight.device)
-            shares = scheme.weights.strategy != "tensor" and key in keys
+            shares = scheme.weights.strategy not in ("tensor", "block") and key in keys
             if shares:
                 stacks[keys.index(key)].append(name)
             else:

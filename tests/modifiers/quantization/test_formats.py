@@ -24,7 +24,7 @@ from lightning_compress.modifiers.quantization.args import (
 from lightning_compress.modifiers.quantization.calibration import quantize_layer
 from lightning_compress.modifiers.quantization.formats import FORMATS, format_of
 from lightning_compress.modifiers.quantization.fused import fused_groups
-from lightning_compress.modifiers.quantization.gptq import gptq_quantize, make_column_quantizer
+from lightning_compress.modifiers.quantization.gptq import gptq_quantize
 from lightning_compress.modifiers.quantization.observers import qparams_for_weight
 from lightning_compress.modifiers.quantization.ops import (
     compute_dynamic_qparams,
@@ -322,14 +322,12 @@ def test_fp8_block_round_trip_equals_compressed_tensors() -> None:
     assert torch.equal(fake_quantize(weight, scale, zero_point, args), expected)
 
 
-def test_blocks_that_do_not_tile_a_layer_name_it_and_gptq_refuses_blocks() -> None:
+def test_blocks_that_do_not_tile_a_layer_name_it() -> None:
     model = torch.nn.Sequential(torch.nn.Linear(256, 128), torch.nn.Linear(128, 96))
     with pytest.raises(RecipeError, match=r"does not tile the weights of \['1 \(96x128\)'\]"):
         CompressionSession().initialize(
             recipe=QuantizationModifier(scheme="FP8_BLOCK", targets=["Linear"]), model=model
         )
-    with pytest.raises(ValueError, match="GPTQ with strategy='block'"):
-        make_column_quantizer(fp4_weight()[:16, :16], BLOCK, torch.float32)
     with pytest.raises(ValueError, match=r"^block_structure=None is invalid"):
         QuantizationArgs(type="float", strategy="block")
     with pytest.raises(ValueError, match=r"^input_activations.strategy='block' is invalid"):
@@ -359,3 +357,22 @@ def test_fused_groups_are_the_siblings_vllm_fuses() -> None:
         names[8:10],
         ["m.0.moe.experts.4.w1"],
     ]
+
+
+@pytest.mark.parametrize("actorder", [None, "weight"])
+def test_gptq_quantizes_fp8_blocks_onto_their_tiles_and_beats_rtn(actorder: str | None) -> None:
+    generator = torch.Generator().manual_seed(4)
+    weight = fp4_weight()  # 24 x 64: tiles of 4 x 8
+    inputs = torch.randn(256, 64, generator=generator) * torch.linspace(0.1, 3, 64)
+    hessian = 2 * inputs.T @ inputs / inputs.shape[0]
+    result = gptq_quantize(weight, hessian, BLOCK, actorder=actorder)
+    scale, zero_point = qparams_for_weight(weight, BLOCK)
+    assert torch.equal(result.scale, scale)  # tile scales from the weight, fixed up front
+    on_grid = fake_quantize(result.weight_q, result.scale, result.zero_point, BLOCK)
+    assert torch.equal(on_grid, result.weight_q)
+    rtn = fake_quantize(weight, scale, zero_point, BLOCK)
+
+    def output_error(quantized: torch.Tensor) -> float:
+        return float(((quantized - weight) @ inputs.T).pow(2).sum())
+
+    assert output_error(result.weight_q) < output_error(rtn)
