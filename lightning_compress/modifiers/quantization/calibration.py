@@ -10,12 +10,12 @@ from torch import Tensor, nn
 from lightning_compress.core.distributed import all_reduce_max_, all_reduce_min_
 from lightning_compress.modifiers.layerwise_modifier import CompressedLayer
 from lightning_compress.modifiers.quantization.args import QuantizationArgs, QuantizationScheme
-from lightning_compress.modifiers.quantization.observers import observer_for, qparams_for_weight
-from lightning_compress.modifiers.quantization.ops import (
-    fake_quantize,
-    global_scale,
-    reduce_min_max,
+from lightning_compress.modifiers.quantization.observers import (
+    observer_for,
+    qparams_and_global_scale,
+    qparams_for_weight,
 )
+from lightning_compress.modifiers.quantization.ops import fake_quantize
 from lightning_compress.recipe.errors import RecipeError
 
 __all__ = ["CalibrationObserver", "quantize_layer", "quantized_layer", "relative_error"]
@@ -154,13 +154,12 @@ def quantize_layer(
     """
     weight = module.weight.detach()
     args = scheme.weights
-    tensor_scale = None
-    if args.strategy == "tensor_group":
-        tensor_scale = None if shared_global_scale is None else shared_global_scale.clone()
-        if tensor_scale is None:
-            ranges = reduce_min_max(weight, args)
-            tensor_scale = global_scale(*ranges, args, f"layer '{name}' weight")
-    scale, zero_point = qparams_for_weight(weight, args, global_scale=tensor_scale)
+    if shared_global_scale is not None and args.strategy == "tensor_group":
+        tensor_scale = shared_global_scale.clone()  # each layer its own buffer
+        scale, zero_point = qparams_for_weight(weight, args, global_scale=tensor_scale)
+    else:
+        where = f"layer '{name}' weight"
+        scale, zero_point, tensor_scale = qparams_and_global_scale(weight, args, where)
     quantized = fake_quantize(weight, scale, zero_point, args, tensor_scale)
     layer = quantized_layer(quantized, scale, zero_point, observer)
     if tensor_scale is not None:

@@ -34,11 +34,7 @@ from torch import Tensor
 from lightning_compress.modifiers.hessian import BlockwiseOBS
 from lightning_compress.modifiers.quantization.args import QuantizationArgs
 from lightning_compress.modifiers.quantization.observers import qparams_for_weight
-from lightning_compress.modifiers.quantization.ops import (
-    fake_quantize_aligned,
-    global_scale,
-    reduce_min_max,
-)
+from lightning_compress.modifiers.quantization.ops import fake_quantize_aligned, global_scale
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -339,7 +335,7 @@ def gptq_quantize(
         natural = sweep.weight.index_select(1, inverse)
     tensor_scale = None
     if args.strategy == "tensor_group":
-        tensor_scale = global_scale(*reduce_min_max(weight, args), args, "the weight")
+        tensor_scale = global_scale(weight, args, "the weight")
     quantizer = make_column_quantizer(natural, args, weight.dtype, actorder, perm, tensor_scale)
     zeros = weight == 0
     if zeros.any():

@@ -18,6 +18,7 @@ from lightning_compress.modifiers.quantization.args import QuantizationArgs
 from lightning_compress.modifiers.quantization.ops import (
     calculate_qparams,
     fake_quantize,
+    global_scale,
     reduce_min_max,
     strategy_groups,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "MovingAverageMinMaxObserver",
     "Observer",
     "observer_for",
+    "qparams_and_global_scale",
     "qparams_for_weight",
 ]
 
@@ -247,3 +249,28 @@ def qparams_for_weight(
         observer = observer_for(args)
     observer.global_scale = global_scale
     return observer(weight)
+
+
+def qparams_and_global_scale(
+    weight: Tensor, args: QuantizationArgs, name: str = "the weight"
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """A weight's scales and zero points with the global scale of strategy ``tensor_group``
+    computed from the weight itself.
+
+    Args:
+        weight: the weight.
+        args: its quantization arguments.
+        name: what the weight is, for the error (e.g. ``"layer 'q_proj' weight"``).
+
+    Returns:
+        ``(scale, zero_point, global_scale)``; the global scale is None unless
+        ``tensor_group``.
+
+    Raises:
+        ValueError: naming the weight when ``tensor_group`` meets one that is all zero or
+            not finite.
+    """
+    tensor_scale = None
+    if args.strategy == "tensor_group":
+        tensor_scale = global_scale(weight, args, name)
+    return (*qparams_for_weight(weight, args, global_scale=tensor_scale), tensor_scale)

@@ -27,7 +27,7 @@ from lightning_compress.modifiers.quantization.calibration import (
     relative_error,
 )
 from lightning_compress.modifiers.quantization.fused import fused_groups
-from lightning_compress.modifiers.quantization.ops import global_scale, reduce_min_max
+from lightning_compress.modifiers.quantization.ops import global_scale
 from lightning_compress.modifiers.quantization.runtime import attach_quantization
 from lightning_compress.modifiers.quantization.schemes import (
     QuantizationSchemes,
@@ -138,9 +138,7 @@ class LayerwiseQuantization(QuantizationSchemes, LayerwiseModifier, register=Fal
         scales = []
         for name in stack:
             module, scheme = self._pending[name]
-            weight = module.weight.detach()
-            ranges = reduce_min_max(weight, scheme.weights)
-            scales.append(global_scale(*ranges, scheme.weights, f"layer '{name}' weight"))
+            scales.append(global_scale(module.weight, scheme.weights, f"layer '{name}' weight"))
         return torch.cat(scales).amin().reshape(1)
 
     def compress_data_free(self, name: str) -> CompressedLayer:

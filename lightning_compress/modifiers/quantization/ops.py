@@ -45,6 +45,7 @@ __all__ = [
     "quantized_dtype",
     "reduce_min_max",
     "strategy_groups",
+    "ungroup",
 ]
 
 FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)
@@ -127,8 +128,17 @@ def _blocks(x: Tensor, block_structure: tuple[int, int]) -> Tensor:
     return tiles.reshape(*tiles.shape[:2], rows * columns)
 
 
-def _ungroup(groups: Tensor, shape: torch.Size, args: QuantizationArgs) -> Tensor:
-    """Inverts :func:`strategy_groups`: values grouped as it groups them, back to ``shape``."""
+def ungroup(groups: Tensor, shape: torch.Size, args: QuantizationArgs) -> Tensor:
+    """Inverts :func:`strategy_groups`.
+
+    Args:
+        groups: values laid out as :func:`strategy_groups` lays out a tensor of ``shape``.
+        shape: the shape of that tensor.
+        args: the quantization arguments that grouped it.
+
+    Returns:
+        The values at their places in a tensor of ``shape``.
+    """
     if args.strategy != "block":
         return groups.reshape(shape)
     rows, columns = args.block_structure
@@ -196,13 +206,12 @@ def _nonzero(scale: Tensor) -> Tensor:
     return torch.where(scale == 0, torch.finfo(scale.dtype).eps, scale)
 
 
-def global_scale(min_vals: Tensor, max_vals: Tensor, args: QuantizationArgs, name: str) -> Tensor:
+def global_scale(x: Tensor, args: QuantizationArgs, name: str) -> Tensor:
     """The per-tensor global scale of strategy ``tensor_group`` (NVFP4):
-    ``448 * qmax / max|x|`` over the whole tensor, from the ranges of its groups.
+    ``448 * qmax / max|x|`` over the whole tensor.
 
     Args:
-        min_vals: the minimum of each group.
-        max_vals: the maximum of each group.
+        x: the tensor, e.g. a weight.
         args: the quantization arguments, of strategy ``tensor_group``.
         name: what the tensor is (e.g. ``"layer 'q_proj' weight"``), for the error.
 
@@ -212,6 +221,7 @@ def global_scale(min_vals: Tensor, max_vals: Tensor, args: QuantizationArgs, nam
     Raises:
         ValueError: naming the tensor when it is all zero or not finite.
     """
+    min_vals, max_vals = reduce_min_max(x.detach(), args)
     max_abs = torch.maximum(-min_vals.clamp(max=0), max_vals.clamp(min=0))
     return global_scale_for(max_abs, quant_range(args)[1], name)
 
@@ -309,7 +319,7 @@ def _round_trip(
     if x_hat.shape == like.shape:  # ``like`` is grouped already (fake_quantize_aligned)
         # skips a no-op call: this runs once per column in GPTQ's sweep
         return x_hat if x_hat.dtype == like.dtype else x_hat.to(like.dtype)
-    return _ungroup(x_hat, like.shape, args).to(like.dtype)
+    return ungroup(x_hat, like.shape, args).to(like.dtype)
 
 
 def quantize(
@@ -340,7 +350,7 @@ def quantize(
     groups, scale, zero_point = _groups_and_qparams(x, scale, zero_point, args)
     scaled = _scale_to_grid(groups, scale, zero_point)
     q = _round_to_grid(scaled.clamp_(*quant_range(args)), args)
-    return _ungroup(q, x.shape, args).to(quantized_dtype(args))
+    return ungroup(q, x.shape, args).to(quantized_dtype(args))
 
 
 def dequantize(
@@ -368,7 +378,7 @@ def dequantize(
     """
     scale = _unscaled(scale, global_scale)
     groups, scale, zero_point = _groups_and_qparams(q, scale, zero_point, args)
-    return _ungroup(_from_grid(groups.to(scale.dtype, copy=True), scale, zero_point), q.shape, args)
+    return ungroup(_from_grid(groups.to(scale.dtype, copy=True), scale, zero_point), q.shape, args)
 
 
 def fake_quantize(
@@ -397,7 +407,7 @@ def fake_quantize(
     """
     scale = _unscaled(scale, global_scale)
     groups, scale, zero_point = _groups_and_qparams(x, scale, zero_point, args)
-    return _ungroup(fake_quantize_aligned(groups, scale, zero_point, args), x.shape, args)
+    return ungroup(fake_quantize_aligned(groups, scale, zero_point, args), x.shape, args)
 
 
 def fake_quantize_aligned(
@@ -434,7 +444,7 @@ class _FakeQuantizeSTE(torch.autograd.Function):
         clamped = scaled.clamp(*quant_range(args))
         # 1 where not clamped, in x's dtype: multiplying by it is far faster than a bool mask.
         inside = torch.empty(scaled.shape, dtype=x.dtype, device=x.device)
-        ctx.save_for_backward(_ungroup(torch.eq(clamped, scaled, out=inside), x.shape, args))
+        ctx.save_for_backward(ungroup(torch.eq(clamped, scaled, out=inside), x.shape, args))
         return _round_trip(clamped, scale, zero_point, args, x)
 
     @staticmethod

@@ -14,8 +14,8 @@ from lightning_compress.core.state import State
 from lightning_compress.modifiers.hessian_collector import HessianCollector, mask_sources
 from lightning_compress.modifiers.input_scaling import follow_input_scaling
 from lightning_compress.modifiers.quantization.args import QuantizationArgs, preset_scheme
-from lightning_compress.modifiers.quantization.observers import qparams_for_weight
-from lightning_compress.modifiers.quantization.ops import fake_quantize, strategy_groups
+from lightning_compress.modifiers.quantization.observers import qparams_and_global_scale
+from lightning_compress.modifiers.quantization.ops import fake_quantize, strategy_groups, ungroup
 from lightning_compress.modifiers.smoothing.base import SmoothingModifier
 from lightning_compress.modifiers.smoothing.folding import SmoothingMapping, linear_weight
 from lightning_compress.modifiers.smoothing.routing import RoutedHessians
@@ -116,12 +116,13 @@ def _weight_magnitude(weight: Tensor, args: QuantizationArgs) -> Tensor:
     """Mean over rows of ``|W|`` normalized by the largest ``|w|`` of its quantization group."""
     groups = strategy_groups(weight.abs(), args)
     normalized = groups / (groups.amax(dim=-1, keepdim=True) + 1e-6)
-    return normalized.reshape(weight.shape).mean(dim=0)
+    return ungroup(normalized, weight.shape, args).mean(dim=0)
 
 
 def _output_error(weight: Tensor, hessian: Tensor, scale: Tensor, args: QuantizationArgs) -> float:
     scaled = weight * scale
-    quantized = fake_quantize(scaled, *qparams_for_weight(scaled, args), args)
+    qscale, zero_point, tensor_scale = qparams_and_global_scale(scaled, args)
+    quantized = fake_quantize(scaled, qscale, zero_point, args, tensor_scale)
     delta = weight - quantized / scale
     return float(((delta @ hessian) * delta).sum()) / 2
 

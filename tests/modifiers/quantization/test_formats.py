@@ -34,6 +34,7 @@ from lightning_compress.modifiers.quantization.ops import (
     quantize,
     reduce_min_max,
 )
+from lightning_compress.modifiers.smoothing.awq import _weight_magnitude, awq_search
 from lightning_compress.recipe import RecipeError
 
 E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
@@ -115,7 +116,7 @@ def test_mxfp4_qparams_and_round_trip_equal_compressed_tensors() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_nvfp4_scales_are_fp8_group_scales_times_a_global_scale(dtype: torch.dtype) -> None:
     weight = fp4_weight(dtype)
-    tensor_scale = global_scale(*reduce_min_max(weight, NVFP4), NVFP4, "w")
+    tensor_scale = global_scale(weight, NVFP4, "w")
     assert tensor_scale.shape == (1,) and tensor_scale.dtype == torch.float32
     max_abs = weight.abs().amax()
     assert tensor_scale.item() == pytest.approx(448 * 6 / max_abs.item(), rel=1e-2)
@@ -135,7 +136,7 @@ def test_nvfp4_scales_are_fp8_group_scales_times_a_global_scale(dtype: torch.dty
 def test_nvfp4_qparams_and_round_trip_equal_compressed_tensors() -> None:
     weight = fp4_weight(torch.bfloat16)
     min_vals, max_vals = reduce_min_max(weight, NVFP4)
-    tensor_scale = global_scale(min_vals, max_vals, NVFP4, "w")
+    tensor_scale = global_scale(weight, NVFP4, "w")
     ct_global = generate_gparam(weight.amin().reshape(1), weight.amax().reshape(1))
     assert torch.equal(tensor_scale, ct_global)
     ct_args = CTArgs(**{**NVFP4.to_dict(), "scale_dtype": torch.float8_e4m3fn})
@@ -266,7 +267,7 @@ def test_gptq_quantizes_fp4_onto_its_grid_and_beats_rtn(fmt: str, actorder: str 
         assert tensor_scale is None
         assert torch.equal(result.scale.log2(), result.scale.log2().round())  # powers of two
     else:
-        assert torch.equal(tensor_scale, global_scale(*reduce_min_max(weight, args), args, "w"))
+        assert torch.equal(tensor_scale, global_scale(weight, args, "w"))
         assert torch.equal(result.scale.to(torch.float8_e4m3fn).float(), result.scale)
     on_grid = fake_quantize(result.weight_q, result.scale, result.zero_point, args, tensor_scale)
     assert torch.equal(on_grid, result.weight_q)
@@ -376,3 +377,26 @@ def test_gptq_quantizes_fp8_blocks_onto_their_tiles_and_beats_rtn(actorder: str 
         return float(((quantized - weight) @ inputs.T).pow(2).sum())
 
     assert output_error(result.weight_q) < output_error(rtn)
+
+
+def test_awq_weight_magnitude_normalizes_by_each_tile() -> None:
+    weight = fp4_weight()[:8, :16]
+    magnitude = _weight_magnitude(weight, BLOCK)
+    expected = torch.zeros(16)
+    for column in range(16):
+        for row in range(8):
+            tile = weight[row // 4 * 4 : row // 4 * 4 + 4, column // 8 * 8 : column // 8 * 8 + 8]
+            expected[column] += weight[row, column].abs() / (tile.abs().max() + 1e-6) / 8
+    torch.testing.assert_close(magnitude, expected, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("fmt", ["NVFP4A16", "MXFP4A16", "FP8_BLOCK"])
+def test_awq_searches_scales_for_the_new_formats(fmt: str) -> None:
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(64, 256, generator=generator)
+    x[:, [3, 100]] *= 30  # salient channels
+    weights = [torch.randn(128, 256, generator=generator) for _ in range(2)]
+    args = preset_scheme(fmt, ["Linear"]).weights
+    hessian = 2 * x.T @ x / x.shape[0]
+    result = awq_search(weights, [hessian] * 2, x.abs().mean(dim=0), args, n_grid=8)
+    assert result.loss < result.unscaled_loss
