@@ -27,6 +27,7 @@ from lightning_compress.export.layout import (
 )
 from lightning_compress.modifiers.pruning import MASK_BUFFER
 from lightning_compress.modifiers.quantization import QuantizationArgs, QuantizationScheme
+from lightning_compress.modifiers.quantization.fused import fused_groups
 from lightning_compress.modifiers.quantization.qat import OBSERVER_BUFFERS
 
 __all__ = ["check_finished", "from_ct_scheme", "quantized_layers", "to_ct_scheme"]
@@ -97,6 +98,7 @@ def quantized_layers(
             )
         layers[name] = (module, to_ct_scheme(name, module, pack_asymmetric))
     _warn_about_formats(layers)
+    _warn_about_unshared_global_scales(layers)
     return layers
 
 
@@ -215,6 +217,28 @@ def _warn_about_formats(layers: dict[str, tuple[nn.Module, CTQuantizationScheme]
             name,
             preferred,
             "; ".join(_layout_gaps(module, scheme, preferred)),
+        )
+
+
+def _warn_about_unshared_global_scales(
+    layers: dict[str, tuple[nn.Module, CTQuantizationScheme]],
+) -> None:
+    """Says which layers that vLLM fuses (q/k/v, gate/up) hold different global scales
+    (NVFP4 trained with quantization-aware training computes one per layer): vLLM applies
+    one to the fused matrix, so it would serve them with other weights than saved."""
+    unshared = []
+    for group in fused_groups(list(layers)):
+        scales = [layers[name][0]._buffers.get("weight_global_scale") for name in group]
+        if len(group) > 1 and None not in scales and len({float(s) for s in scales}) > 1:
+            unshared.append(group)
+    if unshared:
+        logger.warning(
+            "{} sets of layers that vLLM fuses (e.g. {}) hold different NVFP4 global scales: "
+            "vLLM applies one global scale to the fused matrix, so it would serve them with "
+            "other weights than saved (transformers loads them as saved); one-shot "
+            "quantization gives them one shared scale",
+            len(unshared),
+            unshared[0],
         )
 
 

@@ -3,6 +3,7 @@ back exactly, and loaded by transformers."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -10,12 +11,14 @@ import torch
 from compressed_tensors.compressors import BaseCompressor
 from compressed_tensors.quantization import QuantizationConfig
 from export_models import QUIET, preset, tiny_model, token_ids
+from loguru import logger
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from lightning_compress.core import CompressionSession, EventType
 from lightning_compress.export import ExportError, load_compressed, save_compressed
 from lightning_compress.lightning.oneshot import oneshot
-from lightning_compress.modifiers import GPTQModifier
+from lightning_compress.modifiers import GPTQModifier, QuantizationModifier
 
 FORMATS = {
     "NVFP4A16": ("nvfp4-pack-quantized", {"weight_packed", "weight_scale", "weight_global_scale"}),
@@ -103,3 +106,23 @@ def test_load_compressed_restores_nvfp4_global_scales_and_saves_them_again(tmp_p
         load_file(again / "model.safetensors").keys()
         == load_file(path / "model.safetensors").keys()
     )
+
+
+def test_saving_warns_when_layers_vllm_fuses_hold_different_nvfp4_global_scales(tmp_path):
+    model = tiny_model("llama").to(torch.bfloat16)
+    session = CompressionSession()  # quantization-aware: each layer its own global scale
+    recipe = QuantizationModifier(scheme="NVFP4A16", targets=["Linear"], ignore=["lm_head"])
+    session.initialize(recipe=dataclasses.replace(recipe, start=0), model=model)
+    session.event(EventType.BATCH_START, global_step=0)
+    model(token_ids(2, 8)).logits.float().sum().backward()
+    session.finalize()
+    messages = []
+    handler = logger.add(lambda message: messages.append(str(message)), level="WARNING")
+    logger.enable("lightning_compress")  # the export tests' fixture silences it
+    try:
+        save_compressed(model, tmp_path / "ckpt")
+    finally:
+        logger.disable("lightning_compress")
+        logger.remove(handler)
+    warned = [message for message in messages if "different NVFP4 global scales" in message]
+    assert len(warned) == 1 and "model.layers.0.self_attn.q_proj" in warned[0]

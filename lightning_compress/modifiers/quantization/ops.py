@@ -243,9 +243,8 @@ def compute_dynamic_qparams(x: Tensor, args: QuantizationArgs) -> tuple[Tensor, 
     if args.strategy == "tensor_group":
         raise ValueError(
             "strategy='tensor_group' (NVFP4) stores its scales times a per-tensor global scale, "
-            "which dynamic qparams do not compute: quantization-aware training and dynamic "
-            "activations of this strategy are not implemented; use one-shot "
-            "QuantizationModifier (round-to-nearest) for its weights"
+            "which dynamic qparams do not compute: dynamic activations of this strategy are not "
+            "implemented (weights: global_scale, then calculate_qparams)"
         )
     return calculate_qparams(*reduce_min_max(x.detach(), args), args)
 

@@ -26,9 +26,12 @@ from lightning_compress.core.distributed import all_reduce_max_, all_reduce_min_
 from lightning_compress.modifiers.quantization.args import QuantizationArgs, QuantizationScheme
 from lightning_compress.modifiers.quantization.observers import observer_for
 from lightning_compress.modifiers.quantization.ops import (
+    calculate_qparams,
     compute_dynamic_qparams,
     fake_quantize_ste,
+    global_scale,
     quantized_dtype,
+    reduce_min_max,
 )
 
 __all__ = [
@@ -39,6 +42,7 @@ __all__ = [
     "bake_weight",
     "bake_weight_saved_baked",
     "training_buffers",
+    "weight_qparams",
 ]
 
 OBSERVER_BUFFERS = ("input_min_vals", "input_max_vals")
@@ -56,12 +60,18 @@ def training_buffers(weight: Tensor, scheme: QuantizationScheme) -> dict[str, Te
         scheme: its quantization scheme.
 
     Returns:
-        ``weight_scale`` / ``weight_zero_point`` (min-max of ``weight``) and, for static input
-        activations, ``input_scale`` (1), ``input_zero_point`` (0) and the observer statistics
-        :data:`OBSERVER_BUFFERS` (NaN: nothing observed yet).
+        ``weight_scale`` / ``weight_zero_point`` (min-max of ``weight``), ``weight_global_scale``
+        for strategy ``tensor_group`` and, for static input activations, ``input_scale`` (1),
+        ``input_zero_point`` (0) and the observer statistics :data:`OBSERVER_BUFFERS` (NaN:
+        nothing observed yet).
+
+    Raises:
+        ValueError: for strategy ``tensor_group`` on a weight that is all zero or not finite.
     """
-    scale, zero_point = compute_dynamic_qparams(weight, scheme.weights)
+    scale, zero_point, tensor_scale = weight_qparams(weight, scheme.weights)
     buffers = {"weight_scale": scale, "weight_zero_point": zero_point}
+    if tensor_scale is not None:
+        buffers["weight_global_scale"] = tensor_scale
     inputs = scheme.input_activations
     if inputs is not None and not inputs.dynamic:
         device = weight.device
@@ -72,12 +82,34 @@ def training_buffers(weight: Tensor, scheme: QuantizationScheme) -> dict[str, Te
     return buffers
 
 
+def weight_qparams(weight: Tensor, args: QuantizationArgs) -> tuple[Tensor, Tensor, Tensor | None]:
+    """A weight's min-max qparams as training computes them on every step.
+
+    Args:
+        weight: the current weight.
+        args: its quantization arguments.
+
+    Returns:
+        ``(scale, zero_point, global_scale)``; the global scale (strategy ``tensor_group``,
+        NVFP4) is the weight's own, else None.
+
+    Raises:
+        ValueError: for strategy ``tensor_group`` on a weight that is all zero or not finite.
+    """
+    if args.strategy != "tensor_group":
+        return (*compute_dynamic_qparams(weight, args), None)
+    tensor_scale = global_scale(weight, args, "a weight trained with strategy='tensor_group'")
+    ranges = reduce_min_max(weight.detach(), args)
+    return (*calculate_qparams(*ranges, args, tensor_scale), tensor_scale)
+
+
 class WeightFakeQuantizer(nn.Module):
     """Parametrization returning the fake-quantized weight of the layer that owns it.
 
     While ``enabled`` and not ``frozen``, qparams are computed from the current weight
-    (min-max) on every access and written to the owner's ``weight_scale`` /
-    ``weight_zero_point`` buffers; once ``frozen`` those buffers are used as they are.
+    (min-max, :func:`weight_qparams`) on every access and written to the owner's
+    ``weight_scale`` / ``weight_zero_point`` (and ``weight_global_scale``) buffers; once
+    ``frozen`` those buffers are used as they are.
     While not ``enabled`` the weight passes through unchanged.
 
     The owner is held as a plain attribute, not a submodule, so it is not part of the module
@@ -111,12 +143,15 @@ class WeightFakeQuantizer(nn.Module):
         owner = self.owner
         if self.frozen:
             scale, zero_point = owner.weight_scale, owner.weight_zero_point
+            tensor_scale = owner._buffers.get("weight_global_scale")
         else:
-            scale, zero_point = compute_dynamic_qparams(weight, self.args)
+            scale, zero_point, tensor_scale = weight_qparams(weight, self.args)
             with torch.no_grad():
                 owner.weight_scale.copy_(scale)
                 owner.weight_zero_point.copy_(zero_point)
-        return fake_quantize_ste(weight, scale, zero_point, self.args)
+                if tensor_scale is not None:
+                    owner.weight_global_scale.copy_(tensor_scale)
+        return fake_quantize_ste(weight, scale, zero_point, self.args, tensor_scale)
 
 
 def add_weight_fake_quantizer(module: nn.Module, args: QuantizationArgs) -> WeightFakeQuantizer:

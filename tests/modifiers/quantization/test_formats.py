@@ -13,7 +13,7 @@ from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES as CT_PR
 from compressed_tensors.quantization.utils.helpers import calculate_qparams as ct_qparams
 from compressed_tensors.quantization.utils.helpers import generate_gparam
 
-from lightning_compress.core import CompressionSession
+from lightning_compress.core import CompressionSession, EventType
 from lightning_compress.modifiers import QuantizationModifier
 from lightning_compress.modifiers.quantization.args import (
     PRESET_SCHEMES,
@@ -171,7 +171,7 @@ def test_nvfp4_quantized_layer_holds_its_global_scale() -> None:
 
 def test_nvfp4_is_refused_where_no_global_scale_is_computed() -> None:
     weight = fp4_weight()
-    with pytest.raises(ValueError, match="tensor_group.*quantization-aware training"):
+    with pytest.raises(ValueError, match="tensor_group.*dynamic qparams do not compute"):
         compute_dynamic_qparams(weight, NVFP4)
     with pytest.raises(ValueError, match="global_scale is required"):
         qparams_for_weight(weight, NVFP4)
@@ -280,17 +280,20 @@ def test_gptq_quantizes_fp4_onto_its_grid_and_beats_rtn(fmt: str, actorder: str 
     assert output_error(result.weight_q) < output_error(rtn)
 
 
-def test_quantization_aware_training_refuses_nvfp4_before_touching_the_model() -> None:
-    model = torch.nn.Sequential(torch.nn.Linear(32, 32))
-    state = {key: value.clone() for key, value in model.state_dict().items()}
-    with pytest.raises(ValueError, match="tensor_group.*quantization-aware training"):
-        CompressionSession().initialize(
-            recipe=QuantizationModifier(scheme="NVFP4A16", targets=["Linear"], start=0),
-            model=model,
-        )
-    assert model.state_dict().keys() == state.keys()
-    assert all(torch.equal(model.state_dict()[key], state[key]) for key in state)
-    assert not hasattr(model[0], "quantization_scheme")
+def test_quantization_aware_training_of_nvfp4_bakes_weights_on_its_grid() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32))
+    session = CompressionSession()
+    session.initialize(
+        recipe=QuantizationModifier(scheme="NVFP4A16", targets=["Linear"], start=0), model=model
+    )
+    session.event(EventType.BATCH_START, global_step=0)
+    model(torch.randn(2, 64)).sum().backward()
+    session.finalize()
+    layer = model[0]
+    args, tensor_scale = layer.quantization_scheme.weights, layer.weight_global_scale
+    assert torch.equal(tensor_scale, global_scale(layer.weight, args, "w"))
+    baked = fake_quantize(layer.weight, layer.weight_scale, None, args, tensor_scale)
+    assert torch.equal(baked, layer.weight)
 
 
 BLOCK = QuantizationArgs(type="float", strategy="block", block_structure=(4, 8))

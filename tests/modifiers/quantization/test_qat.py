@@ -12,6 +12,7 @@ from torch import nn
 from lightning_compress.core import CompressionSession, EventType
 from lightning_compress.modifiers import QuantizationModifier
 from lightning_compress.modifiers.quantization.args import QuantizationArgs, preset_scheme
+from lightning_compress.modifiers.quantization.observers import qparams_and_global_scale
 from lightning_compress.modifiers.quantization.ops import (
     calculate_qparams,
     compute_dynamic_qparams,
@@ -68,9 +69,11 @@ class Run:
 
 
 def reference_linear(layer: nn.Linear, x: torch.Tensor, scheme, observed=None) -> torch.Tensor:
-    """``layer`` on ``x`` with weights and inputs fake-quantized by ops.py directly."""
+    """``layer`` on ``x`` with weights fake-quantized as one-shot round-to-nearest does and
+    inputs by ops.py directly."""
     weight = layer.parametrizations.weight.original
-    w_hat = fake_quantize(weight, *compute_dynamic_qparams(weight, scheme.weights), scheme.weights)
+    scale, zero_point, tensor_scale = qparams_and_global_scale(weight, scheme.weights)
+    w_hat = fake_quantize(weight, scale, zero_point, scheme.weights, tensor_scale)
     inputs = scheme.input_activations
     if inputs is not None:
         qparams = (
@@ -84,7 +87,10 @@ def reference_linear(layer: nn.Linear, x: torch.Tensor, scheme, observed=None) -
 
 @pytest.mark.parametrize(
     "preset",
-    ["W8A8", "W4A8", "W4A16", "W4A16_ASYM", "W8A16", "FP8", "FP8_DYNAMIC", "MXFP4A16", "FP8_BLOCK"],
+    [
+        *("W8A8", "W4A8", "W4A16", "W4A16_ASYM", "W8A16", "FP8", "FP8_DYNAMIC"),
+        *("MXFP4A16", "FP8_BLOCK", "NVFP4A16"),
+    ],
 )
 def test_fake_quant_forward_equals_ops_reference(preset):
     model = make_model()
