@@ -27,6 +27,7 @@ from lightning_compress.export.layout import (
 )
 from lightning_compress.modifiers.pruning import MASK_BUFFER
 from lightning_compress.modifiers.quantization import QuantizationArgs, QuantizationScheme
+from lightning_compress.modifiers.quantization.formats import format_of
 from lightning_compress.modifiers.quantization.fused import fused_groups
 from lightning_compress.modifiers.quantization.qat import OBSERVER_BUFFERS
 
@@ -117,21 +118,18 @@ def to_ct_scheme(
 
     Raises:
         ExportError: when the scheme cannot be expressed in compressed-tensors format, or
-            has fp4 weights in another dtype than bfloat16.
+            its format reads back in one dtype only (fp4, MX) and the weight has another.
     """
     scheme: QuantizationScheme = module.quantization_scheme
     weights = scheme.weights
-    if (
-        weights is not None
-        and weights.type == "float"
-        and weights.num_bits == 4
-        and module.weight.dtype != torch.bfloat16
-    ):
+    quant_format = None if weights is None else format_of(*_format_key(weights))
+    if quant_format is not None and quant_format.reads_back_in not in (None, module.weight.dtype):
         raise ExportError(
-            f"layer '{name}' has fp4 weights ({scheme.to_dict()}) in {module.weight.dtype}: "
-            f"compressed-tensors {compressed_tensors.__version__} reads fp4 checkpoints back in "
-            "bfloat16 only, so transformers could not run this one; quantize the model in "
-            "bfloat16 (model.to(torch.bfloat16) before compressing)"
+            f"layer '{name}' has {quant_format.name} weights ({scheme.to_dict()}) in "
+            f"{module.weight.dtype}: compressed-tensors {compressed_tensors.__version__} reads "
+            f"{quant_format.name} back in {quant_format.reads_back_in} only, so transformers "
+            f"could not run this checkpoint; quantize the model in {quant_format.reads_back_in} "
+            "(model.to(dtype) before compressing)"
         )
     if "weight_g_idx" in module._buffers:
         raise ExportError(
@@ -154,6 +152,10 @@ def to_ct_scheme(
     else:
         ct_scheme.format = _loadable_format(name, module, ct_scheme)
     return ct_scheme
+
+
+def _format_key(args: QuantizationArgs) -> tuple[str, int, str | None]:
+    return args.type, args.num_bits, args.scale_dtype
 
 
 def _loadable_format(name: str, module: nn.Module, ct_scheme: CTQuantizationScheme) -> str:
@@ -296,9 +298,14 @@ def _our_args(args: CTQuantizationArgs | None) -> QuantizationArgs | None:
 
 
 def _dtype_name(args: CTQuantizationArgs) -> str | None:
-    """The name of a compressed-tensors argument's ``scale_dtype`` (``"float8_e4m3fn"``), where
-    it picks a format: compressed-tensors also sets it on fp8 and int arguments, whose scales
-    this project keeps in the weight's dtype."""
-    if args.scale_dtype is None or args.num_bits != 4:
+    """The name of a compressed-tensors argument's ``scale_dtype`` (``"float8_e4m3fn"``) where
+    it picks one of this project's formats; None where it does not (compressed-tensors also
+    sets it to the model's dtype, in which this project keeps scales anyway)."""
+    if args.scale_dtype is None:
         return None
-    return str(args.scale_dtype).removeprefix("torch.")
+    name = str(args.scale_dtype).removeprefix("torch.")
+    try:
+        format_of(str(args.type), args.num_bits, name)
+    except ValueError:
+        return None
+    return name

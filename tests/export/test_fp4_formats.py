@@ -23,7 +23,11 @@ from lightning_compress.modifiers import GPTQModifier, QuantizationModifier
 FORMATS = {
     "NVFP4A16": ("nvfp4-pack-quantized", {"weight_packed", "weight_scale", "weight_global_scale"}),
     "MXFP4A16": ("mxfp4-pack-quantized", {"weight_packed", "weight_scale"}),
+    "MXFP8A16": ("mxfp8-quantized", {"weight", "weight_scale"}),
 }
+"""Preset: its compressed-tensors format and the tensors stored per layer."""
+STORED = {"weight_packed": torch.uint8, "weight": torch.float8_e4m3fn}
+"""The stored weight (packed fp4 pairs, or fp8 values) and its dtype."""
 PROBE = torch.tensor([[3, 17, 99, 5, 64, 2, 77, 11, 8, 120], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]])
 
 
@@ -60,11 +64,15 @@ def test_fp4_checkpoint_reads_back_exactly_and_loads_in_transformers(scheme, alg
             if key.rpartition(".")[0] == name
         }
         assert set(local) == names
-        assert local["weight_packed"].dtype == torch.uint8
+        (key,) = set(local) & set(STORED)
+        assert local[key].dtype == STORED[key]
+        assert local["weight_scale"].dtype == (
+            torch.float8_e4m3fn if scheme == "NVFP4A16" else torch.uint8  # E8M0 exponents
+        )
         # compressed-tensors' compressor packs the layer's own tensors to the same bytes
         tensors = {"weight": module.weight, **dict(module.named_buffers())}
         repacked = compressor.compress(tensors, scheme_config)
-        assert torch.equal(repacked["weight_packed"], local["weight_packed"]), name
+        assert torch.equal(repacked[key].view(torch.uint8), local[key].view(torch.uint8)), name
         weight = compressor.decompress(local, scheme_config)["weight"]
         assert weight.dtype == module.weight.dtype
         assert torch.equal(weight, module.weight.detach()), name
@@ -90,7 +98,8 @@ def test_fp4_checkpoint_reads_back_exactly_and_loads_in_transformers(scheme, alg
 
 def test_fp4_in_float32_is_refused_with_the_dtype_to_use(tmp_path):
     model = fp4_model("MXFP4A16", torch.float32)
-    with pytest.raises(ExportError, match=r"fp4 weights .* in torch.float32.*bfloat16"):
+    error = r"mxfp4 weights .* in torch.float32: .* back in torch.bfloat16 only"
+    with pytest.raises(ExportError, match=error):
         save_compressed(model, tmp_path / "ckpt")
 
 

@@ -41,8 +41,8 @@ WIDE = {
     "num_key_value_heads": 4,
 }
 """One decoder layer wide enough for the presets' groups and blocks of 128."""
-BFLOAT16_ONLY = ("NVFP4A16", "MXFP4A16")
-"""fp4 presets, saved in bfloat16 only (tests/export/test_fp4_formats.py checks them)."""
+BFLOAT16_ONLY = ("NVFP4A16", "MXFP4A16", "MXFP8A16")
+"""fp4 and MX presets, saved in bfloat16 only (tests/export/test_fp4_formats.py checks them)."""
 
 
 @pytest.fixture(name="warnings")

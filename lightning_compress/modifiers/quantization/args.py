@@ -425,6 +425,11 @@ PRESET_SCHEMES: dict[str, dict[str, QuantizationArgs]] = {
             num_bits=4, type="float", strategy="group", group_size=32, scale_dtype="uint8"
         )
     },
+    "MXFP8A16": {
+        "weights": QuantizationArgs(
+            type="float", strategy="group", group_size=32, scale_dtype="uint8"
+        )
+    },
     **{name: roles for name, roles in _INT_FAMILY.items() if name not in ("W4A8", "W4A16")},
 }
 """Preset name (upper case) to the arguments of each quantized role."""

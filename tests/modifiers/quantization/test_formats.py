@@ -103,14 +103,16 @@ def test_mxfp4_scales_are_e8m0_powers_of_two_of_each_group_of_32(dtype: torch.dt
     assert not zero_point.any()
 
 
-def test_mxfp4_qparams_and_round_trip_equal_compressed_tensors() -> None:
-    weight = fp4_weight(torch.bfloat16)
-    scale, zero_point = qparams_for_weight(weight, MXFP4)
-    ct_args = CTArgs(**{**MXFP4.to_dict(), "scale_dtype": torch.uint8})
-    ct_scale, _ = ct_qparams(*reduce_min_max(weight, MXFP4), ct_args)
+@pytest.mark.parametrize("fmt", ["MXFP4A16", "MXFP8A16"])
+def test_mx_qparams_and_round_trip_equal_compressed_tensors(fmt: str) -> None:
+    args = preset_scheme(fmt, ["Linear"]).weights
+    weight = fp4_weight(torch.bfloat16) * 100  # fp8's E8M0 offset is 8: larger scales
+    scale, zero_point = qparams_for_weight(weight, args)
+    ct_args = CTArgs(**{**args.to_dict(), "scale_dtype": torch.uint8})
+    ct_scale, _ = ct_qparams(*reduce_min_max(weight, args), ct_args)
     assert torch.equal(scale, ct_scale)
     expected = ct_fake_quantize(weight, ct_scale, zero_point, ct_args)
-    assert torch.equal(fake_quantize(weight, scale, zero_point, MXFP4), expected)
+    assert torch.equal(fake_quantize(weight, scale, zero_point, args), expected)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -237,8 +239,9 @@ def test_presets_have_compressed_tensors_definitions(name: str) -> None:
         blocks = None if ct.block_structure is None else tuple(ct.block_structure)
         assert args.block_structure == blocks
         assert {f: getattr(args, f) for f in fields} == {f: getattr(ct, f) for f in fields}
-        ct_scale_dtype = None if ct.scale_dtype is None or ct.num_bits != 4 else ct.scale_dtype
-        assert args.scale_dtype == (None if ct_scale_dtype is None else str(ct_scale_dtype)[6:])
+        # compressed-tensors also sets scale_dtype where it picks no format of its own (fp8)
+        mx_or_nv = ct.scale_dtype in (torch.uint8, torch.float8_e4m3fn) and ct.group_size
+        assert args.scale_dtype == (str(ct.scale_dtype)[6:] if mx_or_nv else None)
 
 
 @pytest.mark.parametrize(("scheme", "size"), [("NVFP4A16", 16), ("MXFP4A16", 32)])

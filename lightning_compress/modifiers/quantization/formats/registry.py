@@ -25,6 +25,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from lightning_compress.modifiers.quantization.formats.grids import (
     FP4_E2M1,
     FP8_E4M3,
@@ -59,6 +61,8 @@ class QuantFormat:
             family, where compressed-tensors picks ``pack-quantized``, ``int-quantized`` or
             ``naive-quantized`` by layer).
         vllm: how vLLM serves it, in a few words.
+        reads_back_in: the one dtype compressed-tensors' decompressor returns its weights in
+            (fp4 values and E8M0 scales unpack to bfloat16), or None for the checkpoint's.
     """
 
     name: str
@@ -71,6 +75,7 @@ class QuantFormat:
     group_size: int | None
     compressor: str | None
     vllm: str
+    reads_back_in: torch.dtype | None = None
 
 
 _ANY = ("tensor", "channel", "group", "token")
@@ -111,6 +116,7 @@ FORMATS: tuple[QuantFormat, ...] = (
         group_size=16,
         compressor="nvfp4-pack-quantized",
         vllm="weights only (W4A16); W4A4 on Blackwell once NVFP4 activations exist here",
+        reads_back_in=torch.bfloat16,
     ),
     QuantFormat(
         name="mxfp4",
@@ -123,6 +129,20 @@ FORMATS: tuple[QuantFormat, ...] = (
         group_size=32,
         compressor="mxfp4-pack-quantized",
         vllm="weights only (W4A16)",
+        reads_back_in=torch.bfloat16,
+    ),
+    QuantFormat(
+        name="mxfp8",
+        type="float",
+        num_bits=(8,),
+        grid=FP8_E4M3,
+        scale=E8M0Scale(),
+        scale_dtype="uint8",
+        strategies=("group",),
+        group_size=32,
+        compressor="mxfp8-quantized",
+        vllm="weights only (W8A16)",
+        reads_back_in=torch.bfloat16,
     ),
 )
 """Every format, looked up by :func:`format_of`."""
