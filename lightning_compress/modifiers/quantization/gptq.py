@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from lightning_compress.modifiers.hessian import BlockwiseOBS
-from lightning_compress.modifiers.quantization.args import QuantizationArgs
+from lightning_compress.modifiers.quantization.args import GROUPED_STRATEGIES, QuantizationArgs
 from lightning_compress.modifiers.quantization.observers import qparams_for_weight
 from lightning_compress.modifiers.quantization.ops import fake_quantize_aligned, global_scale
 
@@ -50,8 +50,6 @@ __all__ = [
 ]
 
 ACTORDERS = ("weight", "group")
-GROUPED = ("group", "tensor_group")
-"""Strategies whose scales cover runs of ``group_size`` columns."""
 ACTORDER_ALIASES = {"none": None, "static": "weight", "dynamic": "group"}
 
 
@@ -146,7 +144,7 @@ class ColumnQuantizer:
         # that exist only in groups, as MXFP4, keep theirs), else per channel
         self._column_args = (
             args
-            if args.strategy in GROUPED
+            if args.strategy in GROUPED_STRATEGIES
             else dataclasses.replace(
                 args, strategy="channel", group_size=None, block_structure=None
             )
@@ -256,10 +254,10 @@ def make_column_quantizer(
             scale.repeat_interleave(rows, dim=0).split(1, dim=1),
             zero_point.repeat_interleave(rows, dim=0).split(1, dim=1),
         )
-    if args.strategy in GROUPED and actorder != "weight":
+    if args.strategy in GROUPED_STRATEGIES and actorder != "weight":
         return ColumnQuantizer(args, out_dtype, global_scale=global_scale)
     scale, zero_point = _rounded_qparams(weight, args, out_dtype, global_scale)
-    if args.strategy not in GROUPED:
+    if args.strategy not in GROUPED_STRATEGIES:
         return ColumnQuantizer(args, out_dtype, [0] * weight.shape[1], [scale], [zero_point])
     return ColumnQuantizer(
         args,
@@ -282,7 +280,7 @@ def _check_args(in_features: int, args: QuantizationArgs, actorder: str | None) 
             f"actorder='group' needs strategy='group', got strategy={args.strategy!r}; "
             "use actorder='weight' to reorder the columns without changing the groups"
         )
-    if args.strategy in GROUPED and in_features % args.group_size:
+    if args.strategy in GROUPED_STRATEGIES and in_features % args.group_size:
         raise ValueError(
             f"group_size={args.group_size} does not divide in_features={in_features}; "
             f"use a group_size that divides {in_features} or add this layer to `ignore`"

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from lightning_compress.modifiers.quantization.args import QuantizationArgs
 from lightning_compress.modifiers.quantization.formats import QuantFormat, format_of
-from lightning_compress.modifiers.quantization.formats.scales import global_scale_for
+from lightning_compress.modifiers.quantization.formats.scales import FP8_MAX, global_scale_for
 
 __all__ = [
     "FP8_MAX",
@@ -47,8 +47,6 @@ __all__ = [
     "strategy_groups",
     "ungroup",
 ]
-
-FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)
 
 
 def quant_range(args: QuantizationArgs) -> tuple[float, float]:
