@@ -22,13 +22,23 @@ from lightning_compress.modifiers.quantization.args import (
     QuantizationArgs,
     QuantizationScheme,
 )
+from lightning_compress.modifiers.quantization.formats import format_of
 from lightning_compress.pipelines.coverage import WeightCoverage, weight_coverage
 
 __all__ = ["CompressionSummary", "parameter_bytes", "scheme_label"]
 
 NAMED_LAYERS = 5
 """Layers left out are named when there are at most this many."""
-SHAPE_FIELDS = ("num_bits", "type", "symmetric", "strategy", "group_size", "dynamic")
+SHAPE_FIELDS = (
+    "num_bits",
+    "type",
+    "symmetric",
+    "strategy",
+    "group_size",
+    "dynamic",
+    "scale_dtype",
+    "block_structure",
+)
 """The fields of ``QuantizationArgs`` that decide how a tensor is stored."""
 
 
@@ -288,12 +298,14 @@ def _shape(args: QuantizationArgs) -> tuple:
 
 
 def _args_label(args: QuantizationArgs) -> str:
-    kind = "int" if args.type == "int" else "fp"
+    values = f"{'int' if args.type == 'int' else 'fp'}{args.num_bits}"
+    if args.scale_dtype is not None:  # the format's own name: nvfp4, mxfp4, mxfp8
+        values = format_of(args.type, args.num_bits, args.scale_dtype).name
     grouped = args.strategy in ("group", "tensor_group")
     strategy = f"g{args.group_size}" if grouped else f"per-{args.strategy}"
     if args.block_structure is not None:
         strategy = "block " + "x".join(map(str, args.block_structure))
-    parts = [f"{kind}{args.num_bits}", "" if args.symmetric else "asym", strategy]
+    parts = [values, "" if args.symmetric else "asym", strategy]
     parts.append("dynamic" if args.dynamic else "")
     return " ".join(part for part in parts if part)
 

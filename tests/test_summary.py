@@ -177,3 +177,16 @@ def test_left_out_weights_of_many_blocks_are_named_once_with_a_count():
     assert "0 of 60 weight tensors compressed (0.0% of 3,840 elements), 0 ignored" in (
         summary.format()
     )
+
+
+def test_labels_of_formats_with_their_own_scales_name_the_format():
+    labels = {
+        name: scheme_label(preset_scheme(name, ["Linear"]))
+        for name in ("NVFP4A16", "MXFP4A16", "MXFP8A16", "FP8_BLOCK")
+    }
+    assert labels == {
+        "NVFP4A16": "NVFP4A16 (nvfp4 g16)",
+        "MXFP4A16": "MXFP4A16 (mxfp4 g32)",
+        "MXFP8A16": "MXFP8A16 (mxfp8 g32)",
+        "FP8_BLOCK": "FP8_BLOCK (fp8 block 128x128, act fp8 g128 dynamic)",
+    }
