@@ -64,17 +64,20 @@ def module_matches(name: str, module: nn.Module, target: str) -> bool:
         name: the module's name in the model.
         module: the module.
         target: a class name (``Linear``), a module name (``lm_head``) or ``re:<regex>``
-            matched from the start of the module name. A class name selects the module's
-            class and every ``nn.Module`` class it derives from, as compressed-tensors
-            matches: ``Linear`` selects Falcon's ``FalconLinear``; it never selects a router
-            (:func:`is_router`), which only its name or a regex selects.
+            matched from the start of the module name. A module name also selects the
+            module of that name inside a wrapper (``lm_head`` selects ``model.lm_head`` of a
+            LightningModule holding the transformers model as ``model``). A class name
+            selects the module's class and every ``nn.Module`` class it derives from, as
+            compressed-tensors matches: ``Linear`` selects Falcon's ``FalconLinear``; it
+            never selects a router (:func:`is_router`), which only its name or a regex
+            selects.
 
     Returns:
         True if the target selects the module.
     """
     if target.startswith(REGEX_PREFIX):
         return re.match(target[len(REGEX_PREFIX) :], name) is not None
-    if target == name:
+    if target == name or name.endswith("." + target):
         return True
     return not is_router(name, module) and target in module_class_names(module)
 

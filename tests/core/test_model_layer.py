@@ -93,3 +93,17 @@ def test_class_matching_agrees_with_compressed_tensors():
         for name, module in model.named_modules():
             if name:
                 assert module_matches(name, module, target) == is_match(name, module, target)
+
+
+def test_a_module_name_selects_that_module_inside_a_wrapper():
+    """A LightningModule holding the model as ``model``: ``lm_head`` is ``model.lm_head``."""
+    wrapper = nn.Module()
+    wrapper.model = nn.Module()
+    wrapper.model.body = nn.Linear(2, 2)
+    wrapper.model.lm_head = nn.Linear(2, 2)
+    wrapper.model.xlm_head = nn.Linear(2, 2)
+    assert list(match_named_modules(wrapper, "Linear", ["lm_head"])) == [
+        "model.body",
+        "model.xlm_head",
+    ]
+    assert list(match_named_modules(wrapper, ["model.lm_head"])) == ["model.lm_head"]
