@@ -66,8 +66,8 @@ def save_compressed(
     Mixture-of-experts layers (linearized experts) are saved per expert under the names
     transformers' conversion mapping fuses on loading (``lightning_compress.layers.expert_names``:
     Mixtral ``block_sparse_moe.experts.<e>.w1/w3/w2``, Qwen-MoE, DeepSeek-V3 and OLMoE
-    ``mlp.experts.<e>.gate_proj/up_proj/down_proj``); transformers 5 reads quantized experts
-    only with ``CompressedTensorsConfig(dequantize=True)``.
+    ``mlp.experts.<e>.gate_proj/up_proj/down_proj``), which transformers 5 dequantizes while
+    merging them into its fused experts.
 
     A model that is not quantized (never compressed, or only pruned) is saved plainly (no
     ``quantization_config``), as compressed-tensors saves it.
