@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-SCRIPT = Path(__file__).with_name("moe_resume_run.py")
+SCRIPT = Path(__file__).parents[1] / "lightning" / "resume_run.py"
 
 RECIPE = """
 prune_stage:
@@ -36,7 +36,7 @@ qat_stage:
 
 def run(recipe: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, str(SCRIPT), str(recipe), str(out), *extra],
+        [sys.executable, str(SCRIPT), str(recipe), str(out), "--model", "mixtral", *extra],
         capture_output=True,
         text=True,
         timeout=300,
