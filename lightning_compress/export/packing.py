@@ -1,12 +1,15 @@
 """One quantized layer in its compressed-tensors format, the common case without a detour.
 
 compressed-tensors' ``pack-quantized`` compressor recomputes the integer codes with clamps
-against tensor bounds, which takes as long as the packing itself. For symmetric int weights the
-codes come from this project's own :func:`~lightning_compress.modifiers.quantization.ops.quantize`
-(the one the layers were quantized with) and are packed as compressed-tensors'
-``pack_to_int32`` packs them (4-bit codes by byte-wise bit operations), giving the same
-tensors; the codes are kept beside them, so that the caller can check the packed words
-integer by integer. Every other scheme and format goes through compressed-tensors' compressor.
+against tensor bounds, which takes as long as the packing itself, and its ``int-quantized``
+compressor divides in the weight's dtype, which in bfloat16 moves a few 8-bit codes by one. For
+symmetric int weights in both formats the codes come from this project's own
+:func:`~lightning_compress.modifiers.quantization.ops.quantize` (the one the layers were
+quantized with; in float32 where the weight's dtype is too coarse to recover them), stored as
+int8 (``int-quantized``) or packed as compressed-tensors' ``pack_to_int32`` packs them (4-bit
+codes by byte-wise bit operations); the codes are kept beside them, so that the caller can
+check the stored codes integer by integer. Every other scheme and format goes through
+compressed-tensors' compressor.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from lightning_compress.modifiers.quantization.ops import quantize
 __all__ = ["PackedLayer", "pack_layer"]
 
 PACKED = CompressionFormat.pack_quantized.value
+INT_QUANTIZED = CompressionFormat.int_quantized.value
 
 
 @dataclass(frozen=True)
@@ -59,21 +63,47 @@ def pack_layer(tensors: dict[str, Tensor], scheme: CTQuantizationScheme) -> Pack
         The compressed tensors, with the codes they pack where this module packed them.
     """
     weights = scheme.weights
-    if scheme.format != PACKED or weights is None or weights.type != "int" or not weights.symmetric:
+    own_codes = scheme.format in (PACKED, INT_QUANTIZED)
+    if not own_codes or weights is None or weights.type != "int" or not weights.symmetric:
         compressor = BaseCompressor.get_value_from_registry(scheme.format)
         return PackedLayer(compressor.compress(dict(tensors), scheme))
     weight = tensors["weight"]
     args = from_ct_scheme(scheme).weights
-    codes = quantize(weight, tensors["weight_scale"], None, args)  # symmetric: zero points of 0
+    # symmetric: zero points of 0
+    codes = quantize(*_code_inputs(weight, tensors["weight_scale"], weights.num_bits), None, args)
     packed = {
         key: value
         for key, value in tensors.items()
         if key not in ("weight", "weight_zero_point")
         and not (key.endswith("_zero_point") and _symmetric(scheme, key))
     }
-    packed["weight_packed"] = _pack(codes, weights.num_bits)
-    packed["weight_shape"] = torch.tensor(weight.shape)
+    if scheme.format == INT_QUANTIZED:
+        packed["weight"] = codes.to(torch.int8)
+    else:
+        packed["weight_packed"] = _pack(codes, weights.num_bits)
+        packed["weight_shape"] = torch.tensor(weight.shape)
     return PackedLayer(packed, codes, args)
+
+
+def _code_inputs(weight: Tensor, scale: Tensor, num_bits: int) -> tuple[Tensor, Tensor]:
+    """The weight and scale to recover a layer's codes from, exactly.
+
+    A weight ``code * scale`` rounded to its dtype, divided by the scale in that dtype, can
+    round to the neighbouring code when the dtype's spacing at the largest codes reaches half a
+    code (bfloat16 and 8-bit codes: 126.67 becomes 126.5, then 126); in float32 the quotient
+    stays within a quarter of the code.
+
+    Args:
+        weight: the quantized layer's weight, on its grid.
+        scale: its scales.
+        num_bits: the width of its codes.
+
+    Returns:
+        ``weight`` and ``scale``, in float32 when their dtype is too coarse for the codes.
+    """
+    if torch.finfo(weight.dtype).eps * 2 ** (num_bits - 1) < 0.25:
+        return weight, scale
+    return weight.float(), scale.float()
 
 
 def _pack(codes: Tensor, num_bits: int) -> Tensor:

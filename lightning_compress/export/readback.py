@@ -115,11 +115,16 @@ def _codes_read_back(name: str, tensors: dict[str, Tensor], packed: PackedLayer)
         ExportError: when ``weight_packed`` does not unpack to the codes it was packed from.
     """
     codes = packed.codes
-    unpacked = unpack_from_int32(packed.tensors["weight_packed"], packed.args.num_bits, codes.shape)
+    stored = packed.tensors.get("weight_packed")
+    unpacked = (
+        packed.tensors["weight"]
+        if stored is None
+        else unpack_from_int32(stored, packed.args.num_bits, codes.shape)
+    )
     if unpacked.shape != codes.shape or not _same_bits(unpacked, codes):
         wrong = int((unpacked != codes).sum()) if unpacked.shape == codes.shape else codes.numel()
         raise ExportError(
-            f"layer '{name}': weight_packed unpacks to other codes than it was packed from "
+            f"layer '{name}': the stored weight reads back as other codes than it was made from "
             f"({wrong} of {codes.numel()} differ); the packing is broken, nothing was written"
         )
     weight = tensors["weight"]

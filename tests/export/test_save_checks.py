@@ -10,9 +10,17 @@ import pytest
 import torch
 from compressed_tensors.compressors import BaseCompressor
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
+from export_models import tiny_model
+from safetensors.torch import load_file
 from torch import nn
 
-from lightning_compress.export import ExportError, packing, readback, save_compressed
+from lightning_compress.export import (
+    ExportError,
+    load_compressed,
+    packing,
+    readback,
+    save_compressed,
+)
 from lightning_compress.export.layout import _layout
 from lightning_compress.export.packing import _pack, pack_layer
 from lightning_compress.export.readback import reads_back
@@ -124,7 +132,15 @@ def test_symmetric_layers_are_packed_exactly_as_compressed_tensors_packs_them(
             )
             assert list(ours) == list(theirs), name
             for key, value in theirs.items():
-                assert ours[key].dtype == value.dtype and torch.equal(ours[key], value), key
+                assert ours[key].dtype == value.dtype, key
+                if key == "weight_packed" and bits == 8 and dtype == torch.bfloat16:
+                    # compressed-tensors divides in bfloat16 and can move an 8-bit code by
+                    # one; ours are recovered in float32 (see the test below)
+                    shape = tuple(ours["weight_shape"].tolist())
+                    mine, other = (unpack_from_int32(t, bits, shape) for t in (ours[key], value))
+                    assert int((mine.int() - other.int()).abs().max()) <= 1, name
+                else:
+                    assert torch.equal(ours[key], value), key
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -197,8 +213,8 @@ def test_each_kind_of_layer_is_decompressed_once_and_the_rest_checked_on_codes(
 
 
 def test_a_layer_whose_codes_do_not_reproduce_it_is_decided_by_the_decompressor():
-    # int8 codes in bfloat16: re-quantizing a dequantized weight can move a code at the top
-    # of the range by one, one bfloat16 ulp of the weight; the save accepts it as before.
+    # A weight one bfloat16 ulp off its grid (its codes dequantize one ulp away): the
+    # decompressor decides, within two ulps, and the save accepts it as before.
     torch.manual_seed(SEED)
     model = nn.Sequential(nn.Linear(576, 512, bias=False)).to(torch.bfloat16)
     weights = {"num_bits": 8, "strategy": "group", "group_size": 64}
@@ -209,6 +225,11 @@ def test_a_layer_whose_codes_do_not_reproduce_it_is_decided_by_the_decompressor(
     weight = torch.randn(512, 576).to(torch.bfloat16)
     scale, zero_point = qparams_for_weight(weight, args)
     weight = fake_quantize(weight, scale, zero_point, args)
+    bits = weight.view(torch.int16).clone()
+    bumped = torch.zeros_like(weight, dtype=torch.bool)
+    bumped[::7, ::5] = True
+    bits[bumped & (weight != 0)] += 1  # the next bfloat16 away from zero
+    weight = bits.view(torch.bfloat16)
     tensors = {"weight": weight, "weight_scale": scale}
     packed = pack_layer(tensors, scheme)
     assert not readback._codes_read_back("0", tensors, packed)
@@ -241,3 +262,23 @@ def test_zeros_of_either_sign_are_counted_in_every_float_dtype(dtype):
         model[0].weight.copy_(weight)
     record = sparsity_record(model)
     assert record["global_sparsity"] == pytest.approx(int((weight == 0).sum()) / weight.numel())
+
+
+def test_int8_weights_of_a_bfloat16_model_are_stored_as_the_codes_they_were_quantized_to(
+    tmp_path,
+):
+    """compressed-tensors' int-quantized compressor divides in bfloat16 and moves some codes by
+    one; the checkpoint holds the codes the layers were quantized to, so it reads back exactly."""
+    model = tiny_model(seed=3).to(torch.bfloat16)
+    oneshot(model, QuantizationModifier(scheme="W8A8", ignore=["lm_head"]), progress=False)
+    save_compressed(model, tmp_path / "w8a8")
+    stored = load_file(tmp_path / "w8a8" / "model.safetensors")
+    layers = [name for name, module in model.named_modules() if hasattr(module, "weight_scale")]
+    assert layers
+    reloaded = dict(load_compressed(tmp_path / "w8a8").named_modules())
+    for name in layers:
+        module = model.get_submodule(name)
+        codes = torch.round(module.weight.float() / module.weight_scale.float())
+        assert stored[f"{name}.weight"].dtype == torch.int8
+        assert torch.equal(stored[f"{name}.weight"].float(), codes), name
+        assert torch.equal(reloaded[name].weight, module.weight), name
