@@ -31,6 +31,13 @@ def calibrate_tiny_decoder(
     torch.manual_seed(0)
     module = CalibrationModule(TinyDecoder(config).eval(), recipe)
     data = torch.randint(0, config.vocab_size, (8, 16), generator=torch.Generator().manual_seed(1))
+    run_calibration(directory, module, data, **trainer_kwargs)
+
+
+def run_calibration(
+    directory: Path, module: CalibrationModule, data: torch.Tensor, **trainer_kwargs: Any
+) -> None:
+    """Calibrate ``module`` on ``data`` (one sequence per batch); ranks write ``rank<N>.pt``."""
     trainer = Trainer(
         accelerator="cpu",
         inference_mode=False,

@@ -6,10 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from calibration_runs import SaveWeights
-from lightning.pytorch import Trainer
+from calibration_runs import run_calibration
 from moe_models import tiny_moe, tokens
-from torch.utils.data import DataLoader
 
 from lightning_compress.lightning.calibration import CalibrationModule
 from lightning_compress.modifiers import GPTQModifier
@@ -25,18 +23,7 @@ def calibrate(directory: Path, everything: bool, **trainer_kwargs) -> None:
         ignore=["lm_head", "re:.*mlp.gate$"],
     )
     module = CalibrationModule(tiny_moe("qwen3_moe"), recipe, moe_calibrate_all_experts=everything)
-    trainer = Trainer(
-        accelerator="cpu",
-        inference_mode=False,
-        callbacks=[SaveWeights(directory)],
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        enable_progress_bar=False,
-        **trainer_kwargs,
-    )
-    data = tokens(8, 16)
-    trainer.validate(module, dataloaders=DataLoader(data, batch_size=1), verbose=False)
+    run_calibration(directory, module, tokens(8, 16), **trainer_kwargs)
 
 
 @pytest.mark.parametrize("everything", [True, pytest.param(False, marks=pytest.mark.slow)])

@@ -7,10 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from calibration_runs import SaveWeights
-from lightning.pytorch import Trainer
+from calibration_runs import run_calibration
 from moe_models import tiny_moe, tokens
-from torch.utils.data import DataLoader
 
 from lightning_compress.layers import linearize
 from lightning_compress.lightning.calibration import CalibrationModule
@@ -27,18 +25,7 @@ def calibrate(directory: Path, everything: bool, **trainer_kwargs) -> None:
         AWQModifier(weights={"num_bits": 4, "strategy": "group", "group_size": 8}, ignore=IGNORE),
     ]
     module = CalibrationModule(tiny_moe("qwen2_moe"), recipe, moe_calibrate_all_experts=everything)
-    trainer = Trainer(
-        accelerator="cpu",
-        inference_mode=False,
-        callbacks=[SaveWeights(directory)],
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        enable_progress_bar=False,
-        **trainer_kwargs,
-    )
-    data = tokens(8, 16)
-    trainer.validate(module, dataloaders=DataLoader(data, batch_size=1), verbose=False)
+    run_calibration(directory, module, tokens(8, 16), **trainer_kwargs)
 
 
 @pytest.mark.parametrize("everything", [True, pytest.param(False, marks=pytest.mark.slow)])
