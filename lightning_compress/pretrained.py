@@ -11,7 +11,7 @@ from torch import nn
 
 from lightning_compress.bundled import load_bundled_model, load_tokenizer
 
-__all__ = ["DTYPES", "default_seq_length", "load_pretrained", "torch_dtype"]
+__all__ = ["DTYPES", "default_seq_length", "load_model", "load_pretrained", "torch_dtype"]
 
 DTYPES = ("float32", "bfloat16", "float16")
 CONFIG_NAME = "config.json"
@@ -66,20 +66,11 @@ def load_pretrained(
         ValueError: for an unknown ``dtype``, or a checkpoint without a loadable tokenizer.
         ImportError: without the ``hf`` extra (transformers, compressed-tensors).
     """
-    chosen = torch_dtype(dtype)
     if path is None:
-        return load_bundled_model(chosen or torch.float32), load_tokenizer()
-    config = _read_config(Path(path))
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+        return load_bundled_model(torch_dtype(dtype) or torch.float32), load_tokenizer()
+    model = load_model(path, dtype, keep_quantization)
+    from transformers import AutoTokenizer
 
-    if "quantization_config" in config:
-        from lightning_compress.export import load_compressed
-
-        model = load_compressed(path, keep_quantization=keep_quantization)
-        if chosen is not None:
-            model = model.to(chosen)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path, **{_dtype_keyword(): chosen or "auto"})
     source = path if tokenizer is None else tokenizer
     try:
         loaded = AutoTokenizer.from_pretrained(source)
@@ -89,6 +80,39 @@ def load_pretrained(
             f"tokenizer beside the model or name its directory"
         ) from error
     return model.eval(), loaded
+
+
+def load_model(
+    path: str | Path, dtype: str | None = None, keep_quantization: bool = True
+) -> nn.Module:
+    """Load a causal LM (without its tokenizer) from a local checkpoint directory.
+
+    Args:
+        path: a transformers checkpoint directory (``config.json`` and weights); one with a
+            ``quantization_config`` is read with ``load_compressed``.
+        dtype: ``float32``, ``bfloat16`` or ``float16``; None keeps the checkpoint's dtype.
+        keep_quantization: for a compressed checkpoint, keep its layers quantized (True) or
+            load the dequantized dense model (False).
+
+    Returns:
+        The model, in eval mode.
+
+    Raises:
+        FileNotFoundError: if ``path`` is no directory with a ``config.json``.
+        ValueError: for an unknown ``dtype``.
+        ImportError: without the ``hf`` extra (transformers, compressed-tensors).
+    """
+    chosen = torch_dtype(dtype)
+    config = _read_config(Path(path))
+    if "quantization_config" in config:
+        from lightning_compress.export import load_compressed
+
+        model = load_compressed(path, keep_quantization=keep_quantization)
+        return (model if chosen is None else model.to(chosen)).eval()
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, **{_dtype_keyword(): chosen or "auto"})
+    return model.eval()
 
 
 def _read_config(path: Path) -> dict[str, Any]:
