@@ -24,7 +24,7 @@ __all__ = [
 ]
 
 TYPES = ("int", "float")
-STRATEGIES = ("tensor", "channel", "group", "tensor_group", "block", "token")
+STRATEGIES = ("tensor", "channel", "group", "tensor_group", "block", "token", "attn_head")
 GROUPED_STRATEGIES = ("group", "tensor_group")
 DYNAMIC_STRATEGIES = ("tensor", "group", "token")
 OBSERVER_NAMES = ("minmax", "moving_average", "mse")
