@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import compressed_tensors
 import torch
-from compressed_tensors.compressors.format import infer_module_format
 from compressed_tensors.config import CompressionFormat
 from compressed_tensors.quantization import QuantizationArgs as CTQuantizationArgs
 from compressed_tensors.quantization import QuantizationScheme as CTQuantizationScheme
@@ -25,6 +24,7 @@ from lightning_compress.export.layout import (
     prepared_layout,
     written_layout,
 )
+from lightning_compress.export.storage_format import storage_format
 from lightning_compress.modifiers.pruning import MASK_BUFFER
 from lightning_compress.modifiers.quantization import QuantizationArgs, QuantizationScheme
 from lightning_compress.modifiers.quantization.formats import format_of
@@ -148,7 +148,7 @@ def to_ct_scheme(
             f"express: {err}"
         ) from err
     if pack_asymmetric and asymmetric_int_weights(ct_scheme):
-        ct_scheme.format = infer_module_format(type(module), ct_scheme).value
+        ct_scheme.format = storage_format(type(module), ct_scheme)
     else:
         ct_scheme.format = _loadable_format(name, module, ct_scheme)
     return ct_scheme
@@ -161,7 +161,7 @@ def _format_key(args: QuantizationArgs) -> tuple[str, int, str | None]:
 def _loadable_format(name: str, module: nn.Module, ct_scheme: CTQuantizationScheme) -> str:
     """The format compressed-tensors picks for the layer, or :data:`FALLBACK_FORMAT` when
     transformers cannot load that one."""
-    preferred = infer_module_format(type(module), ct_scheme).value
+    preferred = storage_format(type(module), ct_scheme)
     gaps = {}
     for stored_as in dict.fromkeys((preferred, FALLBACK_FORMAT)):
         gaps[stored_as] = _layout_gaps(module, ct_scheme, stored_as)
@@ -186,7 +186,7 @@ def _warn_about_formats(layers: dict[str, tuple[nn.Module, CTQuantizationScheme]
     transformers cannot load (``pack_asymmetric``), and why."""
     moved, unloadable = {}, {}
     for name, (module, scheme) in layers.items():
-        preferred = infer_module_format(type(module), scheme).value
+        preferred = storage_format(type(module), scheme)
         if scheme.format != preferred:
             moved[name] = preferred
         elif asymmetric_int_weights(scheme) and _layout_gaps(module, scheme, preferred):

@@ -7,7 +7,6 @@ from typing import Any
 
 from compressed_tensors.base import QUANTIZATION_METHOD, QUANTIZATION_METHOD_NAME
 from compressed_tensors.compressors import BaseCompressor
-from compressed_tensors.compressors.format import infer_module_format
 from compressed_tensors.config import CompressionFormat
 from compressed_tensors.quantization import QuantizationConfig
 from compressed_tensors.quantization import QuantizationScheme as CTQuantizationScheme
@@ -16,6 +15,7 @@ from torch import Tensor, nn
 
 from lightning_compress.export.errors import ExportError
 from lightning_compress.export.layout import differences, layout_of, written_layout
+from lightning_compress.export.storage_format import storage_format
 
 __all__ = ["check_layer", "check_state", "read_quantization_config"]
 
@@ -152,7 +152,7 @@ def _check_format(scheme: CTQuantizationScheme, stored_as: str | None, where: st
             f"{where}: format {stored_as!r} is not one layers are stored in; expected one of "
             f"{formats}"
         )
-    written = infer_module_format(nn.Linear, scheme).value
+    written = storage_format(nn.Linear, scheme)
     compressor = BaseCompressor.get_value_from_registry(stored_as)
     if stored_as != written and not compressor.can_compress(nn.Linear, scheme):
         raise ExportError(

@@ -20,7 +20,7 @@ PROBE = torch.tensor([[3, 17, 99, 5, 64, 2, 77, 11, 8, 120]])
 FORMATS = {
     "W2A16": "pack-quantized",
     "W3A4": "int-quantized",
-    "W4AFP8": "int-quantized",
+    "W4AFP8": "pack-quantized",
     "FP8_BLOCK": "float-quantized",
     "GPTQ FP8_BLOCK": "float-quantized",
 }
