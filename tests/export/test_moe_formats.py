@@ -1,0 +1,174 @@
+"""Every weight format preset on mixtures of experts (Mixtral- and Qwen3-MoE-style, experts in
+transformers 5's fused layout, linearized per expert): each saved layer, experts included,
+decompresses with compressed-tensors' own compressor to exactly the weight in memory, NVFP4
+global scales are shared per expert as vLLM fuses gate and up, routers stay unquantized, and the
+checkpoint reloads with the logits of the model in memory."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from compressed_tensors.compressors import BaseCompressor
+from compressed_tensors.quantization import QuantizationConfig
+from moe_models import tiny_moe, tokens
+from safetensors.torch import load_file
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+from lightning_compress.export import load_compressed, save_compressed
+from lightning_compress.layers.expert_names import expert_checkpoint_names
+from lightning_compress.layers.experts import ExpertMLP, LinearExperts
+from lightning_compress.lightning.oneshot import oneshot
+from lightning_compress.modifiers import GPTQModifier, QuantizationModifier
+from lightning_compress.modifiers.quantization.runtime import remove_quantization
+
+WIDE = {"hidden_size": 128, "num_key_value_heads": 4, "head_dim": 32}
+EXPERT_WIDTH = {"mixtral": "intermediate_size", "qwen3_moe": "moe_intermediate_size"}
+"""Attention and experts 128 wide (experts 128x128): the presets' groups of 128 divide every
+layer and FP8_BLOCK's 128x128 blocks tile it."""
+PRESETS = {
+    "NVFP4A16": "nvfp4-pack-quantized",
+    "MXFP4A16": "mxfp4-pack-quantized",
+    "MXFP8A16": "mxfp8-quantized",
+    "FP8_BLOCK": "float-quantized",
+    "W4AFP8": "pack-quantized",
+    "W4A16": "pack-quantized",
+    "W8A16": "pack-quantized",
+    "FP8_DYNAMIC": "float-quantized",
+}
+"""Preset: the compressed-tensors format its layers are stored in."""
+BFLOAT16 = {"NVFP4A16", "MXFP4A16", "MXFP8A16"}
+"""Presets compressed-tensors reads back in bfloat16 only (quantized in bfloat16)."""
+TRANSFORMERS_MISREADS = {
+    "NVFP4A16": "transformers 5 dequantizes NVFP4 experts without their weight_global_scale",
+    "MXFP8A16": "transformers 5 multiplies fp8 experts by their scales as plain factors, "
+    "which E8M0 group exponents are not",
+}
+"""Presets whose experts transformers' from_pretrained reads wrong (load_compressed reads them)."""
+FAST = {("qwen3_moe", preset, "RTN") for preset in PRESETS} | {
+    ("mixtral", "NVFP4A16", "GPTQ"),
+    ("mixtral", "W4AFP8", "GPTQ"),
+    ("mixtral", "FP8_BLOCK", "RTN"),
+}
+"""The combinations run by default; the others are marked slow."""
+PROBE = tokens(2, 10, seed=5)
+
+
+def compressed(kind: str, preset: str, algorithm: str) -> nn.Module:
+    model = tiny_moe(kind, **WIDE, **{EXPERT_WIDTH[kind]: 128})
+    if preset in BFLOAT16:
+        model = model.to(torch.bfloat16)
+    modifier = GPTQModifier if algorithm == "GPTQ" else QuantizationModifier
+    recipe = modifier(scheme=preset, targets=["Linear"], ignore=["lm_head"])
+    oneshot(model, recipe, tokens(4, 16), num_calibration_samples=4, progress=False)
+    return model
+
+
+def logits(model: nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(PROBE).logits.float()
+
+
+def experts_weight_only(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose experts run without input quantization: transformers merges
+    dequantized experts into its fused experts module, which quantizes no activations."""
+    reference = copy.deepcopy(model)
+    for module in reference.modules():
+        if isinstance(module, LinearExperts):
+            remove_quantization(module)
+    return reference
+
+
+def close(dtype: torch.dtype) -> dict[str, float]:
+    """Logit tolerance: float32 matmuls of the same weights agree to rounding; bfloat16 ones
+    of another kernel order (transformers' fused experts) differ by about one rounding."""
+    return {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+
+
+def combinations() -> list:
+    return [
+        pytest.param(
+            kind,
+            preset,
+            algorithm,
+            marks=() if (kind, preset, algorithm) in FAST else pytest.mark.slow,
+        )
+        for kind in ("mixtral", "qwen3_moe")
+        for preset in PRESETS
+        for algorithm in ("RTN", "GPTQ")
+    ]
+
+
+@pytest.mark.parametrize(("kind", "preset", "algorithm"), combinations())
+def test_moe_checkpoint_reads_back_exactly_and_reloads_with_equal_logits(
+    kind, preset, algorithm, tmp_path
+):
+    model = compressed(kind, preset, algorithm)
+    path = save_compressed(model, tmp_path / "ckpt", progress=False)
+    stored = load_file(path / "model.safetensors")
+    config = json.loads((path / "config.json").read_text())["quantization_config"]
+    assert config["format"] == PRESETS[preset]
+    (scheme,) = QuantizationConfig.model_validate(config).config_groups.values()
+    compressor = BaseCompressor.get_value_from_registry(PRESETS[preset])
+    names = expert_checkpoint_names(model)
+    layers = {
+        name: module
+        for name, module in model.named_modules()
+        if getattr(module, "quantization_scheme", None) is not None
+    }
+    assert sum(".experts." in name for name in layers) == 2 * 4 * 3  # blocks x experts x 3
+    assert len(layers) == 2 * (4 + 4 * 3)  # and q/k/v/o
+    for name, module in layers.items():
+        key = names.get(name, name)
+        local = {
+            tensor.removeprefix(f"{key}."): value
+            for tensor, value in stored.items()
+            if tensor.rpartition(".")[0] == key
+        }
+        weight = compressor.decompress(local, scheme)["weight"]
+        assert weight.dtype == module.weight.dtype, name
+        assert torch.equal(weight, module.weight.detach()), name
+
+    routers = [key for key in stored if key.endswith(".gate.weight")]
+    assert len(routers) == 2 and all(stored[key].dtype == model.dtype for key in routers)
+    assert not [key for key in stored if ".gate.weight_" in key]  # no router qparams
+
+    expected = logits(model)
+    torch.testing.assert_close(logits(load_compressed(path)), expected, **close(model.dtype))
+    if preset not in TRANSFORMERS_MISREADS:
+        reloaded = AutoModelForCausalLM.from_pretrained(path, dtype=model.dtype)
+        reference = logits(experts_weight_only(model))
+        torch.testing.assert_close(logits(reloaded), reference, **close(model.dtype))
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])
+def test_nvfp4_global_scale_is_shared_by_each_experts_gate_and_up_as_vllm_fuses_them(
+    kind, tmp_path
+):
+    model = compressed(kind, "NVFP4A16", "RTN")
+    path = save_compressed(model, tmp_path / "ckpt", progress=False)
+    stored = load_file(path / "model.safetensors")
+    names = expert_checkpoint_names(model)
+    per_expert = []
+    for parent, expert in model.named_modules():
+        if not isinstance(expert, ExpertMLP):
+            continue
+        fused = [expert.gate_proj, expert.up_proj]
+        (scale,) = {float(module.weight_global_scale) for module in fused}
+        own = min(448 * 6 / module.weight.detach().float().abs().amax().item() for module in fused)
+        assert scale == pytest.approx(own, rel=1e-2)
+        saved = {
+            float(stored[f"{names[f'{parent}.{leaf}']}.weight_global_scale"])
+            for leaf in ("gate_proj", "up_proj")
+        }
+        assert saved == {scale}
+        per_expert.append(scale)
+    assert len(per_expert) == 2 * 4
+    assert len(set(per_expert)) > 1  # each expert its own, not one for all
+    for layer in model.model.layers:
+        attention = layer.self_attn
+        fused = [attention.q_proj, attention.k_proj, attention.v_proj]
+        assert len({float(module.weight_global_scale) for module in fused}) == 1
