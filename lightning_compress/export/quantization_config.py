@@ -13,11 +13,19 @@ from compressed_tensors.base import (
     TRANSFORM_CONFIG_NAME,
 )
 from compressed_tensors.config import CompressionFormat
+from compressed_tensors.quantization import QuantizationArgs as CTQuantizationArgs
 from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus
 from compressed_tensors.quantization import QuantizationScheme as CTQuantizationScheme
 from torch import nn
 
-__all__ = ["LINEAR_TARGET", "quantization_config"]
+from lightning_compress.export.errors import ExportError
+from lightning_compress.modifiers.quantization.args import QuantizationArgs
+from lightning_compress.modifiers.quantization.kv_cache import (
+    ATTENTION_SCHEME_ATTRIBUTE,
+    AttentionScheme,
+)
+
+__all__ = ["LINEAR_TARGET", "attention_schemes", "quantization_config"]
 
 LINEAR_TARGET = "Linear"
 """The class-name target compressed-tensors (and vLLM) match every linear layer with."""
@@ -35,6 +43,12 @@ def quantization_config(model: nn.Module, layers: Layers) -> dict[str, Any] | No
     ``sparsity_config`` is empty, as compressed-tensors writes it, whether or not the model
     is pruned (see :mod:`lightning_compress.export.sparsity`).
 
+    Calibrated attention modules (``kv_cache_scheme``) give the ``kv_cache_scheme`` entry;
+    those whose queries are quantized also get a config group naming them with only
+    ``input_activations``, as compressed-tensors writes attention quantization. Their scales
+    are the modules' ``k_scale`` / ``v_scale`` / ``q_scale`` tensors. Without quantized
+    linear layers the format is ``dense`` and nothing is ignored.
+
     Args:
         model: the model.
         layers: its quantized layers with their compressed-tensors schemes.
@@ -42,8 +56,13 @@ def quantization_config(model: nn.Module, layers: Layers) -> dict[str, Any] | No
     Returns:
         The ``quantization_config`` mapping (``quant_method: compressed-tensors``), or None
         when the model is not quantized.
+
+    Raises:
+        ExportError: when attention modules hold different key/value arguments (vLLM reads
+            one ``kv_cache_scheme`` for every attention layer).
     """
-    if not layers:
+    attention = attention_schemes(model)
+    if not layers and not attention:
         return None
     entry: dict[str, Any] = {
         COMPRESSION_VERSION_NAME: compressed_tensors.__version__,
@@ -51,15 +70,67 @@ def quantization_config(model: nn.Module, layers: Layers) -> dict[str, Any] | No
         SPARSITY_CONFIG_NAME: {},
         TRANSFORM_CONFIG_NAME: {},
     }
+    groups = _config_groups(layers) if layers else {}
     config = QuantizationConfig(
-        config_groups=_config_groups(layers),
-        format=_overall_format(layers),
+        config_groups={**groups, **_attention_groups(attention, len(groups))},
+        format=_overall_format(layers) if layers else CompressionFormat.dense.value,
         quantization_status=QuantizationStatus.COMPRESSED,
-        ignore=unmatched_linears(model, set(layers)),
-        kv_cache_scheme=None,
+        ignore=unmatched_linears(model, set(layers)) if layers else [],
+        kv_cache_scheme=_kv_cache_scheme(attention),
     )
     entry.update(config.model_dump(exclude={QUANTIZATION_METHOD_NAME}))
     return entry
+
+
+def attention_schemes(model: nn.Module) -> dict[str, AttentionScheme]:
+    """The calibrated attention modules of ``model`` with their schemes.
+
+    Args:
+        model: the model.
+
+    Returns:
+        Module name to its ``attention_scheme``, in module order.
+    """
+    return {
+        name: getattr(module, ATTENTION_SCHEME_ATTRIBUTE)
+        for name, module in model.named_modules()
+        if hasattr(module, ATTENTION_SCHEME_ATTRIBUTE)
+    }
+
+
+def _ct_attention_args(args: QuantizationArgs) -> CTQuantizationArgs:
+    """Static fp8 arguments of attention states in compressed-tensors terms."""
+    return CTQuantizationArgs(
+        num_bits=args.num_bits, type=args.type, symmetric=args.symmetric, strategy=args.strategy
+    )
+
+
+def _kv_cache_scheme(attention: dict[str, AttentionScheme]) -> CTQuantizationArgs | None:
+    kinds = {scheme.keys_values for scheme in attention.values()}
+    if len(kinds) > 1:
+        found = sorted({(args.strategy, args.observer) for args in kinds})
+        raise ExportError(
+            f"attention modules hold different key/value arguments ((strategy, observer): "
+            f"{found}); vLLM reads one kv_cache_scheme for every attention layer: expected "
+            "one kv_cache_scheme (and attention groups with the same arguments)"
+        )
+    return _ct_attention_args(kinds.pop()) if kinds else None
+
+
+def _attention_groups(
+    attention: dict[str, AttentionScheme], first: int
+) -> dict[str, CTQuantizationScheme]:
+    """One group per distinct query arguments, naming its attention modules."""
+    groups: dict[QuantizationArgs, list[str]] = {}
+    for name, scheme in attention.items():
+        if scheme.queries is not None:
+            groups.setdefault(scheme.queries, []).append(name)
+    return {
+        f"group_{first + index}": CTQuantizationScheme(
+            targets=names, input_activations=_ct_attention_args(args)
+        )
+        for index, (args, names) in enumerate(groups.items())
+    }
 
 
 def unmatched_linears(model: nn.Module, names: set[str]) -> list[str]:

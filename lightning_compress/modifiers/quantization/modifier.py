@@ -85,8 +85,11 @@ class QuantizationModifier(LayerwiseQuantization):
 
     @property
     def needs_calibration_data(self) -> bool:
-        """True when a scheme has static input activations (their ranges are calibrated)."""
-        return self.is_one_shot and any(map(has_static_inputs, self.resolved_schemes()))
+        """True when a scheme has static input activations or attention states (their ranges
+        are calibrated)."""
+        static_inputs = any(map(has_static_inputs, self.resolved_schemes()))
+        attention = self.kv_cache_scheme is not None or bool(self._attention_groups())
+        return self.is_one_shot and (static_inputs or attention)
 
     def _check_scheme(self, where: str, scheme: QuantizationScheme) -> None:
         super()._check_scheme(where, scheme)

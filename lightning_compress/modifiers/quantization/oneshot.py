@@ -15,7 +15,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from lightning_compress.core.events import Event
 from lightning_compress.core.state import State
+from lightning_compress.modifiers.layerwise import needs_data
 from lightning_compress.modifiers.layerwise_modifier import (
     CompressedLayer,
     LayerwiseModifier,
@@ -27,6 +29,7 @@ from lightning_compress.modifiers.quantization.calibration import (
     relative_error,
 )
 from lightning_compress.modifiers.quantization.fused import fused_groups
+from lightning_compress.modifiers.quantization.kv_cache import AttentionCalibration
 from lightning_compress.modifiers.quantization.ops import global_scale
 from lightning_compress.modifiers.quantization.runtime import attach_quantization
 from lightning_compress.modifiers.quantization.schemes import (
@@ -49,6 +52,12 @@ class LayerwiseQuantization(QuantizationSchemes, LayerwiseModifier, register=Fal
     and a ``quantization_scheme`` attribute, and quantizes its input at inference through a
     persistent pre-hook. Relative weight errors go to ``layer_errors`` and the loggers
     (``QuantizationError``).
+
+    With a ``kv_cache_scheme`` or attention groups, the attention modules' states are
+    calibrated alongside
+    (:class:`~lightning_compress.modifiers.quantization.kv_cache.AttentionCalibration`): each
+    block's scales are fixed when the block ends, and its attention runs quantized from
+    then on; the attention implementation is restored at finalize and on abort.
     """
 
     data_free_method: ClassVar[str] = "round-to-nearest (same scheme)"
@@ -57,6 +66,51 @@ class LayerwiseQuantization(QuantizationSchemes, LayerwiseModifier, register=Fal
         super().on_initialize(state, **kwargs)
         self._observers: dict[str, CalibrationObserver] = {}
         self.layer_errors: dict[str, float] = {}
+        plan = self.attention_plan(state.model)
+        self._attention = AttentionCalibration(self, plan) if plan else None
+
+    def on_start(self, state: State, event: Event | None, **kwargs: Any) -> None:
+        super().on_start(state, event, **kwargs)
+        if self._attention is None:
+            return
+        if event is None:
+            raise needs_data(
+                type(self).__name__,
+                "finalize ran without calibration (the kv_cache_scheme's scales are calibrated)",
+            )
+        try:
+            self._attention.start()
+        except BaseException:
+            self._attention.close()
+            raise
+
+    def on_sequential_epoch_end(self, state: State, subgraph: Any) -> None:
+        super().on_sequential_epoch_end(state, subgraph)
+        if self.active and self._attention is not None:
+            self._attention.finish(subgraph)
+
+    def on_end(self, state: State, event: Event | None, **kwargs: Any) -> None:
+        if self._attention is not None:
+            self._attention.finish(None)
+        super().on_end(state, event, **kwargs)
+
+    def on_finalize(self, state: State, **kwargs: Any) -> Any:
+        self._close_attention()
+        return super().on_finalize(state, **kwargs)
+
+    def abort(self, state: State) -> None:
+        """Stop without finishing: also restores the attention implementation (attention
+        modules already calibrated keep their scales, as quantized layers do).
+
+        Args:
+            state: the session's state.
+        """
+        self._close_attention()
+        super().abort(state)
+
+    def _close_attention(self) -> None:
+        if getattr(self, "_attention", None) is not None:
+            self._attention.close()
 
     def layer_hooks(self, name: str, layer: PendingLayer) -> list[tuple[Callable, str]]:
         """The observer of the layer's static input activations, if it has them.

@@ -16,8 +16,15 @@ from lightning_compress.modifiers.layerwise import linear_layers
 from lightning_compress.modifiers.layerwise_modifier import PendingLayer
 from lightning_compress.modifiers.quantization.args import (
     PRESET_SCHEMES,
+    QuantizationArgs,
     QuantizationScheme,
     preset_scheme,
+)
+from lightning_compress.modifiers.quantization.attention import attention_modules
+from lightning_compress.modifiers.quantization.kv_cache import (
+    AttentionScheme,
+    check_attention_args,
+    is_attention_scheme,
 )
 from lightning_compress.recipe.errors import RecipeError
 
@@ -32,18 +39,103 @@ class QuantizationSchemes(Modifier, register=False):
             ``FP8``, ``FP8_DYNAMIC``) applied to ``targets``, or ``{preset: [targets]}``.
         config_groups: ``{group_name: {targets, weights: {...}, input_activations: {...}}}``
             in compressed-tensors form (``num_bits``, ``type``, ``symmetric``, ``strategy``,
-            ``group_size``, ``dynamic``, ``observer``, ``averaging_constant``).
+            ``group_size``, ``dynamic``, ``observer``, ``averaging_constant``). A group with
+            only ``input_activations`` (static fp8, strategy ``tensor`` or ``attn_head``)
+            whose targets are attention modules quantizes their queries, keys and values
+            (see :mod:`~lightning_compress.modifiers.quantization.kv_cache`).
+        kv_cache_scheme: fp8 arguments (``{num_bits: 8, type: float, symmetric: true,
+            strategy: tensor | attn_head}``) of the keys and values of every attention module,
+            calibrated on the calibration data; None leaves the KV cache unquantized.
     """
 
     scheme: str | dict[str, list[str]] | None = None
     config_groups: dict[str, dict[str, Any]] | None = None
+    kv_cache_scheme: dict[str, Any] | None = None
 
     def validate(self) -> None:
-        if self.scheme is None and self.config_groups is None:
-            self.fail("scheme", f"a preset name ({', '.join(PRESET_SCHEMES)}) or config_groups")
+        if self.scheme is None and self.config_groups is None and self.kv_cache_scheme is None:
+            self.fail(
+                "scheme",
+                f"a preset name ({', '.join(PRESET_SCHEMES)}), config_groups or kv_cache_scheme",
+            )
         for where, scheme in self._labeled_schemes():
             self._check_scheme(where, scheme)
+        self.kv_cache_args()
+        self._attention_groups()
         super().validate()
+
+    def kv_cache_args(self) -> QuantizationArgs | None:
+        """The arguments of ``kv_cache_scheme``, checked.
+
+        Returns:
+            The arguments, or None without a ``kv_cache_scheme``.
+
+        Raises:
+            RecipeError: naming the bad field of ``kv_cache_scheme``.
+        """
+        if self.kv_cache_scheme is None:
+            return None
+        where = f"{type(self).__name__}.kv_cache_scheme"
+        try:
+            args = QuantizationArgs.from_dict(self.kv_cache_scheme, where=where)
+            check_attention_args(args, where)
+        except ValueError as err:
+            raise RecipeError(str(err)) from err
+        return args
+
+    def attention_plan(self, model: nn.Module) -> dict[str, tuple[nn.Module, AttentionScheme]]:
+        """The attention modules whose states are quantized, each with its scheme.
+
+        The ``kv_cache_scheme`` applies to every attention module of ``model`` (as
+        compressed-tensors applies it, ``ignore`` aside: vLLM reads a scale for every
+        attention layer); an attention group replaces it on its targets and quantizes their
+        queries too.
+
+        Args:
+            model: the model.
+
+        Returns:
+            Attention module name to ``(module, scheme)``, in module order.
+
+        Raises:
+            RecipeError: when an attention group targets a module that is not an attention
+                module, a module is targeted by two attention groups, or a
+                ``kv_cache_scheme`` meets a model without attention modules.
+        """
+        owner = type(self).__name__
+        found = attention_modules(model)
+        kv_args = self.kv_cache_args()
+        plan: dict[str, tuple[nn.Module, AttentionScheme]] = {}
+        if kv_args is not None:
+            if not found:
+                raise RecipeError(
+                    f"{owner}.kv_cache_scheme: {type(model).__name__} has no attention module "
+                    "(a module whose class name contains 'Attention' with k_proj/v_proj or "
+                    "qkv_proj); expected a decoder with attention layers"
+                )
+            plan = {name: (module, AttentionScheme(kv_args)) for name, module in found.items()}
+        grouped: dict[str, str] = {}
+        for where, scheme in self._attention_groups():
+            targets = self.resolve_targets(model, scheme.targets)
+            others = [
+                f"{name} ({type(m).__name__})" for name, m in targets.items() if name not in found
+            ]
+            if others:
+                raise RecipeError(
+                    f"{owner}.{where}: targets {others} are not attention modules; a group with "
+                    "only input_activations quantizes attention (queries, keys and values); "
+                    "expected attention modules, or add weights to quantize linear layers"
+                )
+            for name in targets:
+                if name in grouped:
+                    raise RecipeError(
+                        f"{owner}: attention module '{name}' is targeted by {grouped[name]} and "
+                        f"{where}; expected one attention group"
+                    )
+                grouped[name] = where
+                args = scheme.input_activations
+                plan[name] = (found[name], AttentionScheme(args, queries=args))
+        return {name: plan[name] for name in found if name in plan}
 
     def resolved_schemes(self) -> list[QuantizationScheme]:
         """The schemes this modifier applies, presets and config groups together.
@@ -86,7 +178,25 @@ class QuantizationSchemes(Modifier, register=False):
         return plan
 
     def _labeled_schemes(self) -> list[tuple[str, QuantizationScheme]]:
-        """The schemes with the field they come from (``scheme`` or ``config_groups.<name>``)."""
+        """The layer schemes with the field they come from (``scheme`` or
+        ``config_groups.<name>``); attention groups are not among them."""
+        return [item for item in self._all_schemes() if not is_attention_scheme(item[1])]
+
+    def _attention_groups(self) -> list[tuple[str, QuantizationScheme]]:
+        """The attention groups (:func:`is_attention_scheme`), their arguments checked."""
+        groups = [item for item in self._all_schemes() if is_attention_scheme(item[1])]
+        for where, scheme in groups:
+            try:
+                check_attention_args(
+                    scheme.input_activations,
+                    f"{type(self).__name__}.{where}.input_activations",
+                )
+            except ValueError as err:
+                raise RecipeError(str(err)) from err
+        return groups
+
+    def _all_schemes(self) -> list[tuple[str, QuantizationScheme]]:
+        """Every scheme with the field it comes from."""
         name = type(self).__name__
         presets = {self.scheme: self.targets} if isinstance(self.scheme, str) else self.scheme
         labeled = []
@@ -116,18 +226,27 @@ class QuantizationSchemes(Modifier, register=False):
         if scheme.weights is None:
             raise RecipeError(
                 f"{type(self).__name__}.{where}: scheme for {scheme.targets} has no 'weights'; "
-                "expected weight quantization arguments"
+                "expected weight quantization arguments (or only input_activations, for "
+                "attention modules)"
+            )
+        if scheme.weights.strategy == "attn_head":
+            raise self.bad_scheme(
+                where,
+                "weights.strategy",
+                "a weight strategy (attn_head is for attention states)",
+                "attn_head",
             )
         if scheme.output_activations is not None:
             raise self.bad_scheme(
                 where, "output_activations", "None (outputs are not quantized)", "arguments"
             )
         inputs = scheme.input_activations
-        if has_static_inputs(scheme) and inputs.strategy != "tensor":
+        if has_static_inputs(scheme) and inputs.strategy != "tensor" and inputs.dynamic is False:
             raise self.bad_scheme(
                 where,
                 "input_activations.strategy",
-                "'tensor' for static input activations (or dynamic=True)",
+                "'tensor' for static input activations (or dynamic=True; 'tensor_group' with "
+                "dynamic='local')",
                 inputs.strategy,
             )
 
@@ -149,15 +268,16 @@ class QuantizationSchemes(Modifier, register=False):
 
 
 def has_static_inputs(scheme: QuantizationScheme) -> bool:
-    """Whether ``scheme`` quantizes input activations with calibrated (static) ranges.
+    """Whether ``scheme`` quantizes input activations with calibrated ranges.
 
     Args:
         scheme: a scheme.
 
     Returns:
-        True for static input activations.
+        True for static input activations and for ``dynamic: local`` ones (NVFP4, whose
+        per-tensor global scale is calibrated).
     """
-    return scheme.input_activations is not None and not scheme.input_activations.dynamic
+    return scheme.input_activations is not None and scheme.input_activations.dynamic is not True
 
 
 def _check_group_sizes(owner: str, plan: dict[str, PendingLayer]) -> None:
