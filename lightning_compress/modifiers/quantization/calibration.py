@@ -9,24 +9,30 @@ from torch import Tensor, nn
 
 from lightning_compress.core.distributed import all_reduce_max_, all_reduce_min_
 from lightning_compress.modifiers.layerwise_modifier import CompressedLayer
-from lightning_compress.modifiers.quantization.args import QuantizationArgs, QuantizationScheme
+from lightning_compress.modifiers.quantization.args import (
+    DYNAMIC_LOCAL,
+    QuantizationArgs,
+    QuantizationScheme,
+)
 from lightning_compress.modifiers.quantization.observers import (
     observer_for,
     qparams_and_global_scale,
     qparams_for_weight,
 )
 from lightning_compress.modifiers.quantization.ops import fake_quantize
+from lightning_compress.modifiers.quantization.runtime import INPUT_GLOBAL_SCALE
 from lightning_compress.recipe.errors import RecipeError
 
 __all__ = ["CalibrationObserver", "quantize_layer", "quantized_layer", "relative_error"]
 
 
 class CalibrationObserver:
-    """Forward pre-hook folding a layer's inputs into its static input-activation range.
+    """Forward pre-hook folding a layer's inputs into its calibrated input-activation range
+    (per scale for static inputs, the whole tensor's for ``dynamic: local`` ones).
 
     Args:
         name: the layer's name, for error messages.
-        args: the layer's static input-activation arguments.
+        args: the layer's static or ``dynamic: local`` input-activation arguments.
     """
 
     def __init__(self, name: str, args: QuantizationArgs) -> None:
@@ -72,21 +78,34 @@ class CalibrationObserver:
         if bool(torch.isfinite(low).all()):
             observer.min_vals, observer.max_vals = low.to(dtype), high.to(dtype)
 
-    def qparams(self) -> tuple[Tensor, Tensor]:
-        """Returns the calibrated ``(input_scale, input_zero_point)``.
+    def buffers(self, dtype: torch.dtype) -> dict[str, Tensor]:
+        """Returns the calibrated input buffers: ``input_scale`` (in ``dtype``) and
+        ``input_zero_point``, or for ``dynamic: local`` inputs (NVFP4) ``input_global_scale``
+        (float32, ``448 * 6 / max|x|`` as compressed-tensors and vLLM store it).
+
+        Args:
+            dtype: the dtype of the layer's weight, which its input scale takes.
+
+        Returns:
+            The buffers by name.
 
         Raises:
             RecipeError: when the layer saw no input; the message names it.
+            ValueError: naming the layer when a ``dynamic: local`` input was all zero.
         """
         if self.observer.min_vals is None:
             raise RecipeError(
                 f"layer '{self.name}' quantizes input_activations "
-                "statically (dynamic=False), which needs calibration data, but it saw none; "
-                "expected calibration batches run through the model between "
-                "CALIBRATION_EPOCH_START and the layer's SEQUENTIAL_EPOCH_END or "
-                "CALIBRATION_EPOCH_END, or dynamic=True (e.g. scheme FP8_DYNAMIC)"
+                f"with calibrated qparams (dynamic={self.observer.args.dynamic!r}), which needs "
+                "calibration data, but it saw none; expected calibration batches run through "
+                "the model between CALIBRATION_EPOCH_START and the layer's SEQUENTIAL_EPOCH_END "
+                "or CALIBRATION_EPOCH_END, or dynamic=True (e.g. scheme FP8_DYNAMIC)"
             )
-        return self.observer.get_qparams()
+        if self.observer.args.dynamic == DYNAMIC_LOCAL:
+            name = f"layer '{self.name}' input"
+            return {INPUT_GLOBAL_SCALE: self.observer.get_global_scale(name)}
+        input_scale, input_zero_point = self.observer.get_qparams()
+        return {"input_scale": input_scale.to(dtype), "input_zero_point": input_zero_point}
 
 
 def quantized_layer(
@@ -109,18 +128,18 @@ def quantized_layer(
 
     Returns:
         The layer with the buffers ``weight_scale``, ``weight_zero_point``, and
-        ``weight_g_idx``, ``input_scale``, ``input_zero_point`` where they apply.
+        ``weight_g_idx``, ``input_scale``, ``input_zero_point`` (``input_global_scale`` for
+        ``dynamic: local`` inputs) where they apply.
 
     Raises:
-        RecipeError: when static input activations saw no calibration data.
+        RecipeError: when calibrated input activations saw no calibration data.
+        ValueError: naming the layer when a ``dynamic: local`` input was all zero.
     """
     buffers = {"weight_scale": scale, "weight_zero_point": zero_point}
     if g_idx is not None:
         buffers["weight_g_idx"] = g_idx
     if observer is not None:
-        input_scale, input_zero_point = observer.qparams()
-        buffers["input_scale"] = input_scale.to(weight.dtype)
-        buffers["input_zero_point"] = input_zero_point
+        buffers.update(observer.buffers(weight.dtype))
     return CompressedLayer(weight, buffers, loss)
 
 

@@ -14,17 +14,21 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor
 
-from lightning_compress.modifiers.quantization.args import QuantizationArgs
+from lightning_compress.modifiers.quantization.args import DYNAMIC_LOCAL, QuantizationArgs
+from lightning_compress.modifiers.quantization.formats.scales import global_scale_for
 from lightning_compress.modifiers.quantization.ops import (
     calculate_qparams,
     fake_quantize,
     global_scale,
+    quant_range,
     reduce_min_max,
     strategy_groups,
 )
 
 __all__ = [
     "MSEObserver",
+    "MemorylessMSEObserver",
+    "MemorylessMinMaxObserver",
     "MinMaxObserver",
     "MovingAverageMinMaxObserver",
     "Observer",
@@ -36,6 +40,10 @@ __all__ = [
 
 class Observer(ABC):
     """Accumulates per-group ranges and turns them into qparams.
+
+    Arguments with ``dynamic: local`` (NVFP4 activations) keep one range for the whole
+    tensor: only their per-tensor global scale is calibrated (:meth:`get_global_scale`),
+    their group scales are computed from each input.
 
     Args:
         args: the quantization arguments; their strategy picks the groups.
@@ -100,13 +108,35 @@ class Observer(ABC):
             raise RuntimeError(f"{type(self).__name__} has observed nothing; call update(x)")
         return calculate_qparams(self.min_vals, self.max_vals, self.args, self.global_scale)
 
+    def get_global_scale(self, name: str) -> Tensor:
+        """Returns the per-tensor global scale of the range seen so far (``dynamic: local``):
+        ``448 * qmax / max|x|``.
+
+        Args:
+            name: what was observed (e.g. ``"layer 'q_proj' input"``), for the errors.
+
+        Returns:
+            The global scale, float32 of shape ``[1]``.
+
+        Raises:
+            RuntimeError: when nothing has been observed since creation or reset.
+            ValueError: naming ``name`` when everything observed was zero or not finite.
+        """
+        if self.min_vals is None or self.max_vals is None:
+            raise RuntimeError(f"{type(self).__name__} has observed nothing; call update(x)")
+        max_abs = torch.maximum(-self.min_vals.clamp(max=0), self.max_vals.clamp(min=0))
+        return global_scale_for(max_abs, quant_range(self.args)[1], name)
+
     def reset(self) -> None:
         """Forgets everything observed."""
         self.min_vals = None
         self.max_vals = None
 
     def batch_range(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Returns the per-group ``(min, max)`` to record for one tensor."""
+        """Returns the per-group ``(min, max)`` to record for one tensor (for ``dynamic:
+        local`` arguments, the whole tensor's, of shape ``[1]``)."""
+        if self.args.dynamic == DYNAMIC_LOCAL:
+            return x.amin().reshape(1), x.amax().reshape(1)
         return reduce_min_max(x, self.args)
 
     @abstractmethod
@@ -119,6 +149,13 @@ class MinMaxObserver(Observer):
 
     def _merge(self, new_min: Tensor, new_max: Tensor) -> tuple[Tensor, Tensor]:
         return torch.minimum(self.min_vals, new_min), torch.maximum(self.max_vals, new_max)
+
+
+class MemorylessMinMaxObserver(Observer):
+    """Keeps the extremes of the latest tensor only (llm-compressor's ``memoryless_minmax``)."""
+
+    def _merge(self, new_min: Tensor, new_max: Tensor) -> tuple[Tensor, Tensor]:
+        return new_min, new_max
 
 
 class MovingAverageMinMaxObserver(Observer):
@@ -136,11 +173,16 @@ class MovingAverageMinMaxObserver(Observer):
 class MSEObserver(MinMaxObserver):
     """Shrinks each group's range to minimise the reconstruction error.
 
-    For each tensor, every group tries the ranges ``shrink * (min, max)`` for
-    ``grid`` values of ``shrink`` evenly spaced from 1 down to ``min_shrink``, and
-    keeps the one minimising ``sum(|x - fake_quantize(x)| ** norm)`` over the
-    group. All groups are searched at once; the loop runs over the grid only.
-    Ranges of successive tensors are merged as running extremes.
+    For each tensor, every group tries the ranges ``shrink * (min, max)`` for each factor
+    of ``shrinks`` and keeps the one minimising ``sum(|x - fake_quantize(x)| ** norm)`` over
+    the group. All groups are searched at once; the loop runs over the factors only, and
+    stops early once ``patience`` factors in a row improved no group. Ranges of successive
+    tensors are merged as running extremes.
+
+    The factors are ``grid`` values evenly spaced from 1 down to ``min_shrink``, or, when
+    ``args.observer_kwargs`` holds llm-compressor's settings, theirs:
+    ``expand * (1 - i / grid)`` for ``i < int(maxshrink * grid)`` (``maxshrink`` 0.2, ``grid``
+    100, ``patience`` 5, ``expand`` 1 by default there), with their ``norm``.
 
     Args:
         args: the quantization arguments.
@@ -149,7 +191,8 @@ class MSEObserver(MinMaxObserver):
         norm: exponent of the error; 2.4 weighs large errors a bit more than squared.
 
     Raises:
-        ValueError: when ``grid < 1`` or ``min_shrink`` is outside (0, 1].
+        ValueError: when ``grid < 1``, ``min_shrink`` is outside (0, 1], or an
+            ``observer_kwargs`` setting is out of its range (the message names it).
     """
 
     def __init__(
@@ -160,21 +203,50 @@ class MSEObserver(MinMaxObserver):
             raise ValueError(f"grid={grid!r} is invalid: expected an int >= 1")
         if not 0 < min_shrink <= 1:
             raise ValueError(f"min_shrink={min_shrink!r} is invalid: expected a number in (0, 1]")
-        self.grid = grid
-        self.min_shrink = min_shrink
+        self.shrinks = torch.linspace(1.0, min_shrink, grid).tolist()
         self.norm = norm
+        self.patience: int | None = None
+        if args.observer_kwargs:
+            self._use_reference_settings(dict(args.observer_kwargs))
+
+    def _use_reference_settings(self, kwargs: dict[str, float]) -> None:
+        """Takes llm-compressor's ``observer_kwargs`` (and its defaults for those not given)."""
+        settings = {**_REFERENCE_MSE_SETTINGS, **kwargs}
+        for key, (low, high) in _REFERENCE_MSE_RANGES.items():
+            value = settings[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"observer_kwargs.{key}={value!r} is invalid: expected a number")
+            if not low <= value <= high:
+                raise ValueError(
+                    f"observer_kwargs.{key}={value!r} is invalid: expected a number in "
+                    f"[{low}, {high}]"
+                )
+        grid, expand = settings["grid"], settings["expand"]
+        steps = int(settings["maxshrink"] * grid)
+        if steps < 1:
+            raise ValueError(
+                f"observer_kwargs maxshrink={settings['maxshrink']!r} and grid={grid!r} try no "
+                "range: expected maxshrink * grid >= 1"
+            )
+        self.shrinks = [expand * (1 - step / grid) for step in range(steps)]
+        self.norm = settings["norm"]
+        self.patience = int(settings["patience"])
 
     def batch_range(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        min_vals, max_vals = reduce_min_max(x, self.args)
+        min_vals, max_vals = super().batch_range(x)
         best_min, best_max = min_vals, max_vals
         best_error = torch.full(min_vals.shape, torch.inf, device=x.device)
-        for shrink in torch.linspace(1.0, self.min_shrink, self.grid).tolist():
+        stale = 0
+        for shrink in self.shrinks:
             shrunk_min, shrunk_max = min_vals * shrink, max_vals * shrink
             error = self._error(x, shrunk_min, shrunk_max)
             better = error < best_error
             best_error = torch.where(better, error, best_error)
             best_min = torch.where(better, shrunk_min, best_min)
             best_max = torch.where(better, shrunk_max, best_max)
+            stale = 0 if bool(better.any()) else stale + 1
+            if self.patience is not None and stale >= self.patience:
+                break
         return best_min, best_max
 
     def _error(self, x: Tensor, min_vals: Tensor, max_vals: Tensor) -> Tensor:
@@ -185,10 +257,32 @@ class MSEObserver(MinMaxObserver):
         return strategy_groups(error, self.args).sum(dim=-1)
 
 
+class MemorylessMSEObserver(MSEObserver):
+    """:class:`MSEObserver` keeping the latest tensor's shrunk ranges only (llm-compressor's
+    ``memoryless_mse``)."""
+
+    def _merge(self, new_min: Tensor, new_max: Tensor) -> tuple[Tensor, Tensor]:
+        return new_min, new_max
+
+
+_REFERENCE_MSE_SETTINGS = {"maxshrink": 0.2, "grid": 100, "norm": 2.4, "patience": 5, "expand": 1}
+"""llm-compressor's defaults for the MSE observers' ``observer_kwargs``."""
+_REFERENCE_MSE_RANGES = {
+    "maxshrink": (0, 1),
+    "grid": (1, float("inf")),
+    "norm": (1e-6, float("inf")),
+    "patience": (0, float("inf")),
+    "expand": (1, float("inf")),
+}
+"""The values each of those settings accepts."""
+
+
 _OBSERVERS: dict[str, type[Observer]] = {
     "minmax": MinMaxObserver,
+    "memoryless_minmax": MemorylessMinMaxObserver,
     "moving_average": MovingAverageMinMaxObserver,
     "mse": MSEObserver,
+    "memoryless_mse": MemorylessMSEObserver,
 }
 
 

@@ -224,27 +224,33 @@ def global_scale(x: Tensor, args: QuantizationArgs, name: str) -> Tensor:
     return global_scale_for(max_abs, quant_range(args)[1], name)
 
 
-def compute_dynamic_qparams(x: Tensor, args: QuantizationArgs) -> tuple[Tensor, Tensor]:
+def compute_dynamic_qparams(
+    x: Tensor, args: QuantizationArgs, global_scale: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Computes scales and zero points from ``x`` itself, as dynamic activations do.
 
     Args:
         x: the activation; no gradient flows through the result.
-        args: the quantization arguments, usually ``token`` or ``tensor`` strategy.
+        args: the quantization arguments, usually ``token`` or ``tensor`` strategy;
+            ``tensor_group`` for ``dynamic: local`` (NVFP4) activations.
+        global_scale: the calibrated per-tensor global scale the group scales of
+            ``tensor_group`` are stored times; required by and only allowed with it.
 
     Returns:
         ``(scale, zero_point)`` of the strategy's qparams shape.
 
     Raises:
-        ValueError: for strategy ``tensor_group``, whose scales need a calibrated
-            per-tensor global scale.
+        ValueError: for strategy ``tensor_group`` without a global scale, or a global scale
+            with another strategy.
     """
-    if args.strategy == "tensor_group":
+    if (args.strategy == "tensor_group") != (global_scale is not None):
         raise ValueError(
-            "strategy='tensor_group' (NVFP4) stores its scales times a per-tensor global scale, "
-            "which dynamic qparams do not compute: dynamic activations of this strategy are not "
-            "implemented (weights: global_scale, then calculate_qparams)"
+            "strategy='tensor_group' (NVFP4) stores its group scales times a calibrated "
+            "per-tensor global scale, so its dynamic qparams need one (dynamic: local), and "
+            f"only it takes one; got strategy={args.strategy!r} with global_scale="
+            f"{global_scale!r}"
         )
-    return calculate_qparams(*reduce_min_max(x.detach(), args), args)
+    return calculate_qparams(*reduce_min_max(x.detach(), args), args, global_scale)
 
 
 def _unscaled(scale: Tensor, global_scale: Tensor | None) -> Tensor:

@@ -23,7 +23,11 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from lightning_compress.core.distributed import all_reduce_max_, all_reduce_min_
-from lightning_compress.modifiers.quantization.args import QuantizationArgs, QuantizationScheme
+from lightning_compress.modifiers.quantization.args import (
+    DYNAMIC_LOCAL,
+    QuantizationArgs,
+    QuantizationScheme,
+)
 from lightning_compress.modifiers.quantization.observers import observer_for
 from lightning_compress.modifiers.quantization.ops import (
     calculate_qparams,
@@ -33,6 +37,7 @@ from lightning_compress.modifiers.quantization.ops import (
     quantized_dtype,
     reduce_min_max,
 )
+from lightning_compress.modifiers.quantization.runtime import INPUT_GLOBAL_SCALE
 
 __all__ = [
     "OBSERVER_BUFFERS",
@@ -61,9 +66,9 @@ def training_buffers(weight: Tensor, scheme: QuantizationScheme) -> dict[str, Te
 
     Returns:
         ``weight_scale`` / ``weight_zero_point`` (min-max of ``weight``), ``weight_global_scale``
-        for strategy ``tensor_group`` and, for static input activations, ``input_scale`` (1),
-        ``input_zero_point`` (0) and the observer statistics :data:`OBSERVER_BUFFERS` (NaN:
-        nothing observed yet).
+        for strategy ``tensor_group`` and, for static input activations, ``input_scale`` (1)
+        and ``input_zero_point`` (0), for ``dynamic: local`` ones (NVFP4) ``input_global_scale``
+        (1), with the observer statistics :data:`OBSERVER_BUFFERS` (NaN: nothing observed yet).
 
     Raises:
         ValueError: for strategy ``tensor_group`` on a weight that is all zero or not finite.
@@ -73,10 +78,15 @@ def training_buffers(weight: Tensor, scheme: QuantizationScheme) -> dict[str, Te
     if tensor_scale is not None:
         buffers["weight_global_scale"] = tensor_scale
     inputs = scheme.input_activations
-    if inputs is not None and not inputs.dynamic:
+    if inputs is not None and inputs.dynamic is not True:
         device = weight.device
-        buffers["input_scale"] = torch.ones(1, dtype=weight.dtype, device=device)
-        buffers["input_zero_point"] = torch.zeros(1, dtype=quantized_dtype(inputs), device=device)
+        if inputs.dynamic == DYNAMIC_LOCAL:
+            buffers[INPUT_GLOBAL_SCALE] = torch.ones(1, dtype=torch.float32, device=device)
+        else:
+            buffers["input_scale"] = torch.ones(1, dtype=weight.dtype, device=device)
+            buffers["input_zero_point"] = torch.zeros(
+                1, dtype=quantized_dtype(inputs), device=device
+            )
         for name in OBSERVER_BUFFERS:
             buffers[name] = torch.full((1,), torch.nan, device=device)
     return buffers
@@ -220,9 +230,10 @@ class TrainingInputObserver:
 
     In training mode and while not ``frozen``, folds the input into the observer's range and
     writes the range to ``input_min_vals`` / ``input_max_vals`` and the qparams to
-    ``input_scale`` / ``input_zero_point``. The range is read back from the buffers on each
-    call (NaN means nothing observed yet), so a run resumed from a checkpoint continues
-    exactly where it stopped.
+    ``input_scale`` / ``input_zero_point`` (for ``dynamic: local`` inputs the global scale to
+    ``input_global_scale``, as one-shot calibration computes it). The range is read back from
+    the buffers on each call (NaN means nothing observed yet), so a run resumed from a
+    checkpoint continues exactly where it stopped.
 
     Args:
         module: the layer, holding the buffers.
@@ -253,10 +264,14 @@ class TrainingInputObserver:
         # and the qparams stay identical on all ranks.
         batch_min, batch_max = observer.batch_range(x.detach())
         observer.update_range(all_reduce_min_(batch_min), all_reduce_max_(batch_max))
-        scale, zero_point = observer.get_qparams()
         with torch.no_grad():
             module.input_min_vals.copy_(observer.min_vals)
             module.input_max_vals.copy_(observer.max_vals)
-            module.input_scale.copy_(scale)
-            module.input_zero_point.copy_(zero_point)
+            if observer.args.dynamic == DYNAMIC_LOCAL:
+                what = f"the input of a {type(module).__name__} trained with dynamic='local'"
+                module.input_global_scale.copy_(observer.get_global_scale(what))
+            else:
+                scale, zero_point = observer.get_qparams()
+                module.input_scale.copy_(scale)
+                module.input_zero_point.copy_(zero_point)
         self.observed = True

@@ -3,8 +3,9 @@
 A quantized layer stores its weight already quantized (the quantize→dequantize round trip),
 so at run time only its input needs work. That is done by a forward pre-hook returning the
 quantized input; the layer's ``forward`` is never replaced. The hook is stateless: it reads the
-``quantization_scheme`` attribute and the ``input_scale`` / ``input_zero_point`` buffers of the
-module it runs on, so it survives ``deepcopy``, pickling, ``.to()`` and ``load_state_dict``,
+``quantization_scheme`` attribute and the ``input_scale`` / ``input_zero_point`` buffers (the
+``input_global_scale`` buffer for ``dynamic: local`` inputs, NVFP4) of the module it runs on,
+so it survives ``deepcopy``, pickling, ``.to()`` and ``load_state_dict``,
 and it stays after the modifier that installed it is finalized.
 """
 
@@ -14,7 +15,11 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from lightning_compress.modifiers.quantization.args import QuantizationScheme
+from lightning_compress.modifiers.quantization.args import (
+    DYNAMIC_LOCAL,
+    QuantizationArgs,
+    QuantizationScheme,
+)
 from lightning_compress.modifiers.quantization.ops import (
     compute_dynamic_qparams,
     fake_quantize,
@@ -25,25 +30,44 @@ __all__ = [
     "QPARAM_BUFFERS",
     "InputQuantizer",
     "attach_quantization",
+    "calibrated_input_buffers",
     "fake_quantize_input",
     "remove_quantization",
 ]
 
 INPUT_QPARAM_BUFFERS = ("input_scale", "input_zero_point")
+INPUT_GLOBAL_SCALE = "input_global_scale"
 QPARAM_BUFFERS = (
     "weight_scale",
     "weight_zero_point",
     "weight_global_scale",
     "weight_g_idx",
     *INPUT_QPARAM_BUFFERS,
+    INPUT_GLOBAL_SCALE,
 )
 """Buffers holding a quantized layer's qparams, named as in compressed-tensors."""
+
+
+def calibrated_input_buffers(args: QuantizationArgs) -> tuple[str, ...]:
+    """The buffers holding what was calibrated of an input's qparams.
+
+    Args:
+        args: the input-activation arguments.
+
+    Returns:
+        ``input_scale`` / ``input_zero_point`` for static arguments, ``input_global_scale``
+        for ``dynamic: local`` ones, nothing for dynamic ones.
+    """
+    if args.dynamic is True:
+        return ()
+    return (INPUT_GLOBAL_SCALE,) if args.dynamic == DYNAMIC_LOCAL else INPUT_QPARAM_BUFFERS
 
 
 def fake_quantize_input(module: nn.Module, x: Tensor) -> Tensor:
     """Fake-quantizes ``x``, the input of ``module``, as its ``quantization_scheme`` says.
 
-    Dynamic arguments compute qparams from ``x`` itself; static ones use the module's
+    Dynamic arguments compute qparams from ``x`` itself (``dynamic: local`` ones their
+    group scales, times the module's ``input_global_scale``); static ones use the module's
     ``input_scale`` / ``input_zero_point`` buffers. When ``x`` requires grad the gradient is
     straight-through (see :func:`~lightning_compress.modifiers.quantization.ops.fake_quantize_ste`).
 
@@ -55,12 +79,16 @@ def fake_quantize_input(module: nn.Module, x: Tensor) -> Tensor:
         The fake-quantized input, of ``x``'s shape and dtype.
     """
     args = module.quantization_scheme.input_activations
-    if args.dynamic:
+    tensor_scale = None
+    if args.dynamic == DYNAMIC_LOCAL:
+        tensor_scale = module.input_global_scale
+        scale, zero_point = compute_dynamic_qparams(x, args, tensor_scale)
+    elif args.dynamic:
         scale, zero_point = compute_dynamic_qparams(x, args)
     else:
         scale, zero_point = module.input_scale, module.input_zero_point
     round_trip = fake_quantize_ste if x.requires_grad else fake_quantize
-    return round_trip(x, scale, zero_point, args)
+    return round_trip(x, scale, zero_point, args, tensor_scale)
 
 
 class InputQuantizer:
@@ -89,16 +117,17 @@ def attach_quantization(module: nn.Module, scheme: QuantizationScheme) -> None:
         scheme: how the layer is quantized; stored as ``module.quantization_scheme``.
 
     Raises:
-        ValueError: when ``scheme`` has static input activations and ``module`` has no
-            ``input_scale`` / ``input_zero_point`` buffers to use.
+        ValueError: when ``scheme`` has calibrated input activations and ``module`` lacks
+            their buffers (:func:`calibrated_input_buffers`).
     """
     args = scheme.input_activations
-    if args is not None and not args.dynamic:
-        missing = [name for name in INPUT_QPARAM_BUFFERS if name not in module._buffers]
+    if args is not None:
+        missing = [name for name in calibrated_input_buffers(args) if name not in module._buffers]
         if missing:
             raise ValueError(
-                f"{type(module).__name__} has static input_activations but no {missing} "
-                "buffers; calibrate it first, or use dynamic input_activations"
+                f"{type(module).__name__} has calibrated input_activations (dynamic="
+                f"{args.dynamic!r}) but no {missing} buffers; calibrate it first, or use "
+                "dynamic input_activations"
             )
     module.quantization_scheme = scheme
     if args is not None and not _input_quantizer_ids(module):

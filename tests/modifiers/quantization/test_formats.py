@@ -173,7 +173,7 @@ def test_nvfp4_quantized_layer_holds_its_global_scale() -> None:
 
 def test_nvfp4_is_refused_where_no_global_scale_is_computed() -> None:
     weight = fp4_weight()
-    with pytest.raises(ValueError, match="tensor_group.*dynamic qparams do not compute"):
+    with pytest.raises(ValueError, match="tensor_group.*dynamic qparams need one"):
         compute_dynamic_qparams(weight, NVFP4)
     with pytest.raises(ValueError, match="global_scale is required"):
         qparams_for_weight(weight, NVFP4)

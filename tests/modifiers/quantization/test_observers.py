@@ -7,6 +7,8 @@ import torch
 
 from lightning_compress.modifiers.quantization.args import OBSERVER_NAMES, QuantizationArgs
 from lightning_compress.modifiers.quantization.observers import (
+    MemorylessMinMaxObserver,
+    MemorylessMSEObserver,
     MinMaxObserver,
     MovingAverageMinMaxObserver,
     MSEObserver,
@@ -151,8 +153,10 @@ def test_observer_for_picks_by_name(name: str, observer_class: type) -> None:
 def test_observer_for_covers_every_name_and_rejects_unknown() -> None:
     assert {type(observer_for(QuantizationArgs(observer=n))) for n in OBSERVER_NAMES} == {
         MinMaxObserver,
+        MemorylessMinMaxObserver,
         MovingAverageMinMaxObserver,
         MSEObserver,
+        MemorylessMSEObserver,
     }
     args = QuantizationArgs()
     object.__setattr__(args, "observer", "histogram")  # bypass validation on purpose
