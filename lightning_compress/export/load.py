@@ -162,4 +162,7 @@ def _restore_quantization(
         global_scale = stored.get(f"{role}_global_scale")
         if global_scale is not None:  # strategy tensor_group (NVFP4)
             module.register_buffer(f"{role}_global_scale", global_scale.to(module.weight.device))
+    input_global_scale = stored.get("input_global_scale")
+    if "input_scale" not in stored and input_global_scale is not None:  # dynamic: local
+        module.register_buffer("input_global_scale", input_global_scale.to(module.weight.device))
     attach_quantization(module, scheme)
