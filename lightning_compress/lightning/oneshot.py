@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 
 from lightning_compress.core.distributed import rank_and_world_size
 from lightning_compress.lightning.calibration import CalibrationModule
+from lightning_compress.lightning.llmcompressor_keywords import accepts_llmcompressor_keywords
 from lightning_compress.lightning.quiet import quiet_lightning
 from lightning_compress.pipelines.calibration_data import calibration_loader, calibration_samples
 from lightning_compress.recipe import RecipeArgsInput, RecipeInput, RecipeStageInput
@@ -26,21 +27,22 @@ from lightning_compress.summary import CompressionSummary
 __all__ = ["calibration_loader", "calibration_samples", "oneshot"]
 
 
+@accepts_llmcompressor_keywords
 def oneshot(
-    model: nn.Module,
+    model: nn.Module | str | Path,
     recipe: RecipeInput,
     dataset: Any | None = None,
     num_calibration_samples: int | None = 512,
-    max_seq_length: int = 2048,
+    max_seq_length: int | None = 2048,
     output_dir: str | Path | None = None,
-    pipeline: str = "auto",
+    pipeline: str | None = "auto",
     sequential_targets: list[str] | None = None,
     batch_size: int = 1,
     device: torch.device | str | None = None,
     offload_dir: str | Path | None = None,
     recipe_stage: RecipeStageInput | None = None,
-    recipe_args: RecipeArgsInput | None = None,
-    tokenizer: Any | None = None,
+    recipe_args: RecipeArgsInput | list[str] | None = None,
+    tokenizer: Any | str | Path | None = None,
     devices: int | str | list[int] | None = None,
     strategy: str | pl.strategies.Strategy | None = None,
     trainer_kwargs: dict[str, Any] | None = None,
@@ -72,8 +74,16 @@ def oneshot(
     (``model.partial_compression``) that ``save_compressed`` and a new ``oneshot`` refuse:
     reload the original model to compress it again (see ``CalibrationModule``).
 
+    Every keyword argument of llm-compressor's ``oneshot`` is taken too (``processor``,
+    ``stage``, ``splits``, ``shuffle_calibration_samples``, ``precision``, ``log_dir``, ...):
+    each is read with its meaning there, or refused with an error naming it and what to do
+    instead (see ``lightning_compress.lightning.llmcompressor_keywords``).
+
     Args:
-        model: the model to compress (e.g. a Hugging Face causal LM).
+        model: the model to compress (e.g. a Hugging Face causal LM), or the directory of a
+            transformers checkpoint (or a model name in the Hugging Face cache; nothing is
+            downloaded), loaded with ``from_pretrained`` (a compressed-tensors checkpoint
+            dequantized); its tokenizer is then loaded from there unless one is given.
         recipe: the recipe (path, YAML text, dict, modifiers).
         dataset: the calibration data: a LongTensor ``[N, L]`` of token ids, a list of dicts with
             ``input_ids`` (and optionally ``attention_mask``), a torch ``Dataset``, a
@@ -90,21 +100,24 @@ def oneshot(
             calibrating.
         num_calibration_samples: samples to take from the start of ``dataset``; None takes all.
         max_seq_length: samples are truncated to this many tokens (text is cut into windows
-            of this length).
+            of this length); None: the model's ``config.max_position_embeddings``.
         output_dir: save the compressed model here, in the compressed-tensors format that
             transformers and vLLM load (``lightning_compress.export.save_compressed``, with
             the tokenizer and the recipe; needs the ``hf`` extra). Checked before calibrating.
         pipeline: ``auto``, ``sequential``, ``basic`` or ``data_free``. ``auto`` runs
             ``data_free`` (without reading ``dataset``) when no modifier needs calibration
             data (weight-only RTN, dynamic activations), else ``sequential`` where the model
-            has repeated blocks, else ``basic``.
+            has repeated blocks, else ``basic``. llm-compressor's ``datafree`` is
+            ``data_free``; its ``independent`` and None are ``auto``.
         sequential_targets: class names of the blocks for the sequential pipeline.
         batch_size: samples per calibration batch (padded to the longest).
         device: where blocks run (``"cuda"``); None: the Trainer's device.
         offload_dir: spill the activation cache to this directory instead of CPU memory.
         recipe_stage: the stage or stages of the recipe to run.
-        recipe_args: values for the recipe's ``${args.name}`` interpolations.
-        tokenizer: tokenizes text data; saved with the model; its ``pad_token_id`` pads.
+        recipe_args: values for the recipe's ``${args.name}`` interpolations (a mapping,
+            or ``["name=value", ...]``).
+        tokenizer: tokenizes text data; saved with the model; its ``pad_token_id`` pads. A
+            path: the tokenizer of that directory.
         devices: the Trainer's ``devices`` (several processes split the data).
         strategy: the Trainer's ``strategy``, e.g. ``"ddp"``; spawning strategies are refused.
         trainer_kwargs: more ``Trainer`` arguments (they override the defaults, except
@@ -135,16 +148,19 @@ def oneshot(
         strict: refuse, before the model changes, a recipe that leaves a weight of the
             decoder blocks out (neither targeted nor ignored) or has an ``ignore`` pattern
             that matches nothing.
+        **llmcompressor_keywords: llm-compressor's other ``oneshot`` keywords.
 
     Returns:
         ``model``, compressed.
 
     Raises:
-        TypeError: if ``model`` or ``dataset`` has the wrong type, or a record lacks
-            ``text_column``.
+        TypeError: if ``model`` or ``dataset`` has the wrong type, a record lacks
+            ``text_column``, or a keyword is neither ours nor llm-compressor's.
         ValueError: for bad sizes, too little data, token ids or masks the model cannot
-            take, a dataset name, an unreadable data file, chat records without a chat
-            template, a spawning strategy, or ``trainer`` together with Trainer settings.
+            take, a dataset name, a model name that is neither a directory nor cached, an
+            llm-compressor keyword or value that is refused (the message says why), an
+            unreadable data file, chat records without a chat template, a spawning
+            strategy, or ``trainer`` together with Trainer settings.
         FileNotFoundError: if ``dataset`` is a path, or looks like one, and does not exist.
         ExportError: if ``output_dir`` exists and is not empty (without
             ``overwrite_output_dir``) or cannot be written, or the compressed model cannot be
