@@ -24,6 +24,7 @@ from torch.nn.utils import parametrize
 from torch.utils.hooks import RemovableHandle
 
 from lightning_compress.core.distributed import all_reduce_sum_
+from lightning_compress.core.model_layer import match_named_modules
 from lightning_compress.modifiers.hessian import SingularHessianError, all_finite
 from lightning_compress.modifiers.input_scaling import follow_input_scaling
 from lightning_compress.recipe.errors import RecipeError
@@ -37,6 +38,7 @@ __all__ = [
     "check_finite_weights",
     "layers_inside",
     "linear_layers",
+    "linear_layers_within",
     "modules_inside",
     "needs_data",
     "solve_on_hessian",
@@ -292,6 +294,54 @@ def linear_layers(owner: str, layers: dict[str, nn.Module]) -> dict[str, nn.Line
                 "Linear layers (narrow targets or add the layer to ignore)"
             )
     return layers
+
+
+def linear_layers_within(
+    owner: str, model: nn.Module, targeted: Mapping[str, nn.Module], ignore: list[str]
+) -> dict[str, nn.Linear]:
+    """The ``nn.Linear`` layers the targeted modules are or hold (llm-compressor's meaning of
+    a pruning target: ``model.layers.0`` prunes the linear layers of that decoder layer).
+
+    A targeted ``Linear`` stands for itself; any other targeted module for the ``Linear``
+    layers inside it that ``ignore`` leaves (routers only where a target names them, as
+    for a ``Linear`` target).
+
+    Args:
+        owner: the modifier's class name.
+        model: the model.
+        targeted: the modules the targets select (``ignore`` already applied), by name.
+        ignore: the modifier's ignore patterns, applied to the layers inside too.
+
+    Returns:
+        The layers, by name, in model order.
+
+    Raises:
+        RecipeError: naming a targeted module that holds no such layer (and lies inside no
+            other targeted module that does), e.g. a norm.
+    """
+    try:
+        candidates = match_named_modules(model, ["Linear"], ignore)
+    except ValueError:
+        candidates = {}
+    own = {name for name, module in targeted.items() if isinstance(module, nn.Linear)}
+    containers = [name for name in targeted if name not in own]
+    chosen = {
+        name
+        for name in candidates
+        if any(name.startswith(f"{container}.") for container in containers)
+    }
+    chosen |= own
+    for name, module in targeted.items():
+        if name in own or any(layer.startswith(f"{name}.") for layer in chosen):
+            continue
+        if any(name.startswith(f"{other}.") for other in targeted if other != name):
+            continue  # a part of another targeted module, which holds the layers
+        raise RecipeError(
+            f"{owner}.targets: module '{name}' is a {type(module).__name__} holding no Linear "
+            "layer outside ignore; expected Linear layers or modules that hold them (narrow "
+            "targets or add the module to ignore)"
+        )
+    return {name: module for name, module in model.named_modules() if name in chosen}
 
 
 def layers_inside(owner: str, subgraph: Any, layers: Mapping[str, nn.Module]) -> list[str]:

@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 import torch
 
 from lightning_compress.core.state import State
+from lightning_compress.modifiers.layerwise import linear_layers_within
 from lightning_compress.modifiers.layerwise_modifier import (
     CompressedLayer,
     LayerwiseModifier,
@@ -39,8 +40,10 @@ class CalibratedPruningModifier(LayerwiseModifier, MaskStructureSetting, registe
             ``mask_structure`` it must be ``1 - N/M``.
         mask_structure: ``"0:0"`` (unstructured) or ``"N:M"``: keep N of every M
             consecutive input columns in each row (``in_features`` must be a multiple of M).
-        targets: the layers to prune (``Linear`` layers).
-        ignore: layers left alone (e.g. ``lm_head``, which the sequential pipeline never runs).
+        targets: the layers to prune: ``Linear`` layers, or modules whose ``Linear`` layers
+            are pruned (``model.layers.0``, ``re:.*model.layers.0$``).
+        ignore: layers left alone (e.g. ``lm_head``, which the sequential pipeline never
+            runs), also inside a targeted module.
         start: -1: one-shot.
     """
 
@@ -69,7 +72,22 @@ class CalibratedPruningModifier(LayerwiseModifier, MaskStructureSetting, registe
 
     # ---------------------------------------------------------------- lifecycle
     def plan_layers(self, model: Any) -> dict[str, PendingLayer]:
-        plan = super().plan_layers(model)
+        """The ``nn.Linear`` layers the targets are or hold, as llm-compressor reads a pruning
+        target (``model.layers.0``: the linear layers of that decoder layer).
+
+        Args:
+            model: the model.
+
+        Returns:
+            The layers, by name, in model order.
+
+        Raises:
+            RecipeError: when a targeted module holds no ``Linear`` layer, or an N:M
+                structure does not fit a layer's width.
+        """
+        owner = type(self).__name__
+        layers = linear_layers_within(owner, model, self.resolve_targets(model), self.ignore)
+        plan = {name: PendingLayer(module) for name, module in layers.items()}
         self.check_widths({name: layer.module.in_features for name, layer in plan.items()})
         return plan
 

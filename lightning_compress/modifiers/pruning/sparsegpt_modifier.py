@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_compress.modifiers.hessian import HessianAccumulator
 from lightning_compress.modifiers.layerwise import solve_on_hessian
-from lightning_compress.modifiers.layerwise_modifier import CompressedLayer, HessianMethod
+from lightning_compress.modifiers.layerwise_modifier import (
+    CompressedLayer,
+    HessianMethod,
+    PendingLayer,
+)
 from lightning_compress.modifiers.pruning.calibrated import CalibratedPruningModifier
 from lightning_compress.modifiers.pruning.sparsegpt import SparseGPTResult, sparsegpt_prune
+from lightning_compress.modifiers.quantization.args import QuantizationArgs
+from lightning_compress.recipe.errors import RecipeError
+
+JOINT_STRATEGIES = ("tensor", "channel", "group")
+"""Weight strategies a layer quantized before pruning is quantized again with."""
 
 __all__ = ["SparseGPTModifier"]
 
@@ -31,6 +41,13 @@ class SparseGPTModifier(CalibratedPruningModifier, HessianMethod):
     Calibration, block-by-block pruning and errors follow :class:`CalibratedPruningModifier`;
     per-layer OBS losses go to ``layer_losses`` and ``SparseGPT/loss``.
 
+    A layer quantized earlier in the run (a ``GPTQModifier`` before it in the stage, as
+    llm-compressor's ``quant_and_sparse`` recipe has it) is pruned and quantized again with
+    its scheme in one sweep (SparseGPT's joint mode), and its ``weight_scale`` /
+    ``weight_zero_point`` are replaced: its weights stay on the grid its qparams describe
+    (llm-compressor prunes the quantized weights, leaving them off that grid until the
+    checkpoint rounds them again).
+
     Args:
         sparsity: the fraction of each layer's weights to prune, in [0, 1) (exactly
             ``round(sparsity * numel)`` per block of columns); ``1 - N/M`` with N:M.
@@ -40,7 +57,8 @@ class SparseGPTModifier(CalibratedPruningModifier, HessianMethod):
             (raised 10x up to three times when the Hessian is not invertible, then the
             layers fall back to magnitude pruning; see ``HessianMethod``).
         offload_hessians: keep the Hessians on the CPU while blocks run on an accelerator.
-        targets: the layers to prune (``Linear`` layers).
+        targets: the layers to prune: ``Linear`` layers, or modules whose ``Linear`` layers
+            are pruned (``model.layers.0``).
         ignore: layers left alone (e.g. ``lm_head``).
         start: -1: SparseGPT is one-shot.
     """
@@ -50,11 +68,14 @@ class SparseGPTModifier(CalibratedPruningModifier, HessianMethod):
     def stacks(
         self, names: list[str], statistics: Mapping[str, HessianAccumulator]
     ) -> list[list[str]]:
-        stacks: dict[tuple[int, torch.dtype, torch.device], list[str]] = {}
+        """Layers sharing a Hessian, dtype and device form one stack; a layer quantized
+        earlier in the run is swept alone (it is pruned and quantized again together)."""
+        stacks: dict[tuple[Any, ...], list[str]] = {}
         for name in names:
-            weight = self._pending[name].module.weight
-            key = (id(statistics[name]), weight.dtype, weight.device)
-            stacks.setdefault(key, []).append(name)
+            module = self._pending[name].module
+            alone = quantized_weight_args(name, module) is not None
+            key = (id(statistics[name]), module.weight.dtype, module.weight.device)
+            stacks.setdefault((*key, name) if alone else key, []).append(name)
         return list(stacks.values())
 
     def compress_stack(
@@ -63,6 +84,7 @@ class SparseGPTModifier(CalibratedPruningModifier, HessianMethod):
         weights = [self._pending[name].module.weight.detach() for name in stack]
         stacked = torch.cat(weights)
         rows = [weight.shape[0] for weight in weights]
+        args = quantized_weight_args(stack[0], self._pending[stack[0]].module)
 
         def prune(hessian: Tensor) -> SparseGPTResult:
             return sparsegpt_prune(
@@ -72,14 +94,62 @@ class SparseGPTModifier(CalibratedPruningModifier, HessianMethod):
                 self.structure,
                 self.block_size,
                 self.dampening_frac,
+                quantize_args=args,
                 row_groups=rows,
             )
 
         result = solve_on_hessian(
             type(self).__name__, stack, stacked, statistics.hessian(), self.dampening_frac, prune
         )
+        if args is not None:
+            qparams = {"weight_scale": result.scale, "weight_zero_point": result.zero_point}
+            return {stack[0]: CompressedLayer(result.weight, qparams, result.loss)}
         parts = zip(stack, result.weight.split(rows), result.row_losses.split(rows), strict=True)
         return {
             name: CompressedLayer(weight, loss=row_losses.sum().item())
             for name, weight, row_losses in parts
         }
+
+    def apply_result(self, name: str, layer: PendingLayer, result: CompressedLayer) -> None:
+        """Copies the pruned weight, and the new qparams of a layer quantized before.
+
+        Args:
+            name: the layer's name.
+            layer: the layer.
+            result: its pruned weight (and qparams).
+        """
+        super().apply_result(name, layer, result)
+        with torch.no_grad():
+            for buffer, value in result.buffers.items():
+                getattr(layer.module, buffer).copy_(value)
+
+
+def quantized_weight_args(name: str, module: nn.Module) -> QuantizationArgs | None:
+    """The weight quantization of a layer quantized earlier in the run, which SparseGPT
+    prunes and quantizes again in one sweep (pruning alone would move its kept weights off
+    the quantization grid its qparams describe).
+
+    Args:
+        name: the layer's name.
+        module: the layer.
+
+    Returns:
+        Its weight arguments, or None for a layer that holds no quantized weight.
+
+    Raises:
+        RecipeError: for a quantized layer the joint sweep cannot quantize again (activation
+            order groups, a per-tensor global scale, dynamic weights).
+    """
+    scheme = getattr(module, "quantization_scheme", None)
+    args = None if scheme is None else scheme.weights
+    if args is None or not hasattr(module, "weight_scale"):
+        return None
+    if hasattr(module, "weight_g_idx") or args.strategy not in JOINT_STRATEGIES or args.dynamic:
+        raise RecipeError(
+            f"SparseGPTModifier: layer '{name}' was quantized earlier in this run "
+            f"(weights {args.type} {args.num_bits}-bit, strategy {args.strategy!r}); pruning "
+            f"quantizes it again in the same sweep only for strategies {list(JOINT_STRATEGIES)} "
+            "without activation-order groups: expected the pruning in a stage before the "
+            "quantization, or the layer in SparseGPTModifier.ignore"
+        )
+    return args

@@ -67,7 +67,8 @@ class WandaPruningModifier(CalibratedPruningModifier):
     Args:
         sparsity: the fraction of each row to prune, in [0, 1); ``1 - N/M`` with N:M.
         mask_structure: ``"0:0"`` (unstructured) or ``"N:M"`` such as ``"2:4"``.
-        targets: the layers to prune (``Linear`` layers).
+        targets: the layers to prune: ``Linear`` layers, or modules whose ``Linear`` layers
+            are pruned (``model.layers.0``).
         ignore: layers left alone (e.g. ``lm_head``).
         start: -1: Wanda is one-shot.
     """

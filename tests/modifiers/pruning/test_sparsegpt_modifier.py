@@ -309,7 +309,7 @@ def assert_untouched(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
         ),
         (
             {"sparsity": 0.5, "targets": ["RMSNorm"]},
-            r"targets: layer .* is a RMSNorm; expected Linear",
+            r"targets: module .* is a RMSNorm holding no Linear",
         ),
     ],
     ids=["n:m-width", "not-linear"],
