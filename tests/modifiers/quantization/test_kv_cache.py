@@ -1,0 +1,248 @@
+"""KV-cache and attention quantization: fp8 scales calibrated on the keys and values the cache
+stores, the fake-quantized attention, and what is refused."""
+
+from __future__ import annotations
+
+import copy
+import sys
+
+import pytest
+import torch
+from export_models import ARCHITECTURE, QUIET, token_ids
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import LlamaAttention, apply_rotary_pos_emb
+
+from lightning_compress import oneshot
+from lightning_compress.modifiers import GPTQModifier, QuantizationModifier
+from lightning_compress.modifiers.quantization.args import QuantizationArgs
+from lightning_compress.modifiers.quantization.attention import registered_implementations
+from lightning_compress.modifiers.quantization.kv_cache import (
+    fake_quantize_states,
+    quantized_attention,
+)
+from lightning_compress.recipe import RecipeError
+
+FP8_MAX = 448.0
+MODELS = {
+    "llama": lambda: LlamaForCausalLM(LlamaConfig(**ARCHITECTURE)),
+    "qwen3-gqa": lambda: Qwen3ForCausalLM(Qwen3Config(**ARCHITECTURE, head_dim=32)),
+}
+
+
+def kv_scheme(strategy: str) -> dict:
+    return {"num_bits": 8, "type": "float", "symmetric": True, "strategy": strategy}
+
+
+def tiny(kind: str = "llama") -> nn.Module:
+    torch.manual_seed(0)
+    return MODELS[kind]().eval()
+
+
+def calibrate(model: nn.Module, modifier: QuantizationModifier, pipeline: str = "sequential"):
+    oneshot(
+        model,
+        modifier,
+        token_ids(),
+        num_calibration_samples=8,
+        pipeline=pipeline,
+        trainer_kwargs=QUIET,
+        progress=False,
+    )
+
+
+def attentions(model: nn.Module) -> list[nn.Module]:
+    return [layer.self_attn for layer in model.model.layers]
+
+
+def cached_states(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The keys and values the model's cache stores for the calibration tokens, per layer."""
+    with torch.no_grad():
+        cache = model(token_ids(), use_cache=True).past_key_values
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def absmax_scale(x: torch.Tensor, strategy: str) -> torch.Tensor:
+    """The slow reference: max|x| / 448 over every token, per tensor or per head."""
+    if strategy == "tensor":
+        return (x.abs().max() / FP8_MAX).reshape(1)
+    per_head = [x[:, head].abs().max() / FP8_MAX for head in range(x.shape[1])]
+    return torch.stack(per_head).reshape(-1, 1, 1)
+
+
+def assert_scale(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Equal up to float32 rounding: the maxima are exact, the keys and values computed in
+    batches of another size may differ in their last bits."""
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+@pytest.mark.parametrize("strategy", ["tensor", "attn_head"])
+def test_basic_pipeline_scales_are_the_absmax_of_the_cached_keys_and_values(
+    kind: str, strategy: str
+) -> None:
+    model = tiny(kind)
+    expected = cached_states(copy.deepcopy(model))
+    calibrate(model, QuantizationModifier(kv_cache_scheme=kv_scheme(strategy)), "basic")
+    heads = model.config.num_key_value_heads
+    for attention, (keys, values) in zip(attentions(model), expected, strict=True):
+        assert attention.k_scale.shape == ((1,) if strategy == "tensor" else (heads, 1, 1))
+        assert_scale(attention.k_scale, absmax_scale(keys, strategy))
+        assert_scale(attention.v_scale, absmax_scale(values, strategy))
+
+
+@pytest.mark.parametrize("strategy", ["tensor", "attn_head"])
+def test_sequential_pipeline_calibrates_each_block_on_the_quantized_attention_before_it(
+    strategy: str,
+) -> None:
+    model = tiny()
+    basic = copy.deepcopy(model)
+    calibrate(basic, QuantizationModifier(kv_cache_scheme=kv_scheme(strategy)), "basic")
+    calibrate(model, QuantizationModifier(kv_cache_scheme=kv_scheme(strategy)), "sequential")
+    # Block 0 sees the same inputs in both pipelines: the same scales.
+    first, first_basic = attentions(model)[0], attentions(basic)[0]
+    assert_scale(first.k_scale, first_basic.k_scale)
+    assert_scale(first.v_scale, first_basic.v_scale)
+    # Later blocks were calibrated on the outputs of the blocks before, quantized: what the
+    # cache stores while the model runs with its attention quantized.
+    with quantized_attention(model):
+        expected = cached_states(model)
+    for attention, (keys, values) in zip(attentions(model)[1:], expected[1:], strict=True):
+        assert_scale(attention.k_scale, absmax_scale(keys, strategy))
+        assert_scale(attention.v_scale, absmax_scale(values, strategy))
+
+
+@pytest.mark.parametrize("strategy", ["tensor", "attn_head"])
+def test_fake_quantized_states_are_fp8_values_within_fp8_rounding(strategy: str) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 8) * torch.tensor([1.0, 10.0, 0.1]).reshape(1, 3, 1, 1)
+    scale = absmax_scale(x, strategy)
+    args = QuantizationArgs(type="float", strategy=strategy)
+    x_hat = fake_quantize_states(x, scale, args)
+    scale_of = scale.reshape(1, -1, 1, 1) if strategy == "attn_head" else scale
+    on_grid = x_hat / scale_of
+    # Every value is an fp8 e4m3 number times its scale, and rounds to nearest: relative error
+    # at most 2**-4 for normal fp8 values, absolute 2**-10 * scale for subnormal ones.
+    fp8 = on_grid.to(torch.float8_e4m3fn).float()
+    torch.testing.assert_close(on_grid, fp8, rtol=1e-6, atol=1e-6)
+    bound = torch.maximum(x.abs() * 2**-4, scale_of * 2**-10)
+    assert bool(((x_hat - x).abs() <= bound * (1 + 1e-6)).all())
+
+
+def test_quantized_attention_changes_the_logits_by_fp8_error_only() -> None:
+    model = tiny()
+    calibrate(model, QuantizationModifier(kv_cache_scheme=kv_scheme("attn_head")))
+    with torch.no_grad():
+        plain = model(token_ids()).logits
+        with quantized_attention(model):
+            quantized = model(token_ids()).logits
+    difference = (quantized - plain).abs().max().item()
+    assert 0 < difference < 0.05 * plain.abs().max().item()
+
+
+def test_attention_group_quantizes_queries_with_per_head_scales() -> None:
+    model = tiny()
+    group = {"targets": ["re:.*self_attn$"], "input_activations": kv_scheme("attn_head")}
+    calibrate(model, QuantizationModifier(config_groups={"attention": group}), "basic")
+    for attention in attentions(model):
+        assert attention.q_scale.shape == (model.config.num_attention_heads, 1, 1)
+        assert attention.k_scale.shape == (model.config.num_key_value_heads, 1, 1)
+        assert attention.attention_scheme.queries is not None
+
+
+def test_gptq_with_a_kv_cache_scheme_quantizes_weights_and_calibrates_scales() -> None:
+    model = tiny()
+    weights = {"num_bits": 4, "strategy": "group", "group_size": 32}
+    modifier = GPTQModifier(
+        config_groups={"g": {"targets": ["Linear"], "weights": weights}},
+        ignore=["lm_head"],
+        kv_cache_scheme=kv_scheme("tensor"),
+    )
+    calibrate(model, modifier)
+    assert all(attention.k_scale.shape == (1,) for attention in attentions(model))
+    assert model.model.layers[1].mlp.down_proj.quantization_scheme is not None
+
+
+def test_nothing_of_the_routing_is_left_after_calibration() -> None:
+    model = tiny()
+    calibrate(model, QuantizationModifier(kv_cache_scheme=kv_scheme("tensor")))
+    assert registered_implementations() == []
+    assert model.config._attn_implementation == "sdpa"
+    for attention in attentions(model):
+        assert not attention._forward_hooks and not attention._forward_pre_hooks
+
+
+# ------------------------------------------------------------------------ refusals
+class InlineAttention(LlamaAttention):
+    """Computes attention itself instead of calling transformers' AttentionInterface."""
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
+        shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+        query = self.q_proj(hidden_states).view(shape).transpose(1, 2)
+        key = self.k_proj(hidden_states).view(shape).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
+        groups = self.num_key_value_groups
+        key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+        out = nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True)
+        return self.o_proj(out.transpose(1, 2).reshape(*hidden_states.shape[:-1], -1)), None
+
+
+def with_inline_attention() -> nn.Module:
+    model = tiny()
+    for attention in attentions(model):
+        attention.__class__ = InlineAttention
+    return model
+
+
+def test_an_attention_module_that_computes_attention_itself_is_refused_by_class() -> None:
+    model = with_inline_attention()
+    with pytest.raises(ValueError, match=r"model.layers.0.self_attn' \(InlineAttention\)"):
+        calibrate(model, QuantizationModifier(kv_cache_scheme=kv_scheme("tensor")))
+    assert registered_implementations() == []
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_an_attention_module_that_never_reaches_the_interface_fails_and_leaves_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Its module seems to use the interface, but its forward does not call it.
+    monkeypatch.setattr(
+        sys.modules[__name__], "ALL_ATTENTION_FUNCTIONS", ALL_ATTENTION_FUNCTIONS, raising=False
+    )
+    model = with_inline_attention()
+    with pytest.raises(ValueError, match=r"\(InlineAttention\) ran without calling"):
+        calibrate(model, QuantizationModifier(kv_cache_scheme=kv_scheme("tensor")), "basic")
+    assert registered_implementations() == []
+    assert model.config._attn_implementation == "sdpa"
+    for attention in attentions(model):
+        assert not attention._forward_hooks and not attention._forward_pre_hooks
+        assert not hasattr(attention, "k_scale") and not hasattr(attention, "attention_scheme")
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"type": "int"}, "kv_cache_scheme.type"),
+        ({"strategy": "channel"}, "kv_cache_scheme.strategy"),
+        ({"strategy": "token", "dynamic": True}, "kv_cache_scheme.strategy"),
+        ({"observer": "mse"}, "kv_cache_scheme.observer"),
+        ({"strategie": "tensor"}, "kv_cache_scheme: unknown key"),
+    ],
+)
+def test_a_bad_kv_cache_scheme_is_refused_naming_the_field(change: dict, field: str) -> None:
+    with pytest.raises(RecipeError, match=f"QuantizationModifier.{field}"):
+        QuantizationModifier(kv_cache_scheme={**kv_scheme("tensor"), **change})
+
+
+def test_an_attention_group_targeting_linear_layers_is_refused() -> None:
+    group = {"targets": ["re:.*q_proj$"], "input_activations": kv_scheme("tensor")}
+    with pytest.raises(RecipeError, match="are not attention modules"):
+        calibrate(tiny(), QuantizationModifier(config_groups={"attention": group}))
+
+
+def test_attn_head_weights_are_refused() -> None:
+    group = {"targets": ["Linear"], "weights": {"type": "float", "strategy": "attn_head"}}
+    with pytest.raises(RecipeError, match="weights.strategy"):
+        QuantizationModifier(config_groups={"g": group})
