@@ -13,6 +13,7 @@ from torch.distributed.tensor import DTensor
 
 from lightning_compress.core.compression_record import RECORD_ATTRIBUTE, partial_compression
 from lightning_compress.export.errors import ExportError
+from lightning_compress.export.expert_readback import misread_expert_formats
 from lightning_compress.export.models import checkpoint_config, find_exportable
 from lightning_compress.export.quantization_config import quantization_config
 from lightning_compress.export.schemes import check_finished, quantized_layers
@@ -115,6 +116,7 @@ def save_compressed(
     check_finished(model)
     layers = quantized_layers(model, pack_asymmetric)
     state = compressed_state_dict(model, layers, progress)
+    misread_expert_formats(model, layers, state.tensors)
     qconfig = quantization_config(model, layers)
     sparsity = sparsity_record(model, state.zeros)
     if qconfig is not None:
