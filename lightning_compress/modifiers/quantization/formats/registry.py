@@ -12,7 +12,8 @@ activations are served by ``CompressedTensorsWNA16`` (4 and 8 bits; 2 to 8 bits 
 versions, whose ``WNA16_SUPPORTED_TYPES_MAP`` lists them), int8 weights and activations by
 ``CompressedTensorsW8A8Int8``, fp8 by ``CompressedTensorsW8A8Fp8`` / ``W8A16Fp8``, NVFP4 weights
 by ``CompressedTensorsW4A16Fp4`` (and with NVFP4 activations by ``W4A4Fp4``), MXFP4 weights by
-``CompressedTensorsW4A16Mxfp4``.
+``CompressedTensorsW4A16Mxfp4`` (with MXFP4 activations by ``W4A4Mxfp4``), MXFP8 with MXFP8
+activations by ``CompressedTensorsW8A8Mxfp8``.
 
 Where a scheme is touched: ``args.py`` validates it against this table and names the presets;
 ``ops.py`` takes the grid's bounds, rounding and storage dtype and the scale encoding from its
@@ -115,7 +116,7 @@ FORMATS: tuple[QuantFormat, ...] = (
         strategies=("tensor_group",),
         group_size=16,
         compressor="nvfp4-pack-quantized",
-        vllm="weights only (W4A16); W4A4 on Blackwell once NVFP4 activations exist here",
+        vllm="W4A16 (CompressedTensorsW4A16Fp4); W4A4 with NVFP4 activations (W4A4Fp4)",
         reads_back_in=torch.bfloat16,
     ),
     QuantFormat(
@@ -128,7 +129,7 @@ FORMATS: tuple[QuantFormat, ...] = (
         strategies=("group",),
         group_size=32,
         compressor="mxfp4-pack-quantized",
-        vllm="weights only (W4A16)",
+        vllm="W4A16 (CompressedTensorsW4A16Mxfp4); W4A4 with MXFP4 activations (W4A4Mxfp4)",
         reads_back_in=torch.bfloat16,
     ),
     QuantFormat(
@@ -141,7 +142,7 @@ FORMATS: tuple[QuantFormat, ...] = (
         strategies=("group",),
         group_size=32,
         compressor="mxfp8-quantized",
-        vllm="weights only (W8A16)",
+        vllm="W8A16; W8A8 with MXFP8 activations (CompressedTensorsW8A8Mxfp8)",
         reads_back_in=torch.bfloat16,
     ),
 )
