@@ -27,7 +27,6 @@ STATIC_OBSERVER = (
     "observer='static_minmax' is invalid: expected one of ('minmax', 'moving_average', 'mse')"
 )
 DUO_SCALING = "AWQModifier.duo_scaling: expected bool, got 'both'"
-KV_CACHE = "unknown setting(s) ['kv_cache_scheme']"
 ACTORDER = "QuantizationModifier.config_groups.group_0.weights: unknown key(s) ['actorder']"
 SCHEME_MAPPING = "GPTQModifier.scheme: expected a preset name"
 PRESERVE_MASK = "SparseGPTModifier: unknown setting(s) ['preserve_sparsity_mask']"
@@ -37,8 +36,6 @@ REFUSED = {
     "tests/e2e/recipes/NVFP4/recipe_awq_nvfp4.yaml": DUO_SCALING,
     "tests/e2e/recipes/WNA16/recipe_w4a16_awq_asym.yaml": DUO_SCALING,
     "tests/e2e/recipes/WNA16/recipe_w4a16_awq_sym.yaml": DUO_SCALING,
-    "tests/e2e/recipes/kv_cache/default.yaml": KV_CACHE,
-    "tests/e2e/recipes/kv_cache/gptq.yaml": KV_CACHE,
     "tests/e2e/recipes/non_uniform/recipe_nvfp4_fp8_mixed.yaml": (
         "QuantizationModifier.config_groups.group_1.input_activations: num_bits=4 is invalid: "
         "expected one of [8] for type='float' with scale_dtype=None"
@@ -86,15 +83,19 @@ def tiny_llama() -> nn.Module:
 
 def compressed_layers(model: nn.Module) -> list[str]:
     """Names of the decoder linear layers that carry a quantization scheme or hold at least a
-    quarter zeros (``sparse.yaml`` prunes 30%; a random weight holds almost none)."""
+    quarter zeros (``sparse.yaml`` prunes 30%; a random weight holds almost none), and of the
+    attention modules whose keys and values are quantized (``kv_cache/default.yaml``)."""
     return [
         name
         for name, module in model.named_modules()
-        if isinstance(module, nn.Linear)
-        and ".layers." in name
+        if ".layers." in name
         and (
-            getattr(module, "quantization_scheme", None) is not None
-            or (module.weight == 0).float().mean().item() >= 0.25
+            isinstance(module, nn.Linear)
+            and (
+                getattr(module, "quantization_scheme", None) is not None
+                or (module.weight == 0).float().mean().item() >= 0.25
+            )
+            or hasattr(module, "attention_scheme")
         )
     ]
 
