@@ -85,3 +85,35 @@ def test_quant_and_sparse_leaves_layer_0_pruned_and_int8_on_its_grid_the_rest_in
             assert sparsity(layer) < 0.05, name
     assert getattr(model.lm_head, "quantization_scheme", None) is None
     assert untouched(model, before, ["lm_head"])
+
+
+def test_additional_sparsity_prunes_decoder_layer_0_to_70_percent_keeping_earlier_zeros():
+    model, _ = run(f"{SPARSEGPT}/sparse.yaml")
+    earlier = {name: layer.weight == 0 for name, layer in linears(model, "model.layers.0.").items()}
+    oneshot(
+        model,
+        str(ROOT / SPARSEGPT / "additional_sparsity.yaml"),
+        token_ids(),
+        num_calibration_samples=8,
+        trainer_kwargs=QUIET,
+        progress=False,
+    )
+    for name, layer in linears(model, "model.layers.0.").items():
+        assert abs(sparsity(layer) - 0.7) < 0.01, name
+        assert (layer.weight[earlier[name]] == 0).all(), f"{name} lost a zero of the 30% pass"
+    assert all(
+        abs(sparsity(layer) - 0.3) < 0.01 for layer in linears(model, "model.layers.1.").values()
+    )
+
+
+def test_additional_sparsity_with_quant_prunes_layer_0_and_quantizes_its_q_proj_on_its_grid():
+    model, before = run(f"{SPARSEGPT}/additional_sparsity_with_quant.yaml")
+    pruned = linears(model, "model.layers.0.")
+    assert all(abs(sparsity(layer) - 0.7) < 0.01 for layer in pruned.values())
+    quantized = [n for n, m in model.named_modules() if hasattr(m, "quantization_scheme")]
+    assert quantized == ["model.layers.0.self_attn.q_proj"]
+    q_proj = model.model.layers[0].self_attn.q_proj
+    codes = q_proj.weight.double() / q_proj.weight_scale.double() + q_proj.weight_zero_point
+    assert (codes - codes.round()).abs().max() < 1e-3
+    rest = [name for name in linears(model) if name not in pruned] + ["lm_head"]
+    assert untouched(model, before, rest)

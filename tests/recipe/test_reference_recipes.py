@@ -29,7 +29,6 @@ STATIC_OBSERVER = (
 DUO_SCALING = "AWQModifier.duo_scaling: expected bool, got 'both'"
 ACTORDER = "QuantizationModifier.config_groups.group_0.weights: unknown key(s) ['actorder']"
 SCHEME_MAPPING = "GPTQModifier.scheme: expected a preset name"
-PRESERVE_MASK = "SparseGPTModifier: unknown setting(s) ['preserve_sparsity_mask']"
 REFUSED = {
     "tests/e2e/recipes/INT8/recipe_int8_channel_weight_static_per_tensor_act.yaml": STATIC_OBSERVER,
     "tests/e2e/recipes/INT8/recipe_w8a8_static_asym.yaml": STATIC_OBSERVER,
@@ -49,8 +48,6 @@ REFUSED = {
         "expected Linear layers"
     ),
     "tests/llmcompressor/transformers/compression/recipes/new_quant_weight.yaml": SCHEME_MAPPING,
-    "tests/sparsity/sparsegpt/recipes/additional_sparsity.yaml": PRESERVE_MASK,
-    "tests/sparsity/sparsegpt/recipes/additional_sparsity_with_quant.yaml": PRESERVE_MASK,
     "tests/sparsity/sparsegpt/recipes/quant.yaml": (
         "GPTQModifier: layer(s) ['lm_head'] received no calibration tokens"
     ),

@@ -64,6 +64,8 @@ class _ColumnPruner:
         quantizer: quantizes the kept weights after pruning, or None.
         row_groups: the row counts of stacked weights (unstructured masks are chosen per
             group), or None for one weight.
+        zeros: bool ``[out, in]``, weights that stay pruned whatever their saliency (the
+            existing mask), or None.
     """
 
     def __init__(
@@ -73,8 +75,10 @@ class _ColumnPruner:
         mask_structure: tuple[int, int] | None,
         quantizer: ColumnQuantizer | None,
         row_groups: Sequence[int] | None = None,
+        zeros: Tensor | None = None,
     ) -> None:
         self._keep = torch.ones_like(weight.T, memory_format=torch.contiguous_format)
+        self._zeros = None if zeros is None else zeros.T.contiguous()
         self.sparsity = sparsity
         self.mask_structure = mask_structure
         self.quantizer = quantizer
@@ -90,14 +94,28 @@ class _ColumnPruner:
         if self.mask_structure is not None:
             n, m = self.mask_structure
             if j % m == 0:
-                self._keep[j : j + m] = nm_mask_of_run(_run_saliency(sweep, j, j + m), n)
+                scores = self._existing_first(_run_saliency(sweep, j, j + m), j, j + m)
+                self._keep[j : j + m] = self._without_existing(nm_mask_of_run(scores, n), j)
         elif j == sweep.block[0]:
             last = sweep.block[1]
-            groups = _saliency(sweep, j, last).split(self.row_groups)
-            masks = [unstructured_mask(scores, self.sparsity) for scores in groups]
-            self._keep[j:last] = torch.cat(masks).T
+            scores = self._existing_first(_saliency(sweep, j, last).T, j, last).T
+            groups = scores.split(self.row_groups)
+            masks = [unstructured_mask(group, self.sparsity) for group in groups]
+            self._keep[j:last] = self._without_existing(torch.cat(masks).T, j)
         pruned = w * self._keep[j]
         return pruned if self.quantizer is None else self.quantizer(j, pruned, sweep)
+
+    def _existing_first(self, scores: Tensor, start: int, stop: int) -> Tensor:
+        """``scores`` (columns ``[start, stop)`` as rows) with the existing zeros lowest."""
+        if self._zeros is None:
+            return scores
+        return scores.masked_fill(self._zeros[start:stop], float("-inf"))
+
+    def _without_existing(self, keep: Tensor, start: int) -> Tensor:
+        """``keep`` (columns from ``start`` as rows) with every existing zero pruned."""
+        if self._zeros is None:
+            return keep.to(self._keep.dtype)
+        return (keep & ~self._zeros[start : start + keep.shape[0]]).to(self._keep.dtype)
 
 
 def _saliency(sweep: BlockwiseOBS, start: int, stop: int) -> Tensor:
@@ -131,6 +149,19 @@ def _check_structure(
         )
 
 
+def _existing_zeros(weight: Tensor, sparsity: float) -> Tensor:
+    """The zeros of ``weight`` (bool ``[out, in]``), refused when more than ``sparsity``."""
+    zeros = weight == 0
+    existing = zeros.double().mean().item()
+    if existing > sparsity:
+        raise ValueError(
+            f"preserve_sparsity_mask: the weight is already {existing:.4g} sparse, more than "
+            f"sparsity={sparsity!r}; expected a sparsity of at least {existing:.4g}, or "
+            "preserve_sparsity_mask=False"
+        )
+    return zeros
+
+
 @torch.no_grad()
 def sparsegpt_prune(
     weight: Tensor,
@@ -141,6 +172,7 @@ def sparsegpt_prune(
     dampening_frac: float = 0.01,
     quantize_args: QuantizationArgs | None = None,
     row_groups: Sequence[int] | None = None,
+    preserve_mask: bool = False,
 ) -> SparseGPTResult:
     """Prunes a weight with SparseGPT, optionally quantizing the kept weights jointly.
 
@@ -158,6 +190,9 @@ def sparsegpt_prune(
 
         row_groups: the row counts of the weights stacked into ``weight``: an unstructured
             mask is chosen over the rows of each group apart; None: over all rows together.
+        preserve_mask: the weights that are 0 now stay pruned: they count first towards
+            each block's (or N:M run's) pruned weights, and the most salient others are kept.
+            A block that already holds more zeros keeps them all (it ends sparser).
 
     Rows are pruned independently (an unstructured mask is chosen per block over the rows of
     a group), so weights that share ``H`` can be stacked into one call, unless per-tensor
@@ -168,17 +203,19 @@ def sparsegpt_prune(
         the loss per row.
 
     Raises:
-        ValueError: on shapes or settings that do not fit.
+        ValueError: on shapes or settings that do not fit, or with ``preserve_mask`` a
+            weight already sparser than ``sparsity``.
         SingularHessianError: when no dampening makes ``H`` invertible.
     """
     _check_structure(weight.shape[-1], sparsity, mask_structure)
+    zeros = _existing_zeros(weight, sparsity) if preserve_mask else None
     sweep = BlockwiseOBS(weight, hessian, block_size, dampening_frac)
     quantizer = (
         None
         if quantize_args is None
         else make_column_quantizer(sweep.weight, quantize_args, weight.dtype)
     )
-    pruner = _ColumnPruner(sweep.weight, sparsity, mask_structure, quantizer, row_groups)
+    pruner = _ColumnPruner(sweep.weight, sparsity, mask_structure, quantizer, row_groups, zeros)
     pruned, loss = sweep.run(pruner)
     scale, zero_point = (None, None) if quantizer is None else quantizer.qparams()
     return SparseGPTResult(

@@ -57,11 +57,17 @@ class SparseGPTModifier(CalibratedPruningModifier, HessianMethod):
             (raised 10x up to three times when the Hessian is not invertible, then the
             layers fall back to magnitude pruning; see ``HessianMethod``).
         offload_hessians: keep the Hessians on the CPU while blocks run on an accelerator.
+        preserve_sparsity_mask: weights that are already 0 (an earlier pruning) stay pruned
+            and count towards ``sparsity``: each block of columns (or N:M run) prunes its
+            zeros first, then the least salient other weights. A layer already sparser than
+            ``sparsity`` is refused, naming it.
         targets: the layers to prune: ``Linear`` layers, or modules whose ``Linear`` layers
             are pruned (``model.layers.0``).
         ignore: layers left alone (e.g. ``lm_head``).
         start: -1: SparseGPT is one-shot.
     """
+
+    preserve_sparsity_mask: bool = False
 
     log_tag = "SparseGPT"
 
@@ -82,6 +88,8 @@ class SparseGPTModifier(CalibratedPruningModifier, HessianMethod):
         self, stack: list[str], statistics: HessianAccumulator
     ) -> dict[str, CompressedLayer]:
         weights = [self._pending[name].module.weight.detach() for name in stack]
+        if self.preserve_sparsity_mask:
+            self._check_existing_sparsity(stack, weights)
         stacked = torch.cat(weights)
         rows = [weight.shape[0] for weight in weights]
         args = quantized_weight_args(stack[0], self._pending[stack[0]].module)
@@ -96,6 +104,7 @@ class SparseGPTModifier(CalibratedPruningModifier, HessianMethod):
                 self.dampening_frac,
                 quantize_args=args,
                 row_groups=rows,
+                preserve_mask=self.preserve_sparsity_mask,
             )
 
         result = solve_on_hessian(
@@ -109,6 +118,18 @@ class SparseGPTModifier(CalibratedPruningModifier, HessianMethod):
             name: CompressedLayer(weight, loss=row_losses.sum().item())
             for name, weight, row_losses in parts
         }
+
+    def _check_existing_sparsity(self, stack: list[str], weights: list[Tensor]) -> None:
+        """Refuses a layer of ``stack`` whose weight is already sparser than ``sparsity``."""
+        for name, weight in zip(stack, weights, strict=True):
+            existing = (weight == 0).double().mean().item()
+            if existing > self.sparsity:
+                raise ValueError(
+                    f"{type(self).__name__}: layer '{name}' is already {existing:.4g} sparse, "
+                    f"more than sparsity={self.sparsity!r}, and preserve_sparsity_mask keeps "
+                    f"its zeros; expected a sparsity of at least {existing:.4g}, or "
+                    "preserve_sparsity_mask=False"
+                )
 
     def apply_result(self, name: str, layer: PendingLayer, result: CompressedLayer) -> None:
         """Copies the pruned weight, and the new qparams of a layer quantized before.

@@ -50,11 +50,13 @@ def ref_sparsegpt(
     structure: tuple[int, int] | None,
     block_size: int,
     quantize: QuantizationArgs | None = None,
+    existing: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """SparseGPT as the paper states it, with ``inv(H[j:, j:])`` at every column.
 
     The saliency of weight ``w`` in column ``k`` is ``w^2 / inv(H[k:, k:])[0, 0]``; masks are
-    chosen on entering each block (unstructured) or each run of ``m`` columns (N:M).
+    chosen on entering each block (unstructured) or each run of ``m`` columns (N:M). The
+    ``existing`` zeros (bool ``[out, in]``) are pruned first and always.
     Returns ``(weight, mask, loss)``.
     """
     w, h = weight.double().clone(), hessian.double().clone()
@@ -72,7 +74,12 @@ def ref_sparsegpt(
     for j in range(IN):
         if j % span == 0:
             cols = slice(j, j + span)
-            mask[:, cols] = ref_select(w[:, cols].square() / d[cols], sparsity, structure)
+            scores = w[:, cols].square() / d[cols]
+            if existing is not None:
+                scores = scores.masked_fill(existing[:, cols], float("-inf"))
+            mask[:, cols] = ref_select(scores, sparsity, structure)
+            if existing is not None:
+                mask[:, cols] &= ~existing[:, cols]
         hinv = torch.linalg.inv(h[j:, j:])
         q = w[:, j] * mask[:, j]
         if quantize is not None:
@@ -152,6 +159,39 @@ def test_joint_quantization_equals_reference_and_keeps_zeros() -> None:
     assert (result.weight[~result.mask] == 0).all()
     again = fake_quantize(result.weight, result.scale, result.zero_point, INT4)
     assert torch.equal(again, result.weight)
+
+
+@pytest.mark.parametrize(("structure", "block_size"), [(None, 16), (None, 24), ((2, 4), 16)])
+def test_preserved_mask_keeps_every_existing_zero_and_equals_reference(
+    structure: tuple[int, int] | None, block_size: int
+) -> None:
+    weight, x = layer(4)
+    hessian = hessian_of(x)
+    gen = torch.Generator().manual_seed(5)
+    weight[torch.rand(weight.shape, generator=gen) < 0.3] = 0  # an earlier, unrelated pruning
+    existing = weight == 0
+    result = sparsegpt_prune(weight, hessian, 0.5, structure, block_size, preserve_mask=True)
+    ref_weight, ref_mask, ref_loss = ref_sparsegpt(
+        weight, hessian, 0.5, structure, block_size, existing=existing
+    )
+    assert torch.equal(result.mask, ref_mask)
+    torch.testing.assert_close(result.weight, ref_weight, rtol=1e-10, atol=1e-10)
+    assert result.loss == pytest.approx(ref_loss, rel=1e-9)
+    assert (result.weight[existing] == 0).all() and not result.mask[existing].any()
+    if structure is None:
+        for first in range(0, IN, block_size):
+            pruned = ~result.mask[:, first : first + block_size]
+            target = round(0.5 * pruned.numel())
+            assert pruned.sum().item() == max(target, existing[:, first : first + block_size].sum())
+    plain = sparsegpt_prune(weight, hessian, 0.5, structure, block_size)
+    assert (plain.weight[existing] != 0).any()  # without it, later updates revive some zeros
+
+
+def test_preserved_mask_refuses_a_weight_already_sparser_than_asked() -> None:
+    weight, x = layer(4)
+    weight[:, : IN // 2] = 0
+    with pytest.raises(ValueError, match="already 0.5 sparse, more than sparsity=0.3"):
+        sparsegpt_prune(weight, hessian_of(x), 0.3, preserve_mask=True)
 
 
 @pytest.mark.parametrize("structure", [None, (2, 4)])
