@@ -14,7 +14,11 @@ text ships in ``benchmarks/data/austen/``). Runs:
   on our side only);
 - ``smoothquant_gptq_w8a8``: SmoothQuant (strength 0.8), then GPTQ with the W8A8 preset;
 - ``awq_w4a16_g64``: AWQ scales searched for symmetric int4 group 64, then RTN with it;
-- ``sparsegpt_2of4_gptq_w4a16_g64``: SparseGPT 2:4, then GPTQ W4 group 64 (the mask kept).
+- ``sparsegpt_2of4_gptq_w4a16_g64``: SparseGPT 2:4, then GPTQ W4 group 64 (the mask kept);
+- the formats (``SCHEME_RUNS`` in ``smollm2_reference.py``, one modifier built alike on both
+  sides): RTN and GPTQ with ``NVFP4A16``, ``MXFP4A16``, ``NVFP4`` (W4A4) and W4AFP8 in groups
+  of 64 (the preset's 128 do not divide SmolLM2's 576 features), RTN ``FP8_DYNAMIC``, and
+  ``fp8_kv`` (``FP8_DYNAMIC`` with a static per-tensor fp8 KV cache).
 
 Every run quantizes all ``Linear`` layers except ``lm_head``, and runs in a fresh process so
 peak memory (``ru_maxrss``) does not carry over. ``--reference`` runs the same protocol with
@@ -55,7 +59,7 @@ from smollm2_model import (
     prepare,
 )
 from smollm2_reference import RUNS as REFERENCE_RUNS
-from smollm2_reference import W4_G64
+from smollm2_reference import SCHEME_RUNS, W4_G64, scheme_recipe
 from smollm2_scoring import peak_rss_mib, score, token_nll
 from torch import nn
 
@@ -73,6 +77,7 @@ RUNS = (
     "smoothquant_gptq_w8a8",
     "awq_w4a16_g64",
     "sparsegpt_2of4_gptq_w4a16_g64",
+    *SCHEME_RUNS,
 )
 SIDES = ("ours", "reference")
 RESULT_PREFIX = "RESULT "
@@ -93,6 +98,8 @@ def recipe(run: str) -> list[Any]:
         WandaPruningModifier,
     )
 
+    if run in SCHEME_RUNS:
+        return scheme_recipe(run, QuantizationModifier, GPTQModifier)
     ignore = ["lm_head"]
     w4_g64 = W4_G64["group_0"]["weights"]
     # GPTQ: actorder static, block 128, dampening 0.01 (the defaults, as on the reference side)
@@ -195,7 +202,11 @@ def _check_counts(calibration: Any, evaluation: Any, args: argparse.Namespace) -
 
 # ------------------------------------------------------------------ the driver
 def run_in_subprocess(side: str, run: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Run one configuration in a fresh process; its stderr goes to ``<cache>/logs``."""
+    """Run one configuration in a fresh process; its stderr goes to ``<cache>/logs``.
+
+    A run that fails gives a row holding its error (the last line of its log), so the table
+    shows it.
+    """
     common = [
         "--cache-dir",
         str(args.cache_dir),
@@ -225,10 +236,18 @@ def run_in_subprocess(side: str, run: str, args: argparse.Namespace) -> dict[str
     lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
     if done.returncode != 0 or not lines:
         tail = "".join(log.read_text().splitlines(keepends=True)[-20:])
-        raise RuntimeError(f"{side} {run} failed (exit {done.returncode}); log {log}:\n{tail}")
+        print(f"{side} {run} failed (exit {done.returncode}); log {log}:\n{tail}", flush=True)
+        return {"run": run, "side": side, "propagate": args.propagate, "error": _error_line(tail)}
     result = json.loads(lines[-1][len(RESULT_PREFIX) :])
     result["process_s"] = time.perf_counter() - begin
     return result
+
+
+def _error_line(log_tail: str, width: int = 160) -> str:
+    """The last non-empty line of a failed run's log (its exception), cut to ``width``."""
+    lines = [line.strip() for line in log_tail.splitlines() if line.strip()]
+    last = lines[-1] if lines else "no output"
+    return last if len(last) <= width else last[: width - 3] + "..."
 
 
 def print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
@@ -245,10 +264,13 @@ def print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
         "| sparsity | perplexity |\n|---|---|---:|---:|---:|---:|---:|"
     )
     for row in rows:
-        seconds = "-" if row["compress_s"] is None else f"{row['compress_s']:.1f}"
         tool = "llm-compressor"
         if row["side"] == "ours":
             tool = "lightning-compress" + (", one pass" if row["propagate"] != "compressed" else "")
+        if "error" in row:
+            print(f"| {row['run']} | {tool} | failed: {row['error']} | | | | |", flush=True)
+            continue
+        seconds = "-" if row["compress_s"] is None else f"{row['compress_s']:.1f}"
         print(
             f"| {row['run']} | {tool} | {seconds} | {row['rss_loaded_mib']:.0f} "
             f"| {row['rss_compressed_mib']:.0f} | {row['sparsity']:.1%} "
@@ -257,7 +279,8 @@ def print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
         )
     print("\nMean of the per-window perplexities (another convention):")
     for row in rows:
-        print(f"- {row['run']}, {row['side']}: {row['mean_window_perplexity']:.2f}")
+        if "error" not in row:
+            print(f"- {row['run']}, {row['side']}: {row['mean_window_perplexity']:.2f}")
 
 
 def parse_args() -> argparse.Namespace:

@@ -46,6 +46,56 @@ W4_G64 = {
     }
 }
 
+# W4AFP8 with groups of 64: the preset's groups of 128 do not divide SmolLM2's 576 input
+# features (llm-compressor quantizes a ragged last group, with a warning; we refuse such layers)
+W4AFP8_G64 = {
+    "group_0": {
+        "targets": ["Linear"],
+        "weights": {**W4_G64["group_0"]["weights"]},
+        "input_activations": {
+            "num_bits": 8,
+            "type": "float",
+            "symmetric": True,
+            "strategy": "token",
+            "dynamic": True,
+        },
+    }
+}
+# fp8 keys and values, one static scale per tensor calibrated on the calibration windows
+FP8_KV = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor", "dynamic": False}
+LINEAR = ["Linear"]
+# Scheme runs: run name -> (algorithm, the modifier's scheme arguments), built alike on both
+# sides (``scheme_recipe``), every Linear but lm_head, the algorithm's defaults otherwise
+SCHEME_RUNS: dict[str, tuple[str, dict[str, Any]]] = {
+    "rtn_nvfp4a16": ("rtn", {"scheme": "NVFP4A16", "targets": LINEAR}),
+    "gptq_nvfp4a16": ("gptq", {"scheme": "NVFP4A16", "targets": LINEAR}),
+    "rtn_mxfp4a16": ("rtn", {"scheme": "MXFP4A16", "targets": LINEAR}),
+    "gptq_mxfp4a16": ("gptq", {"scheme": "MXFP4A16", "targets": LINEAR}),
+    "rtn_fp8_dynamic": ("rtn", {"scheme": "FP8_DYNAMIC", "targets": LINEAR}),
+    "rtn_w4afp8_g64": ("rtn", {"config_groups": W4AFP8_G64}),
+    "gptq_w4afp8_g64": ("gptq", {"config_groups": W4AFP8_G64}),
+    "rtn_nvfp4": ("rtn", {"scheme": "NVFP4", "targets": LINEAR}),
+    "gptq_nvfp4": ("gptq", {"scheme": "NVFP4", "targets": LINEAR}),
+    "fp8_kv": ("rtn", {"scheme": "FP8_DYNAMIC", "targets": LINEAR, "kv_cache_scheme": FP8_KV}),
+}
+RUNS += tuple(SCHEME_RUNS)
+
+
+def scheme_recipe(run: str, rtn: type, gptq: type) -> list[Any]:
+    """The modifiers of a scheme run (``SCHEME_RUNS``), built from either side's classes.
+
+    Args:
+        run: a key of ``SCHEME_RUNS``.
+        rtn: the side's ``QuantizationModifier``.
+        gptq: the side's ``GPTQModifier``.
+
+    Returns:
+        One modifier: the run's scheme on every ``Linear`` but ``lm_head``.
+    """
+    algorithm, arguments = SCHEME_RUNS[run]
+    modifier = {"rtn": rtn, "gptq": gptq}[algorithm]
+    return [modifier(**arguments, ignore=["lm_head"])]
+
 
 def recipe(run: str) -> list[Any]:
     """llm-compressor's modifiers for ``run`` (empty for ``fp``)."""
@@ -55,6 +105,8 @@ def recipe(run: str) -> list[Any]:
     from llmcompressor.modifiers.smoothquant import SmoothQuantModifier
     from llmcompressor.modifiers.transform import AWQModifier
 
+    if run in SCHEME_RUNS:
+        return scheme_recipe(run, QuantizationModifier, GPTQModifier)
     ignore = ["lm_head"]
     # actorder, block size and dampening left at llm-compressor's defaults (static, 128, 0.01)
     runs = {
