@@ -21,7 +21,7 @@ from lightning_compress.summary import (
 )
 
 
-@pytest.mark.parametrize("name", sorted(PRESET_SCHEMES))
+@pytest.mark.parametrize("name", sorted(set(PRESET_SCHEMES) - {"INT8"}))  # W8A8's other name
 def test_a_preset_scheme_is_labelled_with_its_name(name):
     assert scheme_label(preset_scheme(name, ["Linear"])).startswith(f"{name} (")
 
