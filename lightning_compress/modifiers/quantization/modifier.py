@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import nn
 
-from lightning_compress.core.events import Event
+from lightning_compress.core.events import Event, EventType
 from lightning_compress.core.state import State
 from lightning_compress.modifiers.base import ONE_SHOT
 from lightning_compress.modifiers.quantization.args import QuantizationScheme
+from lightning_compress.modifiers.quantization.kv_cache import AttentionTraining
 from lightning_compress.modifiers.quantization.oneshot import LayerwiseQuantization
 from lightning_compress.modifiers.quantization.schemes import has_static_inputs
 from lightning_compress.modifiers.quantization.training import QuantizationTraining
@@ -42,6 +43,10 @@ class QuantizationModifier(LayerwiseQuantization):
     training forward, until ``freeze_observers``. At ``end`` (or finalize) the weights are
     baked to their quantized values.
 
+    A ``GPTQModifier`` of the same recipe stage given no scheme takes this modifier's schemes
+    (llm-compressor's meaning): it quantizes their ``Linear`` layers with GPTQ, and this
+    modifier the rest (e.g. an ``Embedding``) and the KV cache.
+
     Afterwards every quantized layer holds its quantized weight, ``weight_scale`` /
     ``weight_zero_point`` (and ``input_scale`` / ``input_zero_point`` for static inputs)
     buffers and a ``quantization_scheme`` attribute, and keeps quantizing its input at
@@ -71,6 +76,8 @@ class QuantizationModifier(LayerwiseQuantization):
 
     start: float | None = ONE_SHOT
     freeze_observers: float | None = None
+
+    lends_stage_schemes: ClassVar[bool] = True
 
     # ----------------------------------------------------------------- settings
     def validate(self) -> None:
@@ -114,8 +121,11 @@ class QuantizationModifier(LayerwiseQuantization):
     # ---------------------------------------------------------------- lifecycle
     def on_initialize(self, state: State, **kwargs: Any) -> None:
         self._training: QuantizationTraining | None = None
+        self._attention_training: AttentionTraining | None = None
         super().on_initialize(state, **kwargs)
         if not self.is_one_shot:
+            plan = self.attention_plan(state.model)
+            self._attention_training = AttentionTraining(self, plan) if plan else None
             self._training = QuantizationTraining(self, self._plan, self.freeze_observers)
 
     @property
@@ -126,6 +136,12 @@ class QuantizationModifier(LayerwiseQuantization):
 
     def on_start(self, state: State, event: Event | None, **kwargs: Any) -> None:
         self._mode.on_start(state, event, **kwargs)
+        if self._attention_training is not None:
+            try:
+                self._attention_training.start()
+            except BaseException:
+                self._attention_training.close()
+                raise
 
     def on_sequential_epoch_end(self, state: State, subgraph: nn.Module | None) -> None:
         self._mode.on_sequential_epoch_end(state, subgraph)
@@ -143,12 +159,24 @@ class QuantizationModifier(LayerwiseQuantization):
 
     def on_update(self, state: State, event: Event, **kwargs: Any) -> None:
         self._mode.on_update(state, event, **kwargs)
+        attention = self._attention_training
+        freezes = self.freeze_observers is not None and event.type_ == EventType.BATCH_START
+        if attention is not None and freezes:
+            # should_update with only a start: "has the index reached freeze_observers?"
+            attention.frozen = event.should_update(self.freeze_observers, None, None)
 
     def on_end(self, state: State, event: Event | None, **kwargs: Any) -> None:
         self._mode.on_end(state, event, **kwargs)
+        if self._attention_training is not None:
+            self._attention_training.end()
 
     def on_finalize(self, state: State, **kwargs: Any) -> None:
         self._mode.on_finalize(state, **kwargs)
+        if self._attention_training is not None:
+            if self.started_:
+                self._attention_training.close()
+            else:  # training ended before start: the model is left unquantized
+                self._attention_training.undo()
 
     def abort(self, state: State) -> None:
         """Stop without finishing: undo what this modifier added to the model.
@@ -161,6 +189,8 @@ class QuantizationModifier(LayerwiseQuantization):
         Args:
             state: the session's state.
         """
+        if getattr(self, "_attention_training", None) is not None:
+            self._attention_training.undo()
         if getattr(self, "_training", None) is not None:
             self._training.undo()
         super().abort(state)

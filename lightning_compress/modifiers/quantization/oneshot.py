@@ -66,8 +66,8 @@ class LayerwiseQuantization(QuantizationSchemes, LayerwiseModifier, register=Fal
         super().on_initialize(state, **kwargs)
         self._observers: dict[str, CalibrationObserver] = {}
         self.layer_errors: dict[str, float] = {}
-        plan = self.attention_plan(state.model)
-        self._attention = AttentionCalibration(self, plan) if plan else None
+        plan = self.attention_plan(state.model)  # checked in both modes
+        self._attention = AttentionCalibration(self, plan) if plan and self.is_one_shot else None
 
     def on_start(self, state: State, event: Event | None, **kwargs: Any) -> None:
         super().on_start(state, event, **kwargs)
