@@ -404,9 +404,8 @@ def check_calibrated(owner: str, statistics: Mapping[str, InputStatistics], num_
         raise needs_data(owner, "no calibration batch reached its layers")
     raise ValueError(
         f"{owner}: layer(s) {empty} received no calibration tokens; expected every targeted "
-        "layer to run on calibration data (the sequential pipeline runs only the repeated "
-        "blocks, so layers outside them such as lm_head see none): add them to ignore, use "
-        "pipeline='basic', or check that the attention mask keeps tokens"
+        "layer to run on calibration data (check that the model's forward calls them, and "
+        "that the attention mask keeps tokens), or add them to ignore"
     )
 
 

@@ -22,6 +22,7 @@ from lightning_compress.pipelines.cache import ActivationCache
 from lightning_compress.pipelines.capture import capture_block_inputs
 from lightning_compress.pipelines.snapshot import BlockSnapshot, BlockVersions
 from lightning_compress.pipelines.staged import Stage, StagedForward, StageFinder, agree_on_stages
+from lightning_compress.pipelines.tail import ModelTail
 
 __all__ = ["SequentialPipeline"]
 
@@ -33,7 +34,11 @@ class SequentialPipeline(CalibrationPipeline):
     every positional and keyword argument: masks, positions, rotary embeddings) go to the
     activation cache. Then, block by block: the block moves to ``options.device``, runs the
     cached batches, SEQUENTIAL_EPOCH_END lets the modifiers compress it, its outputs become
-    the next block's inputs, and it moves back. The final norm and the LM head never run.
+    the next block's inputs, and it moves back. After the last block, when a modifier
+    observes a module that runs after the blocks (``lm_head``), the model's tail is calibrated
+    the same way: the final norm and the LM head run on the compressed blocks' outputs
+    (``pipelines.tail``), then one SEQUENTIAL_EPOCH_END compresses the modules outside the
+    blocks; otherwise they never run.
 
     One forward per batch and block, except where exactness needs two: a block that no hook
     observes is compressed first and then run once, so its outputs are the compressed
@@ -44,7 +49,8 @@ class SequentialPipeline(CalibrationPipeline):
     Whatever fails while a block is calibrated (its forward, a modifier, an interrupt), the
     block is restored as it was (weights, and no buffer, hook or attribute added to it), so
     blocks are compressed entirely or not at all; the blocks finished before stay compressed
-    (see ``CalibrationPipeline``). Every rank walks the same blocks.
+    (see ``CalibrationPipeline``). The same holds for the tail. Every rank walks the same
+    blocks.
 
     Args:
         model: the session's model.
@@ -69,6 +75,9 @@ class SequentialPipeline(CalibrationPipeline):
             )
         self.cache = ActivationCache(options.offload_dir)
         self.stage_finder = StageFinder()
+        self.tail = ModelTail(model, self.blocks)
+        self._batches: list[Any] = []
+        self._blocks_return_tuples = False
 
     @property
     def block_names(self) -> list[str]:
@@ -78,10 +87,13 @@ class SequentialPipeline(CalibrationPipeline):
     def start(self) -> None:
         check_same_on_all_ranks(len(self.blocks), "the number of blocks")
         super().start()
+        self.tail.watch()
 
     def add_batch(self, batch: Any) -> None:
-        with torch.no_grad():
+        with torch.no_grad(), self.tail.capturing():
             self.cache.append(capture_block_inputs(self.model, self.blocks[0][1], batch))
+        if self.tail.watching:
+            self._batches.append(batch)
 
     def run(self) -> None:
         blocks = progress_bar(self.blocks, "Calibrating blocks", enabled=self.options.progress)
@@ -92,10 +104,31 @@ class SequentialPipeline(CalibrationPipeline):
             if self.options.on_block_end is not None:
                 report = BlockReport(index, name, time.perf_counter() - begin, forwards)
                 self.options.on_block_end(report)
+        self._calibrate_tail()
 
     def close(self) -> None:
         self.cache.close()
+        self._batches = []
         super().close()
+
+    def _calibrate_tail(self) -> None:
+        """Runs the modules after the blocks on every batch and compresses the modules
+        outside the blocks, when a modifier observes one after them; on any failure aborts
+        the modifiers and restores them."""
+        if not self.tail.needs_calibration(bool(self._batches)):
+            return
+        subgraph = self.tail.subgraph
+        snapshot = BlockSnapshot(subgraph)
+        try:
+            with placed_on(subgraph, self.options.device) as device, torch.no_grad():
+                for index, batch in enumerate(self._batches):
+                    hidden_states = self.cache.inputs(index).hidden_states.to(device)
+                    self.tail.forward(batch, hidden_states, self._blocks_return_tuples)
+                self._emit_block_end(subgraph)
+        except BaseException:
+            self.session.lifecycle.abort()
+            snapshot.restore(subgraph)
+            raise
 
     def _calibrate(self, block: nn.Module) -> int:
         """Calibrates and compresses ``block``; on any failure aborts the modifiers and
@@ -182,4 +215,5 @@ class SequentialPipeline(CalibrationPipeline):
             torch.cuda.set_device(device)
         inputs = self.cache.inputs(index).to(device)
         output = block(*inputs.args, **inputs.kwargs)
+        self._blocks_return_tuples = not isinstance(output, torch.Tensor)
         self.cache.stage_output(index, hidden_states_of(output))

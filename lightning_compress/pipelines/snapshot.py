@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 
 import torch
 from torch import nn
 
-__all__ = ["BlockSnapshot", "BlockVersions"]
+__all__ = ["BlockSnapshot", "BlockVersions", "hook_keys", "hooks_suspended"]
 
 _HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks")
 # Dicts keyed like the hook dicts that hold a hook's registration flags.
@@ -35,7 +35,7 @@ class BlockSnapshot:
     def __init__(self, block: nn.Module) -> None:
         self.tensors = {name: t.detach().to("cpu", copy=True) for name, t in _tensors(block)}
         self.structure = _structure(block)
-        self.hooks = _hook_keys(block)
+        self.hooks = hook_keys(block)
         self.slots = {name: _slots(module) for name, module in block.named_modules()}
 
     @property
@@ -59,7 +59,7 @@ class BlockSnapshot:
         current = dict(_tensors(block))
         if current.keys() != self.tensors.keys() or _structure(block) != self.structure:
             return True
-        if not _hook_keys(block) <= self.hooks:
+        if not hook_keys(block) <= self.hooks:
             return True
         return not all(
             tensor.shape == self.tensors[name].shape
@@ -103,10 +103,9 @@ class BlockSnapshot:
                 for flags in _HOOK_FLAGS:
                     getattr(module, flags).pop(key, None)
 
-    @contextmanager
     def hooks_suspended(
         self, block: nn.Module, modules: Iterable[nn.Module] | None = None
-    ) -> Iterator[None]:
+    ) -> AbstractContextManager[None]:
         """Inside the context the recorded (calibration) hooks do not run; others do.
 
         Hooks added inside the context stay; the suspended ones are put back in their places.
@@ -115,34 +114,55 @@ class BlockSnapshot:
             block: the block.
             modules: suspend only the hooks of these submodules; None: of all of them.
 
-        Yields:
-            Nothing.
+        Returns:
+            The context.
         """
-        chosen = None if modules is None else {id(module) for module in modules}
-        suspended = []
-        for module_name, module in block.named_modules():
-            if chosen is not None and id(module) not in chosen:
-                continue
-            for attribute in _HOOK_DICTS:
-                hooks = getattr(module, attribute)
-                order = list(hooks)
-                removed = {
-                    key: hooks.pop(key)
-                    for key in order
-                    if (module_name, attribute, key) in self.hooks
-                }
-                if removed:
-                    suspended.append((hooks, order, removed))
-        try:
-            yield
-        finally:
-            for hooks, order, removed in reversed(suspended):
-                current = dict(hooks)
-                hooks.clear()
-                for key in order:
-                    if key in removed or key in current:
-                        hooks[key] = removed.get(key, current.get(key))
-                hooks.update({key: hook for key, hook in current.items() if key not in hooks})
+        return hooks_suspended(block, self.hooks, modules)
+
+
+@contextmanager
+def hooks_suspended(
+    root: nn.Module,
+    keys: set[tuple[str, str, int]] | None = None,
+    modules: Iterable[nn.Module] | None = None,
+) -> Iterator[None]:
+    """Inside the context the chosen forward hooks of ``root``'s submodules do not run.
+
+    Hooks added inside the context stay; the suspended ones are put back in their places.
+
+    Args:
+        root: the module whose submodules' hooks are suspended.
+        keys: ``(submodule name, hook dict, hook id)`` of the hooks to suspend (a snapshot's
+            ``hooks``); None: every hook present on entry.
+        modules: suspend only the hooks of these submodules; None: of all of them.
+
+    Yields:
+        Nothing.
+    """
+    keys = hook_keys(root) if keys is None else keys
+    chosen = None if modules is None else {id(module) for module in modules}
+    suspended = []
+    for module_name, module in root.named_modules():
+        if chosen is not None and id(module) not in chosen:
+            continue
+        for attribute in _HOOK_DICTS:
+            hooks = getattr(module, attribute)
+            order = list(hooks)
+            removed = {
+                key: hooks.pop(key) for key in order if (module_name, attribute, key) in keys
+            }
+            if removed:
+                suspended.append((hooks, order, removed))
+    try:
+        yield
+    finally:
+        for hooks, order, removed in reversed(suspended):
+            current = dict(hooks)
+            hooks.clear()
+            for key in order:
+                if key in removed or key in current:
+                    hooks[key] = removed.get(key, current.get(key))
+            hooks.update({key: hook for key, hook in current.items() if key not in hooks})
 
 
 class BlockVersions:
@@ -156,7 +176,7 @@ class BlockVersions:
     def __init__(self, block: nn.Module) -> None:
         self.tensors = _versions(block)
         self.structure = _structure(block)
-        self.hooks = _hook_keys(block)
+        self.hooks = hook_keys(block)
 
     def changed(self, block: nn.Module) -> bool:
         """Whether the block's forward may differ: a tensor replaced or modified in place, a
@@ -171,7 +191,7 @@ class BlockVersions:
         return (
             _versions(block) != self.tensors
             or _structure(block) != self.structure
-            or not _hook_keys(block) <= self.hooks
+            or not hook_keys(block) <= self.hooks
         )
 
 
@@ -195,7 +215,15 @@ def _slots(module: nn.Module) -> tuple[frozenset[str], frozenset[str], frozenset
     return frozenset(module._parameters), frozenset(module._buffers), frozenset(vars(module))
 
 
-def _hook_keys(block: nn.Module) -> set[tuple[str, str, int]]:
+def hook_keys(block: nn.Module) -> set[tuple[str, str, int]]:
+    """The forward hooks on ``block`` and its submodules.
+
+    Args:
+        block: the module.
+
+    Returns:
+        ``(submodule name, hook dict, hook id)`` of each forward (pre-)hook.
+    """
     return {
         (name, attribute, key)
         for name, module in block.named_modules()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, ClassVar, Literal
 
 import torch
+from loguru import logger
 from torch import Tensor, nn
 
 from lightning_compress.core.distributed import all_reduce_min_
@@ -176,6 +177,14 @@ class SmoothingModifier(Modifier, register=False):
         owner = type(self).__name__
         linears = {name: self._pending[name] for name in layers_inside(owner, block, self._pending)}
         if not linears:
+            return
+        if block not in self._names:  # the pipeline's group of the modules after the blocks
+            logger.info(
+                "{}: {} run after the last block; smoothing balances layers inside one block, "
+                "so they are not smoothed",
+                owner,
+                list(linears),
+            )
             return
         block_name = self._names.get(block) or "<model>"
         call = self._calls.take(block)
