@@ -83,7 +83,7 @@ def oneshot(
         model: the model to compress (e.g. a Hugging Face causal LM), or the directory of a
             transformers checkpoint (or a model name in the Hugging Face cache; nothing is
             downloaded), loaded with ``from_pretrained`` (a compressed-tensors checkpoint
-            dequantized); its tokenizer is then loaded from there unless one is given.
+            dequantized).
         recipe: the recipe (path, YAML text, dict, modifiers).
         dataset: the calibration data: a LongTensor ``[N, L]`` of token ids, a list of dicts with
             ``input_ids`` (and optionally ``attention_mask``), a torch ``Dataset``, a
@@ -117,7 +117,10 @@ def oneshot(
         recipe_args: values for the recipe's ``${args.name}`` interpolations (a mapping,
             or ``["name=value", ...]``).
         tokenizer: tokenizes text data; saved with the model; its ``pad_token_id`` pads. A
-            path: the tokenizer of that directory.
+            path: the tokenizer of that directory. None: where the run reads data or saves,
+            the tokenizer of the model's directory (a model given as a path, or its
+            ``config._name_or_path`` when that is a directory or in the Hugging Face cache),
+            if it has one.
         devices: the Trainer's ``devices`` (several processes split the data).
         strategy: the Trainer's ``strategy``, e.g. ``"ddp"``; spawning strategies are refused.
         trainer_kwargs: more ``Trainer`` arguments (they override the defaults, except
