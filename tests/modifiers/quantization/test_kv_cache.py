@@ -15,6 +15,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaAttention, apply_rotary_pos_emb
 
 from lightning_compress import oneshot
+from lightning_compress.core import CompressionSession, EventType
 from lightning_compress.modifiers import GPTQModifier, QuantizationModifier
 from lightning_compress.modifiers.quantization.args import QuantizationArgs
 from lightning_compress.modifiers.quantization.attention import registered_implementations
@@ -246,3 +247,78 @@ def test_attn_head_weights_are_refused() -> None:
     group = {"targets": ["Linear"], "weights": {"type": "float", "strategy": "attn_head"}}
     with pytest.raises(RecipeError, match="weights.strategy"):
         QuantizationModifier(config_groups={"g": group})
+
+
+# ------------------------------------------------------------ quantization-aware training
+def train(model: nn.Module, modifier: QuantizationModifier, steps: int, lr: float = 0.0):
+    """Steps a session through ``steps`` training batches by hand; returns it."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    session = CompressionSession()
+    session.initialize(recipe=modifier, model=model.train(), optimizer=optimizer)
+    for step in range(steps):
+        session.event(EventType.BATCH_START, global_step=step, global_batch=step)
+        ids = token_ids(4, seed=step)
+        loss = model(ids, labels=ids).loss
+        session.event(EventType.LOSS_CALCULATED, loss=loss)
+        loss.backward()
+        session.event(EventType.OPTIM_PRE_STEP)
+        optimizer.step()
+        optimizer.zero_grad()
+        session.event(EventType.OPTIM_POST_STEP)
+        session.event(EventType.BATCH_END)
+    return session
+
+
+def one_layer() -> nn.Module:
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**{**ARCHITECTURE, "num_hidden_layers": 1}))
+
+
+@pytest.mark.parametrize("strategy", ["tensor", "attn_head"])
+def test_training_scales_are_the_absmax_of_every_training_batch(strategy: str) -> None:
+    model = one_layer()  # one block: its keys and values do not depend on quantization
+    reference = copy.deepcopy(model).eval()
+    session = train(model, QuantizationModifier(kv_cache_scheme=kv_scheme(strategy), start=0), 3)
+    with torch.no_grad():
+        states = [reference(token_ids(4, seed=step), use_cache=True) for step in range(3)]
+    keys = torch.cat([out.past_key_values.layers[0].keys for out in states])
+    values = torch.cat([out.past_key_values.layers[0].values for out in states])
+    session.finalize()
+    attention = model.model.layers[0].self_attn
+    assert_scale(attention.k_scale, absmax_scale(keys, strategy))
+    assert_scale(attention.v_scale, absmax_scale(values, strategy))
+    assert sorted(attention._buffers) == ["k_scale", "v_scale"]  # ranges dropped at the end
+    assert registered_implementations() == []
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_training_forward_is_the_one_shot_fake_quantization_with_straight_through_gradients():
+    model = one_layer()
+    modifier = QuantizationModifier(kv_cache_scheme=kv_scheme("attn_head"), start=0)
+    session = train(model, modifier, 1)
+    attention = model.model.layers[0].self_attn
+    scales = (attention.k_scale.clone(), attention.v_scale.clone())
+    with torch.no_grad():
+        trained = model.eval()(token_ids(2)).logits  # eval: quantized with the scales, no update
+    session.finalize()
+    assert torch.equal(attention.k_scale, scales[0]) and torch.equal(attention.v_scale, scales[1])
+    with torch.no_grad(), quantized_attention(model):
+        expected = model(token_ids(2)).logits
+    torch.testing.assert_close(trained, expected, rtol=0, atol=0)
+    # The gradient reaches the key projection through the quantized keys.
+    model.train()
+    with quantized_attention(model):
+        model(token_ids(2), labels=token_ids(2)).loss.backward()
+    assert bool(model.model.layers[0].self_attn.k_proj.weight.grad.abs().sum() > 0)
+
+
+def test_training_buffers_exist_from_initialize_so_checkpoints_load_strictly() -> None:
+    model = one_layer()
+    session = CompressionSession()
+    modifier = QuantizationModifier(kv_cache_scheme=kv_scheme("attn_head"), start=0)
+    session.initialize(recipe=modifier, model=model.train())
+    attention = model.model.layers[0].self_attn
+    assert attention.k_scale.shape == (model.config.num_key_value_heads, 1, 1)
+    assert {"k_min_vals", "k_max_vals", "v_min_vals", "v_max_vals"} <= set(attention._buffers)
+    session.finalize()  # training never started: nothing is left
+    assert not hasattr(attention, "k_scale") and not hasattr(attention, "attention_scheme")
