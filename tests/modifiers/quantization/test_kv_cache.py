@@ -107,9 +107,30 @@ def test_sequential_pipeline_calibrates_each_block_on_the_quantized_attention_be
     assert_scale(first.v_scale, first_basic.v_scale)
     # Later blocks were calibrated on the outputs of the blocks before, quantized: what the
     # cache stores while the model runs with its attention quantized.
+    assert_scales_follow_the_quantized_model(model, strategy)
+
+
+def test_staged_blocks_calibrate_keys_from_their_quantized_projections() -> None:
+    # Round-to-nearest weights: each block runs once, q/k/v_proj quantized before attention.
+    model = tiny()
+    modifier = QuantizationModifier(
+        config_groups={"g": {"targets": ["Linear"], "weights": {"num_bits": 4}}},
+        ignore=["lm_head"],
+        kv_cache_scheme=kv_scheme("attn_head"),
+    )
+    calibrate(model, modifier, "sequential")
+    assert_scales_follow_the_quantized_model(model, "attn_head", first=0)
+
+
+def assert_scales_follow_the_quantized_model(
+    model: nn.Module, strategy: str, first: int = 1
+) -> None:
+    """Each block's scales are those of the keys and values its cache stores while the
+    compressed model runs with its attention quantized (the blocks before it quantized)."""
     with quantized_attention(model):
         expected = cached_states(model)
-    for attention, (keys, values) in zip(attentions(model)[1:], expected[1:], strict=True):
+    pairs = zip(attentions(model)[first:], expected[first:], strict=True)
+    for attention, (keys, values) in pairs:
         assert_scale(attention.k_scale, absmax_scale(keys, strategy))
         assert_scale(attention.v_scale, absmax_scale(values, strategy))
 
