@@ -12,7 +12,7 @@ from lightning_compress.modifiers.base import ONE_SHOT
 from lightning_compress.modifiers.hessian import HessianAccumulator
 from lightning_compress.modifiers.layerwise import solve_on_hessian
 from lightning_compress.modifiers.layerwise_modifier import CompressedLayer, HessianMethod
-from lightning_compress.modifiers.quantization.args import QuantizationScheme
+from lightning_compress.modifiers.quantization.args import QuantizationArgs, QuantizationScheme
 from lightning_compress.modifiers.quantization.calibration import quantized_layer
 from lightning_compress.modifiers.quantization.gptq import (
     GPTQResult,
@@ -23,6 +23,8 @@ from lightning_compress.modifiers.quantization.oneshot import LayerwiseQuantizat
 from lightning_compress.recipe.errors import RecipeError
 
 __all__ = ["GPTQModifier"]
+
+ACTORDER_DEFAULT = "static"
 
 
 class GPTQModifier(LayerwiseQuantization, HessianMethod):
@@ -71,11 +73,12 @@ class GPTQModifier(LayerwiseQuantization, HessianMethod):
         actorder: column order, as in compressed-tensors: ``"static"`` / ``"weight"`` visit
             columns by decreasing Hessian diagonal and keep the groups; ``"group"`` /
             ``"dynamic"`` also form the groups in that order (stored as ``weight_g_idx``; needs
-            ``strategy: group``); ``"none"`` / None keep the natural order.
+            ``strategy: group``); ``"none"`` / None keep the natural order. Left at its
+            default (``"static"``), a scheme's ``weights.actorder`` decides for its layers.
         offload_hessians: keep the Hessians on the CPU while blocks run on an accelerator.
     """
 
-    actorder: Literal["static", "weight", "group", "dynamic", "none"] | None = "static"
+    actorder: Literal["static", "weight", "group", "dynamic", "none"] | None = ACTORDER_DEFAULT
 
     log_tag: ClassVar[str] = "GPTQ"
 
@@ -93,17 +96,34 @@ class GPTQModifier(LayerwiseQuantization, HessianMethod):
                 f"{type(self).__name__}.{where}.weights.dynamic: expected False (GPTQ computes "
                 "static weight qparams), got True"
             )
-        if self._reorders_groups and weights.strategy != "group":
+        if self._actorder(weights, where) == "group" and weights.strategy != "group":
             self.fail(
                 "actorder",
                 f"'static', 'weight', 'none' or None for {where}, whose weights.strategy is "
                 f"{weights.strategy!r} ('group' and 'dynamic' need strategy 'group')",
             )
 
-    @property
-    def _reorders_groups(self) -> bool:
+    def _actorder(self, weights: QuantizationArgs, where: str = "scheme") -> str | None:
+        """The column order for ``weights``: theirs (``weights.actorder``, as llm-compressor's
+        recipes set it) when this modifier's ``actorder`` is left at its default, else this
+        modifier's.
+
+        Raises:
+            RecipeError: when both are set and differ; the message names both.
+        """
+        own = normalize_actorder(self.actorder)
+        if weights.actorder is None or weights.actorder == own:
+            return own
+        if self.actorder != ACTORDER_DEFAULT:
+            raise RecipeError(
+                f"{type(self).__name__}.actorder: {self.actorder!r} conflicts with "
+                f"{where}.weights.actorder={weights.actorder!r}; set one of them"
+            )
+        return weights.actorder
+
+    def _reorders_groups(self, weights: QuantizationArgs) -> bool:
         """Whether groups follow the activation order (then ``weight_g_idx`` is stored)."""
-        return normalize_actorder(self.actorder) == "group"
+        return self._actorder(weights) == "group"
 
     # ------------------------------------------------------------- quantizing
     def stacks(
@@ -153,7 +173,7 @@ class GPTQModifier(LayerwiseQuantization, HessianMethod):
             parts = [(stack[0], *per_row)]
         else:
             parts = zip(stack, *(tensor.split(rows) for tensor in per_row), strict=True)
-        g_idx = result.g_idx if self._reorders_groups else None
+        g_idx = result.g_idx if self._reorders_groups(self._pending[stack[0]][1].weights) else None
         layers = {
             name: quantized_layer(
                 weight_q,
@@ -174,10 +194,11 @@ class GPTQModifier(LayerwiseQuantization, HessianMethod):
         """GPTQ for the pending layers ``stack`` (sharing ``hessian``); errors name them."""
         weight = torch.cat([self._pending[name][0].weight.detach() for name in stack])
         args = self._pending[stack[0]][1].weights
+        actorder = self._actorder(args)
 
         def quantize(converted: Tensor) -> GPTQResult:
             return gptq_quantize(
-                weight, converted, args, self.block_size, self.dampening_frac, self.actorder
+                weight, converted, args, self.block_size, self.dampening_frac, actorder
             )
 
         owner = type(self).__name__

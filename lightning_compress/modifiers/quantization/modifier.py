@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+from loguru import logger
 from torch import nn
 
 from lightning_compress.core.events import Event, EventType
 from lightning_compress.core.state import State
 from lightning_compress.modifiers.base import ONE_SHOT
+from lightning_compress.modifiers.layerwise_modifier import PendingLayer
 from lightning_compress.modifiers.quantization.args import QuantizationScheme
 from lightning_compress.modifiers.quantization.kv_cache import AttentionTraining
 from lightning_compress.modifiers.quantization.oneshot import LayerwiseQuantization
@@ -123,6 +125,7 @@ class QuantizationModifier(LayerwiseQuantization):
         self._training: QuantizationTraining | None = None
         self._attention_training: AttentionTraining | None = None
         super().on_initialize(state, **kwargs)
+        _warn_about_actorder(self._plan)
         if not self.is_one_shot:
             plan = self.attention_plan(state.model)
             self._attention_training = AttentionTraining(self, plan) if plan else None
@@ -194,3 +197,18 @@ class QuantizationModifier(LayerwiseQuantization):
         if getattr(self, "_training", None) is not None:
             self._training.undo()
         super().abort(state)
+
+
+def _warn_about_actorder(plan: dict[str, PendingLayer]) -> None:
+    """Says that ``weights.actorder`` (a GPTQ setting) does nothing for the layers
+    round-to-nearest or quantization-aware training quantize, naming one."""
+    ordered = [name for name, layer in plan.items() if layer.settings.weights.actorder is not None]
+    if ordered:
+        logger.warning(
+            "QuantizationModifier: weights.actorder={!r} orders GPTQ's columns; round-to-nearest "
+            "and quantization-aware training ignore it ({} layers, e.g. '{}'); quantize them "
+            "with GPTQModifier to use it",
+            plan[ordered[0]].settings.weights.actorder,
+            len(ordered),
+            ordered[0],
+        )

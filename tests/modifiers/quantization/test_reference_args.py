@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+from loguru import logger
+from torch import nn
 
+from lightning_compress.core import CompressionSession, EventType
+from lightning_compress.modifiers import GPTQModifier, QuantizationModifier
 from lightning_compress.modifiers.quantization.args import QuantizationArgs, QuantizationScheme
 from lightning_compress.modifiers.quantization.observers import (
     MemorylessMinMaxObserver,
     MinMaxObserver,
     observer_for,
 )
+from lightning_compress.recipe import RecipeError
 
 
 @pytest.mark.parametrize(
@@ -96,3 +101,42 @@ def test_averaging_constant_in_observer_kwargs_sets_the_moving_average() -> None
     assert args.averaging_constant == 0.5
     assert QuantizationArgs.from_dict(args.to_dict()) == args
     assert hash(args) == hash(QuantizationArgs.from_dict(args.to_dict()))
+
+
+def gptq_groups(actorder: str | None) -> dict:
+    weights = {"num_bits": 4, "strategy": "group", "group_size": 16, "actorder": actorder}
+    return {"g": {"targets": ["Linear"], "weights": weights}}
+
+
+@pytest.mark.parametrize(("actorder", "stores_g_idx"), [("group", True), ("weight", False)])
+def test_gptq_takes_the_schemes_actorder_when_its_own_is_left_at_its_default(
+    actorder, stores_g_idx
+) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32))
+    session = CompressionSession()
+    session.initialize(recipe=GPTQModifier(config_groups=gptq_groups(actorder)), model=model)
+    session.event(EventType.CALIBRATION_EPOCH_START)
+    with torch.no_grad():
+        model(torch.randn(8, 64) * torch.linspace(0.1, 3, 64))
+    session.event(EventType.CALIBRATION_EPOCH_END)
+    session.finalize()
+    assert ("weight_g_idx" in model[0]._buffers) == stores_g_idx
+
+
+def test_gptq_refuses_an_actorder_that_contradicts_the_schemes() -> None:
+    with pytest.raises(RecipeError, match=r"actorder: 'weight' conflicts with .*'group'"):
+        GPTQModifier(config_groups=gptq_groups("group"), actorder="weight")
+
+
+def test_round_to_nearest_warns_that_it_ignores_actorder() -> None:
+    messages = []
+    handler = logger.add(lambda message: messages.append(str(message)), level="WARNING")
+    try:
+        CompressionSession().initialize(
+            recipe=QuantizationModifier(config_groups=gptq_groups("weight")),
+            model=nn.Sequential(nn.Linear(64, 32)),
+        )
+    finally:
+        logger.remove(handler)
+    assert any("actorder='weight'" in m and "ignore it (1 layers, e.g. '0')" in m for m in messages)
