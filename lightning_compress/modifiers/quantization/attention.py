@@ -21,6 +21,7 @@ nothing they held already quantized).
 from __future__ import annotations
 
 import functools
+import inspect
 import sys
 import weakref
 from collections.abc import Callable, Mapping
@@ -42,6 +43,8 @@ IMPLEMENTATION_PREFIX = "lightning_compress_"
 
 PROJECTIONS = ("k_proj", "v_proj", "qkv_proj", "kv_proj", "kv_b_proj", "c_attn", "query_key_value")
 """Children by which an attention module (one that computes keys and values) is recognized."""
+CACHE_PARAMETERS = ("cache", "past_key_values", "past_key_value", "layer_past")
+"""Parameters by which an attention module's forward takes the KV cache."""
 
 Handler = Callable[[nn.Module, Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
 
@@ -50,18 +53,22 @@ _USERS: dict[str, int] = {}  # registered name -> configs switched to it
 
 
 def is_attention_module(module: nn.Module) -> bool:
-    """Whether ``module`` is an attention layer that computes keys and values.
+    """Whether ``module`` is an attention layer whose keys and values a KV cache holds.
 
     Args:
         module: any module.
 
     Returns:
-        True when its class name contains ``Attention`` and it has a key/value projection
-        (one of :data:`PROJECTIONS`).
+        True when its class name contains ``Attention``, it has a key/value projection (one
+        of :data:`PROJECTIONS`) and its forward takes a cache (one of
+        :data:`CACHE_PARAMETERS`; a vision encoder's attention takes none).
     """
-    return "attention" in type(module).__name__.lower() and any(
-        isinstance(getattr(module, name, None), nn.Module) for name in PROJECTIONS
-    )
+    if "attention" not in type(module).__name__.lower():
+        return False
+    if not any(isinstance(getattr(module, name, None), nn.Module) for name in PROJECTIONS):
+        return False
+    parameters = inspect.signature(type(module).forward).parameters
+    return any(name in parameters for name in CACHE_PARAMETERS)
 
 
 def attention_modules(model: nn.Module) -> dict[str, nn.Module]:

@@ -18,7 +18,10 @@ from lightning_compress import oneshot
 from lightning_compress.core import CompressionSession, EventType
 from lightning_compress.modifiers import GPTQModifier, QuantizationModifier
 from lightning_compress.modifiers.quantization.args import QuantizationArgs
-from lightning_compress.modifiers.quantization.attention import registered_implementations
+from lightning_compress.modifiers.quantization.attention import (
+    is_attention_module,
+    registered_implementations,
+)
 from lightning_compress.modifiers.quantization.kv_cache import (
     fake_quantize_states,
     quantized_attention,
@@ -199,7 +202,9 @@ def test_nothing_of_the_routing_is_left_after_calibration() -> None:
 class InlineAttention(LlamaAttention):
     """Computes attention itself instead of calling transformers' AttentionInterface."""
 
-    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
+    def forward(
+        self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs
+    ):
         shape = (*hidden_states.shape[:-1], -1, self.head_dim)
         query = self.q_proj(hidden_states).view(shape).transpose(1, 2)
         key = self.k_proj(hidden_states).view(shape).transpose(1, 2)
@@ -256,6 +261,31 @@ def test_an_attention_module_that_never_reaches_the_interface_fails_and_leaves_n
 def test_a_bad_kv_cache_scheme_is_refused_naming_the_field(change: dict, field: str) -> None:
     with pytest.raises(RecipeError, match=f"QuantizationModifier.{field}"):
         QuantizationModifier(kv_cache_scheme={**kv_scheme("tensor"), **change})
+
+
+class VisionAttention(nn.Module):
+    """An encoder's attention: projections, but no cache."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.k_proj, self.v_proj = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states
+
+
+def test_only_attention_that_takes_a_cache_is_a_kv_cache_attention() -> None:
+    assert is_attention_module(tiny().model.layers[0].self_attn)
+    assert not is_attention_module(VisionAttention())
+    assert not is_attention_module(nn.Linear(8, 8))
+
+
+def test_a_kv_cache_scheme_on_a_model_without_attention_is_refused() -> None:
+    model = nn.Sequential(nn.Linear(8, 8))
+    with pytest.raises(RecipeError, match="Sequential has no attention module"):
+        CompressionSession().initialize(
+            recipe=QuantizationModifier(kv_cache_scheme=kv_scheme("tensor")), model=model
+        )
 
 
 def test_an_attention_group_targeting_linear_layers_is_refused() -> None:
