@@ -13,7 +13,7 @@ import torch
 from cli_checkpoints import RECORDS, save_checkpoint
 from export_models import QUIET, tiny_model, token_ids
 from loguru import logger
-from transformers import AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lightning_compress import oneshot
 from lightning_compress.lightning.llmcompressor_keywords import (
@@ -304,3 +304,17 @@ def test_malformed_values_are_refused_naming_the_keyword() -> None:
         translated(tiny_model(), RTN, precision="int8")
     with pytest.raises(ValueError, match="splits: expected 'name' or 'name\\[start:stop\\]'"):
         translated(tiny_model(), RTN, dataset=datasets.Dataset.from_dict({"a": [1]}), splits="a b")
+
+
+def test_a_module_loaded_from_a_directory_gets_that_directorys_tokenizer_to_save(
+    checkpoint, tmp_path
+) -> None:
+    model = AutoModelForCausalLM.from_pretrained(checkpoint)
+    assert translated(model, RTN)["tokenizer"] is None  # neither data nor output_dir: not loaded
+    tokenizer = translated(model, RTN, output_dir=tmp_path / "out")["tokenizer"]
+    assert tokenizer.get_vocab() == AutoTokenizer.from_pretrained(checkpoint).get_vocab()
+
+
+def test_a_revision_of_a_local_directory_is_refused(checkpoint) -> None:
+    with pytest.raises(ValueError, match="model_revision='v1': revisions are of hub repositories"):
+        translated(str(checkpoint), RTN, model_revision="v1")
