@@ -53,21 +53,25 @@ MOE_CONFIGS: dict[str, dict[str, Any]] = {
 """Per model type, what (besides the common sizes) makes it a tiny mixture of four experts."""
 
 
-def tiny_moe(model_type: str, seed: int = 0, **sizes: Any) -> nn.Module:
+def tiny_moe(
+    model_type: str, seed: int = 0, dtype: torch.dtype = torch.float32, **sizes: Any
+) -> nn.Module:
     """A tiny random ``model_type`` causal language model with four experts per block.
 
     Args:
         model_type: a key of :data:`MOE_CONFIGS`.
         seed: the random seed of the weights.
+        dtype: the weights' dtype (rotary frequencies stay float32, as transformers keeps
+            them; ``model.to(dtype)`` would round them).
         **sizes: config fields that replace the tiny defaults (``hidden_size=128``, ...).
 
     Returns:
-        The model in eval mode, float32, eager attention.
+        The model in eval mode, eager attention.
     """
     fields = {**_COMMON, **MOE_CONFIGS[model_type], **sizes}
     config = AutoConfig.for_model(model_type, **fields, attn_implementation="eager")
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config).eval()
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     with torch.no_grad():  # some routers start at zero: give every expert a share of tokens
         for name, param in model.named_parameters():
             if param.dim() >= 2 and param.abs().sum() == 0:
