@@ -27,24 +27,12 @@ from lightning_compress.recipe import Recipe
 ROOT = Path(__file__).parent / "reference_recipes"
 RECIPES = sorted(path.relative_to(ROOT).as_posix() for path in ROOT.rglob("*.yaml"))
 
-STATIC_OBSERVER = (
-    "observer='static_minmax' is invalid: expected one of ('minmax', 'moving_average', 'mse')"
-)
 DUO_SCALING = "AWQModifier.duo_scaling: expected bool, got 'both'"
-ACTORDER = "QuantizationModifier.config_groups.group_0.weights: unknown key(s) ['actorder']"
 SCHEME_MAPPING = "GPTQModifier.scheme: expected a preset name"
 REFUSED = {
-    "tests/e2e/recipes/INT8/recipe_int8_channel_weight_static_per_tensor_act.yaml": STATIC_OBSERVER,
-    "tests/e2e/recipes/INT8/recipe_w8a8_static_asym.yaml": STATIC_OBSERVER,
     "tests/e2e/recipes/NVFP4/recipe_awq_nvfp4.yaml": DUO_SCALING,
     "tests/e2e/recipes/WNA16/recipe_w4a16_awq_asym.yaml": DUO_SCALING,
     "tests/e2e/recipes/WNA16/recipe_w4a16_awq_sym.yaml": DUO_SCALING,
-    "tests/e2e/recipes/non_uniform/recipe_nvfp4_fp8_mixed.yaml": (
-        "QuantizationModifier.config_groups.group_1.input_activations: num_bits=4 is invalid: "
-        "expected one of [8] for type='float' with scale_dtype=None"
-    ),
-    "tests/llmcompressor/transformers/compression/recipes/new_quant_actorder_group.yaml": ACTORDER,
-    "tests/llmcompressor/transformers/compression/recipes/new_quant_actorder_weight.yaml": ACTORDER,
     "tests/llmcompressor/transformers/compression/recipes/new_quant_channel.yaml": SCHEME_MAPPING,
     "tests/llmcompressor/transformers/compression/recipes/new_quant_group.yaml": SCHEME_MAPPING,
     "tests/llmcompressor/transformers/compression/recipes/new_quant_simple.yaml": (
@@ -186,6 +174,25 @@ def check_compressed_as_asked(model: nn.Module, before: dict[str, torch.Tensor],
 def test_corpus_holds_all_34_reference_recipes_and_refusals_name_only_those() -> None:
     assert len(RECIPES) == 34
     assert set(REFUSED) <= set(RECIPES)
+
+
+def test_the_check_refuses_a_model_the_recipe_left_uncompressed() -> None:
+    model = tiny_llama()
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with pytest.raises(AssertionError, match="other layers quantized than asked"):
+        check_compressed_as_asked(model, before, "tests/e2e/recipes/FP8/recipe_fp8_dynamic.yaml")
+
+
+def test_the_check_refuses_half_zeros_that_break_the_2_4_mask() -> None:
+    model = tiny_llama()
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Linear):
+                module.weight[:, : module.in_features // 2] = 0  # half zeros, whole groups dense
+    path = "tests/llmcompressor/transformers/compression/recipes/sparse_24.yaml"
+    with pytest.raises(AssertionError, match="breaks the 2:4 mask"):
+        check_compressed_as_asked(model, before, path)
 
 
 def test_the_check_refuses_a_model_the_recipe_left_uncompressed() -> None:
