@@ -113,6 +113,21 @@ class Modifier:
     def validate(self) -> None:
         """Check value ranges; override and call ``self.fail(field, expected)`` on errors."""
 
+    def join_stage(self, stage: str, modifiers: list[Modifier]) -> None:
+        """Settles settings that depend on the other modifiers of the recipe stage.
+
+        Called once the stage is built, on each of its modifiers in order (a
+        ``GPTQModifier`` without a scheme takes the one of the ``QuantizationModifier``
+        beside it). Nothing by default.
+
+        Args:
+            stage: the stage's name.
+            modifiers: the stage's modifiers, this one among them.
+
+        Raises:
+            RecipeError: when the stage does not give what this modifier needs.
+        """
+
     def fail(self, name: str, expected: str) -> typing.NoReturn:
         """Raise the error for a bad setting.
 

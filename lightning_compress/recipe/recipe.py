@@ -319,7 +319,10 @@ def _parse_stage(name: str, value: Any) -> RecipeStage:
                 f"expected keys ending in '{GROUP_SUFFIX}'"
             )
         groups[group] = _parse_group(f"stage '{name}', group '{group}'", entries)
-    return RecipeStage(name=name, groups=groups)
+    stage = RecipeStage(name=name, groups=groups)
+    for modifier in stage.modifiers:
+        modifier.join_stage(name, stage.modifiers)
+    return stage
 
 
 def _parse_group(where: str, entries: Any) -> list[Any]:

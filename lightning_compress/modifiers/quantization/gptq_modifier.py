@@ -32,7 +32,10 @@ class GPTQModifier(LayerwiseQuantization, HessianMethod):
 
     Schemes are given as for :class:`QuantizationModifier` (a ``scheme`` preset or
     ``config_groups``; both take them through
-    :class:`~lightning_compress.modifiers.quantization.schemes.QuantizationSchemes`); weights
+    :class:`~lightning_compress.modifiers.quantization.schemes.QuantizationSchemes`). Given
+    none, it takes the schemes of the one-shot ``QuantizationModifier`` of its recipe stage,
+    as llm-compressor's ``GPTQModifier`` does: it quantizes their ``Linear`` layers (less its
+    own ``ignore``), each once, and that modifier keeps the rest (an ``Embedding``). Weights
     take static ``tensor``, ``channel`` or ``group`` qparams, and input activations are
     quantized as there (static ranges are calibrated on the same data and reduced across
     ranks). The layer-wise flow, its errors and fallbacks are
@@ -61,7 +64,8 @@ class GPTQModifier(LayerwiseQuantization, HessianMethod):
     weights).
 
     Args:
-        scheme: a preset name, or ``{preset: [targets]}`` (see ``QuantizationModifier``).
+        scheme: a preset name, or ``{preset: [targets]}`` (see ``QuantizationModifier``);
+            None with no ``config_groups``: the schemes of the stage's ``QuantizationModifier``.
         config_groups: compressed-tensors config groups (see ``QuantizationModifier``).
         targets: layers the ``scheme`` preset applies to.
         ignore: layers never quantized (e.g. ``lm_head``).
@@ -81,6 +85,7 @@ class GPTQModifier(LayerwiseQuantization, HessianMethod):
     actorder: Literal["static", "weight", "group", "dynamic", "none"] | None = ACTORDER_DEFAULT
 
     log_tag: ClassVar[str] = "GPTQ"
+    borrows_stage_schemes: ClassVar[bool] = True
 
     # ----------------------------------------------------------------- settings
     def validate(self) -> None:

@@ -3,14 +3,20 @@
 ``QuantizationModifier`` and ``GPTQModifier`` take their schemes alike (a ``scheme`` preset
 or compressed-tensors ``config_groups``), check them alike and plan each targeted layer with
 its scheme alike; this is that piece, without any of the quantizing itself.
+
+A ``GPTQModifier`` given no scheme takes those of the ``QuantizationModifier`` of its recipe
+stage, as llm-compressor's does: it quantizes the ``Linear`` layers of those schemes (each
+once, with GPTQ), and the ``QuantizationModifier`` keeps the others (an ``Embedding``) and its
+KV-cache settings.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import nn
 
+from lightning_compress.core.model_layer import module_matches
 from lightning_compress.modifiers.base import Modifier
 from lightning_compress.modifiers.layerwise import linear_layers
 from lightning_compress.modifiers.layerwise_modifier import PendingLayer
@@ -21,6 +27,7 @@ from lightning_compress.modifiers.quantization.args import (
     preset_scheme,
 )
 from lightning_compress.modifiers.quantization.attention import attention_modules
+from lightning_compress.modifiers.quantization.block_padding import warn_about_padded_blocks
 from lightning_compress.modifiers.quantization.kv_cache import (
     AttentionScheme,
     check_attention_args,
@@ -52,8 +59,22 @@ class QuantizationSchemes(Modifier, register=False):
     config_groups: dict[str, dict[str, Any]] | None = None
     kv_cache_scheme: dict[str, Any] | None = None
 
+    borrows_stage_schemes: ClassVar[bool] = False
+    """Whether, given no scheme, it takes those of the lending modifier of its stage."""
+    lends_stage_schemes: ClassVar[bool] = False
+    """Whether a borrowing modifier of its stage may take its schemes."""
+    _lender = None  # the modifier whose schemes it took (a borrower, after join_stage)
+    _borrower = None  # the modifier that took its schemes (a lender, after join_stage)
+
+    @property
+    def has_own_schemes(self) -> bool:
+        """Whether ``scheme``, ``config_groups`` or ``kv_cache_scheme`` is set."""
+        return not (
+            self.scheme is None and self.config_groups is None and self.kv_cache_scheme is None
+        )
+
     def validate(self) -> None:
-        if self.scheme is None and self.config_groups is None and self.kv_cache_scheme is None:
+        if not self.has_own_schemes and not self.borrows_stage_schemes:
             self.fail(
                 "scheme",
                 f"a preset name ({', '.join(PRESET_SCHEMES)}), config_groups or kv_cache_scheme",
@@ -63,6 +84,49 @@ class QuantizationSchemes(Modifier, register=False):
         self.kv_cache_args()
         self._attention_groups()
         super().validate()
+
+    def join_stage(self, stage: str, modifiers: list[Modifier]) -> None:
+        """A borrowing modifier without a scheme takes the schemes of the stage's lender.
+
+        Args:
+            stage: the stage's name.
+            modifiers: the stage's modifiers.
+
+        Raises:
+            RecipeError: when no lender (or more than one) with a scheme is in the stage, the
+                lender trains (QAT) or already lends, or a lent scheme does not suit this
+                modifier (naming the field).
+        """
+        if self.has_own_schemes or not self.borrows_stage_schemes:
+            return
+        owner = type(self).__name__
+        lenders = [
+            modifier
+            for modifier in modifiers
+            if isinstance(modifier, QuantizationSchemes)
+            and modifier.lends_stage_schemes
+            and modifier._labeled_schemes()
+        ]
+        if len(lenders) != 1:
+            found = "none" if not lenders else f"{len(lenders)}"
+            raise RecipeError(
+                f"{owner}: no scheme, config_groups or kv_cache_scheme, and stage '{stage}' holds "
+                f"{found} QuantizationModifier with a scheme to take them from; expected a "
+                "scheme (e.g. scheme: W4A16) or config_groups, or exactly one "
+                "QuantizationModifier with the scheme in the same stage (GPTQ then quantizes "
+                "its linear layers)"
+            )
+        (lender,) = lenders
+        if not lender.is_one_shot or lender._borrower is not None:
+            why = "trains (start >= 0)" if not lender.is_one_shot else "lends to another"
+            raise RecipeError(
+                f"{owner}: takes the schemes of the QuantizationModifier of stage '{stage}', "
+                f"but that one {why}; expected a one-shot QuantizationModifier (start: -1) "
+                f"for one {owner}, or a scheme of its own"
+            )
+        self._lender, lender._borrower = lender, self
+        for where, scheme in self._labeled_schemes():
+            self._check_scheme(where, scheme)
 
     def kv_cache_args(self) -> QuantizationArgs | None:
         """The arguments of ``kv_cache_scheme``, checked.
@@ -153,6 +217,9 @@ class QuantizationSchemes(Modifier, register=False):
     def plan_layers(self, model: nn.Module) -> dict[str, PendingLayer]:
         """Every layer a scheme targets, with its scheme.
 
+        A borrower plans the ``Linear`` layers of its lender's schemes (less its own
+        ``ignore``); its lender plans the rest of its own.
+
         Args:
             model: the model.
 
@@ -164,6 +231,23 @@ class QuantizationSchemes(Modifier, register=False):
                 schemes, or group sizes do not divide some layers' input features (one error
                 listing them all).
         """
+        if self._lender is not None:  # its linear layers, less this modifier's ignore
+            lent = self._lender._scheme_plan(model)
+            return {
+                name: layer
+                for name, layer in lent.items()
+                if isinstance(layer.module, nn.Linear)
+                and not any(module_matches(name, layer.module, i) for i in self.ignore)
+            }
+        plan = self._scheme_plan(model)
+        if self._borrower is not None:  # the borrower quantizes those it takes
+            taken = self._borrower.plan_layers(model)
+            plan = {name: layer for name, layer in plan.items() if name not in taken}
+        return plan
+
+    def _scheme_plan(self, model: nn.Module) -> dict[str, PendingLayer]:
+        """Every layer this modifier's own schemes target, with its scheme (see
+        :meth:`plan_layers`)."""
         owner = type(self).__name__
         plan: dict[str, PendingLayer] = {}
         for scheme in self.resolved_schemes():
@@ -197,7 +281,12 @@ class QuantizationSchemes(Modifier, register=False):
         return groups
 
     def _all_schemes(self) -> list[tuple[str, QuantizationScheme]]:
-        """Every scheme with the field it comes from."""
+        """Every scheme with the field it comes from (a borrower: the lender's layer schemes)."""
+        if self._lender is not None:
+            lender = type(self._lender).__name__
+            return [
+                (f"{where} (of {lender})", item) for where, item in self._lender._labeled_schemes()
+            ]
         name = type(self).__name__
         presets = {self.scheme: self.targets} if isinstance(self.scheme, str) else self.scheme
         labeled = []
@@ -294,24 +383,14 @@ def _check_group_sizes(owner: str, plan: dict[str, PendingLayer]) -> None:
             f"{owner}: group_size {sizes} does not divide the input features of "
             f"{list(bad)}; expected a group_size that divides them, or add these layers to ignore"
         )
-    untiled = {
-        f"{name} ({layer.module.out_features}x{layer.module.in_features})": list(
-            layer.settings.weights.block_structure
-        )
-        for name, layer in plan.items()
-        if layer.settings.weights.strategy == "block"
-        and (
-            layer.module.out_features % layer.settings.weights.block_structure[0]
-            or layer.module.in_features % layer.settings.weights.block_structure[1]
-        )
-    }
-    if untiled:
-        blocks = sorted({tuple(block) for block in untiled.values()})
-        raise RecipeError(
-            f"{owner}: block_structure {[list(block) for block in blocks]} does not tile the "
-            f"weights of {list(untiled)}; they are not padded here: expected blocks that divide "
-            "both dimensions, or add these layers to ignore"
-        )
+    warn_about_padded_blocks(
+        owner,
+        {
+            name: (tuple(layer.module.weight.shape), layer.settings.weights.block_structure)
+            for name, layer in plan.items()
+            if layer.settings.weights.strategy == "block"
+        },
+    )
 
 
 def _as_list(targets: str | list[str]) -> list[str]:
