@@ -247,12 +247,13 @@ def make_column_quantizer(
     if args.strategy == "block":  # each tile's qparams fixed up front, repeated over its rows
         rows, columns = args.block_structure
         scale, zero_point = _rounded_qparams(weight, args, out_dtype)
+        height = weight.shape[0]  # the last tiles may be padded past the weight's rows
         return ColumnQuantizer(
             args,
             out_dtype,
             (order // columns).tolist(),
-            scale.repeat_interleave(rows, dim=0).split(1, dim=1),
-            zero_point.repeat_interleave(rows, dim=0).split(1, dim=1),
+            scale.repeat_interleave(rows, dim=0)[:height].split(1, dim=1),
+            zero_point.repeat_interleave(rows, dim=0)[:height].split(1, dim=1),
         )
     if args.strategy in GROUPED_STRATEGIES and actorder != "weight":
         return ColumnQuantizer(args, out_dtype, global_scale=global_scale)

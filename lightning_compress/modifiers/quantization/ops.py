@@ -14,7 +14,8 @@ Conventions, as in compressed-tensors:
 * Scale and zero-point shapes for an input ``x``, per strategy:
   ``tensor`` ``[1]``; ``channel`` ``[x.shape[0], 1]``; ``group`` and ``tensor_group``
   ``[*x.shape[:-1], x.shape[-1] // group_size]``; ``block`` (2-D ``x``, tiles of
-  ``block_structure``) ``[rows // block_rows, columns // block_columns]``; ``token``
+  ``block_structure``, the last ones padded with zeros as compressed-tensors pads them)
+  ``[ceil(rows / block_rows), ceil(columns / block_columns)]``; ``token``
   ``[*x.shape[:-1], 1]``.
 * Scales take the dtype of the min/max they come from; zero points are
   ``int8`` for ``int`` and ``float8_e4m3fn`` (always 0) for ``float``.
@@ -93,7 +94,7 @@ def strategy_groups(x: Tensor, args: QuantizationArgs) -> Tensor:
 
     Raises:
         ValueError: for ``group`` when ``group_size`` does not divide ``x.shape[-1]``, for
-            ``block`` when ``x`` is not 2-D or the blocks do not tile it.
+            ``block`` when ``x`` is not 2-D.
     """
     if args.strategy == "block":
         return _blocks(x, args.block_structure)
@@ -114,16 +115,29 @@ def strategy_groups(x: Tensor, args: QuantizationArgs) -> Tensor:
 
 
 def _blocks(x: Tensor, block_structure: tuple[int, int]) -> Tensor:
-    """``x`` ``[rows, columns]`` as ``[rows / r, columns / c, r * c]``, each tile's values last."""
+    """``x`` ``[rows, columns]`` as ``[ceil(rows / r), ceil(columns / c), r * c]``, each tile's
+    values last; the tiles past the edges are padded with zeros, as compressed-tensors pads
+    them (zeros change no tile's range, and quantize to zero)."""
     rows, columns = block_structure
-    if x.dim() != 2 or x.shape[0] % rows or x.shape[1] % columns:
+    if x.dim() != 2:
         raise ValueError(
-            f"block_structure={list(block_structure)} does not tile a tensor of shape "
-            f"{tuple(x.shape)}: expected a 2-D tensor whose dimensions the blocks divide; add "
-            "this module to `ignore`"
+            f"block_structure={list(block_structure)} tiles 2-D tensors; got shape "
+            f"{tuple(x.shape)}: add this module to `ignore`"
         )
-    tiles = x.reshape(x.shape[0] // rows, rows, x.shape[1] // columns, columns).transpose(1, 2)
+    padded = _padded_shape(x.shape, block_structure)
+    if padded != x.shape:
+        whole = x.new_zeros(padded)
+        whole[: x.shape[0], : x.shape[1]] = x
+        x = whole
+    tiles = x.reshape(padded[0] // rows, rows, padded[1] // columns, columns).transpose(1, 2)
     return tiles.reshape(*tiles.shape[:2], rows * columns)
+
+
+def _padded_shape(shape: torch.Size, block_structure: tuple[int, int]) -> torch.Size:
+    """``shape`` rounded up to whole tiles of ``block_structure``."""
+    return torch.Size(
+        -(-size // block) * block for size, block in zip(shape, block_structure, strict=True)
+    )
 
 
 def ungroup(groups: Tensor, shape: torch.Size, args: QuantizationArgs) -> Tensor:
@@ -141,7 +155,8 @@ def ungroup(groups: Tensor, shape: torch.Size, args: QuantizationArgs) -> Tensor
         return groups.reshape(shape)
     rows, columns = args.block_structure
     tiles = groups.reshape(*groups.shape[:2], rows, columns).transpose(1, 2)
-    return tiles.reshape(shape)
+    whole = tiles.reshape(_padded_shape(shape, args.block_structure))
+    return whole if whole.shape == shape else whole[: shape[0], : shape[1]].contiguous()
 
 
 def reduce_min_max(x: Tensor, args: QuantizationArgs) -> tuple[Tensor, Tensor]:

@@ -12,6 +12,7 @@ from compressed_tensors.quantization.lifecycle.forward import fake_quantize as c
 from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES as CT_PRESETS
 from compressed_tensors.quantization.utils.helpers import calculate_qparams as ct_qparams
 from compressed_tensors.quantization.utils.helpers import generate_gparam
+from loguru import logger
 
 from lightning_compress.core import CompressionSession, EventType
 from lightning_compress.modifiers import QuantizationModifier
@@ -329,12 +330,56 @@ def test_fp8_block_round_trip_equals_compressed_tensors() -> None:
     assert torch.equal(fake_quantize(weight, scale, zero_point, args), expected)
 
 
-def test_blocks_that_do_not_tile_a_layer_name_it() -> None:
-    model = torch.nn.Sequential(torch.nn.Linear(256, 128), torch.nn.Linear(128, 96))
-    with pytest.raises(RecipeError, match=r"does not tile the weights of \['1 \(96x128\)'\]"):
+def test_fp8_blocks_pad_a_weight_they_do_not_tile_as_compressed_tensors_does() -> None:
+    weight = torch.randn(200, 300, generator=torch.Generator().manual_seed(5)).bfloat16()
+    args = preset_scheme("FP8_BLOCK", ["Linear"]).weights
+    scale, zero_point = qparams_for_weight(weight, args)
+    assert scale.shape == (2, 3)  # ceil(200 / 128) x ceil(300 / 128)
+    for row in range(2):  # each tile's scale from the weights inside it
+        for column in range(3):
+            tile = weight[row * 128 : (row + 1) * 128, column * 128 : (column + 1) * 128]
+            assert scale[row, column] == tile.float().abs().amax().bfloat16() / 448
+    expected = ct_fake_quantize(weight, scale, zero_point, CTArgs(**args.to_dict()))
+    x_hat = fake_quantize(weight, scale, zero_point, args)
+    assert x_hat.shape == weight.shape and torch.equal(x_hat, expected)
+    codes = quantize(weight, scale, zero_point, args)
+    assert codes.shape == weight.shape
+    assert torch.equal(dequantize(codes, scale, zero_point, args), x_hat)
+
+
+def test_gptq_quantizes_a_weight_its_blocks_do_not_tile_onto_padded_tiles() -> None:
+    weight = fp4_weight()[:22, :60]  # tiles of 4 x 8: the last row and column of tiles padded
+    inputs = torch.randn(256, 60, generator=torch.Generator().manual_seed(6))
+    result = gptq_quantize(weight, 2 * inputs.T @ inputs / 256, BLOCK)
+    scale, zero_point = qparams_for_weight(weight, BLOCK)
+    assert scale.shape == (6, 8) and torch.equal(result.scale, scale)
+    on_grid = fake_quantize(result.weight_q, result.scale, result.zero_point, BLOCK)
+    assert torch.equal(on_grid, result.weight_q)
+
+
+def test_padded_blocks_are_named_in_a_warning_with_the_fused_layers_vllm_refuses() -> None:
+    model = torch.nn.ModuleDict(
+        {
+            "q_proj": torch.nn.Linear(128, 96),
+            "v_proj": torch.nn.Linear(128, 96),
+            "o_proj": torch.nn.Linear(96, 128),
+            "down_proj": torch.nn.Linear(256, 128),
+        }
+    )
+    messages = []
+    sink = logger.add(messages.append, level="WARNING", format="{message}")
+    try:
         CompressionSession().initialize(
             recipe=QuantizationModifier(scheme="FP8_BLOCK", targets=["Linear"]), model=model
         )
+    finally:
+        logger.remove(sink)
+    (warning,) = [message for message in messages if "does not tile" in message]
+    assert "['q_proj (96x128)', 'v_proj (96x128)', 'o_proj (128x96)']" in warning
+    assert "padded with zeros" in warning and "refuses ['q_proj']" in warning
+
+
+def test_block_and_scheme_arguments_are_checked() -> None:
     with pytest.raises(ValueError, match=r"^block_structure=None is invalid"):
         QuantizationArgs(type="float", strategy="block")
     with pytest.raises(ValueError, match=r"^input_activations.strategy='block' is invalid"):
