@@ -13,6 +13,12 @@ from compressed_tensors.utils.match import match_named_modules, match_targets
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+from lightning_compress.export.attention import (
+    AttentionState,
+    is_attention_group,
+    restore_attention,
+    take_attention_scales,
+)
 from lightning_compress.export.errors import ExportError
 from lightning_compress.export.readback import decompress_layer
 from lightning_compress.export.reader import read_json, read_tensors
@@ -44,6 +50,11 @@ def load_compressed(path: str | os.PathLike, keep_quantization: bool = True) -> 
     Without it the model is dense, holding the dequantized weights: the start for a new
     recipe (quantization-aware training, another scheme). Pruned weights stay zero either
     way; a ``ConstantPruningModifier`` keeps them so while fine-tuning.
+
+    KV-cache scales (``kv_cache_scheme``, and attention groups quantizing queries) come back
+    as the attention modules' ``k_scale`` / ``v_scale`` / ``q_scale`` buffers with their
+    ``attention_scheme`` (run them with
+    :func:`~lightning_compress.modifiers.quantization.kv_cache.quantized_attention`).
 
     The model's layers are linearized as for compressing (see
     :func:`~lightning_compress.layers.linearize`): GPT-2's ``Conv1D`` layers come back as
@@ -83,7 +94,9 @@ def load_compressed(path: str | os.PathLike, keep_quantization: bool = True) -> 
     tensors = conv1d_orientation(model, to_model_names(model, tensors))
     files = to_model_names(model, files)
     quantized: dict[str, tuple[nn.Module, CTQuantizationScheme, dict[str, Tensor]]] = {}
+    attention: AttentionState = {}
     if config is not None:
+        attention = take_attention_scales(model, config, tensors, str(path))
         for name, module, scheme in _assigned_schemes(model, config):
             prefix = f"{name}."
             keys = _local_keys(tensors, prefix)
@@ -98,6 +111,7 @@ def load_compressed(path: str | os.PathLike, keep_quantization: bool = True) -> 
     if keep_quantization:
         for module, scheme, qparams in quantized.values():
             _restore_quantization(module, from_ct_scheme(scheme), qparams)
+        restore_attention(attention)
     return model.eval()
 
 
@@ -107,6 +121,8 @@ def _assigned_schemes(
     """Each layer a config group covers, with its scheme, matched as compressed-tensors does."""
     target_to_scheme: OrderedDict[str, CTQuantizationScheme] = OrderedDict()
     for scheme in config.config_groups.values():
+        if is_attention_group(scheme):  # attention modules: take_attention_scales
+            continue
         stored_as = scheme.format or config.format
         for target in scheme.targets:
             target_to_scheme[target] = scheme.model_copy(update={"format": stored_as})

@@ -13,6 +13,7 @@ from compressed_tensors.quantization import QuantizationScheme as CTQuantization
 from pydantic import ValidationError
 from torch import Tensor, nn
 
+from lightning_compress.export.attention import is_attention_group
 from lightning_compress.export.errors import ExportError
 from lightning_compress.export.layout import differences, layout_of, written_layout
 from lightning_compress.export.storage_format import storage_format
@@ -53,13 +54,15 @@ def read_quantization_config(config: dict[str, Any], file: Path) -> Quantization
             f"{file}: {FIELD}.{QUANTIZATION_METHOD_NAME} is {method!r}; load_compressed reads "
             f"'{QUANTIZATION_METHOD}' checkpoints only"
         )
-    if not entry.get("config_groups"):
+    if not entry.get("config_groups") and not entry.get("kv_cache_scheme"):
         return None
     try:
         quantization = QuantizationConfig.model_validate(entry)
     except ValidationError as err:
         raise ExportError(f"{file}: {_validation_problems(err)}") from err
     for group, scheme in quantization.config_groups.items():
+        if is_attention_group(scheme):  # no weights: nothing stored in a format
+            continue
         where = f"{file}: {FIELD}.config_groups.{group}"
         _check_format(scheme, scheme.format or quantization.format, where)
     return quantization

@@ -12,15 +12,15 @@ from compressed_tensors.quantization import QuantizationArgs as CTQuantizationAr
 from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
 from compressed_tensors.quantization.lifecycle.initialize import initialize_qparams
 from export_models import QUIET, tiny_model, token_ids
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from lightning_compress.export import ExportError, save_compressed
+from lightning_compress.export import ExportError, load_compressed, save_compressed
 from lightning_compress.lightning.oneshot import oneshot
 from lightning_compress.modifiers import QuantizationModifier
 from lightning_compress.modifiers.quantization.args import QuantizationArgs
-from lightning_compress.modifiers.quantization.kv_cache import AttentionScheme
+from lightning_compress.modifiers.quantization.kv_cache import AttentionScheme, quantized_attention
 
 
 def fp8(strategy: str) -> dict:
@@ -115,3 +115,38 @@ def test_attention_modules_with_different_kv_arguments_are_refused(tmp_path: Pat
     with pytest.raises(ExportError, match="different key/value arguments"):
         save_compressed(model, tmp_path / "ckpt", progress=False)
     assert not (tmp_path / "ckpt").exists()
+
+
+@pytest.mark.parametrize("queries", [False, True])
+def test_load_compressed_restores_the_attention_scales_and_saves_them_back(
+    queries: bool, tmp_path: Path
+) -> None:
+    weights = {"num_bits": 8, "strategy": "channel"}
+    groups = {"linear": {"targets": ["Linear"], "weights": weights}}
+    if queries:
+        attention = {"targets": ["re:.*self_attn$"], "input_activations": fp8("attn_head")}
+        groups["attention"] = attention
+    kv = fp8("attn_head")
+    model = calibrated(
+        QuantizationModifier(config_groups=groups, ignore=["lm_head"], kv_cache_scheme=kv)
+    )
+    config, tensors = saved(model, tmp_path / "first")
+    loaded = load_compressed(tmp_path / "first")
+    for original, restored in zip(model.model.layers, loaded.model.layers, strict=True):
+        assert restored.self_attn.attention_scheme == original.self_attn.attention_scheme
+        assert torch.equal(restored.self_attn.k_scale, original.self_attn.k_scale)
+    with torch.no_grad(), quantized_attention(model), quantized_attention(loaded):
+        torch.testing.assert_close(loaded(token_ids(2)).logits, model(token_ids(2)).logits)
+    again, tensors_again = saved(loaded, tmp_path / "second")
+    assert again == config
+    assert tensors.keys() == tensors_again.keys()
+    assert all(torch.equal(tensors[key], tensors_again[key]) for key in tensors)
+
+
+def test_load_compressed_refuses_a_missing_kv_scale(tmp_path: Path) -> None:
+    model = calibrated(QuantizationModifier(kv_cache_scheme=fp8("tensor")))
+    _, tensors = saved(model, tmp_path / "ckpt")
+    del tensors["model.layers.1.self_attn.v_scale"]
+    save_file(tensors, tmp_path / "ckpt" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ExportError, match=r"model.layers.1.self_attn.v_scale holds nothing"):
+        load_compressed(tmp_path / "ckpt")

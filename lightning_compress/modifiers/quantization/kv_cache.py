@@ -43,6 +43,7 @@ __all__ = [
     "is_attention_scheme",
     "observe_states",
     "quantized_attention",
+    "state_heads",
     "state_observer",
     "state_scale",
 ]
@@ -382,8 +383,16 @@ RANGE_BUFFERS = ("min_vals", "max_vals")
 """Suffixes of the buffers (``k_min_vals`` ...) holding a state's observed range in training."""
 
 
-def _heads(module: nn.Module, role: str) -> int:
-    """How many heads the states ``role`` of ``module`` have (from its transformers config)."""
+def state_heads(module: nn.Module, role: str) -> int:
+    """How many heads the states ``role`` of ``module`` have (from its transformers config).
+
+    Args:
+        module: an attention module with a transformers ``config``.
+        role: ``q``, ``k`` or ``v``.
+
+    Returns:
+        Query heads for ``q``, key/value heads for ``k`` and ``v``.
+    """
     config = module.config
     if role == "q":
         return config.num_attention_heads
@@ -422,7 +431,7 @@ class AttentionTraining:
             dtype = next(module.parameters()).dtype
             for role, args in scheme.roles().items():
                 per_head = args.strategy == "attn_head"
-                heads = _heads(module, role) if per_head else 1
+                heads = state_heads(module, role) if per_head else 1
                 nan = torch.full((heads, 1) if per_head else (1,), torch.nan, dtype=dtype)
                 for suffix in RANGE_BUFFERS:
                     modifier.add_buffer(module, f"{role}_{suffix}", nan.clone())
