@@ -44,6 +44,7 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -178,7 +179,24 @@ def worker(run: str, args: argparse.Namespace) -> dict[str, Any]:
         "rss_loaded_mib": rss_loaded,
         "rss_compressed_mib": peak_rss_mib(),
     }
-    return score(model, evaluation, measured)
+    with _quantized_states(model):
+        return score(model, evaluation, measured)
+
+
+def _quantized_states(model: nn.Module) -> AbstractContextManager[Any]:
+    """Scoring context: fp8 keys and values when the recipe calibrated a KV cache.
+
+    ``oneshot`` leaves the attention unquantized (the scales are for the checkpoint), while
+    llm-compressor's model quantizes them in its forward; both sides are scored quantized.
+    """
+    from lightning_compress.modifiers.quantization.kv_cache import (
+        ATTENTION_SCHEME_ATTRIBUTE,
+        quantized_attention,
+    )
+
+    if any(hasattr(module, ATTENTION_SCHEME_ATTRIBUTE) for module in model.modules()):
+        return quantized_attention(model)
+    return nullcontext()
 
 
 def _check_fingerprint(model: nn.Module, windows: dict[str, Any]) -> None:

@@ -148,3 +148,19 @@ def test_every_reference_run_builds_and_resolves_in_llm_compressor(benchmark):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().endswith(f"built {len(benchmark[1].RUNS)}")
+
+
+def test_the_fp8_kv_run_is_scored_with_fp8_keys_and_values(benchmark, smollm2_shaped_llama):
+    from lightning_compress import oneshot
+
+    smollm2, _ = benchmark
+    model = smollm2_shaped_llama
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    oneshot(model, smollm2.recipe("fp8_kv"), dataset=ids, num_calibration_samples=2, device="cpu")
+    with torch.no_grad():
+        plain = model(ids).logits
+        with smollm2._quantized_states(model):
+            scored = model(ids).logits
+        after = model(ids).logits
+    assert not torch.equal(scored, plain)
+    assert torch.equal(after, plain)
