@@ -58,7 +58,12 @@ def calibrate(model: nn.Module, recipe: Any, batches: list, pipeline: type = Seq
 def head_inputs(model: nn.Module, batches: list) -> torch.Tensor:
     """The rows ``lm_head`` reads in a plain forward of ``model``, padded tokens left out."""
     seen: list[torch.Tensor] = []
-    handle = model.lm_head.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+
+    def record(module: nn.Module, args: tuple) -> None:
+        seen.append(args[0])
+
+    # first: an input quantizer on lm_head must not change what is recorded
+    handle = model.lm_head.register_forward_pre_hook(record, prepend=True)
     with torch.no_grad():
         for batch in batches:
             model(**batch)
@@ -169,6 +174,15 @@ def test_sparsegpt_prunes_half_of_lm_head_and_updates_the_rest(tiny_lm, token_ba
     assert (weight == 0).sum().item() == weight.numel() // 2
     kept = weight != 0
     assert not torch.equal(weight[kept], original[kept])  # the error spread onto the others
+
+
+@pytest.mark.parametrize("architecture", ["llama"])
+def test_a_static_input_observer_calibrates_lm_head(tiny_lm, token_batches):
+    w8a8 = {"weights": W8_CHANNEL, "input_activations": {"num_bits": 8, "strategy": "tensor"}}
+    recipe = QuantizationModifier(config_groups={"group_0": {"targets": ["Linear"], **w8a8}})
+    calibrate(tiny_lm, recipe, token_batches)
+    largest = head_inputs(tiny_lm, token_batches).abs().max()
+    assert 0 < tiny_lm.lm_head.input_scale.item() <= largest.item() / 127 * (1 + 1e-6)
 
 
 # ------------------------------------------------------------------- other pipelines
