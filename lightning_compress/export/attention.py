@@ -20,8 +20,8 @@ from lightning_compress.modifiers.quantization.kv_cache import (
     ATTENTION_SCHEME_ATTRIBUTE,
     AttentionScheme,
     check_attention_args,
-    state_heads,
 )
+from lightning_compress.modifiers.quantization.kv_cache_math import state_heads
 
 __all__ = ["AttentionState", "is_attention_group", "restore_attention", "take_attention_scales"]
 

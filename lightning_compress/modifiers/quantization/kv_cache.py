@@ -14,38 +14,36 @@ The calibrated module holds the scales as buffers and an ``attention_scheme``
 (:class:`AttentionScheme`) attribute; export writes both (``<attn>.k_scale``, the
 ``kv_cache_scheme`` of ``quantization_config``), which is where vLLM reads them.
 :func:`quantized_attention` runs a model with its keys, values and queries fake-quantized.
+The numerics are in :mod:`~lightning_compress.modifiers.quantization.kv_cache_math`, training
+in :mod:`~lightning_compress.modifiers.quantization.kv_cache_training`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lightning_compress.core.distributed import all_reduce_max_, all_reduce_min_
 from lightning_compress.modifiers.quantization.args import QuantizationArgs, QuantizationScheme
 from lightning_compress.modifiers.quantization.attention import AttentionRouting
-from lightning_compress.modifiers.quantization.calibration import CalibrationObserver
-from lightning_compress.modifiers.quantization.observers import Observer
-from lightning_compress.modifiers.quantization.ops import fake_quantize, fake_quantize_ste
+from lightning_compress.modifiers.quantization.kv_cache_math import (
+    fake_quantize_states,
+    observe_states,
+    state_observer,
+    state_scale,
+)
 
 __all__ = [
     "ATTENTION_SCHEME_ATTRIBUTE",
     "AttentionCalibration",
     "AttentionScheme",
-    "AttentionTraining",
     "check_attention_args",
-    "fake_quantize_states",
     "is_attention_scheme",
-    "observe_states",
     "quantized_attention",
-    "state_heads",
-    "state_observer",
-    "state_scale",
 ]
 
 ATTENTION_SCHEME_ATTRIBUTE = "attention_scheme"
@@ -116,84 +114,6 @@ def is_attention_scheme(scheme: QuantizationScheme) -> bool:
         and scheme.output_activations is None
         and scheme.input_activations is not None
     )
-
-
-# ----------------------------------------------------------------------- numerics
-def _head_major(x: Tensor, args: QuantizationArgs) -> tuple[Tensor, QuantizationArgs]:
-    """``x`` ``[batch, heads, tokens, head_dim]`` laid out so that ``args``' qparams apply:
-    per head it is ``[heads, batch, tokens, head_dim]`` with per-row (``channel``) arguments."""
-    if args.strategy == "attn_head":
-        return x.transpose(0, 1), replace(args, strategy="channel")
-    return x, args
-
-
-def observe_states(observer: Observer, x: Tensor, args: QuantizationArgs) -> None:
-    """Folds the range of ``x`` (one attention state) into ``observer``.
-
-    Args:
-        observer: the observer (``state_observer(...).observer``) for ``args``.
-        x: the state, ``[batch, heads, tokens, head_dim]``.
-        args: its arguments.
-    """
-    observer.update(_head_major(x, args)[0])
-
-
-def state_observer(name: str, args: QuantizationArgs) -> CalibrationObserver:
-    """A fresh calibration observer of one attention state quantized with ``args``.
-
-    Args:
-        name: the attention module's name, for messages.
-        args: the arguments (strategy ``tensor`` or ``attn_head``).
-
-    Returns:
-        The observer (its ranges are per tensor ``[1]`` or per head ``[heads, 1]``).
-    """
-    return CalibrationObserver(name, _head_major(torch.empty(1, 1), args)[1])
-
-
-def state_scale(observer: Observer, args: QuantizationArgs, dtype: torch.dtype) -> Tensor:
-    """The scale of the states ``observer`` saw: ``max|x| / 448``.
-
-    Args:
-        observer: the observer (``state_observer(...).observer``) that saw some states.
-        args: their arguments.
-        dtype: the scale's dtype (the attention module's).
-
-    Returns:
-        ``[1]`` for ``tensor``, ``[heads, 1, 1]`` for ``attn_head``.
-    """
-    scale, _ = observer.get_qparams()
-    shape = (-1, 1, 1) if args.strategy == "attn_head" else (1,)
-    return scale.reshape(shape).to(dtype)
-
-
-def fake_quantize_states(x: Tensor, scale: Tensor, args: QuantizationArgs) -> Tensor:
-    """Quantizes then dequantizes an attention state with its scale.
-
-    When ``x`` requires grad the gradient is straight-through (zero where ``x`` was clamped).
-
-    Args:
-        x: the state, ``[batch, heads, tokens, head_dim]``.
-        scale: ``[1]`` or ``[heads, 1, 1]``.
-        args: its arguments.
-
-    Returns:
-        ``x`` fake-quantized, same shape and dtype.
-
-    Raises:
-        ValueError: when the scale's heads do not match ``x``'s.
-    """
-    view, grouped = _head_major(x, args)
-    if grouped.strategy == "channel":
-        if scale.shape[0] != x.shape[1]:
-            raise ValueError(
-                f"a per-head scale of shape {tuple(scale.shape)} does not fit states of shape "
-                f"{tuple(x.shape)}: expected {x.shape[1]} heads"
-            )
-        scale = scale.reshape(-1, 1)
-    round_trip = fake_quantize_ste if x.requires_grad else fake_quantize
-    out = round_trip(view, scale.to(x.dtype), None, grouped)
-    return out.transpose(0, 1) if grouped.strategy == "channel" else out
 
 
 def _quantize_with_buffers(
@@ -376,125 +296,3 @@ class AttentionCalibration:
 
 
 _STATE_NAMES = {"q": "queries", "k": "keys", "v": "values"}
-
-
-# ------------------------------------------------------------------------ training
-RANGE_BUFFERS = ("min_vals", "max_vals")
-"""Suffixes of the buffers (``k_min_vals`` ...) holding a state's observed range in training."""
-
-
-def state_heads(module: nn.Module, role: str) -> int:
-    """How many heads the states ``role`` of ``module`` have (from its transformers config).
-
-    Args:
-        module: an attention module with a transformers ``config``.
-        role: ``q``, ``k`` or ``v``.
-
-    Returns:
-        Query heads for ``q``, key/value heads for ``k`` and ``v``.
-    """
-    config = module.config
-    if role == "q":
-        return config.num_attention_heads
-    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-
-
-class AttentionTraining:
-    """Quantization-aware training of the attention modules' states, with one-shot numerics.
-
-    Created at ``initialize``: every module gets its ``<role>_scale`` and range buffers
-    (``<role>_min_vals`` / ``<role>_max_vals``, NaN until observed), so a checkpoint loads
-    strictly into a freshly set-up model. From ``start`` the attention is routed
-    (:class:`AttentionRouting`): in training mode, until ``frozen``, each forward folds the
-    states' range (reduced across ranks) into the buffers and recomputes the scales
-    (``max|x| / 448``, running or moving-average extremes as the observer says), then the states
-    are fake-quantized with a straight-through gradient; in eval mode they are quantized with
-    the current scales (not before anything was observed). ``end`` drops the range buffers and
-    keeps the scales and the ``attention_scheme``; ``close`` removes the routing, ``undo``
-    everything this added.
-
-    Args:
-        modifier: the modifier that owns the buffers.
-        plan: attention module name to ``(module, scheme)``.
-    """
-
-    def __init__(
-        self, modifier: Any, plan: Mapping[str, tuple[nn.Module, AttentionScheme]]
-    ) -> None:
-        self._modifier = modifier
-        self._plan = dict(plan)
-        self._schemes = {module: scheme for module, scheme in self._plan.values()}
-        self._routing: AttentionRouting | None = None
-        self._ended = False
-        self.frozen = False
-        for module, scheme in self._plan.values():
-            dtype = next(module.parameters()).dtype
-            for role, args in scheme.roles().items():
-                per_head = args.strategy == "attn_head"
-                heads = state_heads(module, role) if per_head else 1
-                nan = torch.full((heads, 1) if per_head else (1,), torch.nan, dtype=dtype)
-                for suffix in RANGE_BUFFERS:
-                    modifier.add_buffer(module, f"{role}_{suffix}", nan.clone())
-                scale = nan.reshape(-1, 1, 1) if per_head else nan
-                modifier.add_buffer(module, f"{role}_scale", scale.clone())
-
-    def start(self) -> None:
-        """Routes the attention and records each module's ``attention_scheme``.
-
-        Raises:
-            ValueError: naming the modules whose attention cannot be routed.
-        """
-        modules = {name: module for name, (module, _) in self._plan.items()}
-        self._routing = AttentionRouting(modules, self._handle)
-        for module, scheme in self._schemes.items():
-            setattr(module, ATTENTION_SCHEME_ATTRIBUTE, scheme)
-
-    def end(self) -> None:
-        """Drops the range buffers; the scales and schemes stay (an abort keeps them)."""
-        for module, scheme in self._schemes.items():
-            for role in scheme.roles():
-                for suffix in RANGE_BUFFERS:
-                    module._buffers.pop(f"{role}_{suffix}", None)
-            self._modifier.keep_buffers(module)
-        self._ended = True
-        self.frozen = True
-
-    def close(self) -> None:
-        """Removes the routing."""
-        if self._routing is not None:
-            self._routing.remove()
-            self._routing = None
-
-    def undo(self) -> None:
-        """Removes the routing and, before ``end``, the schemes (the modifier removes the
-        buffers it did not keep); after ``end`` the modules stay quantized."""
-        self.close()
-        if self._ended:
-            return
-        for module in self._schemes:
-            vars(module).pop(ATTENTION_SCHEME_ATTRIBUTE, None)
-
-    def _handle(
-        self, module: nn.Module, query: Tensor, key: Tensor, value: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        states = {"q": query, "k": key, "v": value}
-        for role, args in self._schemes[module].roles().items():
-            if module.training and not self.frozen:
-                self._observe(module, role, args, states[role])
-            scale = getattr(module, f"{role}_scale")
-            if not bool(torch.isnan(scale).any()):
-                states[role] = fake_quantize_states(states[role], scale, args)
-        return states["q"], states["k"], states["v"]
-
-    @torch.no_grad()
-    def _observe(self, module: nn.Module, role: str, args: QuantizationArgs, x: Tensor) -> None:
-        low, high = (getattr(module, f"{role}_{suffix}") for suffix in RANGE_BUFFERS)
-        observer = state_observer(role, args).observer
-        if not bool(torch.isnan(low).any()):
-            observer.min_vals, observer.max_vals = low.to(x.dtype), high.to(x.dtype)
-        # Under DDP every rank folds in the range of the global batch: equal scales on all ranks.
-        batch_min, batch_max = observer.batch_range(_head_major(x.detach(), args)[0])
-        observer.update_range(all_reduce_min_(batch_min), all_reduce_max_(batch_max))
-        low.copy_(observer.min_vals)
-        high.copy_(observer.max_vals)
-        getattr(module, f"{role}_scale").copy_(state_scale(observer, args, low.dtype))

@@ -12,7 +12,7 @@ from lightning_compress.core.state import State
 from lightning_compress.modifiers.base import ONE_SHOT
 from lightning_compress.modifiers.layerwise_modifier import PendingLayer
 from lightning_compress.modifiers.quantization.args import QuantizationScheme
-from lightning_compress.modifiers.quantization.kv_cache import AttentionTraining
+from lightning_compress.modifiers.quantization.kv_cache_training import AttentionTraining
 from lightning_compress.modifiers.quantization.oneshot import LayerwiseQuantization
 from lightning_compress.modifiers.quantization.schemes import has_static_inputs
 from lightning_compress.modifiers.quantization.training import QuantizationTraining

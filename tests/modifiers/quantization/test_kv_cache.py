@@ -22,10 +22,8 @@ from lightning_compress.modifiers.quantization.attention import (
     is_attention_module,
     registered_implementations,
 )
-from lightning_compress.modifiers.quantization.kv_cache import (
-    fake_quantize_states,
-    quantized_attention,
-)
+from lightning_compress.modifiers.quantization.kv_cache import quantized_attention
+from lightning_compress.modifiers.quantization.kv_cache_math import fake_quantize_states
 from lightning_compress.recipe import RecipeError
 
 FP8_MAX = 448.0
