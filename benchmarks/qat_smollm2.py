@@ -8,6 +8,8 @@ evaluation windows are scored once per run, never used to choose anything. Per s
 (``w4a16_g64``: symmetric int4 in groups of 64, the table's W4 g64; ``nvfp4a16``: the
 ``NVFP4A16`` preset), every ``Linear`` but ``lm_head``:
 
+- ``fp`` and ``fp_ft``: the float model, and the same model after the same training without
+  quantization (what fine-tuning on this text alone gains);
 - ``rtn``: round-to-nearest (``QuantizationModifier``, one-shot);
 - ``gptq``: GPTQ on the first 32 calibration windows (defaults: actorder static, block 128,
   dampening 0.01), as in ``smollm2.py``;
@@ -56,7 +58,7 @@ from torch.utils.data import DataLoader
 from lightning_compress.lightning.language_model import CausalLMModule
 
 SCHEMES = ("w4a16_g64", "nvfp4a16")
-RUN_KINDS = ("fp", "rtn", "gptq", "qat", "gptq_qat")
+RUN_KINDS = ("fp", "fp_ft", "rtn", "gptq", "qat", "gptq_qat")
 IGNORE = ["lm_head"]
 WARMUP = 0.1
 # freeze_observers must lie after start=0; schedules compare indices with a 1e-9 tolerance,
@@ -213,7 +215,7 @@ class StepTimes(pl.Callback):
 
 def train(
     model: nn.Module,
-    scheme: str,
+    scheme: str | None,
     data: torch.Tensor,
     args: argparse.Namespace,
     lr: float,
@@ -224,7 +226,7 @@ def train(
 
     Args:
         model: the model, trained in place (baked to the grid at the end).
-        scheme: the scheme's name.
+        scheme: the scheme's name; None fine-tunes without quantization (no ``Compressor``).
         data: training windows ``[N, 512]``.
         args: the command line (batch, seed).
         lr: peak learning rate.
@@ -238,9 +240,11 @@ def train(
     from lightning_compress import Compressor
     from lightning_compress.modifiers import QuantizationModifier
 
-    freeze = {} if start_from is None else {"freeze_observers": FROZEN_FROM_FIRST_BATCH}
-    modifier = QuantizationModifier(**scheme_kwargs(scheme), start=0, **freeze)
-    callbacks: list[pl.Callback] = [Compressor([modifier]), StepTimes(args.log_every)]
+    callbacks: list[pl.Callback] = [StepTimes(args.log_every)]
+    if scheme is not None:
+        freeze = {} if start_from is None else {"freeze_observers": FROZEN_FROM_FIRST_BATCH}
+        modifier = QuantizationModifier(**scheme_kwargs(scheme), start=0, **freeze)
+        callbacks.insert(0, Compressor([modifier]))
     if start_from is not None:
         callbacks.append(StartFromOneShot(start_from))
     trainer = pl.Trainer(
@@ -319,6 +323,9 @@ def run_one(
     steps, seconds = 0, None
     if kind in ("rtn", "gptq"):
         seconds = one_shot(model, scheme, kind, windows["calibration"])
+    elif kind == "fp_ft":
+        steps = args.steps
+        seconds = train(model, None, windows["train"], args, args.lr, steps)
     elif kind == "qat":
         steps = args.steps
         seconds = train(model, scheme, windows["train"], args, args.lr, steps)
@@ -332,7 +339,7 @@ def run_one(
         )
         seconds += train(model, scheme, windows["train"], args, args.lr, steps, start)
     row = {
-        "run": kind if kind == "fp" else f"{kind}_{scheme}",
+        "run": kind if kind.startswith("fp") else f"{kind}_{scheme}",
         "train_tokens": steps * args.batch * SEQ_LEN,
         "seconds": seconds,
         "perplexity": perplexity(model, windows["evaluation"]),
@@ -438,8 +445,10 @@ def main() -> None:
         if not args.runs:
             return
     rows = []
-    plan: list[tuple[str, str]] = [("fp", "")] if "fp" in args.runs else []
-    plan += [(kind, scheme) for scheme in args.schemes for kind in args.runs if kind != "fp"]
+    plan = [(kind, "") for kind in ("fp", "fp_ft") if kind in args.runs]
+    plan += [
+        (kind, scheme) for scheme in args.schemes for kind in args.runs if not kind.startswith("fp")
+    ]
     for kind, scheme in plan:
         rows.append(run_one(kind, scheme, windows, args))
     results["runs"] = rows
