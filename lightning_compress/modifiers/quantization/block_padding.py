@@ -9,7 +9,9 @@ scales of that ceil-divided shape and loads such layers, but ``validate_fp8_bloc
 (``vllm/model_executor/layers/quantization/utils/fp8_utils.py``) refuses, under tensor
 parallelism, partitions the blocks do not divide, and always a layer fused with a later sibling
 (``q_proj``/``k_proj`` of q/k/v, ``gate_proj`` of gate/up) whose output features are not whole
-blocks.
+blocks; and its block kernels need whole blocks of input features (compressed-tensors'
+``initialize`` notes it: only the rows may be padded). The ``FP8_BLOCK`` preset's activations,
+in groups of 128, need whole groups of input features anyway.
 """
 
 from __future__ import annotations
@@ -42,28 +44,25 @@ def warn_about_padded_blocks(
     if not padded:
         return []
     blocks = sorted({tuple(block) for _, block in padded.values()})
-    refused = [
-        name
-        for name, (shape, block) in padded.items()
-        if shape[0] % block[0] and _fused_first(name)
-    ]
+    refused = {name: _refusal(name, shape, block) for name, (shape, block) in padded.items()}
+    refused = {name: reason for name, reason in refused.items() if reason}
     logger.warning(
         "{}: block_structure {} does not tile the weights of {}; they are padded with zeros to "
-        "whole blocks, as compressed-tensors pads them. vLLM serves such layers at "
+        "whole blocks, as compressed-tensors pads them. vLLM loads such layers at "
         "tensor-parallel size 1{}",
         owner,
         [list(block) for block in blocks],
         [f"{name} ({shape[0]}x{shape[1]})" for name, (shape, _) in padded.items()],
-        ""
-        if not refused
-        else f", but refuses {refused}: fused with a later sibling, their output features must "
-        "be whole blocks",
+        "" if not refused else f", but not {refused}",
     )
     return list(padded)
 
 
-def _fused_first(name: str) -> bool:
-    """Whether vLLM fuses the layer ``name`` with a sibling loaded after it (q/k of q/k/v, the
-    gate of gate/up)."""
+def _refusal(name: str, shape: tuple[int, int], block: tuple[int, int]) -> str | None:
+    """Why vLLM refuses the padded layer ``name``, or None when it loads it."""
+    if shape[1] % block[1]:
+        return "input features not whole blocks, which the block kernels of vLLM need"
     leaf = name.rpartition(".")[2]
-    return any(leaf in siblings[:-1] for siblings in FUSED_SIBLINGS)
+    if shape[0] % block[0] and any(leaf in siblings[:-1] for siblings in FUSED_SIBLINGS):
+        return "fused with a later sibling, its output features must be whole blocks"
+    return None

@@ -372,23 +372,26 @@ def has_static_inputs(scheme: QuantizationScheme) -> bool:
 
 def _check_group_sizes(owner: str, plan: dict[str, PendingLayer]) -> None:
     bad = {
-        f"{name} (in_features={layer.module.in_features})": layer.settings.weights.group_size
+        f"{name} (in_features={layer.module.in_features})": args.group_size
         for name, layer in plan.items()
-        if layer.settings.weights.strategy in ("group", "tensor_group")
-        and layer.module.in_features % layer.settings.weights.group_size
+        for args in (layer.settings.weights, layer.settings.input_activations)
+        if args is not None
+        and args.strategy in ("group", "tensor_group")
+        and layer.module.in_features % args.group_size
     }
     if bad:
         sizes = sorted(set(bad.values()))
         raise RecipeError(
             f"{owner}: group_size {sizes} does not divide the input features of "
-            f"{list(bad)}; expected a group_size that divides them, or add these layers to ignore"
+            f"{list(bad)}; expected a group_size that divides them (the groups of weights and "
+            "of input activations run along them), or add these layers to ignore"
         )
     warn_about_padded_blocks(
         owner,
         {
             name: (tuple(layer.module.weight.shape), layer.settings.weights.block_structure)
             for name, layer in plan.items()
-            if layer.settings.weights.strategy == "block"
+            if layer.settings.weights is not None and layer.settings.weights.strategy == "block"
         },
     )
 

@@ -357,7 +357,7 @@ def test_gptq_quantizes_a_weight_its_blocks_do_not_tile_onto_padded_tiles() -> N
     assert torch.equal(on_grid, result.weight_q)
 
 
-def test_padded_blocks_are_named_in_a_warning_with_the_fused_layers_vllm_refuses() -> None:
+def test_padded_blocks_are_named_in_a_warning_with_the_layers_vllm_refuses() -> None:
     model = torch.nn.ModuleDict(
         {
             "q_proj": torch.nn.Linear(128, 96),
@@ -366,17 +366,27 @@ def test_padded_blocks_are_named_in_a_warning_with_the_fused_layers_vllm_refuses
             "down_proj": torch.nn.Linear(256, 128),
         }
     )
+    blocks = {"type": "float", "strategy": "block", "block_structure": [128, 128]}
+    recipe = QuantizationModifier(config_groups={"g": {"targets": ["Linear"], "weights": blocks}})
     messages = []
     sink = logger.add(messages.append, level="WARNING", format="{message}")
     try:
-        CompressionSession().initialize(
-            recipe=QuantizationModifier(scheme="FP8_BLOCK", targets=["Linear"]), model=model
-        )
+        CompressionSession().initialize(recipe=recipe, model=model)
     finally:
         logger.remove(sink)
     (warning,) = [message for message in messages if "does not tile" in message]
     assert "['q_proj (96x128)', 'v_proj (96x128)', 'o_proj (128x96)']" in warning
-    assert "padded with zeros" in warning and "refuses ['q_proj']" in warning
+    assert "padded with zeros" in warning
+    assert "'q_proj': 'fused with a later sibling" in warning  # v_proj, the last, is loaded
+    assert "'o_proj': 'input features not whole blocks" in warning
+
+
+def test_fp8_block_preset_refuses_input_features_its_activation_groups_do_not_divide() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(256, 96), torch.nn.Linear(96, 128))
+    with pytest.raises(RecipeError, match=r"does not divide the input features of \['1 \(in_"):
+        CompressionSession().initialize(
+            recipe=QuantizationModifier(scheme="FP8_BLOCK", targets=["Linear"]), model=model
+        )
 
 
 def test_block_and_scheme_arguments_are_checked() -> None:
