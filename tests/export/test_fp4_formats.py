@@ -1,5 +1,5 @@
-"""NVFP4 and MXFP4 checkpoints: stored by compressed-tensors' own compressors, every layer read
-back exactly, and loaded by transformers."""
+"""NVFP4, MXFP4, MXFP6 and MXFP8 checkpoints: stored by compressed-tensors' own compressors,
+every layer read back exactly, and loaded by transformers."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ FORMATS = {
     "NVFP4A16": ("nvfp4-pack-quantized", {"weight_packed", "weight_scale", "weight_global_scale"}),
     "MXFP4A16": ("mxfp4-pack-quantized", {"weight_packed", "weight_scale"}),
     "MXFP8A16": ("mxfp8-quantized", {"weight", "weight_scale"}),
+    "MXFP6A16": ("mxfp6-pack-quantized", {"weight_packed", "weight_scale"}),
 }
 """Preset: its compressed-tensors format and the tensors stored per layer."""
 STORED = {"weight_packed": torch.uint8, "weight": torch.float8_e4m3fn}

@@ -41,7 +41,10 @@ WIDE = {
     "num_key_value_heads": 4,
 }
 """One decoder layer wide enough for the presets' groups and blocks of 128."""
-BFLOAT16_ONLY = ("NVFP4A16", "NVFP4", "MXFP4A16", "MXFP4", "MXFP4XFP8", "MXFP8A16", "MXFP8")
+BFLOAT16_ONLY = (
+    *("NVFP4A16", "NVFP4", "MXFP4A16", "MXFP4", "MXFP4XFP8"),
+    *("MXFP6A16", "MXFP6A8", "MXFP8A16", "MXFP8"),
+)
 """fp4 and MX presets, saved in bfloat16 only (tests/export/test_fp4_formats.py and
 test_fp4_activations.py check them)."""
 

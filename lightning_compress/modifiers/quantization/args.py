@@ -128,8 +128,8 @@ class QuantizationArgs:
     know the role) reject ``token`` for weights and ``channel`` for activations.
 
     Args:
-        num_bits: bits per value: 1 to 8 for ``int``; 8 (fp8 e4m3) or 4 (fp4 e2m1) for
-            ``float``.
+        num_bits: bits per value: 1 to 8 for ``int``; 8 (fp8 e4m3), 6 (fp6 e2m3, MXFP6) or 4
+            (fp4 e2m1) for ``float``.
         type: ``"int"`` or ``"float"``.
         symmetric: zero point fixed at 0; ``float`` must be symmetric.
         strategy: which values share a scale: ``"tensor"`` (all), ``"channel"``
@@ -586,6 +586,9 @@ _NVFP4_WEIGHTS = QuantizationArgs(
 _MXFP4_WEIGHTS = QuantizationArgs(
     num_bits=4, type="float", strategy="group", group_size=32, scale_dtype="uint8"
 )
+_MXFP6_WEIGHTS = QuantizationArgs(
+    num_bits=6, type="float", strategy="group", group_size=32, scale_dtype="uint8"
+)
 _MXFP8_WEIGHTS = QuantizationArgs(
     type="float", strategy="group", group_size=32, scale_dtype="uint8"
 )
@@ -643,6 +646,11 @@ PRESET_SCHEMES: dict[str, dict[str, QuantizationArgs]] = {
         "input_activations": QuantizationArgs(
             type="float", strategy="group", group_size=128, dynamic=True
         ),
+    },
+    "MXFP6A16": {"weights": _MXFP6_WEIGHTS},
+    "MXFP6A8": {
+        "weights": _MXFP6_WEIGHTS,
+        "input_activations": dataclasses.replace(_MXFP8_WEIGHTS, dynamic=True),
     },
     "MXFP8A16": {"weights": _MXFP8_WEIGHTS},
     "MXFP8": {

@@ -12,7 +12,17 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor
 
-__all__ = ["FP4_E2M1", "FP8_E4M3", "INT", "FP4E2M1Grid", "FP8E4M3Grid", "IntGrid", "ValueGrid"]
+__all__ = [
+    "FP4_E2M1",
+    "FP6_E2M3",
+    "FP8_E4M3",
+    "INT",
+    "FP4E2M1Grid",
+    "FP6E2M3Grid",
+    "FP8E4M3Grid",
+    "IntGrid",
+    "ValueGrid",
+]
 
 
 class ValueGrid(ABC):
@@ -99,6 +109,28 @@ class FP4E2M1Grid(ValueGrid):
         return clamped.div_(step).round_().mul_(step)
 
 
+class FP6E2M3Grid(ValueGrid):
+    """fp6 e2m3: multiples of 0.125 below 2, of 0.25 in ``[2, 4)`` and of 0.5 in ``[4, 7.5]``,
+    rounded to nearest, ties to even (as compressed-tensors' ``cast_to_fp6``).
+
+    The step is ``2 ** (exponent - 4)`` for ``|x| = m * 2**exponent`` with m in [0.5, 1),
+    at least 0.125 (the subnormals) and at most 0.5. Every value has at most four
+    significant bits, so ``float8_e4m3fn`` stores it exactly.
+    """
+
+    name = "fp6_e2m3"
+    storage_dtype = torch.float8_e4m3fn
+
+    def bounds(self, num_bits: int) -> tuple[float, float]:
+        return -7.5, 7.5
+
+    def round_(self, clamped: Tensor) -> Tensor:
+        _, exponent = torch.frexp(clamped)
+        step = torch.ldexp(torch.ones_like(clamped), (exponent - 4).clamp_(-3, -1))
+        return clamped.div_(step).round_().mul_(step)
+
+
 INT = IntGrid()
 FP8_E4M3 = FP8E4M3Grid()
 FP4_E2M1 = FP4E2M1Grid()
+FP6_E2M3 = FP6E2M3Grid()

@@ -30,6 +30,7 @@ import torch
 
 from lightning_compress.modifiers.quantization.formats.grids import (
     FP4_E2M1,
+    FP6_E2M3,
     FP8_E4M3,
     INT,
     ValueGrid,
@@ -130,6 +131,19 @@ FORMATS: tuple[QuantFormat, ...] = (
         group_size=32,
         compressor="mxfp4-pack-quantized",
         vllm="W4A16 (CompressedTensorsW4A16Mxfp4); W4A4 with MXFP4 activations (W4A4Mxfp4)",
+        reads_back_in=torch.bfloat16,
+    ),
+    QuantFormat(
+        name="mxfp6",
+        type="float",
+        num_bits=(6,),
+        grid=FP6_E2M3,
+        scale=E8M0Scale(element_mantissa=3),
+        scale_dtype="uint8",
+        strategies=("group",),
+        group_size=32,
+        compressor="mxfp6-pack-quantized",
+        vllm="no MXFP6 scheme in vLLM's compressed-tensors schemes",
         reads_back_in=torch.bfloat16,
     ),
     QuantFormat(

@@ -76,17 +76,27 @@ class FP8Scale(ScaleEncoding):
 
 class E8M0Scale(ScaleEncoding):
     """A power of two: ``2 ** (e - offset)`` where ``2 ** e`` is ``max|x|`` rounded to a power
-    of two, up when its mantissa is at least 1.75 and down otherwise, and ``offset`` is
-    ``floor(log2(grid max))`` (2 for fp4). The biased exponent ``e - offset + 127`` is
-    clamped to a byte, ``[0, 255]``. Subnormal ``max|x|`` is treated as its exact value.
+    of two, up when its mantissa is at least ``2 - 2 ** -element_mantissa`` (1.75 for fp4 and
+    fp8, 1.9375 for fp6: just where the group's largest value would round past the grid)
+    and down otherwise, and ``offset`` is ``floor(log2(grid max))`` (2 for fp4 and fp6). The
+    biased exponent ``e - offset + 127`` is clamped to a byte, ``[0, 255]``. Subnormal
+    ``max|x|`` is treated as its exact value.
+
+    Args:
+        element_mantissa: the mantissa bits compressed-tensors' ``generate_mx_scales`` rounds
+            with: fp6's 3 for MXFP6, fp4's 1 for MXFP4 and MXFP8.
     """
 
     name = "uint8"
 
+    def __init__(self, element_mantissa: int = 1) -> None:
+        # frexp's mantissa lies in [0.5, 1): the threshold halved
+        self.round_up_at = 1 - 2.0 ** -(element_mantissa + 2)
+
     def scale(self, max_abs: Tensor, half_range: float, global_scale: Tensor | None) -> Tensor:
         offset = math.floor(math.log2(half_range))
         mantissa, exponent = torch.frexp(max_abs.float())  # max_abs = mantissa * 2**exponent
-        power = exponent - 1 + (mantissa >= 0.875).to(exponent.dtype)  # 1.75 / 2 = 0.875
+        power = exponent - 1 + (mantissa >= self.round_up_at).to(exponent.dtype)
         biased = torch.where(max_abs > 0, power - offset + 127, 0).clamp_(0, 255)
         scale = torch.pow(2.0, (biased - 127).float()).to(max_abs.dtype)
         return _nonzero(scale, 1.0)
