@@ -28,14 +28,13 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from torch import Tensor, nn
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 __all__ = [
     "IMPLEMENTATION_PREFIX",
     "AttentionRouting",
     "attention_modules",
     "is_attention_module",
+    "registered_implementations",
 ]
 
 IMPLEMENTATION_PREFIX = "lightning_compress_"
@@ -88,10 +87,20 @@ def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
     return found
 
 
+def _interfaces() -> tuple[Any, Any]:
+    """transformers' attention and mask interfaces (imported when needed: transformers is an
+    optional dependency of the package)."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return ALL_ATTENTION_FUNCTIONS, ALL_MASK_ATTENTION_FUNCTIONS
+
+
 def _original_implementation(name: str, module: nn.Module) -> Callable[..., Any]:
     """The implementation ``name`` as ``module``'s forward would call it."""
-    if name in ALL_ATTENTION_FUNCTIONS:
-        return ALL_ATTENTION_FUNCTIONS[name]
+    attention_functions, _ = _interfaces()
+    if name in attention_functions:
+        return attention_functions[name]
     return sys.modules[type(module).__module__].eager_attention_forward
 
 
@@ -107,18 +116,19 @@ def _routed_attention(
 
 def _unhookable(module: nn.Module) -> str | None:
     """Why ``module``'s attention cannot be routed, or None when it can."""
+    attention_functions, mask_functions = _interfaces()
     config = getattr(module, "config", None)
     implementation = getattr(config, "_attn_implementation", None)
     if not isinstance(implementation, str):
         return "it has no transformers config naming its attention implementation"
     namespace = vars(sys.modules[type(module).__module__])
-    if namespace.get("ALL_ATTENTION_FUNCTIONS") is not ALL_ATTENTION_FUNCTIONS:
+    if namespace.get("ALL_ATTENTION_FUNCTIONS") is not attention_functions:
         return "its forward does not call transformers' AttentionInterface"
     if implementation.startswith(IMPLEMENTATION_PREFIX):
         return "its attention is routed already (by another modifier or quantized_attention)"
-    if implementation not in ALL_ATTENTION_FUNCTIONS and "eager_attention_forward" not in namespace:
+    if implementation not in attention_functions and "eager_attention_forward" not in namespace:
         return f"its module defines no eager_attention_forward for {implementation!r}"
-    if implementation not in ALL_MASK_ATTENTION_FUNCTIONS:
+    if implementation not in mask_functions:
         return f"transformers has no mask function for {implementation!r}"
     return None
 
@@ -160,11 +170,12 @@ class AttentionRouting:
             raise
 
     def _switch(self, config: Any) -> None:
+        attention_functions, mask_functions = _interfaces()
         original = config._attn_implementation
         name = f"{IMPLEMENTATION_PREFIX}{original}"
         if _USERS.get(name, 0) == 0:
-            ALL_ATTENTION_FUNCTIONS.register(name, functools.partial(_routed_attention, original))
-            ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS[original])
+            attention_functions.register(name, functools.partial(_routed_attention, original))
+            mask_functions.register(name, mask_functions[original])
         _USERS[name] = _USERS.get(name, 0) + 1
         self._configs.append((config, original))
         config._attn_implementation = name
@@ -183,8 +194,8 @@ class AttentionRouting:
             _USERS[name] -= 1
             if _USERS[name] == 0:
                 del _USERS[name]
-                type(ALL_ATTENTION_FUNCTIONS)._global_mapping.pop(name, None)
-                type(ALL_MASK_ATTENTION_FUNCTIONS)._global_mapping.pop(name, None)
+                for interface in _interfaces():  # transformers has no unregister
+                    type(interface)._global_mapping.pop(name, None)
         self._configs = []
 
 
@@ -194,4 +205,5 @@ def registered_implementations() -> list[str]:
     Returns:
         Their names.
     """
-    return [name for name in ALL_ATTENTION_FUNCTIONS if name.startswith(IMPLEMENTATION_PREFIX)]
+    attention_functions, _ = _interfaces()
+    return [name for name in attention_functions if name.startswith(IMPLEMENTATION_PREFIX)]
