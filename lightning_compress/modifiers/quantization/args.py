@@ -303,6 +303,13 @@ class QuantizationArgs:
                 f"observer_kwargs={kwargs!r} is invalid: observer {observer!r} does not use "
                 f"{unknown}; it takes {list(honoured)}{hint}"
             )
+        for key, value in kwargs.items():
+            _require(
+                isinstance(value, (int, float)) and not isinstance(value, bool),
+                f"observer_kwargs.{key}",
+                value,
+                "a number",
+            )
         if "averaging_constant" in kwargs:
             constant = kwargs["averaging_constant"]
             _require(

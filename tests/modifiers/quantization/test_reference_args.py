@@ -92,6 +92,10 @@ def test_observer_kwargs_the_observer_does_not_use_are_refused_naming_them() -> 
         QuantizationArgs(observer="mse", observer_kwargs={"chunk_size": 5})
     with pytest.raises(ValueError, match=r"write observer: moving_average"):
         QuantizationArgs(observer="minmax", observer_kwargs={"averaging_constant": 0.1})
+    with pytest.raises(
+        ValueError, match=r"^observer_kwargs.grid=\[1, 2\] is invalid: expected a number"
+    ):
+        QuantizationArgs(observer="mse", observer_kwargs={"grid": [1, 2]})
     with pytest.raises(ValueError, match=r"observer_kwargs.maxshrink=2 is invalid"):
         observer_for(QuantizationArgs(observer="mse", observer_kwargs={"maxshrink": 2}))
 
