@@ -69,6 +69,9 @@ class GPTQModifier(LayerwiseQuantization, HessianMethod):
         config_groups: compressed-tensors config groups (see ``QuantizationModifier``).
         targets: layers the ``scheme`` preset applies to.
         ignore: layers never quantized (e.g. ``lm_head``).
+        kv_cache_scheme: fp8 arguments of the keys and values of every attention module
+            (``strategy: tensor`` or ``attn_head``), calibrated block by block on the same
+            data (see :mod:`~lightning_compress.modifiers.quantization.kv_cache`).
         start: -1: GPTQ is one-shot.
         block_size: columns per lazy batch update of the GPTQ sweep.
         dampening_frac: dampening added to the Hessian's diagonal, as a fraction of its mean

@@ -69,6 +69,9 @@ class QuantizationModifier(LayerwiseQuantization):
             ``group_size``, ``dynamic``, ``observer``, ``averaging_constant``).
         targets: layers the ``scheme`` preset applies to.
         ignore: layers never quantized (e.g. ``lm_head``).
+        kv_cache_scheme: fp8 arguments of the keys and values of every attention module
+            (``strategy: tensor`` or ``attn_head``): calibrated one-shot, or observed on every
+            training forward (see :mod:`~lightning_compress.modifiers.quantization.kv_cache`).
         start: -1 for one-shot, else when quantization-aware training starts.
         end: when quantization-aware training ends and weights are baked (-1 or None: at
             the end of training).
