@@ -27,11 +27,7 @@ from lightning_compress.recipe import Recipe
 ROOT = Path(__file__).parent / "reference_recipes"
 RECIPES = sorted(path.relative_to(ROOT).as_posix() for path in ROOT.rglob("*.yaml"))
 
-DUO_SCALING = "AWQModifier.duo_scaling: expected bool, got 'both'"
 REFUSED = {
-    "tests/e2e/recipes/NVFP4/recipe_awq_nvfp4.yaml": DUO_SCALING,
-    "tests/e2e/recipes/WNA16/recipe_w4a16_awq_asym.yaml": DUO_SCALING,
-    "tests/e2e/recipes/WNA16/recipe_w4a16_awq_sym.yaml": DUO_SCALING,
     "tests/llmcompressor/transformers/compression/recipes/new_quant_simple.yaml": (
         "QuantizationModifier.targets: layer 'model.embed_tokens' is a Embedding; "
         "expected Linear layers"

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from lightning_compress.core.events import Event
 from lightning_compress.core.state import State
+from lightning_compress.modifiers.base import Modifier
 from lightning_compress.modifiers.hessian_collector import HessianCollector, mask_sources
 from lightning_compress.modifiers.input_scaling import follow_input_scaling
 from lightning_compress.modifiers.quantization.args import QuantizationArgs, preset_scheme
 from lightning_compress.modifiers.quantization.observers import qparams_and_global_scale
 from lightning_compress.modifiers.quantization.ops import fake_quantize, strategy_groups, ungroup
+from lightning_compress.modifiers.quantization.schemes import QuantizationSchemes
 from lightning_compress.modifiers.smoothing.base import SmoothingModifier
 from lightning_compress.modifiers.smoothing.folding import SmoothingMapping, linear_weight
 from lightning_compress.modifiers.smoothing.routing import RoutedHessians
@@ -24,6 +26,8 @@ from lightning_compress.recipe.errors import RecipeError
 __all__ = ["AWQModifier", "AWQResult", "awq_search"]
 
 MIN_SCALE = 1e-4
+DEFAULT_SCHEME = "W4A16_ASYM"
+"""The preset AWQ searches with when neither its settings nor its stage give one."""
 """Floor of a grid scale, and what is added to the weight magnitude it is divided by."""
 
 
@@ -36,12 +40,14 @@ class AWQResult:
         ratio: its exponent on the grid, or None when no grid scale beat ``s = 1``.
         loss: its loss (mean squared output error per token).
         unscaled_loss: the loss of ``s = 1``.
+        duo_scaling: whether it divides by the weight magnitude (None for ``s = 1``).
     """
 
     scale: Tensor
     ratio: float | None
     loss: float
     unscaled_loss: float
+    duo_scaling: bool | None = None
 
 
 def awq_search(
@@ -50,7 +56,7 @@ def awq_search(
     act_mean: Tensor,
     args: QuantizationArgs,
     n_grid: int = 20,
-    duo_scaling: bool = True,
+    duo_scaling: bool | Literal["both"] = True,
 ) -> AWQResult:
     """AWQ's grid search for the scale of one mapping's balance layers.
 
@@ -65,7 +71,9 @@ def awq_search(
 
     which with ``H = (2 / n) sum x x^T`` is the mean over the ``n`` calibration tokens of the
     squared output errors, summed over the layers' outputs: every token counts, at a cost
-    independent of their number. The best candidate is kept if it beats ``s = 1``.
+    independent of their number. The best candidate is kept if it beats ``s = 1``. With
+    ``duo_scaling="both"`` (llm-compressor's) the grid has ``n_grid // 2`` exponents, each tried
+    without and with the weight magnitude, and the best of all is kept.
 
     Args:
         weights: the balance layers' weights ``[out, in]`` (not modified); layers reading
@@ -74,7 +82,8 @@ def awq_search(
         act_mean: ``[in]``, the mean ``|x|`` of each input channel.
         args: the weight quantization the balance layers will get.
         n_grid: grid points.
-        duo_scaling: divide by the weight magnitude too.
+        duo_scaling: divide by the weight magnitude too; ``"both"``: try each exponent both
+            ways.
 
     Returns:
         The chosen scale with its ratio and loss.
@@ -89,18 +98,21 @@ def awq_search(
     hessians = [hessian.to(device=device, dtype=dtype) for hessian in hessians]
     act = act_mean.to(device=device, dtype=dtype)
     magnitude = _weight_magnitude(torch.cat(weights), args) if duo_scaling else None
+    modes = [False, True] if duo_scaling == "both" else [bool(duo_scaling)]
+    points = max(n_grid // 2, 1) if duo_scaling == "both" else n_grid
 
     def loss_of(scale: Tensor) -> float:
         return sum(_output_error(w, h, scale, args) for w, h in zip(weights, hessians, strict=True))
 
     unscaled = torch.ones_like(act)
     best = AWQResult(unscaled, None, loss_of(unscaled), loss_of(unscaled))
-    ratios = torch.linspace(0, 1, n_grid, dtype=torch.float64).tolist() if n_grid > 1 else [0.0]
+    ratios = torch.linspace(0, 1, points, dtype=torch.float64).tolist() if points > 1 else [0.0]
     for ratio in ratios:
-        scale = _grid_scale(act, magnitude, ratio)
-        loss = loss_of(scale)
-        if loss < best.loss:
-            best = AWQResult(scale, ratio, loss, best.unscaled_loss)
+        for duo in modes:
+            scale = _grid_scale(act, magnitude if duo else None, ratio)
+            loss = loss_of(scale)
+            if loss < best.loss:
+                best = AWQResult(scale, ratio, loss, best.unscaled_loss, duo)
     return best
 
 
@@ -145,24 +157,32 @@ class AWQModifier(SmoothingModifier):
 
     After calibration ``results`` holds each smooth layer's :class:`AWQResult`.
 
+    Without ``scheme`` and ``weights`` the search quantizes each mapping's balance layers as
+    the quantizing modifiers of its recipe stage (``QuantizationModifier``, ``GPTQModifier``)
+    will, as llm-compressor's AWQ does; layers none of them targets are searched with
+    ``W4A16_ASYM``.
+
     Args:
-        scheme: the preset whose weight arguments the search quantizes with (``W4A16_ASYM``:
-            asymmetric int4 in groups of 128).
+        scheme: the preset whose weight arguments the search quantizes with (e.g.
+            ``W4A16_ASYM``: asymmetric int4 in groups of 128); None: see above.
         weights: quantization arguments instead of the preset's, e.g. ``{num_bits: 4,
             symmetric: true, strategy: group, group_size: 64}``.
         n_grid: grid points for the exponent, from 0 to 1.
         duo_scaling: divide the activation magnitude by the weight magnitude (AWQ's
-            ``duo_scaling``).
+            ``duo_scaling``); ``"both"``: half the grid points, each tried both ways, the
+            better kept per mapping (llm-compressor's ``"both"``).
         mappings: explicit mappings instead of finding them (see ``SmoothingModifier``).
         targets: the linear layers that may be smooth or balance layers.
         ignore: layers never smoothed.
         start: -1: one-shot.
     """
 
-    scheme: str = "W4A16_ASYM"
+    scheme: str | None = None
     weights: dict[str, Any] | None = None
     n_grid: int = 20
-    duo_scaling: bool = True
+    duo_scaling: bool | Literal["both"] = True
+
+    _quantizers: tuple[QuantizationSchemes, ...] = ()  # the stage's, when it borrows schemes
 
     statistic_kind = "mean"
 
@@ -182,7 +202,7 @@ class AWQModifier(SmoothingModifier):
                 raise RecipeError(f"{name}.{err}") from err
         else:
             try:
-                args = preset_scheme(self.scheme, ["Linear"]).weights
+                args = preset_scheme(self.scheme or DEFAULT_SCHEME, ["Linear"]).weights
             except ValueError as err:
                 raise RecipeError(f"{name}.scheme: {err}") from err
         if args is None or args.strategy == "token" or args.dynamic:
@@ -192,13 +212,34 @@ class AWQModifier(SmoothingModifier):
             )
         return args
 
+    def join_stage(self, stage: str, modifiers: list[Modifier]) -> None:
+        """Without ``scheme`` and ``weights``, searches with the schemes of the stage's
+        quantizing modifiers (read from the model at ``initialize``).
+
+        Args:
+            stage: the stage's name.
+            modifiers: the stage's modifiers.
+        """
+        if self.scheme is None and self.weights is None:
+            self._quantizers = tuple(m for m in modifiers if isinstance(m, QuantizationSchemes))
+
     # ---------------------------------------------------------------- lifecycle
     def on_initialize(self, state: State, **kwargs: Any) -> None:
         super().on_initialize(state, **kwargs)
         self.results: dict[str, AWQResult] = {}
-        size = self._weight_args.group_size
+        self._layer_args: dict[str, QuantizationArgs] = {}
+        for quantizer in self._quantizers:
+            for name, layer in quantizer.plan_layers(state.model).items():
+                self._layer_args[name] = layer.settings.weights
         widths = {name: linear_weight(layer).shape[1] for name, layer in self._linears.items()}
-        bad = [f"{name} ({n} inputs)" for name, n in widths.items() if size and n % size]
+        bad = [
+            f"{name} ({n} inputs)"
+            for name, n in widths.items()
+            if name not in self._layer_args
+            and self._weight_args.group_size
+            and n % self._weight_args.group_size
+        ]
+        size = self._weight_args.group_size
         if bad:
             raise RecipeError(
                 f"{type(self).__name__}.weights: group_size {size} does not divide the input "
@@ -248,12 +289,38 @@ class AWQModifier(SmoothingModifier):
             weights,
             [hessians[key] for key in shared] + list(self._routed.reduced(routed).values()),
             act,
-            self._weight_args,
+            self._search_args(mapping),
             self.n_grid,
             self.duo_scaling,
         )
         self.results[mapping.smooth_name] = result
         return result.scale
+
+    def _search_args(self, mapping: SmoothingMapping) -> QuantizationArgs:
+        """The weight arguments the balance layers of ``mapping`` will be quantized with.
+
+        Raises:
+            RecipeError: when they differ between the layers, or AWQ cannot search them.
+        """
+        found = {
+            name: self._layer_args.get(name, self._weight_args) for name in mapping.named_balances
+        }
+        kinds = set(found.values())
+        owner = type(self).__name__
+        if len(kinds) > 1:
+            raise RecipeError(
+                f"{owner}: the balance layers of '{mapping.smooth_name}' are quantized with "
+                f"different weight arguments ({found}); expected one scheme for the layers "
+                f"of a mapping, or {owner}.weights to search with"
+            )
+        (args,) = kinds
+        if args.strategy == "token" or args.dynamic:
+            raise RecipeError(
+                f"{owner}: the balance layers of '{mapping.smooth_name}' are quantized with "
+                f"{args!r}; expected static weight arguments (strategy 'tensor', 'channel' or "
+                f"'group'), or {owner}.weights to search with"
+            )
+        return args
 
     def release_block(self, names: list[str]) -> None:
         self._hessians.discard(names)

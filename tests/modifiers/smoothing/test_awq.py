@@ -40,9 +40,14 @@ def reference_loss(
 
 
 def reference_search(
-    weights: list[torch.Tensor], x: torch.Tensor, args: QuantizationArgs, n_grid: int, duo: bool
+    weights: list[torch.Tensor],
+    x: torch.Tensor,
+    args: QuantizationArgs,
+    n_grid: int,
+    duo: bool | str,
 ) -> tuple[float | None, torch.Tensor]:
-    """AWQ's search written out: explicit outputs on every token, one channel at a time."""
+    """AWQ's search written out: explicit outputs on every token, one channel at a time;
+    ``duo="both"``: ``n_grid // 2`` exponents, each without and with the weight magnitude."""
     tokens, width = x.shape
     act = torch.stack([x[:, j].abs().sum() / tokens for j in range(width)])
     stacked = torch.cat(weights)
@@ -59,18 +64,20 @@ def reference_search(
 
     best = (None, torch.ones(width, dtype=x.dtype))
     best_loss = reference_loss(weights, x, best[1], args)
-    for step in range(n_grid):
-        ratio = step / (n_grid - 1)
-        scale = act**ratio / (magnitude ** (1 - ratio) + 1e-4) if duo else act**ratio
-        scale = scale.clamp(min=1e-4)
-        scale = scale / (scale.max() * scale.min()).sqrt()
-        value = reference_loss(weights, x, scale, args)
-        if value < best_loss:
-            best, best_loss = (ratio, scale), value
+    steps = n_grid // 2 if duo == "both" else n_grid
+    for step in range(steps):
+        ratio = step / (steps - 1)
+        for mode in [False, True] if duo == "both" else [duo]:
+            scale = act**ratio / (magnitude ** (1 - ratio) + 1e-4) if mode else act**ratio
+            scale = scale.clamp(min=1e-4)
+            scale = scale / (scale.max() * scale.min()).sqrt()
+            value = reference_loss(weights, x, scale, args)
+            if value < best_loss:
+                best, best_loss = (ratio, scale), value
     return best
 
 
-@pytest.mark.parametrize("duo", [True, False])
+@pytest.mark.parametrize("duo", [True, False, "both"])
 def test_the_search_matches_a_reference_on_explicit_outputs(duo):
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(40, 32, generator=generator, dtype=torch.float64)
@@ -92,6 +99,10 @@ def test_the_search_matches_a_reference_on_explicit_outputs(duo):
         reference_loss(weights, x, unscaled, args), rel=1e-9
     )
     assert result.loss < 0.9 * result.unscaled_loss
+    if duo == "both":  # the better of the two searches, which one depends on the data
+        alone = [awq_search(weights, [accumulator.hessian()] * 2, act, args, 5, d) for d in (0, 1)]
+        assert result.loss == min(other.loss for other in alone)
+        assert result.duo_scaling == (alone[1].loss < alone[0].loss)
 
 
 def test_awq_lowers_the_4bit_error_of_round_to_nearest():
@@ -113,6 +124,28 @@ def test_awq_lowers_the_4bit_error_of_round_to_nearest():
         return (logits(model, ids) - logits(reference, ids)).square().mean().item()
 
     assert error(searched) < 0.5 * error(plain)
+
+
+def test_awq_without_a_scheme_searches_with_the_schemes_of_its_stage():
+    model = tiny_decoder()
+    inject_outliers(model)
+    symmetric = {**W4_G16, "symmetric": True}
+    groups = {"g": {"targets": ["Linear"], "weights": symmetric}}
+    rtn = {"config_groups": groups, "ignore": ["lm_head"]}
+    borrowed, _ = calibrate(
+        copy.deepcopy(model), [AWQModifier(ignore=["lm_head"]), QuantizationModifier(**rtn)]
+    )
+    explicit = AWQModifier(weights=symmetric, ignore=["lm_head"])
+    own, _ = calibrate(copy.deepcopy(model), [explicit, QuantizationModifier(**rtn)])
+    other = AWQModifier(weights={**W4_G16, "symmetric": False}, ignore=["lm_head"])
+    asymmetric, _ = calibrate(copy.deepcopy(model), [other, QuantizationModifier(**rtn)])
+    assert list(borrowed.results) == list(own.results)
+    for name, result in borrowed.results.items():
+        assert result.ratio == own.results[name].ratio
+        assert torch.equal(result.scale, own.results[name].scale)
+    assert any(
+        result.loss != asymmetric.results[name].loss for name, result in borrowed.results.items()
+    )
 
 
 def test_the_default_scheme_is_asymmetric_int4_in_groups_of_128():
