@@ -289,9 +289,15 @@ def linear_layers(owner: str, layers: dict[str, nn.Module]) -> dict[str, nn.Line
     """
     for name, module in layers.items():
         if not isinstance(module, nn.Linear):
+            why = (
+                "embeddings are not quantized here: remove 'Embedding' from targets or add "
+                "the layer to ignore"
+                if isinstance(module, nn.Embedding)
+                else "narrow targets or add the layer to ignore"
+            )
             raise RecipeError(
                 f"{owner}.targets: layer '{name}' is a {type(module).__name__}; expected "
-                "Linear layers (narrow targets or add the layer to ignore)"
+                f"Linear layers ({why})"
             )
     return layers
 
