@@ -17,7 +17,7 @@ blocks; the others, the tail, are the ones this pass is for.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
@@ -153,7 +153,7 @@ class ModelTail:
 
 
 @contextmanager
-def _forward_replaced(module: nn.Module, forward: Any) -> Iterator[None]:
+def _forward_replaced(module: nn.Module, forward: Callable[..., Any]) -> Iterator[None]:
     """``module.forward`` is ``forward`` inside the context (an instance attribute it had is
     put back after)."""
     own = vars(module).get("forward")
