@@ -1,4 +1,4 @@
-"""Every weight format preset on mixtures of experts (Mixtral- and Qwen3-MoE-style, experts in
+"""Every format preset on mixtures of experts (Mixtral- and Qwen3-MoE-style, experts in
 transformers 5's fused layout, linearized per expert): each saved layer, experts included,
 decompresses with compressed-tensors' own compressor to exactly the weight in memory, NVFP4
 global scales are shared per expert as vLLM fuses gate and up, routers stay unquantized, and the
@@ -47,16 +47,13 @@ PRESETS = {
 }
 """Preset: the compressed-tensors format its layers are stored in."""
 FP4_ACTIVATIONS = {"NVFP4", "MXFP4", "MXFP4XFP8"}
+"""Presets quantizing input activations to fp4."""
 BFLOAT16 = {"NVFP4A16", "MXFP4A16", "MXFP8A16", "NVFP4", "MXFP4", "MXFP4XFP8", "MXFP8"}
 """Presets compressed-tensors reads back in bfloat16 only (quantized in bfloat16)."""
-TRANSFORMERS_MISREADS = {
-    "NVFP4A16": "transformers 5 dequantizes NVFP4 experts without their weight_global_scale",
-    "MXFP8A16": "transformers 5 multiplies fp8 experts by their scales as plain factors, "
-    "which E8M0 group exponents are not",
-}
-TRANSFORMERS_MISREADS["NVFP4"] = TRANSFORMERS_MISREADS["NVFP4A16"]
-TRANSFORMERS_MISREADS["MXFP8"] = TRANSFORMERS_MISREADS["MXFP8A16"]
-"""Presets whose experts transformers' from_pretrained reads wrong (load_compressed reads them)."""
+TRANSFORMERS_MISREADS = {"NVFP4A16", "NVFP4", "MXFP8A16", "MXFP8"}
+"""Presets whose experts transformers 5's from_pretrained reads otherwise than saved: NVFP4
+experts without their weight_global_scale, MXFP8 experts with their E8M0 exponents taken as
+plain factors (load_compressed reads them as saved)."""
 FAST = {
     ("qwen3_moe", preset, "RTN")
     for preset in ("NVFP4A16", "MXFP4A16", "MXFP8A16", "FP8_BLOCK", "W4AFP8", "W4A16", "NVFP4")
