@@ -66,3 +66,12 @@ def test_a_targeted_module_without_linear_layers_is_refused_naming_it(pruner):
     ignored = pruner(sparsity=0.5, targets=["model.layers.0.mlp"], ignore=["re:.*proj"])
     with pytest.raises(RecipeError, match=r"module 'model.layers.0.mlp' is a \w+ holding no"):
         calibrated(model, ignored, token_ids())
+
+
+def test_preserving_a_mask_sparser_than_asked_is_refused_naming_the_layer():
+    model = tiny_decoder(torch.float32)
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[:, :48] = 0
+    recipe = PRUNERS[0](sparsity=0.5, targets=["model.layers.0"], preserve_sparsity_mask=True)
+    with pytest.raises(ValueError, match=r"layer 'model.layers.0.mlp.up_proj' is already 0.75"):
+        calibrated(model, recipe, token_ids())
