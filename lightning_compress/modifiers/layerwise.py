@@ -290,8 +290,9 @@ def linear_layers(owner: str, layers: dict[str, nn.Module]) -> dict[str, nn.Line
     for name, module in layers.items():
         if not isinstance(module, nn.Linear):
             why = (
-                "embeddings are not quantized here: remove 'Embedding' from targets or add "
-                "the layer to ignore"
+                f"{owner} needs a layer's input activations and an embedding's inputs are "
+                "token ids, so it has no input Hessian: quantize embeddings with "
+                "QuantizationModifier (weights only), or add the layer to ignore"
                 if isinstance(module, nn.Embedding)
                 else "narrow targets or add the layer to ignore"
             )

@@ -23,7 +23,9 @@ TRAINING_INPUT_OBSERVERS = ("minmax", "moving_average")
 
 
 class QuantizationModifier(LayerwiseQuantization):
-    """Quantizes the weights and input activations of targeted ``nn.Linear`` layers.
+    """Quantizes the weights and input activations of targeted ``nn.Linear`` layers, and the
+    tables of targeted ``nn.Embedding`` layers (weights only, as a ``Linear`` weight
+    ``[out, in]``: see :mod:`~lightning_compress.modifiers.quantization.embedding`).
 
     It picks its mode at ``initialize``: round-to-nearest through the layer-wise flow of
     :class:`~lightning_compress.modifiers.quantization.oneshot.LayerwiseQuantization`, or
@@ -83,6 +85,7 @@ class QuantizationModifier(LayerwiseQuantization):
     freeze_observers: float | None = None
 
     lends_stage_schemes: ClassVar[bool] = True
+    quantizes_embeddings: ClassVar[bool] = True
 
     # ----------------------------------------------------------------- settings
     def validate(self) -> None:

@@ -18,7 +18,6 @@ from torch import nn
 
 from lightning_compress.core.model_layer import module_matches
 from lightning_compress.modifiers.base import Modifier
-from lightning_compress.modifiers.layerwise import linear_layers
 from lightning_compress.modifiers.layerwise_modifier import PendingLayer
 from lightning_compress.modifiers.quantization.args import (
     PRESET_SCHEMES,
@@ -28,6 +27,7 @@ from lightning_compress.modifiers.quantization.args import (
 )
 from lightning_compress.modifiers.quantization.attention import attention_modules
 from lightning_compress.modifiers.quantization.block_padding import warn_about_padded_blocks
+from lightning_compress.modifiers.quantization.embedding import quantized_layers
 from lightning_compress.modifiers.quantization.kv_cache import (
     AttentionScheme,
     check_attention_args,
@@ -63,6 +63,9 @@ class QuantizationSchemes(Modifier, register=False):
     """Whether, given no scheme, it takes those of the lending modifier of its stage."""
     lends_stage_schemes: ClassVar[bool] = False
     """Whether a borrowing modifier of its stage may take its schemes."""
+    quantizes_embeddings: ClassVar[bool] = False
+    """Whether it quantizes ``nn.Embedding`` targets (weights only; see
+    :mod:`~lightning_compress.modifiers.quantization.embedding`)."""
     _lender = None  # the modifier whose schemes it took (a borrower, after join_stage)
     _borrower = None  # the modifier that took its schemes (a lender, after join_stage)
 
@@ -227,7 +230,8 @@ class QuantizationSchemes(Modifier, register=False):
             The layers, by name, each with its scheme as ``settings``.
 
         Raises:
-            RecipeError: when a target is not an ``nn.Linear``, a layer is targeted by two
+            RecipeError: when a target is not an ``nn.Linear`` (nor, where the modifier quantizes
+                embeddings, a weights-only ``nn.Embedding``), a layer is targeted by two
                 schemes, or group sizes do not divide some layers' input features (one error
                 listing them all).
         """
@@ -251,7 +255,8 @@ class QuantizationSchemes(Modifier, register=False):
         owner = type(self).__name__
         plan: dict[str, PendingLayer] = {}
         for scheme in self.resolved_schemes():
-            layers = linear_layers(owner, self.resolve_targets(model, scheme.targets))
+            targets = self.resolve_targets(model, scheme.targets)
+            layers = quantized_layers(owner, targets, scheme, self.quantizes_embeddings)
             for name, module in layers.items():
                 if name in plan:
                     raise RecipeError(
@@ -372,12 +377,12 @@ def has_static_inputs(scheme: QuantizationScheme) -> bool:
 
 def _check_group_sizes(owner: str, plan: dict[str, PendingLayer]) -> None:
     bad = {
-        f"{name} (in_features={layer.module.in_features})": args.group_size
+        f"{name} (in_features={layer.module.weight.shape[1]})": args.group_size
         for name, layer in plan.items()
         for args in (layer.settings.weights, layer.settings.input_activations)
         if args is not None
         and args.strategy in ("group", "tensor_group")
-        and layer.module.in_features % args.group_size
+        and layer.module.weight.shape[1] % args.group_size
     }
     if bad:
         sizes = sorted(set(bad.values()))

@@ -172,7 +172,7 @@ def test_layer_in_two_schemes_and_non_linear_targets(block):
     twice = QuantizationModifier(scheme={"W8A16": ["q_proj"], "W4A16": ["re:q_.*"]})
     with pytest.raises(RecipeError, match="'q_proj' is targeted by two schemes"):
         CompressionSession().initialize(recipe=twice, model=block)
-    model = nn.Sequential(nn.Embedding(4, 8), nn.Linear(8, 8))
-    embedding = QuantizationModifier(scheme="W8A16", targets=["Embedding"])
-    with pytest.raises(RecipeError, match="'0' is a Embedding; expected Linear"):
-        CompressionSession().initialize(recipe=embedding, model=model)
+    model = nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 8))
+    norm = QuantizationModifier(scheme="W8A16", targets=["LayerNorm"])
+    with pytest.raises(RecipeError, match="'0' is a LayerNorm; expected Linear"):
+        CompressionSession().initialize(recipe=norm, model=model)
