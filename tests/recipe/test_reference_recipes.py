@@ -27,16 +27,7 @@ from lightning_compress.recipe import Recipe
 ROOT = Path(__file__).parent / "reference_recipes"
 RECIPES = sorted(path.relative_to(ROOT).as_posix() for path in ROOT.rglob("*.yaml"))
 
-REFUSED = {
-    "tests/llmcompressor/transformers/compression/recipes/new_quant_simple.yaml": (
-        "QuantizationModifier.targets: layer 'model.embed_tokens' is a Embedding; "
-        "expected Linear layers"
-    ),
-    "tests/llmcompressor/transformers/compression/recipes/new_quant_weight.yaml": (
-        "QuantizationModifier.targets: layer 'model.embed_tokens' is a Embedding; "
-        "expected Linear layers"
-    ),
-}
+REFUSED: dict[str, str] = {}
 
 
 def corpus() -> list:
