@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -22,7 +23,18 @@ from lightning_compress.core import (
     LoggerManager,
     model_sparsity,
 )
+from lightning_compress.lightning.calibration import _unshare
 from lightning_compress.lightning.loggers import TrainerLogger
+from lightning_compress.lightning.training_calibration import (
+    calibrated_model,
+    calibration_batches,
+    carried_layers,
+    freeze_carried_qparams,
+    run_one_shot,
+    split_recipe,
+    start_from_one_shot,
+    take_one_shot_qparams,
+)
 from lightning_compress.modifiers.pruning.constant import MASK_BUFFER
 from lightning_compress.modifiers.quantization.qat import OBSERVER_BUFFERS
 from lightning_compress.modifiers.quantization.runtime import QPARAM_BUFFERS
@@ -129,6 +141,19 @@ class Compressor(Callback):
       number of devices): schedules in epochs map to other steps otherwise (warned);
     - the training itself is deterministic (same data order, seeds, devices and kernels).
 
+    A recipe may start with one-shot modifiers (``start: -1``: GPTQ, AWQ, SparseGPT,
+    round-to-nearest) before its training ones. The one-shot part runs once, at the start of
+    training (before the first optimizer step), on every rank, with the calibration pipeline
+    ``oneshot`` uses, on ``calibration_data`` or else the first ``num_calibration_batches``
+    batches of each rank's training DataLoader (under DDP each rank calibrates on its shard
+    and the statistics are reduced across ranks, so every rank gets the same model). A
+    training ``QuantizationModifier`` must quantize the layers the one-shot part quantized,
+    with the same grid (refused at ``setup``, before the model changes, naming the fields
+    that differ); it starts from the one-shot weights and weight qparams, which stay fixed, so
+    training learns within the one-shot grid (see
+    ``lightning_compress.lightning.training_calibration``). A resumed run does not run the
+    one-shot part again: its result is in the checkpoint.
+
     Everything compression needs at the next step is restored before any modifier acts:
     masks, qparams, observer statistics and layers already baked by quantization-aware
     training come from the model's state; before the first batch, every modifier is started
@@ -158,8 +183,14 @@ class Compressor(Callback):
         strict: refuse at ``setup``, before the model changes, a recipe that leaves a weight
             of the decoder blocks out (neither targeted nor ignored) or has an ``ignore``
             pattern that matches nothing.
+        calibration_data: batches for the recipe's one-shot part (every rank reads all of
+            them); None: the training DataLoader's first ``num_calibration_batches``.
+        num_calibration_batches: how many batches the one-shot part calibrates on (per rank).
+        pipeline: the calibration pipeline of the one-shot part (``sequential``, ``basic``,
+            ``auto``; one that reads no data runs ``data_free``).
 
     Raises:
+        ValueError: for ``num_calibration_batches`` below 1.
         TypeError: at ``setup``, for a tokenizer that cannot be saved.
         RecipeError: at ``setup``, for an invalid recipe, or (``strict``) one that leaves
             weights out.
@@ -176,7 +207,14 @@ class Compressor(Callback):
         tokenizer: Any | None = None,
         overwrite: bool = False,
         strict: bool = False,
+        calibration_data: Iterable[Any] | None = None,
+        num_calibration_batches: int = 32,
+        pipeline: str = "sequential",
     ) -> None:
+        if num_calibration_batches < 1:
+            raise ValueError(
+                f"num_calibration_batches: expected an integer >= 1, got {num_calibration_batches}"
+            )
         self.recipe = recipe
         self.recipe_stage = recipe_stage
         self.recipe_args = recipe_args
@@ -186,6 +224,9 @@ class Compressor(Callback):
         self.tokenizer = tokenizer
         self.overwrite = overwrite
         self.strict = strict
+        self.calibration_data = calibration_data
+        self.num_calibration_batches = num_calibration_batches
+        self.pipeline = pipeline
         self.session = CompressionSession()
         self.summary = CompressionSummary()
         self._targeted: dict[str, str] = {}
@@ -195,6 +236,12 @@ class Compressor(Callback):
         self._last_post_step: tuple[int, int] | None = None
         self._load_check: RemovableHandle | None = None
         self._saved_geometry: tuple[int | None, int | None] | None = None
+        self._full_recipe: Recipe | None = None
+        self._one_shot: Recipe | None = None  # the recipe's one-shot part, if it has one
+        self._one_shot_done = False
+        self._training_recipe: Recipe | None = None
+        self._carried: dict[str, Any] = {}
+        self._resume_setup: RemovableHandle | None = None
 
     # ------------------------------------------------------------------ set-up
     @override
@@ -214,21 +261,73 @@ class Compressor(Callback):
             )
         )
         _check_trainable(recipe)
-        with coverage_checked(pl_module, recipe.modifiers, self.strict):
+        if trainer.world_size > 1:  # ddp_spawn: the ranks would update one shared model
+            _unshare(pl_module)
+        self._full_recipe = recipe
+        one_shot, self._training_recipe = split_recipe(recipe)
+        if one_shot.modifiers:
+            with coverage_checked(pl_module, recipe.modifiers, self.strict):
+                self._carried = carried_layers(one_shot, self._training_recipe, pl_module)
+            # Fresh runs set training up after the one-shot part (on_train_start); a resumed
+            # run's checkpoint holds its result, so training is set up before it loads.
+            self._one_shot = one_shot
+            self._resume_setup = pl_module.register_load_state_dict_pre_hook(
+                lambda *_: self._initialize_training(trainer, pl_module)
+            )
+        else:
+            self._initialize_training(trainer, pl_module)
+        self._load_check = pl_module.register_load_state_dict_post_hook(self._check_loaded_keys)
+
+    def _initialize_training(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Initialize the session with the recipe's training part (once)."""
+        if self.session.lifecycle.initialized_:
+            return
+        self._remove_resume_setup()
+        modifiers = self._training_recipe.modifiers
+        # A recipe with a one-shot part was checked whole at setup.
+        with coverage_checked(pl_module, modifiers, self.strict and self._one_shot is None):
             self.session.initialize(
-                recipe=recipe,
+                recipe=self._training_recipe,
                 model=pl_module,
                 teacher_model=self.teacher,
                 loggers=LoggerManager([TrainerLogger(trainer)], log_python=False),
                 model_log_cadence=self.model_log_cadence,
                 copy_data=False,
             )
-        self._targeted = targeted_layers(pl_module, self.session.lifecycle.recipe.modifiers)
-        self._load_check = pl_module.register_load_state_dict_post_hook(self._check_loaded_keys)
+        self._targeted = targeted_layers(pl_module, self._full_recipe.modifiers)
+
+    def _run_one_shot_stage(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Run the recipe's one-shot part, then set training up from its result."""
+        one_shot = self._one_shot
+        needs_data = any(modifier.needs_calibration_data for modifier in one_shot.modifiers)
+        batches = (
+            calibration_batches(trainer, self.calibration_data, self.num_calibration_batches)
+            if needs_data
+            else []
+        )
+        rank_zero_info(
+            f"Compressor: one-shot stage {[type(mod).__name__ for mod in one_shot.modifiers]} "
+            f"on {len(batches)} batch(es) per rank"
+        )
+        run_one_shot(
+            one_shot,
+            calibrated_model(pl_module),
+            batches,
+            self.pipeline,
+            trainer.strategy.root_device,
+            trainer.is_global_zero and trainer.progress_bar_callback is not None,
+        )
+        qparams = take_one_shot_qparams(pl_module, self._carried)
+        self._initialize_training(trainer, pl_module)
+        start_from_one_shot(pl_module, qparams)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_load_check()
+        if self._one_shot is not None and not self.session.lifecycle.initialized_:
+            self._run_one_shot_stage(trainer, pl_module)
+        self._one_shot_done = True  # by this run, or by the run that saved the checkpoint
+        freeze_carried_qparams(pl_module, self._carried)
         optimizers = trainer.optimizers
         if self.teacher is not None:
             self.teacher.to(pl_module.device).eval()
@@ -310,7 +409,7 @@ class Compressor(Callback):
                 pl_module,
                 self.save_dir,
                 tokenizer=self._save_tokenizer,
-                recipe=self.session.get_serialized_recipe(),
+                recipe=self._serialized_recipe(),
                 overwrite=self.overwrite,
             )
 
@@ -349,12 +448,13 @@ class Compressor(Callback):
     def state_dict(self) -> dict[str, Any]:
         lifecycle = self.session.lifecycle
         return {
-            "recipe": self.session.get_serialized_recipe() if lifecycle.initialized_ else None,
+            "recipe": self._serialized_recipe() if lifecycle.initialized_ else None,
             "global_step": lifecycle.global_step,
             "global_batch": lifecycle.global_batch,
             "steps_per_epoch": self.session.state.steps_per_epoch,
             "batches_per_step": self.session.state.batches_per_step,
             "finalized": lifecycle.finalized,
+            "one_shot_done": self._one_shot is None or self._one_shot_done,
         }
 
     @override
@@ -366,7 +466,11 @@ class Compressor(Callback):
         saved = state_dict.get("recipe")
         if saved is None or not self.session.lifecycle.initialized_:
             return
-        current = self.session.lifecycle.recipe
+        if not state_dict.get("one_shot_done", True):
+            raise RecipeError(
+                "the checkpoint was saved before its recipe's one-shot stage ran; start a new run"
+            )
+        current = self._full_recipe
         try:
             same = Recipe.create_instance(saved).same_modifiers(current)
         except RecipeError as err:
@@ -435,9 +539,21 @@ class Compressor(Callback):
             modifier.catch_up(state, first)
 
     def _remove_load_check(self) -> None:
+        self._remove_resume_setup()
         if self._load_check is not None:
             self._load_check.remove()
             self._load_check = None
+
+    def _remove_resume_setup(self) -> None:
+        if self._resume_setup is not None:
+            self._resume_setup.remove()
+            self._resume_setup = None
+
+    def _serialized_recipe(self) -> str | None:
+        """The whole recipe (one-shot and training parts) as YAML."""
+        if self._full_recipe is None:
+            return self.session.get_serialized_recipe()
+        return self._full_recipe.yaml()
 
     def _check_loaded_keys(self, module: nn.Module, incompatible: Any) -> None:
         """Post-hook of the LightningModule's ``load_state_dict`` while a checkpoint restores.
@@ -459,7 +575,7 @@ class Compressor(Callback):
             "that one: the checkpoint's callback state 'recipe' holds it) or it was saved after "
             "compression finished (masks and training state are removed then: start a new run "
             "from its weights). This Compressor's recipe:\n"
-            f"{self.session.get_serialized_recipe()}"
+            f"{self._serialized_recipe()}"
         )
 
     def _warn_if_resume_is_not_exact(self, trainer: pl.Trainer, steps: int | None) -> None:
@@ -506,9 +622,10 @@ def _check_trainable(recipe: Recipe) -> None:
     if modifiers and all(mod.is_one_shot for mod in modifiers):
         names = [type(mod).__name__ for mod in modifiers]
         raise RecipeError(
-            f"Compressor got a recipe whose modifiers {names} are all one-shot (start: -1); "
-            f"set 'start' (e.g. start: 0) to run them during training, or use oneshot() "
-            f"for post-training compression"
+            f"Compressor got a recipe whose modifiers {names} are all one-shot (start: -1) "
+            f"and no training stage after them; set 'start' (e.g. start: 0) to run them "
+            f"during training, add a training stage (e.g. a QuantizationModifier with "
+            f"start: 0 and the same scheme), or use oneshot() for post-training compression"
         )
 
 
