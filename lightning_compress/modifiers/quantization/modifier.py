@@ -79,10 +79,15 @@ class QuantizationModifier(LayerwiseQuantization):
             the end of training).
         freeze_observers: quantization-aware training only: the index (epochs or steps, like
             ``start``) from which weight qparams and static input ranges stop changing.
+        learnable_scales: quantization-aware training only: train the weight scales with the
+            model (LSQ, symmetric weights only; see
+            :mod:`~lightning_compress.modifiers.quantization.learnable`) instead of following
+            the weight's min-max.
     """
 
     start: float | None = ONE_SHOT
     freeze_observers: float | None = None
+    learnable_scales: bool = False
 
     lends_stage_schemes: ClassVar[bool] = True
     quantizes_embeddings: ClassVar[bool] = True
@@ -96,6 +101,8 @@ class QuantizationModifier(LayerwiseQuantization):
                 self.fail("freeze_observers", "None for one-shot quantization (start=-1)")
             if self.freeze_observers <= self.start:
                 self.fail("freeze_observers", f"an index after start={self.start}")
+        if self.learnable_scales and self.is_one_shot:
+            self.fail("learnable_scales", "false for one-shot quantization (start=-1)")
         super().validate()
 
     @property
@@ -117,6 +124,13 @@ class QuantizationModifier(LayerwiseQuantization):
                 "'minmax' for quantization-aware training (weight qparams follow the weight)",
                 scheme.weights.observer,
             )
+        if self.learnable_scales and not scheme.weights.symmetric:
+            raise self.bad_scheme(
+                where,
+                "weights.symmetric",
+                "true with learnable_scales (a learned zero point is not supported)",
+                scheme.weights.symmetric,
+            )
         inputs = scheme.input_activations
         if has_static_inputs(scheme) and inputs.observer not in TRAINING_INPUT_OBSERVERS:
             raise self.bad_scheme(
@@ -135,7 +149,9 @@ class QuantizationModifier(LayerwiseQuantization):
         if not self.is_one_shot:
             plan = self.attention_plan(state.model)
             self._attention_training = AttentionTraining(self, plan) if plan else None
-            self._training = QuantizationTraining(self, self._plan, self.freeze_observers)
+            self._training = QuantizationTraining(
+                self, self._plan, self.freeze_observers, self.learnable_scales
+            )
 
     @property
     def _mode(self) -> Any:

@@ -15,6 +15,9 @@ from lightning_compress.modifiers.layerwise import check_finite_weights
 from lightning_compress.modifiers.layerwise_modifier import PendingLayer
 from lightning_compress.modifiers.quantization.args import QuantizationScheme
 from lightning_compress.modifiers.quantization.calibration import relative_error
+from lightning_compress.modifiers.quantization.learnable import (
+    add_learnable_weight_fake_quantizer,
+)
 from lightning_compress.modifiers.quantization.qat import (
     OBSERVER_BUFFERS,
     TrainingInputObserver,
@@ -50,6 +53,9 @@ class QuantizationTraining:
             plan and ``layer_errors``).
         plan: its planned layers with their schemes.
         freeze_observers: the index from which qparams and input ranges stop changing.
+        learnable_scales: train the weight scales as parameters (LSQ, see
+            :mod:`~lightning_compress.modifiers.quantization.learnable`) instead of
+            following the weight's min-max.
 
     Raises:
         Exception: whatever adding the buffers or parametrizations raised; what was added
@@ -61,8 +67,10 @@ class QuantizationTraining:
         modifier: Modifier,
         plan: dict[str, PendingLayer],
         freeze_observers: float | None,
+        learnable_scales: bool = False,
     ) -> None:
         self._modifier = modifier
+        self._learnable_scales = learnable_scales
         self._plan = plan
         self._freeze_observers = freeze_observers
         self._quantizers: list[WeightFakeQuantizer] = []
@@ -155,7 +163,12 @@ class QuantizationTraining:
         for module, scheme in self._plan.values():
             for buffer, value in training_buffers(module.weight, scheme).items():
                 self._modifier.add_buffer(module, buffer, value)
-            self._quantizers.append(add_weight_fake_quantizer(module, scheme.weights))
+            add = (
+                add_learnable_weight_fake_quantizer
+                if self._learnable_scales
+                else add_weight_fake_quantizer
+            )
+            self._quantizers.append(add(module, scheme.weights))
             hook = module.register_load_state_dict_pre_hook(self._load_baked_layer)
             self._load_hooks.append(hook)
 

@@ -1,0 +1,194 @@
+"""Learnable weight scales (LSQ) in quantization-aware training."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_compress.core import CompressionSession, EventType
+from lightning_compress.modifiers import QuantizationModifier
+from lightning_compress.modifiers.quantization.args import QuantizationArgs
+from lightning_compress.modifiers.quantization.learnable import lsq_fake_quantize
+from lightning_compress.modifiers.quantization.ops import fake_quantize
+from lightning_compress.recipe import RecipeError
+
+
+def int_args(strategy: str = "channel", **kw) -> QuantizationArgs:
+    return QuantizationArgs(num_bits=4, strategy=strategy, **kw)
+
+
+def reference_gradients(w, scale, upstream, qmin, qmax, per_scale):
+    """LSQ's gradients, element by element in plain Python (one scale per row)."""
+    grad_w = torch.zeros_like(w)
+    grad_s = torch.zeros_like(scale)
+    factor = 1 / math.sqrt(per_scale * qmax)
+    for i in range(w.shape[0]):
+        s = float(scale[i])
+        for j in range(w.shape[1]):
+            v = float(w[i, j]) / s
+            g = float(upstream[i, j])
+            if v < qmin:
+                grad_s[i] += qmin * g * factor
+            elif v > qmax:
+                grad_s[i] += qmax * g * factor
+            else:
+                grad_s[i] += (round(v) - v) * g * factor
+                grad_w[i, j] = g
+    return grad_w, grad_s
+
+
+def test_scale_and_weight_gradients_are_lsq_s():
+    torch.manual_seed(0)
+    args = int_args()
+    w = torch.randn(3, 16, dtype=torch.float64, requires_grad=True)
+    # small scales so that some values are clamped on both sides
+    scale = torch.tensor([[0.1], [0.2], [0.5]], dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(3, 16, dtype=torch.float64)
+    x_hat, stored = lsq_fake_quantize(w, scale, args)
+    (x_hat * upstream).sum().backward()
+    expected_w, expected_s = reference_gradients(w.detach(), scale.detach(), upstream, -8, 7, 16)
+    torch.testing.assert_close(w.grad, expected_w)
+    torch.testing.assert_close(scale.grad, expected_s)
+    torch.testing.assert_close(stored, scale.detach())
+    assert (w.detach() / scale.detach()).abs().max() > 8  # the clamp was exercised
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        int_args("group", group_size=8),
+        QuantizationArgs(num_bits=8, type="float", strategy="channel"),
+        QuantizationArgs(
+            num_bits=4,
+            type="float",
+            strategy="tensor_group",
+            group_size=16,
+            scale_dtype="float8_e4m3fn",
+        ),
+        QuantizationArgs(
+            num_bits=4, type="float", strategy="group", group_size=32, scale_dtype="uint8"
+        ),
+    ],
+    ids=["int4-group", "fp8-channel", "nvfp4", "mxfp4"],
+)
+def test_forward_equals_fake_quantize_with_the_stored_scale(args):
+    torch.manual_seed(1)
+    w = torch.randn(4, 64)
+    groups = 64 if args.strategy == "channel" else args.group_size
+    scale = torch.rand(4, 64 // groups) * 0.3 + 0.05
+    tensor_scale = torch.tensor([37.0]) if args.strategy == "tensor_group" else None
+    if tensor_scale is not None:
+        scale = scale * 40
+    x_hat, stored = lsq_fake_quantize(w, scale.requires_grad_(), args, tensor_scale)
+    expected = fake_quantize(w, stored, torch.zeros_like(stored), args, tensor_scale)
+    torch.testing.assert_close(x_hat, expected, rtol=1e-6, atol=1e-6)
+    if args.scale_dtype == "float8_e4m3fn":
+        assert torch.equal(stored.to(torch.float8_e4m3fn).float(), stored)
+    if args.scale_dtype == "uint8":
+        assert torch.equal(torch.log2(stored).round(), torch.log2(stored))
+
+
+# ---------------------------------------------------------------- the modifier
+def make_model(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 128))
+
+
+def toy_batch(step: int) -> torch.Tensor:
+    return torch.randn(16, 128, generator=torch.Generator().manual_seed(100 + step))
+
+
+class Run:
+    """Distils ``teacher`` into a fake-quantized copy, stepping the session's events by hand."""
+
+    def __init__(
+        self, learnable: bool, scheme: str = "W4A16", seed: int = 0, start: int = 0
+    ) -> None:
+        self.teacher = make_model(seed)
+        self.model = copy.deepcopy(self.teacher)
+        modifier = QuantizationModifier(
+            scheme=scheme, targets=["Linear"], start=start, learnable_scales=learnable
+        )
+        self.session = CompressionSession()
+        self.session.initialize(recipe=modifier, model=self.model)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3)
+        self.losses: list[float] = []
+
+    def step(self, step: int) -> None:
+        event = self.session.event
+        event(EventType.BATCH_START, global_step=step, global_batch=step)
+        x = toy_batch(step)
+        loss = (self.model(x) - self.teacher(x).detach()).square().mean()
+        event(EventType.LOSS_CALCULATED, loss=loss)
+        loss.backward()
+        event(EventType.OPTIM_PRE_STEP)
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        event(EventType.OPTIM_POST_STEP)
+        event(EventType.BATCH_END)
+        self.losses.append(loss.item())
+
+
+def learned_scales(model: nn.Module) -> list[torch.Tensor]:
+    return [m.parametrizations.weight[0].scale for m in model if isinstance(m, nn.Linear)]
+
+
+def test_scales_are_parameters_the_optimizer_trains():
+    run = Run(learnable=True)
+    scales = learned_scales(run.model)
+    params = {id(p) for group in run.optimizer.param_groups for p in group["params"]}
+    assert all(id(s) in params for s in scales)
+    run.step(0)
+    initial = [s.detach().clone() for s in scales]
+    for step in range(1, 6):
+        run.step(step)
+    assert any(not torch.equal(a, s.detach()) for a, s in zip(initial, scales, strict=True))
+    layer = run.model[0]
+    stored = layer.weight_scale
+    layer.weight  # the forward writes the stored scale  # noqa: B018
+    torch.testing.assert_close(stored, layer.parametrizations.weight[0].scale.detach())
+
+
+def test_learnable_scales_end_no_worse_than_min_max_scales():
+    fixed, learnable = Run(learnable=False), Run(learnable=True)
+    for step in range(40):
+        fixed.step(step)
+        learnable.step(step)
+    # LSQ starts from the same min-max scales and descends the same loss in more parameters
+    assert sum(learnable.losses[-10:]) <= sum(fixed.losses[-10:])
+
+
+def test_resume_from_a_checkpoint_continues_exactly():
+    uninterrupted = Run(learnable=True, start=2)
+    for step in range(8):
+        uninterrupted.step(step)
+    first_half = Run(learnable=True, start=2)
+    for step in range(4):
+        first_half.step(step)
+    resumed = Run(learnable=True, start=2, seed=1)  # a fresh set-up, as Lightning's makes it
+    resumed.teacher.load_state_dict(first_half.teacher.state_dict())
+    resumed.model.load_state_dict(first_half.model.state_dict(), strict=True)
+    resumed.optimizer.load_state_dict(first_half.optimizer.state_dict())
+    for step in range(4, 8):
+        resumed.step(step)
+    assert resumed.losses == uninterrupted.losses[4:]
+    for run in (uninterrupted, resumed):
+        run.session.finalize()
+    expected = uninterrupted.model.state_dict()
+    assert list(resumed.model.state_dict()) == list(expected)
+    for key, value in resumed.model.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+
+
+def test_asymmetric_weights_are_refused():
+    with pytest.raises((RecipeError, ValueError), match="symmetric"):
+        Run(learnable=True, scheme="W4A16_ASYM")
+
+
+def test_one_shot_refuses_learnable_scales():
+    with pytest.raises((RecipeError, ValueError), match="learnable_scales"):
+        QuantizationModifier(scheme="W4A16", targets=["Linear"], learnable_scales=True)
