@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_compress.core.distributed import all_reduce_max_, all_reduce_min_
+from lightning_compress.core.recomputation import recomputing
 from lightning_compress.modifiers.quantization.args import QuantizationArgs
 from lightning_compress.modifiers.quantization.attention import AttentionRouting
 from lightning_compress.modifiers.quantization.kv_cache import (
@@ -110,7 +111,7 @@ class AttentionTraining:
     ) -> tuple[Tensor, Tensor, Tensor]:
         states = {"q": query, "k": key, "v": value}
         for role, args in self._schemes[module].roles().items():
-            if module.training and not self.frozen:
+            if module.training and not self.frozen and not recomputing():
                 self._observe(module, role, args, states[role])
             scale = getattr(module, f"{role}_scale")
             if not bool(torch.isnan(scale).any()):

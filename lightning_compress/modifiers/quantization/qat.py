@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from lightning_compress.core.distributed import all_reduce_max_, all_reduce_min_
+from lightning_compress.core.recomputation import recomputing
 from lightning_compress.modifiers.quantization.args import (
     DYNAMIC_LOCAL,
     QuantizationArgs,
@@ -228,7 +229,8 @@ def bake_weight_saved_baked(module: nn.Module, state_dict: dict[str, Tensor], pr
 class TrainingInputObserver:
     """Forward pre-hook that updates static input qparams from training batches.
 
-    In training mode and while not ``frozen``, folds the input into the observer's range and
+    In training mode and while not ``frozen`` (and not in activation checkpointing's
+    recomputation, which sees the batch again), folds the input into the observer's range and
     writes the range to ``input_min_vals`` / ``input_max_vals`` and the qparams to
     ``input_scale`` / ``input_zero_point`` (for ``dynamic: local`` inputs the global scale to
     ``input_global_scale``, as one-shot calibration computes it). The range is read back from
@@ -252,7 +254,7 @@ class TrainingInputObserver:
             module: the hooked layer.
             inputs: its positional inputs.
         """
-        if self.frozen or not module.training:
+        if self.frozen or not module.training or recomputing():
             return
         x = inputs[0]
         observer = self.observer
