@@ -80,8 +80,8 @@ def load_compressed(path: str | os.PathLike, keep_quantization: bool = True) -> 
             safetensors file is unreadable (corrupt, truncated, missing), the
             ``quantization_config`` is not a valid compressed-tensors config or does not
             describe the stored tensors, a config group targets layers other than
-            ``nn.Linear`` or uses a scheme this project cannot run, or the checkpoint's
-            tensors do not fit the model.
+            ``nn.Linear`` (or a weight-only ``nn.Embedding``) or uses a scheme this project
+            cannot run, or the checkpoint's tensors do not fit the model.
         FileNotFoundError: when ``path`` holds no ``config.json``.
     """
     path = Path(path)
@@ -128,13 +128,15 @@ def _assigned_schemes(
             target_to_scheme[target] = scheme.model_copy(update={"format": stored_as})
     assigned = []
     for name, module in match_named_modules(model, target_to_scheme, config.ignore):
-        if not isinstance(module, nn.Linear):
-            raise ExportError(
-                f"the checkpoint quantizes '{name}', a {type(module).__name__}; lightning_"
-                "compress runs quantized Linear layers only"
-            )
         # The most specific target wins: exact name, then regex, then class name.
         scheme = target_to_scheme[match_targets(name, module, target_to_scheme)[0]]
+        weights_only = scheme.input_activations is None and scheme.output_activations is None
+        if not (isinstance(module, nn.Linear) or isinstance(module, nn.Embedding) and weights_only):
+            raise ExportError(
+                f"the checkpoint quantizes '{name}', a {type(module).__name__}; lightning_"
+                "compress runs quantized Linear layers and weight-only quantized Embedding "
+                "layers only"
+            )
         assigned.append((name, module, scheme))
     return assigned
 

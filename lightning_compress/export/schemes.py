@@ -177,7 +177,8 @@ def _loadable_format(name: str, module: nn.Module, ct_scheme: CTQuantizationSche
 def _layout_gaps(module: nn.Module, ct_scheme: CTQuantizationScheme, stored_as: str) -> list[str]:
     """How the layout written in format ``stored_as`` differs from what transformers loads."""
     scheme = ct_scheme.model_copy(update={"format": stored_as})
-    shape = (tuple(module.weight.shape), module.bias is not None, module.weight.dtype, scheme)
+    bias = getattr(module, "bias", None) is not None  # an Embedding has none
+    shape = (tuple(module.weight.shape), bias, module.weight.dtype, scheme)
     return differences(written_layout(*shape), prepared_layout(*shape))
 
 

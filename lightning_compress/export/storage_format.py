@@ -10,6 +10,12 @@ the format) register ``weight_packed`` (eight 4-bit codes per int32), ``weight_s
 ``weight_shape``, the layout of ``pack-quantized``. llm-compressor saves its W4AFP8 example with
 ``quantization_format="pack-quantized"`` "for vLLM compatibility", and transformers dequantizes
 per-expert checkpoints from ``weight_packed`` only. Such layers are stored ``pack-quantized``.
+
+And one for embeddings: an ``nn.Embedding`` with int weights is stored ``naive-quantized`` (its
+codes as the int8 ``weight``), not ``pack-quantized`` as compressed-tensors picks.
+transformers 5.25's ``PreTrainedModel._init_weights`` reads an ``nn.Embedding``'s ``weight``
+(unlike a ``Linear``'s, without a check), so ``from_pretrained`` fails on a packed embedding,
+which has ``weight_packed`` instead; vLLM serves no quantized embedding in either format.
 """
 
 from __future__ import annotations
@@ -17,10 +23,12 @@ from __future__ import annotations
 from compressed_tensors.compressors.format import infer_module_format
 from compressed_tensors.config import CompressionFormat
 from compressed_tensors.quantization import QuantizationScheme as CTQuantizationScheme
+from torch import nn
 
 __all__ = ["storage_format"]
 
 PACKED = CompressionFormat.pack_quantized.value
+NAIVE = CompressionFormat.naive_quantized.value
 
 
 def storage_format(module_type: type, scheme: CTQuantizationScheme) -> str:
@@ -31,10 +39,13 @@ def storage_format(module_type: type, scheme: CTQuantizationScheme) -> str:
         scheme: its compressed-tensors scheme.
 
     Returns:
-        ``pack-quantized`` for int weights with float input activations; otherwise the format
-        compressed-tensors' ``infer_module_format`` picks.
+        ``pack-quantized`` for int weights with float input activations, ``naive-quantized``
+        for an embedding's int weights; otherwise the format compressed-tensors'
+        ``infer_module_format`` picks.
     """
     weights, inputs = scheme.weights, scheme.input_activations
+    if issubclass(module_type, nn.Embedding) and weights is not None and weights.type == "int":
+        return NAIVE
     if (
         weights is not None
         and weights.type == "int"

@@ -91,7 +91,7 @@ def check_layer(
     weight = module.weight
     try:
         expected = written_layout(
-            tuple(weight.shape), module.bias is not None, weight.dtype, scheme
+            tuple(weight.shape), getattr(module, "bias", None) is not None, weight.dtype, scheme
         )
     except (ValueError, RuntimeError, AssertionError) as err:
         raise ExportError(f"{where}: the scheme does not fit the layer: {err}") from err

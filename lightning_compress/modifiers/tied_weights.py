@@ -108,8 +108,10 @@ def _record_untied(model: nn.Module, name: str) -> None:
             continue
         tied = getattr(module, "all_tied_weights_keys", None)
         if isinstance(tied, dict):
-            relative = name[len(prefix) + 1 :] if prefix else name
-            tied.pop(f"{relative}.weight", None)
+            weight = f"{name[len(prefix) + 1 :] if prefix else name}.weight"
+            # the layer may be the tie's target (lm_head) or its source (the input embedding)
+            for key in [key for key, source in tied.items() if weight in (key, source)]:
+                del tied[key]
         config = getattr(module, "config", None)
         # other ties the flag governs (an encoder's embedding) must stay tied when loaded
         if getattr(config, "tie_word_embeddings", False) and not tied:
