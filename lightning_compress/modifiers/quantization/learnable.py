@@ -72,10 +72,12 @@ def _grad_scale(x: Tensor, factor: float) -> Tensor:
 
 
 def round_scale(scale: Tensor, args: QuantizationArgs, dtype: torch.dtype) -> Tensor:
-    """Rounds positive float scales as the format stores them, without a gradient path.
+    """The scales the format stores for learned scales, without a gradient path.
 
     Args:
-        scale: positive scales in stored units (for NVFP4 times the global scale).
+        scale: learned scales in stored units (for NVFP4 times the global scale); values
+            below the encoding's smallest positive scale (an optimizer step may take a scale
+            below zero) become that smallest scale.
         args: the weight's quantization arguments; ``scale_dtype`` picks the encoding.
         dtype: the dtype of the layer's ``weight_scale`` buffer (int and fp8 weights store
             their scale in it).
@@ -83,33 +85,34 @@ def round_scale(scale: Tensor, args: QuantizationArgs, dtype: torch.dtype) -> Te
     Returns:
         The stored scales, in ``scale``'s dtype: ``scale`` in ``dtype`` (linear scales), in fp8
         e4m3 clamped to ``[2**-9, 448]`` (``float8_e4m3fn``), or the nearest power of two in
-        log2 space with the exponent clamped to ``[-127, 127]`` (``uint8``, E8M0).
+        log2 space, ``[2**-127, 2**127]`` (``uint8``, E8M0).
 
     Raises:
         ValueError: for a ``scale_dtype`` with no rounding here.
     """
-    scale = scale.detach()
+    scale = _positive(scale.detach(), args, dtype)
     encoding = args.scale_dtype
     if encoding is None:
         return scale.to(dtype).to(scale.dtype)
     if encoding == "float8_e4m3fn":
-        clamped = scale.clamp(_FP8_SMALLEST, _FP8_MAX)
-        return clamped.to(torch.float8_e4m3fn).to(scale.dtype)
+        return scale.clamp_max(_FP8_MAX).to(torch.float8_e4m3fn).to(scale.dtype)
     if encoding == "uint8":
-        return torch.exp2(torch.log2(scale).round().clamp(-127, 127))
+        return torch.exp2(torch.log2(scale).round().clamp_max(127))
     raise ValueError(
         f"scale_dtype={encoding!r} has no learnable-scale rounding; expected None, "
         "'float8_e4m3fn' or 'uint8'"
     )
 
 
-def _smallest_scale(args: QuantizationArgs, dtype: torch.dtype) -> float:
-    """The smallest positive scale the encoding stores."""
+def _positive(scale: Tensor, args: QuantizationArgs, dtype: torch.dtype) -> Tensor:
+    """``scale`` clamped to the smallest positive scale the encoding stores."""
     if args.scale_dtype == "float8_e4m3fn":
-        return _FP8_SMALLEST
-    if args.scale_dtype == "uint8":
-        return 2.0**-127
-    return torch.finfo(dtype).eps
+        smallest = _FP8_SMALLEST
+    elif args.scale_dtype == "uint8":
+        smallest = 2.0**-127
+    else:
+        smallest = torch.finfo(dtype).eps
+    return scale.clamp_min(smallest)
 
 
 def lsq_fake_quantize(
@@ -146,7 +149,7 @@ def lsq_fake_quantize(
         )
     qmin, qmax = quant_range(args)
     dtype = x.dtype if scale_dtype is None else scale_dtype
-    positive = scale.clamp_min(_smallest_scale(args, dtype))
+    positive = _positive(scale, args, dtype)
     scaled_grad = _grad_scale(positive, 1.0 / math.sqrt(groups.shape[-1] * qmax))
     stored = round_scale(positive, args, dtype)
     step = _straight_through(scaled_grad, stored)
