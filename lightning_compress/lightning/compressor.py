@@ -25,6 +25,7 @@ from lightning_compress.core import (
 )
 from lightning_compress.lightning.calibration import _unshare
 from lightning_compress.lightning.loggers import TrainerLogger
+from lightning_compress.lightning.memory_plan import report_memory_plan
 from lightning_compress.lightning.training_calibration import (
     calibrated_model,
     calibration_batches,
@@ -273,6 +274,7 @@ class Compressor(Callback):
         self.teacher_model = make_teacher(
             self.teacher, pl_module, self.teacher_dtype, self.teacher_device
         )
+        report_memory_plan(trainer, pl_module, self.teacher_model, self.teacher_device)
         if self.save_dir is not None:  # on every rank, so that all of them stop alike
             from lightning_compress.export import check_output_dir  # the optional hf extra
 
