@@ -29,8 +29,8 @@ are bfloat16 only, so an NVFP4A16 model is cast to bfloat16 and round-to-nearest
 again first (the trained weights lie on the grid, so this picks their scales and codes again);
 its export row compares the bfloat16 model in memory with the reloaded one.
 
-    python benchmarks/qat_smollm2.py --sweep 1e-5 3e-5 1e-4 --sweep-steps 60
-    python benchmarks/qat_smollm2.py --schemes w4a16_g64 nvfp4a16 --steps 200 --lr 3e-5
+    python benchmarks/qat_smollm2.py --sweep 3e-5 1e-4 3e-4 --sweep-steps 30 --runs
+    python benchmarks/qat_smollm2.py --schemes w4a16_g64 nvfp4a16 --steps 60 --lr 1e-4
 
 Prints a Markdown table: run, training tokens (steps x batch x 512), wall time (one-shot call
 or ``Trainer.fit``), perplexity, and the export check.
@@ -396,15 +396,15 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--schemes", nargs="+", choices=SCHEMES, default=list(SCHEMES))
     parser.add_argument("--runs", nargs="*", choices=RUN_KINDS, default=list(RUN_KINDS))
-    parser.add_argument("--steps", type=int, default=200, help="optimizer steps per QAT run")
-    parser.add_argument("--batch", type=int, default=2, help="windows of 512 tokens per step")
-    parser.add_argument("--lr", type=float, default=3e-5, help="peak AdamW learning rate")
+    parser.add_argument("--steps", type=int, default=60, help="optimizer steps per QAT run")
+    parser.add_argument("--batch", type=int, default=1, help="windows of 512 tokens per step")
+    parser.add_argument("--lr", type=float, default=1e-4, help="peak AdamW learning rate")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-every", type=int, default=10, help="steps between log lines")
     parser.add_argument(
         "--sweep", nargs="+", type=float, help="learning rates to compare on held-out windows"
     )
-    parser.add_argument("--sweep-steps", type=int, default=60)
+    parser.add_argument("--sweep-steps", type=int, default=30)
     parser.add_argument("--sweep-scheme", choices=SCHEMES, default="w4a16_g64")
     parser.add_argument(
         "--holdout", type=int, default=16, help="last calibration windows kept from training"
