@@ -1,0 +1,138 @@
+"""Which distillation loss mix recovers quantization-aware training best (bundled decoder).
+
+Every run trains the bundled tiny decoder for the same number of steps (the same tokens) with
+W4 g64 quantization-aware training of its decoder-block linear layers (symmetric int weights in
+groups of 64, observed scales) and a different loss: the task loss alone (plain QAT), or
+quantization-aware distillation (QAD) from the uncompressed model, ``Compressor(teacher=
+"uncompressed")``: KL on the logits (temperature 1 or 2, hardness 0.5 or 1.0), with or without
+the MSE of each decoder block's output. Prints a Markdown table of held-out perplexity on the
+bundled evaluation text, beside the float model and round-to-nearest (RTN) W4 g64.
+
+    python benchmarks/qad_loss_mix.py [--steps 100] [--bits 4] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from typing import Any
+
+import torch
+from lightning.pytorch import Trainer
+from loguru import logger
+from torch import nn
+
+from lightning_compress import Compressor, compression_loss
+from lightning_compress.bundled import (
+    bundled_text,
+    load_bundled_model,
+    load_tokenizer,
+    perplexity,
+    token_windows,
+)
+from lightning_compress.core import CompressionSession
+from lightning_compress.lightning.language_model import BundledTextDataModule, CausalLMModule
+from lightning_compress.modifiers import OutputDistillationModifier, QuantizationModifier
+
+LAYERS = [r"re:.*layers\.\d+\..*_proj$"]
+BLOCKS = "DecoderLayer"
+
+# label → OutputDistillationModifier settings (None: QAT with the task loss alone).
+MIXES: dict[str, dict[str, Any] | None] = {
+    "QAT (task loss only)": None,
+    "QAD KL T=1, hardness 0.5": {"temperature": 1.0, "hardness": 0.5},
+    "QAD KL T=1, hardness 1.0": {"temperature": 1.0, "hardness": 1.0},
+    "QAD KL T=2, hardness 0.5": {"temperature": 2.0, "hardness": 0.5},
+    "QAD KL T=2, hardness 1.0": {"temperature": 2.0, "hardness": 1.0},
+    "QAD KL+block MSE T=1, hardness 0.5": {
+        "temperature": 1.0,
+        "hardness": 0.5,
+        "layer_targets": [BLOCKS],
+    },
+    "QAD KL+block MSE T=1, hardness 1.0": {
+        "temperature": 1.0,
+        "hardness": 1.0,
+        "layer_targets": [BLOCKS],
+    },
+}
+
+
+class DistilledLM(CausalLMModule):
+    """Next-token training whose loss the Compressor's modifiers may change."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return compression_loss(self, super().training_step(batch, batch_idx))
+
+
+def scheme(bits: int) -> dict:
+    """Symmetric int ``bits`` weights in groups of 64 on the decoder blocks' linear layers."""
+    weights = {"num_bits": bits, "strategy": "group", "group_size": 64}
+    return {"g": {"targets": LAYERS, "weights": weights}}
+
+
+def train(model: nn.Module, steps: int, bits: int, mix: dict[str, Any] | None) -> None:
+    """QAT of ``model`` for ``steps`` steps, distilled from its uncompressed copy per ``mix``."""
+    modifiers = [QuantizationModifier(config_groups=scheme(bits), start=0)]
+    if mix is not None:
+        modifiers.append(OutputDistillationModifier(**mix))
+    compressor = Compressor(modifiers, teacher="uncompressed" if mix is not None else None)
+    trainer = Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        callbacks=[compressor],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    data = BundledTextDataModule(train_windows=512, batch_size=8)
+    trainer.fit(DistilledLM(model, lr=3e-4), data)
+
+
+def rtn(model: nn.Module, bits: int) -> None:
+    """Round-to-nearest W``bits`` g64, one-shot."""
+    session = CompressionSession()
+    session.initialize(recipe=QuantizationModifier(config_groups=scheme(bits)), model=model)
+    session.finalize()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--steps", type=int, default=100, help="training steps per run")
+    parser.add_argument("--bits", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--windows", type=int, default=16, help="evaluation windows of 256")
+    parser.add_argument("--only", default="", help="run only rows whose label contains this")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    logger.remove()
+    logger.add(sys.stderr, level="WARNING")
+    windows = token_windows(bundled_text("evaluation"), load_tokenizer(), 256, args.windows)
+    base = load_bundled_model()
+    fp = perplexity(base, windows)
+    rounded = copy.deepcopy(base)
+    rtn(rounded, args.bits)
+    gap = perplexity(rounded, windows) - fp
+    print(f"W{args.bits} g64, {args.steps} steps of 8x256 tokens per trained run")
+    print("| run | held-out perplexity | share of RTN's gap to FP closed | seconds |")
+    print("|---|---:|---:|---:|")
+    print(f"| FP (bundled decoder) | {fp:.3f} | | |")
+    print(f"| RTN W{args.bits} g64 | {fp + gap:.3f} | 0% | |", flush=True)
+    for label, mix in MIXES.items():
+        if args.only not in label:
+            continue
+        torch.manual_seed(0)
+        model = copy.deepcopy(base).train()
+        begin = time.perf_counter()
+        train(model, args.steps, args.bits, mix)
+        seconds = time.perf_counter() - begin
+        score = perplexity(model, windows)
+        closed = (fp + gap - score) / gap if gap > 0 else float("nan")
+        print(f"| {label} | {score:.3f} | {closed:.0%} | {seconds:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
