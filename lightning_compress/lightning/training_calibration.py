@@ -34,6 +34,7 @@ __all__ = [
     "carried_layers",
     "check_batches",
     "freeze_carried_qparams",
+    "rewrap_ddp",
     "run_one_shot",
     "split_recipe",
     "start_from_one_shot",
@@ -361,3 +362,23 @@ def run_one_shot(
     if needs_data:
         check_batches(model, batches)
     module.calibrate(batches if needs_data else ())
+
+
+def rewrap_ddp(trainer: Any) -> None:
+    """Give a DDP-wrapped model a new ``DistributedDataParallel`` wrapper.
+
+    The training stage is set up after the one-shot stage, when Lightning has wrapped the
+    model already; registering a weight parametrization replaces the parameter's storage
+    (``set_``), after which the first wrapper's gradient hooks no longer fire. A new wrapper
+    hooks the parameters as they are now. Other strategies are left as they are.
+
+    Args:
+        trainer: the Trainer.
+    """
+    from lightning.pytorch.strategies import DDPStrategy
+    from torch.nn.parallel import DistributedDataParallel
+
+    strategy = trainer.strategy
+    if isinstance(strategy, DDPStrategy) and isinstance(strategy.model, DistributedDataParallel):
+        strategy.model = strategy.model.module
+        strategy.configure_ddp()
