@@ -25,6 +25,7 @@ from lightning_compress.core import (
 )
 from lightning_compress.lightning.calibration import _unshare
 from lightning_compress.lightning.loggers import TrainerLogger
+from lightning_compress.lightning.memory_plan import report_memory_plan
 from lightning_compress.lightning.training_calibration import (
     calibrated_model,
     calibration_batches,
@@ -35,6 +36,11 @@ from lightning_compress.lightning.training_calibration import (
     split_recipe,
     start_from_one_shot,
     take_one_shot_qparams,
+)
+from lightning_compress.modifiers.distillation.teacher import (
+    check_teacher,
+    make_teacher,
+    place_teacher,
 )
 from lightning_compress.modifiers.pruning.constant import MASK_BUFFER
 from lightning_compress.modifiers.quantization.qat import OBSERVER_BUFFERS
@@ -167,7 +173,17 @@ class Compressor(Callback):
             modifier (useful to measure the callback's own overhead).
         recipe_stage: the stage or stages to run; None runs all.
         recipe_args: values for the recipe's ``${args.name}`` interpolations.
-        teacher: a teacher model for distillation modifiers.
+        teacher: the teacher of distillation modifiers: a model with the student's output
+            shape, or ``"uncompressed"``: a frozen copy of the LightningModule made at
+            ``setup``, before any modifier (the one-shot stage included) changes it. The
+            teacher is frozen (``requires_grad`` False, eval mode), held by the callback only
+            (in neither the LightningModule's parameters nor its ``state_dict`` nor
+            checkpoints), and moved at the start of training to ``teacher_device`` or the
+            student's device. A resumed run copies the model as built before the checkpoint
+            loads, so build it the same way (e.g. ``from_pretrained``).
+        teacher_dtype: the teacher's floating-point dtype (e.g. ``"bfloat16"``; the copy is
+            made in it, never as a second fp32 copy); None keeps the student's.
+        teacher_device: the teacher's device (e.g. ``"cuda:1"``); None: the student's.
         model_log_cadence: how often (in epochs, or steps when the epoch length is unknown)
             per-layer sparsity is logged to the Trainer's loggers.
         save_dir: when training ends (after finalize, on rank 0), save the model the
@@ -202,7 +218,9 @@ class Compressor(Callback):
         recipe: Any = None,
         recipe_stage: RecipeStageInput | None = None,
         recipe_args: RecipeArgsInput | None = None,
-        teacher: nn.Module | None = None,
+        teacher: nn.Module | str | None = None,
+        teacher_dtype: str | None = None,
+        teacher_device: str | None = None,
         model_log_cadence: float | None = None,
         save_dir: str | os.PathLike | None = None,
         tokenizer: Any | None = None,
@@ -219,7 +237,11 @@ class Compressor(Callback):
         self.recipe = recipe
         self.recipe_stage = recipe_stage
         self.recipe_args = recipe_args
+        check_teacher(teacher, teacher_dtype)
         self.teacher = teacher
+        self.teacher_dtype = teacher_dtype
+        self.teacher_device = teacher_device
+        self.teacher_model: nn.Module | None = None  # built at setup
         self.model_log_cadence = model_log_cadence
         self.save_dir = save_dir
         self.tokenizer = tokenizer
@@ -249,6 +271,11 @@ class Compressor(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit" or self.session.lifecycle.initialized_:
             return
+        # Before any modifier (the one-shot stage included) changes the model.
+        self.teacher_model = make_teacher(
+            self.teacher, pl_module, self.teacher_dtype, self.teacher_device
+        )
+        report_memory_plan(trainer, pl_module, self.teacher_model, self.teacher_device)
         if self.save_dir is not None:  # on every rank, so that all of them stop alike
             from lightning_compress.export import check_output_dir  # the optional hf extra
 
@@ -290,7 +317,7 @@ class Compressor(Callback):
             self.session.initialize(
                 recipe=self._training_recipe,
                 model=pl_module,
-                teacher_model=self.teacher,
+                teacher_model=self.teacher_model,
                 loggers=LoggerManager([TrainerLogger(trainer)], log_python=False),
                 model_log_cadence=self.model_log_cadence,
                 copy_data=False,
@@ -331,8 +358,8 @@ class Compressor(Callback):
         self._one_shot_done = True  # by this run, or by the run that saved the checkpoint
         freeze_carried_qparams(pl_module, self._carried)
         optimizers = trainer.optimizers
-        if self.teacher is not None:
-            self.teacher.to(pl_module.device).eval()
+        if self.teacher_model is not None:
+            place_teacher(self.teacher_model, self.teacher_device or pl_module.device)
         steps_per_epoch = _steps_per_epoch(trainer, pl_module)
         if trainer.ckpt_path is not None:
             self._warn_if_resume_is_not_exact(trainer, steps_per_epoch)
