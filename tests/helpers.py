@@ -74,3 +74,24 @@ class TwoLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
+
+
+def int8_channel_groups(targets: str | list[str] = "Linear") -> dict[str, dict[str, Any]]:
+    """``config_groups`` of symmetric int8 per-channel weights on ``targets``.
+
+    The ``W8A16`` preset stores int8 weights in groups of 128 (as compressed-tensors defines
+    it), which tiny models 64 wide cannot hold; tests that only need some weight
+    quantization use these per-channel weights instead.
+
+    Args:
+        targets: the layers the group quantizes.
+
+    Returns:
+        A fresh ``config_groups`` dict with one group.
+    """
+    return {
+        "group_0": {
+            "targets": [targets] if isinstance(targets, str) else list(targets),
+            "weights": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"},
+        }
+    }
