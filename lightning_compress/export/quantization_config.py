@@ -36,12 +36,12 @@ Layers = dict[str, tuple[nn.Module, CTQuantizationScheme]]
 def quantization_config(model: nn.Module, layers: Layers) -> dict[str, Any] | None:
     """Describes how ``model`` is stored: its config groups and ignored layers.
 
-    Layers with equal schemes form one config group. The largest group (the last one)
-    targets the class ``Linear`` and every unquantized linear layer is listed in ``ignore``;
-    other groups list their layers by name, which compressed-tensors and vLLM match before
-    class names. So each layer is read back with exactly its own scheme. The
-    ``sparsity_config`` is empty, as compressed-tensors writes it, whether or not the model
-    is pruned (see :mod:`lightning_compress.export.sparsity`).
+    Layers with equal schemes form one config group. The largest group of linear layers (the
+    last one) targets the class ``Linear`` (and its embeddings by name) and every unquantized
+    linear layer is listed in ``ignore``; other groups list their layers by name, which
+    compressed-tensors and vLLM match before class names. So each layer is read back with
+    exactly its own scheme. The ``sparsity_config`` is empty, as compressed-tensors writes
+    it, whether or not the model is pruned (see :mod:`lightning_compress.export.sparsity`).
 
     Calibrated attention modules (``kv_cache_scheme``) give the ``kv_cache_scheme`` entry;
     those whose queries are quantized also get a config group naming them with only
@@ -157,12 +157,18 @@ def _config_groups(layers: Layers) -> dict[str, CTQuantizationScheme]:
         key = scheme.model_dump_json(exclude={"targets"})
         groups.setdefault(key, []).append(name)
         schemes.setdefault(key, scheme)
-    largest = max(groups, key=lambda key: len(groups[key]))
+    # the class target does not cover embeddings: they stay named
+    others = {
+        key: [n for n in names if isinstance(layers[n][0], nn.Embedding)]
+        for key, names in groups.items()
+    }
+    linear = [key for key in groups if len(others[key]) < len(groups[key])]
+    largest = max(linear, key=lambda key: len(groups[key])) if linear else None
     # Named groups first: compressed-tensors matches each layer to its first matching target.
-    order = [key for key in groups if key != largest] + [largest]
+    order = [key for key in groups if key != largest] + ([largest] if linear else [])
     return {
         f"group_{index}": schemes[key].model_copy(
-            update={"targets": [LINEAR_TARGET] if key == largest else groups[key]}
+            update={"targets": [LINEAR_TARGET, *others[key]] if key == largest else groups[key]}
         )
         for index, key in enumerate(order)
     }

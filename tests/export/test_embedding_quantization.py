@@ -108,20 +108,38 @@ def test_methods_needing_input_activations_refuse_an_embedding(modifier):
         CompressionSession().initialize(recipe=recipe, model=model)
 
 
-def test_an_embedding_with_quantized_activations_is_refused():
-    recipe = QuantizationModifier(scheme="W8A8", targets=["Embedding"])
-    with pytest.raises(
-        RecipeError, match=r"'model.embed_tokens' is an Embedding.*input_activations"
-    ):
+@pytest.mark.parametrize(
+    ("preset", "message"), [("W8A8", "input_activations"), ("NVFP4A16", "fp4 weights")]
+)
+def test_an_embedding_scheme_with_activations_or_fp4_weights_is_refused(preset, message):
+    recipe = QuantizationModifier(scheme=preset, targets=["Embedding"])
+    with pytest.raises(RecipeError, match=rf"'model.embed_tokens' is an Embedding.*{message}"):
         CompressionSession().initialize(recipe=recipe, model=tiny_llama())
 
 
-@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
-def test_quantized_embedding_reloads_with_equal_logits(tie, tmp_path):
+FP8_CHANNEL = {"num_bits": 8, "type": "float", "strategy": "channel"}
+SHARED = {"targets": ["Linear", "Embedding"], "weights": {"num_bits": 8, "strategy": "tensor"}}
+RELOADED = {  # recipe, tied embeddings
+    "int4 embedding, tied": (lambda: embedding_recipe(WEIGHTS["int4 group 32 asym"][0]), True),
+    "fp8 embedding alone": (
+        lambda: QuantizationModifier(
+            config_groups={"e": {"targets": ["Embedding"], "weights": FP8_CHANNEL}}
+        ),
+        False,
+    ),
+    "one group for Linear and Embedding": (
+        lambda: QuantizationModifier(config_groups={"g": SHARED}, ignore=["lm_head"]),
+        False,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(RELOADED))
+def test_quantized_embedding_reloads_with_equal_logits(case, tmp_path):
+    recipe, tie = RELOADED[case]
     model = tiny_llama(tie)
     head = model.lm_head.weight.detach().clone()
-    weights = WEIGHTS["int4 group 32 asym"][0]
-    oneshot(model, embedding_recipe(weights), trainer_kwargs=QUIET)
+    oneshot(model, recipe(), trainer_kwargs=QUIET)
     # a tied lm_head keeps the float table: the embedding got its own copy
     assert torch.equal(model.lm_head.weight, head)
     assert not torch.equal(model.model.embed_tokens.weight, head)

@@ -8,6 +8,8 @@ embedding's forward looks rows up in the quantized table. Only the weights are q
 inputs are token ids, so a scheme with ``input_activations`` or ``output_activations`` on an
 embedding is refused. GPTQ, SparseGPT and AWQ refuse embeddings (they need the layer's input
 activations, e.g. GPTQ's Hessian), as does every modifier other than ``QuantizationModifier``.
+fp4 weights (NVFP4, MXFP4) are refused too: compressed-tensors stores them packed, and
+transformers 5.25 cannot load a packed embedding.
 """
 
 from __future__ import annotations
@@ -45,22 +47,36 @@ def quantized_layers(
     Raises:
         RecipeError: naming the first layer that is neither (see
             :func:`~lightning_compress.modifiers.layerwise.linear_layers`), or an embedding
-            whose scheme quantizes activations or no weights.
+            whose scheme quantizes activations, no weights or fp4 weights.
     """
     tables = {n: m for n, m in layers.items() if isinstance(m, nn.Embedding)} if embeddings else {}
     linear_layers(owner, {name: m for name, m in layers.items() if name not in tables})
     for name in tables:
-        roles = [
-            role
-            for role in ("input_activations", "output_activations")
-            if getattr(scheme, role) is not None
-        ]
-        if roles or scheme.weights is None:
-            what = f"quantizes {roles}" if roles else "quantizes no weights"
+        problem = _embedding_problem(scheme)
+        if problem is not None:
             raise RecipeError(
                 f"{owner}.targets: layer '{name}' is an Embedding and its scheme (targets "
-                f"{scheme.targets}) {what}; expected weights only (an embedding's inputs are "
-                "token ids): give embeddings a config group of their own with only weights, or "
-                "add the layer to ignore"
+                f"{scheme.targets}) {problem}; expected int or fp8 weights only (an embedding's "
+                "inputs are token ids): give embeddings a config group of their own with only "
+                "such weights, or add the layer to ignore"
             )
     return dict(layers)
+
+
+def _embedding_problem(scheme: QuantizationScheme) -> str | None:
+    """What keeps ``scheme`` off an embedding, or None."""
+    roles = [
+        role
+        for role in ("input_activations", "output_activations")
+        if getattr(scheme, role) is not None
+    ]
+    if roles:
+        return f"quantizes {roles}"
+    if scheme.weights is None:
+        return "quantizes no weights"
+    if scheme.weights.type == "float" and scheme.weights.num_bits == 4:
+        return (
+            "has fp4 weights, which compressed-tensors stores packed (weight_packed) and "
+            "transformers 5.25 cannot load into an embedding, which reads its weight"
+        )
+    return None
