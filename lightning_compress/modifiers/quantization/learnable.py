@@ -31,6 +31,11 @@ to the encoding's smallest positive scale) is created at ``initialize``, before 
 built, and initialised on the first training forward from the min-max scale of the weight as
 it is then (after any earlier stage such as GPTQ changed it); a buffer records that, so a
 resumed run keeps the learned values.
+
+A scale gets no gradient before ``start``, once ``freeze_observers`` is reached and after
+``end`` (baking removes it). Under DDP those steps need ``find_unused_parameters=True``
+(``strategy="ddp_find_unused_parameters_true"``); with ``start: 0`` and QAT running to the end
+of training every scale has a gradient on every step and plain DDP works.
 """
 
 from __future__ import annotations

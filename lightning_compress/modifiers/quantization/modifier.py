@@ -82,7 +82,8 @@ class QuantizationModifier(LayerwiseQuantization):
         learnable_scales: quantization-aware training only: train the weight scales with the
             model (LSQ, symmetric weights only; see
             :mod:`~lightning_compress.modifiers.quantization.learnable`) instead of following
-            the weight's min-max.
+            the weight's min-max. Under DDP, ``start > 0``, ``freeze_observers`` or an
+            ``end`` before training ends need ``find_unused_parameters=True``.
     """
 
     start: float | None = ONE_SHOT
