@@ -67,13 +67,14 @@ _FP8_SMALLEST = 2.0**-9  # the smallest positive (subnormal) fp8 e4m3 value
 
 
 def _straight_through(x: Tensor, rounded: Tensor) -> Tensor:
-    """``rounded``'s value with the gradient of ``x``."""
-    return x + (rounded - x).detach()
+    """``rounded``'s value (exactly: ``x - x`` is 0) with the gradient of ``x``."""
+    return rounded.detach() + (x - x.detach())
 
 
 def _grad_scale(x: Tensor, factor: float) -> Tensor:
-    """``x``'s value with its gradient times ``factor``."""
-    return (x - x * factor).detach() + x * factor
+    """``x``'s value (exactly) with its gradient times ``factor``."""
+    scaled = x * factor
+    return x.detach() + (scaled - scaled.detach())
 
 
 def round_scale(scale: Tensor, args: QuantizationArgs, dtype: torch.dtype) -> Tensor:
@@ -116,7 +117,7 @@ def _positive(scale: Tensor, args: QuantizationArgs, dtype: torch.dtype) -> Tens
     elif args.scale_dtype == "uint8":
         smallest = 2.0**-127
     else:
-        smallest = torch.finfo(dtype).eps
+        smallest = torch.finfo(dtype).tiny
     return scale.clamp_min(smallest)
 
 

@@ -76,6 +76,7 @@ def test_scale_and_weight_gradients_are_lsq_s():
     ids=["int4-group", "fp8-channel", "nvfp4", "mxfp4"],
 )
 def test_forward_equals_fake_quantize_with_the_stored_scale(args):
+    """... where the stored scale is the learned one in the format's scale encoding."""
     torch.manual_seed(1)
     w = torch.randn(4, 64)
     groups = 64 if args.strategy == "channel" else args.group_size
@@ -85,7 +86,7 @@ def test_forward_equals_fake_quantize_with_the_stored_scale(args):
         scale = scale * 40
     x_hat, stored = lsq_fake_quantize(w, scale.requires_grad_(), args, tensor_scale)
     expected = fake_quantize(w, stored, torch.zeros_like(stored), args, tensor_scale)
-    torch.testing.assert_close(x_hat, expected, rtol=1e-6, atol=1e-6)
+    assert torch.equal(x_hat, expected)  # the same float operations on the same values
     if args.scale_dtype == "float8_e4m3fn":
         assert torch.equal(stored.to(torch.float8_e4m3fn).float(), stored)
     if args.scale_dtype == "uint8":
@@ -192,3 +193,13 @@ def test_asymmetric_weights_are_refused():
 def test_one_shot_refuses_learnable_scales():
     with pytest.raises((RecipeError, ValueError), match="learnable_scales"):
         QuantizationModifier(scheme="W4A16", targets=["Linear"], learnable_scales=True)
+
+
+def test_small_scales_of_a_bfloat16_weight_are_kept():
+    w = torch.randn(4, 64, dtype=torch.bfloat16) * 1e-3
+    scale = torch.full((4, 1), 2e-4)  # far below bfloat16's eps (2**-7), as in LLM layers
+    x_hat, stored = lsq_fake_quantize(w, scale, int_args())
+    torch.testing.assert_close(stored, scale.to(torch.bfloat16).float())
+    # the arithmetic runs in the scale's float32; the result is rounded to bfloat16 once
+    expected = fake_quantize(w.float(), stored, torch.zeros_like(stored), int_args())
+    assert torch.equal(x_hat, expected.to(torch.bfloat16))
