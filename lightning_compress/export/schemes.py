@@ -100,6 +100,7 @@ def quantized_layers(
         layers[name] = (module, to_ct_scheme(name, module, pack_asymmetric))
     _warn_about_formats(layers)
     _warn_about_unshared_global_scales(layers)
+    _warn_about_embeddings(layers)
     return layers
 
 
@@ -220,6 +221,20 @@ def _warn_about_formats(layers: dict[str, tuple[nn.Module, CTQuantizationScheme]
             name,
             preferred,
             "; ".join(_layout_gaps(module, scheme, preferred)),
+        )
+
+
+def _warn_about_embeddings(layers: dict[str, tuple[nn.Module, CTQuantizationScheme]]) -> None:
+    """Says that vLLM serves no quantized embedding, naming them: its compressed-tensors
+    config gives quant methods to linear, attention and mixture-of-experts layers only."""
+    embeddings = [name for name, (module, _) in layers.items() if isinstance(module, nn.Embedding)]
+    if embeddings:
+        logger.warning(
+            "quantized embeddings {}: transformers and load_compressed read them, but vLLM "
+            "serves no quantized embedding (its compressed-tensors config quantizes linear, "
+            "attention and mixture-of-experts layers only); leave Embedding out of the "
+            "targets for a checkpoint vLLM serves",
+            embeddings,
         )
 
 
