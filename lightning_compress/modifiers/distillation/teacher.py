@@ -149,7 +149,18 @@ def copy_as_teacher(
 
     Returns:
         The teacher.
+
+    Raises:
+        ValueError: when ``student`` has weights on the meta device (not loaded yet).
     """
+    named = [*student.named_parameters(), *student.named_buffers()]
+    meta = [name for name, tensor in named if tensor.is_meta]
+    if meta:
+        raise ValueError(
+            f"teacher='{UNCOMPRESSED}' copies the model's weights at setup, but "
+            f"{type(student).__name__} has weights on the meta device there ({meta[:4]}); "
+            f"expected a model with its weights loaded before Trainer.fit, or pass a teacher model"
+        )
     memo: dict[int, Any] = {}
     for tensor in [*student.parameters(), *student.buffers()]:
         if id(tensor) not in memo:

@@ -58,6 +58,13 @@ def test_bad_teacher_settings_are_refused_naming_the_field(teacher, dtype, messa
         make_teacher(teacher, nn.Linear(2, 2), dtype)
 
 
+def test_a_student_without_loaded_weights_cannot_be_copied():
+    with torch.device("meta"):
+        student = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match=r"meta device there \(\['weight', 'bias'\]\)"):
+        copy_as_teacher(student)
+
+
 def test_compressor_bad_teacher_is_refused_when_built():
     with pytest.raises(ValueError, match="teacher: expected a model"):
         Compressor(qad_recipe(), teacher="initial")
