@@ -8,7 +8,7 @@ quantization-aware distillation (QAD) from the uncompressed model, ``Compressor(
 the MSE of each decoder block's output. Prints a Markdown table of held-out perplexity on the
 bundled evaluation text, beside the float model and round-to-nearest (RTN) W4 g64.
 
-    python benchmarks/qad_loss_mix.py [--steps 100] [--bits 4] [--threads 2]
+    python benchmarks/qad_loss_mix.py [--steps 100] [--bits 4] [--batch-size 8] [--seq-len 256]
 """
 
 from __future__ import annotations
@@ -72,15 +72,21 @@ def scheme(bits: int) -> dict:
     return {"g": {"targets": LAYERS, "weights": weights}}
 
 
-def train(model: nn.Module, steps: int, bits: int, mix: dict[str, Any] | None) -> None:
-    """QAT of ``model`` for ``steps`` steps, distilled from its uncompressed copy per ``mix``."""
-    modifiers = [QuantizationModifier(config_groups=scheme(bits), start=0)]
+def train(model: nn.Module, args: argparse.Namespace, mix: dict[str, Any] | None) -> None:
+    """QAT of ``model`` for ``args.steps`` steps, distilled from its uncompressed copy by ``mix``.
+
+    Args:
+        model: the model to train.
+        args: the command line (steps, bits, batch size, sequence length).
+        mix: the ``OutputDistillationModifier`` settings; None trains with the task loss alone.
+    """
+    modifiers = [QuantizationModifier(config_groups=scheme(args.bits), start=0)]
     if mix is not None:
         modifiers.append(OutputDistillationModifier(**mix))
     compressor = Compressor(modifiers, teacher="uncompressed" if mix is not None else None)
     trainer = Trainer(
         accelerator="cpu",
-        max_steps=steps,
+        max_steps=args.steps,
         callbacks=[compressor],
         logger=False,
         enable_checkpointing=False,
@@ -88,7 +94,9 @@ def train(model: nn.Module, steps: int, bits: int, mix: dict[str, Any] | None) -
         enable_model_summary=False,
         limit_val_batches=0,
     )
-    data = BundledTextDataModule(train_windows=512, batch_size=8)
+    data = BundledTextDataModule(
+        seq_len=args.seq_len, batch_size=args.batch_size, train_windows=args.steps * args.batch_size
+    )
     trainer.fit(DistilledLM(model, lr=3e-4), data)
 
 
@@ -103,6 +111,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=100, help="training steps per run")
     parser.add_argument("--bits", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--windows", type=int, default=16, help="evaluation windows of 256")
     parser.add_argument("--only", default="", help="run only rows whose label contains this")
@@ -116,7 +126,10 @@ def main() -> None:
     rounded = copy.deepcopy(base)
     rtn(rounded, args.bits)
     gap = perplexity(rounded, windows) - fp
-    print(f"W{args.bits} g64, {args.steps} steps of 8x256 tokens per trained run")
+    print(
+        f"W{args.bits} g64, {args.steps} steps of {args.batch_size}x{args.seq_len} tokens "
+        "(each window once) per trained run"
+    )
     print("| run | held-out perplexity | share of RTN's gap to FP closed | seconds |")
     print("|---|---:|---:|---:|")
     print(f"| FP (bundled decoder) | {fp:.3f} | | |")
@@ -127,7 +140,7 @@ def main() -> None:
         torch.manual_seed(0)
         model = copy.deepcopy(base).train()
         begin = time.perf_counter()
-        train(model, args.steps, args.bits, mix)
+        train(model, args, mix)
         seconds = time.perf_counter() - begin
         score = perplexity(model, windows)
         closed = (fp + gap - score) / gap if gap > 0 else float("nan")
