@@ -32,6 +32,11 @@ built, and initialised on the first training forward from the min-max scale of t
 it is then (after any earlier stage such as GPTQ changed it); a buffer records that, so a
 resumed run keeps the learned values.
 
+Under Adam the step a scale takes does not depend on its gradient's size, so at the weights'
+learning rate a scale (often 1e-3 to 1e-2 for int4) moves by a large fraction of itself each
+step; give the scales their own, smaller learning rate (e.g. a tenth of the scale size):
+:func:`learned_scale_parameters` lists them for an optimizer parameter group.
+
 A scale gets no gradient before ``start``, once ``freeze_observers`` is reached and after
 ``end`` (baking removes it). Under DDP those steps need ``find_unused_parameters=True``
 (``strategy="ddp_find_unused_parameters_true"``); with ``start: 0`` and QAT running to the end
@@ -58,6 +63,7 @@ from lightning_compress.modifiers.quantization.qat import WeightFakeQuantizer, w
 __all__ = [
     "LearnableWeightFakeQuantizer",
     "add_learnable_weight_fake_quantizer",
+    "learned_scale_parameters",
     "lsq_fake_quantize",
     "round_scale",
 ]
@@ -243,3 +249,17 @@ def add_learnable_weight_fake_quantizer(
     quantizer = LearnableWeightFakeQuantizer(module, args)
     parametrize.register_parametrization(module, "weight", quantizer)
     return quantizer
+
+
+def learned_scale_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The learned scales of ``model``, e.g. for their own optimizer parameter group.
+
+    Args:
+        model: a model set up for quantization-aware training with ``learnable_scales``.
+
+    Returns:
+        Every :class:`LearnableWeightFakeQuantizer`'s ``scale``, in module order (empty when
+        there is none).
+    """
+    quantizers = (m for m in model.modules() if isinstance(m, LearnableWeightFakeQuantizer))
+    return [quantizer.scale for quantizer in quantizers]
