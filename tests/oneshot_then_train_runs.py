@@ -47,24 +47,30 @@ class CountingCompressor(Compressor):
 
 
 class SaveRankState(Callback):
-    """Every rank saves its model's state and its one-shot steps when training ends."""
+    """Every rank saves its one-shot steps, its quantized layers at the first batch and its
+    model's state when training ends."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
+        self.first: dict[str, torch.Tensor] | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.first is None:
+            self.first = quantized_state(pl_module)
 
     def on_train_end(self, trainer, pl_module):
         (compressor,) = [cb for cb in trainer.callbacks if isinstance(cb, CountingCompressor)]
         state = {k: v.detach().clone() for k, v in pl_module.model.state_dict().items()}
-        report = {"state": state, "one_shot_steps": compressor.one_shot_steps}
+        report = {"state": state, "first": self.first, "one_shot_steps": compressor.one_shot_steps}
         torch.save(report, self.directory / f"rank{trainer.global_rank}.pt")
 
 
-def token_loader(batch_size: int = 4, samples: int = 32) -> DataLoader:
-    """Fixed random token windows, in order."""
+def token_loader(batch_size: int = 4, samples: int = 32, order: Any = None) -> DataLoader:
+    """Fixed random token windows, in order (or in the order of the indices ``order``)."""
     data = torch.randint(
         0, CONFIG.vocab_size, (samples, 17), generator=torch.Generator().manual_seed(1)
     )
-    return DataLoader(data, batch_size=batch_size)
+    return DataLoader(data, batch_size=batch_size, sampler=order)
 
 
 def gptq_then_qat(qat: dict[str, Any] | None = None, **gptq: Any) -> list:
