@@ -176,9 +176,9 @@ def lsq_fake_quantize(
 class LearnableWeightFakeQuantizer(WeightFakeQuantizer):
     """A :class:`WeightFakeQuantizer` whose scale is a trained parameter (LSQ).
 
-    While enabled and not ``frozen`` the weight is fake-quantized by :func:`lsq_fake_quantize`
-    with ``scale`` and the stored scale is written to the owner's ``weight_scale``; once
-    ``frozen`` the owner's buffers are used as they are (the scale stops learning).
+    While enabled the weight is fake-quantized by :func:`lsq_fake_quantize` with ``scale`` and
+    the stored scale is written to the owner's ``weight_scale``; once ``frozen`` the scale gets
+    no gradient (it stays as last learned).
 
     Args:
         owner: the layer whose ``weight`` is parametrized and which holds the qparam buffers.
@@ -208,8 +208,8 @@ class LearnableWeightFakeQuantizer(WeightFakeQuantizer):
         Returns:
             The fake-quantized weight, or ``weight`` itself while not enabled.
         """
-        if not self.enabled or self.frozen:
-            return super().forward(weight)
+        if not self.enabled:
+            return weight
         owner = self.owner
         tensor_scale = owner._buffers.get("weight_global_scale")
         if not bool(self.initialized):
@@ -219,8 +219,9 @@ class LearnableWeightFakeQuantizer(WeightFakeQuantizer):
                 if tensor_scale is not None:
                     tensor_scale.copy_(tensor_scale_now)
                 self.initialized.fill_(True)
+        scale = self.scale.detach() if self.frozen else self.scale
         x_hat, stored = lsq_fake_quantize(
-            weight, self.scale, self.args, tensor_scale, owner.weight_scale.dtype
+            weight, scale, self.args, tensor_scale, owner.weight_scale.dtype
         )
         with torch.no_grad():
             owner.weight_scale.copy_(stored)

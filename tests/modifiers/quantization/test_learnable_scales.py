@@ -117,11 +117,16 @@ class Run:
         seed: int = 0,
         start: int = 0,
         fixed_batch: bool = False,
+        **modifier_kw,
     ) -> None:
         self.teacher = make_model(seed)
         self.model = copy.deepcopy(self.teacher)
         modifier = QuantizationModifier(
-            scheme=scheme, targets=["Linear"], start=start, learnable_scales=learnable
+            scheme=scheme,
+            targets=["Linear"],
+            start=start,
+            learnable_scales=learnable,
+            **modifier_kw,
         )
         self.session = CompressionSession()
         self.session.initialize(recipe=modifier, model=self.model)
@@ -193,6 +198,18 @@ def test_resume_from_a_checkpoint_continues_exactly():
     assert list(resumed.model.state_dict()) == list(expected)
     for key, value in resumed.model.state_dict().items():
         assert torch.equal(value, expected[key]), key
+
+
+def test_freeze_observers_stops_the_scales_where_they_are():
+    run = Run(learnable=True, freeze_observers=3)
+    for step in range(3):
+        run.step(step)
+    layer = run.model[0]
+    learned = layer.parametrizations.weight[0].scale.detach().clone()
+    for step in range(3, 6):
+        run.step(step)
+    assert torch.equal(layer.parametrizations.weight[0].scale, learned)
+    assert torch.equal(layer.weight_scale, learned)  # the forwards use the last learned scale
 
 
 def test_asymmetric_weights_are_refused():
