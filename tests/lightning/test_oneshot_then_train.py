@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import int8_channel_groups
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from oneshot_then_train_runs import (
@@ -23,6 +24,7 @@ from torch.utils.data import DataLoader
 from lightning_compress import oneshot
 from lightning_compress.lightning import Compressor
 from lightning_compress.modifiers import (
+    AWQModifier,
     ConstantPruningModifier,
     GPTQModifier,
     QuantizationModifier,
@@ -70,6 +72,27 @@ def test_gptq_runs_once_before_the_first_step_and_qat_starts_from_its_weights_an
     assert moved > 0
 
 
+def awq_then_rtn() -> list:
+    """AWQ smoothing for W4 g16, then round-to-nearest W4 g16 (one-shot)."""
+    groups = {"g": dict(LINEAR_BUT_HEAD)}
+    return [
+        AWQModifier(weights=LINEAR_BUT_HEAD["weights"], ignore=["lm_head"]),
+        QuantizationModifier(config_groups=groups, ignore=["lm_head"]),
+    ]
+
+
+def test_qat_after_awq_and_round_to_nearest_starts_from_their_weights_and_scales():
+    groups = {"g": dict(LINEAR_BUT_HEAD)}
+    training = QuantizationModifier(config_groups=groups, ignore=["lm_head"], start=0)
+    state = QuantizedState()
+    compressor = Compressor([*awq_then_rtn(), training], num_calibration_batches=2)
+    trainer(max_steps=1, callbacks=[compressor, state]).fit(tiny_module(), token_loader())
+    expected = one_shot_reference(awq_then_rtn())
+    assert state.first.keys() == expected.keys() and expected
+    for name, tensor in expected.items():
+        torch.testing.assert_close(state.first[name], tensor, rtol=0, atol=1e-6, msg=name)
+
+
 def test_the_one_shot_stage_reads_the_given_calibration_data():
     data = list(token_loader())[:2]
     module = tiny_module()
@@ -111,7 +134,7 @@ def test_a_training_scheme_other_than_the_one_shot_one_is_refused_naming_the_fie
 
 def test_a_one_shot_quantization_without_a_training_one_is_refused():
     recipe = [
-        QuantizationModifier(scheme="W8A16", targets=["Linear"], ignore=["lm_head"]),
+        QuantizationModifier(config_groups=int8_channel_groups(["Linear"]), ignore=["lm_head"]),
         ConstantPruningModifier(targets=["re:.*_proj$"], start=0),
     ]
     with pytest.raises(RecipeError, match="no training QuantizationModifier"):
