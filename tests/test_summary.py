@@ -55,9 +55,9 @@ def test_the_summary_sorts_linear_layers_into_quantized_sparse_ignored_and_left_
         model.fc2.weight.view(-1, 4)[:, :2] = 0  # 2 of every 4 zero: 2:4 sparse
     summary = CompressionSummary()
     summary.describe(model)
-    assert summary.quantized == {"fc1": "W8A16 (int8 per-channel)"}
+    assert summary.quantized == {"fc1": "W8A16 (int8 g128)"}
     assert summary.sparse == {"fc2": "2:4 sparse"}
-    assert summary.schemes == {"W8A16 (int8 per-channel)": 1, "2:4 sparse": 1}
+    assert summary.schemes == {"W8A16 (int8 g128)": 1, "2:4 sparse": 1}
     assert (summary.ignored, summary.left_out, summary.linear_layers) == ([], [], 2)
 
     plain = TwoLayer()
@@ -115,7 +115,7 @@ def test_a_quantized_layer_that_is_not_linear_is_counted():
     model[1].quantization_scheme = preset_scheme("W8A16", ["1"])
     summary = CompressionSummary()
     summary.describe(model)
-    assert summary.quantized == {"1": "W8A16 (int8 per-channel)"}
+    assert summary.quantized == {"1": "W8A16 (int8 g128)"}
     assert (summary.linear_layers, summary.left_out) == (2, ["0"])
 
 
@@ -148,9 +148,7 @@ def test_a_layer_both_quantized_and_sparse_carries_both_labels():
         layer.weight.view(-1, 4)[:, :2] = 0
     summary = CompressionSummary()
     summary.describe(model, ignore=["re:.*1.proj"])
-    assert summary.coverage.compressed == {
-        "layers.0.proj.weight": "W8A16 (int8 per-channel) + 2:4 sparse"
-    }
+    assert summary.coverage.compressed == {"layers.0.proj.weight": "W8A16 (int8 g128) + 2:4 sparse"}
     assert summary.coverage.ignored == ["layers.1.proj.weight"]
 
 

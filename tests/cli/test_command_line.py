@@ -7,6 +7,7 @@ import re
 import pytest
 import yaml
 from cli_checkpoints import save_checkpoint
+from helpers import int8_channel_groups
 from loguru import logger
 
 from lightning_compress.cli import COMMANDS, main, run
@@ -14,7 +15,9 @@ from lightning_compress.lightning.compress_command import compress_parser
 from lightning_compress.recipe import RecipeError
 
 TRAINING = ("fit", "validate", "test", "predict")
-RTN = yaml.safe_dump({"q_modifiers": {"QuantizationModifier": {"scheme": "W8A16"}}})
+RTN = yaml.safe_dump(
+    {"q_modifiers": {"QuantizationModifier": {"config_groups": int8_channel_groups()}}}
+)
 
 
 def help_of(argv: list[str], capsys) -> str:
@@ -143,7 +146,9 @@ def test_a_nested_model_flag_gets_a_short_error_naming_the_model_flag(capsys):
     assert "--model PATH" in error and len(error.splitlines()) == 1
 
 
-MISSPELLED = yaml.safe_dump({"q_modifiers": {"GPTQModifer": {"scheme": "W8A16"}}})
+MISSPELLED = yaml.safe_dump(
+    {"q_modifiers": {"GPTQModifer": {"config_groups": int8_channel_groups()}}}
+)
 
 
 def test_the_program_says_a_refused_recipe_in_one_line(monkeypatch, capsys):

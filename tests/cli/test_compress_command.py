@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 from cli_checkpoints import RECORDS, save_checkpoint
+from helpers import int8_channel_groups
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -35,7 +36,11 @@ GPTQ = {
         }
     }
 }
-RTN = {"quant_modifiers": {"QuantizationModifier": {"scheme": "W8A16", "ignore": ["lm_head"]}}}
+RTN = {
+    "quant_modifiers": {
+        "QuantizationModifier": {"config_groups": int8_channel_groups(), "ignore": ["lm_head"]}
+    }
+}
 QUIET = ["--trainer.enable_progress_bar", "false"]
 
 
@@ -169,7 +174,10 @@ def test_a_model_that_is_no_checkpoint_is_refused_in_one_line(tmp_path):
 
 
 def test_strict_refuses_a_recipe_that_leaves_weights_out_before_compressing(checkpoint, capsys):
-    rtn = {"scheme": "W8A16", "targets": [r"re:.*self_attn\..*_proj"], "ignore": ["lm_head"]}
+    rtn = {
+        "config_groups": int8_channel_groups([r"re:.*self_attn\..*_proj"]),
+        "ignore": ["lm_head"],
+    }
     attention_only = {"quant_modifiers": {"QuantizationModifier": rtn}}
     argv = ["--model", str(checkpoint), "--recipe", yaml.safe_dump(attention_only), *QUIET]
     with pytest.raises(RecipeError, match=r"strict: .*mlp\.down_proj\.weight x2"):

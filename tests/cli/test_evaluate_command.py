@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 from cli_checkpoints import RECORDS
+from helpers import int8_channel_groups
 from transformers import AutoModelForCausalLM
 
 from lightning_compress.bundled.tokenizer import byte_tokenizer_fast
@@ -65,7 +66,7 @@ def test_perplexity_of_a_compressed_checkpoint_is_the_compressed_models(
     checkpoint, jsonl, tmp_path
 ):
     model = AutoModelForCausalLM.from_pretrained(checkpoint)
-    oneshot(model, QuantizationModifier(scheme="W8A16", ignore=["lm_head"]))
+    oneshot(model, QuantizationModifier(config_groups=int8_channel_groups(), ignore=["lm_head"]))
     save_compressed(model, tmp_path / "w8", byte_tokenizer_fast())
     config = json.loads((tmp_path / "w8" / "config.json").read_text())
     assert "quantization_config" in config

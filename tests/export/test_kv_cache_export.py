@@ -12,6 +12,7 @@ from compressed_tensors.quantization import QuantizationArgs as CTQuantizationAr
 from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
 from compressed_tensors.quantization.lifecycle.initialize import initialize_qparams
 from export_models import QUIET, tiny_model, token_ids
+from helpers import int8_channel_groups
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM
@@ -96,7 +97,9 @@ def test_attention_group_is_saved_as_compressed_tensors_writes_attention_quantiz
 
 def test_compressed_tensors_and_transformers_accept_the_checkpoint(tmp_path: Path) -> None:
     model = calibrated(
-        QuantizationModifier(scheme="W8A16", ignore=["lm_head"], kv_cache_scheme=fp8("tensor"))
+        QuantizationModifier(
+            config_groups=int8_channel_groups(), ignore=["lm_head"], kv_cache_scheme=fp8("tensor")
+        )
     )
     config, _ = saved(model, tmp_path / "ckpt")
     ct_config = QuantizationConfig.model_validate(config)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import int8_channel_groups
 from torch import nn
 from transformers import AutoModelForCausalLM
 
@@ -70,7 +71,8 @@ def test_unfinished_quantization_aware_training_is_refused(tiny_model, tmp_path)
     model = tiny_model("llama")
     session = CompressionSession()
     session.initialize(
-        recipe=[QuantizationModifier(scheme="W8A16", targets=["Linear"], start=0)], model=model
+        recipe=[QuantizationModifier(config_groups=int8_channel_groups(["Linear"]), start=0)],
+        model=model,
     )
     with pytest.raises(ExportError, match="not finished.*finalize"):
         save_compressed(model, tmp_path / "ckpt")

@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import int8_channel_groups
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import Logger
 from torch import nn
@@ -112,7 +113,7 @@ def test_validate_runs_the_calibration_events_and_logs_each_block():
 
 
 def test_weight_only_rtn_needs_one_forward_per_block_and_matches_data_free():
-    rtn = QuantizationModifier(scheme="W8A16", ignore=["lm_head"])
+    rtn = QuantizationModifier(config_groups=int8_channel_groups(), ignore=["lm_head"])
     data_free = tiny_decoder()
     session = CompressionSession()
     session.initialize(recipe=rtn, model=data_free)

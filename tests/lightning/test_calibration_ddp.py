@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import torch
 from calibration_runs import calibrate_tiny_decoder
+from helpers import int8_channel_groups
 from torch import nn
 
 from lightning_compress.bundled import TinyDecoderConfig
@@ -75,7 +76,10 @@ def calibrate(directory: Path, **trainer_kwargs: Any) -> None:
     config = TinyDecoderConfig(hidden_size=64, intermediate_size=128, num_layers=3, num_heads=4)
     calibrate_tiny_decoder(
         directory,
-        [QuantizationModifier(scheme="W8A16", ignore=["lm_head"]), InputStatistics()],
+        [
+            QuantizationModifier(config_groups=int8_channel_groups(), ignore=["lm_head"]),
+            InputStatistics(),
+        ],
         config,
         **trainer_kwargs,
     )

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import int8_channel_groups
 from lightning.pytorch import Callback, Trainer
 from lightning_models import Regressor, regression_loader
 
@@ -107,7 +108,9 @@ def test_ddp_qat_keeps_quantization_parameters_identical_on_all_ranks():
 def test_ddp_training_goes_on_after_qat_ends_and_bakes_the_weights():
     # Baking used to swap the parameter's storage (set_), after which DDP's gradient hooks
     # never fired again: the next step failed with "parameters that were not used".
-    modifier = QuantizationModifier(scheme="W8A16", targets=["Linear"], start=0, end=0.125)
+    modifier = QuantizationModifier(
+        config_groups=int8_channel_groups(["Linear"]), start=0, end=0.125
+    )
     trainer = Trainer(
         accelerator="cpu",
         devices=2,

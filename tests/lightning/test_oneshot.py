@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import int8_channel_groups
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_compress.bundled import ByteTokenizer, TinyDecoder, TinyDecoderConfig
@@ -14,7 +15,7 @@ from lightning_compress.lightning.oneshot import calibration_loader, calibration
 from lightning_compress.modifiers import GPTQModifier, QuantizationModifier
 
 IDS = torch.randint(0, 256, (4, 10), generator=torch.Generator().manual_seed(0))
-RTN = QuantizationModifier(scheme="W8A16", ignore=["lm_head"])
+RTN = QuantizationModifier(config_groups=int8_channel_groups(), ignore=["lm_head"])
 QUIET = {"enable_progress_bar": False}
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import int8_channel_groups
 
 from lightning_compress.bundled.loading import CHECKPOINT_NAME, DATA_DIR
 from lightning_compress.cli import main
@@ -35,7 +36,9 @@ def test_compress_subcommand_compresses_and_prints_perplexity(tmp_path, capsys):
     config = yaml.safe_load(SHIPPED.read_text())
     config["model"] = TINY_MODEL
     config.update(num_calibration_samples=4, max_seq_length=32, batch_size=2)
-    config["recipe"]["quant_stage"]["quant_modifiers"]["QuantizationModifier"]["scheme"] = "W8A16"
+    rtn = config["recipe"]["quant_stage"]["quant_modifiers"]["QuantizationModifier"]
+    del rtn["scheme"]
+    rtn["config_groups"] = int8_channel_groups()
     config["trainer"]["enable_progress_bar"] = False
     path = tmp_path / "compress.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -77,7 +80,11 @@ def test_the_compression_trainer_compresses_after_training_in_python():
     trainer = CompressionTrainer(
         accelerator="cpu", inference_mode=False, logger=False, enable_progress_bar=False
     )
-    recipe = {"q_modifiers": {"GPTQModifier": {"scheme": "W8A16", "ignore": ["lm_head"]}}}
+    recipe = {
+        "q_modifiers": {
+            "GPTQModifier": {"config_groups": int8_channel_groups(), "ignore": ["lm_head"]}
+        }
+    }
     compressed = trainer.compress(
         model, recipe=recipe, num_calibration_samples=2, max_seq_length=16
     )

@@ -12,6 +12,7 @@ import pytest
 import torch
 from cli_checkpoints import RECORDS, save_checkpoint
 from export_models import QUIET, tiny_model, token_ids
+from helpers import int8_channel_groups
 from loguru import logger
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -71,7 +72,7 @@ LLMCOMPRESSOR_KEYWORDS = [
     "propagate_error",
     "use_loss_mask",
 ]
-RTN = QuantizationModifier(scheme="W8A16", ignore=["lm_head"])
+RTN = QuantizationModifier(config_groups=int8_channel_groups(), ignore=["lm_head"])
 
 
 @pytest.fixture(scope="module")
@@ -256,7 +257,7 @@ def test_a_reference_style_call_calibrates_on_text_and_saves_with_the_tokenizer_
     model = oneshot(
         model=str(checkpoint),
         dataset=RECORDS,
-        recipe=GPTQModifier(scheme="W8A16", ignore=["lm_head"]),
+        recipe=GPTQModifier(config_groups=int8_channel_groups(), ignore=["lm_head"]),
         max_seq_length=16,
         num_calibration_samples=4,
         output_dir=str(tmp_path / "out"),

@@ -16,6 +16,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from export_models import VOCAB, tiny_model, token_ids
+from helpers import int8_channel_groups
 from loguru import logger
 from torch import nn
 
@@ -193,7 +194,12 @@ def test_layer_metrics_and_lightning_messages_are_held_back_by_default(console):
 
 def test_the_debug_verbosity_shows_layer_metrics_and_lightning_messages(console, verbosity):
     verbosity("debug")
-    oneshot(tiny_model("llama"), GPTQModifier(scheme="W8A16", ignore=["lm_head"]), token_ids(), 8)
+    oneshot(
+        tiny_model("llama"),
+        GPTQModifier(config_groups=int8_channel_groups(), ignore=["lm_head"]),
+        token_ids(),
+        8,
+    )
     text = "\n".join(console)
     assert "QuantizationError/model.layers.0.self_attn.q_proj" in text
     assert "GPU available" in text
@@ -221,7 +227,7 @@ def test_a_trainer_passed_in_has_its_progress_bar_hidden_during_calibration_only
     trainer = pl.Trainer(accelerator="cpu", inference_mode=False, logger=False, callbacks=[state])
     bar = trainer.progress_bar_callback
     assert bar is not None and bar.is_enabled
-    recipe = GPTQModifier(scheme="W8A16", ignore=["lm_head"])
+    recipe = GPTQModifier(config_groups=int8_channel_groups(), ignore=["lm_head"])
     oneshot(tiny_model("llama"), recipe, token_ids(), 8, trainer=trainer)
     assert state.enabled == [False]
     assert bar.is_enabled
@@ -233,7 +239,7 @@ def test_calibration_and_saving_show_one_bar_each_on_a_terminal(tmp_path, monkey
     monkeypatch.setattr(sys, "stderr", terminal)
     oneshot(
         tiny_model("llama"),
-        GPTQModifier(scheme="W8A16", ignore=["lm_head"]),
+        GPTQModifier(config_groups=int8_channel_groups(), ignore=["lm_head"]),
         token_ids(),
         8,
         output_dir=tmp_path / "out",
@@ -255,7 +261,7 @@ def test_the_progress_bars_stay_off_when_stderr_is_not_a_terminal(tmp_path, monk
     monkeypatch.setattr(sys, "stderr", stream)
     oneshot(
         tiny_model("llama"),
-        GPTQModifier(scheme="W8A16", ignore=["lm_head"]),
+        GPTQModifier(config_groups=int8_channel_groups(), ignore=["lm_head"]),
         token_ids(),
         8,
         output_dir=tmp_path / "out",
@@ -266,7 +272,9 @@ def test_the_progress_bars_stay_off_when_stderr_is_not_a_terminal(tmp_path, monk
 def test_a_summary_passed_in_is_filled_and_left_to_the_caller_to_log(console):
     summary = CompressionSummary(phases={"load": 0.25})
     model = tiny_model("llama")
-    returned = oneshot(model, QuantizationModifier(scheme="W8A16"), None, summary=summary)
+    returned = oneshot(
+        model, QuantizationModifier(config_groups=int8_channel_groups()), None, summary=summary
+    )
     assert returned is model
     assert not any("compression summary" in line for line in console)
     assert list(summary.phases) == ["load", "compress"]
@@ -302,7 +310,7 @@ class MetricsLogger(pl.loggers.Logger):
 def test_layer_metrics_reach_the_trainers_loggers_while_the_console_stays_quiet(console):
     metrics = MetricsLogger()
     trainer = pl.Trainer(accelerator="cpu", inference_mode=False, logger=metrics)
-    recipe = GPTQModifier(scheme="W8A16", ignore=["lm_head"])
+    recipe = GPTQModifier(config_groups=int8_channel_groups(), ignore=["lm_head"])
     oneshot(tiny_model("llama"), recipe, token_ids(), 8, trainer=trainer)
     assert "compression/QuantizationError/model.layers.1.mlp.down_proj" in metrics.metrics
     assert not any("QuantizationError/" in line for line in console)

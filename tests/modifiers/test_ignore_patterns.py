@@ -11,6 +11,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 from export_models import QUIET, tiny_model, token_ids
+from helpers import int8_channel_groups
 from loguru import logger
 from torch import nn
 
@@ -26,8 +27,8 @@ from lightning_compress.recipe import RecipeError
 
 SEED = 16
 MODIFIERS: dict[str, Callable[..., Modifier]] = {
-    "rtn": lambda **kw: QuantizationModifier(scheme="W8A16", targets=["Linear"], **kw),
-    "gptq": lambda **kw: GPTQModifier(scheme="W8A16", targets=["Linear"], **kw),
+    "rtn": lambda **kw: QuantizationModifier(config_groups=int8_channel_groups(["Linear"]), **kw),
+    "gptq": lambda **kw: GPTQModifier(config_groups=int8_channel_groups(["Linear"]), **kw),
     "sparsegpt": lambda **kw: SparseGPTModifier(sparsity=0.5, **kw),
     "magnitude": lambda **kw: MagnitudePruningModifier(final_sparsity=0.5, start=-1, **kw),
 }
@@ -97,7 +98,11 @@ def test_strict_is_read_from_a_yaml_recipe():
     recipe = """
 quant_stage:
   quant_modifiers:
-    QuantizationModifier: {scheme: W8A16, targets: [Linear], ignore: [LM_head], strict: true}
+    QuantizationModifier:
+      config_groups:
+        group_0: {targets: [Linear], weights: {num_bits: 8, strategy: channel}}
+      ignore: [LM_head]
+      strict: true
 """
     model = tiny_model()
     before = copy.deepcopy(model.state_dict())

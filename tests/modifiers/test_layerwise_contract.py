@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import int8_channel_groups
 from loguru import logger
 from torch import nn
 
@@ -90,9 +91,16 @@ class Case:
 
 
 TARGETS = {"targets": ["re:.*up$", "re:.*down$"]}
+
+
+def _int8_weights(modifier: type[Modifier]) -> Callable[..., Modifier]:
+    """Builds ``modifier`` quantizing ``targets`` to int8 per channel."""
+    return lambda targets="Linear", **kw: modifier(config_groups=int8_channel_groups(targets), **kw)
+
+
 CASES = [
-    Case("gptq", lambda **kw: GPTQModifier(scheme="W8A16", **kw), _is_quantized),
-    Case("rtn", lambda **kw: QuantizationModifier(scheme="W8A16", **kw), _is_quantized),
+    Case("gptq", _int8_weights(GPTQModifier), _is_quantized),
+    Case("rtn", _int8_weights(QuantizationModifier), _is_quantized),
     Case("sparsegpt", lambda **kw: SparseGPTModifier(sparsity=0.5, **kw), _half_pruned),
     Case("wanda", lambda **kw: WandaPruningModifier(sparsity=0.5, **kw), _half_pruned),
 ]
@@ -163,7 +171,9 @@ def _data_free_reference(case: Case, weight: torch.Tensor) -> torch.Tensor:
         layer = nn.Sequential(nn.Linear(WIDTH, WIDTH, bias=False))
         layer[0].weight.data.copy_(weight)
         session = CompressionSession()
-        session.initialize(recipe=QuantizationModifier(scheme="W8A16"), model=layer)
+        session.initialize(
+            recipe=QuantizationModifier(config_groups=int8_channel_groups()), model=layer
+        )
         session.finalize()
         return layer[0].weight.detach()
     smallest = weight.abs().argsort(dim=1)[:, : WIDTH // 2]

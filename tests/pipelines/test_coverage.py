@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 from export_models import tiny_model, token_ids, w4a16
+from helpers import int8_channel_groups
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import Logger
 from lightning_models import Regressor, regression_loader
@@ -81,7 +82,7 @@ def warnings():
 
 
 def rtn(ignore: list[str]) -> QuantizationModifier:
-    return QuantizationModifier(scheme="W8A16", ignore=ignore)
+    return QuantizationModifier(config_groups=int8_channel_groups(), ignore=ignore)
 
 
 def test_a_layer_type_no_adapter_knows_is_left_out_and_named_in_a_warning(warnings):
@@ -173,7 +174,7 @@ def test_strict_checks_experts_as_linear_layers_and_undoes_that_swap_when_it_ref
     experts = type(model.model.layers[0].mlp.experts)
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     attention_only = QuantizationModifier(
-        targets=[r"re:.*self_attn\..*_proj$"], scheme="W8A16", ignore=["lm_head"]
+        config_groups=int8_channel_groups([r"re:.*self_attn\..*_proj$"]), ignore=["lm_head"]
     )
     left_out = r"Linear layers no target matches: model\.layers\.\*\.mlp\.experts\.\*\.gate_proj"
     with pytest.raises(RecipeError, match=left_out):
@@ -207,7 +208,8 @@ def test_routers_are_kept_in_full_precision_unless_a_target_names_them(warnings)
 
     named = tiny_moe("qwen2_moe")
     recipe = QuantizationModifier(
-        targets=["Linear", r"re:.*shared_expert_gate$"], scheme="W8A16", ignore=["lm_head"]
+        config_groups=int8_channel_groups(["Linear", r"re:.*shared_expert_gate$"]),
+        ignore=["lm_head"],
     )
     oneshot(named, recipe, progress=False)
     assert hasattr(named.model.layers[0].mlp.shared_expert_gate, "weight_scale")
@@ -253,7 +255,7 @@ def pruning(targets: list[str]) -> MagnitudePruningModifier:
 def test_a_calibration_on_a_trainer_sends_its_coverage_to_the_trainers_loggers():
     metrics = MetricsLogger()
     calibration = trainer(metrics, inference_mode=False)
-    recipe = GPTQModifier(scheme="W8A16", ignore=["lm_head"])
+    recipe = GPTQModifier(config_groups=int8_channel_groups(), ignore=["lm_head"])
     oneshot(tiny_model("llama"), recipe, token_ids(), 8, trainer=calibration, progress=False)
     assert {
         "compression/coverage/compressed_tensors": 14.0,

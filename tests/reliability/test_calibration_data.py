@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 from export_models import VOCAB, tiny_model
+from helpers import int8_channel_groups
 from lightning.pytorch import Trainer
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
@@ -32,7 +33,7 @@ SEED = 0
 
 
 def gptq() -> GPTQModifier:
-    return GPTQModifier(scheme="W8A16", targets=["Linear"], ignore=["lm_head"])
+    return GPTQModifier(config_groups=int8_channel_groups(["Linear"]), ignore=["lm_head"])
 
 
 def token_ids(rows: int = ROWS, length: int = LENGTH) -> torch.Tensor:
@@ -368,7 +369,11 @@ def test_the_compress_command_fails_before_calibrating_on_an_unwritable_output_d
                 }
             },
         },
-        "recipe": {"quant_stage": {"quant_modifiers": {"GPTQModifier": {"scheme": "W8A16"}}}},
+        "recipe": {
+            "quant_stage": {
+                "quant_modifiers": {"GPTQModifier": {"config_groups": int8_channel_groups()}}
+            }
+        },
         "num_calibration_samples": 2,
         "max_seq_length": 16,
     }

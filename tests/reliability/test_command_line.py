@@ -15,6 +15,7 @@ from cli_checkpoints import (  # noqa: F401 (an autouse fixture)
     save_checkpoint,
     write_jsonl,
 )
+from helpers import int8_channel_groups
 
 from lightning_compress.cli import main
 from lightning_compress.evaluate_command import run_evaluate
@@ -24,7 +25,11 @@ from lightning_compress.recipe import RecipeError
 
 SEED = 16
 GPTQ = yaml.safe_dump(
-    {"quant_modifiers": {"GPTQModifier": {"scheme": "W8A16", "ignore": ["lm_head"]}}}
+    {
+        "quant_modifiers": {
+            "GPTQModifier": {"config_groups": int8_channel_groups(), "ignore": ["lm_head"]}
+        }
+    }
 )
 
 
@@ -171,7 +176,9 @@ def test_a_missing_recipe_is_named():
 
 
 def test_a_bad_recipe_is_refused_before_calibrating(good, tmp_path, calibrations):
-    recipe = yaml.safe_dump({"quant_modifiers": {"GPTQModifer": {"scheme": "W8A16"}}})
+    recipe = yaml.safe_dump(
+        {"quant_modifiers": {"GPTQModifer": {"config_groups": int8_channel_groups()}}}
+    )
     with pytest.raises(RecipeError, match="GPTQModifer"):
         run_compress(["--model", str(good), "--recipe", recipe, "--output_dir", f"{tmp_path}/o"])
     assert calibrations == [] and not (tmp_path / "o").exists()

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import torch
 from export_models import VOCAB, tiny_model
+from helpers import int8_channel_groups
 
 from lightning_compress.bundled import ByteTokenizer
 from lightning_compress.lightning.oneshot import calibration_samples, oneshot
@@ -172,7 +173,7 @@ def test_oneshot_on_a_damaged_file_leaves_the_model_unchanged(fault_line, tmp_pa
     path.write_text("\n".join(lines))
     model = tiny_model()
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    gptq = GPTQModifier(scheme="W8A16", targets=["Linear"], ignore=["lm_head"])
+    gptq = GPTQModifier(config_groups=int8_channel_groups(["Linear"]), ignore=["lm_head"])
     with pytest.raises(ValueError, match=f"calibration.jsonl line {fault_line} is not valid JSON"):
         oneshot(model, gptq, dataset=path, num_calibration_samples=None, trainer_kwargs=QUIET)
     assert model.state_dict().keys() == before.keys()

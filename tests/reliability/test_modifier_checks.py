@@ -19,6 +19,7 @@ from contextlib import contextmanager
 
 import pytest
 import torch
+from helpers import int8_channel_groups
 from lightning.pytorch import Callback, Trainer
 from lightning_models import Regressor, regression_loader
 from loguru import logger
@@ -115,16 +116,16 @@ def assert_unchanged(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
 
 # ---------------------------------------------------------- non-finite values
 ONE_SHOT: dict[str, Callable[[], Modifier]] = {
-    "rtn": lambda: QuantizationModifier(scheme="W8A16", ignore=["lm_head"]),
+    "rtn": lambda: QuantizationModifier(config_groups=int8_channel_groups(), ignore=["lm_head"]),
     "rtn-static-inputs": lambda: QuantizationModifier(scheme="FP8", ignore=["lm_head"]),
-    "gptq": lambda: GPTQModifier(scheme="W8A16", ignore=["lm_head"]),
+    "gptq": lambda: GPTQModifier(config_groups=int8_channel_groups(), ignore=["lm_head"]),
     "sparsegpt": lambda: SparseGPTModifier(sparsity=0.5, ignore=["lm_head"]),
     "wanda": lambda: WandaPruningModifier(sparsity=0.5, ignore=["lm_head"]),
     "smoothquant": lambda: SmoothQuantModifier(ignore=["lm_head"]),
     "awq": lambda: AWQModifier(weights=W4_G32, ignore=["lm_head"]),
 }
 TRAINING: dict[str, Callable[[], Modifier]] = {
-    "qat": lambda: QuantizationModifier(scheme="W8A16", start=0),
+    "qat": lambda: QuantizationModifier(config_groups=int8_channel_groups(), start=0),
     "gradual-pruning": lambda: MagnitudePruningModifier(final_sparsity=0.5, start=0, end=4),
     "constant-pruning": lambda: ConstantPruningModifier(start=0),
 }
@@ -248,7 +249,9 @@ def test_non_finite_calibration_inputs_name_the_layer_they_enter(algorithm, valu
 def test_a_quantization_aware_run_that_diverged_is_refused_at_the_bake():
     model = tiny_llama()
     session = CompressionSession()
-    session.initialize(recipe=QuantizationModifier(scheme="W8A16", start=0), model=model)
+    session.initialize(
+        recipe=QuantizationModifier(config_groups=int8_channel_groups(), start=0), model=model
+    )
     session.event(EventType.BATCH_START, global_step=0)
     layer = model.model.layers[1].mlp.down_proj
     with torch.no_grad():
@@ -293,7 +296,7 @@ def test_quantizing_a_tied_lm_head_unties_it_and_the_export_loads(tmp_path):
     model = tiny_llama(tie=True)
     embedding = model.model.embed_tokens.weight.detach().clone()
     with warnings_logged() as warnings:
-        oneshot(model, QuantizationModifier(scheme="W8A16"))
+        oneshot(model, QuantizationModifier(config_groups=int8_channel_groups()))
     assert any(
         "layer 'lm_head' shares its weight with ['model.embed_tokens']" in w for w in warnings
     )
@@ -314,7 +317,7 @@ def test_quantizing_a_tied_lm_head_unties_it_and_the_export_loads(tmp_path):
 def test_the_bundled_decoder_with_a_tied_lm_head_is_untied_and_exports(tmp_path):
     model = tied_tiny_decoder()
     embedding = model.model.embed_tokens.weight.detach().clone()
-    oneshot(model, QuantizationModifier(scheme="W8A16"))
+    oneshot(model, QuantizationModifier(config_groups=int8_channel_groups()))
     assert torch.equal(model.model.embed_tokens.weight, embedding)
     save_compressed(model, tmp_path / "out")
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
@@ -361,7 +364,7 @@ def test_a_tied_weight_the_optimizer_already_holds_is_refused_untouched():
     model = tiny_llama(tie=True)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     before = snapshot(model)
-    qat = QuantizationModifier(scheme="W8A16", start=0)
+    qat = QuantizationModifier(config_groups=int8_channel_groups(), start=0)
     with pytest.raises(RecipeError, match=r"layer 'lm_head' shares its weight.*optimizer"):
         CompressionSession().initialize(recipe=qat, model=model, optimizer=optimizer)
     assert model.lm_head.weight is model.model.embed_tokens.weight
@@ -423,7 +426,7 @@ def test_quantization_aware_training_of_a_tied_lm_head_trains_both_copies():
     module = TiedLanguageModel()
     embedding = module.net.model.embed_tokens.weight.detach().clone()
     record = OptimizedWeights()
-    qat = QuantizationModifier(scheme="W8A16", start=0, targets="net.lm_head")
+    qat = QuantizationModifier(config_groups=int8_channel_groups("net.lm_head"), start=0)
     fit(module, qat, token_loader(), record)
     assert not record.shared and record.head_trained and record.embedding_trained
     net = module.net
@@ -447,9 +450,11 @@ def test_magnitude_pruning_of_a_tied_lm_head_leaves_the_embedding_dense():
 # ------------------------------------------------------------ targets / ignore
 EVERY_LINEAR = ["re:.*_proj", "lm_head"]
 IGNORING_ALL: dict[str, Callable[[], Modifier]] = {
-    "rtn": lambda: QuantizationModifier(scheme="W8A16", ignore=EVERY_LINEAR),
-    "qat": lambda: QuantizationModifier(scheme="W8A16", ignore=EVERY_LINEAR, start=0),
-    "gptq": lambda: GPTQModifier(scheme="W8A16", ignore=EVERY_LINEAR),
+    "rtn": lambda: QuantizationModifier(config_groups=int8_channel_groups(), ignore=EVERY_LINEAR),
+    "qat": lambda: QuantizationModifier(
+        config_groups=int8_channel_groups(), ignore=EVERY_LINEAR, start=0
+    ),
+    "gptq": lambda: GPTQModifier(config_groups=int8_channel_groups(), ignore=EVERY_LINEAR),
     "sparsegpt": lambda: SparseGPTModifier(sparsity=0.5, ignore=EVERY_LINEAR),
     "wanda": lambda: WandaPruningModifier(sparsity=0.5, ignore=EVERY_LINEAR),
     "smoothquant": lambda: SmoothQuantModifier(ignore=EVERY_LINEAR),

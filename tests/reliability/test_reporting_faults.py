@@ -13,6 +13,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from export_models import VOCAB, tiny_model, token_ids
+from helpers import int8_channel_groups
 from loguru import logger
 
 from lightning_compress.core import LoguruLogger
@@ -99,7 +100,7 @@ def test_a_failed_run_restores_reporting_state_and_logs_no_summary(fault, tmp_pa
         with pytest.raises(EXPECTED[fault.kind]):
             oneshot(
                 model,
-                GPTQModifier(scheme="W8A16", ignore=["lm_head"]),
+                GPTQModifier(config_groups=int8_channel_groups(), ignore=["lm_head"]),
                 data,
                 8,
                 output_dir=tmp_path / "out",

@@ -367,7 +367,7 @@ def test_a_failure_after_qat_ended_raises_itself_and_leaves_the_layers_quantized
 def test_baking_a_qat_weight_keeps_its_gradient_accumulator_for_ddp_hooks():
     # DDP reduces gradients from hooks on each parameter's gradient accumulator; baking
     # used to swap the parameter's storage (set_), after which those hooks never fired.
-    from lightning_compress.modifiers.quantization.args import preset_scheme
+    from lightning_compress.modifiers.quantization.args import QuantizationArgs, QuantizationScheme
     from lightning_compress.modifiers.quantization.qat import (
         add_weight_fake_quantizer,
         bake_weight,
@@ -375,7 +375,8 @@ def test_baking_a_qat_weight_keeps_its_gradient_accumulator_for_ddp_hooks():
     )
 
     layer = torch.nn.Linear(16, 8)
-    scheme = preset_scheme("W8A16", ["Linear"])
+    weights = QuantizationArgs(num_bits=8, strategy="channel")  # 16 inputs: no groups of 128
+    scheme = QuantizationScheme(targets=["Linear"], weights=weights, input_activations=None)
     for name, value in training_buffers(layer.weight, scheme).items():
         layer.register_buffer(name, value)
     quantizer = add_weight_fake_quantizer(layer, scheme.weights)

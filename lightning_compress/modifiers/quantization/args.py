@@ -605,7 +605,7 @@ _W8A8 = {
 }
 
 PRESET_SCHEMES: dict[str, dict[str, QuantizationArgs]] = {
-    "W8A16": {"weights": QuantizationArgs(num_bits=8, strategy="channel")},
+    "W8A16": _INT_FAMILY["W8A16"],
     "W4A16": _INT_FAMILY["W4A16"],
     "W4A16_ASYM": {
         "weights": QuantizationArgs(num_bits=4, symmetric=False, strategy="group", group_size=128)

@@ -226,10 +226,7 @@ def test_format_registry_has_one_row_per_combination() -> None:
         format_of("float", 6)
 
 
-KNOWN_DIFFERENT = {"W8A16": "channel-wise here (the project's preset before 0.20), group 128 there"}
-
-
-@pytest.mark.parametrize("name", sorted(set(PRESET_SCHEMES) - set(KNOWN_DIFFERENT)))
+@pytest.mark.parametrize("name", sorted(PRESET_SCHEMES))
 def test_presets_have_compressed_tensors_definitions(name: str) -> None:
     ours = PRESET_SCHEMES[name]
     theirs = {role: args for role, args in CT_PRESETS[name].items() if args is not None}

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from helpers import int8_channel_groups
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -290,7 +291,9 @@ def test_bad_hessians_name_the_layer_and_leave_the_block(x, settings, match):
     model = Stack()
     before = copy.deepcopy(model.state_dict())
     session = CompressionSession()
-    session.initialize(recipe=GPTQModifier(scheme="W8A16", **settings), model=model)
+    session.initialize(
+        recipe=GPTQModifier(config_groups=int8_channel_groups(), **settings), model=model
+    )
     session.event(EventType.CALIBRATION_EPOCH_START)
     with torch.no_grad():
         model.blocks[0](x)
@@ -323,7 +326,10 @@ def test_gptq_without_calibration_data_is_a_recipe_error():
         ({"dampening_frac": 1.0}, r"GPTQModifier.dampening_frac: expected a float in \[0, 1\)"),
         ({"dampening_frac": -0.1}, r"GPTQModifier.dampening_frac: expected a float in \[0, 1\)"),
         ({"actorder": "sideways"}, r"GPTQModifier.actorder: expected one of \['static'"),
-        ({"scheme": "W8A16", "actorder": "group"}, r"GPTQModifier.actorder: expected .* 'channel'"),
+        (
+            {"config_groups": int8_channel_groups(), "actorder": "group"},
+            r"GPTQModifier.actorder: expected .* 'channel'",
+        ),
         (
             {
                 "scheme": None,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from export_models import ARCHITECTURE, QUIET, token_ids
+from helpers import int8_channel_groups
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -82,13 +83,19 @@ def test_the_recipe_written_back_still_lends_the_scheme():
             r"holds none QuantizationModifier with a scheme",
         ),
         (
-            {"QuantizationModifier": {"scheme": "W8A16", "start": 0}, "GPTQModifier": {}},
+            {
+                "QuantizationModifier": {"config_groups": int8_channel_groups(), "start": 0},
+                "GPTQModifier": {},
+            },
             r"but that one trains \(start >= 0\)",
         ),
         (
-            {"QuantizationModifier": {"scheme": "W8A16"}, "GPTQModifier": {"actorder": "group"}},
-            r"GPTQModifier.actorder: expected 'static', 'weight', 'none' or None for scheme "
-            r"\(of QuantizationModifier\)",
+            {
+                "QuantizationModifier": {"config_groups": int8_channel_groups()},
+                "GPTQModifier": {"actorder": "group"},
+            },
+            r"GPTQModifier.actorder: expected 'static', 'weight', 'none' or None for "
+            r"config_groups.group_0 \(of QuantizationModifier\)",
         ),
     ],
     ids=["alone", "no-lender", "lender-trains", "lent-scheme-unfit"],

@@ -381,7 +381,7 @@ def test_scheme_rejects_empty_targets() -> None:
 INT8_TOKEN = ("int", 8, True, "token", None, True)
 PRESET_TABLE = {
     # name: (weights, input_activations) as (type, bits, symmetric, strategy, group, dynamic)
-    "W8A16": (("int", 8, True, "channel", None, False), None),
+    "W8A16": (("int", 8, True, "group", 128, False), None),
     "W4A16": (("int", 4, True, "group", 128, False), None),
     "W4A16_ASYM": (("int", 4, False, "group", 128, False), None),
     "W8A8": (("int", 8, True, "channel", None, False), INT8_TOKEN),

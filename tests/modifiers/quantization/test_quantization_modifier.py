@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import int8_channel_groups
 from torch import nn
 
 from lightning_compress.core import CompressionSession
@@ -74,7 +75,7 @@ def test_presets_match_the_reference(block, scheme, symmetric):
 
 def test_per_channel_w8_and_buffers_in_state_dict(block):
     original = block.lm_head.weight.detach().clone()
-    built = run(block, QuantizationModifier(scheme="W8A16", targets="lm_head"))
+    built = run(block, QuantizationModifier(config_groups=int8_channel_groups("lm_head")))
     expected = reference_rtn(original, bits=8, group=original.shape[1], symmetric=True)
     assert torch.allclose(block.lm_head.weight, expected, atol=1e-6)
     assert "lm_head.weight_scale" in block.state_dict()
@@ -173,6 +174,6 @@ def test_layer_in_two_schemes_and_non_linear_targets(block):
     with pytest.raises(RecipeError, match="'q_proj' is targeted by two schemes"):
         CompressionSession().initialize(recipe=twice, model=block)
     model = nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 8))
-    norm = QuantizationModifier(scheme="W8A16", targets=["LayerNorm"])
+    norm = QuantizationModifier(config_groups=int8_channel_groups(["LayerNorm"]))
     with pytest.raises(RecipeError, match="'0' is a LayerNorm; expected Linear"):
         CompressionSession().initialize(recipe=norm, model=model)
