@@ -137,8 +137,9 @@ class WeightMaskModifier(Modifier, register=False):
             The mask buffer.
         """
         mask = getattr(module, MASK_BUFFER)
-        if isinstance(module.weight, DTensor) and not isinstance(mask, DTensor):
-            mask = like_weight(mask, module.weight)
+        weight = stored_weight(module)  # not a parametrization's output, computed on access
+        if isinstance(weight, DTensor) and not isinstance(mask, DTensor):
+            mask = like_weight(mask, weight)
             self.add_buffer(module, MASK_BUFFER, mask)
         return mask
 
@@ -149,7 +150,7 @@ class WeightMaskModifier(Modifier, register=False):
             module: a target layer.
             mask: the full bool mask.
         """
-        self.mask_of(module).copy_(like_weight(mask, module.weight))
+        self.mask_of(module).copy_(like_weight(mask, stored_weight(module)))
 
     @torch.no_grad()
     def apply_masks(self) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.utils import parametrize
 
 from lightning_compress.core.distributed import all_reduce_max_, all_reduce_min_
@@ -143,6 +144,10 @@ class WeightFakeQuantizer(nn.Module):
     def forward(self, weight: Tensor) -> Tensor:
         """Fake-quantizes ``weight`` with a straight-through gradient.
 
+        A weight sharded by FSDP2 (a ``DTensor``: read outside the forward pass, e.g. to log
+        sparsity) is gathered, so every rank must read it, fake-quantized whole and sharded
+        back, without a gradient.
+
         Args:
             weight: the float weight.
 
@@ -151,6 +156,9 @@ class WeightFakeQuantizer(nn.Module):
         """
         if not self.enabled:
             return weight
+        if isinstance(weight, DTensor):  # sharded: read outside FSDP2's forward (e.g. logging)
+            with torch.no_grad():  # FSDP2's forward reads the unsharded weight, with gradients
+                return sharded_like(self(weight.full_tensor()), weight)
         owner = self.owner
         if self.frozen:
             scale, zero_point = owner.weight_scale, owner.weight_zero_point
@@ -163,6 +171,20 @@ class WeightFakeQuantizer(nn.Module):
                 if tensor_scale is not None:
                     owner.weight_global_scale.copy_(tensor_scale)
         return fake_quantize_ste(weight, scale, zero_point, self.args, tensor_scale)
+
+
+def sharded_like(tensor: Tensor, like: DTensor) -> DTensor:
+    """``tensor`` (the same full tensor on every rank) sharded like ``like``, without
+    communicating.
+
+    Args:
+        tensor: the full tensor.
+        like: the sharded tensor whose mesh and placements to take.
+
+    Returns:
+        This rank's shard of ``tensor`` as a ``DTensor``.
+    """
+    return distribute_tensor(tensor, like.device_mesh, like.placements, src_data_rank=None)
 
 
 def add_weight_fake_quantizer(module: nn.Module, args: QuantizationArgs) -> WeightFakeQuantizer:

@@ -1,0 +1,122 @@
+"""QAT with kept 2:4 zeros on a tiny Hugging Face Llama, in one process or under FSDP2.
+
+Run by the test as ``python fsdp2_qat_run.py single|fsdp2 OUT_DIR``; for ``fsdp2`` Lightning
+relaunches this script for rank 1 (``ModelParallelStrategy``, 2 CPU processes). Rank 0 writes
+the model's full state after the last step to ``OUT_DIR/state.pt``, with whether its weights
+and masks were sharded.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from export_models import prune_2_4, tiny_model, token_ids  # noqa: E402
+
+from lightning_compress import Compressor  # noqa: E402
+from lightning_compress.lightning.language_model import CausalLMModule  # noqa: E402
+from lightning_compress.modifiers import QuantizationModifier  # noqa: E402
+from lightning_compress.modifiers.pruning import ConstantPruningModifier  # noqa: E402
+
+STEPS = 1  # later steps can differ by a fake-quant rounding flip of float noise
+GLOBAL_BATCH = 4
+
+
+class SGDCausalLM(CausalLMModule):
+    """Plain SGD: Adam's normalized steps would turn float-rounding noise in near-zero
+    gradients into learning-rate-sized differences between the two runs."""
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+class ShardedCausalLM(SGDCausalLM):
+    """Shards each decoder layer and then the whole model across the data-parallel ranks;
+    each rank reads every other window, so the two ranks' batches together are the single
+    process's batch."""
+
+    def train_dataloader(self) -> DataLoader:
+        rank, ranks = self.trainer.global_rank, self.trainer.world_size
+        return DataLoader(windows()[rank::ranks], batch_size=GLOBAL_BATCH // ranks)
+
+    def configure_model(self) -> None:
+        mesh = self.device_mesh["data_parallel"]
+        for layer in self.model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(self, mesh=mesh)
+
+
+class FinalState(Callback):
+    """Rank 0 saves the full model state after the last step."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step != STEPS:
+            return
+        state = pl_module.model.state_dict()
+        report = {
+            "sharded": sorted(n for n, t in state.items() if isinstance(t, DTensor)),
+            "state": {
+                name: (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
+                for name, t in state.items()
+            },
+        }
+        if trainer.global_rank == 0:
+            torch.save(report, self.out / "state.pt")
+
+
+def windows() -> torch.Tensor:
+    """The training windows, in order."""
+    return token_ids(GLOBAL_BATCH * STEPS, 16, seed=2)
+
+
+def recipe() -> list:
+    group = {
+        "targets": ["Linear"],
+        "weights": {"num_bits": 4, "strategy": "group", "group_size": 32},
+        "input_activations": {"num_bits": 8, "symmetric": False, "observer": "moving_average"},
+    }
+    return [
+        ConstantPruningModifier(targets=["re:.*layers.*_proj$"], start=0),
+        QuantizationModifier(config_groups={"group_0": group}, ignore=["lm_head"], start=0),
+    ]
+
+
+def main() -> None:
+    mode, out = sys.argv[1], Path(sys.argv[2])
+    model = tiny_model().train()
+    prune_2_4(model)
+    if mode == "single":
+        module, ranks = SGDCausalLM(model, lr=0.5), {"devices": 1}
+    else:
+        strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+        module = ShardedCausalLM(model, lr=0.5)
+        ranks = {"devices": 2, "strategy": strategy, "use_distributed_sampler": False}
+    trainer = Trainer(
+        accelerator="cpu",
+        max_steps=STEPS,
+        callbacks=[Compressor(recipe()), FinalState(out)],
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        **ranks,
+    )
+    if mode == "single":
+        trainer.fit(module, DataLoader(windows(), batch_size=GLOBAL_BATCH))
+    else:
+        trainer.fit(module)
+
+
+if __name__ == "__main__":
+    main()
