@@ -72,7 +72,7 @@ def load_compressed(path: str | os.PathLike, keep_quantization: bool = True) -> 
     its config group (names, shapes and dtypes of what compressed-tensors writes for the
     scheme and format, ``weight_shape``, the range of unpacked codes), each group's format
     against its scheme (a W8A8 group whose ``input_activations`` was dropped is refused, not
-    loaded as W8A16), and every other tensor against the model's. What an interrupted
+    loaded as weight-only int8), and every other tensor against the model's. What an interrupted
     ``save_compressed`` of ``path`` left beside it is finished first.
 
     Raises:
