@@ -1,7 +1,8 @@
-"""QAT with kept 2:4 zeros on a tiny Hugging Face Llama, in one process or under FSDP2.
+"""QAT with kept 2:4 zeros on a tiny Hugging Face Llama: one process, DDP or FSDP2.
 
-Run by the test as ``python fsdp2_qat_run.py single|fsdp2 OUT_DIR``; for ``fsdp2`` Lightning
-relaunches this script for rank 1 (``ModelParallelStrategy``, 2 CPU processes). Rank 0 writes
+Run by the test as ``python fsdp2_qat_run.py single|ddp|fsdp2 OUT_DIR``; for ``ddp`` and
+``fsdp2`` (``ModelParallelStrategy``) Lightning relaunches this script for rank 1 (2 CPU
+processes). Rank 0 writes
 the model's full state after the last step to ``OUT_DIR/state.pt``, with whether its weights
 and masks were sharded.
 """
@@ -31,21 +32,20 @@ GLOBAL_BATCH = 4
 
 
 class SGDCausalLM(CausalLMModule):
-    """Plain SGD: Adam's normalized steps would turn float-rounding noise in near-zero
-    gradients into learning-rate-sized differences between the two runs."""
+    """Plain SGD (Adam's normalized steps would turn float-rounding noise in near-zero
+    gradients into learning-rate-sized differences between runs); each of the ranks reads
+    every other window, so their batches together are the single process's batch."""
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=self.lr)
 
-
-class ShardedCausalLM(SGDCausalLM):
-    """Shards each decoder layer and then the whole model across the data-parallel ranks;
-    each rank reads every other window, so the two ranks' batches together are the single
-    process's batch."""
-
     def train_dataloader(self) -> DataLoader:
         rank, ranks = self.trainer.global_rank, self.trainer.world_size
         return DataLoader(windows()[rank::ranks], batch_size=GLOBAL_BATCH // ranks)
+
+
+class ShardedCausalLM(SGDCausalLM):
+    """Shards each decoder layer and then the whole model across the data-parallel ranks."""
 
     def configure_model(self) -> None:
         mesh = self.device_mesh["data_parallel"]
@@ -98,6 +98,9 @@ def main() -> None:
     prune_2_4(model)
     if mode == "single":
         module, ranks = SGDCausalLM(model, lr=0.5), {"devices": 1}
+    elif mode == "ddp":
+        module = SGDCausalLM(model, lr=0.5)
+        ranks = {"devices": 2, "strategy": "ddp", "use_distributed_sampler": False}
     else:
         strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
         module = ShardedCausalLM(model, lr=0.5)
@@ -112,10 +115,7 @@ def main() -> None:
         enable_model_summary=False,
         **ranks,
     )
-    if mode == "single":
-        trainer.fit(module, DataLoader(windows(), batch_size=GLOBAL_BATCH))
-    else:
-        trainer.fit(module)
+    trainer.fit(module)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""FSDP2 (ModelParallelStrategy, 2 CPU processes) trains a tiny Hugging Face Llama with QAT
-(4-bit weights, moving-average static inputs) and kept 2:4 zeros exactly like one process."""
+"""DDP and FSDP2 (ModelParallelStrategy), 2 CPU processes each, train a tiny Hugging Face
+Llama with QAT (4-bit weights, moving-average static inputs) and kept 2:4 zeros exactly like
+one process."""
 
 from __future__ import annotations
 
@@ -27,12 +28,21 @@ def run(mode: str, out: Path) -> dict:
     return torch.load(out / "state.pt", weights_only=True)
 
 
-def test_fsdp2_qat_with_masks_shards_the_compression_state_and_trains_like_one_process(tmp_path):
-    single, sharded = run("single", tmp_path / "single"), run("fsdp2", tmp_path / "fsdp2")
+@pytest.fixture(scope="module")
+def single(tmp_path_factory) -> dict:
+    return run("single", tmp_path_factory.mktemp("runs") / "single")
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_qat_with_masks_trains_like_one_process_with_the_state_sharded_under_fsdp2(
+    single, mode, tmp_path
+):
+    report = run(mode, tmp_path / mode)
     assert not single["sharded"]
-    assert any(name.endswith("weight_mask") for name in sharded["sharded"])
-    assert any(name.endswith("parametrizations.weight.original") for name in sharded["sharded"])
-    expected, state = single["state"], sharded["state"]
+    if mode == "fsdp2":
+        assert any(name.endswith("weight_mask") for name in report["sharded"])
+        assert any(name.endswith("weight.original") for name in report["sharded"])
+    expected, state = single["state"], report["state"]
     assert state.keys() == expected.keys()
     assert any(name.endswith("input_min_vals") for name in expected)
     for name, tensor in expected.items():
