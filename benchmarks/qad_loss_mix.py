@@ -33,7 +33,7 @@ from lightning.pytorch import Trainer
 from loguru import logger
 from torch import nn
 
-from lightning_compress import Compressor, compression_loss
+from lightning_compress import Compressor
 from lightning_compress.bundled import (
     bundled_text,
     load_bundled_model,
@@ -73,13 +73,6 @@ MIXES: dict[str, dict[str, Any] | None] = {
 }
 
 
-class DistilledLM(CausalLMModule):
-    """Next-token training whose loss the Compressor's modifiers may change."""
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return compression_loss(self, super().training_step(batch, batch_idx))
-
-
 def scheme(bits: int) -> dict:
     """Symmetric int ``bits`` weights in groups of 64 on the decoder blocks' linear layers."""
     weights = {"num_bits": bits, "strategy": "group", "group_size": 64}
@@ -115,7 +108,7 @@ def train(
     data = BundledTextDataModule(
         seq_len=args.seq_len, batch_size=args.batch_size, train_windows=args.steps * args.batch_size
     )
-    trainer.fit(DistilledLM(model, lr=3e-4), data)
+    trainer.fit(CausalLMModule(model, lr=3e-4), data)
 
 
 def rtn(model: nn.Module, bits: int) -> None:

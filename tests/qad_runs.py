@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
-from lightning_compress import Compressor, compression_loss  # noqa: E402
+from lightning_compress import Compressor  # noqa: E402
 from lightning_compress.bundled import TinyDecoder, TinyDecoderConfig  # noqa: E402
 from lightning_compress.lightning.language_model import CausalLMModule  # noqa: E402
 from lightning_compress.modifiers import (  # noqa: E402
@@ -38,17 +38,10 @@ W4_G16 = {"g": {"targets": ["Linear"], "weights": W4}}
 STEPS = 6
 
 
-class DistilledLM(CausalLMModule):
-    """Next-token training whose loss the Compressor's modifiers may change."""
-
-    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        return compression_loss(self, super().training_step(batch, batch_idx))
-
-
-def tiny_lm(lr: float = 1e-2) -> DistilledLM:
+def tiny_lm(lr: float = 1e-2) -> CausalLMModule:
     """A seeded tiny decoder (2 blocks, vocabulary 64) under next-token training."""
     torch.manual_seed(0)
-    return DistilledLM(TinyDecoder(CONFIG), lr=lr)
+    return CausalLMModule(TinyDecoder(CONFIG), lr=lr)
 
 
 def token_loader(batch_size: int = 4, samples: int = 16) -> DataLoader:

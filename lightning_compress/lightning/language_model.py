@@ -19,7 +19,7 @@ from lightning_compress.bundled import (
     load_tokenizer,
     token_windows,
 )
-from lightning_compress.lightning.compressor import check_compressor_resume
+from lightning_compress.lightning.compressor import check_compressor_resume, compression_loss
 
 __all__ = [
     "IGNORE_INDEX",
@@ -36,6 +36,9 @@ IGNORE_INDEX = -100
 
 class CausalLMModule(pl.LightningModule):
     """Next-token training of a causal LM, with validation perplexity.
+
+    The training loss goes through ``compression_loss``, so a ``Compressor``'s distillation
+    modifiers add their term without a subclass.
 
     Batches are token tensors ``[batch, seq]`` or mappings with ``input_ids`` and, for padded
     samples, an ``attention_mask`` (positions it marks 0 are neither attended to by a Hugging
@@ -101,6 +104,7 @@ class CausalLMModule(pl.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         loss, _, _ = self._loss(batch)
+        loss = compression_loss(self, loss)  # a Compressor's distillation adds its term
         self.log("train_loss", loss, prog_bar=True)
         return loss
 
