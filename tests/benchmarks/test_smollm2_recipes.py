@@ -4,8 +4,9 @@ Ours is planned on a one-block random Llama with SmolLM2-135M's widths (576 hidd
 intermediate, 9 query and 3 key/value heads), so a group size that does not divide its layers
 fails here rather than in the middle of a benchmark sitting. llm-compressor's side is built
 with our classes standing in for its own (the names and arguments the compatible API shares);
-with ``SMOLLM2_REFERENCE_PYTHON`` set to the python of llm-compressor's environment, its own
-classes build it and resolve its quantization configs too.
+``python -m pytest -m reference tests/benchmarks`` with ``SMOLLM2_REFERENCE_PYTHON`` set to the
+python of llm-compressor's environment also builds it with its own classes and resolves its
+quantization configs.
 """
 
 from __future__ import annotations
@@ -127,10 +128,9 @@ def test_scheme_runs_build_the_same_modifier_on_both_sides(benchmark, reference_
         assert theirs.kv_cache_args() == mine.kv_cache_args(), run
 
 
-@pytest.mark.skipif(
-    REFERENCE_PYTHON is None, reason="SMOLLM2_REFERENCE_PYTHON: llm-compressor's python"
-)
+@pytest.mark.reference
 def test_every_reference_run_builds_and_resolves_in_llm_compressor(benchmark):
+    assert REFERENCE_PYTHON, "set SMOLLM2_REFERENCE_PYTHON to the python of llm-compressor's venv"
     check = (
         "from smollm2_reference import RUNS, recipe\n"
         "for run in RUNS:\n"
