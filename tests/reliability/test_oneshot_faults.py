@@ -169,8 +169,11 @@ def _fault(interrupt: bool, where: str) -> BaseException:
 
 
 def _block_of(blocks: list[nn.Module], subgraph: nn.Module) -> int:
+    """The index of the block ``subgraph`` starts in; ``len(blocks)`` for the model's tail (the
+    modules after the blocks, calibrated last)."""
     first = next(subgraph.modules()) if not isinstance(subgraph, nn.ModuleList) else subgraph[0]
-    return next(i for i, block in enumerate(blocks) if any(m is first for m in block.modules()))
+    found = (i for i, block in enumerate(blocks) if any(m is first for m in block.modules()))
+    return next(found, len(blocks))
 
 
 # ------------------------------------------------------------------------- runs
