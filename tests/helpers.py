@@ -1,10 +1,13 @@
-"""Test helpers: a recording modifier and a tiny model."""
+"""Test helpers: a recording modifier, a tiny model, a quiet CPU Trainer and a crash callback."""
 
 from __future__ import annotations
 
+import os
+import signal
 from typing import Any
 
 import torch
+from lightning.pytorch import Callback, Trainer
 from torch import nn
 
 from lightning_compress.core import Event, State
@@ -95,3 +98,27 @@ def int8_channel_groups(targets: str | list[str] = "Linear") -> dict[str, dict[s
             "weights": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"},
         }
     }
+
+
+def quiet_trainer(**kwargs: Any) -> Trainer:
+    """A quiet CPU Trainer."""
+    settings = {
+        "accelerator": "cpu",
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+    }
+    settings.update(kwargs)
+    return Trainer(**settings)
+
+
+class KillAfter(Callback):
+    """Kills the process (no clean-up, like a crash) once ``step`` optimizer steps are saved."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step >= self.step:
+            os.kill(os.getpid(), signal.SIGKILL)

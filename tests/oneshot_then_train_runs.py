@@ -82,19 +82,6 @@ def gptq_then_qat(qat: dict[str, Any] | None = None, **gptq: Any) -> list:
     ]
 
 
-def trainer(**kwargs: Any) -> Trainer:
-    """A quiet CPU Trainer."""
-    settings = {
-        "accelerator": "cpu",
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-    }
-    settings.update(kwargs)
-    return Trainer(**settings)
-
-
 class QuantizedState(Callback):
     """Records, at the first batch and at the end, the weights and scales of every layer."""
 

@@ -8,18 +8,17 @@ script by the kill-and-resume test of quantization-aware distillation.
 from __future__ import annotations
 
 import argparse
-import os
-import signal
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
+from helpers import KillAfter, quiet_trainer  # noqa: E402
+
 from lightning_compress import Compressor  # noqa: E402
 from lightning_compress.bundled import TinyDecoder, TinyDecoderConfig  # noqa: E402
 from lightning_compress.lightning.language_model import CausalLMModule  # noqa: E402
@@ -59,30 +58,6 @@ def qad_recipe(**distillation: Any) -> list:
         QuantizationModifier(config_groups=W4_G16, ignore=["lm_head"], start=0),
         OutputDistillationModifier(**settings),
     ]
-
-
-def quiet_trainer(**kwargs: Any) -> Trainer:
-    """A quiet CPU Trainer."""
-    settings = {
-        "accelerator": "cpu",
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-    }
-    settings.update(kwargs)
-    return Trainer(**settings)
-
-
-class KillAfter(Callback):
-    """Kills the process (no clean-up, like a crash) once ``step`` optimizer steps are saved."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(self, trainer, *args) -> None:
-        if trainer.global_step >= self.step:
-            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def main() -> None:

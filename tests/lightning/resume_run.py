@@ -9,34 +9,22 @@ Run as a script by the resume tests: ``python resume_run.py RECIPE OUT_DIR [--mo
 from __future__ import annotations
 
 import argparse
-import os
-import signal
 import sys
 from pathlib import Path
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
+from helpers import KillAfter  # noqa: E402
 from lightning_models import Regressor, regression_loader  # noqa: E402
 
 from lightning_compress import Compressor  # noqa: E402
 
 STEPS = {"regressor": 12, "mixtral": 8}
-
-
-class KillAfter(Callback):
-    """Kills the process (no clean-up, like a crash) once ``step`` optimizer steps are saved."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(self, trainer, *args) -> None:
-        if trainer.global_step >= self.step:
-            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def training(model: str) -> tuple[LightningModule, DataLoader, nn.Module]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import int8_channel_groups
+from helpers import int8_channel_groups, quiet_trainer
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from oneshot_then_train_runs import (
@@ -17,7 +17,6 @@ from oneshot_then_train_runs import (
     quantized_state,
     tiny_module,
     token_loader,
-    trainer,
 )
 from torch.utils.data import DataLoader
 
@@ -52,7 +51,7 @@ def test_gptq_runs_once_before_the_first_step_and_qat_starts_from_its_weights_an
     module = tiny_module(lr=0.5)
     state = QuantizedState()
     compressor = Compressor(gptq_then_qat(), num_calibration_batches=2)
-    trainer(max_steps=3, callbacks=[compressor, state]).fit(module, token_loader())
+    quiet_trainer(max_steps=3, callbacks=[compressor, state]).fit(module, token_loader())
 
     expected = one_shot_reference(gptq_then_qat()[:1])
     assert state.steps_at_first == 0
@@ -86,7 +85,7 @@ def test_qat_after_awq_and_round_to_nearest_starts_from_their_weights_and_scales
     training = QuantizationModifier(config_groups=groups, ignore=["lm_head"], start=0)
     state = QuantizedState()
     compressor = Compressor([*awq_then_rtn(), training], num_calibration_batches=2)
-    trainer(max_steps=1, callbacks=[compressor, state]).fit(tiny_module(), token_loader())
+    quiet_trainer(max_steps=1, callbacks=[compressor, state]).fit(tiny_module(), token_loader())
     expected = one_shot_reference(awq_then_rtn())
     assert state.first.keys() == expected.keys() and expected
     for name, tensor in expected.items():
@@ -98,7 +97,7 @@ def test_the_one_shot_stage_reads_the_given_calibration_data():
     module = tiny_module()
     state = QuantizedState()
     compressor = Compressor(gptq_then_qat(), calibration_data=data)
-    trainer(max_steps=1, callbacks=[compressor, state]).fit(module, token_loader(samples=8))
+    quiet_trainer(max_steps=1, callbacks=[compressor, state]).fit(module, token_loader(samples=8))
     expected = one_shot_reference(gptq_then_qat()[:1])
     for name, tensor in expected.items():
         torch.testing.assert_close(state.first[name], tensor, rtol=0, atol=1e-6, msg=name)
@@ -110,7 +109,7 @@ def test_sparsegpt_masks_hold_through_training():
         ConstantPruningModifier(targets=["re:.*_proj$"], start=0),
     ]
     module = tiny_module(lr=0.1)
-    trainer(max_steps=3, callbacks=[Compressor(recipe, num_calibration_batches=2)]).fit(
+    quiet_trainer(max_steps=3, callbacks=[Compressor(recipe, num_calibration_batches=2)]).fit(
         module, token_loader()
     )
     for name, layer in module.model.named_modules():
@@ -124,7 +123,7 @@ def test_a_training_scheme_other_than_the_one_shot_one_is_refused_naming_the_fie
     module = tiny_module()
     before = {k: v.clone() for k, v in module.state_dict().items()}
     with pytest.raises(RecipeError, match=r"weights\.num_bits"):
-        trainer(max_steps=1, callbacks=[Compressor(gptq_then_qat(qat=other))]).fit(
+        quiet_trainer(max_steps=1, callbacks=[Compressor(gptq_then_qat(qat=other))]).fit(
             module, token_loader()
         )
     after = module.state_dict()
@@ -138,13 +137,17 @@ def test_a_one_shot_quantization_without_a_training_one_is_refused():
         ConstantPruningModifier(targets=["re:.*_proj$"], start=0),
     ]
     with pytest.raises(RecipeError, match="no training QuantizationModifier"):
-        trainer(max_steps=1, callbacks=[Compressor(recipe)]).fit(tiny_module(), token_loader())
+        quiet_trainer(max_steps=1, callbacks=[Compressor(recipe)]).fit(
+            tiny_module(), token_loader()
+        )
 
 
 def test_a_one_shot_modifier_after_a_training_one_is_refused():
     recipe = list(reversed(gptq_then_qat()))
     with pytest.raises(RecipeError, match="comes after the training"):
-        trainer(max_steps=1, callbacks=[Compressor(recipe)]).fit(tiny_module(), token_loader())
+        quiet_trainer(max_steps=1, callbacks=[Compressor(recipe)]).fit(
+            tiny_module(), token_loader()
+        )
 
 
 class CrashAt(Callback):
@@ -166,19 +169,21 @@ def test_a_run_stopped_while_training_resumes_exactly_without_the_one_shot_stage
         return CountingCompressor(gptq_then_qat(), num_calibration_batches=1)
 
     whole, uninterrupted = compressor(), tiny_module(lr=0.5)
-    trainer(callbacks=[whole], **settings).fit(uninterrupted, loader)
+    quiet_trainer(callbacks=[whole], **settings).fit(uninterrupted, loader)
     assert whole.one_shot_steps == [0]
 
     saving = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=1)
     first = compressor()
     with pytest.raises(SystemExit):
-        trainer(callbacks=[first, CrashAt(2), saving], enable_checkpointing=True, **settings).fit(
-            tiny_module(lr=0.5), loader
-        )
+        quiet_trainer(
+            callbacks=[first, CrashAt(2), saving], enable_checkpointing=True, **settings
+        ).fit(tiny_module(lr=0.5), loader)
     assert first.one_shot_steps == [0]
 
     resumed, module = compressor(), tiny_module(lr=0.5)
-    trainer(callbacks=[resumed], **settings).fit(module, loader, ckpt_path=tmp_path / "last.ckpt")
+    quiet_trainer(callbacks=[resumed], **settings).fit(
+        module, loader, ckpt_path=tmp_path / "last.ckpt"
+    )
     assert resumed.one_shot_steps == []
     expected = uninterrupted.state_dict()
     assert module.state_dict().keys() == expected.keys()
@@ -190,14 +195,14 @@ def test_resuming_with_another_one_shot_stage_is_refused(tmp_path):
     loader = token_loader(batch_size=8, samples=8)
     saving = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=1)
     with pytest.raises(SystemExit):
-        trainer(
+        quiet_trainer(
             callbacks=[Compressor(gptq_then_qat()), CrashAt(1), saving],
             enable_checkpointing=True,
             max_steps=3,
         ).fit(tiny_module(), loader)
     other = gptq_then_qat(dampening_frac=0.1)
     with pytest.raises(RecipeError, match="different recipe"):
-        trainer(callbacks=[Compressor(other)], max_steps=3).fit(
+        quiet_trainer(callbacks=[Compressor(other)], max_steps=3).fit(
             tiny_module(), loader, ckpt_path=tmp_path / "last.ckpt"
         )
 
@@ -219,7 +224,7 @@ def test_the_checkpoint_saved_after_training_reloads_with_equal_logits(tmp_path)
     ]
     compressor = Compressor(recipe, num_calibration_batches=2, save_dir=tmp_path / "out")
     data = token_ids(count=16, length=17)
-    trainer(max_steps=3, callbacks=[compressor]).fit(module, DataLoader(data, batch_size=4))
+    quiet_trainer(max_steps=3, callbacks=[compressor]).fit(module, DataLoader(data, batch_size=4))
 
     probe = token_ids(count=2, length=16, seed=5)
     with torch.no_grad():

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import quiet_trainer
 from oneshot_then_train_runs import (
     CountingCompressor,
     SaveRankState,
     gptq_then_qat,
     tiny_module,
     token_loader,
-    trainer,
 )
 
 pytestmark = pytest.mark.distributed
@@ -22,7 +22,7 @@ def fit(directory, batch_size: int, order=None, **kwargs) -> list[dict]:
     # Without activation ordering: its column order follows the Hessian's diagonal, which
     # near-ties let float rounding reorder.
     compressor = CountingCompressor(gptq_then_qat(actorder="none"), num_calibration_batches=2)
-    run = trainer(max_steps=3, callbacks=[compressor, SaveRankState(directory)], **kwargs)
+    run = quiet_trainer(max_steps=3, callbacks=[compressor, SaveRankState(directory)], **kwargs)
     run.fit(tiny_module(lr=0.5), token_loader(batch_size=batch_size, order=order))
     reports = sorted(directory.glob("rank*.pt"))
     return [torch.load(path, weights_only=True) for path in reports]
