@@ -14,22 +14,16 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
 import time
 
 import torch
 from lightning.pytorch import Trainer
-from loguru import logger
 from torch import nn
-from training_quality import BATCH_SIZE, TRAIN_WINDOWS, one_shot, weights
+from training_quality import BATCH_SIZE, TRAIN_WINDOWS, evaluation_setup, one_shot, weights
 
 from lightning_compress import Compressor
 from lightning_compress.bundled import (
-    bundled_text,
-    load_bundled_model,
-    load_tokenizer,
     perplexity,
-    token_windows,
 )
 from lightning_compress.lightning.language_model import BundledTextDataModule, CausalLMModule
 from lightning_compress.modifiers import QuantizationModifier
@@ -78,11 +72,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--windows", type=int, default=16, help="evaluation windows of 256")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    logger.remove()
-    logger.add(sys.stderr, level="WARNING")
-    windows = token_windows(bundled_text("evaluation"), load_tokenizer(), 256, args.windows)
-    base = load_bundled_model()
+    windows, base = evaluation_setup(args.threads, args.windows)
     print(
         f"| int g64 | RTN | QAT min-max scales | QAT learned scales (lr {args.scale_lr:g}) "
         f"| seconds ({args.steps} steps of {BATCH_SIZE}x256 tokens, lr {LR:g}) |"

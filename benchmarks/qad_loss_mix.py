@@ -24,22 +24,17 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
 import time
 from typing import Any
 
 import torch
 from lightning.pytorch import Trainer
-from loguru import logger
 from torch import nn
+from training_quality import evaluation_setup
 
 from lightning_compress import Compressor
 from lightning_compress.bundled import (
-    bundled_text,
-    load_bundled_model,
-    load_tokenizer,
     perplexity,
-    token_windows,
 )
 from lightning_compress.core import CompressionSession
 from lightning_compress.lightning.language_model import BundledTextDataModule, CausalLMModule
@@ -128,11 +123,7 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=16, help="evaluation windows of 256")
     parser.add_argument("--only", default="", help="run only rows whose label contains this")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    logger.remove()
-    logger.add(sys.stderr, level="WARNING")
-    windows = token_windows(bundled_text("evaluation"), load_tokenizer(), 256, args.windows)
-    base = load_bundled_model()
+    windows, base = evaluation_setup(args.threads, args.windows)
     fp = perplexity(base, windows)
     rounded = copy.deepcopy(base)
     rtn(rounded, args.bits)

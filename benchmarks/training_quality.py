@@ -116,6 +116,23 @@ def runs(steps: int) -> dict[str, Callable[[nn.Module], None]]:
     return table
 
 
+def evaluation_setup(threads: int, num_windows: int) -> tuple[torch.Tensor, nn.Module]:
+    """Sets the CPU threads and a warnings-only log, then loads the evaluation data and model.
+
+    Args:
+        threads: the number of CPU threads torch uses.
+        num_windows: the number of 256-token evaluation windows.
+
+    Returns:
+        The evaluation windows and the bundled pretrained model.
+    """
+    torch.set_num_threads(threads)
+    logger.remove()
+    logger.add(sys.stderr, level="WARNING")
+    windows = token_windows(bundled_text("evaluation"), load_tokenizer(), 256, num_windows)
+    return windows, load_bundled_model()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=150, help="fine-tuning steps per run")
@@ -123,11 +140,7 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=16, help="evaluation windows of 256")
     parser.add_argument("--only", default="", help="run only rows whose label contains this")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    logger.remove()
-    logger.add(sys.stderr, level="WARNING")
-    windows = token_windows(bundled_text("evaluation"), load_tokenizer(), 256, args.windows)
-    base = load_bundled_model()
+    windows, base = evaluation_setup(args.threads, args.windows)
     print(f"| run ({args.steps} steps of 8x256 tokens where trained) | perplexity | seconds |")
     print("|---|---:|---:|")
     for label, run in runs(args.steps).items():
