@@ -20,6 +20,7 @@ in :mod:`~lightning_compress.modifiers.quantization.kv_cache_training`.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ __all__ = [
     "ATTENTION_SCHEME_ATTRIBUTE",
     "AttentionCalibration",
     "AttentionScheme",
+    "PlannedAttention",
     "check_attention_args",
     "is_attention_scheme",
     "quantized_attention",
@@ -162,6 +164,54 @@ def quantized_attention(model: nn.Module) -> Iterator[dict[str, nn.Module]]:
         routing.remove()
 
 
+# --------------------------------------------------------------------- planned modules
+class PlannedAttention(ABC):
+    """Attention modules planned for quantization, their attention routed to ``_handle``.
+
+    Args:
+        modifier: the modifier that owns the hooks and buffers.
+        plan: attention module name to ``(module, scheme)``.
+    """
+
+    def __init__(
+        self, modifier: Any, plan: Mapping[str, tuple[nn.Module, AttentionScheme]]
+    ) -> None:
+        self._modifier = modifier
+        self._plan = dict(plan)
+        self._routing: AttentionRouting | None = None
+
+    def _route(self) -> None:
+        """Routes the planned modules' attention to ``_handle``.
+
+        Raises:
+            ValueError: naming the modules whose attention cannot be routed.
+        """
+        modules = {name: module for name, (module, _) in self._plan.items()}
+        self._routing = AttentionRouting(modules, self._handle)
+
+    def close(self) -> None:
+        """Removes the routing."""
+        if self._routing is not None:
+            self._routing.remove()
+            self._routing = None
+
+    @abstractmethod
+    def _handle(
+        self, module: nn.Module, query: Tensor, key: Tensor, value: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Observes and/or quantizes one routed module's queries, keys and values.
+
+        Args:
+            module: the attention module.
+            query: its queries.
+            key: its keys.
+            value: its values.
+
+        Returns:
+            The queries, keys and values the attention goes on with.
+        """
+
+
 # --------------------------------------------------------------------- calibration
 class _ModuleCalibration:
     """One attention module's observers while it is being calibrated."""
@@ -174,7 +224,7 @@ class _ModuleCalibration:
         self.routed = False  # its attention implementation ran during that forward
 
 
-class AttentionCalibration:
+class AttentionCalibration(PlannedAttention):
     """Calibrates the scales of attention modules one-shot, block by block.
 
     ``start`` routes the modules' attention (:class:`AttentionRouting`) and gives each a
@@ -195,10 +245,8 @@ class AttentionCalibration:
     def __init__(
         self, modifier: Any, plan: Mapping[str, tuple[nn.Module, AttentionScheme]]
     ) -> None:
-        self._modifier = modifier
-        self._plan = dict(plan)
+        super().__init__(modifier, plan)
         self._pending: dict[nn.Module, _ModuleCalibration] = {}
-        self._routing: AttentionRouting | None = None
 
     def start(self) -> None:
         """Routes the planned modules' attention and hooks them for calibration.
@@ -206,8 +254,7 @@ class AttentionCalibration:
         Raises:
             ValueError: naming the modules whose attention cannot be routed.
         """
-        modules = {name: module for name, (module, _) in self._plan.items()}
-        self._routing = AttentionRouting(modules, self._handle)
+        self._route()
         for name, (module, scheme) in self._plan.items():
             self._pending[module] = _ModuleCalibration(name, scheme)
             self._modifier.register_hook(module, self._arm, "forward_pre")
@@ -234,9 +281,7 @@ class AttentionCalibration:
 
     def close(self) -> None:
         """Removes the routing; calibrated modules keep their scales and scheme."""
-        if self._routing is not None:
-            self._routing.remove()
-            self._routing = None
+        super().close()
         self._pending.clear()
 
     def _scales(self, calibration: _ModuleCalibration) -> dict[str, Tensor]:

@@ -12,10 +12,10 @@ from torch import Tensor, nn
 from lightning_compress.core.distributed import all_reduce_max_, all_reduce_min_
 from lightning_compress.core.recomputation import recomputing
 from lightning_compress.modifiers.quantization.args import QuantizationArgs
-from lightning_compress.modifiers.quantization.attention import AttentionRouting
 from lightning_compress.modifiers.quantization.kv_cache import (
     ATTENTION_SCHEME_ATTRIBUTE,
     AttentionScheme,
+    PlannedAttention,
 )
 from lightning_compress.modifiers.quantization.kv_cache_math import (
     fake_quantize_states,
@@ -31,7 +31,7 @@ RANGE_BUFFERS = ("min_vals", "max_vals")
 """Suffixes of the buffers (``k_min_vals`` ...) holding a state's observed range in training."""
 
 
-class AttentionTraining:
+class AttentionTraining(PlannedAttention):
     """Quantization-aware training of the attention modules' states, with one-shot numerics.
 
     Created at ``initialize``: every module gets its ``<role>_scale`` and range buffers
@@ -53,10 +53,8 @@ class AttentionTraining:
     def __init__(
         self, modifier: Any, plan: Mapping[str, tuple[nn.Module, AttentionScheme]]
     ) -> None:
-        self._modifier = modifier
-        self._plan = dict(plan)
+        super().__init__(modifier, plan)
         self._schemes = {module: scheme for module, scheme in self._plan.values()}
-        self._routing: AttentionRouting | None = None
         self._ended = False
         self.frozen = False
         for module, scheme in self._plan.values():
@@ -76,8 +74,7 @@ class AttentionTraining:
         Raises:
             ValueError: naming the modules whose attention cannot be routed.
         """
-        modules = {name: module for name, (module, _) in self._plan.items()}
-        self._routing = AttentionRouting(modules, self._handle)
+        self._route()
         for module, scheme in self._schemes.items():
             setattr(module, ATTENTION_SCHEME_ATTRIBUTE, scheme)
 
@@ -90,12 +87,6 @@ class AttentionTraining:
             self._modifier.keep_buffers(module)
         self._ended = True
         self.frozen = True
-
-    def close(self) -> None:
-        """Removes the routing."""
-        if self._routing is not None:
-            self._routing.remove()
-            self._routing = None
 
     def undo(self) -> None:
         """Removes the routing and, before ``end``, the schemes (the modifier removes the
