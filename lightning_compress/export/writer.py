@@ -19,12 +19,19 @@ __all__ = [
     "INDEX_NAME",
     "SINGLE_SHARD_NAME",
     "check_output_dir",
+    "creation_mode",
+    "plan_shards",
+    "shard_names",
+    "tensor_nbytes",
+    "write_index",
     "write_shards",
 ]
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 SINGLE_SHARD_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
+SHARD_METADATA = {"format": "pt"}
+"""The metadata of every safetensors file written (transformers reads ``format``)."""
 
 
 def check_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> Path:
@@ -105,33 +112,48 @@ def write_shards(
     Raises:
         ValueError: when ``max_shard_bytes`` is not positive.
     """
-    if max_shard_bytes <= 0:
-        raise ValueError(f"max_shard_bytes: expected a positive int, got {max_shard_bytes}")
-    shards = _plan_shards(tensors, max_shard_bytes)
-    count = len(shards)
-    names = (
-        [SINGLE_SHARD_NAME]
-        if count == 1
-        else [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
-    )
+    shards = plan_shards(tensors, max_shard_bytes)
+    names = shard_names(len(shards))
     weight_map = {}
-    mode = _creation_mode(directory)
+    mode = creation_mode(directory)
     for name, keys in zip(names, shards, strict=True):
         shard = {key: tensors[key].detach().cpu().contiguous() for key in keys}
-        save_file(shard, directory / name, metadata={"format": "pt"})
+        save_file(shard, directory / name, metadata=SHARD_METADATA)
         # safetensors writes a private temporary file (0600) and renames it
         os.chmod(directory / name, mode)
         weight_map.update(dict.fromkeys(keys, name))
-    if count > 1:
-        index = {
-            "metadata": {"total_size": sum(_nbytes(t) for t in tensors.values())},
-            "weight_map": weight_map,
-        }
-        (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    if len(names) > 1:
+        write_index(weight_map, sum(tensor_nbytes(t) for t in tensors.values()), directory)
     return names
 
 
-def _creation_mode(directory: Path) -> int:
+def shard_names(count: int) -> list[str]:
+    """The file names of a checkpoint of ``count`` safetensors files, as transformers names them.
+
+    Args:
+        count: the number of files (at least one).
+
+    Returns:
+        ``["model.safetensors"]`` for one file, else ``model-00001-of-0000N.safetensors``, ...
+    """
+    if count == 1:
+        return [SINGLE_SHARD_NAME]
+    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+def write_index(weight_map: dict[str, str], total_size: int, directory: Path) -> None:
+    """Writes ``model.safetensors.index.json``: which file holds each tensor.
+
+    Args:
+        weight_map: checkpoint tensor names to their file names.
+        total_size: the bytes of all tensors together.
+        directory: the checkpoint directory being written.
+    """
+    index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+    (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def creation_mode(directory: Path) -> int:
     """The permission bits a new file gets in ``directory`` (``0o666`` less the umask).
 
     Read from a probe file created and removed there, so the umask is never changed (changing
@@ -152,11 +174,25 @@ def _creation_mode(directory: Path) -> int:
         probe.unlink()
 
 
-def _plan_shards(tensors: dict[str, Tensor], max_shard_bytes: int) -> list[list[str]]:
+def plan_shards(tensors: dict[str, Tensor], max_shard_bytes: int) -> list[list[str]]:
+    """Splits ``tensors`` into files of at most ``max_shard_bytes``, keeping their order.
+
+    Args:
+        tensors: checkpoint names to tensors.
+        max_shard_bytes: the largest size of one file (a larger single tensor gets its own).
+
+    Returns:
+        The names in each file (one empty file for no tensors).
+
+    Raises:
+        ValueError: when ``max_shard_bytes`` is not positive.
+    """
+    if max_shard_bytes <= 0:
+        raise ValueError(f"max_shard_bytes: expected a positive int, got {max_shard_bytes}")
     shards: list[list[str]] = [[]]
     size = 0
     for key, tensor in tensors.items():
-        nbytes = _nbytes(tensor)
+        nbytes = tensor_nbytes(tensor)
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append([])
             size = 0
@@ -165,5 +201,13 @@ def _plan_shards(tensors: dict[str, Tensor], max_shard_bytes: int) -> list[list[
     return shards
 
 
-def _nbytes(tensor: Tensor) -> int:
+def tensor_nbytes(tensor: Tensor) -> int:
+    """The bytes ``tensor``'s values take in a safetensors file.
+
+    Args:
+        tensor: a tensor (on any device, the meta device included).
+
+    Returns:
+        Its number of elements times its element size.
+    """
     return tensor.numel() * tensor.element_size()
