@@ -87,8 +87,20 @@ RESULT_PREFIX = "RESULT "
 REFERENCE_CPU_RUNS = tuple(run for run in REFERENCE_RUNS if run != "awq_w4a16_g64")
 
 
-def recipe(run: str) -> list[Any]:
-    """Our modifiers for ``run`` (empty for ``fp``)."""
+def recipe(
+    run: str, activations_in_calibration: str | None = None, kv_observer: str | None = None
+) -> list[Any]:
+    """Our modifiers for ``run`` (empty for ``fp``).
+
+    Args:
+        run: the run's name.
+        activations_in_calibration: for the scheme runs, ``"quantized"`` or ``"float"``: the
+            modifier's ``quantize_activations_in_calibration`` (None: its default).
+        kv_observer: the ``observer`` of a scheme run's ``kv_cache_scheme`` (None: default).
+
+    Returns:
+        The modifiers.
+    """
     from lightning_compress.modifiers import (
         AWQModifier,
         GPTQModifier,
@@ -100,7 +112,11 @@ def recipe(run: str) -> list[Any]:
     )
 
     if run in SCHEME_RUNS:
-        return scheme_recipe(run, QuantizationModifier, GPTQModifier)
+        settings = {}
+        if activations_in_calibration is not None:
+            quantized = activations_in_calibration == "quantized"
+            settings["quantize_activations_in_calibration"] = quantized
+        return scheme_recipe(run, QuantizationModifier, GPTQModifier, kv_observer, **settings)
     ignore = ["lm_head"]
     w4_g64 = W4_G64["group_0"]["weights"]
     # GPTQ: actorder static, block 128, dampening 0.01 (the defaults, as on the reference side)
@@ -148,7 +164,7 @@ def worker(run: str, args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     logger.remove()
     logger.add(sys.stderr, level="WARNING")
-    modifiers = recipe(run)
+    modifiers = recipe(run, args.activations_in_calibration, args.kv_observer)
     model = load_model(args.cache_dir)
     windows = load_windows(args.cache_dir)
     _check_fingerprint(model, windows)
@@ -175,6 +191,8 @@ def worker(run: str, args: argparse.Namespace) -> dict[str, Any]:
         "run": run,
         "side": "ours",
         "propagate": args.propagate,
+        "activations_in_calibration": args.activations_in_calibration,
+        "kv_observer": args.kv_observer,
         "compress_s": seconds,
         "rss_loaded_mib": rss_loaded,
         "rss_compressed_mib": peak_rss_mib(),
@@ -239,6 +257,10 @@ def run_in_subprocess(side: str, run: str, args: argparse.Namespace) -> dict[str
         script = str(HERE / "smollm2.py")
         command = [sys.executable, script, "--worker", run, "--pipeline", args.pipeline]
         command += ["--propagate", args.propagate, *common]
+        if args.activations_in_calibration is not None:
+            command += ["--activations-in-calibration", args.activations_in_calibration]
+        if args.kv_observer is not None:
+            command += ["--kv-observer", args.kv_observer]
     else:
         if args.reference_python is None:
             raise SystemExit("--reference needs --reference-python /path/to/venv/bin/python")
@@ -285,6 +307,10 @@ def print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
         tool = "llm-compressor"
         if row["side"] == "ours":
             tool = "lightning-compress" + (", one pass" if row["propagate"] != "compressed" else "")
+            if row.get("activations_in_calibration") is not None:
+                tool += f", {row['activations_in_calibration']} activations in calibration"
+            if row.get("kv_observer") is not None:
+                tool += f", kv observer {row['kv_observer']}"
         if "error" in row:
             print(f"| {row['run']} | {tool} | failed: {row['error']} | | | | |", flush=True)
             continue
@@ -328,6 +354,18 @@ def parse_args() -> argparse.Namespace:
         choices=("compressed", "uncompressed"),
         default="compressed",
         help="which outputs of a calibrated block feed the next (uncompressed: one pass)",
+    )
+    parser.add_argument(
+        "--activations-in-calibration",
+        choices=("quantized", "float"),
+        help="our scheme runs: what a quantized layer's inputs (and fp8 keys and values) are "
+        "in the calibration forwards after it (quantize_activations_in_calibration; default: "
+        "the modifier's)",
+    )
+    parser.add_argument(
+        "--kv-observer",
+        choices=("minmax", "moving_average"),
+        help="our fp8_kv run: the kv_cache_scheme's observer (default: the modifier's)",
     )
     parser.add_argument(
         "--split", choices=SPLITS, default="newline", help="prepare: how each novel is cut"

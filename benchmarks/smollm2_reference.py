@@ -81,20 +81,28 @@ SCHEME_RUNS: dict[str, tuple[str, dict[str, Any]]] = {
 RUNS += tuple(SCHEME_RUNS)
 
 
-def scheme_recipe(run: str, rtn: type, gptq: type) -> list[Any]:
+def scheme_recipe(
+    run: str, rtn: type, gptq: type, kv_observer: str | None = None, **settings: Any
+) -> list[Any]:
     """The modifiers of a scheme run (``SCHEME_RUNS``), built from either side's classes.
 
     Args:
         run: a key of ``SCHEME_RUNS``.
         rtn: the side's ``QuantizationModifier``.
         gptq: the side's ``GPTQModifier``.
+        kv_observer: the ``observer`` of the run's ``kv_cache_scheme`` (None: the side's
+            default).
+        settings: further settings of the modifier (one side's own).
 
     Returns:
         One modifier: the run's scheme on every ``Linear`` but ``lm_head``.
     """
     algorithm, arguments = SCHEME_RUNS[run]
+    if kv_observer is not None and "kv_cache_scheme" in arguments:
+        kv_cache = {**arguments["kv_cache_scheme"], "observer": kv_observer}
+        arguments = {**arguments, "kv_cache_scheme": kv_cache}
     modifier = {"rtn": rtn, "gptq": gptq}[algorithm]
-    return [modifier(**arguments, ignore=["lm_head"])]
+    return [modifier(**arguments, **settings, ignore=["lm_head"])]
 
 
 def recipe(run: str) -> list[Any]:

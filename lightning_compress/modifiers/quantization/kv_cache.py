@@ -232,21 +232,27 @@ class AttentionCalibration(PlannedAttention):
     error): during a calibration forward the module's states are observed; a module whose
     forward never reached the attention implementation is refused, naming its class. When
     its block ends (``finish`` with the block) a module's scales are computed (ranges
-    reduced across ranks), added as buffers with the ``attention_scheme`` attribute, and from
-    then on its states are fake-quantized, so later blocks are calibrated on the quantized
-    attention. ``close`` removes the routing (the scales stay for export and
-    :func:`quantized_attention`).
+    reduced across ranks) and added as buffers with the ``attention_scheme`` attribute; with
+    ``quantize_calibrated`` its states are fake-quantized from then on, so later blocks are
+    calibrated on the quantized attention. ``close`` removes the routing (the scales stay
+    for export and :func:`quantized_attention`).
 
     Args:
         modifier: the modifier that owns the hooks and buffers.
         plan: attention module name to ``(module, scheme)``.
+        quantize_calibrated: whether calibrated modules run quantized during the rest of
+            the calibration (False: unquantized until ``close``).
     """
 
     def __init__(
-        self, modifier: Any, plan: Mapping[str, tuple[nn.Module, AttentionScheme]]
+        self,
+        modifier: Any,
+        plan: Mapping[str, tuple[nn.Module, AttentionScheme]],
+        quantize_calibrated: bool = True,
     ) -> None:
         super().__init__(modifier, plan)
         self._pending: dict[nn.Module, _ModuleCalibration] = {}
+        self._quantize_calibrated = quantize_calibrated
 
     def start(self) -> None:
         """Routes the planned modules' attention and hooks them for calibration.
@@ -322,8 +328,8 @@ class AttentionCalibration(PlannedAttention):
         self, module: nn.Module, query: Tensor, key: Tensor, value: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
         calibration = self._pending.get(module)
-        if calibration is None:  # calibrated: quantize
-            if hasattr(module, ATTENTION_SCHEME_ATTRIBUTE):
+        if calibration is None:  # calibrated: quantize, unless asked not to
+            if self._quantize_calibrated and hasattr(module, ATTENTION_SCHEME_ATTRIBUTE):
                 return _quantize_with_buffers(module, query, key, value)
             return query, key, value
         calibration.routed = True

@@ -56,18 +56,42 @@ class LayerwiseQuantization(QuantizationSchemes, LayerwiseModifier, register=Fal
     With a ``kv_cache_scheme`` or attention groups, the attention modules' states are
     calibrated alongside
     (:class:`~lightning_compress.modifiers.quantization.kv_cache.AttentionCalibration`): each
-    block's scales are fixed when the block ends, and its attention runs quantized from
-    then on; the attention implementation is restored at finalize and on abort.
+    block's scales are fixed when the block ends; the attention implementation is restored
+    at finalize and on abort.
+
+    ``quantize_activations_in_calibration`` decides what the calibration forwards after a
+    layer is quantized compute with: True runs its input (and its attention's keys and
+    values) fake-quantized from then on, so later layers' Hessians and input ranges are
+    measured on quantized activations; False (llm-compressor's behaviour: it disables
+    quantization until calibration ends) runs them unquantized, with the quantized weights,
+    and gives the layers their quantized forward when calibration ends (or on abort).
+
+    Args:
+        quantize_activations_in_calibration: one-shot only; see above.
     """
 
+    quantize_activations_in_calibration: bool = True
+
     data_free_method: ClassVar[str] = "round-to-nearest (same scheme)"
+
+    def validate(self) -> None:
+        if not self.quantize_activations_in_calibration and not self.is_one_shot:
+            self.fail(
+                "quantize_activations_in_calibration",
+                "true for quantization-aware training (start >= 0), which has no calibration",
+            )
+        super().validate()
 
     def on_initialize(self, state: State, **kwargs: Any) -> None:
         super().on_initialize(state, **kwargs)
         self._observers: dict[str, CalibrationObserver] = {}
+        self._unattached: dict[str, PendingLayer] = {}  # quantized, forward not yet attached
         self.layer_errors: dict[str, float] = {}
         plan = self.attention_plan(state.model)  # checked in both modes
-        self._attention = AttentionCalibration(self, plan) if plan and self.is_one_shot else None
+        self._attention = None
+        if plan and self.is_one_shot:
+            quantized = self.quantize_activations_in_calibration
+            self._attention = AttentionCalibration(self, plan, quantize_calibrated=quantized)
 
     def on_start(self, state: State, event: Event | None, **kwargs: Any) -> None:
         super().on_start(state, event, **kwargs)
@@ -93,6 +117,7 @@ class LayerwiseQuantization(QuantizationSchemes, LayerwiseModifier, register=Fal
         if self._attention is not None:
             self._attention.finish(None)
         super().on_end(state, event, **kwargs)
+        self._attach_quantization()
 
     def on_finalize(self, state: State, **kwargs: Any) -> Any:
         self._close_attention()
@@ -106,7 +131,15 @@ class LayerwiseQuantization(QuantizationSchemes, LayerwiseModifier, register=Fal
             state: the session's state.
         """
         self._close_attention()
+        self._attach_quantization()
         super().abort(state)
+
+    def _attach_quantization(self) -> None:
+        """Gives the quantized layers whose quantized forward waited for the end of
+        calibration (``quantize_activations_in_calibration=False``) that forward."""
+        for layer in getattr(self, "_unattached", {}).values():
+            attach_quantization(layer.module, layer.settings)
+        self._unattached = {}
 
     def _close_attention(self) -> None:
         if getattr(self, "_attention", None) is not None:
@@ -219,7 +252,10 @@ class LayerwiseQuantization(QuantizationSchemes, LayerwiseModifier, register=Fal
         super().apply_result(name, layer, result)
         for buffer, value in result.buffers.items():
             self.add_buffer(layer.module, buffer, value)
-        attach_quantization(layer.module, layer.settings)
+        if self.quantize_activations_in_calibration or layer.settings.input_activations is None:
+            attach_quantization(layer.module, layer.settings)
+        else:  # its inputs stay unquantized until calibration ends
+            self._unattached[name] = layer
         self.keep_buffers(layer.module)  # finished: an abort leaves the layer quantized
 
     def log_results(self, state: State, results: dict[str, CompressedLayer]) -> None:

@@ -111,6 +111,21 @@ def test_sequential_pipeline_calibrates_each_block_on_the_quantized_attention_be
     assert_scales_follow_the_quantized_model(model, strategy)
 
 
+def test_float_activations_in_calibration_calibrate_every_block_on_unquantized_attention() -> None:
+    model = tiny()
+    expected = cached_states(copy.deepcopy(model))
+    modifier = QuantizationModifier(
+        kv_cache_scheme=kv_scheme("tensor"), quantize_activations_in_calibration=False
+    )
+    calibrate(model, modifier, "sequential")
+    for attention, (keys, values) in zip(attentions(model), expected, strict=True):
+        assert_scale(attention.k_scale, absmax_scale(keys, "tensor"))
+        assert_scale(attention.v_scale, absmax_scale(values, "tensor"))
+    with quantized_attention(model):  # the default calibrates later blocks on fp8 attention
+        quantized = cached_states(model)
+    assert not torch.equal(attentions(model)[1].k_scale, absmax_scale(quantized[1][0], "tensor"))
+
+
 def test_staged_blocks_calibrate_keys_from_their_quantized_projections() -> None:
     # Round-to-nearest weights: each block runs once, q/k/v_proj quantized before attention.
     model = tiny()

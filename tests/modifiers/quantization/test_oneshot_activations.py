@@ -96,16 +96,19 @@ class ReferenceLinear:
             high = torch.stack([x.max() for x in inputs]).max()
             self.qparams = calculate_qparams(low, high, self.args)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        qparams = compute_dynamic_qparams(x, self.args) if self.args.dynamic else self.qparams
-        return F.linear(fake_quantize(x, *qparams, self.args), self.weight, self.bias)
+    def __call__(self, x: torch.Tensor, quantize_input: bool = True) -> torch.Tensor:
+        if quantize_input:
+            qparams = compute_dynamic_qparams(x, self.args) if self.args.dynamic else self.qparams
+            x = fake_quantize(x, *qparams, self.args)
+        return F.linear(x, self.weight, self.bias)
 
 
 def reference_block(block: Block, scheme: QuantizationScheme, hidden: list) -> Callable:
-    """Returns ``block`` made of ReferenceLinears, calibrated unquantized on ``hidden``."""
+    """Returns ``block`` made of ReferenceLinears, calibrated unquantized on ``hidden``; its
+    ``quantize_inputs=False`` runs the quantized weights on unquantized inputs."""
     up = ReferenceLinear(block.up, scheme, hidden)
     down = ReferenceLinear(block.down, scheme, [F.relu(block.up(h)) for h in hidden])
-    return lambda x: x + down(F.relu(up(x)))
+    return lambda x, quantize_inputs=True: x + down(F.relu(up(x, quantize_inputs)), quantize_inputs)
 
 
 @pytest.mark.parametrize("preset", ["W8A8", "FP8", "FP8_DYNAMIC"])
@@ -122,6 +125,53 @@ def test_sequential_calibration_matches_an_ops_reference(model, preset):
     x = torch.randn(3, 4, 64)
     expected = reference[1](reference[0](x))
     assert torch.equal(model(x), expected)
+
+
+def reference_model(model: Stack, scheme: QuantizationScheme, quantized: bool) -> Callable:
+    """The ops reference of ``model`` calibrated block by block, each block on the outputs of
+    the blocks before run with quantized weights, and quantized inputs if ``quantized``."""
+    with torch.no_grad():
+        hidden, blocks = batches(), []
+        for block in model.blocks:
+            blocks.append(reference_block(block, scheme, hidden))
+            hidden = [blocks[-1](h, quantized) for h in hidden]
+    return lambda x: blocks[1](blocks[0](x))
+
+
+@pytest.mark.parametrize("preset", ["W8A8", "FP8"])
+def test_float_activations_in_calibration_calibrate_on_quantized_weights_only(model, preset):
+    scheme = preset_scheme(preset, ["Linear"])
+    expected = reference_model(model, scheme, quantized=False)
+    quantized_calibration = reference_model(model, scheme, quantized=True)
+    modifier = QuantizationModifier(scheme=preset, quantize_activations_in_calibration=False)
+
+    calibrate_sequentially(model, modifier)
+
+    x = torch.randn(3, 4, 64)
+    assert torch.equal(model(x), expected(x))  # inputs quantized once calibration ended
+    if preset == "FP8":  # static inputs: block 1's input scales differ between the two
+        assert not torch.equal(model(x), quantized_calibration(x))
+
+
+def test_float_activations_in_calibration_attach_the_input_quantizer_at_the_end(model):
+    modifier = QuantizationModifier(scheme="FP8", quantize_activations_in_calibration=False)
+    session = start(model, modifier)
+    for h in batches():
+        model(h)
+    session.event(EventType.SEQUENTIAL_EPOCH_END, subgraph=model.blocks[0])
+    layer = model.blocks[0].up
+    assert hasattr(layer, "input_scale") and not layer._forward_pre_hooks
+    assert not hasattr(layer, "quantization_scheme")
+    session.event(EventType.CALIBRATION_EPOCH_END)
+    for layer in (model.blocks[0].up, model.blocks[1].down):
+        hooks = list(layer._forward_pre_hooks.values())
+        assert len(hooks) == 1 and isinstance(hooks[0], InputQuantizer)
+        assert layer.quantization_scheme.input_activations.type == "float"
+
+
+def test_float_activations_in_calibration_refused_for_training():
+    with pytest.raises(RecipeError, match=r"quantize_activations_in_calibration: expected true"):
+        QuantizationModifier(scheme="FP8", start=0, quantize_activations_in_calibration=False)
 
 
 def test_each_sequential_epoch_end_quantizes_its_block_only(model):
@@ -227,8 +277,10 @@ def test_a_subgraph_with_an_uncalibrated_layer_is_left_unchanged(model):
     assert torch.equal(model.blocks[0].up.weight, before["up.weight"])
 
 
-def test_abort_keeps_finished_layers_quantized_and_removes_the_observers(model):
-    session = start(model, QuantizationModifier(scheme="FP8"))
+@pytest.mark.parametrize("quantized", [True, False])
+def test_abort_keeps_finished_layers_quantized_and_removes_the_observers(model, quantized):
+    modifier = QuantizationModifier(scheme="FP8", quantize_activations_in_calibration=quantized)
+    session = start(model, modifier)
     for h in batches():
         model(h)
     session.event(EventType.SEQUENTIAL_EPOCH_END, subgraph=model.blocks[0])
