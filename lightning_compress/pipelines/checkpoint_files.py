@@ -1,0 +1,150 @@
+"""The safetensors files of a transformers checkpoint directory, read one tensor at a time."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+__all__ = ["CONFIG_NAME", "CheckpointFiles", "TensorInfo"]
+
+CONFIG_NAME = "config.json"
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one stored tensor is, and what it is.
+
+    Args:
+        file: the safetensors file holding it.
+        shape: its shape.
+        dtype: its dtype.
+    """
+
+    file: Path
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+class CheckpointFiles:
+    """The tensors of a local transformers checkpoint: ``config.json`` and safetensors shards.
+
+    The shards are found through ``model.safetensors.index.json``, or are the one
+    ``model.safetensors`` (or, without either, every ``*.safetensors`` file of the directory).
+    Only the files' headers are read here; ``tensor`` reads one tensor, memory-mapped.
+
+    Args:
+        directory: the checkpoint directory.
+
+    Raises:
+        FileNotFoundError: if ``directory`` is not a directory, or lacks ``config.json`` or
+            safetensors files (the message says which), or the index names a missing file.
+        ValueError: if the index is not valid JSON with a ``weight_map``, or a tensor is
+            stored twice.
+    """
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        if not self.directory.is_dir():
+            raise FileNotFoundError(f"model: {str(self.directory)!r} is not a directory")
+        missing = []
+        if not (self.directory / CONFIG_NAME).is_file():
+            missing.append(f"{CONFIG_NAME} (the model's configuration)")
+        files = self._files()
+        if not files:
+            missing.append(f"safetensors weights ({INDEX_NAME} with its shards, or {SINGLE_NAME})")
+        if missing:
+            raise FileNotFoundError(
+                f"model: the checkpoint directory {str(self.directory)!r} has no "
+                f"{' and no '.join(missing)}; expected a transformers checkpoint saved with "
+                f"save_pretrained(..., safe_serialization=True)"
+            )
+        self.tensors: dict[str, TensorInfo] = self._headers(files)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """Reads one stored tensor (memory-mapped; a copy on the CPU is made by the caller).
+
+        Args:
+            name: its checkpoint name.
+
+        Returns:
+            The tensor, in its stored dtype.
+
+        Raises:
+            KeyError: if the checkpoint has no tensor ``name``.
+        """
+        from safetensors import safe_open
+
+        info = self.tensors.get(name)
+        if info is None:
+            raise KeyError(f"the checkpoint {str(self.directory)!r} has no tensor {name!r}")
+        with safe_open(info.file, framework="pt") as handle:
+            return handle.get_tensor(name)
+
+    def floating_dtype(self) -> torch.dtype | None:
+        """The dtype of the first floating-point tensor stored (what transformers loads in
+        when the config names none), or None when there is none."""
+        for info in self.tensors.values():
+            if info.dtype.is_floating_point:
+                return info.dtype
+        return None
+
+    def _files(self) -> list[Path]:
+        index = self.directory / INDEX_NAME
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError, TypeError) as error:
+                raise ValueError(
+                    f"model: {str(index)!r} is not a safetensors index (JSON with a "
+                    f"'weight_map' of tensor names to files): {error}"
+                ) from error
+            files = [self.directory / name for name in dict.fromkeys(weight_map.values())]
+            absent = [str(file.name) for file in files if not file.is_file()]
+            if absent:
+                raise FileNotFoundError(
+                    f"model: {str(index)!r} names shards that are not in the directory: {absent}"
+                )
+            return files
+        single = self.directory / SINGLE_NAME
+        if single.is_file():
+            return [single]
+        return sorted(self.directory.glob("*.safetensors"))
+
+    def _headers(self, files: list[Path]) -> dict[str, TensorInfo]:
+        from safetensors import safe_open
+
+        tensors: dict[str, TensorInfo] = {}
+        for file in files:
+            with safe_open(file, framework="pt") as handle:
+                for name in handle.keys():  # noqa: SIM118 (safe_open is no mapping)
+                    if name in tensors:
+                        raise ValueError(
+                            f"model: tensor {name!r} is stored twice, in "
+                            f"{tensors[name].file.name!r} and {file.name!r}"
+                        )
+                    view = handle.get_slice(name)
+                    tensors[name] = TensorInfo(
+                        file, tuple(view.get_shape()), _DTYPES[view.get_dtype()]
+                    )
+        return tensors
+
+
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}

@@ -1,0 +1,43 @@
+"""Tiny transformers decoders saved to disk, the inputs of the out-of-core tests."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+LLAMA = {
+    "vocab_size": 128,
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+
+
+@pytest.fixture
+def saved_llama(tmp_path: Path) -> Callable[..., Path]:
+    """Saves a tiny random Llama (safetensors) and returns its directory.
+
+    The function takes ``dtype`` (default bfloat16), ``tie`` (tied embeddings) and config
+    overrides.
+    """
+
+    def save(dtype: torch.dtype = torch.bfloat16, tie: bool = False, **overrides) -> Path:
+        config = transformers.LlamaConfig(**{**LLAMA, **overrides}, tie_word_embeddings=tie)
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(config).to(dtype)
+        directory = tmp_path / f"llama-{str(dtype).removeprefix('torch.')}-{tie}"
+        model.save_pretrained(directory)
+        return directory
+
+    return save
