@@ -30,9 +30,11 @@ class TextDataModule(pl.LightningDataModule):
     ``attention_mask``, as :class:`~lightning_compress.lightning.CausalLMModule` reads them.
 
     Args:
-        tokenizer: a Hugging Face tokenizer, or any object with ``encode(text) -> list[int]``
-            (not needed for ``tokens``); its ``eos_token_id`` separates packed documents and
-            its ``pad_token_id`` pads samples (0 when it has none).
+        tokenizer: a Hugging Face tokenizer, its name or directory (loaded with
+            ``AutoTokenizer.from_pretrained``, so a LightningCLI config can name it), or any
+            object with ``encode(text) -> list[int]`` (not needed for ``tokens``); its
+            ``eos_token_id`` separates packed documents and its ``pad_token_id`` pads samples
+            (0 when it has none).
         seq_len: tokens per sample.
         batch_size: samples per batch.
         files: text files to read.
@@ -81,6 +83,10 @@ class TextDataModule(pl.LightningDataModule):
             raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size}")
         if not 0 <= val_fraction < 1:
             raise ValueError(f"val_fraction: expected a number in [0, 1), got {val_fraction}")
+        if isinstance(tokenizer, (str, os.PathLike)):
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer)
         self.tokenizer = tokenizer
         self.seq_len = seq_len
         self.batch_size = batch_size

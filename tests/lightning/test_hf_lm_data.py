@@ -91,3 +91,13 @@ def test_data_too_short_for_two_samples_is_refused_naming_seq_len():
     data = TextDataModule(tokens=[[1, 2, 3]], seq_len=3)
     with pytest.raises(ValueError, match="1 sample.*seq_len=3"):
         data.setup("fit")
+
+
+def test_a_tokenizer_named_by_its_directory_is_loaded_with_auto_tokenizer(tmp_path):
+    from lightning_compress.bundled.tokenizer import byte_tokenizer_fast
+
+    byte_tokenizer_fast().save_pretrained(tmp_path)
+    data = TextDataModule(str(tmp_path), seq_len=4, texts=["abcdefgh", "ijklmnop"], pack=False)
+    data.setup("fit")
+    assert ids(data.train_data) == [list(b"abcd")]
+    assert ids(data.val_data) == [list(b"ijkl")]
