@@ -24,15 +24,18 @@ from lightning_compress.core import (
     model_sparsity,
 )
 from lightning_compress.lightning.calibration import _unshare
+from lightning_compress.lightning.gathered import full_model
 from lightning_compress.lightning.loggers import TrainerLogger
 from lightning_compress.lightning.memory_plan import report_memory_plan
 from lightning_compress.lightning.training_calibration import (
     calibrated_model,
     calibration_batches,
     carried_layers,
+    check_one_shot_strategy,
     freeze_carried_qparams,
     rewrap_ddp,
     run_one_shot,
+    shards_at_configure_model,
     split_recipe,
     start_from_one_shot,
     take_one_shot_qparams,
@@ -153,7 +156,11 @@ class Compressor(Callback):
     training (before the first optimizer step), on every rank, with the calibration pipeline
     ``oneshot`` uses, on ``calibration_data`` or else the first ``num_calibration_batches``
     batches of each rank's training DataLoader (under DDP each rank calibrates on its shard
-    and the statistics are reduced across ranks, so every rank gets the same model). A
+    and the statistics are reduced across ranks, so every rank gets the same model). Under
+    ``ModelParallelStrategy`` (FSDP2) it runs at ``setup`` instead, on the whole model before
+    ``configure_model`` shards it, on ``calibration_data`` (the training DataLoader does not
+    exist yet: a one-shot part that reads data without ``calibration_data`` is refused, as
+    is a model whose weights are on the meta device). A
     training ``QuantizationModifier`` must quantize the layers the one-shot part quantized,
     with the same grid (refused at ``setup``, before the model changes, naming the fields
     that differ); it starts from the one-shot weights and weight qparams, which stay fixed, so
@@ -188,7 +195,9 @@ class Compressor(Callback):
             per-layer sparsity is logged to the Trainer's loggers.
         save_dir: when training ends (after finalize, on rank 0), save the model the
             LightningModule holds (a transformers model or the bundled TinyDecoder) here as a
-            compressed-tensors checkpoint with the recipe and the tokenizer
+            compressed-tensors checkpoint (under FSDP2 every rank helps gather the full
+            weights onto rank 0's CPU, and rank 0 saves them: the checkpoint is the one a
+            single process saves) with the recipe and the tokenizer
             (``save_compressed``; needs the ``hf`` extra). It must not exist or be empty
             (unless ``overwrite``); that is checked at ``setup``.
         tokenizer: the tokenizer saved into ``save_dir`` (a transformers tokenizer or the
@@ -293,15 +302,21 @@ class Compressor(Callback):
             _unshare(pl_module)
         self._full_recipe = recipe
         one_shot, self._training_recipe = split_recipe(recipe)
+        if trainer.ckpt_path is None:  # a resumed run's checkpoint holds the one-shot result
+            check_one_shot_strategy(trainer.strategy, one_shot, pl_module, self.calibration_data)
         if one_shot.modifiers:
             with coverage_checked(pl_module, recipe.modifiers, self.strict):
                 self._carried = carried_layers(one_shot, self._training_recipe, pl_module)
-            # Fresh runs set training up after the one-shot part (on_train_start); a resumed
-            # run's checkpoint holds its result, so training is set up before it loads.
             self._one_shot = one_shot
-            self._resume_setup = pl_module.register_load_state_dict_pre_hook(
-                lambda *_: self._initialize_training(trainer, pl_module)
-            )
+            if shards_at_configure_model(trainer.strategy):
+                # The model is whole now, before configure_model shards it.
+                self._one_shot_before_sharding(trainer, pl_module)
+            else:
+                # Fresh runs set training up after the one-shot part (on_train_start); a
+                # resumed run's checkpoint holds its result: training is set up before it loads.
+                self._resume_setup = pl_module.register_load_state_dict_pre_hook(
+                    lambda *_: self._initialize_training(trainer, pl_module)
+                )
         else:
             self._initialize_training(trainer, pl_module)
         self._load_check = pl_module.register_load_state_dict_post_hook(self._check_loaded_keys)
@@ -323,6 +338,15 @@ class Compressor(Callback):
                 copy_data=False,
             )
         self._targeted = targeted_layers(pl_module, self._full_recipe.modifiers)
+
+    def _one_shot_before_sharding(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Under a strategy that shards the model in ``configure_model`` (FSDP2): run the
+        one-shot part now, on the whole model, and set training up (a resumed run only sets
+        training up: its checkpoint holds the one-shot result)."""
+        if trainer.ckpt_path is None:
+            self._run_one_shot_stage(trainer, pl_module)
+        else:
+            self._initialize_training(trainer, pl_module)
 
     def _run_one_shot_stage(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Run the recipe's one-shot part, then set training up from its result."""
@@ -430,17 +454,20 @@ class Compressor(Callback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        finished = self.session.lifecycle.finalized
-        if self.save_dir is not None and trainer.is_global_zero and finished:
-            from lightning_compress.export import save_compressed  # the optional hf extra
+        if self.save_dir is None or not self.session.lifecycle.finalized:
+            return
+        from lightning_compress.export import save_compressed  # the optional hf extra
 
-            save_compressed(
-                pl_module,
-                self.save_dir,
-                tokenizer=self._save_tokenizer,
-                recipe=self._serialized_recipe(),
-                overwrite=self.overwrite,
-            )
+        # Under FSDP2 every rank takes part in gathering the full weights; rank 0 saves them.
+        with full_model(pl_module, keep=trainer.is_global_zero):
+            if trainer.is_global_zero:
+                save_compressed(
+                    pl_module,
+                    self.save_dir,
+                    tokenizer=self._save_tokenizer,
+                    recipe=self._serialized_recipe(),
+                    overwrite=self.overwrite,
+                )
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -33,9 +33,11 @@ __all__ = [
     "calibration_batches",
     "carried_layers",
     "check_batches",
+    "check_one_shot_strategy",
     "freeze_carried_qparams",
     "rewrap_ddp",
     "run_one_shot",
+    "shards_at_configure_model",
     "split_recipe",
     "start_from_one_shot",
     "take_one_shot_qparams",
@@ -382,3 +384,60 @@ def rewrap_ddp(trainer: Any) -> None:
     if isinstance(strategy, DDPStrategy) and isinstance(strategy.model, DistributedDataParallel):
         strategy.model = strategy.model.module
         strategy.configure_ddp()
+
+
+def shards_at_configure_model(strategy: Any) -> bool:
+    """Whether ``strategy`` shards the model in ``configure_model`` (FSDP2's
+    ``ModelParallelStrategy``), after a callback's ``setup`` and before training starts.
+
+    Args:
+        strategy: the Trainer's strategy.
+
+    Returns:
+        True for ``ModelParallelStrategy``.
+    """
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    return isinstance(strategy, ModelParallelStrategy)
+
+
+def check_one_shot_strategy(
+    strategy: Any, one_shot: Recipe, model: nn.Module, calibration_data: Any | None
+) -> None:
+    """Refuse a one-shot stage that cannot run under a strategy that shards the model.
+
+    Under ``ModelParallelStrategy`` the one-shot stage runs in ``setup``, on the whole model
+    before ``configure_model`` shards it; the training DataLoader does not exist yet then.
+
+    Args:
+        strategy: the Trainer's strategy.
+        one_shot: the recipe's one-shot part.
+        model: the LightningModule.
+        calibration_data: ``Compressor.calibration_data``.
+
+    Raises:
+        RecipeError: under ``ModelParallelStrategy``, for a one-shot stage that reads data
+            without ``calibration_data``, or a model whose weights are on the meta device
+            (naming one), saying what to do instead.
+    """
+    if not one_shot.modifiers or not shards_at_configure_model(strategy):
+        return
+    names = [type(modifier).__name__ for modifier in one_shot.modifiers]
+    where = (
+        f"under {type(strategy).__name__} the recipe's one-shot stage {names} runs in the "
+        "Compressor's setup, on the whole model before configure_model shards it"
+    )
+    needs_data = any(modifier.needs_calibration_data for modifier in one_shot.modifiers)
+    if needs_data and calibration_data is None:
+        raise RecipeError(
+            f"Compressor: {where}, when the training DataLoader does not exist yet: pass "
+            "Compressor(calibration_data=...) (e.g. a list of token batches), or run "
+            "oneshot() first and train from its checkpoint"
+        )
+    meta = next((name for name, p in model.named_parameters() if p.is_meta), None)
+    if meta is not None:
+        raise RecipeError(
+            f"Compressor: {where}, but parameter '{meta}' is on the meta device: build the "
+            "model with its weights (not on meta), or run oneshot() first and train from its "
+            "checkpoint"
+        )

@@ -1,6 +1,7 @@
 """DDP and FSDP2 (ModelParallelStrategy), 2 CPU processes each, train a tiny Hugging Face
 Llama with QAT (4-bit weights, moving-average static inputs) and kept 2:4 zeros exactly like
-one process."""
+one process; under FSDP2 a GPTQ one-shot stage runs on the whole model and the trained
+model's checkpoint is the one process's."""
 
 from __future__ import annotations
 
@@ -10,21 +11,29 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 pytestmark = pytest.mark.distributed
 
 SCRIPT = Path(__file__).with_name("fsdp2_qat_run.py")
+EXPORT_SCRIPT = Path(__file__).with_name("fsdp2_export_run.py")
 
 
-def run(mode: str, out: Path) -> dict:
+def launch(script: Path, mode: str, out: Path) -> None:
+    """Run ``script`` in ``mode`` (Lightning starts the second rank itself)."""
     out.mkdir()
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), mode, str(out)],
+        [sys.executable, str(script), mode, str(out)],
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+
+
+def run(mode: str, out: Path) -> dict:
+    launch(SCRIPT, mode, out)
     return torch.load(out / "state.pt", weights_only=True)
 
 
@@ -50,3 +59,39 @@ def test_qat_with_masks_trains_like_one_process_with_the_state_sharded_under_fsd
     for name, tensor in state.items():
         if name.endswith("_proj.parametrizations.weight.original"):
             assert (tensor == 0).float().mean().item() == 0.5, name
+
+
+def int4_codes(packed: torch.Tensor) -> torch.Tensor:
+    """The eight 4-bit codes of each int32 of a ``pack-quantized`` weight."""
+    return torch.stack([(packed >> (4 * i)) & 15 for i in range(8)], dim=-1)
+
+
+@pytest.mark.slow  # three runs of 2 processes: about 30 s of CPU, more on a busy machine
+def test_fsdp2_runs_the_one_shot_stage_whole_and_exports_the_one_process_checkpoint(tmp_path):
+    launch(EXPORT_SCRIPT, "single", tmp_path / "single")
+    launch(EXPORT_SCRIPT, "fsdp2", tmp_path / "fsdp2")
+    single, sharded = (tmp_path / mode / "checkpoint" for mode in ("single", "fsdp2"))
+    report = torch.load(tmp_path / "fsdp2" / "report.pt", weights_only=True)
+    # GPTQ ran once, before the first step, on the whole model (each rank, before sharding).
+    assert report == {"one_shot_steps": [0], "sharded": True}
+
+    assert (sharded / "config.json").read_text() == (single / "config.json").read_text()
+    expected = load_file(single / "model.safetensors")
+    saved = load_file(sharded / "model.safetensors")
+    assert saved.keys() == expected.keys()
+    assert any(name.endswith("weight_packed") for name in saved)
+    for name, tensor in expected.items():
+        if name.endswith("weight_packed"):
+            # One SGD step from the same GPTQ weights on the fixed GPTQ grid: the runs'
+            # gradients agree up to float rounding, which can move a weight lying on a
+            # rounding boundary to the neighbouring code, and nothing more.
+            diff = (int4_codes(saved[name]) - int4_codes(tensor)).abs()
+            assert diff.max() <= 1 and diff.count_nonzero() <= diff.numel() // 1000, name
+        elif tensor.is_floating_point():
+            torch.testing.assert_close(saved[name], tensor, rtol=0, atol=1e-6, msg=name)
+        else:
+            assert torch.equal(saved[name], tensor), name
+
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(5))
+    logits = [AutoModelForCausalLM.from_pretrained(path)(ids).logits for path in (single, sharded)]
+    torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=1e-4)

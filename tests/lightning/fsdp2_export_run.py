@@ -1,0 +1,90 @@
+"""GPTQ one-shot, then QAT, then a compressed-tensors checkpoint: one process or FSDP2.
+
+Run by the test as ``python fsdp2_export_run.py single|fsdp2 OUT_DIR``; for ``fsdp2``
+(``ModelParallelStrategy``, 2 CPU processes) Lightning relaunches this script for rank 1.
+The Compressor saves the checkpoint to ``OUT_DIR/checkpoint``; rank 0 writes the optimizer
+step at which the one-shot stage ran and whether the trained weights were sharded to
+``OUT_DIR/report.pt``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from fsdp2_qat_run import GLOBAL_BATCH, SGDCausalLM, ShardedCausalLM
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.distributed.tensor import DTensor
+
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from export_models import GROUP_SIZE, tiny_model, token_ids  # noqa: E402
+
+from lightning_compress import Compressor  # noqa: E402
+from lightning_compress.modifiers import GPTQModifier, QuantizationModifier  # noqa: E402
+
+STEPS = 1  # see fsdp2_qat_run: later steps can differ by a rounding flip of float noise
+W4_GROUPS = {"num_bits": 4, "strategy": "group", "group_size": GROUP_SIZE}
+
+
+class RecordingCompressor(Compressor):
+    """Records the optimizer step at which the one-shot stage runs."""
+
+    one_shot_steps: list[int]
+
+    def _run_one_shot_stage(self, trainer, pl_module) -> None:
+        self.one_shot_steps = [*getattr(self, "one_shot_steps", []), trainer.global_step]
+        super()._run_one_shot_stage(trainer, pl_module)
+
+
+class Report(Callback):
+    """Rank 0 writes the one-shot steps and whether the trained weights were sharded."""
+
+    def __init__(self, out: Path, compressor: RecordingCompressor) -> None:
+        self.out, self.compressor = out, compressor
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        sharded = any(isinstance(p, DTensor) for p in pl_module.parameters())
+        if trainer.global_rank == 0:
+            report = {"one_shot_steps": self.compressor.one_shot_steps, "sharded": sharded}
+            torch.save(report, self.out / "report.pt")
+
+
+def recipe() -> list:
+    """GPTQ W4 g32 on every Linear but lm_head, then QAT on its grid from step 0."""
+    groups = {"group_0": {"targets": ["Linear"], "weights": W4_GROUPS}}
+    return [
+        GPTQModifier(config_groups=groups, ignore=["lm_head"], actorder="none"),
+        QuantizationModifier(config_groups=groups, ignore=["lm_head"], start=0),
+    ]
+
+
+def main() -> None:
+    mode, out = sys.argv[1], Path(sys.argv[2])
+    model = tiny_model().train()
+    if mode == "single":
+        module, ranks = SGDCausalLM(model, lr=0.5), {"devices": 1}
+    else:
+        strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+        module = ShardedCausalLM(model, lr=0.5)
+        ranks = {"devices": 2, "strategy": strategy, "use_distributed_sampler": False}
+    calibration = list(token_ids(4, 16, seed=3).split(GLOBAL_BATCH // 2))
+    compressor = RecordingCompressor(
+        recipe(), calibration_data=calibration, save_dir=out / "checkpoint"
+    )
+    trainer = Trainer(
+        accelerator="cpu",
+        max_steps=STEPS,
+        callbacks=[compressor, Report(out, compressor)],
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        **ranks,
+    )
+    trainer.fit(module)
+
+
+if __name__ == "__main__":
+    main()
