@@ -66,7 +66,7 @@ def int4_codes(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([(packed >> (4 * i)) & 15 for i in range(8)], dim=-1)
 
 
-@pytest.mark.slow  # three runs of 2 processes: about 30 s of CPU, more on a busy machine
+@pytest.mark.slow  # a one-process and a 2-process run, then two reloads: 30 to 90 s
 def test_fsdp2_runs_the_one_shot_stage_whole_and_exports_the_one_process_checkpoint(tmp_path):
     launch(EXPORT_SCRIPT, "single", tmp_path / "single")
     launch(EXPORT_SCRIPT, "fsdp2", tmp_path / "fsdp2")
