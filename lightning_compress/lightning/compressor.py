@@ -25,6 +25,7 @@ from lightning_compress.core import (
 )
 from lightning_compress.lightning.calibration import _unshare
 from lightning_compress.lightning.gathered import full_model
+from lightning_compress.lightning.kept_zeros import keep_pruned_zeros
 from lightning_compress.lightning.loggers import TrainerLogger
 from lightning_compress.lightning.memory_plan import report_memory_plan
 from lightning_compress.lightning.training_calibration import (
@@ -214,6 +215,11 @@ class Compressor(Callback):
         num_calibration_batches: how many batches the one-shot part calibrates on (per rank).
         pipeline: the calibration pipeline of the one-shot part (``sequential``, ``basic``,
             ``auto``; one that reads no data runs ``data_free``).
+        keep_pruned_zeros: keep the zeros of the layers the one-shot part prunes
+            (SparseGPT, Wanda, one-shot magnitude pruning) through training when no training
+            stage masks them: a ``ConstantPruningModifier`` on those layers runs first in the
+            training part (logged at INFO, naming them; the saved recipe is the one given).
+            False lets training grow them back, with a warning naming them.
 
     Raises:
         ValueError: for ``num_calibration_batches`` below 1.
@@ -238,6 +244,7 @@ class Compressor(Callback):
         calibration_data: Iterable[Any] | None = None,
         num_calibration_batches: int = 32,
         pipeline: str = "sequential",
+        keep_pruned_zeros: bool = True,
     ) -> None:
         if num_calibration_batches < 1:
             raise ValueError(
@@ -259,6 +266,7 @@ class Compressor(Callback):
         self.calibration_data = calibration_data
         self.num_calibration_batches = num_calibration_batches
         self.pipeline = pipeline
+        self.keep_pruned_zeros = keep_pruned_zeros
         self.session = CompressionSession()
         self.summary = CompressionSummary()
         self._targeted: dict[str, str] = {}
@@ -307,6 +315,9 @@ class Compressor(Callback):
         if one_shot.modifiers:
             with coverage_checked(pl_module, recipe.modifiers, self.strict):
                 self._carried = carried_layers(one_shot, self._training_recipe, pl_module)
+            self._training_recipe = keep_pruned_zeros(
+                one_shot, self._training_recipe, pl_module, self.keep_pruned_zeros
+            )
             self._one_shot = one_shot
             if shards_at_configure_model(trainer.strategy):
                 # The model is whole now, before configure_model shards it.
