@@ -25,7 +25,13 @@ from lightning_compress.modifiers.quantization.kv_cache import (
     AttentionScheme,
 )
 
-__all__ = ["LINEAR_TARGET", "attention_schemes", "quantization_config"]
+__all__ = [
+    "LINEAR_TARGET",
+    "attention_schemes",
+    "config_from_schemes",
+    "linear_names",
+    "quantization_config",
+]
 
 LINEAR_TARGET = "Linear"
 """The class-name target compressed-tensors (and vLLM) match every linear layer with."""
@@ -61,8 +67,37 @@ def quantization_config(model: nn.Module, layers: Layers) -> dict[str, Any] | No
         ExportError: when attention modules hold different key/value arguments (vLLM reads
             one ``kv_cache_scheme`` for every attention layer).
     """
-    attention = attention_schemes(model)
-    if not layers and not attention:
+    return config_from_schemes(
+        {name: scheme for name, (_, scheme) in layers.items()},
+        {name for name, (module, _) in layers.items() if isinstance(module, nn.Embedding)},
+        linear_names(model),
+        attention_schemes(model),
+    )
+
+
+def config_from_schemes(
+    schemes: dict[str, CTQuantizationScheme],
+    embeddings: set[str],
+    linears: list[str],
+    attention: dict[str, AttentionScheme],
+) -> dict[str, Any] | None:
+    """The ``quantization_config`` of :func:`quantization_config`, from what it needs of the
+    model, recorded without its weights (a checkpoint written block by block).
+
+    Args:
+        schemes: each quantized layer's name to its compressed-tensors scheme (``format``
+            set), in module order.
+        embeddings: the names of the quantized layers that are embeddings.
+        linears: every linear layer's name, in module order.
+        attention: the calibrated attention modules with their schemes, in module order.
+
+    Returns:
+        As :func:`quantization_config`.
+
+    Raises:
+        ExportError: as :func:`quantization_config`.
+    """
+    if not schemes and not attention:
         return None
     entry: dict[str, Any] = {
         COMPRESSION_VERSION_NAME: compressed_tensors.__version__,
@@ -70,12 +105,12 @@ def quantization_config(model: nn.Module, layers: Layers) -> dict[str, Any] | No
         SPARSITY_CONFIG_NAME: {},
         TRANSFORM_CONFIG_NAME: {},
     }
-    groups = _config_groups(layers) if layers else {}
+    groups = _config_groups(schemes, embeddings) if schemes else {}
     config = QuantizationConfig(
         config_groups={**groups, **_attention_groups(attention, len(groups))},
-        format=_overall_format(layers) if layers else CompressionFormat.dense.value,
+        format=_overall_format(schemes) if schemes else CompressionFormat.dense.value,
         quantization_status=QuantizationStatus.COMPRESSED,
-        ignore=unmatched_linears(model, set(layers)) if layers else [],
+        ignore=[name for name in linears if name not in schemes] if schemes else [],
         kv_cache_scheme=_kv_cache_scheme(attention),
     )
     entry.update(config.model_dump(exclude={QUANTIZATION_METHOD_NAME}))
@@ -133,47 +168,41 @@ def _attention_groups(
     }
 
 
-def unmatched_linears(model: nn.Module, names: set[str]) -> list[str]:
-    """The linear layers of ``model`` not in ``names``, in module order.
+def linear_names(model: nn.Module) -> list[str]:
+    """The linear layers of ``model``, in module order.
 
     Args:
-        model: the model.
-        names: the layers a config covers.
+        model: the model (its weights may be on the meta device).
 
     Returns:
-        The other layers whose class is (or derives from) ``Linear``.
+        The names of the layers whose class is (or derives from) ``Linear``.
     """
-    return [
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and name not in names
-    ]
+    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
 
 
-def _config_groups(layers: Layers) -> dict[str, CTQuantizationScheme]:
+def _config_groups(
+    schemes: dict[str, CTQuantizationScheme], embeddings: set[str]
+) -> dict[str, CTQuantizationScheme]:
     groups: dict[str, list[str]] = {}
-    schemes: dict[str, CTQuantizationScheme] = {}
-    for name, (_, scheme) in layers.items():
+    first: dict[str, CTQuantizationScheme] = {}
+    for name, scheme in schemes.items():
         key = scheme.model_dump_json(exclude={"targets"})
         groups.setdefault(key, []).append(name)
-        schemes.setdefault(key, scheme)
+        first.setdefault(key, scheme)
     # the class target does not cover embeddings: they stay named
-    others = {
-        key: [n for n in names if isinstance(layers[n][0], nn.Embedding)]
-        for key, names in groups.items()
-    }
+    others = {key: [n for n in names if n in embeddings] for key, names in groups.items()}
     linear = [key for key in groups if len(others[key]) < len(groups[key])]
     largest = max(linear, key=lambda key: len(groups[key])) if linear else None
     # Named groups first: compressed-tensors matches each layer to its first matching target.
     order = [key for key in groups if key != largest] + ([largest] if linear else [])
     return {
-        f"group_{index}": schemes[key].model_copy(
+        f"group_{index}": first[key].model_copy(
             update={"targets": [LINEAR_TARGET, *others[key]] if key == largest else groups[key]}
         )
         for index, key in enumerate(order)
     }
 
 
-def _overall_format(layers: Layers) -> str:
-    formats = {CompressionFormat(scheme.format).value for _, scheme in layers.values()}
+def _overall_format(schemes: dict[str, CTQuantizationScheme]) -> str:
+    formats = {CompressionFormat(scheme.format).value for scheme in schemes.values()}
     return formats.pop() if len(formats) == 1 else CompressionFormat.mixed_precision.value

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from loguru import logger
-from torch import nn
+from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
 from lightning_compress.core.compression_record import RECORD_ATTRIBUTE, partial_compression
@@ -26,7 +27,14 @@ from lightning_compress.layers.conv1d import conv1d_orientation
 from lightning_compress.layers.expert_names import to_checkpoint_names
 from lightning_compress.recipe import Recipe, RecipeInput
 
-__all__ = ["CONFIG_NAME", "RECIPE_NAME", "save_compressed"]
+__all__ = [
+    "CONFIG_NAME",
+    "RECIPE_NAME",
+    "check_local",
+    "refuse_partly_compressed",
+    "save_compressed",
+    "write_metadata",
+]
 
 CONFIG_NAME = "config.json"
 RECIPE_NAME = "recipe.yaml"
@@ -106,13 +114,13 @@ def save_compressed(
             a weight left its quantization grid; or for sharded (``DTensor``) weights.
         TypeError: for a model that is not exportable, or an unsupported tokenizer.
     """
-    _refuse_partly_compressed(model)
+    refuse_partly_compressed(model)
     recover_checkpoint(output_dir)
     path = check_output_dir(output_dir, overwrite)
     model = find_exportable(model)
-    _refuse_partly_compressed(model)
+    refuse_partly_compressed(model)
     config = checkpoint_config(model)
-    _check_local(model)
+    check_local(model.state_dict())
     check_finished(model)
     layers = quantized_layers(model, pack_asymmetric)
     state = compressed_state_dict(model, layers, progress)
@@ -125,16 +133,7 @@ def save_compressed(
     recipe_text = None if recipe is None else Recipe.create_instance(recipe).yaml()
     with staged_directory(path, overwrite) as staging:
         write_shards(tensors, staging, max_shard_bytes)
-        (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        generation_config = getattr(model, "generation_config", None)
-        if generation_config is not None:
-            generation_config.save_pretrained(staging)
-        if tokenizer is not None:
-            save_tokenizer(tokenizer, staging)
-        if recipe_text is not None:
-            (staging / RECIPE_NAME).write_text(recipe_text)
-        if sparsity is not None:
-            write_record(sparsity, staging)
+        write_metadata(staging, model, config, tokenizer, recipe_text, sparsity)
     logger.info(
         "saved {} ({} quantized layers, format {}) to {}",
         type(model).__name__,
@@ -145,8 +144,50 @@ def save_compressed(
     return path
 
 
-def _check_local(model: nn.Module) -> None:
-    sharded = [name for name, tensor in model.state_dict().items() if isinstance(tensor, DTensor)]
+def write_metadata(
+    directory: Path,
+    model: nn.Module,
+    config: dict[str, Any],
+    tokenizer: Any | None,
+    recipe_text: str | None,
+    sparsity: dict[str, Any] | None,
+) -> None:
+    """Writes everything of a checkpoint but its tensors.
+
+    Args:
+        directory: the checkpoint directory being written.
+        model: the exportable model (its ``generation_config`` is saved; its weights are
+            not read).
+        config: the ``config.json`` content, with its ``quantization_config``.
+        tokenizer: a tokenizer to save alongside, or None.
+        recipe_text: the recipe's YAML, or None.
+        sparsity: the sparsity record, or None when nothing is pruned.
+
+    Raises:
+        TypeError: for an unsupported tokenizer.
+    """
+    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None:
+        generation_config.save_pretrained(directory)
+    if tokenizer is not None:
+        save_tokenizer(tokenizer, directory)
+    if recipe_text is not None:
+        (directory / RECIPE_NAME).write_text(recipe_text)
+    if sparsity is not None:
+        write_record(sparsity, directory)
+
+
+def check_local(state: Mapping[str, Tensor]) -> None:
+    """Refuses sharded (``DTensor``) tensors, which a checkpoint cannot hold.
+
+    Args:
+        state: tensor names to tensors about to be saved.
+
+    Raises:
+        ExportError: naming one, when some are ``DTensor`` s.
+    """
+    sharded = [name for name, tensor in state.items() if isinstance(tensor, DTensor)]
     if sharded:
         raise ExportError(
             f"{len(sharded)} tensors (e.g. '{sharded[0]}') are sharded DTensors; gather the "
@@ -154,7 +195,15 @@ def _check_local(model: nn.Module) -> None:
         )
 
 
-def _refuse_partly_compressed(model: nn.Module) -> None:
+def refuse_partly_compressed(model: nn.Module) -> None:
+    """Refuses a model a failed calibration left partly compressed.
+
+    Args:
+        model: the model about to be saved.
+
+    Raises:
+        ExportError: describing the failure, when the model carries its record.
+    """
     record = partial_compression(model)
     if record is not None:
         raise ExportError(

@@ -7,6 +7,8 @@ and its qparam buffers, so the scheme of each layer is read from the layer itsel
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+
 import compressed_tensors
 import torch
 from compressed_tensors.config import CompressionFormat
@@ -31,7 +33,13 @@ from lightning_compress.modifiers.quantization.formats import format_of
 from lightning_compress.modifiers.quantization.fused import fused_groups
 from lightning_compress.modifiers.quantization.qat import OBSERVER_BUFFERS
 
-__all__ = ["check_finished", "from_ct_scheme", "quantized_layers", "to_ct_scheme"]
+__all__ = [
+    "check_finished",
+    "from_ct_scheme",
+    "named_modules_within",
+    "quantized_layers",
+    "to_ct_scheme",
+]
 
 ROLES = ("weights", "input_activations", "output_activations")
 TRAINING_BUFFERS = (MASK_BUFFER, *OBSERVER_BUFFERS)
@@ -67,7 +75,7 @@ def check_finished(model: nn.Module) -> None:
 
 
 def quantized_layers(
-    model: nn.Module, pack_asymmetric: bool = False
+    model: nn.Module, pack_asymmetric: bool = False, within: Sequence[str] | None = None
 ) -> dict[str, tuple[nn.Module, CTQuantizationScheme]]:
     """The quantized layers of ``model``, each with its compressed-tensors scheme.
 
@@ -76,6 +84,8 @@ def quantized_layers(
         pack_asymmetric: store asymmetric int weights in the format compressed-tensors picks
             (``pack-quantized``, what vLLM serves) even where the installed transformers
             cannot load it, instead of :data:`FALLBACK_FORMAT`.
+        within: names of submodules of ``model`` to look in (e.g. one decoder block); None
+            looks in the whole model.
 
     Returns:
         Layer name to ``(layer, scheme)``; each scheme's ``format`` is the storage format
@@ -87,7 +97,7 @@ def quantized_layers(
             another library (a model transformers loaded from a compressed checkpoint).
     """
     layers = {}
-    for name, module in model.named_modules():
+    for name, module in named_modules_within(model, within):
         scheme = getattr(module, "quantization_scheme", None)
         if scheme is None:
             continue
@@ -102,6 +112,28 @@ def quantized_layers(
     _warn_about_unshared_global_scales(layers)
     _warn_about_embeddings(layers)
     return layers
+
+
+def named_modules_within(
+    model: nn.Module, within: Sequence[str] | None
+) -> Iterator[tuple[str, nn.Module]]:
+    """The modules of ``model`` inside the submodules ``within``, with their full names.
+
+    Args:
+        model: the model.
+        within: names of its submodules; None for the whole model.
+
+    Yields:
+        ``(name, module)`` as ``model.named_modules()`` gives them, each submodule's in turn.
+
+    Raises:
+        AttributeError: naming a submodule ``model`` does not have.
+    """
+    if within is None:
+        yield from model.named_modules()
+        return
+    for prefix in within:
+        yield from model.get_submodule(prefix).named_modules(prefix=prefix)
 
 
 def to_ct_scheme(

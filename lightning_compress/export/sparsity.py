@@ -12,10 +12,10 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from compressed_tensors.config import SparsityStructure
-from torch import nn
+from torch import Tensor, nn
 
 from lightning_compress.modifiers.pruning.structure import (
     SPARSITY_THRESHOLD,
@@ -23,10 +23,50 @@ from lightning_compress.modifiers.pruning.structure import (
     zero_count,
 )
 
-__all__ = ["SPARSITY_NAME", "SPARSITY_THRESHOLD", "follows_2_4", "sparsity_record", "write_record"]
+__all__ = [
+    "SPARSITY_NAME",
+    "SPARSITY_THRESHOLD",
+    "LayerSparsity",
+    "follows_2_4",
+    "layer_sparsity",
+    "sparsity_record",
+    "summarize_sparsity",
+    "write_record",
+]
 
 SPARSITY_NAME = "sparsity.json"
 """The file, beside ``config.json`` and ``recipe.yaml``, that records the sparsity."""
+
+
+class LayerSparsity(NamedTuple):
+    """What one linear layer's weight holds, for the sparsity record.
+
+    Attributes:
+        numel: its number of weights.
+        zeros: how many of them are zero.
+        two_four: whether it follows ``2:4`` (None when it is not pruned: fewer than
+            :data:`SPARSITY_THRESHOLD` zeros, so it was not checked).
+    """
+
+    numel: int
+    zeros: int
+    two_four: bool | None
+
+
+def layer_sparsity(weight: Tensor, zeros: int | None = None) -> LayerSparsity:
+    """Measures one linear layer's weight for :func:`summarize_sparsity`.
+
+    Args:
+        weight: the layer's weight.
+        zeros: its zero weights, when already counted (e.g. on its int8 codes).
+
+    Returns:
+        Its size, zeros, and whether a pruned weight follows ``2:4``.
+    """
+    numel = weight.numel()
+    zeros = zero_count(weight) if zeros is None else zeros
+    pruned = zeros >= SPARSITY_THRESHOLD * numel
+    return LayerSparsity(numel, zeros, follows_2_4(weight) if pruned else None)
 
 
 def sparsity_record(
@@ -44,39 +84,49 @@ def sparsity_record(
             quantized layers, a quarter of the work); the other layers are counted here.
 
     Returns:
+        As :func:`summarize_sparsity`.
+    """
+    counted = {} if zeros is None else zeros
+    return summarize_sparsity(
+        {
+            name: layer_sparsity(module.weight.detach(), counted.get(name))
+            for name, module in model.named_modules()
+            if isinstance(module, nn.Linear)
+        }
+    )
+
+
+def summarize_sparsity(layers: Mapping[str, LayerSparsity]) -> dict[str, Any] | None:
+    """The sparsity record of a model's linear layers, from each one's measure.
+
+    Args:
+        layers: every linear layer's name (as in the model in memory) to its
+            :func:`layer_sparsity`, in module order.
+
+    Returns:
         None when no linear layer is pruned, else ``global_sparsity`` (the fraction of zeros
         over all linear weights), ``sparsity_structure`` (``2:4`` when every pruned layer
-        follows it, else ``unstructured``) and ``layers``: each pruned layer's name (as in
-        the model in memory) to its ``sparsity`` and ``sparsity_structure``.
+        follows it, else ``unstructured``) and ``layers``: each pruned layer's name to its
+        ``sparsity`` and ``sparsity_structure``.
     """
-    linears = {
-        name: module.weight.detach()
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear)
-    }
-    counted = {} if zeros is None else zeros
-    zeros = {
-        name: counted[name] if name in counted else zero_count(weight)
-        for name, weight in linears.items()
-    }
-    layers = {
+    pruned = {
         name: {
-            "sparsity": zeros[name] / weight.numel(),
-            "sparsity_structure": _structure(follows_2_4(weight)),
+            "sparsity": layer.zeros / layer.numel,
+            "sparsity_structure": _structure(layer.two_four),
         }
-        for name, weight in linears.items()
-        if zeros[name] >= SPARSITY_THRESHOLD * weight.numel()
+        for name, layer in layers.items()
+        if layer.two_four is not None
     }
-    if not layers:
+    if not pruned:
         return None
     two_four = _structure(True)
-    total = sum(weight.numel() for weight in linears.values())
+    total = sum(layer.numel for layer in layers.values())
     return {
-        "global_sparsity": sum(zeros.values()) / total,
+        "global_sparsity": sum(layer.zeros for layer in layers.values()) / total,
         "sparsity_structure": _structure(
-            all(layer["sparsity_structure"] == two_four for layer in layers.values())
+            all(layer["sparsity_structure"] == two_four for layer in pruned.values())
         ),
-        "layers": layers,
+        "layers": pruned,
     }
 
 

@@ -27,7 +27,7 @@ from loguru import logger
 
 from lightning_compress.export.writer import check_output_dir
 
-__all__ = ["recover_checkpoint", "staged_directory"]
+__all__ = ["fsync_path", "recover_checkpoint", "staged_directory"]
 
 WORK_SUFFIX = ".partial"
 MARKER_NAME = "lightning-compress-staging.json"
@@ -119,11 +119,11 @@ def _publish(work: Path, path: Path) -> None:
     """Makes ``work/new`` durable, then renames it to ``path`` (the old one into ``work``)."""
     _fsync_tree(work / NEW)
     (work / READY).touch()
-    _fsync(work)
+    fsync_path(work)
     if path.exists():
         os.replace(path, work / OLD)
     os.replace(work / NEW, path)
-    _fsync(path.parent)
+    fsync_path(path.parent)
 
 
 def _settle(work: Path, path: Path, prefer_new: bool) -> None:
@@ -143,7 +143,7 @@ def _settle(work: Path, path: Path, prefer_new: bool) -> None:
         source = new if complete and (prefer_new or not old.is_dir()) else old
         if source.is_dir():
             os.replace(source, path)
-            _fsync(path.parent)
+            fsync_path(path.parent)
             what = "the interrupted save's checkpoint" if source == new else "the previous one"
             logger.warning("{} was missing after an interrupted save: put {} back", path, what)
     _remove_work(work)
@@ -203,11 +203,19 @@ def _unstarted(work: Path) -> bool:
 def _fsync_tree(root: Path) -> None:
     for directory, _, files in os.walk(root):
         for name in files:
-            _fsync(Path(directory) / name)
-        _fsync(Path(directory))
+            fsync_path(Path(directory) / name)
+        fsync_path(Path(directory))
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flushes a file or directory to disk (a directory: its entries, such as a rename).
+
+    Args:
+        path: the file or directory.
+
+    Raises:
+        OSError: when it cannot be opened or flushed (e.g. ``ENOSPC`` on a full disk).
+    """
     descriptor = os.open(path, os.O_RDONLY)
     try:
         os.fsync(descriptor)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection, Sequence
 from typing import NamedTuple
 
 import torch
@@ -21,7 +22,13 @@ from lightning_compress.export.layout import (
 from lightning_compress.export.packing import pack_layer
 from lightning_compress.export.readback import ReadBackCheck
 
-__all__ = ["CompressedState", "compress_layer", "compressed_state_dict"]
+__all__ = [
+    "CompressedState",
+    "compress_layer",
+    "compressed_state_dict",
+    "state_within",
+    "tied_names",
+]
 
 Layers = dict[str, tuple[nn.Module, CTQuantizationScheme]]
 PACKED = CompressionFormat.pack_quantized.value
@@ -41,7 +48,12 @@ class CompressedState(NamedTuple):
 
 
 def compressed_state_dict(
-    model: nn.Module, layers: Layers, progress: bool = False
+    model: nn.Module,
+    layers: Layers,
+    progress: bool = False,
+    within: Sequence[str] | None = None,
+    aliases: Collection[str] = (),
+    check: ReadBackCheck | None = None,
 ) -> CompressedState:
     """``model``'s state dict with each quantized layer in its compressed-tensors format.
 
@@ -51,6 +63,12 @@ def compressed_state_dict(
         model: the model.
         layers: its quantized layers with their compressed-tensors schemes.
         progress: show a progress bar over the tensors (on stderr, when it is a terminal).
+        within: names of submodules of ``model`` whose tensors to give (e.g. one decoder
+            block, as a checkpoint written block by block does); None gives all of them.
+        aliases: tensor names to leave out: second names of tensors written under their
+            first (:func:`tied_names`, taken while the weights were tied).
+        check: the read-back check of the save (a checkpoint written in parts keeps one);
+            None starts one.
 
     Returns:
         The tensors, with the zero counts of the layers packed from exact codes.
@@ -58,13 +76,13 @@ def compressed_state_dict(
     Raises:
         ExportError: when a layer's weight does not read back as it is in memory.
     """
-    state = model.state_dict()
+    state = state_within(model, within, aliases)
     per_layer: dict[str, dict[str, Tensor]] = {}
     for key, tensor in state.items():
         owner, _, attribute = key.rpartition(".")
         if owner in layers:
             per_layer.setdefault(owner, {})[attribute] = tensor
-    check = ReadBackCheck()
+    check = ReadBackCheck() if check is None else check
     out: dict[str, Tensor] = {}
     zeros: dict[str, int] = {}
     seen: set[tuple[torch.device, int, torch.Size, torch.dtype]] = set()
@@ -85,6 +103,51 @@ def compressed_state_dict(
         seen.add(view)
         out[key] = tensor
     return CompressedState(out, zeros)
+
+
+def tied_names(model: nn.Module) -> list[str]:
+    """The state-dict names of ``model`` that are a second name of an earlier tensor.
+
+    Tied weights (an output head sharing the embedding's weight) are one parameter under
+    two names; the checkpoint keeps the first. Told apart by the parameter itself, so this
+    holds on the meta device too.
+
+    Args:
+        model: the model.
+
+    Returns:
+        The later names of each shared tensor, in state-dict order.
+    """
+    first: dict[int, str] = {}
+    later = []
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) in first:
+            later.append(key)
+        else:
+            first[id(tensor)] = key
+    return later
+
+
+def state_within(
+    model: nn.Module, within: Sequence[str] | None = None, aliases: Collection[str] = ()
+) -> dict[str, Tensor]:
+    """``model``'s state dict, limited to some submodules and without some names.
+
+    Args:
+        model: the model.
+        within: names of its submodules whose tensors to give (``""`` is the whole model);
+            None gives all.
+        aliases: tensor names to leave out.
+
+    Returns:
+        Tensor names to (detached) tensors, in state-dict order.
+    """
+    return {
+        key: tensor
+        for key, tensor in model.state_dict().items()
+        if key not in aliases
+        and (within is None or any(not name or key.startswith(f"{name}.") for name in within))
+    }
 
 
 def compress_layer(
