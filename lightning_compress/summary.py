@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +25,7 @@ from lightning_compress.modifiers.quantization.args import (
 from lightning_compress.modifiers.quantization.formats import format_of
 from lightning_compress.pipelines.coverage import WeightCoverage, weight_coverage
 
-__all__ = ["CompressionSummary", "parameter_bytes", "scheme_label"]
+__all__ = ["CompressionSummary", "parameter_bytes", "scheme_label", "sparsity_label"]
 
 NAMED_LAYERS = 5
 """Layers left out are named when there are at most this many."""
@@ -109,6 +109,7 @@ class CompressionSummary:
         ignore: Iterable[str] = (),
         targeted: Iterable[str] = (),
         sequential_targets: Sequence[str] | None = None,
+        written_sparsity: Mapping[str, str] | None = None,
     ) -> None:
         """Records the compressed, ignored and left-out linear layers of ``model``, and the
         coverage of its decoder blocks' weights.
@@ -118,6 +119,8 @@ class CompressionSummary:
             ignore: the recipe's ``ignore`` patterns.
             targeted: the names of the layers the recipe targeted for compression.
             sequential_targets: class names of the decoder blocks (found by default).
+            written_sparsity: the ``sparsity_label`` of the pruned layers whose weights were
+                written out and are no longer in memory (on the meta device), by name.
         """
         ignore = list(ignore)
         self.quantized, self.sparse, self.ignored, self.left_out = {}, {}, [], []
@@ -131,9 +134,12 @@ class CompressionSummary:
             if quantized:
                 self.quantized[name] = scheme_label(scheme)
             weight = getattr(module, "weight", None)
-            weight = weight.detach() if isinstance(weight, torch.Tensor) else None
-            if weight is not None and is_pruned(weight):
-                self.sparse[name] = "2:4 sparse" if follows_2_4(weight) else "unstructured sparse"
+            if isinstance(weight, torch.Tensor) and weight.is_meta:
+                label = (written_sparsity or {}).get(name)
+            else:
+                label = sparsity_label(weight)
+            if label is not None:
+                self.sparse[name] = label
             if name in self.quantized or name in self.sparse:
                 continue
             if any(module_matches(name, module, pattern) for pattern in ignore):
@@ -274,6 +280,20 @@ def scheme_label(scheme: QuantizationScheme) -> str:
     prefixes = {"weights": "", "input_activations": "act ", "output_activations": "out "}
     details = ", ".join(f"{prefixes[role]}{_args_label(args)}" for role, args in roles.items())
     return f"{name} ({details})"
+
+
+def sparsity_label(weight: object) -> str | None:
+    """How a layer's weight is pruned: ``2:4 sparse``, ``unstructured sparse``, or None.
+
+    Args:
+        weight: the layer's weight (anything else gives None).
+
+    Returns:
+        The label, or None when the weight is not a pruned tensor.
+    """
+    if not isinstance(weight, torch.Tensor) or not is_pruned(weight.detach()):
+        return None
+    return "2:4 sparse" if follows_2_4(weight.detach()) else "unstructured sparse"
 
 
 def parameter_bytes(model: nn.Module) -> tuple[int, str]:

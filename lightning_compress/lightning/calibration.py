@@ -20,6 +20,7 @@ from lightning_compress.pipelines import (
     BlockReport,
     CalibrationPipeline,
     PipelineOptions,
+    WeightResidency,
     check_pipeline_name,
     create_pipeline,
 )
@@ -98,6 +99,9 @@ class CalibrationModule(pl.LightningModule):
             module initializes the session, against the recipe given here).
         summary: the ``CompressionSummary`` to fill in at the end (its owner logs it); None:
             one is made and its coverage line logged at INFO.
+        residency: reads each block's weights before the sequential pipeline calibrates it
+            and writes and frees it after (a model built empty from its checkpoint, see
+            ``lightning_compress.lightning.out_of_core``); None: the weights are in memory.
 
     Raises:
         TypeError: if ``model`` is not a module.
@@ -124,6 +128,7 @@ class CalibrationModule(pl.LightningModule):
         progress: bool | None = None,
         strict: bool = False,
         summary: CompressionSummary | None = None,
+        residency: WeightResidency | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -151,6 +156,7 @@ class CalibrationModule(pl.LightningModule):
             propagate_compressed=propagate_compressed,
             staged=staged,
             moe_calibrate_all_experts=moe_calibrate_all_experts,
+            residency=residency,
         )
         self.progress = progress
         self.strict = strict
@@ -279,7 +285,14 @@ class CalibrationModule(pl.LightningModule):
         """Fills ``summary`` in and reports the coverage (on rank zero)."""
         recipe = self.session.lifecycle.recipe
         ignore = ignore_patterns(recipe.modifiers if recipe is not None else [])
-        self.summary.describe(self.model, ignore, self._targeted, self.options.sequential_targets)
+        residency = self.options.residency
+        self.summary.describe(
+            self.model,
+            ignore,
+            self._targeted,
+            self.options.sequential_targets,
+            residency.written_sparsity if residency is not None else None,
+        )
         if is_global_zero:
             self.summary.report_coverage(self.session.state.loggers, self._logs_coverage)
 

@@ -6,6 +6,7 @@ from lightning_compress.pipelines.base import (
     BlockReport,
     CalibrationPipeline,
     PipelineOptions,
+    WeightResidency,
     placed_on,
 )
 from lightning_compress.pipelines.basic import BasicPipeline
@@ -37,6 +38,7 @@ __all__ = [
     "PartialCompression",
     "PipelineOptions",
     "SequentialPipeline",
+    "WeightResidency",
     "call_model",
     "capture_block_inputs",
     "check_pipeline_name",

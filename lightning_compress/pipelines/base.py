@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 from loguru import logger
@@ -21,7 +21,13 @@ from lightning_compress.core.compression_record import (
 from lightning_compress.layers import calibrating_all_experts
 from lightning_compress.pipelines.snapshot import BlockVersions
 
-__all__ = ["BlockReport", "CalibrationPipeline", "PipelineOptions", "placed_on"]
+__all__ = [
+    "BlockReport",
+    "CalibrationPipeline",
+    "PipelineOptions",
+    "WeightResidency",
+    "placed_on",
+]
 
 
 @dataclass(frozen=True)
@@ -40,6 +46,56 @@ class BlockReport:
     name: str
     seconds: float
     forwards: int
+
+
+class WeightResidency(Protocol):
+    """Brings a model's weights into memory when the sequential pipeline needs them and
+    takes them out after, for a model whose weights stay on disk (``pipelines.out_of_core``).
+
+    The pipeline calls ``load_outside`` before it captures the first block's inputs and
+    ``release_outside`` once they are captured; ``load_block`` before calibrating each block and
+    ``finish_block`` once it is compressed (its outputs computed); ``load_outside`` again
+    after the last block, before the modules after the blocks are calibrated. The modules
+    outside the blocks stay in memory from then on (the modifiers may compress them until
+    the session is finalized): their owner writes and releases them after.
+
+    Attributes:
+        written_sparsity: how each pruned layer whose weights were written and freed is
+            pruned (``2:4 sparse``, ``unstructured sparse``), by name, for the run's summary.
+    """
+
+    written_sparsity: Mapping[str, str]
+
+    def load_outside(self, modules: Sequence[tuple[str, nn.Module]]) -> None:
+        """Reads the weights of the modules outside the blocks.
+
+        Args:
+            modules: ``(name, module)`` of the outermost modules that are neither a block nor
+                inside one (embeddings, final norm, ``lm_head``).
+        """
+
+    def release_outside(self, modules: Sequence[tuple[str, nn.Module]]) -> None:
+        """Gives back the memory of the modules outside the blocks.
+
+        Args:
+            modules: as for ``load_outside``.
+        """
+
+    def load_block(self, name: str, block: nn.Module) -> None:
+        """Reads one block's weights.
+
+        Args:
+            name: the block's module name.
+            block: the block.
+        """
+
+    def finish_block(self, name: str, block: nn.Module) -> None:
+        """Takes one compressed block out of memory (after writing it).
+
+        Args:
+            name: the block's module name.
+            block: the block.
+        """
 
 
 @dataclass
@@ -66,6 +122,9 @@ class PipelineOptions:
             block runs on every token, so its statistics come from all tokens, while the
             block's output still follows the router (the reference project's default).
             False: each expert sees only the tokens routed to it.
+        residency: reads each block's weights before it is calibrated and takes them out
+            after (the sequential pipeline, for a model built empty from its checkpoint);
+            None: the model's weights are all in memory.
     """
 
     device: torch.device | str | None = None
@@ -76,6 +135,7 @@ class PipelineOptions:
     progress: bool = False
     on_block_end: Callable[[BlockReport], None] | None = None
     moe_calibrate_all_experts: bool = True
+    residency: WeightResidency | None = None
 
 
 class CalibrationPipeline:

@@ -86,6 +86,8 @@ class SequentialPipeline(CalibrationPipeline):
 
     def start(self) -> None:
         check_same_on_all_ranks(len(self.blocks), "the number of blocks")
+        if self.options.residency is not None:
+            self.options.residency.load_outside(self.tail.modules)
         super().start()
         self.tail.watch()
 
@@ -97,13 +99,22 @@ class SequentialPipeline(CalibrationPipeline):
 
     def run(self) -> None:
         blocks = progress_bar(self.blocks, "Calibrating blocks", enabled=self.options.progress)
+        residency = self.options.residency
+        if residency is not None:
+            residency.release_outside(self.tail.modules)
         for index, (name, block) in enumerate(blocks):
             begin = time.perf_counter()
+            if residency is not None:
+                residency.load_block(name, block)
             forwards = self._calibrate(block)
             self.compressed.append(name)
+            if residency is not None:
+                residency.finish_block(name, block)
             if self.options.on_block_end is not None:
                 report = BlockReport(index, name, time.perf_counter() - begin, forwards)
                 self.options.on_block_end(report)
+        if residency is not None:
+            residency.load_outside(self.tail.modules)
         self._calibrate_tail()
 
     def close(self) -> None:
