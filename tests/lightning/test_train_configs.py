@@ -13,7 +13,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from lightning_compress import Compressor
 from lightning_compress.lightning.cli import run_cli
 
-CONFIGS = sorted((Path(__file__).parents[2] / "configs" / "train").glob("*.yaml"))
+# The smollm2_* configs name a hub model: test_smollm2_train_configs.py runs them on a tiny one.
+CONFIGS = sorted(
+    path
+    for path in (Path(__file__).parents[2] / "configs" / "train").glob("*.yaml")
+    if not path.name.startswith("smollm2_")
+)
 
 
 def compressor_args(config: Path) -> dict:
