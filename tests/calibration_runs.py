@@ -37,11 +37,12 @@ def calibrate_tiny_decoder(
 def run_calibration(
     directory: Path, module: CalibrationModule, data: torch.Tensor, **trainer_kwargs: Any
 ) -> None:
-    """Calibrate ``module`` on ``data`` (one sequence per batch); ranks write ``rank<N>.pt``."""
+    """Calibrate ``module`` on ``data`` (one sequence per batch); ranks write ``rank<N>.pt``
+    (``callbacks`` in ``trainer_kwargs`` run besides)."""
     trainer = Trainer(
         accelerator="cpu",
         inference_mode=False,
-        callbacks=[SaveWeights(directory)],
+        callbacks=[SaveWeights(directory), *trainer_kwargs.pop("callbacks", [])],
         logger=False,
         enable_checkpointing=False,
         enable_model_summary=False,

@@ -10,8 +10,10 @@ unconditionally.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import pickle
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -19,10 +21,13 @@ from torch.utils.data import Sampler
 
 __all__ = [
     "ShardSampler",
+    "all_gather_or_raise",
     "all_reduce_max_",
     "all_reduce_min_",
     "all_reduce_sum_",
+    "balanced_owners",
     "broadcast_",
+    "broadcast_tensors_",
     "check_same_on_all_ranks",
     "is_distributed",
     "rank_and_world_size",
@@ -102,6 +107,114 @@ def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
     with _on_backend_device(tensor) as buffer:
         dist.broadcast(buffer, src=src)
     return tensor
+
+
+def broadcast_tensors_(tensors: Sequence[torch.Tensor], src: int) -> None:
+    """Overwrite ``tensors`` on every rank with rank ``src``'s, bit for bit, in one broadcast.
+
+    The tensors travel as one buffer of their bytes, so any dtype (float8, bool, int) and
+    any number of them cost one collective.
+
+    Args:
+        tensors: on ``src`` the values to send; elsewhere tensors of the same shapes and
+            dtypes, in the same order, to fill (any device; contiguous or not).
+        src: the rank that sends.
+    """
+    if not is_distributed() or not tensors:
+        return
+    rank, _ = rank_and_world_size()
+    sizes = [tensor.numel() * tensor.element_size() for tensor in tensors]
+    if rank == src:
+        packed = torch.cat([_bytes_of(tensor).cpu() for tensor in tensors])
+    else:
+        packed = torch.empty(sum(sizes), dtype=torch.uint8)
+    with _on_backend_device(packed) as buffer:
+        dist.broadcast(buffer, src=src)
+    if rank == src:
+        return
+    for tensor, part in zip(tensors, packed.split(sizes), strict=True):
+        received = part.clone().view(tensor.dtype).reshape(tensor.shape)  # clone: aligned
+        with torch.no_grad():
+            tensor.copy_(received)
+
+
+def _bytes_of(tensor: torch.Tensor) -> torch.Tensor:
+    """The bytes of ``tensor``'s values, in row-major order, as a flat uint8 tensor."""
+    return tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+def balanced_owners(costs: Sequence[float], world_size: int) -> list[int]:
+    """One owner rank per task, balancing the total cost (greedy longest processing time).
+
+    Tasks are taken from the costliest (ties: the earlier task first) and each goes to the
+    rank with the least cost so far (ties: the lowest rank). The result depends on the costs
+    alone, so every rank computes the same owners without talking.
+
+    Args:
+        costs: each task's estimated cost (>= 0).
+        world_size: the number of ranks (>= 1).
+
+    Returns:
+        Each task's owner, in the order of ``costs``.
+
+    Raises:
+        ValueError: when ``world_size`` is below 1 or a cost is negative.
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size: expected an int >= 1, got {world_size!r}")
+    if any(cost < 0 for cost in costs):
+        raise ValueError(f"costs: expected values >= 0, got {list(costs)}")
+    loads = [0.0] * world_size
+    owners = [0] * len(costs)
+    for task in sorted(range(len(costs)), key=lambda task: (-costs[task], task)):
+        rank = min(range(world_size), key=lambda rank: (loads[rank], rank))
+        owners[task] = rank
+        loads[rank] += costs[task]
+    return owners
+
+
+def all_gather_or_raise(value: Any, error: Exception | None) -> list[Any]:
+    """Every rank's ``value``, or on every rank the error one rank hit (a collective call).
+
+    Call it after a step that may fail on some ranks only (a layer solved on its owner): all
+    ranks reach it, so a failure on one rank fails all of them with the same error instead
+    of leaving the others waiting in their next collective.
+
+    Args:
+        value: this rank's result (picklable; ignored when ``error`` is given).
+        error: what this rank's step raised, or None.
+
+    Returns:
+        The ranks' values, by rank (``[value]`` outside ``torch.distributed``).
+
+    Raises:
+        Exception: ``error`` on the rank that hit it; on the others the error of the lowest
+            rank that failed (the same type where it can be pickled, else a
+            ``RuntimeError`` with its type and message), noting that rank.
+    """
+    if not is_distributed():
+        if error is not None:
+            raise error
+        return [value]
+    rank, world_size = rank_and_world_size()
+    payload = ("error", _portable(error)) if error is not None else ("ok", value)
+    gathered: list[Any] = [None] * world_size
+    dist.all_gather_object(gathered, payload)
+    if error is not None:
+        raise error
+    for source, (kind, content) in enumerate(gathered):
+        if kind == "error":
+            content.add_note(f"(raised on rank {source} of {world_size})")
+            raise content
+    return [content for _, content in gathered]
+
+
+def _portable(error: Exception) -> Exception:
+    """``error`` if it survives pickling, else a ``RuntimeError`` naming its type and message."""
+    try:
+        return pickle.loads(pickle.dumps(error))
+    except Exception:  # an error whose arguments or attributes cannot be pickled
+        return RuntimeError(f"{type(error).__name__}: {error}")
 
 
 def check_same_on_all_ranks(value: int, what: str) -> None:

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple
 
 import torch
 from loguru import logger
-from torch import Tensor, nn
+from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from lightning_compress.core.distributed import is_distributed, rank_and_world_size
 from lightning_compress.core.events import Event
 from lightning_compress.core.state import State
 from lightning_compress.modifiers.base import Modifier
@@ -34,6 +34,12 @@ from lightning_compress.modifiers.layerwise import (
     linear_layers,
     modules_inside,
     needs_data,
+)
+from lightning_compress.modifiers.layerwise_split import (
+    CompressedLayer,
+    StackOutcome,
+    assign_owners,
+    share_outcomes,
 )
 from lightning_compress.modifiers.tied_weights import untie_weights
 
@@ -50,21 +56,6 @@ class PendingLayer(NamedTuple):
 
     module: nn.Linear
     settings: Any = None
-
-
-@dataclass
-class CompressedLayer:
-    """One layer's compression, computed before the layer is changed.
-
-    Args:
-        weight: the compressed weight (same shape and dtype as the layer's).
-        buffers: buffers the layer keeps (qparams), by name.
-        loss: the method's reconstruction loss for the layer, where it has one.
-    """
-
-    weight: Tensor
-    buffers: dict[str, Tensor] = field(default_factory=dict)
-    loss: float | None = None
 
 
 class LayerwiseModifier(Modifier, register=False):
@@ -90,6 +81,13 @@ class LayerwiseModifier(Modifier, register=False):
     A stack whose computation fails in a way :meth:`recoverable` accepts (a Hessian still
     singular after the dampening retries) falls back the same way, named in the log.
 
+    Several processes: every rank compresses with the statistics summed over all ranks. A
+    method whose per-layer computation is worth splitting (:attr:`parallel_solve`) computes
+    each layer on one owner rank only, chosen to balance the work
+    (:mod:`~lightning_compress.modifiers.layerwise_split`), and broadcasts the result, so N
+    processes share the work and end with the same layers, bit for bit; an error on an
+    owner is raised on every rank. Other methods compute every layer on every rank.
+
     Per-layer results go to ``layer_losses`` (where the method has a loss),
     ``layer_fallbacks`` and the loggers (``<log_tag>/loss``, ``<log_tag>/seconds`` and what
     :meth:`apply_result` reports).
@@ -101,6 +99,9 @@ class LayerwiseModifier(Modifier, register=False):
     """What :meth:`compress_data_free` does, for the warnings."""
     min_tokens: ClassVar[int] = 1
     """Fewest calibration tokens a layer's statistics need."""
+    parallel_solve: ClassVar[bool] = False
+    """Under several processes, compute each layer on one owner rank and broadcast it (for
+    methods whose computation costs more than sending the result)."""
 
     # ----------------------------------------------------- for the subclasses
     def plan_layers(self, model: nn.Module) -> dict[str, PendingLayer]:
@@ -168,6 +169,18 @@ class LayerwiseModifier(Modifier, register=False):
             Each layer's result, by name.
         """
         raise NotImplementedError
+
+    def divisible(self, stack: list[str]) -> bool:
+        """Whether the layers of ``stack`` may be computed in separate :meth:`compress_stack`
+        calls (on different ranks) with the results they get together.
+
+        Args:
+            stack: a stack from :meth:`stacks`.
+
+        Returns:
+            False by default: a stack is computed whole.
+        """
+        return False
 
     def compress_data_free(self, name: str) -> CompressedLayer:
         """Computes layer ``name`` compressed from its weight alone, without changing it.
@@ -341,25 +354,58 @@ class LayerwiseModifier(Modifier, register=False):
             starved = self._starved(statistics)
         results, losses, seconds = {}, {}, {}
         calibrated = [name for name in names if name not in starved]
-        for stack in self.stacks(calibrated, statistics):
-            begin = time.perf_counter()
-            try:
-                computed = self.compress_stack(stack, statistics[stack[0]])
-            except Exception as err:
-                if not self.recoverable(err):
-                    raise
-                computed = self._fall_back(stack, str(err))
-            elapsed = (time.perf_counter() - begin) / len(stack)
-            for name, result in computed.items():
-                results[name], seconds[name] = result, elapsed
+        stacks = self.stacks(calibrated, statistics)
+        if self.parallel_solve and is_distributed():
+            outcomes = self._compute_on_owners(stacks, statistics)
+        else:
+            outcomes = [self._compute_stack(stack, statistics) for stack in stacks]
+        for outcome in outcomes:
+            for name, result in outcome.results.items():
+                results[name], seconds[name] = result, outcome.seconds
                 if result.loss is not None:
                     losses[name] = result.loss
+                if outcome.fallback is not None:
+                    self.layer_fallbacks[name] = outcome.fallback
         if starved:
-            results.update(
-                self._fall_back(starved, f"fewer than {self.min_tokens} calibration token(s)")
-            )
+            reason = f"fewer than {self.min_tokens} calibration token(s)"
+            results.update(self._fall_back(starved, reason))
+            self.layer_fallbacks.update(dict.fromkeys(starved, reason))
         self._log(state, losses, seconds)
         return {name: results[name] for name in names}
+
+    def _compute_stack(self, stack: list[str], statistics: Mapping[str, Any]) -> StackOutcome:
+        """``stack`` computed by :meth:`compress_stack`, or by the data-free method when it
+        fails in a way :meth:`recoverable` accepts."""
+        begin = time.perf_counter()
+        fallback = None
+        try:
+            computed = self.compress_stack(stack, statistics[stack[0]])
+        except Exception as err:
+            if not self.recoverable(err):
+                raise
+            fallback = str(err)
+            computed = self._fall_back(stack, fallback)
+        return StackOutcome(computed, (time.perf_counter() - begin) / len(stack), fallback)
+
+    def _compute_on_owners(
+        self, stacks: list[list[str]], statistics: Mapping[str, Any]
+    ) -> list[StackOutcome]:
+        """Computes each part of ``stacks`` on its owner rank only and shares the outcomes
+        (see :mod:`~lightning_compress.modifiers.layerwise_split`)."""
+        rank, world_size = rank_and_world_size()
+        weights = {name: self._pending[name].module.weight for stack in stacks for name in stack}
+        shapes = {name: weight.shape for name, weight in weights.items()}
+        plan = assign_owners(stacks, shapes, self.divisible, world_size)
+        local: dict[int, StackOutcome] = {}
+        error = None
+        try:
+            for index, (names, owner) in enumerate(plan):
+                if owner == rank:
+                    local[index] = self._compute_stack(names, statistics)
+        except Exception as err:  # raised on every rank by share_outcomes
+            error = err
+        devices = {name: weight.device for name, weight in weights.items()}
+        return share_outcomes(plan, local, error, devices)
 
     def _starved(self, statistics: Mapping[str, Any]) -> list[str]:
         """The layers with too few tokens whose block had tokens (they fall back), after
@@ -383,8 +429,6 @@ class LayerwiseModifier(Modifier, register=False):
             reason,
             self.data_free_method,
         )
-        for name in names:
-            self.layer_fallbacks[name] = reason
         return {name: self.compress_data_free(name) for name in names}
 
     def _log(self, state: State, losses: dict[str, float], seconds: dict[str, float]) -> None:
@@ -429,6 +473,8 @@ class HessianMethod(LayerwiseModifier, register=False):
     def needs_calibration_data(self) -> bool:
         """Always: the method needs the input Hessians."""
         return True
+
+    parallel_solve: ClassVar[bool] = True
 
     def make_collector(self) -> HessianCollector:
         return HessianCollector(offload=self.offload_hessians)

@@ -84,6 +84,17 @@ class SparseGPTModifier(CalibratedPruningModifier, HessianMethod):
             stacks.setdefault((*key, name) if alone else key, []).append(name)
         return list(stacks.values())
 
+    def divisible(self, stack: list[str]) -> bool:
+        """Always: stacked layers are pruned row group by row group, so apart alike.
+
+        Args:
+            stack: a stack from :meth:`stacks`.
+
+        Returns:
+            True.
+        """
+        return True
+
     def compress_stack(
         self, stack: list[str], statistics: HessianAccumulator
     ) -> dict[str, CompressedLayer]:

@@ -158,6 +158,18 @@ class GPTQModifier(LayerwiseQuantization, HessianMethod):
                 keys.append(key)
         return stacks
 
+    def divisible(self, stack: list[str]) -> bool:
+        """GPTQ's rows are independent, so a stack's layers may be quantized apart, unless
+        they share one per-tensor global scale (``strategy: tensor_group``).
+
+        Args:
+            stack: a stack from :meth:`stacks`.
+
+        Returns:
+            Whether its layers may be quantized in separate calls.
+        """
+        return self._pending[stack[0]].settings.weights.strategy != "tensor_group"
+
     def compress_stack(
         self, stack: list[str], statistics: HessianAccumulator
     ) -> dict[str, CompressedLayer]:

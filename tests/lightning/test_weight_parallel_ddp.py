@@ -1,0 +1,128 @@
+"""Two CPU processes (ddp_fork, gloo): each GPTQ / SparseGPT layer is solved on one rank only,
+its result broadcast, and the ranks end with the weights of one process, bit for bit."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from calibration_runs import calibrate_tiny_decoder
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+from lightning_compress.bundled import TinyDecoderConfig
+from lightning_compress.modifiers import GPTQModifier, Modifier
+from lightning_compress.modifiers.pruning import SparseGPTModifier
+
+pytestmark = pytest.mark.distributed
+
+CONFIG = TinyDecoderConfig(
+    hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, vocab_size=64
+)
+SOLVED: list[str] = []  # the layers this process solved (each forked rank has its own copy)
+FAILING = "k_proj"
+QUANTIZE = GPTQModifier.compress_stack
+COMPUTE_LAYERS = GPTQModifier.compute_layers
+
+
+def counting(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``compress_stack`` recording the layers it solves in ``SOLVED``."""
+
+    def compress_stack(self: Modifier, stack: list[str], statistics: Any) -> Any:
+        SOLVED.extend(stack)
+        return method(self, stack, statistics)
+
+    return compress_stack
+
+
+def failing_on_k_proj(self: Modifier, stack: list[str], statistics: Any) -> Any:
+    """``compress_stack`` failing on the rank that solves the k_proj layers."""
+    names = [name for name in stack if name.endswith(FAILING)]
+    if names:
+        raise ValueError(f"cannot quantize {names}")
+    return QUANTIZE(self, stack, statistics)
+
+
+class RecordSolved(Callback):
+    """Every rank writes the layers it solved."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        path = self.directory / f"solved{trainer.global_rank}.json"
+        path.write_text(json.dumps(SOLVED))
+
+
+def recording_errors(directory: Path) -> Callable[..., Any]:
+    """``compute_layers`` writing the error it raises on each rank to ``error<rank>.txt``,
+    then waiting (at most 60 s) for the other rank to get there too."""
+
+    def compute_layers(self: Modifier, state: Any, names: list[str]) -> Any:
+        try:
+            return COMPUTE_LAYERS(self, state, names)
+        except Exception as error:
+            rank = dist.get_rank()
+            (directory / f"error{rank}.txt").write_text(f"{type(error).__name__}: {error}")
+            dist.monitored_barrier(timeout=timedelta(seconds=60))
+            raise
+
+    return compute_layers
+
+
+def recipe() -> list[Modifier]:
+    """GPTQ with activation-order groups on q/k/v and gate/up (stacked layers sharing a
+    Hessian, split between the ranks); SparseGPT 2:4 on o and down."""
+    weights = {"num_bits": 4, "strategy": "group", "group_size": 32}
+    return [
+        GPTQModifier(
+            config_groups={"w4": {"targets": [r"re:.*(q|k|v|gate|up)_proj$"], "weights": weights}},
+            actorder="group",
+        ),
+        SparseGPTModifier(sparsity=0.5, mask_structure="2:4", targets=[r"re:.*(o|down)_proj$"]),
+    ]
+
+
+def calibrate(directory: Path, modifiers: list[Modifier], **trainer_kwargs: Any) -> None:
+    directory.mkdir()
+    SOLVED.clear()
+    callbacks = [RecordSolved(directory)]
+    calibrate_tiny_decoder(directory, modifiers, CONFIG, callbacks=callbacks, **trainer_kwargs)
+
+
+def test_two_ranks_solve_each_layer_once_and_end_like_one_process(tmp_path, monkeypatch):
+    for modifier in (GPTQModifier, SparseGPTModifier):
+        monkeypatch.setattr(modifier, "compress_stack", counting(modifier.compress_stack))
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    calibrate(single, recipe(), devices=1)  # on one thread, as each DDP worker
+    calibrate(ddp, recipe(), devices=2, strategy="ddp_fork")
+
+    expected = torch.load(single / "rank0.pt", weights_only=True)
+    assert "model.layers.1.self_attn.q_proj.weight_g_idx" in expected
+    layers = json.loads((single / "solved0.json").read_text())
+    assert len(layers) == len(set(layers)) == 2 * 7
+    solved = [json.loads((ddp / f"solved{rank}.json").read_text()) for rank in (0, 1)]
+    assert sorted(solved[0] + solved[1]) == sorted(layers)  # each layer once, on one rank
+    assert solved[0] and solved[1]
+    for rank in (0, 1):
+        state = torch.load(ddp / f"rank{rank}.pt", weights_only=True)
+        assert state.keys() == expected.keys()
+        for name, tensor in state.items():
+            assert torch.equal(tensor, expected[name]), name  # same Hessians: same solve
+
+
+def test_an_error_on_the_owner_rank_is_raised_on_every_rank(tmp_path, monkeypatch):
+    monkeypatch.setattr(GPTQModifier, "compress_stack", failing_on_k_proj)
+    monkeypatch.setattr(GPTQModifier, "compute_layers", recording_errors(tmp_path / "ddp"))
+    weights = {"num_bits": 4, "strategy": "channel"}
+    modifiers = [GPTQModifier(config_groups={"w4": {"targets": ["Linear"], "weights": weights}})]
+    with pytest.raises(Exception, match="cannot quantize"):
+        calibrate(tmp_path / "ddp", modifiers, devices=2, strategy="ddp_fork")
+    errors = [(tmp_path / "ddp" / f"error{rank}.txt").read_text() for rank in (0, 1)]
+    assert errors[0] == errors[1]
+    assert errors[0].startswith("ValueError: cannot quantize ['model.layers.0.self_attn.k_proj'")

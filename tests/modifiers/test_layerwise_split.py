@@ -1,0 +1,107 @@
+"""Which rank solves which layer, and the helpers' behaviour in one process (the DDP test,
+tests/lightning/test_weight_parallel_ddp.py, runs them on 2 ranks)."""
+
+from __future__ import annotations
+
+import pickle
+from itertools import product
+
+import pytest
+import torch
+
+from lightning_compress.core.distributed import (
+    all_gather_or_raise,
+    balanced_owners,
+    broadcast_tensors_,
+)
+from lightning_compress.modifiers.layerwise_split import (
+    CompressedLayer,
+    OwnedStack,
+    StackOutcome,
+    assign_owners,
+    share_outcomes,
+    solve_cost,
+)
+
+
+def best_makespan(costs: list[float], world_size: int) -> float:
+    """The smallest largest load over every assignment (brute force)."""
+    loads = (
+        max(sum(c for c, o in zip(costs, owners, strict=True) if o == r) for r in range(world_size))
+        for owners in product(range(world_size), repeat=len(costs))
+    )
+    return min(loads)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_balanced_owners_stay_within_the_greedy_bound_of_the_best_split(world_size):
+    generator = torch.Generator().manual_seed(world_size)
+    for _ in range(20):
+        costs = torch.randint(1, 100, (7,), generator=generator).tolist()
+        owners = balanced_owners(costs, world_size)
+        loads = [
+            sum(c for c, o in zip(costs, owners, strict=True) if o == r) for r in range(world_size)
+        ]
+        # longest-processing-time first is within 4/3 - 1/(3m) of the optimum
+        bound = (4 / 3 - 1 / (3 * world_size)) * best_makespan(costs, world_size)
+        assert max(loads) <= bound + 1e-9
+
+
+def test_balanced_owners_depend_on_the_costs_alone_and_break_ties_by_order():
+    assert balanced_owners([5.0, 5.0, 5.0, 5.0], 2) == [0, 1, 0, 1]
+    assert balanced_owners([1.0, 9.0, 4.0, 4.0], 2) == [1, 0, 1, 1]
+    assert balanced_owners([], 3) == []
+
+
+def test_balanced_owners_refuse_bad_arguments():
+    with pytest.raises(ValueError, match="world_size: expected an int >= 1, got 0"):
+        balanced_owners([1.0], 0)
+    with pytest.raises(ValueError, match="costs: expected values >= 0"):
+        balanced_owners([1.0, -1.0], 2)
+
+
+def test_solve_cost_counts_the_sweep_and_the_inversion():
+    assert solve_cost(3, 2) == 3 * 2 * 2 + 2**3
+
+
+def test_divisible_stacks_are_split_by_layer_and_the_parts_kept_in_stack_order():
+    shapes = {"q": (64, 64), "k": (16, 64), "v": (16, 64), "o": (64, 64), "g": (128, 64)}
+    stacks = [["q", "k", "v"], ["o"], ["g"]]
+    plan = assign_owners(stacks, shapes, lambda stack: stack != ["g"], 2)
+    # costs: g 786k, q and o 524k, k and v 328k: g -> 0, q -> 1, o -> 1, k -> 0, v -> 1
+    assert plan == [
+        OwnedStack(["k"], 0),
+        OwnedStack(["q", "v"], 1),
+        OwnedStack(["o"], 1),
+        OwnedStack(["g"], 0),
+    ]
+    whole = assign_owners(stacks, shapes, lambda stack: False, 2)
+    assert [part.names for part in whole] == stacks
+    assert assign_owners(stacks, shapes, lambda stack: True, 1) == [
+        OwnedStack(stack, 0) for stack in stacks
+    ]
+
+
+def test_in_one_process_the_helpers_return_what_they_are_given_and_raise_the_error():
+    assert all_gather_or_raise({"a": 1}, None) == [{"a": 1}]
+    with pytest.raises(KeyError, match="boom"):
+        all_gather_or_raise(None, KeyError("boom"))
+    tensor = torch.ones(2)
+    broadcast_tensors_([tensor], src=0)
+    assert tensor.tolist() == [1.0, 1.0]
+    outcome = StackOutcome({"q": CompressedLayer(torch.zeros(2, 2), {"s": torch.ones(2)})}, 0.5)
+    plan = [OwnedStack(["q"], 0)]
+    assert share_outcomes(plan, {0: outcome}, None, {"q": torch.device("cpu")}) == [outcome]
+
+
+def test_an_error_that_cannot_be_pickled_travels_as_its_type_and_message():
+    from lightning_compress.core.distributed import _portable
+
+    class Local(ValueError):
+        pass
+
+    error = _portable(Local("the Hessian of layer 'q' is singular"))
+    assert type(error) is RuntimeError
+    assert str(error) == "Local: the Hessian of layer 'q' is singular"
+    kept = _portable(ValueError("plain"))
+    assert type(kept) is ValueError and pickle.dumps(kept)
