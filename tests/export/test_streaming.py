@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import errno
 import json
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from export_models import SCHEMES, compressed, token_ids
+from export_models import SCHEMES, compressed
+from moe_models import tiny_moe, tokens
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -20,6 +21,7 @@ from lightning_compress.export import ExportError, check_output_dir, save_compre
 from lightning_compress.export.manifest import MANIFEST_NAME, checkpoint_fingerprint
 from lightning_compress.export.staging import recover_checkpoint
 from lightning_compress.export.streaming import WORK_SUFFIX, StreamingCheckpoint
+from lightning_compress.lightning.oneshot import oneshot
 from lightning_compress.pipelines.cache import ActivationCache
 from lightning_compress.pipelines.capture import BlockInputs
 from lightning_compress.recipe import Recipe
@@ -31,14 +33,28 @@ def recipe_of(scheme: str) -> str:
     return Recipe.create_instance([SCHEMES[scheme]()]).yaml()
 
 
-@pytest.fixture(scope="module", params=[("llama", "2:4+W4A16"), ("qwen2", "W8A8")], ids=str)
-def saved(request, tmp_path_factory) -> Iterator[tuple[str, nn.Module, Path]]:
-    """A compressed tiny model and its ``save_compressed`` checkpoint (qwen2: tied head)."""
-    kind, scheme = request.param
-    model = compressed(kind, scheme)
-    path = tmp_path_factory.mktemp(kind) / "saved"
-    save_compressed(model, path, recipe=recipe_of(scheme), progress=False)
-    yield scheme, model, path
+def bfloat16_mixtral() -> nn.Module:
+    """A tiny bfloat16 Mixtral (experts saved per expert as w1/w3/w2), FP8-quantized."""
+    model = tiny_moe("mixtral", dtype=torch.bfloat16)
+    oneshot(model, SCHEMES["FP8"](), tokens(4, 16), num_calibration_samples=4, progress=False)
+    return model
+
+
+CASES: dict[str, tuple[Callable[[], nn.Module], str]] = {
+    "llama-2:4+W4A16": (lambda: compressed("llama", "2:4+W4A16"), "2:4+W4A16"),
+    "qwen2-tied-W8A8": (lambda: compressed("qwen2", "W8A8"), "W8A8"),
+    "mixtral-bf16-FP8": (bfloat16_mixtral, "FP8"),
+}
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def saved(request, tmp_path_factory) -> tuple[Callable[[], nn.Module], str, Path]:
+    """How to build a compressed tiny model, its scheme, and its ``save_compressed``
+    checkpoint."""
+    build, scheme = CASES[request.param]
+    path = tmp_path_factory.mktemp("saved") / "saved"
+    save_compressed(build(), path, recipe=recipe_of(scheme), progress=False)
+    return build, scheme, path
 
 
 def parts(model: nn.Module) -> list[list[str]]:
@@ -80,14 +96,9 @@ def assert_same_checkpoint(streamed: Path, saved: Path) -> None:
             assert key in opened.keys(), key  # noqa: SIM118
 
 
-def fresh_copy(scheme: str) -> nn.Module:
-    kind = "qwen2" if scheme == "W8A8" else "llama"
-    return compressed(kind, scheme)
-
-
 def test_a_model_written_block_by_block_equals_save_compressed_and_loads(saved, tmp_path):
-    scheme, model, expected = saved
-    model = fresh_copy(scheme)
+    build, scheme, expected = saved
+    model = build()
     output = tmp_path / "streamed"
     with StreamingCheckpoint.open(
         output, model, recipe=recipe_of(scheme), max_shard_bytes=40_000
@@ -98,7 +109,7 @@ def test_a_model_written_block_by_block_equals_save_compressed_and_loads(saved, 
 
     assert_same_checkpoint(output, expected)
     assert not (tmp_path / f".streamed{WORK_SUFFIX}").exists()
-    ids = token_ids(2, 12)
+    ids = tokens(2, 12)  # within every case's vocabulary
     with torch.no_grad():
         streamed_logits = AutoModelForCausalLM.from_pretrained(output)(ids).logits
         saved_logits = AutoModelForCausalLM.from_pretrained(expected)(ids).logits
@@ -106,8 +117,8 @@ def test_a_model_written_block_by_block_equals_save_compressed_and_loads(saved, 
 
 
 def test_a_killed_run_reopened_reports_its_finished_parts_and_finishes_equal(saved, tmp_path):
-    scheme, _, expected = saved
-    model = fresh_copy(scheme)
+    build, scheme, expected = saved
+    model = build()
     output = tmp_path / "streamed"
     todo = parts(model)
     first = StreamingCheckpoint.open(output, model, recipe=recipe_of(scheme))
@@ -120,7 +131,7 @@ def test_a_killed_run_reopened_reports_its_finished_parts_and_finishes_equal(sav
     check_output_dir(output, overwrite=False)
     assert not output.exists()
 
-    model = fresh_copy(scheme)
+    model = build()
     with StreamingCheckpoint.open(output, model, recipe=recipe_of(scheme)) as checkpoint:
         assert checkpoint.finished == todo[:2]
         assert checkpoint.is_finished(todo[1]) and not checkpoint.is_finished(todo[2])
@@ -132,35 +143,33 @@ def test_a_killed_run_reopened_reports_its_finished_parts_and_finishes_equal(sav
     assert_same_checkpoint(output, expected)
 
 
-def test_a_part_whose_file_is_gone_is_written_again(saved, tmp_path):
-    scheme, _, _ = saved
-    model = fresh_copy(scheme)
+def test_a_part_whose_file_is_gone_is_written_again(tmp_path):
+    model = compressed("llama", "W4A16")
     output = tmp_path / "streamed"
     with StreamingCheckpoint.open(output, model) as checkpoint:
         write(checkpoint, model, parts(model)[:3])
     work = tmp_path / f".streamed{WORK_SUFFIX}"
     next(work.glob("part-00001-*")).unlink()
-    with StreamingCheckpoint.open(output, fresh_copy(scheme)) as checkpoint:
+    with StreamingCheckpoint.open(output, compressed("llama", "W4A16")) as checkpoint:
         assert checkpoint.finished == parts(model)[:1]
+    assert not list(work.glob("part-00002-*"))
 
 
-def test_resuming_with_another_recipe_is_refused_naming_the_line(saved, tmp_path):
-    scheme, _, _ = saved
-    model = fresh_copy(scheme)
+def test_resuming_with_another_recipe_is_refused_naming_the_line(tmp_path):
+    model = compressed("llama", "W4A16")
     output = tmp_path / "streamed"
-    with StreamingCheckpoint.open(output, model, recipe=recipe_of(scheme)) as checkpoint:
+    with StreamingCheckpoint.open(output, model, recipe=recipe_of("W4A16")) as checkpoint:
         write(checkpoint, model, parts(model)[:1])
-    other = recipe_of(scheme).replace("- lm_head", "- model.layers.0.mlp.down_proj")
+    other = recipe_of("W4A16").replace("- lm_head", "- model.layers.0.mlp.down_proj")
     with pytest.raises(ExportError, match=r"recipe: line 5 was '- lm_head', now") as raised:
-        StreamingCheckpoint.open(output, fresh_copy(scheme), recipe=other)
+        StreamingCheckpoint.open(output, compressed("llama", "W4A16"), recipe=other)
     assert str(tmp_path / f".streamed{WORK_SUFFIX}") in str(raised.value)
 
 
-def test_resuming_another_model_is_refused_naming_the_config_key(saved, tmp_path):
-    scheme, _, _ = saved
+def test_resuming_another_model_is_refused_naming_the_config_key(tmp_path):
     output = tmp_path / "streamed"
-    StreamingCheckpoint.open(output, fresh_copy(scheme)).close()
-    model = fresh_copy(scheme)
+    StreamingCheckpoint.open(output, compressed("llama", "W4A16")).close()
+    model = compressed("llama", "W4A16")
     model.config.rms_norm_eps = 1e-3
     with pytest.raises(ExportError, match=r"model_config\.rms_norm_eps: was 1e-06, now 0\.001"):
         StreamingCheckpoint.open(output, model)
@@ -295,3 +304,51 @@ def test_saved_block_inputs_come_back_bit_identical_after_a_restart(tmp_path):
         assert torch.equal(got.hidden_states, expected.hidden_states)
         assert torch.equal(got.kwargs["position_ids"], expected.kwargs["position_ids"])
         assert got.kwargs["use_cache"] is False
+
+
+def test_a_full_disk_while_saving_block_inputs_keeps_the_previous_ones(monkeypatch, tmp_path):
+    model = compressed("llama", "W4A16")
+    earlier, later = ActivationCache(), ActivationCache()
+    earlier.append(block_inputs(0))
+    later.append(block_inputs(1))
+    with StreamingCheckpoint.open(tmp_path / "out", model) as checkpoint:
+        checkpoint.save_activations(1, earlier)
+
+        def full(*args, **kwargs):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(torch, "save", full)
+        with pytest.raises(ExportError, match=r"disk is full writing the inputs of block 2"):
+            checkpoint.save_activations(2, later)
+        monkeypatch.undo()
+        restored = ActivationCache()
+        assert checkpoint.load_activations(restored) == 1
+    assert torch.equal(restored.inputs(0).hidden_states, earlier.inputs(0).hidden_states)
+    work = tmp_path / f".out{WORK_SUFFIX}"
+    assert sorted(entry.name for entry in work.glob("activations-*")) == ["activations-00001"]
+
+
+def test_a_full_disk_while_finishing_publishes_nothing_and_finishing_again_works(
+    monkeypatch, tmp_path
+):
+    model = compressed("llama", "W4A16")
+    output = tmp_path / "out"
+    with StreamingCheckpoint.open(output, model) as checkpoint:
+        write(checkpoint, model, parts(model))
+
+        def no_links(*args):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+        def full(*args, **kwargs):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(streaming.os, "link", no_links)
+        monkeypatch.setattr(streaming.shutil, "copyfile", full)
+        with pytest.raises(ExportError, match="disk is full writing the finished checkpoint"):
+            checkpoint.finish(model)
+        assert not output.exists()
+        assert [entry.name for entry in tmp_path.iterdir()] == [f".out{WORK_SUFFIX}"]
+        monkeypatch.undo()
+        checkpoint.finish(model)
+    assert (output / "config.json").exists()
+    assert not (tmp_path / f".out{WORK_SUFFIX}").exists()
