@@ -10,7 +10,7 @@ from torch import nn
 
 from lightning_compress.core import CompressionSession, EventType
 from lightning_compress.core.distributed import check_same_on_all_ranks
-from lightning_compress.core.progress import progress_bar
+from lightning_compress.core.progress import BlockProgress, progress_bar
 from lightning_compress.pipelines.base import (
     BlockReport,
     CalibrationPipeline,
@@ -50,7 +50,8 @@ class SequentialPipeline(CalibrationPipeline):
     block is restored as it was (weights, and no buffer, hook or attribute added to it), so
     blocks are compressed entirely or not at all; the blocks finished before stay compressed
     (see ``CalibrationPipeline``). The same holds for the tail. Every rank walks the same
-    blocks.
+    blocks. With ``options.progress`` a bar shows the blocks and, after each block, a log line
+    (loguru INFO) gives its time, the mean time per block and the estimated time left.
 
     Args:
         model: the session's model.
@@ -98,7 +99,9 @@ class SequentialPipeline(CalibrationPipeline):
             self._batches.append(batch)
 
     def run(self) -> None:
-        blocks = progress_bar(self.blocks, "Calibrating blocks", enabled=self.options.progress)
+        enabled = self.options.progress
+        blocks = progress_bar(self.blocks, "Calibrating blocks", enabled=enabled, unit="block")
+        progress = BlockProgress(len(self.blocks), enabled=enabled)
         residency = self.options.residency
         if residency is not None:
             residency.release_outside(self.tail.modules)
@@ -110,9 +113,10 @@ class SequentialPipeline(CalibrationPipeline):
             self.compressed.append(name)
             if residency is not None:
                 residency.finish_block(name, block)
+            seconds = time.perf_counter() - begin
+            progress.block_done(name, seconds)
             if self.options.on_block_end is not None:
-                report = BlockReport(index, name, time.perf_counter() - begin, forwards)
-                self.options.on_block_end(report)
+                self.options.on_block_end(BlockReport(index, name, seconds, forwards))
         if residency is not None:
             residency.load_outside(self.tail.modules)
         self._calibrate_tail()

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import torch
+from loguru import logger
 from torch import nn
 
 from lightning_compress.core import CompressionSession, Event, EventType, State
@@ -190,3 +191,20 @@ def test_an_error_removes_every_hook_and_restores_the_failing_block(tiny_lm, tok
             assert torch.equal(param, before[name]), name  # the failing block is unchanged
         elif "norm" not in name:
             assert not param.any(), name  # the block before it stays compressed
+
+
+@pytest.mark.parametrize("architecture", ["tiny_decoder"])
+def test_progress_logs_each_block_with_the_time_left(tiny_lm, token_batches):
+    messages: list[str] = []
+    sink = logger.add(lambda message: messages.append(message.record["message"]), level="INFO")
+    try:
+        calibrate(tiny_lm, EventLog(), token_batches, progress=True)
+        calibrate(tiny_lm, EventLog(), token_batches, progress=False)
+    finally:
+        logger.remove(sink)
+    lines = [message for message in messages if message.startswith("Block ")]
+    assert [line.split(" done in ")[0] for line in lines] == [
+        "Block 1/2 (model.layers.0)",
+        "Block 2/2 (model.layers.1)",
+    ]
+    assert lines[0].endswith(" left") and lines[1].endswith("about 0.0 s left")
