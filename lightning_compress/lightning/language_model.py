@@ -93,7 +93,8 @@ class CausalLMModule(pl.LightningModule):
     ) -> torch.Tensor:
         if attention_mask is None:
             return causal_lm_logits(self.model, input_ids)
-        return self.model(input_ids, attention_mask=attention_mask).logits
+        output = self.model(input_ids, attention_mask=attention_mask)
+        return output if isinstance(output, torch.Tensor) else output.logits
 
     def _loss(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         input_ids, attention_mask = _batch_tokens(batch)

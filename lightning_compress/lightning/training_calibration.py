@@ -12,7 +12,7 @@ Static input ranges are observed again from the training batches.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import fields
 from itertools import islice
 from typing import Any
@@ -210,8 +210,10 @@ def calibration_batches(
         num_batches: how many batches to take.
 
     Returns:
-        Up to ``num_batches`` batches. Reading them leaves the random state as it was, so
-        the training batches are the same as without the one-shot stage.
+        Up to ``num_batches`` batches, as the model reads them: mappings (such as
+        ``TextDataModule``'s) lose their ``labels`` (calibration reads inputs only). Reading
+        them leaves the random state as it was, so the training batches are the same as
+        without the one-shot stage.
 
     Raises:
         ValueError: when the training data is not one DataLoader, or gives no batch.
@@ -226,13 +228,21 @@ def calibration_batches(
             )
         source = loaders
     with torch.random.fork_rng(devices=[]):
-        batches = list(islice(source, num_batches))
+        batches = [_model_inputs(batch) for batch in islice(source, num_batches)]
     if not batches:
         raise ValueError(
             "Compressor: the one-shot stage got no calibration batch (empty calibration_data "
             "or training DataLoader)"
         )
     return batches
+
+
+def _model_inputs(batch: Any) -> Any:
+    """``batch`` without the ``labels`` of a mapping (forms the model does not read are left
+    for :func:`check_batches` to refuse, naming them)."""
+    if isinstance(batch, Mapping) and "labels" in batch:
+        return {key: value for key, value in batch.items() if key != "labels"}
+    return batch
 
 
 def check_batches(model: nn.Module, batches: list[Any]) -> None:
