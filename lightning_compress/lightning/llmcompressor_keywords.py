@@ -31,6 +31,7 @@ from torch import nn
 
 from lightning_compress.modifiers.tied_weights import untie_weights
 from lightning_compress.pipelines.calibration_data import calibration_samples
+from lightning_compress.pipelines.checkpoint_source import CheckpointSource
 from lightning_compress.pretrained import load_model
 from lightning_compress.recipe.errors import did_you_mean
 
@@ -287,7 +288,7 @@ def _translate(call: _Call) -> None:
     if isinstance(arguments["recipe_args"], list | tuple):
         arguments["recipe_args"] = _recipe_args(arguments["recipe_args"])
     if arguments["max_seq_length"] is None:
-        arguments["max_seq_length"] = _model_context(arguments["model"])
+        arguments["max_seq_length"] = _model_context(_module(arguments["model"]))
     if "stage" in options and arguments["output_dir"] is not None:
         arguments["output_dir"] = Path(arguments["output_dir"]) / str(options["stage"])
         logger.info(f"stage={options['stage']!r}: the checkpoint goes to {arguments['output_dir']}")
@@ -302,7 +303,16 @@ def _model(call: _Call) -> None:
     revision = options.get("model_revision", "main")
     if precision not in PRECISIONS:
         raise ValueError(f"precision: expected one of {list(PRECISIONS)}, got {precision!r}")
-    if isinstance(model, str | os.PathLike):
+    if isinstance(model, str | os.PathLike) and call.arguments.get("out_of_core"):
+        if precision != "auto":
+            raise ValueError(
+                f"precision={precision!r}: out_of_core keeps the checkpoint's dtype (each block "
+                f"is read as it is stored); leave precision='auto'"
+            )
+        call.source = _checkpoint(model, revision, "model")
+        source = CheckpointSource(call.source)
+        call.arguments["model"], model = source, source.model
+    elif isinstance(model, str | os.PathLike):
         call.source = _checkpoint(model, revision, "model")
         call.arguments["model"] = model = load_model(
             call.source, PRECISIONS[precision], keep_quantization=False
@@ -317,6 +327,11 @@ def _model(call: _Call) -> None:
         call.source = _cached(getattr(getattr(model, "config", None), "_name_or_path", None))
     if options.get("tie_word_embeddings", True) is False and isinstance(model, nn.Module):
         _untie_output_embeddings(model)
+
+
+def _module(model: Any) -> Any:
+    """The model as a module (a model read from its checkpoint: its empty module)."""
+    return model.model if isinstance(model, CheckpointSource) else model
 
 
 def _checkpoint(source: str | os.PathLike, revision: str, keyword: str) -> Path:
@@ -586,7 +601,7 @@ def _draw_samples(arguments: dict[str, Any]) -> None:
         None,
         arguments["max_seq_length"],
         arguments["tokenizer"],
-        arguments["model"],
+        _module(arguments["model"]),
         text_column=arguments["text_column"],
         concatenate_data=arguments["concatenate_data"],
     )

@@ -19,8 +19,14 @@ from torch.utils.data import DataLoader
 from lightning_compress.core.distributed import rank_and_world_size
 from lightning_compress.lightning.calibration import CalibrationModule
 from lightning_compress.lightning.llmcompressor_keywords import accepts_llmcompressor_keywords
+from lightning_compress.lightning.out_of_core import (
+    CheckpointResidency,
+    run_inputs,
+    weights_written_to,
+)
 from lightning_compress.lightning.quiet import quiet_lightning
 from lightning_compress.pipelines.calibration_data import calibration_loader, calibration_samples
+from lightning_compress.pipelines.checkpoint_source import CheckpointSource
 from lightning_compress.recipe import RecipeArgsInput, RecipeInput, RecipeStageInput
 from lightning_compress.summary import CompressionSummary
 
@@ -56,6 +62,7 @@ def oneshot(
     progress: bool = True,
     summary: CompressionSummary | None = None,
     strict: bool = False,
+    out_of_core: bool = False,
 ) -> nn.Module:
     """Compress ``model`` after training: calibrate on ``dataset`` and apply ``recipe``.
 
@@ -151,10 +158,20 @@ def oneshot(
         strict: refuse, before the model changes, a recipe that leaves a weight of the
             decoder blocks out (neither targeted nor ignored) or has an ``ignore`` pattern
             that matches nothing.
+        out_of_core: compress ``model``, a local checkpoint directory with safetensors
+            shards, without loading it: the model is built empty from its config and each
+            decoder block is read from the shards, calibrated, compressed, written to
+            ``output_dir`` (required) and freed, so memory holds one block, the modules
+            outside the blocks while they run and the activation cache (see
+            ``lightning_compress.lightning.out_of_core``); the weights keep their stored
+            dtype. A run that stopped (killed, disk full) continues after its last written
+            block when started again with the same arguments; another recipe, model or data
+            is refused, naming what differs. Runs the sequential pipeline, in one process.
         **llmcompressor_keywords: llm-compressor's other ``oneshot`` keywords.
 
     Returns:
-        ``model``, compressed.
+        ``model``, compressed; with ``out_of_core``, the empty model (its weights are in
+        ``output_dir`` only: running it raises an error saying so).
 
     Raises:
         TypeError: if ``model`` or ``dataset`` has the wrong type, a record lacks
@@ -173,11 +190,21 @@ def oneshot(
             ``SystemExit``), once the model is cleaned up.
         RecipeError: for an invalid recipe; with ``strict``, for one that leaves weights out.
     """
+    residency = None
+    if isinstance(model, CheckpointSource):
+        residency = CheckpointResidency(model)
+        model = model.model
+        pipeline = _out_of_core_pipeline(pipeline, output_dir)
+    elif out_of_core:
+        raise ValueError(
+            f"out_of_core: reads the model from its checkpoint directory; pass the directory "
+            f"as model, not a {type(model).__name__}"
+        )
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if trainer is not None and (devices, strategy, trainer_kwargs) != (None, None, None):
         raise ValueError("pass either trainer or devices/strategy/trainer_kwargs, not both")
-    if output_dir is not None:
+    if output_dir is not None and residency is None:
         # Imported here: the export needs the optional hf extra.
         from lightning_compress.export import check_output_dir, save_compressed
 
@@ -200,12 +227,10 @@ def oneshot(
         progress=progress,
         strict=strict,
         summary=summary,
+        residency=residency,
     )
-    if dataset is None:
-        with summary.phase("compress"):
-            module.calibrate()
-        is_global_zero = rank_and_world_size()[0] == 0
-    else:
+    samples = None
+    if dataset is not None:
         with summary.phase("data"):
             samples = calibration_samples(
                 dataset,
@@ -216,31 +241,100 @@ def oneshot(
                 text_column=text_column,
                 concatenate_data=concatenate_data,
             )
-        with quiet_lightning(), summary.phase("compress"):
-            if trainer is None:
-                trainer = _trainer(device, devices, strategy, trainer_kwargs)
-            _refuse_spawning(trainer)
-            loader = calibration_loader(
-                samples, batch_size, _pad_id(tokenizer), shard=not _shards_itself(trainer)
-            )
-            if pipeline == "auto" and not module.needs_calibration_data:
-                logger.info(
-                    "no modifier of the recipe needs calibration data: the data is not read"
-                )
-                module.calibrate()
-            else:
-                _validate(trainer, module, loader)
-        is_global_zero = trainer.is_global_zero
-    if output_dir is not None and is_global_zero:
+    if residency is not None:
+        settings = {"batch_size": batch_size, "sequential_targets": sequential_targets}
+        settings |= {"propagate_compressed": propagate_compressed, "staged": staged}
+        inputs = run_inputs(residency.source, samples, settings)
+        residency.open(output_dir, module.recipe, inputs, overwrite_output_dir)
+    try:
+        is_global_zero = _calibrate(
+            module,
+            samples,
+            trainer,
+            device,
+            devices,
+            strategy,
+            trainer_kwargs,
+            batch_size,
+            tokenizer,
+            pipeline,
+            residency is not None,
+        )
+        if residency is not None and is_global_zero:
+            with summary.phase("save"):
+                residency.finish(tokenizer)
+    finally:
+        if residency is not None:
+            residency.close()
+    if output_dir is not None and is_global_zero and residency is None:
         recipe_text = module.session.get_serialized_recipe()
         with summary.phase("save"):
             save_compressed(
                 model, output_dir, tokenizer, recipe_text, overwrite_output_dir, progress=progress
             )
+    if output_dir is not None and is_global_zero:
         summary.record_checkpoint(output_dir)
     if logs_summary and is_global_zero:
         summary.log()
-    return model
+    return model if residency is None else weights_written_to(model, Path(output_dir))
+
+
+def _calibrate(
+    module: CalibrationModule,
+    samples: list[Any] | None,
+    trainer: pl.Trainer | None,
+    device: torch.device | str | None,
+    devices: int | str | list[int] | None,
+    strategy: str | pl.strategies.Strategy | None,
+    trainer_kwargs: dict[str, Any] | None,
+    batch_size: int,
+    tokenizer: Any | None,
+    pipeline: str | None,
+    one_process: bool,
+) -> bool:
+    """Runs the calibration (data-free without samples); returns whether this is rank zero."""
+    summary = module.summary
+    if samples is None:
+        with summary.phase("compress"):
+            module.calibrate()
+        return rank_and_world_size()[0] == 0
+    with quiet_lightning(), summary.phase("compress"):
+        if trainer is None:
+            trainer = _trainer(device, devices, strategy, trainer_kwargs)
+        _refuse_spawning(trainer)
+        if one_process and trainer.world_size > 1:
+            raise ValueError(
+                f"out_of_core: runs in one process (this Trainer has {trainer.world_size}); "
+                f"drop devices/strategy, or load the model and compress it in memory"
+            )
+        loader = calibration_loader(
+            samples, batch_size, _pad_id(tokenizer), shard=not _shards_itself(trainer)
+        )
+        if pipeline == "auto" and not module.needs_calibration_data:
+            logger.info("no modifier of the recipe needs calibration data: the data is not read")
+            module.calibrate()
+        else:
+            _validate(trainer, module, loader)
+    return trainer.is_global_zero
+
+
+def _out_of_core_pipeline(pipeline: str | None, output_dir: str | Path | None) -> str:
+    """The pipeline of an out-of-core run: the sequential one.
+
+    Raises:
+        ValueError: without ``output_dir``, or for another pipeline.
+    """
+    if output_dir is None:
+        raise ValueError(
+            "out_of_core: needs output_dir, where each compressed block is written (the "
+            "weights are not kept in memory)"
+        )
+    if pipeline not in ("auto", "sequential", "data_free"):
+        raise ValueError(
+            f"pipeline={pipeline!r}: out_of_core calibrates one block at a time (sequential); "
+            f"expected 'auto' or 'sequential'"
+        )
+    return "sequential"
 
 
 def _validate(trainer: pl.Trainer, module: CalibrationModule, loader: DataLoader) -> None:

@@ -1,0 +1,208 @@
+"""Compressing a model from its checkpoint directory with one block in memory at a time.
+
+``oneshot(model=DIR, ..., output_dir=OUT, out_of_core=True)`` builds the model empty from
+``DIR`` (:class:`~lightning_compress.pipelines.checkpoint_source.CheckpointSource`) and runs the
+sequential pipeline with a :class:`CheckpointResidency`: the embeddings are read to capture the
+first block's inputs and freed; each block is read, calibrated and compressed, written to the
+output's work directory (:class:`~lightning_compress.export.streaming.StreamingCheckpoint`)
+and freed; the modules outside the blocks are read again after the last block, compressed
+where the recipe says so, and written last; then the checkpoint is published. Memory holds
+one block (and its statistics), the modules outside the blocks while they are used, and the
+activation cache (on the CPU, or on disk with ``offload_dir``), whatever the model's depth.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_compress.export.manifest import checkpoint_fingerprint
+from lightning_compress.export.streaming import StreamingCheckpoint
+from lightning_compress.export.writer import check_output_dir
+from lightning_compress.pipelines.checkpoint_source import CheckpointSource
+from lightning_compress.summary import sparsity_label
+
+__all__ = ["CheckpointResidency", "run_inputs", "weights_written_to"]
+
+Modules = Sequence[tuple[str, nn.Module]]
+
+
+class CheckpointResidency:
+    """Reads a :class:`CheckpointSource` model's weights when the sequential pipeline needs
+    them, and writes each compressed block to a :class:`StreamingCheckpoint` before freeing it
+    (a ``WeightResidency``). ``open`` the output before the calibration starts.
+
+    Args:
+        source: the model's checkpoint.
+    """
+
+    def __init__(self, source: CheckpointSource) -> None:
+        self.source = source
+        self.outside: list[str] = []
+        self.written_sparsity: dict[str, str] = {}
+        self._checkpoint: StreamingCheckpoint | None = None
+        self._settings: tuple[str | Path, Any, dict[str, Any], bool] | None = None
+
+    @property
+    def checkpoint(self) -> StreamingCheckpoint:
+        """The output being written.
+
+        Raises:
+            RuntimeError: before the calibration starts.
+        """
+        if self._checkpoint is None:
+            raise RuntimeError("the output checkpoint is opened when the calibration starts")
+        return self._checkpoint
+
+    def open(
+        self, output_dir: str | Path, recipe: Any, inputs: dict[str, Any], overwrite: bool
+    ) -> None:
+        """Checks that the output may be written; it is opened (or resumed) when the
+        calibration starts, once the modifiers have untied the weights they compress.
+
+        Args:
+            output_dir: the checkpoint directory.
+            recipe: the recipe (saved with it, part of the run's identity).
+            inputs: a fingerprint of the run's inputs (model files, data, settings).
+            overwrite: replace ``output_dir`` at the end if it exists.
+
+        Raises:
+            ExportError: if ``output_dir`` exists and is not empty (without ``overwrite``) or
+                cannot be written.
+        """
+        check_output_dir(output_dir, overwrite)
+        self._settings = (output_dir, recipe, inputs, overwrite)
+
+    def close(self) -> None:
+        """Releases the output checkpoint (its work directory stays, to resume)."""
+        if self._checkpoint is not None:
+            self._checkpoint.close()
+
+    def load_outside(self, modules: Modules) -> None:
+        """Reads the modules outside the blocks (and remembers them for ``finish``).
+
+        Args:
+            modules: ``(name, module)`` of the modules outside the blocks.
+        """
+        self.outside = [name for name, _ in modules]
+        if self._checkpoint is None:
+            output_dir, recipe, inputs, overwrite = self._settings
+            self._checkpoint = StreamingCheckpoint.open(
+                output_dir, self.source.model, recipe, inputs, overwrite
+            )
+        for _, module in modules:
+            self.source.load(module)
+
+    def release_outside(self, modules: Modules) -> None:
+        """Frees the modules outside the blocks.
+
+        Args:
+            modules: ``(name, module)`` of the modules outside the blocks.
+        """
+        for _, module in modules:
+            self.source.release(module)
+
+    def load_block(self, name: str, block: nn.Module) -> None:
+        """Reads one block.
+
+        Args:
+            name: the block's name.
+            block: the block.
+        """
+        self.source.load(block)
+
+    def finish_block(self, name: str, block: nn.Module) -> None:
+        """Writes one compressed block to the output, then frees it.
+
+        Args:
+            name: the block's name.
+            block: the block.
+        """
+        self.checkpoint.write_modules(self.source.model, name)
+        self._note_sparsity(name, block)
+        self.source.release(block)
+
+    def finish(self, tokenizer: Any | None) -> Path:
+        """Writes the modules outside the blocks and publishes the checkpoint.
+
+        Args:
+            tokenizer: saved with the checkpoint, if given.
+
+        Returns:
+            The checkpoint directory.
+        """
+        model = self.source.model
+        if self.outside:
+            self.checkpoint.write_modules(model, self.outside)
+        for name in self.outside:
+            self._note_sparsity(name, model.get_submodule(name))
+            self.source.release(model.get_submodule(name))
+        return self.checkpoint.finish(model, tokenizer)
+
+    def _note_sparsity(self, name: str, module: nn.Module) -> None:
+        for layer_name, layer in module.named_modules(prefix=name):
+            label = sparsity_label(getattr(layer, "weight", None))
+            if label is not None:
+                self.written_sparsity[layer_name] = label
+
+
+def run_inputs(
+    source: CheckpointSource, samples: Sequence[Any] | None, settings: dict[str, Any]
+) -> dict[str, Any]:
+    """What an out-of-core run reads, for its output's manifest: a run started again with
+    other inputs is refused instead of resumed.
+
+    Args:
+        source: the model's checkpoint.
+        samples: the calibration samples (None: data-free).
+        settings: the options that change the result (JSON values).
+
+    Returns:
+        The checkpoint's fingerprint (config, shard headers and sizes), the SHA-256 of the
+        samples' token ids and masks, and ``settings``.
+    """
+    return {
+        "model": checkpoint_fingerprint(source.files.directory),
+        "samples": None if samples is None else _samples_digest(samples),
+        "settings": settings,
+    }
+
+
+def _samples_digest(samples: Sequence[Any]) -> str:
+    digest = hashlib.sha256()
+    for sample in samples:
+        values = sample.items() if isinstance(sample, dict) else [("input_ids", sample)]
+        for key, value in sorted(values, key=lambda item: item[0]):
+            tensor = torch.as_tensor(value).detach().cpu().contiguous()
+            digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+            digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def weights_written_to(model: nn.Module, output_dir: Path) -> nn.Module:
+    """Marks ``model``, whose compressed weights are in ``output_dir`` only (all on the meta
+    device), so that running it raises an error saying where they are.
+
+    Args:
+        model: the empty model.
+        output_dir: the checkpoint its weights were written to.
+
+    Returns:
+        ``model``.
+    """
+
+    def refuse(module: nn.Module, args: Any, kwargs: Any) -> None:
+        raise RuntimeError(
+            f"{type(module).__name__} was compressed from its checkpoint one block at a time: "
+            f"its weights are not in memory but in {str(output_dir)!r}; load them with "
+            f"AutoModelForCausalLM.from_pretrained({str(output_dir)!r}) (or "
+            f"lightning_compress.export.load_compressed)"
+        )
+
+    model.register_forward_pre_hook(refuse, with_kwargs=True)
+    return model

@@ -1,0 +1,126 @@
+"""oneshot(model=DIR, out_of_core=True): one block in memory at a time, the same checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lightning_compress.lightning.oneshot import oneshot
+from lightning_compress.modifiers import (
+    AWQModifier,
+    GPTQModifier,
+    QuantizationModifier,
+    SparseGPTModifier,
+)
+
+W4_G16 = {"num_bits": 4, "strategy": "group", "group_size": 16}
+W4_GROUPS = {"w4": {"targets": ["Linear"], "weights": W4_G16}}
+RECIPES = {
+    "gptq": lambda: [GPTQModifier(config_groups=W4_GROUPS)],
+    "sparsegpt": lambda: [SparseGPTModifier(sparsity=0.5, mask_structure="2:4")],
+    "awq_rtn": lambda: [
+        AWQModifier(weights=W4_G16, ignore=["lm_head"]),
+        QuantizationModifier(config_groups=W4_GROUPS, ignore=["lm_head"]),
+    ],
+    "sparsegpt_then_gptq": lambda: [
+        SparseGPTModifier(sparsity=0.5, mask_structure="2:4", ignore=["lm_head"]),
+        GPTQModifier(config_groups=W4_GROUPS, ignore=["lm_head"]),
+    ],
+}
+SETTINGS = {
+    "num_calibration_samples": 4,
+    "batch_size": 2,
+    "progress": False,
+    "trainer_kwargs": {"accelerator": "cpu"},
+}
+
+
+def token_ids() -> torch.Tensor:
+    return torch.randint(3, 128, (4, 16), generator=torch.Generator().manual_seed(1))
+
+
+def checkpoint_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
+
+
+def assert_same_checkpoint(expected: Path, actual: Path) -> None:
+    want, got = checkpoint_tensors(expected), checkpoint_tensors(actual)
+    assert sorted(got) == sorted(want)
+    different = [name for name in want if not torch.equal(want[name], got[name])]
+    assert not different, f"tensors differ: {different}"
+    config = json.loads((actual / "config.json").read_text())
+    assert config == json.loads((expected / "config.json").read_text())
+
+
+@pytest.mark.parametrize(
+    ("recipe", "dtype"),
+    [
+        ("gptq", torch.bfloat16),
+        ("gptq", torch.float32),
+        ("sparsegpt", torch.bfloat16),
+        ("awq_rtn", torch.bfloat16),
+        ("sparsegpt_then_gptq", torch.bfloat16),
+    ],
+)
+def test_out_of_core_checkpoint_equals_the_in_memory_one(saved_llama, tmp_path, recipe, dtype):
+    directory = saved_llama(dtype)
+    oneshot(str(directory), RECIPES[recipe](), token_ids(), output_dir=tmp_path / "in", **SETTINGS)
+    model = oneshot(
+        str(directory),
+        RECIPES[recipe](),
+        token_ids(),
+        output_dir=tmp_path / "out",
+        out_of_core=True,
+        **SETTINGS,
+    )
+    assert_same_checkpoint(tmp_path / "in", tmp_path / "out")
+    assert all(tensor.is_meta for tensor in model.parameters())
+    with pytest.raises(RuntimeError, match=r"weights are not in memory but in .*out"):
+        model(token_ids())
+
+
+def test_tied_embeddings_are_read_once_and_saved_as_in_memory(saved_llama, tmp_path):
+    directory = saved_llama(tie=True)
+    recipe = RECIPES["gptq"]
+    oneshot(str(directory), recipe(), token_ids(), output_dir=tmp_path / "in", **SETTINGS)
+    oneshot(
+        str(directory),
+        recipe(),
+        token_ids(),
+        output_dir=tmp_path / "out",
+        out_of_core=True,
+        **SETTINGS,
+    )
+    assert_same_checkpoint(tmp_path / "in", tmp_path / "out")
+
+
+def test_activations_spilled_to_disk_give_the_same_checkpoint(saved_llama, tmp_path):
+    directory = saved_llama()
+    recipe = RECIPES["gptq"]
+    oneshot(str(directory), recipe(), token_ids(), output_dir=tmp_path / "in", **SETTINGS)
+    oneshot(
+        str(directory),
+        recipe(),
+        token_ids(),
+        output_dir=tmp_path / "out",
+        out_of_core=True,
+        offload_dir=tmp_path / "spill",
+        **SETTINGS,
+    )
+    assert_same_checkpoint(tmp_path / "in", tmp_path / "out")
+    assert not any((tmp_path / "spill").iterdir())
+
+
+def test_out_of_core_needs_an_output_dir_and_a_directory(saved_llama, tmp_path):
+    with pytest.raises(ValueError, match="out_of_core: needs output_dir"):
+        oneshot(str(saved_llama()), RECIPES["gptq"](), token_ids(), out_of_core=True, **SETTINGS)
+    module = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="pass the directory as model, not a Linear"):
+        oneshot(module, RECIPES["gptq"](), out_of_core=True, output_dir=tmp_path / "o")
