@@ -16,6 +16,7 @@ import os
 import struct
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,6 @@ import compressed_tensors
 import torch
 import transformers
 
-import lightning_compress
 from lightning_compress.export.errors import ExportError
 from lightning_compress.export.staging import fsync_path
 
@@ -194,13 +194,20 @@ def run_identity(
         "model_config": json.loads(json.dumps(model_config, sort_keys=True, default=str)),
         "inputs": inputs,
         "versions": {
-            "lightning_compress": lightning_compress.__version__,
+            "lightning_compress": _installed_version("lightning-compress"),
             "compressed_tensors": compressed_tensors.__version__,
             "torch": torch.__version__,
             "transformers": transformers.__version__,
         },
         "options": dict(options),
     }
+
+
+def _installed_version(distribution: str) -> str:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return "not installed"
 
 
 def identity_differences(
