@@ -43,6 +43,7 @@ from lightning_compress.lightning.training_calibration import (
 )
 from lightning_compress.modifiers.distillation.teacher import (
     check_teacher,
+    check_teacher_vocabulary,
     make_teacher,
     place_teacher,
 )
@@ -292,6 +293,7 @@ class Compressor(Callback):
         self.teacher_model = make_teacher(
             self.teacher, pl_module, self.teacher_dtype, self.teacher_device
         )
+        check_teacher_vocabulary(self.teacher_model, pl_module)
         report_memory_plan(trainer, pl_module, self.teacher_model, self.teacher_device)
         if self.save_dir is not None:  # on every rank, so that all of them stop alike
             from lightning_compress.export import check_output_dir  # the optional hf extra

@@ -12,6 +12,7 @@ from torch import nn
 __all__ = [
     "UNCOMPRESSED",
     "check_teacher",
+    "check_teacher_vocabulary",
     "copy_as_teacher",
     "freeze_teacher",
     "is_student_copy",
@@ -86,6 +87,46 @@ def check_teacher(teacher: nn.Module | str | None, dtype: torch.dtype | str | No
         f"teacher: expected a model (nn.Module), {UNCOMPRESSED!r} (a frozen copy of the model "
         f"before compression) or None, got {teacher!r}"
     )
+
+
+def check_teacher_vocabulary(teacher: nn.Module | None, student: nn.Module) -> None:
+    """Refuse, before anything changes the student, a teacher whose logits have another width.
+
+    The width is the number of outputs of each model's output layer (a Hugging Face
+    model's ``get_output_embeddings()``, or an ``lm_head`` ``Linear``), looked for in the
+    model and in its ``model`` attribute (a LightningModule holding it). Models without one
+    are checked at the first batch, on their outputs.
+
+    Args:
+        teacher: the teacher (None: no distillation).
+        student: the student (e.g. the LightningModule).
+
+    Raises:
+        ValueError: naming both logit shapes when the widths differ.
+    """
+    if teacher is None:
+        return
+    widths = _output_width(teacher), _output_width(student)
+    if None in widths or widths[0] == widths[1]:
+        return
+    raise ValueError(
+        f"teacher: its logits have shape [..., {widths[0]}] and the student's [..., "
+        f"{widths[1]}]; expected a teacher with the student's vocabulary (output layers of "
+        f"{type(teacher).__name__} and {type(student).__name__} differ)"
+    )
+
+
+def _output_width(model: nn.Module) -> int | None:
+    """The number of logits of ``model``'s (or its ``model`` attribute's) output layer."""
+    for candidate in (model, getattr(model, "model", None)):
+        if not isinstance(candidate, nn.Module):
+            continue
+        get_output = getattr(candidate, "get_output_embeddings", None)
+        head = get_output() if callable(get_output) else getattr(candidate, "lm_head", None)
+        weight = getattr(head, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+            return weight.shape[0]
+    return None
 
 
 def make_teacher(
