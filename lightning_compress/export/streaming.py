@@ -112,6 +112,24 @@ class StreamingCheckpoint:
     embeddings and the head), completed by :meth:`finish`. Holds an exclusive lock on the
     work directory until :meth:`close` (or :meth:`finish`), so two processes never write one
     run. Use it as a context manager to close it on any error.
+
+    Module names are those of the exportable model (``model.layers.3``, ``lm_head``). The
+    model given to :meth:`finish` must have the structure the parts were written from (the
+    same modules, linearized experts included); the finished parts' weights are not read.
+
+    Example::
+
+        with StreamingCheckpoint.open(output_dir, model, recipe, inputs) as checkpoint:
+            cache = ActivationCache()
+            start = checkpoint.load_activations(cache)  # None: start from the embeddings
+            for index, block in enumerate(blocks):
+                if checkpoint.is_finished(f"model.layers.{index}"):
+                    continue
+                ...  # load, compress and run block ``index`` (from ``start``)
+                checkpoint.write_modules(model, f"model.layers.{index}")
+                checkpoint.save_activations(index + 1, cache)
+            checkpoint.write_modules(model, ["model.norm", "lm_head"])
+            checkpoint.finish(model, tokenizer)
     """
 
     def __init__(
@@ -324,6 +342,7 @@ class StreamingCheckpoint:
         target = self._work / name
         temporary = self._work / f"{name}.tmp"
         shutil.rmtree(temporary, ignore_errors=True)
+        previous = self._manifest.activations
         nbytes = 0
         try:
             temporary.mkdir()
@@ -333,7 +352,6 @@ class StreamingCheckpoint:
                 fsync_path(file)
                 nbytes += file.stat().st_size
             fsync_path(temporary)
-            previous = self._manifest.activations
             shutil.rmtree(target, ignore_errors=True)
             os.replace(temporary, target)
             fsync_path(self._work)
