@@ -27,6 +27,8 @@ llm-compressor's ``oneshot`` in another Python environment (``smollm2_reference.
     python benchmarks/smollm2.py prepare [--split exact]   # once: model, tokenizer, windows
     python benchmarks/smollm2.py [--runs fp gptq_w4a16_g64] [--threads 2] [--pipeline auto]
     python benchmarks/smollm2.py --propagate uncompressed     # one forward per block
+    python benchmarks/smollm2.py --runs gptq_nvfp4 --activations-in-calibration quantized
+    python benchmarks/smollm2.py --runs fp8_kv --kv-observer moving_average --no-staged
     python benchmarks/smollm2.py --reference --reference-python /tmp/llmc-venv/bin/python
     python benchmarks/smollm2.py --sides ours reference --reference-python ...
 
@@ -183,6 +185,7 @@ def worker(run: str, args: argparse.Namespace) -> dict[str, Any]:
             max_seq_length=SEQ_LEN,
             pipeline=args.pipeline,
             propagate_compressed=args.propagate == "compressed",
+            staged=not args.no_staged,
             device="cpu",
             trainer_kwargs={"enable_progress_bar": False},
         )
@@ -193,6 +196,7 @@ def worker(run: str, args: argparse.Namespace) -> dict[str, Any]:
         "propagate": args.propagate,
         "activations_in_calibration": args.activations_in_calibration,
         "kv_observer": args.kv_observer,
+        "staged": not args.no_staged,
         "compress_s": seconds,
         "rss_loaded_mib": rss_loaded,
         "rss_compressed_mib": peak_rss_mib(),
@@ -261,6 +265,8 @@ def run_in_subprocess(side: str, run: str, args: argparse.Namespace) -> dict[str
             command += ["--activations-in-calibration", args.activations_in_calibration]
         if args.kv_observer is not None:
             command += ["--kv-observer", args.kv_observer]
+        if args.no_staged:
+            command.append("--no-staged")
     else:
         if args.reference_python is None:
             raise SystemExit("--reference needs --reference-python /path/to/venv/bin/python")
@@ -311,6 +317,8 @@ def print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
                 tool += f", {row['activations_in_calibration']} activations in calibration"
             if row.get("kv_observer") is not None:
                 tool += f", kv observer {row['kv_observer']}"
+            if not row.get("staged", True):
+                tool += ", not staged"
         if "error" in row:
             print(f"| {row['run']} | {tool} | failed: {row['error']} | | | | |", flush=True)
             continue
@@ -366,6 +374,12 @@ def parse_args() -> argparse.Namespace:
         "--kv-observer",
         choices=("minmax", "moving_average"),
         help="our fp8_kv run: the kv_cache_scheme's observer (default: the modifier's)",
+    )
+    parser.add_argument(
+        "--no-staged",
+        action="store_true",
+        help="our pipeline: calibrate every layer of a block before compressing any "
+        "(oneshot(staged=False), llm-compressor's order)",
     )
     parser.add_argument(
         "--split", choices=SPLITS, default="newline", help="prepare: how each novel is cut"
