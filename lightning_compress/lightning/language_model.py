@@ -20,6 +20,7 @@ from lightning_compress.bundled import (
     token_windows,
 )
 from lightning_compress.lightning.compressor import check_compressor_resume, compression_loss
+from lightning_compress.modifiers.quantization.learnable import learned_scale_parameters
 
 __all__ = [
     "IGNORE_INDEX",
@@ -56,10 +57,15 @@ class CausalLMModule(pl.LightningModule):
             ``lr / warmup_steps`` to ``lr`` (0: constant ``lr``).
         gradient_checkpointing: recompute each decoder layer's activations in the backward
             pass instead of keeping them (transformers' activation checkpointing).
+        scale_lr: learning rate of the weight scales that quantization-aware training with
+            ``learnable_scales`` learns; they form their own AdamW parameter group, without
+            weight decay (decay would pull every scale towards 0). None: ``lr``, which under
+            Adam moves a scale by a large fraction of itself per step: prefer about a tenth
+            of the scales' size (see ``lightning_compress.modifiers.quantization.learnable``).
 
     Raises:
-        ValueError: for a negative ``warmup_steps``, or ``gradient_checkpointing`` on a model
-            that does not support it.
+        ValueError: for a negative ``warmup_steps``, a ``scale_lr`` that is not positive, or
+            ``gradient_checkpointing`` on a model that does not support it.
     """
 
     def __init__(
@@ -70,10 +76,13 @@ class CausalLMModule(pl.LightningModule):
         tokenizer: Any | None = None,
         warmup_steps: int = 0,
         gradient_checkpointing: bool = False,
+        scale_lr: float | None = None,
     ):
         super().__init__()
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps: expected an integer >= 0, got {warmup_steps}")
+        if scale_lr is not None and not scale_lr > 0:
+            raise ValueError(f"scale_lr: expected a positive float or None, got {scale_lr}")
         if model is None:
             model = load_bundled_model().train()
             tokenizer = load_tokenizer() if tokenizer is None else tokenizer
@@ -86,6 +95,7 @@ class CausalLMModule(pl.LightningModule):
         self.lr = lr
         self.weight_decay = weight_decay
         self.warmup_steps = warmup_steps
+        self.scale_lr = scale_lr
         self.val_perplexity = Perplexity(ignore_index=IGNORE_INDEX)
 
     def forward(
@@ -116,7 +126,9 @@ class CausalLMModule(pl.LightningModule):
         self.log("val_perplexity", self.val_perplexity, prog_bar=True)
 
     def configure_optimizers(self) -> Any:
-        optimizer = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        optimizer = torch.optim.AdamW(
+            self.parameter_groups(), lr=self.lr, weight_decay=self.weight_decay
+        )
         if not self.warmup_steps:
             return optimizer
         warmup = self.warmup_steps
@@ -125,6 +137,21 @@ class CausalLMModule(pl.LightningModule):
         )
         schedule = {"scheduler": scheduler, "interval": "step"}
         return {"optimizer": optimizer, "lr_scheduler": schedule}
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups: the model's parameters, then (when quantization-
+        aware training learns them) the weight scales at ``scale_lr`` without weight decay.
+
+        Returns:
+            One group, or two when there are learned scales.
+        """
+        scales = learned_scale_parameters(self)
+        learned = {id(scale) for scale in scales}
+        groups = [{"params": [p for p in self.parameters() if id(p) not in learned]}]
+        if scales:
+            lr = self.lr if self.scale_lr is None else self.scale_lr
+            groups.append({"params": scales, "lr": lr, "weight_decay": 0.0})
+        return groups
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_compressor_resume(self.trainer, checkpoint)
