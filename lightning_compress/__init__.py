@@ -22,6 +22,7 @@ __all__ = [
     "compression_loss",
     "create_session",
     "load_compressed",
+    "model_free_compress",
     "oneshot",
     "save_compressed",
     "set_verbosity",
@@ -37,6 +38,7 @@ _LAZY_NAMES = {
     "compression_loss": "lightning_compress.lightning",
     "oneshot": "lightning_compress.lightning",
     "load_compressed": "lightning_compress.export",
+    "model_free_compress": "lightning_compress.export",
     "save_compressed": "lightning_compress.export",
 }
 

@@ -17,6 +17,7 @@ except ImportError as err:
 
 from lightning_compress.export.errors import ExportError
 from lightning_compress.export.load import load_compressed
+from lightning_compress.export.model_free import model_free_compress
 from lightning_compress.export.manifest import checkpoint_fingerprint
 from lightning_compress.export.save import save_compressed
 from lightning_compress.export.streaming import StreamingCheckpoint
@@ -30,5 +31,6 @@ __all__ = [
     "checkpoint_fingerprint",
     "check_tokenizer",
     "load_compressed",
+    "model_free_compress",
     "save_compressed",
 ]
