@@ -128,8 +128,9 @@ def carried_layers(one_shot: Recipe, training: Recipe, pl_module: nn.Module) -> 
     Raises:
         RecipeError: for a layer the training stage does not quantize, a scheme whose grid
             differs (naming the layer and the fields), GPTQ ``actorder: group`` (its column
-            order is not a grid training keeps), or ``freeze_observers`` on a modifier that
-            carries layers on (their qparams stay fixed from the first step).
+            order is not a grid training keeps), or ``freeze_observers`` or
+            ``learnable_scales`` on a modifier that carries layers on (their qparams stay
+            fixed from the first step).
     """
     names = {id(module): name for name, module in pl_module.named_modules()}
     model = calibrated_model(pl_module)
@@ -165,6 +166,12 @@ def carried_layers(one_shot: Recipe, training: Recipe, pl_module: nn.Module) -> 
                     f"layer '{name}': the training QuantizationModifier's scheme differs from "
                     f"the one-shot {where}'s in {differ}; training starts from the one-shot "
                     "weights and qparams, so both must quantize to the same grid"
+                )
+            if getattr(follower, "learnable_scales", False):
+                raise RecipeError(
+                    "QuantizationModifier.learnable_scales: expected false for a training stage "
+                    f"after a one-shot one (layer '{name}'): the one-shot weight qparams stay "
+                    "fixed, so that training keeps the one-shot grid"
                 )
             if follower.freeze_observers is not None:
                 raise RecipeError(

@@ -131,6 +131,18 @@ def test_a_training_scheme_other_than_the_one_shot_one_is_refused_naming_the_fie
     assert all(torch.equal(after[k], v) for k, v in before.items())
 
 
+def test_learned_scales_after_a_one_shot_stage_are_refused_before_it_runs():
+    gptq, qat = gptq_then_qat()
+    qat = QuantizationModifier(
+        config_groups=qat.config_groups, ignore=["lm_head"], start=0, learnable_scales=True
+    )
+    module = tiny_module()
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    with pytest.raises(RecipeError, match=r"learnable_scales: expected false .*one-shot"):
+        quiet_trainer(max_steps=1, callbacks=[Compressor([gptq, qat])]).fit(module, token_loader())
+    assert all(torch.equal(module.state_dict()[k], v) for k, v in before.items())
+
+
 def test_a_one_shot_quantization_without_a_training_one_is_refused():
     recipe = [
         QuantizationModifier(config_groups=int8_channel_groups(["Linear"]), ignore=["lm_head"]),
