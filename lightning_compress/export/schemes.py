@@ -54,17 +54,19 @@ int8): such checkpoints, llm-compressor's included, do not load. ``naive-quantiz
 one int8 code per weight and the zero points as they are, which it loads."""
 
 
-def check_finished(model: nn.Module) -> None:
+def check_finished(model: nn.Module, within: Sequence[str] | None = None) -> None:
     """Refuses a model whose compression is still under way.
 
     Args:
         model: the model to save.
+        within: names of submodules of ``model`` to check (as :func:`quantized_layers`); None
+            checks the whole model.
 
     Raises:
         ExportError: when a layer's weight is still parametrized (quantization-aware training
             not finalized) or a layer still holds pruning masks or observer statistics.
     """
-    for name, module in model.named_modules():
+    for name, module in named_modules_within(model, within):
         leftovers = [buffer for buffer in TRAINING_BUFFERS if buffer in module._buffers]
         if parametrize.is_parametrized(module) or leftovers:
             what = leftovers or ["a weight parametrization"]

@@ -296,8 +296,7 @@ class StreamingCheckpoint:
         state = state_within(model, names, self._aliases)
         _refuse_meta(state)
         check_local(state)
-        for name in names:
-            check_finished(model.get_submodule(name))
+        check_finished(model, within=names)
         layers = quantized_layers(model, self._pack_asymmetric, within=names)
         packed = compressed_state_dict(
             model, layers, within=names, aliases=self._aliases, check=self._check

@@ -22,6 +22,7 @@ from lightning_compress.export.manifest import MANIFEST_NAME, checkpoint_fingerp
 from lightning_compress.export.staging import recover_checkpoint
 from lightning_compress.export.streaming import WORK_SUFFIX, StreamingCheckpoint
 from lightning_compress.lightning.oneshot import oneshot
+from lightning_compress.modifiers.pruning import MASK_BUFFER
 from lightning_compress.pipelines.cache import ActivationCache
 from lightning_compress.pipelines.capture import BlockInputs
 from lightning_compress.recipe import Recipe
@@ -352,3 +353,14 @@ def test_a_full_disk_while_finishing_publishes_nothing_and_finishing_again_works
         checkpoint.finish(model)
     assert (output / "config.json").exists()
     assert not (tmp_path / f".out{WORK_SUFFIX}").exists()
+
+
+def test_writing_a_block_whose_pruning_is_unfinished_is_refused_naming_the_layer(tmp_path):
+    model = compressed("llama", "W4A16")
+    layer = model.model.layers[1].mlp.down_proj
+    layer.register_buffer(MASK_BUFFER, torch.ones_like(layer.weight, dtype=torch.bool))
+    with StreamingCheckpoint.open(tmp_path / "out", model) as checkpoint:
+        checkpoint.write_modules(model, "model.layers.0")
+        with pytest.raises(ExportError, match=r"layer 'model\.layers\.1\.mlp\.down_proj' still"):
+            checkpoint.write_modules(model, "model.layers.1")
+        assert checkpoint.finished == [["model.layers.0"]]
