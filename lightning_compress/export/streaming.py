@@ -197,6 +197,7 @@ class StreamingCheckpoint:
             raise ValueError(f"max_shard_bytes: expected a positive int, got {max_shard_bytes}")
         model = find_exportable(model)
         recover_checkpoint(output_dir)
+        _remove_published(Path(output_dir))
         path = check_output_dir(output_dir, overwrite)
         recipe_text = None if recipe is None else Recipe.create_instance(recipe).yaml()
         identity = run_identity(
@@ -205,7 +206,7 @@ class StreamingCheckpoint:
             inputs,
             {"max_shard_bytes": max_shard_bytes, "pack_asymmetric": pack_asymmetric},
         )
-        work = path.parent / f".{path.name}{WORK_SUFFIX}"
+        work = _work_dir(path)
         work.mkdir(parents=True, exist_ok=True)
         lock = _lock(work)
         try:
@@ -453,7 +454,7 @@ class StreamingCheckpoint:
                 raise self._disk_full("the finished checkpoint", needed, err) from err
             raise
         self.close()
-        shutil.rmtree(self._work)
+        _remove_work(self._work)
         logger.info("saved {} parts of {} to {}", len(parts), type(model).__name__, self._path)
         return self._path
 
@@ -706,6 +707,38 @@ def _check_same_run(
             f"differs from this one in: {'; '.join(differences)}. Run it as it was started "
             f"to resume it, or remove {str(work)!r} to start this one"
         )
+
+
+def _work_dir(path: Path) -> Path:
+    return path.parent / f".{path.name}{WORK_SUFFIX}"
+
+
+def _remove_work(work: Path) -> None:
+    """Removes the work directory of a published checkpoint (its files live on in it)."""
+    shutil.rmtree(work)
+
+
+def _remove_published(path: Path) -> None:
+    """Removes the work directory a run left after publishing ``path`` (killed before it
+    removed it): the published shards are its part files, hard-linked."""
+    work = _work_dir(path)
+    if not (work / MANIFEST_NAME).is_file() or not path.is_dir():
+        return
+    try:
+        lock = _lock(work)
+    except ExportError:
+        return  # a run is finishing it now
+    try:
+        manifest = Manifest.load(work)
+        files = [file for part in manifest.parts for file in part.files] if manifest else []
+        published = path / shard_names(len(files))[0] if files else None
+        if published is not None and published.exists() and published.samefile(work / files[0]):
+            _remove_work(work)
+            logger.warning("removed {}, left by the run that published {}", work, path)
+    except (ExportError, OSError):
+        return  # not provably published: left for open to judge
+    finally:
+        os.close(lock)
 
 
 def _refuse_foreign(work: Path) -> None:

@@ -364,3 +364,24 @@ def test_writing_a_block_whose_pruning_is_unfinished_is_refused_naming_the_layer
         with pytest.raises(ExportError, match=r"layer 'model\.layers\.1\.mlp\.down_proj' still"):
             checkpoint.write_modules(model, "model.layers.1")
         assert checkpoint.finished == [["model.layers.0"]]
+
+
+def test_a_run_killed_after_publishing_leaves_no_work_directory_behind(monkeypatch, tmp_path):
+    model = compressed("llama", "W4A16")
+    output = tmp_path / "out"
+    with StreamingCheckpoint.open(output, model) as checkpoint:
+        write(checkpoint, model, parts(model))
+
+        def killed(work: Path) -> None:
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(streaming, "_remove_work", killed)
+        with pytest.raises(KeyboardInterrupt):
+            checkpoint.finish(model)
+    monkeypatch.undo()
+    assert (output / "config.json").exists() and (tmp_path / f".out{WORK_SUFFIX}").exists()
+
+    with pytest.raises(ExportError, match="exists and is not empty"):  # as after any save
+        StreamingCheckpoint.open(output, compressed("llama", "W4A16"))
+    assert [entry.name for entry in tmp_path.iterdir()] == ["out"]
+    assert (output / "config.json").exists()
