@@ -109,7 +109,7 @@ class CompressionSummary:
         ignore: Iterable[str] = (),
         targeted: Iterable[str] = (),
         sequential_targets: Sequence[str] | None = None,
-        written_sparsity: Mapping[str, str] | None = None,
+        written_labels: Mapping[str, str] | None = None,
     ) -> None:
         """Records the compressed, ignored and left-out linear layers of ``model``, and the
         coverage of its decoder blocks' weights.
@@ -119,8 +119,9 @@ class CompressionSummary:
             ignore: the recipe's ``ignore`` patterns.
             targeted: the names of the layers the recipe targeted for compression.
             sequential_targets: class names of the decoder blocks (found by default).
-            written_sparsity: the ``sparsity_label`` of the pruned layers whose weights were
-                written out and are no longer in memory (on the meta device), by name.
+            written_labels: how the layers whose weights were written out and are no
+                longer in memory (on the meta device) are compressed where their modules do
+                not show it (pruned: the ``sparsity_label``), by name.
         """
         ignore = list(ignore)
         self.quantized, self.sparse, self.ignored, self.left_out = {}, {}, [], []
@@ -135,7 +136,7 @@ class CompressionSummary:
                 self.quantized[name] = scheme_label(scheme)
             weight = getattr(module, "weight", None)
             if isinstance(weight, torch.Tensor) and weight.is_meta:
-                label = (written_sparsity or {}).get(name)
+                label = (written_labels or {}).get(name)
             else:
                 label = sparsity_label(weight)
             if label is not None:

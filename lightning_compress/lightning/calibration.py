@@ -291,7 +291,7 @@ class CalibrationModule(pl.LightningModule):
             ignore,
             self._targeted,
             self.options.sequential_targets,
-            residency.written_sparsity if residency is not None else None,
+            residency.written_labels if residency is not None else None,
         )
         if is_global_zero:
             self.summary.report_coverage(self.session.state.loggers, self._logs_coverage)

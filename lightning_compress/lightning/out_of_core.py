@@ -19,11 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from loguru import logger
 from torch import nn
 
-from lightning_compress.export.manifest import checkpoint_fingerprint
+from lightning_compress.export.manifest import Manifest, checkpoint_fingerprint
 from lightning_compress.export.streaming import StreamingCheckpoint
 from lightning_compress.export.writer import check_output_dir
+from lightning_compress.modifiers.pruning.structure import SPARSITY_THRESHOLD
+from lightning_compress.pipelines.cache import ActivationCache
 from lightning_compress.pipelines.checkpoint_source import CheckpointSource
 from lightning_compress.summary import sparsity_label
 
@@ -44,7 +47,7 @@ class CheckpointResidency:
     def __init__(self, source: CheckpointSource) -> None:
         self.source = source
         self.outside: list[str] = []
-        self.written_sparsity: dict[str, str] = {}
+        self.written_labels: dict[str, str] = {}
         self._checkpoint: StreamingCheckpoint | None = None
         self._settings: tuple[str | Path, Any, dict[str, Any], bool] | None = None
 
@@ -116,14 +119,35 @@ class CheckpointResidency:
         """
         self.source.load(block)
 
-    def finish_block(self, name: str, block: nn.Module) -> None:
-        """Writes one compressed block to the output, then frees it.
+    def resume(self, cache: ActivationCache) -> int:
+        """The first block to calibrate: the one whose inputs an earlier run of the same
+        command saved (every block before it written), with ``cache`` filled with them.
 
         Args:
+            cache: an empty activation cache.
+
+        Returns:
+            The block's index; 0 when nothing was saved.
+        """
+        first = self.checkpoint.load_activations(cache) or 0
+        if first:
+            logger.info("resuming after the {} blocks an earlier run wrote", first)
+            self._label_earlier_parts()
+        return first
+
+    def finish_block(self, index: int, name: str, block: nn.Module, cache: ActivationCache) -> None:
+        """Writes one compressed block to the output (unless an earlier run of the same
+        command did), saves the next block's inputs to resume from, and frees the block.
+
+        Args:
+            index: the block's position.
             name: the block's name.
             block: the block.
+            cache: the activation cache, holding the next block's inputs.
         """
-        self.checkpoint.write_modules(self.source.model, name)
+        if not self.checkpoint.is_finished(name):
+            self.checkpoint.write_modules(self.source.model, name)
+        self.checkpoint.save_activations(index + 1, cache)
         self._note_sparsity(name, block)
         self.source.release(block)
 
@@ -137,18 +161,32 @@ class CheckpointResidency:
             The checkpoint directory.
         """
         model = self.source.model
-        if self.outside:
+        if self.outside and not self.checkpoint.is_finished(self.outside):
             self.checkpoint.write_modules(model, self.outside)
         for name in self.outside:
             self._note_sparsity(name, model.get_submodule(name))
             self.source.release(model.get_submodule(name))
         return self.checkpoint.finish(model, tokenizer)
 
+    def _label_earlier_parts(self) -> None:
+        """Labels the layers an earlier run compressed and wrote, for the summary."""
+        manifest = Manifest.load(self.checkpoint.work_dir)
+        for part in manifest.parts if manifest is not None else []:
+            pruned = {
+                name: "2:4 sparse" if two_four else "unstructured sparse"
+                for name, (numel, zeros, two_four) in part.sparsity.items()
+                if zeros >= SPARSITY_THRESHOLD * numel
+            }
+            for name in {*part.schemes, *pruned}:
+                kinds = ["quantized"] if name in part.schemes else []
+                kinds += [pruned[name]] if name in pruned else []
+                self.written_labels[name] = f"{' + '.join(kinds)}, written by an earlier run"
+
     def _note_sparsity(self, name: str, module: nn.Module) -> None:
         for layer_name, layer in module.named_modules(prefix=name):
             label = sparsity_label(getattr(layer, "weight", None))
             if label is not None:
-                self.written_sparsity[layer_name] = label
+                self.written_labels[layer_name] = label
 
 
 def run_inputs(

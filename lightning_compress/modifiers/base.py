@@ -187,6 +187,25 @@ class Modifier:
         """
         return None if self.active else []
 
+    def skip_block(self, state: State, block: nn.Module) -> None:
+        """Forgets the work planned inside ``block``, which an earlier, interrupted run of the
+        same recipe compressed and wrote out (a resumed out-of-core run): it is neither
+        calibrated nor compressed again, and its weights are not in memory.
+
+        Args:
+            state: the session's state.
+            block: the finished block.
+
+        Raises:
+            NotImplementedError: by default, for an active modifier: one that does not say
+                what it keeps per block cannot resume a run.
+        """
+        if self.active:
+            raise NotImplementedError(
+                f"{type(self).__name__} cannot resume a run after blocks an earlier run "
+                f"finished; remove the unfinished output to compress from the start"
+            )
+
     def _check_schedule(self) -> None:
         if self.start is not None and self.start < 0 and self.start != ONE_SHOT:
             self.fail("start", "an index >= 0, or -1 for one-shot")

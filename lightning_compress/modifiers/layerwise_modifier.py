@@ -275,6 +275,24 @@ class LayerwiseModifier(Modifier, register=False):
             return []
         return modules_inside(subgraph, [layer.module for layer in self._pending.values()])
 
+    def skip_block(self, state: State, block: nn.Module) -> None:
+        """Forgets the pending layers inside ``block`` (compressed by an earlier run) and
+        removes their calibration hooks.
+
+        Args:
+            state: the session's state.
+            block: the finished block.
+        """
+        if not self.active:
+            return
+        names = layers_inside(type(self).__name__, block, self._modules(self._pending))
+        for name in names:
+            del self._pending[name]
+            for handle in self._layer_hooks.pop(name, []):
+                handle.remove()
+        if self._collector is not None:
+            self._collector.discard(names)
+
     def on_end(self, state: State, event: Event | None, **kwargs: Any) -> None:
         try:
             names = list(self._pending)

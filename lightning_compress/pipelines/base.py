@@ -19,6 +19,7 @@ from lightning_compress.core.compression_record import (
     mark_partial,
 )
 from lightning_compress.layers import calibrating_all_experts
+from lightning_compress.pipelines.cache import ActivationCache
 from lightning_compress.pipelines.snapshot import BlockVersions
 
 __all__ = [
@@ -53,18 +54,21 @@ class WeightResidency(Protocol):
     takes them out after, for a model whose weights stay on disk (``pipelines.out_of_core``).
 
     The pipeline calls ``load_outside`` before it captures the first block's inputs and
-    ``release_outside`` once they are captured; ``load_block`` before calibrating each block and
+    ``release_outside`` once they are captured; ``resume`` then says which block to start
+    from (the blocks before it are neither loaded nor calibrated: each modifier's
+    ``skip_block`` forgets them); ``load_block`` before calibrating each block and
     ``finish_block`` once it is compressed (its outputs computed); ``load_outside`` again
     after the last block, before the modules after the blocks are calibrated. The modules
     outside the blocks stay in memory from then on (the modifiers may compress them until
     the session is finalized): their owner writes and releases them after.
 
     Attributes:
-        written_sparsity: how each pruned layer whose weights were written and freed is
-            pruned (``2:4 sparse``, ``unstructured sparse``), by name, for the run's summary.
+        written_labels: how each layer whose weights were written and freed is compressed
+            where its module no longer shows it (``2:4 sparse``, ``unstructured sparse``,
+            or written by an earlier run that this one resumes), by name, for the summary.
     """
 
-    written_sparsity: Mapping[str, str]
+    written_labels: Mapping[str, str]
 
     def load_outside(self, modules: Sequence[tuple[str, nn.Module]]) -> None:
         """Reads the weights of the modules outside the blocks.
@@ -89,12 +93,25 @@ class WeightResidency(Protocol):
             block: the block.
         """
 
-    def finish_block(self, name: str, block: nn.Module) -> None:
+    def resume(self, cache: ActivationCache) -> int:
+        """Where to start: after the blocks an earlier, interrupted run finished.
+
+        Args:
+            cache: an empty activation cache, filled with the saved inputs of the block
+                returned (left empty for 0).
+
+        Returns:
+            The index of the first block to calibrate (0: from the start).
+        """
+
+    def finish_block(self, index: int, name: str, block: nn.Module, cache: ActivationCache) -> None:
         """Takes one compressed block out of memory (after writing it).
 
         Args:
+            index: the block's position.
             name: the block's module name.
             block: the block.
+            cache: the activation cache, holding the next block's inputs.
         """
 
 

@@ -15,6 +15,7 @@ from lightning_compress.pipelines.base import (
     BlockReport,
     CalibrationPipeline,
     PipelineOptions,
+    WeightResidency,
     placed_on,
 )
 from lightning_compress.pipelines.blocks import find_blocks, hidden_states_of
@@ -103,16 +104,20 @@ class SequentialPipeline(CalibrationPipeline):
         blocks = progress_bar(self.blocks, "Calibrating blocks", enabled=enabled, unit="block")
         progress = BlockProgress(len(self.blocks), enabled=enabled)
         residency = self.options.residency
+        first = 0
         if residency is not None:
             residency.release_outside(self.tail.modules)
+            first = self._resume(residency)
         for index, (name, block) in enumerate(blocks):
+            if index < first:
+                continue
             begin = time.perf_counter()
             if residency is not None:
                 residency.load_block(name, block)
             forwards = self._calibrate(block)
             self.compressed.append(name)
             if residency is not None:
-                residency.finish_block(name, block)
+                residency.finish_block(index, name, block, self.cache)
             seconds = time.perf_counter() - begin
             progress.block_done(name, seconds)
             if self.options.on_block_end is not None:
@@ -120,6 +125,22 @@ class SequentialPipeline(CalibrationPipeline):
         if residency is not None:
             residency.load_outside(self.tail.modules)
         self._calibrate_tail()
+
+    def _resume(self, residency: WeightResidency) -> int:
+        """Skips the blocks an earlier run finished: their saved outputs replace the cache and
+        the modifiers forget them. Returns the first block to calibrate."""
+        saved = ActivationCache(self.options.offload_dir)
+        first = residency.resume(saved)
+        if first == 0:
+            saved.close()
+            return 0
+        self.cache.close()
+        self.cache = saved
+        for name, block in self.blocks[:first]:
+            for modifier in self.session.lifecycle.recipe.modifiers:
+                modifier.skip_block(self.session.state, block)
+            self.compressed.append(name)
+        return first
 
     def close(self) -> None:
         self.cache.close()

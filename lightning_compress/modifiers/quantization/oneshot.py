@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_compress.core.events import Event
 from lightning_compress.core.state import State
@@ -112,6 +112,25 @@ class LayerwiseQuantization(QuantizationSchemes, LayerwiseModifier, register=Fal
         super().on_sequential_epoch_end(state, subgraph)
         if self.active and self._attention is not None:
             self._attention.finish(subgraph)
+
+    def skip_block(self, state: State, block: nn.Module) -> None:
+        """Forgets the pending layers inside ``block`` (compressed by an earlier run).
+
+        Args:
+            state: the session's state.
+            block: the finished block.
+
+        Raises:
+            NotImplementedError: with attention (KV-cache) calibration, whose scales are
+                calibrated per block.
+        """
+        if self.active and self._attention is not None:
+            raise NotImplementedError(
+                f"{type(self).__name__}: a run calibrating the attention states "
+                f"(kv_cache_scheme) cannot resume after blocks an earlier run finished; remove "
+                f"the unfinished output to compress from the start"
+            )
+        super().skip_block(state, block)
 
     def on_end(self, state: State, event: Event | None, **kwargs: Any) -> None:
         if self._attention is not None:

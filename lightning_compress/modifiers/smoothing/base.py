@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -130,6 +131,22 @@ class SmoothingModifier(Modifier, register=False):
         self._blocks_seen += 1
         self._smooth_block(subgraph)
 
+    def skip_block(self, state: State, block: nn.Module) -> None:
+        """Forgets the layers inside ``block`` (smoothed by an earlier run).
+
+        Args:
+            state: the session's state.
+            block: the finished block.
+        """
+        if not self.active:
+            return
+        self._blocks_seen += 1
+        linears = layers_inside(type(self).__name__, block, self._pending)
+        for name in linears:
+            del self._pending[name]
+        self._statistic.discard(linears)
+        self.release_block(linears)
+
     def on_end(self, state: State, event: Event | None, **kwargs: Any) -> None:
         try:
             if self._blocks_seen == 0:
@@ -159,6 +176,18 @@ class SmoothingModifier(Modifier, register=False):
             ``s``; the smooth layer's outputs are divided by it.
         """
         raise NotImplementedError
+
+    def compute_scales(self, mappings: Sequence[SmoothingMapping]) -> Iterable[Tensor]:
+        """The scales of a block's mappings, in order; by default each computed by
+        :meth:`compute_scale` only once every mapping before it is applied.
+
+        Args:
+            mappings: the block's mappings, in the order they are applied.
+
+        Returns:
+            The scales, lazily.
+        """
+        return (self.compute_scale(mapping) for mapping in mappings)
 
     def release_block(self, names: list[str]) -> None:
         """Frees what the subclass gathered for the layers ``names`` of a smoothed block.
@@ -218,8 +247,8 @@ class SmoothingModifier(Modifier, register=False):
                 "operation; give mappings, check targets and ignore, or put smoothing before "
                 "the modifiers that quantize the block"
             )
-        for mapping in mappings:
-            apply_smoothing(mapping, self.compute_scale(mapping))
+        for mapping, scale in zip(mappings, self.compute_scales(mappings), strict=True):
+            apply_smoothing(mapping, scale)
             self.smoothed.append((mapping.smooth_name, mapping.balance_names))
         for name in linears:
             del self._pending[name]

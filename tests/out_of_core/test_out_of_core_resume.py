@@ -1,0 +1,84 @@
+"""An out-of-core run stopped at any block and started again ends with the same checkpoint."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from out_of_core_runs import RECIPES, SETTINGS, assert_same_checkpoint, token_ids
+
+from lightning_compress.export.errors import ExportError
+from lightning_compress.export.streaming import StreamingCheckpoint
+from lightning_compress.lightning.oneshot import oneshot
+from lightning_compress.pipelines.checkpoint_source import CheckpointSource
+
+
+class Killed(Exception):
+    """Stands for the process dying."""
+
+
+def stop_at_write(monkeypatch, part: int) -> None:
+    """The ``part``-th write (0-based: the blocks, then the modules outside them) dies."""
+    write = StreamingCheckpoint.write_modules
+    calls = []
+
+    def dying(self, model, modules):
+        calls.append(modules)
+        if len(calls) == part + 1:
+            raise Killed(f"killed while writing {modules}")
+        return write(self, model, modules)
+
+    monkeypatch.setattr(StreamingCheckpoint, "write_modules", dying)
+
+
+def loaded_modules(monkeypatch) -> list[str]:
+    names: list[str] = []
+    load = CheckpointSource.load
+
+    def spy(self, module):
+        names.append(self._name_of(module))
+        return load(self, module)
+
+    monkeypatch.setattr(CheckpointSource, "load", spy)
+    return names
+
+
+def run(directory, output, recipe="sparsegpt_then_gptq", data=None):
+    return oneshot(
+        str(directory),
+        RECIPES[recipe](),
+        token_ids() if data is None else data,
+        output_dir=output,
+        out_of_core=True,
+        **SETTINGS,
+    )
+
+
+@pytest.mark.parametrize("killed_at", [1, 3])  # the second block; the modules outside them
+def test_a_run_killed_at_a_block_resumes_to_the_uninterrupted_checkpoint(
+    saved_llama, tmp_path, monkeypatch, killed_at
+):
+    directory = saved_llama()
+    run(directory, tmp_path / "whole")
+    with monkeypatch.context() as patch:
+        stop_at_write(patch, killed_at)
+        with pytest.raises(Killed):
+            run(directory, tmp_path / "resumed")
+    assert not (tmp_path / "resumed").exists()
+    loaded = loaded_modules(monkeypatch)
+    run(directory, tmp_path / "resumed")
+    assert_same_checkpoint(tmp_path / "whole", tmp_path / "resumed")
+    blocks = [name for name in loaded if name.startswith("model.layers.")]
+    assert blocks == [f"model.layers.{i}" for i in range(killed_at, 3)]
+
+
+def test_a_resumed_run_with_other_data_is_refused_naming_it(saved_llama, tmp_path, monkeypatch):
+    directory = saved_llama()
+    with monkeypatch.context() as patch:
+        stop_at_write(patch, 1)
+        with pytest.raises(Killed):
+            run(directory, tmp_path / "out")
+    with pytest.raises(ExportError, match="samples"):
+        run(directory, tmp_path / "out", data=token_ids().flip(0))
+    with pytest.raises(ExportError, match="recipe"):
+        run(directory, tmp_path / "out", recipe="gptq")
+    assert torch.equal(token_ids(), token_ids())
