@@ -15,6 +15,7 @@ from lightning_compress.layers.linearize import ADAPTERS
 from lightning_compress.modifiers import QuantizationModifier
 from lightning_compress.modifiers.quantization import QuantizationScheme
 from lightning_compress.modifiers.quantization.fused import fused_groups
+from lightning_compress.modifiers.tied_weights import untie_weights
 from lightning_compress.recipe import Recipe, RecipeError
 
 __all__ = ["PlannedLayer", "Task", "plan_layers", "plan_tasks"]
@@ -83,6 +84,7 @@ def plan_layers(
         ExportError: naming a module the model-free path cannot read as ``nn.Linear`` layers
             (``Conv1D``, fused experts), or a planned weight that is not in the checkpoint.
     """
+    _refuse_adapted_modules(model)
     planned: dict[str, QuantizationScheme] = {}
     for modifier in recipe.modifiers:
         for name, layer in _data_free_plan(modifier, model).items():
@@ -91,12 +93,14 @@ def plan_layers(
                     f"layer '{name}' is targeted by two modifiers of the recipe; expected one"
                 )
             planned[name] = layer.settings
-    _refuse_adapted_modules(model)
+    modules = dict(model.named_modules())
+    tied = _tied_sources(model)
+    # as in memory: a tied LM head gets its own weight, the config says the head is untied
+    untie_weights("QuantizationModifier", model, {name: modules[name] for name in planned})
     modules = dict(model.named_modules())
     for name, scheme in planned.items():
         modules[name].quantization_scheme = scheme
     ct_layers = quantized_layers(model, pack_asymmetric)
-    tied = _tied_sources(model)
     layers = {}
     for name in (n for n in modules if n in planned):
         module = modules[name]
