@@ -31,6 +31,7 @@ twice while a newer copy replaces the older one.
 
 from __future__ import annotations
 
+import copy
 import errno
 import fcntl
 import os
@@ -254,6 +255,12 @@ class StreamingCheckpoint:
     def finished(self) -> list[list[str]]:
         """The module names of each finished part, in the order they were written."""
         return [list(part.modules) for part in self._manifest.parts]
+
+    @property
+    def parts(self) -> list[Part]:
+        """The finished parts as the manifest records them (schemes, sparsity measures, ...),
+        in the order they were written; copies, for reading."""
+        return [copy.deepcopy(part) for part in self._manifest.parts]
 
     def is_finished(self, modules: str | Sequence[str]) -> bool:
         """Whether a part with exactly these modules is written.

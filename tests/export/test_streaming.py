@@ -136,6 +136,8 @@ def test_a_killed_run_reopened_reports_its_finished_parts_and_finishes_equal(sav
     with StreamingCheckpoint.open(output, model, recipe=recipe_of(scheme)) as checkpoint:
         assert checkpoint.finished == todo[:2]
         assert checkpoint.is_finished(todo[1]) and not checkpoint.is_finished(todo[2])
+        block = checkpoint.parts[1]
+        assert block.modules == todo[1] and "model.layers.0.self_attn.o_proj" in block.linears
         assert not (work / "part-00002-00001.safetensors").exists()
         with pytest.raises(ExportError, match="already written"):
             checkpoint.write_modules(model, todo[1])
