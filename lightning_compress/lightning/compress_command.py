@@ -19,8 +19,10 @@ from lightning_compress.cli_options import (
 from lightning_compress.core.distributed import rank_and_world_size
 from lightning_compress.evaluate import evaluation_samples
 from lightning_compress.lightning.cli import language_model
+from lightning_compress.lightning.model_free_command import add_model_free_options, run_model_free
 from lightning_compress.lightning.oneshot import oneshot
 from lightning_compress.pipelines.calibration_data import Sample
+from lightning_compress.pipelines.checkpoint_source import CheckpointSource
 from lightning_compress.pretrained import default_seq_length, load_pretrained, torch_dtype
 from lightning_compress.summary import CompressionSummary
 
@@ -29,7 +31,8 @@ __all__ = ["compress_parser", "run_compress"]
 PROG = "lightning-compress compress"
 USAGE = (
     f"{PROG} --recipe RECIPE [--model CHECKPOINT_DIR] [--dataset FILE] [--text_column NAME] "
-    f"[--eval_dataset FILE] [--output_dir DIR] [--overwrite_output_dir] [--config YAML] "
+    f"[--eval_dataset FILE] [--output_dir DIR] [--overwrite_output_dir] [--model_free] "
+    f"[--workers N] [--config YAML] "
     f"[options] [--trainer.* ...]"
 )
 BUNDLED_EVALUATION_SEQ_LEN = 256
@@ -115,6 +118,12 @@ def compress_parser() -> ArgumentParser:
     add_flag(parser, "--overwrite_output_dir", "replace --output_dir if it is not empty")
     add_flag(
         parser,
+        "--out_of_core",
+        "compress --model (a checkpoint directory) one decoder block in memory at a time, "
+        "writing each to --output_dir as it is done; a stopped run resumes when started again",
+    )
+    add_flag(
+        parser,
         "--strict",
         "refuse, before compressing, a recipe that leaves a weight of the decoder blocks "
         "neither targeted nor ignored, or whose ignore matches nothing",
@@ -130,6 +139,7 @@ def compress_parser() -> ArgumentParser:
         "--eval_samples", type=int | None, default=None, help="evaluation windows; default: all"
     )
     parser.add_argument("--seed_everything", type=int | None, default=0, help="random seed")
+    add_model_free_options(parser)
     parser.add_class_arguments(
         pl.Trainer, "trainer", skip={"inference_mode"}, instantiate=False, fail_untyped=False
     )
@@ -138,7 +148,7 @@ def compress_parser() -> ArgumentParser:
     return parser
 
 
-def run_compress(argv: list[str], verbose: bool = False) -> nn.Module:
+def run_compress(argv: list[str], verbose: bool = False) -> nn.Module | None:
     """Run ``lightning-compress compress`` with ``argv``.
 
     Args:
@@ -146,17 +156,24 @@ def run_compress(argv: list[str], verbose: bool = False) -> nn.Module:
         verbose: show the library's log even without ``--verbose``.
 
     Returns:
-        The compressed model.
+        The compressed model (None with ``--model_free``, which builds none).
     """
     parser = compress_parser()
     config = parser.parse_args(argv)
     apply_verbosity(verbose or config.verbose)
     _check_output_dir(parser, config)
+    if config.model_free:
+        run_model_free(parser, config)
+        return None
     if config.seed_everything is not None:
         pl.seed_everything(config.seed_everything, verbose=False)
     summary = CompressionSummary()
     with summary.phase("load"):
-        model, tokenizer = _model(parser, config)
+        if config.out_of_core:
+            source, tokenizer = _checkpoint_source(parser, config)
+            model = source.model
+        else:
+            model, tokenizer = _model(parser, config)
     if config.max_seq_length is None:
         config.max_seq_length = default_seq_length(model)
     evaluation, label = _evaluation(config, model, tokenizer)
@@ -165,8 +182,8 @@ def run_compress(argv: list[str], verbose: bool = False) -> nn.Module:
         with summary.phase("evaluate"):
             before = perplexity(model, evaluation)
     dataset = config.dataset if config.dataset is not None else bundled_text("calibration")
-    oneshot(
-        model,
+    compressed = oneshot(
+        source if config.out_of_core else model,
         config.recipe,
         dataset,
         num_calibration_samples=config.num_calibration_samples,
@@ -190,6 +207,7 @@ def run_compress(argv: list[str], verbose: bool = False) -> nn.Module:
         summary=summary,
         strict=config.strict,
     )
+    model = compressed
     if evaluation is not None:
         with summary.phase("evaluate"):
             after = perplexity(model, evaluation)
@@ -216,6 +234,35 @@ def _check_output_dir(parser: ArgumentParser, config: Namespace) -> None:
             f"--output_dir {output_dir!r} exists and is not empty; choose another directory "
             f"or add --overwrite_output_dir to replace it"
         )
+
+
+def _checkpoint_source(parser: ArgumentParser, config: Namespace) -> tuple[CheckpointSource, Any]:
+    """The empty model of ``--out_of_core`` and its tokenizer; usage errors name the flags
+    it cannot take."""
+    if not isinstance(config.model, str):
+        parser.error("--out_of_core: expected --model PATH, a transformers checkpoint directory")
+    conflicts = {
+        "--output_dir": config.output_dir is None,
+        "--dtype (the stored dtype is kept)": config.dtype is not None,
+        "--eval_dataset (the weights are not in memory)": config.eval_dataset is not None,
+    }
+    if conflicts.pop("--output_dir"):
+        parser.error("--out_of_core: needs --output_dir, where each compressed block is written")
+    refused = [flag for flag, given in conflicts.items() if given]
+    if refused:
+        parser.error(f"--out_of_core: cannot be combined with {', '.join(refused)}")
+    try:
+        source = CheckpointSource(config.model)
+    except (FileNotFoundError, ValueError) as error:
+        parser.error(f"--model: {error}")
+    from transformers import AutoTokenizer
+
+    tokenizer_dir = config.tokenizer if config.tokenizer is not None else config.model
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    except (OSError, ValueError, TypeError) as error:
+        parser.error(f"--tokenizer: none could be loaded from {tokenizer_dir!r} ({error})")
+    return source, tokenizer
 
 
 def _model(parser: ArgumentParser, config: Namespace) -> tuple[nn.Module, Any]:
