@@ -19,6 +19,7 @@ from lightning_compress.cli_options import (
 from lightning_compress.core.distributed import rank_and_world_size
 from lightning_compress.evaluate import evaluation_samples
 from lightning_compress.lightning.cli import language_model
+from lightning_compress.lightning.model_free_command import add_model_free_options, run_model_free
 from lightning_compress.lightning.oneshot import oneshot
 from lightning_compress.pipelines.calibration_data import Sample
 from lightning_compress.pipelines.checkpoint_source import CheckpointSource
@@ -30,7 +31,8 @@ __all__ = ["compress_parser", "run_compress"]
 PROG = "lightning-compress compress"
 USAGE = (
     f"{PROG} --recipe RECIPE [--model CHECKPOINT_DIR] [--dataset FILE] [--text_column NAME] "
-    f"[--eval_dataset FILE] [--output_dir DIR] [--overwrite_output_dir] [--config YAML] "
+    f"[--eval_dataset FILE] [--output_dir DIR] [--overwrite_output_dir] [--model_free] "
+    f"[--workers N] [--config YAML] "
     f"[options] [--trainer.* ...]"
 )
 BUNDLED_EVALUATION_SEQ_LEN = 256
@@ -137,6 +139,7 @@ def compress_parser() -> ArgumentParser:
         "--eval_samples", type=int | None, default=None, help="evaluation windows; default: all"
     )
     parser.add_argument("--seed_everything", type=int | None, default=0, help="random seed")
+    add_model_free_options(parser)
     parser.add_class_arguments(
         pl.Trainer, "trainer", skip={"inference_mode"}, instantiate=False, fail_untyped=False
     )
@@ -145,7 +148,7 @@ def compress_parser() -> ArgumentParser:
     return parser
 
 
-def run_compress(argv: list[str], verbose: bool = False) -> nn.Module:
+def run_compress(argv: list[str], verbose: bool = False) -> nn.Module | None:
     """Run ``lightning-compress compress`` with ``argv``.
 
     Args:
@@ -153,12 +156,15 @@ def run_compress(argv: list[str], verbose: bool = False) -> nn.Module:
         verbose: show the library's log even without ``--verbose``.
 
     Returns:
-        The compressed model.
+        The compressed model (None with ``--model_free``, which builds none).
     """
     parser = compress_parser()
     config = parser.parse_args(argv)
     apply_verbosity(verbose or config.verbose)
     _check_output_dir(parser, config)
+    if config.model_free:
+        run_model_free(parser, config)
+        return None
     if config.seed_everything is not None:
         pl.seed_everything(config.seed_everything, verbose=False)
     summary = CompressionSummary()
