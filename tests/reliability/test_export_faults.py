@@ -444,8 +444,15 @@ def models_fixture(tmp_path_factory) -> dict[str, object]:
     }
 
 
+CHILD_DEADLINE_S = 120.0
+
+
 def in_child(work: Callable[[], None], kill_after: float | None = None) -> int:
     """Runs ``work`` in a forked process, SIGKILLed after ``kill_after`` seconds if given.
+
+    The child computes on one thread: the thread pool of the forking process is not in
+    the child, and OpenMP can wait for it forever. A child still running after
+    ``CHILD_DEADLINE_S`` is killed and the test fails, instead of hanging the suite.
 
     Returns:
         The signal that ended the process (0: ``work`` returned).
@@ -453,13 +460,21 @@ def in_child(work: Callable[[], None], kill_after: float | None = None) -> int:
     pid = os.fork()
     if pid == 0:
         try:
+            torch.set_num_threads(1)
             work()
         finally:
             os._exit(0)
     if kill_after is not None:
         time.sleep(kill_after)
         os.kill(pid, signal.SIGKILL)  # an ended child stays a zombie until waited for
-    _, status = os.waitpid(pid, 0)
+    deadline = time.monotonic() + CHILD_DEADLINE_S
+    while (ended := os.waitpid(pid, os.WNOHANG))[0] == 0:
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail(f"the forked save did not end within {CHILD_DEADLINE_S:.0f} s")
+        time.sleep(0.01)
+    status = ended[1]
     return os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0
 
 
