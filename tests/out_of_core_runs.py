@@ -18,6 +18,7 @@ from lightning_compress.modifiers import (
 W4_G16 = {"num_bits": 4, "strategy": "group", "group_size": 16}
 W4_GROUPS = {"w4": {"targets": ["Linear"], "weights": W4_G16}}
 RECIPES = {
+    "rtn": lambda: [QuantizationModifier(config_groups=W4_GROUPS)],
     "gptq": lambda: [GPTQModifier(config_groups=W4_GROUPS)],
     "sparsegpt": lambda: [SparseGPTModifier(sparsity=0.5, mask_structure="2:4")],
     "awq_rtn": lambda: [

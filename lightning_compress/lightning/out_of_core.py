@@ -48,6 +48,7 @@ class CheckpointResidency:
         self.source = source
         self.outside: list[str] = []
         self.written_labels: dict[str, str] = {}
+        self._written: dict[str, dict[str, tuple[int, int]]] = {}
         self._checkpoint: StreamingCheckpoint | None = None
         self._settings: tuple[str | Path, Any, dict[str, Any], bool] | None = None
 
@@ -150,6 +151,7 @@ class CheckpointResidency:
         self.checkpoint.save_activations(index + 1, cache)
         self._note_sparsity(name, block)
         self.source.release(block)
+        self._written[name] = _tensor_versions(block)
 
     def finish(self, tokenizer: Any | None) -> Path:
         """Writes the modules outside the blocks and publishes the checkpoint.
@@ -161,6 +163,18 @@ class CheckpointResidency:
             The checkpoint directory.
         """
         model = self.source.model
+        changed = [
+            name
+            for name, versions in self._written.items()
+            if _tensor_versions(model.get_submodule(name)) != versions
+        ]
+        if changed:
+            raise RuntimeError(
+                f"the recipe changed blocks {changed} after they were compressed and written "
+                f"(when the calibration ended or the session was finalized); their written "
+                f"weights would miss the change, so the checkpoint is not finished: compress "
+                f"this recipe in memory (without out_of_core)"
+            )
         if self.outside and not self.checkpoint.is_finished(self.outside):
             self.checkpoint.write_modules(model, self.outside)
         for name in self.outside:
@@ -187,6 +201,14 @@ class CheckpointResidency:
             label = sparsity_label(getattr(layer, "weight", None))
             if label is not None:
                 self.written_labels[layer_name] = label
+
+
+def _tensor_versions(module: nn.Module) -> dict[str, tuple[int, int]]:
+    """Each tensor's identity and in-place version: what changes when anything writes it."""
+    return {
+        name: (id(tensor), tensor._version)
+        for name, tensor in [*module.named_parameters(), *module.named_buffers()]
+    }
 
 
 def run_inputs(

@@ -6,7 +6,9 @@ import pytest
 import torch
 from out_of_core_runs import RECIPES, SETTINGS, assert_same_checkpoint, token_ids
 
+from lightning_compress.core import Event, State
 from lightning_compress.lightning.oneshot import oneshot
+from lightning_compress.modifiers import Modifier
 
 
 @pytest.mark.parametrize(
@@ -74,3 +76,35 @@ def test_out_of_core_needs_an_output_dir_and_a_directory(saved_llama, tmp_path):
     module = torch.nn.Linear(2, 2)
     with pytest.raises(ValueError, match="pass the directory as model, not a Linear"):
         oneshot(module, RECIPES["gptq"](), out_of_core=True, output_dir=tmp_path / "o")
+
+
+def test_a_data_free_recipe_is_compressed_block_by_block_as_in_memory(saved_llama, tmp_path):
+    directory = saved_llama()
+    recipe = RECIPES["rtn"]
+    oneshot(str(directory), recipe(), output_dir=tmp_path / "in", progress=False)
+    oneshot(str(directory), recipe(), output_dir=tmp_path / "out", out_of_core=True, progress=False)
+    assert_same_checkpoint(tmp_path / "in", tmp_path / "out")
+
+
+class ScalesAtTheEnd(Modifier):
+    """Changes every block's weights when the calibration ends, after they were written."""
+
+    def on_calibration_end(self, state: State, event: Event) -> None:
+        with torch.no_grad():
+            for name, module in state.model.named_modules():
+                if name.startswith("model.layers.") and isinstance(module, torch.nn.Linear):
+                    module.weight.mul_(2)
+
+
+def test_a_recipe_changing_written_blocks_is_refused_and_nothing_published(saved_llama, tmp_path):
+    recipe = [*RECIPES["gptq"](), ScalesAtTheEnd()]
+    with pytest.raises(RuntimeError, match=r"changed blocks \['model.layers.0', "):
+        oneshot(
+            str(saved_llama()),
+            recipe,
+            token_ids(),
+            output_dir=tmp_path / "out",
+            out_of_core=True,
+            **SETTINGS,
+        )
+    assert not (tmp_path / "out").exists()
