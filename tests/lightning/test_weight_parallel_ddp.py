@@ -1,5 +1,6 @@
-"""Two CPU processes (ddp_fork, gloo): each GPTQ / SparseGPT layer is solved on one rank only,
-its result broadcast, and the ranks end with the weights of one process, bit for bit."""
+"""Two CPU processes (ddp_fork, gloo): each GPTQ / SparseGPT layer and each AWQ mapping is
+solved on one rank only, its result broadcast, and the ranks end with the weights of one
+process, bit for bit."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning_compress.bundled import TinyDecoderConfig
 from lightning_compress.modifiers import GPTQModifier, Modifier
 from lightning_compress.modifiers.pruning import SparseGPTModifier
+from lightning_compress.modifiers.smoothing import AWQModifier
 
 pytestmark = pytest.mark.distributed
 
@@ -38,6 +40,16 @@ def counting(method: Callable[..., Any]) -> Callable[..., Any]:
         return method(self, stack, statistics)
 
     return compress_stack
+
+
+def counting_searches(method: Callable[..., Any]) -> Callable[..., Any]:
+    """AWQ's ``_search`` recording each search in ``SOLVED``."""
+
+    def search(self: Modifier, inputs: Any) -> Any:
+        SOLVED.append("AWQ search")
+        return method(self, inputs)
+
+    return search
 
 
 def failing_on_k_proj(self: Modifier, stack: list[str], statistics: Any) -> Any:
@@ -114,6 +126,30 @@ def test_two_ranks_solve_each_layer_once_and_end_like_one_process(tmp_path, monk
         assert state.keys() == expected.keys()
         for name, tensor in state.items():
             assert torch.equal(tensor, expected[name]), name  # same Hessians: same solve
+
+
+def test_two_ranks_search_each_awq_mapping_once_and_end_like_one_process(tmp_path, monkeypatch):
+    monkeypatch.setattr(AWQModifier, "_search", counting_searches(AWQModifier._search))
+    weights = {"num_bits": 4, "symmetric": False, "strategy": "group", "group_size": 32}
+    groups = {"w4": {"targets": ["Linear"], "weights": weights}}
+
+    def awq_then_gptq() -> list[Modifier]:
+        return [AWQModifier(weights=weights), GPTQModifier(config_groups=groups)]
+
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    calibrate(single, awq_then_gptq(), devices=1)
+    calibrate(ddp, awq_then_gptq(), devices=2, strategy="ddp_fork")
+
+    searches = [json.loads((ddp / f"solved{rank}.json").read_text()) for rank in (0, 1)]
+    mappings = 2 * 3  # per block: norm -> q/k/v, norm -> gate/up, up -> down
+    assert json.loads((single / "solved0.json").read_text()) == ["AWQ search"] * mappings
+    assert searches[0] and searches[1] and len(searches[0] + searches[1]) == mappings
+    expected = torch.load(single / "rank0.pt", weights_only=True)
+    for rank in (0, 1):
+        state = torch.load(ddp / f"rank{rank}.pt", weights_only=True)
+        assert state.keys() == expected.keys()
+        for name, tensor in state.items():
+            assert torch.equal(tensor, expected[name]), name
 
 
 def test_an_error_on_the_owner_rank_is_raised_on_every_rank(tmp_path, monkeypatch):

@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor
 
+from lightning_compress.core.distributed import (
+    all_gather_or_raise,
+    balanced_owners,
+    is_distributed,
+    rank_and_world_size,
+)
 from lightning_compress.core.events import Event
 from lightning_compress.core.state import State
 from lightning_compress.modifiers.base import Modifier
 from lightning_compress.modifiers.hessian_collector import HessianCollector, mask_sources
 from lightning_compress.modifiers.input_scaling import follow_input_scaling
+from lightning_compress.modifiers.layerwise_split import solve_cost
 from lightning_compress.modifiers.quantization.args import QuantizationArgs, preset_scheme
 from lightning_compress.modifiers.quantization.observers import qparams_and_global_scale
 from lightning_compress.modifiers.quantization.ops import fake_quantize, strategy_groups, ungroup
@@ -114,6 +121,34 @@ def awq_search(
             if loss < best.loss:
                 best = AWQResult(scale, ratio, loss, best.unscaled_loss, duo)
     return best
+
+
+class SearchInputs(NamedTuple):
+    """What :func:`awq_search` reads for one mapping (see its arguments)."""
+
+    weights: list[Tensor]
+    hessians: list[Tensor]
+    act_mean: Tensor
+    args: QuantizationArgs
+
+
+def independent_searches(mappings: Sequence[SmoothingMapping]) -> bool:
+    """Whether every mapping's search reads nothing that smoothing an earlier mapping of
+    ``mappings`` changes (its balance layers are no earlier mapping's smooth layer, balance
+    layer or passenger), so that all searches may run before any mapping is applied.
+
+    Args:
+        mappings: the mappings, in the order they are applied.
+
+    Returns:
+        True when the searches are independent.
+    """
+    changed: set[str] = set()
+    for mapping in mappings:
+        if changed.intersection(mapping.balance_names):
+            return False
+        changed.update((mapping.smooth_name, *mapping.balance_names, *mapping.passenger_names))
+    return True
 
 
 def _grid_scale(act: Tensor, magnitude: Tensor | None, ratio: float) -> Tensor:
@@ -274,6 +309,56 @@ class AWQModifier(SmoothingModifier):
         Returns:
             ``s``, ``[channels]``.
         """
+        result = self._search(self._search_inputs(mapping))
+        self.results[mapping.smooth_name] = result
+        return result.scale
+
+    def compute_scales(self, mappings: Sequence[SmoothingMapping]) -> Iterable[Tensor]:
+        """The scales of a block's mappings; under several processes each mapping's search
+        runs on one owner rank (balancing the estimated work) and its result is shared, when
+        no search reads what smoothing an earlier mapping changes
+        (:func:`independent_searches`); otherwise every rank searches every mapping.
+
+        An error in a search is raised on every rank.
+
+        Args:
+            mappings: the block's mappings, in the order they are applied.
+
+        Returns:
+            The scales, in that order.
+        """
+        if not is_distributed() or not independent_searches(mappings):
+            return super().compute_scales(mappings)
+        inputs = [self._search_inputs(mapping) for mapping in mappings]  # reduced on all ranks
+        costs = [sum(solve_cost(*weight.shape) for weight in each.weights) for each in inputs]
+        rank, world_size = rank_and_world_size()
+        owners = balanced_owners(costs, world_size)
+        found: dict[int, AWQResult] = {}
+        error = None
+        try:
+            for index, each in enumerate(inputs):
+                if owners[index] == rank:
+                    result = self._search(each)
+                    found[index] = replace(result, scale=result.scale.cpu())  # sent by pickle
+        except Exception as err:  # raised on every rank by all_gather_or_raise
+            error = err
+        for part in all_gather_or_raise(found, error):
+            found.update(part)
+        scales = []
+        for index, (mapping, each) in enumerate(zip(mappings, inputs, strict=True)):
+            result = found[index]
+            result = replace(result, scale=result.scale.to(each.act_mean.device))
+            self.results[mapping.smooth_name] = result
+            scales.append(result.scale)
+        return scales
+
+    def _search(self, inputs: SearchInputs) -> AWQResult:
+        """:func:`awq_search` with this modifier's grid settings."""
+        return awq_search(*inputs, self.n_grid, self.duo_scaling)
+
+    def _search_inputs(self, mapping: SmoothingMapping) -> SearchInputs:
+        """The balance layers' weights, Hessians and input magnitude for the search of
+        ``mapping``, reduced over ranks (a collective call), and their weight arguments."""
         layers = mapping.named_balances
         act = self._statistic.magnitude(layers)
         routed = {name: layer for name, layer in layers.items() if name in self._routed}
@@ -285,16 +370,12 @@ class AWQModifier(SmoothingModifier):
         hessians = {id(acc): acc.hessian() for acc in accumulators.values()}
         weights = [torch.cat(stacked) for stacked in shared.values()]
         weights += [linear_weight(layer) for layer in routed.values()]
-        result = awq_search(
+        return SearchInputs(
             weights,
             [hessians[key] for key in shared] + list(self._routed.reduced(routed).values()),
             act,
             self._search_args(mapping),
-            self.n_grid,
-            self.duo_scaling,
         )
-        self.results[mapping.smooth_name] = result
-        return result.scale
 
     def _search_args(self, mapping: SmoothingMapping) -> QuantizationArgs:
         """The weight arguments the balance layers of ``mapping`` will be quantized with.
