@@ -102,12 +102,12 @@ class SequentialPipeline(CalibrationPipeline):
     def run(self) -> None:
         enabled = self.options.progress
         blocks = progress_bar(self.blocks, "Calibrating blocks", enabled=enabled, unit="block")
-        progress = BlockProgress(len(self.blocks), enabled=enabled)
         residency = self.options.residency
         first = 0
         if residency is not None:
             residency.release_outside(self.tail.modules)
             first = self._resume(residency)
+        progress = BlockProgress(len(self.blocks), done=first, enabled=enabled)
         for index, (name, block) in enumerate(blocks):
             if index < first:
                 continue
