@@ -1,0 +1,173 @@
+"""GPTQ's compression phase on 1 process against 2 DDP processes sharing the layer solves.
+
+Calibrates a random bundled decoder (hidden 1024, MLP 2816, 16 / 4 heads, 4 blocks by default)
+with GPTQ W4 g128 under a Lightning Trainer on the CPU, once with one process and once with
+two (``ddp_fork``, gloo), one thread per process. Under DDP each layer is solved on one owner
+rank and broadcast (``modifiers/layerwise_split.py``). Measures the compression phase: every
+call that reduces a group's Hessians, solves its layers and shares the results
+(``LayerwiseModifier.compute_layers``, entered by the ranks together, so the wait for a rank
+still running its forwards is left out), as wall-clock time on rank 0 and as CPU time on the
+busiest rank (which a machine loaded by other jobs disturbs less); the CPU time of the solves
+alone (``_compute_stack``) on the busiest rank; and the whole run's wall-clock time. Checks
+that both runs give the same weights, bit for bit.
+
+    python benchmarks/parallel_solve.py [--layers 4] [--hidden 1024] [--intermediate 2816]
+        [--samples 16] [--seq 128] [--staged both|yes|no] [--repeats 1]
+
+Prints a Markdown table, one row per mode (staged: each group of layers reading one input is
+solved when the block's forward reaches it, the default; whole block: the block's layers are
+solved together), with the 1-process and 2-process seconds and their ratio (median of the
+repeats).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch import Callback, LightningModule, Trainer
+from loguru import logger
+from torch.utils.data import DataLoader
+
+from lightning_compress.bundled import TinyDecoder, TinyDecoderConfig
+from lightning_compress.core.distributed import is_distributed
+from lightning_compress.lightning.calibration import CalibrationModule
+from lightning_compress.modifiers import GPTQModifier
+from lightning_compress.modifiers.layerwise_modifier import LayerwiseModifier
+
+W4_G128 = {"num_bits": 4, "strategy": "group", "group_size": 128}
+COMPUTE_LAYERS = LayerwiseModifier.compute_layers
+COMPUTE_STACK = LayerwiseModifier._compute_stack
+SECONDS = {"compress": 0.0, "cpu": 0.0, "solve_cpu": 0.0}  # this process's, summed
+MEASURES = {
+    "compress": "compress wall, rank 0",
+    "cpu": "compress CPU, busiest rank",
+    "solve_cpu": "solves CPU, busiest rank",
+    "total": "total wall",
+}
+
+
+def timed_compute_layers(self: LayerwiseModifier, state: Any, names: list[str]) -> Any:
+    if is_distributed():
+        dist.barrier()  # leave out the wait for a rank still running its calibration forwards
+    begin, cpu = time.perf_counter(), time.process_time()
+    try:
+        return COMPUTE_LAYERS(self, state, names)
+    finally:
+        SECONDS["compress"] += time.perf_counter() - begin
+        SECONDS["cpu"] += time.process_time() - cpu
+
+
+def timed_compute_stack(self: LayerwiseModifier, stack: list[str], statistics: Any) -> Any:
+    cpu = time.process_time()
+    try:
+        return COMPUTE_STACK(self, stack, statistics)
+    finally:
+        SECONDS["solve_cpu"] += time.process_time() - cpu
+
+
+class Report(Callback):
+    """Every rank writes its times; rank 0 the calibrated weights."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        rank = trainer.global_rank
+        (self.directory / f"seconds{rank}.json").write_text(json.dumps(SECONDS))
+        if rank == 0:
+            torch.save(pl_module.model.state_dict(), self.directory / "weights.pt")
+
+
+def run(args: argparse.Namespace, devices: int, staged: bool, directory: Path) -> dict:
+    """One calibration: its times (see ``MEASURES``) and the path of its weights."""
+    config = TinyDecoderConfig(
+        vocab_size=1024,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_layers=args.layers,
+        num_heads=16,
+        num_kv_heads=4,
+        max_seq_len=args.seq,
+    )
+    torch.manual_seed(0)
+    model = TinyDecoder(config).eval()
+    groups = {"w4": {"targets": ["Linear"], "weights": W4_G128}}
+    recipe = GPTQModifier(config_groups=groups, ignore=["lm_head"])
+    module = CalibrationModule(model, recipe, staged=staged, progress=False)
+    generator = torch.Generator().manual_seed(1)
+    data = torch.randint(0, config.vocab_size, (args.samples, args.seq), generator=generator)
+    SECONDS.update(dict.fromkeys(SECONDS, 0.0))
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy="ddp_fork" if devices > 1 else "auto",
+        inference_mode=False,
+        callbacks=[Report(directory)],
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=False,
+    )
+    begin = time.perf_counter()
+    trainer.validate(module, dataloaders=DataLoader(data, batch_size=1), verbose=False)
+    total = time.perf_counter() - begin
+    ranks = [json.loads((directory / f"seconds{rank}.json").read_text()) for rank in range(devices)]
+    return {
+        "compress": ranks[0]["compress"],
+        "cpu": max(rank["cpu"] for rank in ranks),
+        "solve_cpu": max(rank["solve_cpu"] for rank in ranks),
+        "total": total,
+        "weights": directory / "weights.pt",
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--intermediate", type=int, default=2816)
+    parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--staged", choices=["both", "yes", "no"], default="both")
+    parser.add_argument("--repeats", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # each DDP worker inherits it: one core per process
+    logger.remove()
+    logger.add(sys.stderr, level="WARNING")
+    LayerwiseModifier.compute_layers = timed_compute_layers  # the forked workers inherit them
+    LayerwiseModifier._compute_stack = timed_compute_stack
+    modes = {"both": [True, False], "yes": [True], "no": [False]}[args.staged]
+    columns = " | ".join(f"{what}, 1 / 2 (s) | ratio" for what in MEASURES.values())
+    print(f"| mode | {columns} | same weights |")
+    print("|---" + "|---:|---:" * len(MEASURES) + "|---|")
+    for staged in modes:
+        times: dict[int, list[dict]] = {1: [], 2: []}
+        same = True
+        for _ in range(args.repeats):
+            with tempfile.TemporaryDirectory() as tmp:
+                for devices in (1, 2):
+                    directory = Path(tmp) / str(devices)
+                    directory.mkdir()
+                    times[devices].append(run(args, devices, staged, directory))
+                one = torch.load(times[1][-1]["weights"], weights_only=True)
+                two = torch.load(times[2][-1]["weights"], weights_only=True)
+                same &= one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+        cells = []
+        for key in MEASURES:
+            one, two = (statistics.median(t[key] for t in times[n]) for n in (1, 2))
+            cells.append(f"{one:.2f} / {two:.2f} | {two / one:.2f}")
+        name = "staged (default)" if staged else "whole block"
+        print(f"| {name} | {' | '.join(cells)} | {'yes' if same else 'NO'} |")
+
+
+if __name__ == "__main__":
+    main()
