@@ -9,6 +9,7 @@ from out_of_core_runs import RECIPES, SETTINGS, assert_same_checkpoint, token_id
 from lightning_compress.core import Event, State
 from lightning_compress.lightning.oneshot import oneshot
 from lightning_compress.modifiers import Modifier
+from lightning_compress.pipelines.checkpoint_source import CheckpointSource
 
 
 @pytest.mark.parametrize(
@@ -108,3 +109,30 @@ def test_a_recipe_changing_written_blocks_is_refused_and_nothing_published(saved
             **SETTINGS,
         )
     assert not (tmp_path / "out").exists()
+
+
+def test_one_block_is_in_memory_at_a_time(saved_llama, tmp_path, monkeypatch):
+    """While a block is read, nothing else is in memory; the modules outside the blocks are
+    read to capture the inputs and again after the last block."""
+    modules = ["model.embed_tokens", "model.norm", "lm_head"]
+    modules += [f"model.layers.{index}" for index in range(3)]
+    loads: list[tuple[str, list[str]]] = []
+    load = CheckpointSource.load
+
+    def recording(self, module):
+        load(self, module)
+        present = [name for name in modules if self.loaded(self.model.get_submodule(name))]
+        loads.append((self._name_of(module), present))
+
+    monkeypatch.setattr(CheckpointSource, "load", recording)
+    oneshot(
+        str(saved_llama()),
+        RECIPES["gptq"](),
+        token_ids(),
+        output_dir=tmp_path / "out",
+        out_of_core=True,
+        **SETTINGS,
+    )
+    blocks = [(name, present) for name, present in loads if name.startswith("model.layers.")]
+    assert blocks == [(name, [name]) for name in modules[3:]]
+    assert [name for name, _ in loads].count("lm_head") == 2
