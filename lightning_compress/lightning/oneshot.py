@@ -90,7 +90,7 @@ def oneshot(
         model: the model to compress (e.g. a Hugging Face causal LM), or the directory of a
             transformers checkpoint (or a model name in the Hugging Face cache; nothing is
             downloaded), loaded with ``from_pretrained`` (a compressed-tensors checkpoint
-            dequantized).
+            dequantized), or read one block at a time with ``out_of_core``.
         recipe: the recipe (path, YAML text, dict, modifiers).
         dataset: the calibration data: a LongTensor ``[N, L]`` of token ids, a list of dicts with
             ``input_ids`` (and optionally ``attention_mask``), a torch ``Dataset``, a
@@ -180,11 +180,18 @@ def oneshot(
             take, a dataset name, a model name that is neither a directory nor cached, an
             llm-compressor keyword or value that is refused (the message says why), an
             unreadable data file, chat records without a chat template, a spawning
-            strategy, or ``trainer`` together with Trainer settings.
-        FileNotFoundError: if ``dataset`` is a path, or looks like one, and does not exist.
+            strategy, or ``trainer`` together with Trainer settings; with ``out_of_core``:
+            no ``output_dir``, a module instead of a directory, another pipeline than
+            ``auto``/``sequential``, several processes, shards that do not match the config
+            or a model class transformers cannot build (named).
+        FileNotFoundError: if ``dataset`` is a path, or looks like one, and does not exist;
+            with ``out_of_core``, if the directory lacks ``config.json`` or safetensors.
         ExportError: if ``output_dir`` exists and is not empty (without
             ``overwrite_output_dir``) or cannot be written, or the compressed model cannot be
-            exported.
+            exported; with ``out_of_core``, when a resumed run differs from the one that
+            started (named), or the disk fills up (the last written block is named).
+        RuntimeError: with ``out_of_core``, when the recipe changed blocks after they were
+            written.
         ImportError: if ``output_dir`` is set but the ``hf`` extra is not installed.
         KeyboardInterrupt: after Ctrl-C during the calibration (not Lightning's
             ``SystemExit``), once the model is cleaned up.
@@ -194,7 +201,6 @@ def oneshot(
     if isinstance(model, CheckpointSource):
         residency = CheckpointResidency(model)
         model = model.model
-        pipeline = _out_of_core_pipeline(pipeline, output_dir)
     elif out_of_core:
         raise ValueError(
             f"out_of_core: reads the model from its checkpoint directory; pass the directory "
@@ -217,7 +223,7 @@ def oneshot(
         recipe,
         recipe_stage=recipe_stage,
         recipe_args=recipe_args,
-        pipeline=pipeline,
+        pipeline=pipeline if residency is None else _out_of_core_pipeline(pipeline, output_dir),
         sequential_targets=sequential_targets,
         device=device,
         offload_dir=offload_dir,
@@ -319,7 +325,8 @@ def _calibrate(
 
 
 def _out_of_core_pipeline(pipeline: str | None, output_dir: str | Path | None) -> str:
-    """The pipeline of an out-of-core run: the sequential one.
+    """The pipeline of an out-of-core run: the sequential one (without calibration data it
+    compresses block by block too).
 
     Raises:
         ValueError: without ``output_dir``, or for another pipeline.
