@@ -24,7 +24,7 @@ from export_models import GROUP_SIZE, tiny_model, token_ids  # noqa: E402
 from lightning_compress import Compressor  # noqa: E402
 from lightning_compress.modifiers import GPTQModifier, QuantizationModifier  # noqa: E402
 
-STEPS = 1  # see fsdp2_qat_run: later steps can differ by a rounding flip of float noise
+STEPS = 1  # the export after training is what is compared (several steps: fsdp2_qat_run)
 W4_GROUPS = {"num_bits": 4, "strategy": "group", "group_size": GROUP_SIZE}
 
 

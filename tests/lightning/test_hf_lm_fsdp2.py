@@ -1,7 +1,8 @@
 """DDP and FSDP2 (ModelParallelStrategy), 2 CPU processes each, train a tiny Hugging Face
-Llama with QAT (4-bit weights, moving-average static inputs) and kept 2:4 zeros exactly like
-one process; under FSDP2 a GPTQ one-shot stage runs on the whole model and the trained
-model's checkpoint is the one process's."""
+Llama for four steps with QAT (asymmetric 4-bit weights, moving-average static inputs) and
+kept 2:4 zeros like one process, up to float rounding (why symmetric weights cannot be
+compared over several steps: ``fsdp2_qat_run.STEPS``); under FSDP2 a GPTQ one-shot stage
+runs on the whole model and the trained model's checkpoint is the one process's."""
 
 from __future__ import annotations
 
