@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 import torch
 from out_of_core_runs import RECIPES, SETTINGS, assert_same_checkpoint, token_ids
 
 from lightning_compress.export.errors import ExportError
-from lightning_compress.export.streaming import StreamingCheckpoint
+from lightning_compress.export.manifest import MANIFEST_NAME
+from lightning_compress.export.streaming import WORK_SUFFIX, StreamingCheckpoint
 from lightning_compress.lightning.oneshot import oneshot
 from lightning_compress.pipelines.checkpoint_source import CheckpointSource
 
@@ -82,3 +90,43 @@ def test_a_resumed_run_with_other_data_is_refused_naming_it(saved_llama, tmp_pat
     with pytest.raises(ExportError, match="recipe"):
         run(directory, tmp_path / "out", recipe="gptq")
     assert torch.equal(token_ids(), token_ids())
+
+
+CHILD = """
+import sys, time
+sys.path.insert(0, {tests!r})
+import torch
+from out_of_core_runs import RECIPES, SETTINGS, token_ids
+from lightning_compress.lightning.oneshot import oneshot
+from lightning_compress.pipelines.checkpoint_source import CheckpointSource
+
+torch.set_num_threads(1)
+load = CheckpointSource.load
+def slow(self, module):  # leaves time to be killed while a block is being compressed
+    time.sleep(0.5)
+    load(self, module)
+CheckpointSource.load = slow
+oneshot({model!r}, RECIPES["sparsegpt_then_gptq"](), token_ids(), output_dir={out!r},
+        out_of_core=True, **SETTINGS)
+"""
+
+
+@pytest.mark.slow
+def test_a_process_killed_with_sigkill_resumes_to_the_uninterrupted_checkpoint(
+    saved_llama, tmp_path
+):
+    directory = saved_llama()
+    run(directory, tmp_path / "whole")
+    output = tmp_path / "resumed"
+    manifest = tmp_path / f".{output.name}{WORK_SUFFIX}" / MANIFEST_NAME
+    code = CHILD.format(tests=str(Path(__file__).parents[1]), model=str(directory), out=str(output))
+    child = subprocess.Popen([sys.executable, "-c", code])
+    deadline = time.monotonic() + 300
+    while not (manifest.exists() and len(json.loads(manifest.read_text())["parts"]) >= 2):
+        assert child.poll() is None and time.monotonic() < deadline, "the run ended too early"
+        time.sleep(0.05)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert not output.exists()
+    run(directory, output)
+    assert_same_checkpoint(tmp_path / "whole", output)
