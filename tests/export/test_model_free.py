@@ -10,7 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from lightning_compress.export import ExportError, model_free_compress
 from lightning_compress.lightning.oneshot import oneshot
@@ -71,7 +78,17 @@ def _assert_same_checkpoint(left: Path, right: Path) -> None:
 
 @pytest.mark.parametrize(
     "scheme",
-    ["W4A16", "W8A16", "W4A16_ASYM", "W8A8", "FP8_DYNAMIC", "FP8_BLOCK", "NVFP4A16", "MXFP4A16"],
+    [
+        "W4A16",
+        "W8A16",
+        "W4A16_ASYM",
+        "W8A8",
+        "FP8_DYNAMIC",
+        "FP8_BLOCK",
+        "NVFP4A16",
+        "MXFP4A16",
+        "MXFP8A16",
+    ],
 )
 def test_model_free_checkpoint_equals_oneshot_then_save_compressed(tmp_path, scheme):
     source = _save_llama(tmp_path / "source")
@@ -180,6 +197,13 @@ def test_a_weight_that_is_not_finite_fails_the_run_and_leaves_no_output(tmp_path
     with pytest.raises(ExportError, match=r"model\.layers\.1\.self_attn\.o_proj.*NaN"):
         model_free_compress(source, _recipe("W4A16"), tmp_path / "out", task_bytes=200_000)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["source"]
+
+
+def test_a_model_whose_layers_are_rebuilt_in_memory_is_refused_by_module(tmp_path):
+    config = GPT2Config(n_layer=1, n_embd=64, n_head=2, vocab_size=128, n_positions=32)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(ExportError, match=r"module 'transformer\.h\.0\.attn\.c_attn' \(Conv1D\)"):
+        model_free_compress(tmp_path / "gpt2", _recipe("W8A16"), tmp_path / "out")
 
 
 def test_workers_must_be_a_positive_int(tmp_path):
