@@ -223,10 +223,12 @@ class Compressor(Callback):
             False lets training grow them back, with a warning naming them.
 
     Raises:
-        ValueError: for ``num_calibration_batches`` below 1.
+        ValueError: for ``num_calibration_batches`` below 1; at ``setup``, before any
+            modifier changes the model, for a teacher whose output layer (vocabulary) differs
+            from the student's, naming both logit shapes.
         TypeError: at ``setup``, for a tokenizer that cannot be saved.
         RecipeError: at ``setup``, for an invalid recipe, or (``strict``) one that leaves
-            weights out.
+            weights out, or a one-shot part the strategy cannot run (see above).
     """
 
     def __init__(
