@@ -21,7 +21,12 @@ from nbclient.exceptions import CellExecutionError
 pytestmark = pytest.mark.notebook
 
 ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOK_NAMES = ["lightning_cli.ipynb", "one_shot.ipynb", "training_aware.ipynb"]
+NOTEBOOK_NAMES = [
+    "lightning_cli.ipynb",
+    "one_shot.ipynb",
+    "ptq_qat_qad.ipynb",
+    "training_aware.ipynb",
+]
 # A cell that prints or displays at its top level (not inside a function it defines).
 PRINTS = re.compile(r"^(print|display|output = lightning_compress)\(", re.MULTILINE)
 _SPEC = importlib.util.spec_from_file_location(
@@ -114,6 +119,30 @@ def test_lightning_cli(tmp_path):
     # 50% of every pruned layer; lm_head (2% of the linear weights) stays dense.
     assert 48.0 < _number(r"sparsity of all linear layers at the end: ([\d.]+)%", text) < 50.0
     assert (tmp_path / "notebooks" / "lightning_logs" / "gradual_pruning" / "cli").is_dir()
+
+
+def test_ptq_qat_qad(tmp_path):
+    text = run_notebook("ptq_qat_qad.ipynb", tmp_path)
+    float_model = _number(r"float model: held-out perplexity ([\d.]+)", text)
+    ptq = _number(r"PTQ \(GPTQ W2 g64\): held-out perplexity ([\d.]+)", text)
+    ptq_kl = _number(r"PTQ \(GPTQ W2 g64\): held-out perplexity [\d.]+, KL ([\d.]+)", text)
+    runs = {
+        name: [float(value) for value in values]
+        for name, *values in re.findall(
+            r"^(QAT|QAD): held-out perplexity ([\d.]+) at step 0, ([\d.]+) after \d+ steps, "
+            r"KL ([\d.]+)$",
+            text,
+            flags=re.MULTILINE,
+        )
+    }
+    assert set(runs) == {"QAT", "QAD"}
+    assert float_model < ptq  # 2-bit GPTQ costs perplexity
+    for start, _, _ in runs.values():
+        assert start == ptq  # both trainings start at the GPTQ model
+    qat_end, qat_kl = runs["QAT"][1:]
+    qad_end, qad_kl = runs["QAD"][1:]
+    assert qad_end < ptq and qad_end <= qat_end  # distillation recovers the most
+    assert qad_kl < qat_kl and qad_kl < 2 * ptq_kl  # and stays closest to the float model
 
 
 @pytest.mark.parametrize("name", NOTEBOOK_NAMES)
