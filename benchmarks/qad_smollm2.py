@@ -31,8 +31,10 @@ machine).
 
     python benchmarks/qad_smollm2.py --steps 60 --lr 1e-4 --threads 1 --json rows.jsonl
     python benchmarks/qad_smollm2.py --runs gptq_qad --lr 3e-5 --threads 1 --json rows.jsonl
+    python benchmarks/qad_smollm2.py --table rows.jsonl --steps 60 --lr 1e-4 --threads 1
 
-Prints each row as JSON, then a Markdown table.
+Prints each row as JSON, then a Markdown table (``--table`` prints the table of saved rows; the
+table's title takes the other options as given).
 """
 
 from __future__ import annotations
@@ -238,6 +240,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
     parser.add_argument("--json", type=Path, help="append the rows here, one JSON a line")
+    parser.add_argument(
+        "--table", type=Path, help="print the table of the rows saved with --json, run nothing"
+    )
     parser.add_argument("--worker", choices=RUN_KINDS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.cache_dir = args.cache_dir.expanduser()
@@ -248,6 +253,10 @@ def main() -> None:
     from loguru import logger
 
     args = parse_args()
+    if args.table is not None:
+        rows = [json.loads(line) for line in args.table.read_text().splitlines() if line]
+        print_table(rows, args)
+        return
     if not is_prepared(args.cache_dir):
         raise SystemExit("run `python benchmarks/smollm2.py prepare` first")
     torch.set_num_threads(args.threads)
