@@ -27,7 +27,6 @@ class PlannedLayer:
 
     Attributes:
         name: the layer's name (its tensors are ``<name>.weight`` and ``<name>.bias``).
-        kind: ``"linear"`` or ``"embedding"``.
         scheme: its quantization scheme.
         ct_scheme: its compressed-tensors scheme, with the storage format.
         weight_key: the checkpoint tensor its weight is read from (the embedding's, for an
@@ -36,7 +35,6 @@ class PlannedLayer:
     """
 
     name: str
-    kind: str
     scheme: QuantizationScheme
     ct_scheme: CTQuantizationScheme
     weight_key: str
@@ -97,7 +95,6 @@ def plan_layers(
     tied = _tied_sources(model)
     # as in memory: a tied LM head gets its own weight, the config says the head is untied
     untie_weights("QuantizationModifier", model, {name: modules[name] for name in planned})
-    modules = dict(model.named_modules())
     for name, scheme in planned.items():
         modules[name].quantization_scheme = scheme
     ct_layers = quantized_layers(model, pack_asymmetric)
@@ -108,7 +105,6 @@ def plan_layers(
         bias = getattr(module, "bias", None)
         layers[name] = PlannedLayer(
             name=name,
-            kind="embedding" if isinstance(module, nn.Embedding) else "linear",
             scheme=planned[name],
             ct_scheme=ct_layers[name][1],
             weight_key=weight_key,
@@ -132,8 +128,8 @@ def plan_tasks(
         task_bytes: the most bytes one task should read.
 
     Returns:
-        The tasks, covering every tensor of the checkpoint once (a tied LM head's source is
-        also copied where it is not quantized itself).
+        The tasks, covering every tensor of the checkpoint once (the embedding an LM head is
+        tied to is written as well as the quantized head).
 
     Raises:
         ValueError: when ``task_bytes`` is not positive.
