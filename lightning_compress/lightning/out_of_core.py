@@ -2,13 +2,16 @@
 
 ``oneshot(model=DIR, ..., output_dir=OUT, out_of_core=True)`` builds the model empty from
 ``DIR`` (:class:`~lightning_compress.pipelines.checkpoint_source.CheckpointSource`) and runs the
-sequential pipeline with a :class:`CheckpointResidency`: the embeddings are read to capture the
-first block's inputs and freed; each block is read, calibrated and compressed, written to the
-output's work directory (:class:`~lightning_compress.export.streaming.StreamingCheckpoint`)
-and freed; the modules outside the blocks are read again after the last block, compressed
-where the recipe says so, and written last; then the checkpoint is published. Memory holds
-one block (and its statistics), the modules outside the blocks while they are used, and the
-activation cache (on the CPU, or on disk with ``offload_dir``), whatever the model's depth.
+sequential pipeline with a :class:`CheckpointResidency`: the modules outside the blocks
+(embeddings, final norm, head) are read to capture the first block's inputs and freed; each
+block is read, calibrated and compressed, written to the output's work directory
+(:class:`~lightning_compress.export.streaming.StreamingCheckpoint`) with the next block's
+inputs, and freed; the modules outside the blocks are read again after the last block,
+compressed where the recipe says so, and written last; then the checkpoint is published.
+Memory holds one block (and its statistics), the modules outside the blocks while they are
+used, and the activation cache (on the CPU, or on disk with ``offload_dir``), whatever the
+model's depth. The same command run again after a failure resumes after the last block
+written, from its saved outputs.
 """
 
 from __future__ import annotations

@@ -56,6 +56,10 @@ class CheckpointSource:
 
         Args:
             module: the module.
+
+        Raises:
+            ValueError: if the module holds a tensor on the meta device that the checkpoint
+                does not (one added to the empty model since it was built), naming it.
         """
         with torch.no_grad():
             for name, tensor in self._meta_tensors(module):
@@ -86,18 +90,32 @@ class CheckpointSource:
         Returns:
             True when none of them is on the meta device.
         """
-        prefix = self._name_of(module)
+        prefix = self.name_of(module)
         return not any(
             tensor.is_meta
             for name, tensor in module.state_dict(prefix=f"{prefix}." if prefix else "").items()
             if name in self._stored
         )
 
-    def _name_of(self, module: nn.Module) -> str:
-        return next(name for name, m in self.model.named_modules() if m is module)
+    def name_of(self, module: nn.Module) -> str:
+        """The module's name in the model.
+
+        Args:
+            module: a submodule of the model (or the model: ``""``).
+
+        Returns:
+            The name.
+
+        Raises:
+            ValueError: if ``module`` is not part of the model.
+        """
+        for name, candidate in self.model.named_modules():
+            if candidate is module:
+                return name
+        raise ValueError(f"{type(module).__name__} is not a module of {type(self.model).__name__}")
 
     def _meta_tensors(self, module: nn.Module) -> list[tuple[str, torch.Tensor]]:
-        prefix = self._name_of(module)
+        prefix = self.name_of(module)
         found: dict[int, tuple[str, torch.Tensor]] = {}
         for submodule_name, submodule in module.named_modules(prefix=prefix):
             for tensors in (submodule._parameters, submodule._buffers):

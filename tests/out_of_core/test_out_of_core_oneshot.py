@@ -122,7 +122,7 @@ def test_one_block_is_in_memory_at_a_time(saved_llama, tmp_path, monkeypatch):
     def recording(self, module):
         load(self, module)
         present = [name for name in modules if self.loaded(self.model.get_submodule(name))]
-        loads.append((self._name_of(module), present))
+        loads.append((self.name_of(module), present))
 
     monkeypatch.setattr(CheckpointSource, "load", recording)
     oneshot(

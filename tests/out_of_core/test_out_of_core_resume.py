@@ -43,7 +43,7 @@ def loaded_modules(monkeypatch) -> list[str]:
     load = CheckpointSource.load
 
     def spy(self, module):
-        names.append(self._name_of(module))
+        names.append(self.name_of(module))
         return load(self, module)
 
     monkeypatch.setattr(CheckpointSource, "load", spy)
