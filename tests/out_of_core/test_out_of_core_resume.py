@@ -17,6 +17,7 @@ from lightning_compress.export.errors import ExportError
 from lightning_compress.export.manifest import MANIFEST_NAME
 from lightning_compress.export.streaming import WORK_SUFFIX, StreamingCheckpoint
 from lightning_compress.lightning.oneshot import oneshot
+from lightning_compress.modifiers import Modifier
 from lightning_compress.pipelines.checkpoint_source import CheckpointSource
 
 
@@ -61,19 +62,22 @@ def run(directory, output, recipe="sparsegpt_then_gptq", data=None):
     )
 
 
-@pytest.mark.parametrize("killed_at", [1, 3])  # the second block; the modules outside them
+@pytest.mark.parametrize(
+    ("recipe", "killed_at"),  # the second block, or the modules outside the blocks
+    [("sparsegpt_then_gptq", 1), ("sparsegpt_then_gptq", 3), ("awq_rtn", 1)],
+)
 def test_a_run_killed_at_a_block_resumes_to_the_uninterrupted_checkpoint(
-    saved_llama, tmp_path, monkeypatch, killed_at
+    saved_llama, tmp_path, monkeypatch, recipe, killed_at
 ):
     directory = saved_llama()
-    run(directory, tmp_path / "whole")
+    run(directory, tmp_path / "whole", recipe)
     with monkeypatch.context() as patch:
         stop_at_write(patch, killed_at)
         with pytest.raises(Killed):
-            run(directory, tmp_path / "resumed")
+            run(directory, tmp_path / "resumed", recipe)
     assert not (tmp_path / "resumed").exists()
     loaded = loaded_modules(monkeypatch)
-    run(directory, tmp_path / "resumed")
+    run(directory, tmp_path / "resumed", recipe)
     assert_same_checkpoint(tmp_path / "whole", tmp_path / "resumed")
     blocks = [name for name in loaded if name.startswith("model.layers.")]
     assert blocks == [f"model.layers.{i}" for i in range(killed_at, 3)]
@@ -98,6 +102,7 @@ sys.path.insert(0, {tests!r})
 import torch
 from out_of_core_runs import RECIPES, SETTINGS, token_ids
 from lightning_compress.lightning.oneshot import oneshot
+from lightning_compress.modifiers import Modifier
 from lightning_compress.pipelines.checkpoint_source import CheckpointSource
 
 torch.set_num_threads(1)
@@ -130,3 +135,15 @@ def test_a_process_killed_with_sigkill_resumes_to_the_uninterrupted_checkpoint(
     assert not output.exists()
     run(directory, output)
     assert_same_checkpoint(tmp_path / "whole", output)
+
+
+class PerBlockState(Modifier):
+    """A modifier that does not say what it keeps per block."""
+
+
+def test_a_modifier_that_cannot_forget_a_finished_block_refuses_to_resume():
+    modifier = PerBlockState()
+    modifier.skip_block(None, torch.nn.Linear(2, 2))  # inactive: nothing planned to forget
+    modifier.started_ = True
+    with pytest.raises(NotImplementedError, match="PerBlockState cannot resume a run"):
+        modifier.skip_block(None, torch.nn.Linear(2, 2))
