@@ -250,6 +250,7 @@ def oneshot(
     if residency is not None:
         settings = {"batch_size": batch_size, "sequential_targets": sequential_targets}
         settings |= {"propagate_compressed": propagate_compressed, "staged": staged}
+        settings["device"] = None if device is None else str(torch.device(device))
         inputs = run_inputs(residency.source, samples, settings)
         residency.open(output_dir, module.recipe, inputs, overwrite_output_dir)
     try:
