@@ -77,6 +77,14 @@ def test_out_of_core_needs_an_output_dir_and_a_directory(saved_llama, tmp_path):
     module = torch.nn.Linear(2, 2)
     with pytest.raises(ValueError, match="pass the directory as model, not a Linear"):
         oneshot(module, RECIPES["gptq"](), out_of_core=True, output_dir=tmp_path / "o")
+    with pytest.raises(ValueError, match="precision='float16': out_of_core keeps"):
+        oneshot(
+            str(saved_llama()),
+            RECIPES["gptq"](),
+            out_of_core=True,
+            output_dir=tmp_path / "o",
+            precision="float16",
+        )
 
 
 def test_a_data_free_recipe_is_compressed_block_by_block_as_in_memory(saved_llama, tmp_path):
