@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import torch
-
-SCRIPT = Path(__file__).parents[1] / "lightning" / "resume_run.py"
+from resume_runs import killed_run, train
 
 RECIPE = """
 prune_stage:
@@ -34,28 +29,14 @@ qat_stage:
 """
 
 
-def run(recipe: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), str(recipe), str(out), "--model", "mixtral", *extra],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
 def test_expert_qat_and_pruning_resume_exactly(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(RECIPE)
     whole, broken = tmp_path / "whole", tmp_path / "broken"
-    done = run(recipe, whole)
-    assert done.returncode == 0, done.stderr[-3000:]
-    killed = run(recipe, broken, "--kill-after", "4")
+    expected = train(RECIPE, whole, model="mixtral")
+    killed = killed_run(recipe, broken, kill_after=4, model="mixtral")
     assert killed.returncode == -9, killed.stderr[-3000:]
-    resumed = run(recipe, broken, "--resume")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-
-    expected = torch.load(whole / "final.pt", weights_only=True)
-    actual = torch.load(broken / "final.pt", weights_only=True)
+    actual = train(RECIPE, broken, model="mixtral", resume=True)
     assert expected.keys() == actual.keys()
     for key in expected:
         assert torch.equal(expected[key], actual[key]), key
