@@ -124,12 +124,12 @@ def broadcast_tensors_(tensors: Sequence[torch.Tensor], src: int) -> None:
         return
     rank, _ = rank_and_world_size()
     sizes = [tensor.numel() * tensor.element_size() for tensor in tensors]
+    device = _backend_device()
     if rank == src:
-        packed = torch.cat([_bytes_of(tensor).cpu() for tensor in tensors])
+        packed = torch.cat([_bytes_of(tensor).to(device) for tensor in tensors])
     else:
-        packed = torch.empty(sum(sizes), dtype=torch.uint8)
-    with _on_backend_device(packed) as buffer:
-        dist.broadcast(buffer, src=src)
+        packed = torch.empty(sum(sizes), dtype=torch.uint8, device=device)
+    dist.broadcast(packed, src=src)
     if rank == src:
         return
     for tensor, part in zip(tensors, packed.split(sizes), strict=True):
@@ -277,10 +277,15 @@ def _on_backend_device(tensor: torch.Tensor) -> Iterator[torch.Tensor]:
 
     Gloo reduces CPU tensors and NCCL CUDA tensors.
     """
-    device = torch.device("cpu")
-    if dist.get_backend() == "nccl":
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = _backend_device()
     buffer = tensor if tensor.device == device else tensor.to(device)
     yield buffer
     if buffer is not tensor:
         tensor.copy_(buffer)
+
+
+def _backend_device() -> torch.device:
+    """Where the backend's collectives take their tensors: CUDA for NCCL, else the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

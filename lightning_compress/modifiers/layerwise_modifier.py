@@ -373,7 +373,7 @@ class LayerwiseModifier(Modifier, register=False):
         results, losses, seconds = {}, {}, {}
         calibrated = [name for name in names if name not in starved]
         stacks = self.stacks(calibrated, statistics)
-        if self.parallel_solve and is_distributed():
+        if self.parallel_solve and stacks and is_distributed():  # the same stacks on all ranks
             outcomes = self._compute_on_owners(stacks, statistics)
         else:
             outcomes = [self._compute_stack(stack, statistics) for stack in stacks]
@@ -469,6 +469,9 @@ class HessianMethod(LayerwiseModifier, register=False):
     (``dampening_frac`` x 1, 10, 100, 1000); if it still cannot, the layers fall back to the
     data-free method with a warning naming them. With ``dampening_frac: 0`` nothing is
     retried and a singular Hessian is an error naming the layers.
+
+    Under several processes each layer's solve runs on one owner rank, the layers of a stack
+    that :meth:`divisible` allows spread over the ranks (see :class:`LayerwiseModifier`).
 
     Args:
         block_size: columns per lazy batch update of the column sweep.
