@@ -24,13 +24,14 @@ FSDP2_SCRIPT = Path(__file__).with_name("fsdp2_run.py")
 class RankAgreement(Callback):
     """After every batch, every compression buffer and weight is identical on all ranks."""
 
-    def __init__(self, buffer: str) -> None:
-        self.buffer = buffer
+    def __init__(self, *buffers: str) -> None:
+        self.buffers = buffers
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         named = dict(pl_module.named_buffers())
         named.update({k: v.detach() for k, v in pl_module.named_parameters()})
-        assert any(name.endswith(self.buffer) for name in named)
+        for buffer in self.buffers:
+            assert any(name.endswith(buffer) for name in named), buffer
         for name, tensor in named.items():
             gathered = trainer.strategy.all_gather(tensor.float())
             assert torch.equal(gathered[0], gathered[1]), f"{name} differs between ranks"
@@ -49,9 +50,10 @@ class SparsityRecorder(Callback):
                 handle.write(f"{trainer.global_step} {sparsity}\n")
 
 
-def test_ddp_ranks_agree_and_follow_the_schedule(tmp_path):
+def test_ddp_ranks_agree_on_masks_and_qat_scales_and_pruning_follows_the_schedule(tmp_path):
+    """One two-process run checks gradual pruning and QAT with static int8 inputs together."""
     record = tmp_path / "sparsity.txt"
-    modifier = MagnitudePruningModifier(
+    pruning = MagnitudePruningModifier(
         targets=["fc1", "fc2"],
         init_sparsity=0.0,
         final_sparsity=0.5,
@@ -59,12 +61,24 @@ def test_ddp_ranks_agree_and_follow_the_schedule(tmp_path):
         end=0.375,  # 64 samples, batch 4, 2 ranks: 8 steps per epoch; step 3
         inter_func="linear",
     )
+    static_int8_inputs = {
+        "g": {
+            "targets": ["Linear"],
+            "weights": {"num_bits": 4, "strategy": "group", "group_size": 16},
+            "input_activations": {"num_bits": 8, "symmetric": False, "observer": "moving_average"},
+        }
+    }
+    qat = QuantizationModifier(config_groups=static_int8_inputs, start=0)
     trainer = Trainer(
         accelerator="cpu",
         devices=2,
         strategy="ddp_spawn",
         max_steps=5,
-        callbacks=[Compressor(modifier), RankAgreement("weight_mask"), SparsityRecorder(record)],
+        callbacks=[
+            Compressor([pruning, qat]),
+            RankAgreement("weight_mask", "input_scale"),
+            SparsityRecorder(record),
+        ],
         logger=False,
         enable_progress_bar=False,
         enable_checkpointing=False,
@@ -79,29 +93,6 @@ def test_ddp_ranks_agree_and_follow_the_schedule(tmp_path):
     assert steps.keys() == expected.keys()
     for step, target in expected.items():
         assert abs(steps[step] - target) <= 1 / 512, (step, steps[step], target)
-
-
-def test_ddp_qat_keeps_quantization_parameters_identical_on_all_ranks():
-    static_int8_inputs = {
-        "g": {
-            "targets": ["Linear"],
-            "weights": {"num_bits": 4, "strategy": "group", "group_size": 16},
-            "input_activations": {"num_bits": 8, "symmetric": False, "observer": "moving_average"},
-        }
-    }
-    modifier = QuantizationModifier(config_groups=static_int8_inputs, start=0)
-    trainer = Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp_spawn",
-        max_steps=4,
-        callbacks=[Compressor(modifier), RankAgreement("input_scale")],
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(Regressor(), regression_loader(64))
 
 
 @pytest.mark.slow
