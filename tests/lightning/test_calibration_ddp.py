@@ -1,4 +1,4 @@
-"""Two CPU processes (ddp_spawn, gloo) calibrate to exactly the single-process weights."""
+"""Two CPU processes (ddp_fork, gloo) calibrate to exactly the single-process weights."""
 
 from __future__ import annotations
 
@@ -90,7 +90,7 @@ def test_two_ranks_compress_exactly_like_one_process(tmp_path):
     single.mkdir()
     ddp.mkdir()
     calibrate(single, devices=1)  # on one thread, as each DDP worker (tests/conftest.py)
-    calibrate(ddp, devices=2, strategy="ddp_spawn")
+    calibrate(ddp, devices=2, strategy="ddp_fork")
 
     expected = torch.load(single / "rank0.pt", weights_only=True)
     assert {"model.layers.2.input_mean", "model.layers.0.self_attn.q_proj.weight_scale"} <= set(

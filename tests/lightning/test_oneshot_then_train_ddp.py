@@ -1,4 +1,4 @@
-"""One-shot stage then training under DDP (2 CPU processes, ddp_spawn, gloo)."""
+"""One-shot stage then training under DDP (2 CPU processes, ddp_fork, gloo)."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def test_ddp_ranks_calibrate_on_their_shards_once_reduce_to_one_process_and_end_
     # the same batches.
     order = torch.randperm(32, generator=torch.Generator().manual_seed(0)).tolist()
     (single,) = fit(tmp_path / "single", batch_size=8, order=order)
-    ranks = fit(tmp_path / "ddp", batch_size=4, devices=2, strategy="ddp_spawn")
+    ranks = fit(tmp_path / "ddp", batch_size=4, devices=2, strategy="ddp_fork")
 
     assert single["one_shot_steps"] == [0]
     assert [report["one_shot_steps"] for report in ranks] == [[0], [0]]
