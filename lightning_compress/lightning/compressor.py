@@ -160,9 +160,11 @@ class Compressor(Callback):
     batches of each rank's training DataLoader (under DDP each rank calibrates on its shard
     and the statistics are reduced across ranks, so every rank gets the same model). Under
     ``ModelParallelStrategy`` (FSDP2) it runs at ``setup`` instead, on the whole model before
-    ``configure_model`` shards it, on ``calibration_data`` (the training DataLoader does not
-    exist yet: a one-shot part that reads data without ``calibration_data`` is refused, as
-    is a model whose weights are on the meta device). A
+    ``configure_model`` shards it (a model whose weights are on the meta device is refused),
+    on ``calibration_data`` or else the first batches of the DataLoader the datamodule or
+    LightningModule gives (Lightning has not sharded it yet: with its distributed sampler
+    every rank reads the same batches; a DataLoader that shards itself by rank gives each
+    rank its own, reduced as under DDP). A
     training ``QuantizationModifier`` must quantize the layers the one-shot part quantized,
     with the same grid (refused at ``setup``, before the model changes, naming the fields
     that differ); it starts from the one-shot weights and weight qparams, which stay fixed, so
@@ -315,7 +317,7 @@ class Compressor(Callback):
         self._full_recipe = recipe
         one_shot, self._training_recipe = split_recipe(recipe)
         if trainer.ckpt_path is None:  # a resumed run's checkpoint holds the one-shot result
-            check_one_shot_strategy(trainer.strategy, one_shot, pl_module, self.calibration_data)
+            check_one_shot_strategy(trainer.strategy, one_shot, pl_module)
         if one_shot.modifiers:
             with coverage_checked(pl_module, recipe.modifiers, self.strict):
                 self._carried = carried_layers(one_shot, self._training_recipe, pl_module)

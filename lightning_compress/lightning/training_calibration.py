@@ -212,7 +212,8 @@ def calibration_batches(
 
     Args:
         trainer: the Trainer (its training DataLoader, already sharded across ranks by
-            Lightning, is read when ``calibration_data`` is None).
+            Lightning, is read when ``calibration_data`` is None; before ``fit`` builds it, as
+            in ``setup``, the DataLoader its datamodule or LightningModule returns, unsharded).
         calibration_data: the batches to use instead (every rank reads all of them).
         num_batches: how many batches to take.
 
@@ -223,11 +224,14 @@ def calibration_batches(
         without the one-shot stage.
 
     Raises:
-        ValueError: when the training data is not one DataLoader, or gives no batch.
+        ValueError: when the training data is not one DataLoader, or gives no batch, or
+            there is none yet.
     """
     source = calibration_data
     if source is None:
         loaders = trainer.train_dataloader
+        if loaders is None:
+            loaders = _training_data_before_fit(trainer)
         if isinstance(loaders, (list, tuple, dict)):
             raise ValueError(
                 "Compressor: the one-shot stage calibrates on the training DataLoader, but the "
@@ -242,6 +246,19 @@ def calibration_batches(
             "or training DataLoader)"
         )
     return batches
+
+
+def _training_data_before_fit(trainer: Any) -> Any:
+    """The training DataLoader(s) as the datamodule or LightningModule (or ``fit``'s
+    ``train_dataloaders``) gives them, before ``fit`` builds its own from them."""
+    source = getattr(trainer.fit_loop, "_data_source", None)
+    if source is None or not source.is_defined():
+        raise ValueError(
+            f"Compressor: the one-shot stage runs before training under "
+            f"{type(trainer.strategy).__name__} and found no training data to calibrate on; "
+            "pass calibration_data"
+        )
+    return source.dataloader()
 
 
 def _model_inputs(batch: Any) -> Any:
@@ -418,43 +435,29 @@ def shards_at_configure_model(strategy: Any) -> bool:
     return isinstance(strategy, ModelParallelStrategy)
 
 
-def check_one_shot_strategy(
-    strategy: Any, one_shot: Recipe, model: nn.Module, calibration_data: Any | None
-) -> None:
+def check_one_shot_strategy(strategy: Any, one_shot: Recipe, model: nn.Module) -> None:
     """Refuse a one-shot stage that cannot run under a strategy that shards the model.
 
     Under ``ModelParallelStrategy`` the one-shot stage runs in ``setup``, on the whole model
-    before ``configure_model`` shards it; the training DataLoader does not exist yet then.
+    before ``configure_model`` shards it, so the model's weights must be there.
 
     Args:
         strategy: the Trainer's strategy.
         one_shot: the recipe's one-shot part.
         model: the LightningModule.
-        calibration_data: ``Compressor.calibration_data``.
 
     Raises:
-        RecipeError: under ``ModelParallelStrategy``, for a one-shot stage that reads data
-            without ``calibration_data``, or a model whose weights are on the meta device
-            (naming one), saying what to do instead.
+        RecipeError: under ``ModelParallelStrategy``, for a model whose weights are on the
+            meta device (naming one), saying what to do instead.
     """
     if not one_shot.modifiers or not shards_at_configure_model(strategy):
         return
-    names = [type(modifier).__name__ for modifier in one_shot.modifiers]
-    where = (
-        f"under {type(strategy).__name__} the recipe's one-shot stage {names} runs in the "
-        "Compressor's setup, on the whole model before configure_model shards it"
-    )
-    needs_data = any(modifier.needs_calibration_data for modifier in one_shot.modifiers)
-    if needs_data and calibration_data is None:
-        raise RecipeError(
-            f"Compressor: {where}, when the training DataLoader does not exist yet: pass "
-            "Compressor(calibration_data=...) (e.g. a list of token batches), or run "
-            "oneshot() first and train from its checkpoint"
-        )
     meta = next((name for name, p in model.named_parameters() if p.is_meta), None)
     if meta is not None:
+        names = [type(modifier).__name__ for modifier in one_shot.modifiers]
         raise RecipeError(
-            f"Compressor: {where}, but parameter '{meta}' is on the meta device: build the "
-            "model with its weights (not on meta), or run oneshot() first and train from its "
-            "checkpoint"
+            f"Compressor: under {type(strategy).__name__} the recipe's one-shot stage {names} "
+            "runs in the Compressor's setup, on the whole model before configure_model shards "
+            f"it, but parameter '{meta}' is on the meta device: build the model with its "
+            "weights (not on meta), or run oneshot() first and train from its checkpoint"
         )

@@ -69,6 +69,9 @@ def main() -> None:
         strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
         module = ShardedCausalLM(model, lr=0.5)
         ranks = {"devices": 2, "strategy": strategy, "use_distributed_sampler": False}
+    # Every rank calibrates on the same batches: GPTQ's Hessians are then the one process's
+    # exactly. (Each rank reading its own share gives the same sums in another order, whose
+    # rounding can make GPTQ pick the neighbouring code, and later layers follow.)
     calibration = list(token_ids(4, 16, seed=3).split(GLOBAL_BATCH // 2))
     compressor = RecordingCompressor(
         recipe(), calibration_data=calibration, save_dir=out / "checkpoint"
