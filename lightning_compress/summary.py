@@ -286,6 +286,9 @@ def scheme_label(scheme: QuantizationScheme) -> str:
 def sparsity_label(weight: object) -> str | None:
     """How a layer's weight is pruned: ``2:4 sparse``, ``unstructured sparse``, or None.
 
+    A weight sharded as ``DTensor`` (FSDP2) is judged whole, in a collective: every rank calls
+    it (``describe`` runs on all ranks; report on rank zero).
+
     Args:
         weight: the layer's weight (anything else gives None).
 

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from lightning_compress.core.logger import LoggerManager
+from lightning_compress.core.shard_counts import zero_count
 from lightning_compress.core.state import State
 
 __all__ = ["log_model_info", "model_sparsity", "should_log_model_info"]
@@ -45,6 +46,9 @@ def should_log_model_info(
 def model_sparsity(model: nn.Module) -> dict[str, float]:
     """The fraction of exact zeros in each weight layer's weight, and overall.
 
+    Weights sharded as ``DTensor`` (FSDP2) count whole: a collective then, which every rank
+    must call (log the result on rank zero only).
+
     Args:
         model: the model.
 
@@ -57,7 +61,7 @@ def model_sparsity(model: nn.Module) -> dict[str, float]:
         weight = getattr(module, "weight", None)
         if not isinstance(module, _WEIGHT_LAYERS) or not isinstance(weight, torch.Tensor):
             continue
-        layer_zeros = int((weight.detach() == 0).sum())
+        layer_zeros = zero_count(weight)
         result[name] = layer_zeros / weight.numel()
         zeros += layer_zeros
         total += weight.numel()
@@ -67,6 +71,9 @@ def model_sparsity(model: nn.Module) -> dict[str, float]:
 
 def log_model_info(state: State, current_log_step: float) -> None:
     """Log each weight layer's sparsity and the optimizer's learning rates.
+
+    Under FSDP2 every rank must call it (the sparsity is counted over all shards); the
+    loggers write on rank zero.
 
     Args:
         state: the session's state (its ``model``, ``optimizer`` and ``loggers``).

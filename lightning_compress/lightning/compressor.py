@@ -463,7 +463,9 @@ class Compressor(Callback):
         self._remove_optimizer_hooks()
         if self.session.lifecycle.initialized_ and not self.session.lifecycle.finalized:
             self.session.finalize()
-            rank_zero_info(f"Compressor finished: {self._sparsity_line(pl_module)}")
+            # Counting sharded (FSDP2) weights is a collective: every rank counts, rank 0 logs.
+            sparsity = self._sparsity_line(pl_module)
+            rank_zero_info(f"Compressor finished: {sparsity}")
             ignore = ignore_patterns(self.session.lifecycle.recipe.modifiers)
             self.summary.describe(pl_module, ignore, self._targeted)
             if trainer.is_global_zero:

@@ -29,6 +29,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lightning_compress.core.model_layer import is_router, module_matches
+from lightning_compress.core.shard_counts import zero_count
 from lightning_compress.layers import linearize
 from lightning_compress.pipelines.blocks import find_blocks
 from lightning_compress.recipe import RecipeError
@@ -365,7 +366,7 @@ def coverage_checked(
 
 
 def _holds_zeros(weight: torch.Tensor) -> bool:
-    return int(torch.count_nonzero(weight.detach())) < weight.numel()
+    return zero_count(weight) > 0  # over all shards of a DTensor: every rank calls it
 
 
 def _own_weights(module: nn.Module) -> list[tuple[str, Any]]:

@@ -1,8 +1,15 @@
-"""What counts as a pruned weight, read from its zeros."""
+"""What counts as a pruned weight, read from its zeros.
+
+Weights sharded as ``DTensor`` (FSDP2) are judged whole: the counts are taken on each rank's
+shard and summed over the ranks (``core.shard_counts``), so these are collectives for a
+``DTensor`` and every rank must call them.
+"""
 
 from __future__ import annotations
 
 import torch
+
+from lightning_compress.core.shard_counts import count_over_shards, zero_count
 
 __all__ = ["SPARSITY_THRESHOLD", "follows_2_4", "is_pruned", "zero_count"]
 
@@ -25,32 +32,12 @@ def is_pruned(weight: torch.Tensor) -> bool:
     return zero_count(weight) >= SPARSITY_THRESHOLD * weight.numel()
 
 
-SIGNLESS_BITS = {2: (torch.int16, 0x7FFF), 4: (torch.int32, 0x7FFFFFFF)}
-"""Per float width: the int dtype of that width and the mask that drops the sign bit."""
-
-
-def zero_count(weight: torch.Tensor) -> int:
-    """The number of zeros (of either sign) in ``weight``.
-
-    Contiguous 16- and 32-bit floats are counted on their bits without the sign, about twice
-    as fast as ``count_nonzero`` on bfloat16 or float32 values.
-
-    Args:
-        weight: a tensor.
-
-    Returns:
-        How many of its elements equal 0.
-    """
-    weight = weight.detach()
-    bits = SIGNLESS_BITS.get(weight.element_size())
-    if weight.is_floating_point() and bits is not None and weight.is_contiguous():
-        int_dtype, mask = bits
-        weight = weight.view(int_dtype) & mask
-    return weight.numel() - int(torch.count_nonzero(weight))
-
-
 def follows_2_4(weight: torch.Tensor) -> bool:
     """Whether every run of 4 consecutive input weights of each row holds at least 2 zeros.
+
+    A ``DTensor`` sharded by rows (``Shard(0)``, as FSDP2 shards) is checked on each rank's
+    whole rows; one sharded along its inputs is gathered first, since a run of 4 may straddle
+    two shards.
 
     Args:
         weight: a ``[out_features, in_features]`` weight.
@@ -60,5 +47,10 @@ def follows_2_4(weight: torch.Tensor) -> bool:
     """
     if weight.dim() != 2 or weight.shape[1] % 4:
         return False
-    zeros_per_group = (weight.reshape(weight.shape[0], -1, 4) == 0).sum(dim=-1)
-    return bool((zeros_per_group >= 2).all())
+    return count_over_shards(weight.detach(), _runs_short_of_2_zeros, whole_rows=True) == 0
+
+
+def _runs_short_of_2_zeros(weight: torch.Tensor) -> int:
+    rows, inputs = weight.shape  # a shard may hold no rows
+    zeros_per_run = (weight.reshape(rows, inputs // 4, 4) == 0).sum(dim=-1)
+    return int((zeros_per_run < 2).sum())
