@@ -21,6 +21,7 @@ from lightning_compress.lightning.calibration import CalibrationModule
 from lightning_compress.lightning.llmcompressor_keywords import accepts_llmcompressor_keywords
 from lightning_compress.lightning.out_of_core import (
     CheckpointResidency,
+    OutOfCoreCalibration,
     run_inputs,
     weights_written_to,
 )
@@ -129,7 +130,9 @@ def oneshot(
             ``config._name_or_path`` when that is a directory or in the Hugging Face cache),
             if it has one.
         devices: the Trainer's ``devices`` (several processes split the data).
-        strategy: the Trainer's ``strategy``, e.g. ``"ddp"``; spawning strategies are refused.
+        strategy: the Trainer's ``strategy``, e.g. ``"ddp"``; spawning strategies
+            (``ddp_fork``, ``ddp_spawn``) are refused, except with ``out_of_core`` (the
+            workers write the checkpoint).
         trainer_kwargs: more ``Trainer`` arguments (they override the defaults, except
             ``inference_mode``, which calibration needs off).
         propagate_compressed: feed each block the compressed previous block's outputs.
@@ -166,7 +169,10 @@ def oneshot(
             ``lightning_compress.lightning.out_of_core``); the weights keep their stored
             dtype. A run that stopped (killed, disk full) continues after its last written
             block when started again with the same arguments; another recipe, model or data
-            is refused, naming what differs. Runs the sequential pipeline, in one process.
+            is refused, naming what differs. Runs the sequential pipeline; under several
+            processes (``devices``/``strategy``) each rank reads every block and calibrates
+            it on its share of the data, each layer is solved on one rank, and rank zero
+            alone writes ``output_dir``.
         **llmcompressor_keywords: llm-compressor's other ``oneshot`` keywords.
 
     Returns:
@@ -182,7 +188,7 @@ def oneshot(
             unreadable data file, chat records without a chat template, a spawning
             strategy, or ``trainer`` together with Trainer settings; with ``out_of_core``:
             no ``output_dir``, a module instead of a directory, another pipeline than
-            ``auto``/``sequential``, several processes, shards that do not match the config
+            ``auto``/``sequential``, shards that do not match the config
             or a model class transformers cannot build (named).
         FileNotFoundError: if ``dataset`` is a path, or looks like one, and does not exist;
             with ``out_of_core``, if the directory lacks ``config.json`` or safetensors.
@@ -218,9 +224,12 @@ def oneshot(
     logs_summary = summary is None
     summary = CompressionSummary() if summary is None else summary
     summary.measure_before(model)
-    module = CalibrationModule(
+    out_of_core_options = {} if residency is None else {"tokenizer": tokenizer}
+    module = (CalibrationModule if residency is None else OutOfCoreCalibration)(
         model,
         recipe,
+        residency=residency,
+        **out_of_core_options,
         recipe_stage=recipe_stage,
         recipe_args=recipe_args,
         pipeline=pipeline if residency is None else _out_of_core_pipeline(pipeline, output_dir),
@@ -233,7 +242,6 @@ def oneshot(
         progress=progress,
         strict=strict,
         summary=summary,
-        residency=residency,
     )
     samples = None
     if dataset is not None:
@@ -267,9 +275,6 @@ def oneshot(
             pipeline,
             residency is not None,
         )
-        if residency is not None and is_global_zero:
-            with summary.phase("save"):
-                residency.finish(tokenizer)
     finally:
         if residency is not None:
             residency.close()
@@ -297,7 +302,7 @@ def _calibrate(
     batch_size: int,
     tokenizer: Any | None,
     pipeline: str | None,
-    one_process: bool,
+    out_of_core: bool,
 ) -> bool:
     """Runs the calibration (data-free without samples); returns whether this is rank zero."""
     summary = module.summary
@@ -308,12 +313,8 @@ def _calibrate(
     with quiet_lightning(), summary.phase("compress"):
         if trainer is None:
             trainer = _trainer(device, devices, strategy, trainer_kwargs)
-        _refuse_spawning(trainer)
-        if one_process and trainer.world_size > 1:
-            raise ValueError(
-                f"out_of_core: runs in one process (this Trainer has {trainer.world_size}); "
-                f"drop devices/strategy, or load the model and compress it in memory"
-            )
+        if not out_of_core:
+            _refuse_spawning(trainer)
         loader = calibration_loader(
             samples, batch_size, _pad_id(tokenizer), shard=not _shards_itself(trainer)
         )

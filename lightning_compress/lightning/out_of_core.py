@@ -12,12 +12,21 @@ Memory holds one block (and its statistics), the modules outside the blocks whil
 used, and the activation cache (on the CPU, or on disk with ``offload_dir``), whatever the
 model's depth. The same command run again after a failure resumes after the last block
 written, from its saved outputs.
+
+Under several processes (Lightning's ``ddp``, ``ddp_fork`` or ``ddp_spawn``) every rank reads
+the same block from the memory-mapped shards and calibrates it on its share of the data; the
+statistics are reduced and each layer solved on one owner rank as in memory, so every rank
+ends with the same block. Only rank zero opens and writes the output (the other ranks never
+touch it), and an error writing it is raised on every rank. A resumed run under several
+processes does not rewrite the blocks already written, but recomputes them to rebuild each
+rank's block inputs (they are saved by one-process runs only, since each rank's inputs are
+its own share of the data).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +34,17 @@ import torch
 from loguru import logger
 from torch import nn
 
+from lightning_compress.core.distributed import all_gather_or_raise, rank_and_world_size
 from lightning_compress.export.manifest import Manifest, checkpoint_fingerprint
 from lightning_compress.export.streaming import StreamingCheckpoint
 from lightning_compress.export.writer import check_output_dir
+from lightning_compress.lightning.calibration import CalibrationModule
 from lightning_compress.modifiers.pruning.structure import SPARSITY_THRESHOLD
 from lightning_compress.pipelines.cache import ActivationCache
 from lightning_compress.pipelines.checkpoint_source import CheckpointSource
 from lightning_compress.summary import sparsity_label
 
-__all__ = ["CheckpointResidency", "run_inputs", "weights_written_to"]
+__all__ = ["CheckpointResidency", "OutOfCoreCalibration", "run_inputs", "weights_written_to"]
 
 Modules = Sequence[tuple[str, nn.Module]]
 
@@ -42,6 +53,9 @@ class CheckpointResidency:
     """Reads a :class:`CheckpointSource` model's weights when the sequential pipeline needs
     them, and writes each compressed block to a :class:`StreamingCheckpoint` before freeing it
     (a ``WeightResidency``). ``open`` the output before the calibration starts.
+
+    Under ``torch.distributed`` only rank zero opens and writes the output; what it raises
+    doing so is raised on every rank (a collective after each write).
 
     Args:
         source: the model's checkpoint.
@@ -53,6 +67,7 @@ class CheckpointResidency:
         self.written_labels: dict[str, str] = {}
         self._written: dict[str, dict[str, tuple[int, int]]] = {}
         self._checkpoint: StreamingCheckpoint | None = None
+        self._started = False
         self._settings: tuple[str | Path, Any, dict[str, Any], bool] | None = None
 
     @property
@@ -97,11 +112,9 @@ class CheckpointResidency:
             modules: ``(name, module)`` of the modules outside the blocks.
         """
         self.outside = [name for name, _ in modules]
-        if self._checkpoint is None:
-            output_dir, recipe, inputs, overwrite = self._settings
-            self._checkpoint = StreamingCheckpoint.open(
-                output_dir, self.source.model, recipe, inputs, overwrite
-            )
+        if not self._started:
+            self._started = True
+            self._on_rank_zero(self._open_checkpoint)
         for _, module in modules:
             self.source.load(module)
 
@@ -131,8 +144,19 @@ class CheckpointResidency:
             cache: an empty activation cache.
 
         Returns:
-            The block's index; 0 when nothing was saved.
+            The block's index; 0 when nothing was saved, and under several processes (each
+            rank's inputs are recomputed; the blocks written are not written again).
         """
+        rank, world_size = rank_and_world_size()
+        if world_size > 1:
+            if rank == 0 and self.checkpoint.finished:
+                logger.info(
+                    "resuming a run under {} processes: the {} parts an earlier run wrote are "
+                    "kept, their blocks recomputed for each rank's block inputs",
+                    world_size,
+                    len(self.checkpoint.finished),
+                )
+            return 0
         first = self.checkpoint.load_activations(cache) or 0
         if first:
             logger.info("resuming after the {} blocks an earlier run wrote", first)
@@ -149,9 +173,14 @@ class CheckpointResidency:
             block: the block.
             cache: the activation cache, holding the next block's inputs.
         """
-        if not self.checkpoint.is_finished(name):
-            self.checkpoint.write_modules(self.source.model, name)
-        self.checkpoint.save_activations(index + 1, cache)
+
+        def write() -> None:
+            if not self.checkpoint.is_finished(name):
+                self.checkpoint.write_modules(self.source.model, name)
+            if rank_and_world_size()[1] == 1:
+                self.checkpoint.save_activations(index + 1, cache)
+
+        self._on_rank_zero(write)
         self._note_sparsity(name, block)
         self.source.release(block)
         self._written[name] = _tensor_versions(block)
@@ -163,7 +192,7 @@ class CheckpointResidency:
             tokenizer: saved with the checkpoint, if given.
 
         Returns:
-            The checkpoint directory.
+            The checkpoint directory (on every rank; rank zero writes it).
         """
         model = self.source.model
         changed = [
@@ -178,12 +207,35 @@ class CheckpointResidency:
                 f"weights would miss the change, so the checkpoint is not finished: compress "
                 f"this recipe in memory (without out_of_core)"
             )
-        if self.outside and not self.checkpoint.is_finished(self.outside):
-            self.checkpoint.write_modules(model, self.outside)
+
+        def publish() -> None:
+            if self.outside and not self.checkpoint.is_finished(self.outside):
+                self.checkpoint.write_modules(model, self.outside)
+            self.checkpoint.finish(model, tokenizer)
+
         for name in self.outside:
             self._note_sparsity(name, model.get_submodule(name))
+        self._on_rank_zero(publish)
+        for name in self.outside:
             self.source.release(model.get_submodule(name))
-        return self.checkpoint.finish(model, tokenizer)
+        return Path(self._settings[0])
+
+    def _open_checkpoint(self) -> None:
+        output_dir, recipe, inputs, overwrite = self._settings
+        self._checkpoint = StreamingCheckpoint.open(
+            output_dir, self.source.model, recipe, inputs, overwrite
+        )
+
+    @staticmethod
+    def _on_rank_zero(step: Callable[[], None]) -> None:
+        """Runs ``step`` on rank zero only; what it raises is raised on every rank."""
+        error = None
+        if rank_and_world_size()[0] == 0:
+            try:
+                step()
+            except Exception as caught:
+                error = caught
+        all_gather_or_raise(None, error)
 
     def _label_earlier_parts(self) -> None:
         """Labels the layers an earlier run compressed and wrote, for the summary."""
@@ -204,6 +256,53 @@ class CheckpointResidency:
             label = sparsity_label(getattr(layer, "weight", None))
             if label is not None:
                 self.written_labels[layer_name] = label
+
+
+class OutOfCoreCalibration(CalibrationModule):
+    """A :class:`CalibrationModule` over a model read from its checkpoint, which publishes the
+    output checkpoint where the calibration ran, once the session is finalized: in this
+    process, or in the processes a spawning strategy (``ddp_fork``, ``ddp_spawn``) starts
+    (rank zero writes it).
+
+    Args:
+        model: the empty model of ``residency``'s source.
+        recipe: the recipe.
+        residency: reads and writes the model's weights (``open`` called).
+        tokenizer: saved with the checkpoint, if given.
+        **kwargs: the other arguments of :class:`CalibrationModule`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        recipe: Any,
+        residency: CheckpointResidency,
+        tokenizer: Any | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(model, recipe, residency=residency, **kwargs)
+        self.tokenizer = tokenizer
+
+    def calibrate(self, batches: Iterable[Any] = ()) -> nn.Module:
+        """Runs the whole calibration in this process and publishes the checkpoint.
+
+        Args:
+            batches: the calibration batches; none for data-free recipes.
+
+        Returns:
+            The (empty) model.
+        """
+        model = super().calibrate(batches)
+        self._publish()
+        return model
+
+    def on_validation_end(self) -> None:
+        super().on_validation_end()
+        self._publish()
+
+    def _publish(self) -> None:
+        with self.summary.phase("save"):
+            self.options.residency.finish(self.tokenizer)
 
 
 def _tensor_versions(module: nn.Module) -> dict[str, tuple[int, int]]:

@@ -1,0 +1,88 @@
+"""Out-of-core runs under two CPU processes (ddp_fork, gloo): rank zero alone writes the
+checkpoint, which is the one-process run's, bit for bit; a run stopped by an error writing
+it stops on both ranks and resumes to the same checkpoint."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+from out_of_core_runs import RECIPES, assert_same_checkpoint, token_ids
+
+from lightning_compress.export.streaming import StreamingCheckpoint
+from lightning_compress.lightning.oneshot import oneshot
+
+pytestmark = pytest.mark.distributed
+
+SETTINGS = {
+    "num_calibration_samples": 4,
+    "batch_size": 1,
+    "progress": False,
+    "out_of_core": True,
+    "trainer_kwargs": {"accelerator": "cpu"},
+}
+RECIPE = RECIPES["sparsegpt_then_gptq"]
+
+
+def compress(directory: Path, output_dir: Path, processes: int) -> object:
+    strategy = {"devices": 2, "strategy": "ddp_fork"} if processes == 2 else {"devices": 1}
+    return oneshot(
+        str(directory), RECIPE(), token_ids(), output_dir=output_dir, **SETTINGS, **strategy
+    )
+
+
+def recording_opens(monkeypatch, record: Path) -> None:
+    """``StreamingCheckpoint.open`` noting, in ``record``, the rank of each process opening it."""
+    open_ = StreamingCheckpoint.open.__func__
+
+    def opening(cls, *args, **kwargs):
+        with record.open("a") as file:
+            file.write(f"{dist.get_rank() if dist.is_initialized() else 'main'} {os.getpid()}\n")
+        return open_(cls, *args, **kwargs)
+
+    monkeypatch.setattr(StreamingCheckpoint, "open", classmethod(opening))
+
+
+def test_two_processes_write_the_one_process_checkpoint_from_rank_zero(
+    saved_llama, tmp_path, monkeypatch
+):
+    directory = saved_llama()
+    compress(directory, tmp_path / "single", processes=1)
+    recording_opens(monkeypatch, tmp_path / "opens.txt")
+    model = compress(directory, tmp_path / "ddp", processes=2)
+    assert_same_checkpoint(tmp_path / "single", tmp_path / "ddp")
+    assert all(tensor.is_meta for tensor in model.parameters())
+    opens = (tmp_path / "opens.txt").read_text().split()
+    assert opens[0] == "0" and len(opens) == 2  # rank zero only, once
+    assert int(opens[1]) != os.getpid()  # in the worker that calibrated
+
+
+def test_a_write_failing_on_rank_zero_stops_both_ranks_and_the_run_resumes(
+    saved_llama, tmp_path, monkeypatch
+):
+    directory = saved_llama()
+    compress(directory, tmp_path / "single", processes=1)
+    write = StreamingCheckpoint.write_modules
+
+    def full_disk_at_block_2(self, model, modules):
+        if modules == "model.layers.2":
+            raise OSError(28, "No space left on device")
+        return write(self, model, modules)
+
+    monkeypatch.setattr(StreamingCheckpoint, "write_modules", full_disk_at_block_2)
+    with pytest.raises(Exception, match="No space left on device"):
+        compress(directory, tmp_path / "ddp", processes=2)
+    assert not (tmp_path / "ddp").exists()
+    writes = tmp_path / "writes.txt"
+
+    def recording(self, model, modules):
+        with writes.open("a") as file:
+            file.write(f"{modules}\n")
+        return write(self, model, modules)
+
+    monkeypatch.setattr(StreamingCheckpoint, "write_modules", recording)
+    compress(directory, tmp_path / "ddp", processes=2)
+    assert writes.read_text().splitlines()[0] == "model.layers.2"  # 0 and 1 kept
+    assert_same_checkpoint(tmp_path / "single", tmp_path / "ddp")
