@@ -39,6 +39,7 @@ from lightning_compress.modifiers.layerwise_split import (
     CompressedLayer,
     StackOutcome,
     assign_owners,
+    join_row_slices,
     share_outcomes,
 )
 from lightning_compress.modifiers.tied_weights import untie_weights
@@ -181,6 +182,44 @@ class LayerwiseModifier(Modifier, register=False):
             False by default: a stack is computed whole.
         """
         return False
+
+    def row_divisible(self, name: str) -> bool:
+        """Whether layer ``name`` may be computed in row slices (:meth:`compress_rows`, on
+        different ranks) joined by :meth:`join_rows` into what one call would give.
+
+        Args:
+            name: a pending layer, alone in its part of a stack.
+
+        Returns:
+            False by default: a layer is computed whole.
+        """
+        return False
+
+    def compress_rows(self, name: str, statistics: Any, rows: tuple[int, int]) -> CompressedLayer:
+        """Computes the rows ``[start, stop)`` of layer ``name`` compressed (only for layers
+        :meth:`row_divisible` allows).
+
+        Args:
+            name: the layer.
+            statistics: its reduced input statistics.
+            rows: ``(start, stop)``.
+
+        Returns:
+            The slice's result.
+        """
+        raise NotImplementedError
+
+    def join_rows(self, name: str, slices: list[CompressedLayer]) -> CompressedLayer:
+        """Joins the results of :meth:`compress_rows` for layer ``name``, in row order.
+
+        Args:
+            name: the layer.
+            slices: its slices' results, covering its rows in order.
+
+        Returns:
+            The layer's result.
+        """
+        raise NotImplementedError
 
     def compress_data_free(self, name: str) -> CompressedLayer:
         """Computes layer ``name`` compressed from its weight alone, without changing it.
@@ -391,13 +430,22 @@ class LayerwiseModifier(Modifier, register=False):
         self._log(state, losses, seconds)
         return {name: results[name] for name in names}
 
-    def _compute_stack(self, stack: list[str], statistics: Mapping[str, Any]) -> StackOutcome:
-        """``stack`` computed by :meth:`compress_stack`, or by the data-free method when it
-        fails in a way :meth:`recoverable` accepts."""
+    def _compute_stack(
+        self,
+        stack: list[str],
+        statistics: Mapping[str, Any],
+        rows: tuple[int, int] | None = None,
+    ) -> StackOutcome:
+        """``stack`` computed by :meth:`compress_stack` (the ``rows`` of its one layer by
+        :meth:`compress_rows`), or whole by the data-free method when it fails in a way
+        :meth:`recoverable` accepts."""
         begin = time.perf_counter()
         fallback = None
         try:
-            computed = self.compress_stack(stack, statistics[stack[0]])
+            if rows is None:
+                computed = self.compress_stack(stack, statistics[stack[0]])
+            else:
+                computed = {stack[0]: self.compress_rows(stack[0], statistics[stack[0]], rows)}
         except Exception as err:
             if not self.recoverable(err):
                 raise
@@ -413,17 +461,17 @@ class LayerwiseModifier(Modifier, register=False):
         rank, world_size = rank_and_world_size()
         weights = {name: self._pending[name].module.weight for stack in stacks for name in stack}
         shapes = {name: weight.shape for name, weight in weights.items()}
-        plan = assign_owners(stacks, shapes, self.divisible, world_size)
+        plan = assign_owners(stacks, shapes, self.divisible, world_size, self.row_divisible)
         local: dict[int, StackOutcome] = {}
         error = None
         try:
-            for index, (names, owner) in enumerate(plan):
+            for index, (names, owner, rows) in enumerate(plan):
                 if owner == rank:
-                    local[index] = self._compute_stack(names, statistics)
+                    local[index] = self._compute_stack(names, statistics, rows)
         except Exception as err:  # raised on every rank by share_outcomes
             error = err
         devices = {name: weight.device for name, weight in weights.items()}
-        return share_outcomes(plan, local, error, devices)
+        return join_row_slices(plan, share_outcomes(plan, local, error, devices), self.join_rows)
 
     def _starved(self, statistics: Mapping[str, Any]) -> list[str]:
         """The layers with too few tokens whose block had tokens (they fall back), after

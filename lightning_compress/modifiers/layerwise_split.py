@@ -7,10 +7,20 @@ calibration, so solving every layer on every rank repeats the work N times. Inst
 :func:`share_outcomes` broadcasts its result (the new weight and every buffer: scales, zero
 points, ``g_idx``) so that all ranks end bit-identical. A failure on an owner reaches every
 rank as the same error, before any broadcast, so no rank waits for a result that never comes.
+
+A layer too costly for one rank (``down_proj`` is about half of a Llama block's solve) is
+split by rows, where the method treats rows independently (GPTQ, SparseGPT with N:M masks):
+each of its slices is solved on its own rank (the Hessian's inversion, ``cols**3``, is
+repeated by each) and :func:`join_row_slices` puts the layer back together. Slices start at
+multiples of :data:`ROW_ALIGN` rows, so each slice's rows sit in the same SIMD lanes as in the
+whole layer's products and reductions (which made the split bit-identical to one sweep on
+the CPUs measured; a BLAS whose per-element rounding depends on the matrix width could move
+a value that sits on a rounding tie, the ranks still ending identical).
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -27,12 +37,18 @@ from lightning_compress.core.distributed import (
 
 __all__ = [
     "CompressedLayer",
+    "ROW_ALIGN",
     "OwnedStack",
     "StackOutcome",
     "assign_owners",
+    "join_row_slices",
+    "row_bounds",
     "share_outcomes",
     "solve_cost",
 ]
+
+ROW_ALIGN = 64
+"""Row slices of a split layer start at multiples of this many rows."""
 
 
 @dataclass
@@ -71,10 +87,12 @@ class OwnedStack(NamedTuple):
     Args:
         names: the layers (part or all of a stack).
         owner: the rank that computes them.
+        rows: ``(start, stop)``: only these rows of the one layer in ``names``; None: whole.
     """
 
     names: list[str]
     owner: int
+    rows: tuple[int, int] | None = None
 
 
 def solve_cost(rows: int, cols: int) -> float:
@@ -96,12 +114,16 @@ def assign_owners(
     shapes: Mapping[str, Sequence[int]],
     divisible: Callable[[list[str]], bool],
     world_size: int,
+    row_divisible: Callable[[str], bool] = lambda name: False,
 ) -> list[OwnedStack]:
     """Splits ``stacks`` among the ranks, balancing the estimated cost.
 
     The layers of a divisible stack are assigned one by one (each costing
     :func:`solve_cost` of its own weight); those of an indivisible stack together. The layers
     of one stack that land on one rank are computed there together, in the stack's order.
+    Then, while it shortens the busiest rank's estimated time, the costliest layer that
+    ``row_divisible`` allows is cut into one more row slice (at most ``world_size``, each
+    paying the whole ``cols**3`` of the inversion, each at least :data:`ROW_ALIGN` rows).
     The owners follow from the names and shapes alone, so every rank agrees without talking.
 
     Args:
@@ -110,22 +132,142 @@ def assign_owners(
         divisible: whether the layers of a stack can be computed in separate calls with the
             results they get together.
         world_size: the number of ranks.
+        row_divisible: whether a layer (alone in its part) may be computed in row slices.
 
     Returns:
-        The parts and their owners: by stack, then by owner.
+        The parts and their owners: by stack, then by owner, then by rows.
     """
     units: list[tuple[int, list[str]]] = []  # (stack index, layers owned together)
     for index, stack in enumerate(stacks):
         parts = [[name] for name in stack] if divisible(stack) else [list(stack)]
         units.extend((index, part) for part in parts)
-    costs = [
-        solve_cost(sum(shapes[name][0] for name in part), shapes[part[0]][1]) for _, part in units
-    ]
+    slices = [1] * len(units)
+    best = _pieces_and_owners(units, slices, shapes, world_size)
+    while True:
+        cut = _next_cut(units, slices, shapes, world_size, row_divisible)
+        if cut is None:
+            break
+        slices[cut] += 1
+        tried = _pieces_and_owners(units, slices, shapes, world_size)
+        if tried[0] >= best[0]:
+            slices[cut] -= 1
+            break
+        best = tried
+    grouped: dict[tuple[int, int, tuple[int, int] | None], list[str]] = {}
+    for (index, part, rows), owner in best[1]:
+        grouped.setdefault((index, owner, rows), []).extend(part)
+    order = sorted(grouped, key=lambda key: (key[0], key[1], key[2] or (0, 0)))
+    return [OwnedStack(grouped[key], key[1], key[2]) for key in order]
+
+
+_Piece = tuple[int, list[str], tuple[int, int] | None]
+"""A stack index, the layers owned together and their row slice (None: whole)."""
+
+
+def _pieces_and_owners(
+    units: Sequence[tuple[int, list[str]]],
+    slices: Sequence[int],
+    shapes: Mapping[str, Sequence[int]],
+    world_size: int,
+) -> tuple[float, list[tuple[_Piece, int]]]:
+    """Cuts each unit into its number of row slices and assigns the pieces (LPT).
+
+    Returns:
+        The busiest rank's estimated cost and each piece with its owner.
+    """
+    pieces: list[_Piece] = []
+    costs: list[float] = []
+    for (index, part), count in zip(units, slices, strict=True):
+        rows, cols = sum(shapes[name][0] for name in part), shapes[part[0]][1]
+        if count == 1:
+            pieces.append((index, part, None))
+            costs.append(solve_cost(rows, cols))
+            continue
+        bounds = row_bounds(rows, count)
+        for start, stop in itertools.pairwise(bounds):
+            pieces.append((index, part, (start, stop)))
+            costs.append(solve_cost(stop - start, cols))
     owners = balanced_owners(costs, world_size)
-    grouped: dict[tuple[int, int], list[str]] = {}
-    for (index, part), owner in zip(units, owners, strict=True):
-        grouped.setdefault((index, owner), []).extend(part)
-    return [OwnedStack(names, owner) for (_, owner), names in sorted(grouped.items())]
+    loads = [0.0] * world_size
+    for owner, cost in zip(owners, costs, strict=True):
+        loads[owner] += cost
+    return max(loads), list(zip(pieces, owners, strict=True))
+
+
+def _next_cut(
+    units: Sequence[tuple[int, list[str]]],
+    slices: Sequence[int],
+    shapes: Mapping[str, Sequence[int]],
+    world_size: int,
+    row_divisible: Callable[[str], bool],
+) -> int | None:
+    """The unit whose slices are the costliest among those that can take one more, or None."""
+    best, chosen = -1.0, None
+    for unit, ((_, part), count) in enumerate(zip(units, slices, strict=True)):
+        rows, cols = shapes[part[0]]
+        fits = count < world_size and rows // ROW_ALIGN > count
+        if len(part) != 1 or not fits or not row_divisible(part[0]):
+            continue
+        cost = solve_cost(-(-rows // count), cols)
+        if cost > best:
+            best, chosen = cost, unit
+    return chosen
+
+
+def row_bounds(rows: int, count: int) -> list[int]:
+    """Cuts ``rows`` into ``count`` near-equal slices starting at multiples of :data:`ROW_ALIGN`.
+
+    Args:
+        rows: the layer's rows.
+        count: the number of slices (at most ``rows // ROW_ALIGN``).
+
+    Returns:
+        The ``count + 1`` bounds, from 0 to ``rows``, increasing.
+
+    Raises:
+        ValueError: when ``rows`` has fewer than ``count`` aligned starts.
+    """
+    if not 1 <= count <= max(rows // ROW_ALIGN, 1):
+        raise ValueError(
+            f"count={count!r} is invalid for {rows} rows: expected 1 to {rows // ROW_ALIGN}"
+        )
+    half = count * ROW_ALIGN // 2
+    starts = [(rows * i + half) // (count * ROW_ALIGN) * ROW_ALIGN for i in range(count)]
+    return [*starts, rows]
+
+
+def join_row_slices(
+    plan: Sequence[OwnedStack],
+    outcomes: Sequence[StackOutcome],
+    join: Callable[[str, list[CompressedLayer]], CompressedLayer],
+) -> list[StackOutcome]:
+    """Puts the row slices of split layers back together.
+
+    Args:
+        plan: the parts (:func:`assign_owners`).
+        outcomes: their outcomes, in the order of ``plan``.
+        join: the method's joining of one layer's slice results, in row order.
+
+    Returns:
+        The outcomes of the whole parts, then one per split layer (its time: the slices'
+        sum). A split layer that fell back to the data-free method keeps its first slice's
+        whole-layer result (every slice fell back alike: the Hessian decides).
+    """
+    whole = [outcome for part, outcome in zip(plan, outcomes, strict=True) if part.rows is None]
+    sliced: dict[str, list[tuple[tuple[int, int], StackOutcome]]] = {}
+    for part, outcome in zip(plan, outcomes, strict=True):
+        if part.rows is not None:
+            sliced.setdefault(part.names[0], []).append((part.rows, outcome))
+    for name, parts in sliced.items():
+        parts.sort(key=lambda item: item[0])
+        seconds = sum(outcome.seconds for _, outcome in parts)
+        first = parts[0][1]
+        if first.fallback is not None:
+            whole.append(StackOutcome(first.results, seconds, first.fallback))
+            continue
+        joined = join(name, [outcome.results[name] for _, outcome in parts])
+        whole.append(StackOutcome({name: joined}, seconds))
+    return whole
 
 
 def share_outcomes(

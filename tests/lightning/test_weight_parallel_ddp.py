@@ -1,6 +1,6 @@
 """Two CPU processes (ddp_fork, gloo): each GPTQ / SparseGPT layer and each AWQ mapping is
-solved on one rank only, its result broadcast, and the ranks end with the weights of one
-process, bit for bit."""
+solved on one rank only (a layer too costly for one rank: in row slices on both), its result
+broadcast, and the ranks end with the weights of one process, bit for bit."""
 
 from __future__ import annotations
 
@@ -29,6 +29,10 @@ CONFIG = TinyDecoderConfig(
 SOLVED: list[str] = []  # the layers this process solved (each forked rank has its own copy)
 FAILING = "k_proj"
 QUANTIZE = GPTQModifier.compress_stack
+QUANTIZE_ROWS = GPTQModifier.compress_rows
+WIDE = TinyDecoderConfig(  # down_proj [128, 512]: alone in its group, most of a block's solve
+    hidden_size=128, intermediate_size=512, num_layers=2, num_heads=4, vocab_size=64
+)
 COMPUTE_LAYERS = GPTQModifier.compute_layers
 
 
@@ -40,6 +44,12 @@ def counting(method: Callable[..., Any]) -> Callable[..., Any]:
         return method(self, stack, statistics)
 
     return compress_stack
+
+
+def counting_slices(self: Modifier, name: str, statistics: Any, rows: tuple[int, int]) -> Any:
+    """``compress_rows`` recording each slice it solves in ``SOLVED``."""
+    SOLVED.append(f"{name}[{rows[0]}:{rows[1]}]")
+    return QUANTIZE_ROWS(self, name, statistics, rows)
 
 
 def counting_searches(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -162,3 +172,37 @@ def test_an_error_on_the_owner_rank_is_raised_on_every_rank(tmp_path, monkeypatc
     errors = [(tmp_path / "ddp" / f"error{rank}.txt").read_text() for rank in (0, 1)]
     assert errors[0] == errors[1]
     assert errors[0].startswith("ValueError: cannot quantize ['model.layers.0.self_attn.k_proj'")
+
+
+def test_a_layer_too_costly_for_one_rank_is_solved_in_row_slices_like_one_process(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(GPTQModifier, "compress_stack", counting(QUANTIZE))
+    monkeypatch.setattr(GPTQModifier, "compress_rows", counting_slices)
+    weights = {"num_bits": 4, "strategy": "group", "group_size": 32}
+    groups = {"w4": {"targets": ["Linear"], "weights": weights}}
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    calibrate_tiny_decoder_in(single, groups, devices=1)
+    calibrate_tiny_decoder_in(ddp, groups, devices=2, strategy="ddp_fork")
+
+    assert not any("[" in layer for layer in json.loads((single / "solved0.json").read_text()))
+    solved = [json.loads((ddp / f"solved{rank}.json").read_text()) for rank in (0, 1)]
+    for block in (0, 1):  # each down_proj: one half of its rows on each rank, solved once
+        down = f"model.layers.{block}.mlp.down_proj"
+        assert [s for s in solved[0] if s.startswith(down)] == [f"{down}[0:64]"]
+        assert [s for s in solved[1] if s.startswith(down)] == [f"{down}[64:128]"]
+    expected = torch.load(single / "rank0.pt", weights_only=True)
+    for rank in (0, 1):
+        state = torch.load(ddp / f"rank{rank}.pt", weights_only=True)
+        assert state.keys() == expected.keys()
+        for name, tensor in state.items():
+            assert torch.equal(tensor, expected[name]), name  # slices of one sweep, bit for bit
+
+
+def calibrate_tiny_decoder_in(directory: Path, groups: dict[str, Any], **kwargs: Any) -> None:
+    """GPTQ ``groups`` on the ``WIDE`` decoder, recording what each rank solved."""
+    directory.mkdir()
+    SOLVED.clear()
+    modifiers = [GPTQModifier(config_groups=groups)]
+    callbacks = [RecordSolved(directory)]
+    calibrate_tiny_decoder(directory, modifiers, WIDE, callbacks=callbacks, **kwargs)

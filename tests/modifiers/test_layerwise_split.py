@@ -3,6 +3,7 @@ tests/lightning/test_weight_parallel_ddp.py, runs them on 2 ranks)."""
 
 from __future__ import annotations
 
+import itertools
 import pickle
 from itertools import product
 
@@ -14,14 +15,19 @@ from lightning_compress.core.distributed import (
     balanced_owners,
     broadcast_tensors_,
 )
+from lightning_compress.modifiers import GPTQModifier
+from lightning_compress.modifiers.layerwise_modifier import PendingLayer
 from lightning_compress.modifiers.layerwise_split import (
+    ROW_ALIGN,
     CompressedLayer,
     OwnedStack,
     StackOutcome,
     assign_owners,
+    row_bounds,
     share_outcomes,
     solve_cost,
 )
+from lightning_compress.modifiers.quantization.args import QuantizationArgs, QuantizationScheme
 
 
 def best_makespan(costs: list[float], world_size: int) -> float:
@@ -105,3 +111,40 @@ def test_an_error_that_cannot_be_pickled_travels_as_its_type_and_message():
     assert str(error) == "Local: the Hessian of layer 'q' is singular"
     kept = _portable(ValueError("plain"))
     assert type(kept) is ValueError and pickle.dumps(kept)
+
+
+def test_row_slices_start_on_aligned_rows_and_cover_the_layer():
+    assert row_bounds(4096, 2) == [0, 2048, 4096]
+    for rows, count in ((300, 3), (1000, 7), (128, 2), (64, 1)):
+        bounds = row_bounds(rows, count)
+        assert bounds[0] == 0 and bounds[-1] == rows and len(bounds) == count + 1
+        assert all(a < b for a, b in itertools.pairwise(bounds))
+        assert all(start % ROW_ALIGN == 0 for start in bounds[:-1])
+    with pytest.raises(ValueError, match="count=3 is invalid for 128 rows"):
+        row_bounds(128, 3)
+
+
+def test_only_a_dominant_row_divisible_layer_is_split_each_slice_on_its_own_rank():
+    shapes = {"q": (128, 128), "o": (128, 128), "down": (1024, 256), "tiny": (256, 64)}
+    stacks = [["q"], ["o"], ["down"], ["tiny"]]
+    plan = assign_owners(stacks, shapes, lambda stack: True, 2, lambda name: name != "tiny")
+    down = [part for part in plan if part.names == ["down"]]
+    assert [(part.rows, part.owner) for part in down] == [((0, 512), 0), ((512, 1024), 1)]
+    assert all(part.rows is None for part in plan if part.names != ["down"])
+    # one rank, or no layer allowed: nothing is cut
+    assert all(part.rows is None for part in assign_owners(stacks, shapes, bool, 1, bool))
+    assert all(part.rows is None for part in assign_owners(stacks, shapes, bool, 2))
+    # a layer that already balances the others stays whole: slices would only add inversions
+    even = {"a": (1024, 1024), "b": (256, 1024), "c": (256, 1024), "d": (512, 1024)}
+    balanced = assign_owners([["a"], ["b", "c", "d"]], even, bool, 2, bool)
+    assert all(part.rows is None for part in balanced)
+
+
+def test_gptq_splits_rows_only_for_per_row_qparams():
+    modifier = GPTQModifier(scheme="W4A16")
+    for strategy, expected in (("channel", True), ("group", True), ("tensor", False)):
+        size = 32 if strategy == "group" else None
+        weights = QuantizationArgs(num_bits=4, strategy=strategy, group_size=size)
+        scheme = QuantizationScheme(["Linear"], weights, None, None)
+        modifier._pending = {"layer": PendingLayer(torch.nn.Linear(64, 128), scheme)}
+        assert modifier.row_divisible("layer") is expected, strategy

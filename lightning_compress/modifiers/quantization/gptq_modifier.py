@@ -170,6 +170,66 @@ class GPTQModifier(LayerwiseQuantization, HessianMethod):
         """
         return self._pending[stack[0]].settings.weights.strategy != "tensor_group"
 
+    def row_divisible(self, name: str) -> bool:
+        """GPTQ sweeps each row with its own error and keeps per-row qparams for strategies
+        ``channel`` and ``group``, so those layers may be quantized in row slices; the
+        qparams of the others couple rows (a per-tensor scale or global scale, tiles).
+
+        Args:
+            name: a pending layer.
+
+        Returns:
+            Whether its weight may be quantized in row slices.
+        """
+        return self._pending[name].settings.weights.strategy in ("channel", "group")
+
+    def compress_rows(
+        self, name: str, statistics: HessianAccumulator, rows: tuple[int, int]
+    ) -> CompressedLayer:
+        """GPTQ on the rows ``[start, stop)`` of layer ``name``'s weight.
+
+        The column order (``actorder``) and ``g_idx`` come from the Hessian alone, so every
+        slice gets the whole layer's; the slice's weight, qparams and loss are the whole
+        layer's rows.
+
+        Args:
+            name: a layer that :meth:`row_divisible` allows.
+            statistics: its reduced Hessian.
+            rows: ``(start, stop)``.
+
+        Returns:
+            The slice's quantized weight, its rows of ``weight_scale`` and
+            ``weight_zero_point``, the layer's other buffers and the slice's loss.
+        """
+        result = self._gptq([name], statistics.hessian(), rows)
+        g_idx = result.g_idx if self._reorders_groups(self._pending[name][1].weights) else None
+        return quantized_layer(
+            result.weight_q,
+            result.scale,
+            result.zero_point,
+            self._observers.get(name),
+            g_idx,
+            loss=result.loss,
+        )
+
+    def join_rows(self, name: str, slices: list[CompressedLayer]) -> CompressedLayer:
+        """Layer ``name`` from its row slices (:meth:`compress_rows`), in row order.
+
+        Args:
+            name: the layer.
+            slices: its slices' results, covering its rows in order.
+
+        Returns:
+            The weight and per-row qparams stacked, the other buffers of the first slice
+            (the same in all) and the losses summed.
+        """
+        first = slices[0]
+        buffers = dict(first.buffers)
+        for key in ("weight_scale", "weight_zero_point"):
+            buffers[key] = torch.cat([piece.buffers[key] for piece in slices])
+        weight = torch.cat([piece.weight for piece in slices])
+        return CompressedLayer(weight, buffers, sum(piece.loss for piece in slices))
+
     def compress_stack(
         self, stack: list[str], statistics: HessianAccumulator
     ) -> dict[str, CompressedLayer]:
@@ -210,9 +270,14 @@ class GPTQModifier(LayerwiseQuantization, HessianMethod):
                 layer.buffers["weight_global_scale"] = result.global_scale.clone()
         return layers
 
-    def _gptq(self, stack: list[str], hessian: Tensor) -> GPTQResult:
-        """GPTQ for the pending layers ``stack`` (sharing ``hessian``); errors name them."""
+    def _gptq(
+        self, stack: list[str], hessian: Tensor, rows: tuple[int, int] | None = None
+    ) -> GPTQResult:
+        """GPTQ for the pending layers ``stack`` (sharing ``hessian``), or for the rows
+        ``[start, stop)`` of their stacked weight; errors name them."""
         weight = torch.cat([self._pending[name][0].weight.detach() for name in stack])
+        if rows is not None:
+            weight = weight[rows[0] : rows[1]]
         args = self._pending[stack[0]][1].weights
         actorder = self._actorder(args)
 
