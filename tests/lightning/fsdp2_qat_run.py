@@ -4,7 +4,8 @@ Run by the test as ``python fsdp2_qat_run.py single|ddp|fsdp2 OUT_DIR``; for ``d
 ``fsdp2`` (``ModelParallelStrategy``) Lightning relaunches this script for rank 1 (2 CPU
 processes). Rank 0 writes
 the model's full state after the last step to ``OUT_DIR/state.pt``, with whether its weights
-and masks were sharded.
+and masks were sharded; each rank writes what the sparsity and coverage reports say at the
+end to ``OUT_DIR/reported_RANK.pt``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 from export_models import prune_2_4, tiny_model, token_ids  # noqa: E402
 
 from lightning_compress import Compressor  # noqa: E402
+from lightning_compress.core import model_sparsity  # noqa: E402
 from lightning_compress.lightning.language_model import CausalLMModule  # noqa: E402
 from lightning_compress.modifiers import QuantizationModifier  # noqa: E402
 from lightning_compress.modifiers.pruning import ConstantPruningModifier  # noqa: E402
@@ -82,6 +84,17 @@ class FinalState(Callback):
         }
         if trainer.global_rank == 0:
             torch.save(report, self.out / "state.pt")
+
+    def on_train_end(self, trainer, pl_module):
+        """Each rank saves what the reports say of the trained model (after the Compressor's
+        summary): its sparsity, and the layers the summary and the coverage see as pruned."""
+        summary = next(item for item in trainer.callbacks if isinstance(item, Compressor)).summary
+        reported = {
+            "sparsity": model_sparsity(pl_module),
+            "sparse": summary.sparse,
+            "compressed": summary.coverage.compressed,
+        }
+        torch.save(reported, self.out / f"reported_{trainer.global_rank}.pt")
 
 
 def windows() -> torch.Tensor:

@@ -1,7 +1,8 @@
 """DDP and FSDP2 (ModelParallelStrategy), 2 CPU processes each, train a tiny Hugging Face
 Llama for four steps with QAT (asymmetric 4-bit weights, moving-average static inputs) and
 kept 2:4 zeros like one process, up to float rounding (why symmetric weights cannot be
-compared over several steps: ``fsdp2_qat_run.STEPS``); under FSDP2 a GPTQ one-shot stage
+compared over several steps: ``fsdp2_qat_run.STEPS``), and every rank reports the whole
+model's sparsity and pruned layers as one process does; under FSDP2 a GPTQ one-shot stage
 runs on the whole model and the trained model's checkpoint is the one process's."""
 
 from __future__ import annotations
@@ -35,7 +36,10 @@ def launch(script: Path, mode: str, out: Path) -> None:
 
 def run(mode: str, out: Path) -> dict:
     launch(SCRIPT, mode, out)
-    return torch.load(out / "state.pt", weights_only=True)
+    report = torch.load(out / "state.pt", weights_only=True)
+    reported = sorted(out.glob("reported_*.pt"))
+    report["reported"] = [torch.load(path, weights_only=True) for path in reported]
+    return report
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +64,20 @@ def test_qat_with_masks_trains_like_one_process_with_the_state_sharded_under_fsd
     for name, tensor in state.items():
         if name.endswith("_proj.parametrizations.weight.original"):
             assert (tensor == 0).float().mean().item() == 0.5, name
+
+    # Every rank reports the whole model's sparsity and pruned layers, as one process does.
+    (expected,) = single["reported"]
+    assert len(report["reported"]) == 2
+    assert set(expected["sparse"].values()) == {"2:4 sparse"}
+    for reported in report["reported"]:
+        assert reported["sparse"] == expected["sparse"]
+        assert reported["compressed"] == expected["compressed"]
+        assert reported["sparsity"].keys() == expected["sparsity"].keys()
+        # Zeros beyond the masks are weights fake-quantized to their zero point: float
+        # rounding may move one of them across a rounding boundary (1/1024 of the smallest
+        # layer); measured, the counts agree exactly.
+        for name, sparsity in expected["sparsity"].items():
+            assert reported["sparsity"][name] == pytest.approx(sparsity, abs=1e-3), name
 
 
 def int4_codes(packed: torch.Tensor) -> torch.Tensor:
