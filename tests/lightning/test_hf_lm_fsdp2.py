@@ -74,7 +74,7 @@ def test_qat_with_masks_trains_like_one_process_with_the_state_sharded_under_fsd
         assert reported["compressed"] == expected["compressed"]
         assert reported["sparsity"].keys() == expected["sparsity"].keys()
         # Zeros beyond the masks are weights fake-quantized to their zero point: float
-        # rounding may move one of them across a rounding boundary (1/1024 of the smallest
+        # rounding may move one of them across a rounding boundary (1/2048 of the smallest
         # layer); measured, the counts agree exactly.
         for name, sparsity in expected["sparsity"].items():
             assert reported["sparsity"][name] == pytest.approx(sparsity, abs=1e-3), name
