@@ -29,6 +29,7 @@ import torch
 from loguru import logger
 from torch import nn
 
+from lightning_compress.lightning.out_of_core import choose_out_of_core
 from lightning_compress.modifiers.tied_weights import untie_weights
 from lightning_compress.pipelines.calibration_data import calibration_samples
 from lightning_compress.pipelines.checkpoint_source import CheckpointSource
@@ -303,17 +304,20 @@ def _model(call: _Call) -> None:
     revision = options.get("model_revision", "main")
     if precision not in PRECISIONS:
         raise ValueError(f"precision: expected one of {list(PRECISIONS)}, got {precision!r}")
-    if isinstance(model, str | os.PathLike) and call.arguments.get("out_of_core"):
+    if isinstance(model, str | os.PathLike):
+        call.source = _checkpoint(model, revision, "model")
+        call.arguments["out_of_core"] = choose_out_of_core(
+            call.arguments["out_of_core"], call.source, _in_memory_only(call.arguments, precision)
+        )
+    if isinstance(model, str | os.PathLike) and call.arguments["out_of_core"]:
         if precision != "auto":
             raise ValueError(
                 f"precision={precision!r}: out_of_core keeps the checkpoint's dtype (each block "
                 f"is read as it is stored); leave precision='auto'"
             )
-        call.source = _checkpoint(model, revision, "model")
         source = CheckpointSource(call.source)
         call.arguments["model"], model = source, source.model
     elif isinstance(model, str | os.PathLike):
-        call.source = _checkpoint(model, revision, "model")
         call.arguments["model"] = model = load_model(
             call.source, PRECISIONS[precision], keep_quantization=False
         )
@@ -327,6 +331,16 @@ def _model(call: _Call) -> None:
         call.source = _cached(getattr(getattr(model, "config", None), "_name_or_path", None))
     if options.get("tie_word_embeddings", True) is False and isinstance(model, nn.Module):
         _untie_output_embeddings(model)
+
+
+def _in_memory_only(arguments: Mapping[str, Any], precision: str) -> list[str]:
+    """What makes a run compress a checkpoint in memory (see ``choose_out_of_core``)."""
+    blockers = [] if arguments["output_dir"] is not None else ["no output_dir is given"]
+    if precision != "auto":
+        blockers.append(f"precision={precision!r} casts it")
+    if arguments["pipeline"] == "basic":
+        blockers.append("pipeline='basic' calibrates the whole model at once")
+    return blockers
 
 
 def _module(model: Any) -> Any:

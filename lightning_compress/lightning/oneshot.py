@@ -63,7 +63,7 @@ def oneshot(
     progress: bool = True,
     summary: CompressionSummary | None = None,
     strict: bool = False,
-    out_of_core: bool = False,
+    out_of_core: bool | str = "auto",
 ) -> nn.Module:
     """Compress ``model`` after training: calibrate on ``dataset`` and apply ``recipe``.
 
@@ -161,7 +161,7 @@ def oneshot(
         strict: refuse, before the model changes, a recipe that leaves a weight of the
             decoder blocks out (neither targeted nor ignored) or has an ``ignore`` pattern
             that matches nothing.
-        out_of_core: compress ``model``, a local checkpoint directory with safetensors
+        out_of_core: True: compress ``model``, a local checkpoint directory with safetensors
             shards, without loading it: the model is built empty from its config and each
             decoder block is read from the shards, calibrated, compressed, written to
             ``output_dir`` (required) and freed, so memory holds one block, the modules
@@ -172,7 +172,9 @@ def oneshot(
             is refused, naming what differs. Runs the sequential pipeline; under several
             processes (``devices``/``strategy``) each rank reads every block and calibrates
             it on its share of the data, each layer is solved on one rank, and rank zero
-            alone writes ``output_dir``.
+            alone writes ``output_dir``. False: load it. ``"auto"`` (default), for a
+            directory: out of core when its weights take more than half the available
+            memory and ``output_dir`` is given (``choose_out_of_core`` logs the choice).
         **llmcompressor_keywords: llm-compressor's other ``oneshot`` keywords.
 
     Returns:
@@ -207,11 +209,13 @@ def oneshot(
     if isinstance(model, CheckpointSource):
         residency = CheckpointResidency(model)
         model = model.model
-    elif out_of_core:
+    elif out_of_core is True:
         raise ValueError(
             f"out_of_core: reads the model from its checkpoint directory; pass the directory "
             f"as model, not a {type(model).__name__}"
         )
+    elif out_of_core not in (False, "auto"):
+        raise ValueError(f"out_of_core: expected True, False or 'auto', got {out_of_core!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if trainer is not None and (devices, strategy, trainer_kwargs) != (None, None, None):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,6 +85,12 @@ class CheckpointFiles:
             raise KeyError(f"the checkpoint {str(self.directory)!r} has no tensor {name!r}")
         with safe_open(info.file, framework="pt") as handle:
             return handle.get_tensor(name)
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes of every stored tensor (what the weights take in memory), from the
+        files' headers."""
+        return sum(math.prod(info.shape) * info.dtype.itemsize for info in self.tensors.values())
 
     def floating_dtype(self) -> torch.dtype | None:
         """The dtype of the first floating-point tensor stored (what transformers loads in
