@@ -21,6 +21,7 @@ from lightning_compress.evaluate import evaluation_samples
 from lightning_compress.lightning.cli import language_model
 from lightning_compress.lightning.model_free_command import add_model_free_options, run_model_free
 from lightning_compress.lightning.oneshot import oneshot
+from lightning_compress.lightning.out_of_core import choose_out_of_core
 from lightning_compress.pipelines.calibration_data import Sample
 from lightning_compress.pipelines.checkpoint_source import CheckpointSource
 from lightning_compress.pretrained import default_seq_length, load_pretrained, torch_dtype
@@ -116,11 +117,16 @@ def compress_parser() -> ArgumentParser:
         "--output_dir", type=str | None, default=None, help="save the compressed model here"
     )
     add_flag(parser, "--overwrite_output_dir", "replace --output_dir if it is not empty")
-    add_flag(
-        parser,
+    parser.add_argument(
         "--out_of_core",
-        "compress --model (a checkpoint directory) one decoder block in memory at a time, "
-        "writing each to --output_dir as it is done; a stopped run resumes when started again",
+        type=bool | Literal["auto"],
+        nargs="?",
+        const=True,
+        default="auto",
+        help="compress --model (a checkpoint directory) one decoder block in memory at a time, "
+        "writing each to --output_dir as it is done; a stopped run resumes when started "
+        "again. auto (default): when the weights take more than half the available memory "
+        "and --output_dir is given",
     )
     add_flag(
         parser,
@@ -168,6 +174,7 @@ def run_compress(argv: list[str], verbose: bool = False) -> nn.Module | None:
     if config.seed_everything is not None:
         pl.seed_everything(config.seed_everything, verbose=False)
     summary = CompressionSummary()
+    config.out_of_core = _out_of_core(config)
     with summary.phase("load"):
         if config.out_of_core:
             source, tokenizer = _checkpoint_source(parser, config)
@@ -234,6 +241,22 @@ def _check_output_dir(parser: ArgumentParser, config: Namespace) -> None:
             f"--output_dir {output_dir!r} exists and is not empty; choose another directory "
             f"or add --overwrite_output_dir to replace it"
         )
+
+
+def _out_of_core(config: Namespace) -> bool:
+    """Whether ``--out_of_core`` (True, False or auto) reads ``--model`` block by block
+    (``choose_out_of_core``); auto is False for a model that is not a directory."""
+    if not isinstance(config.model, str):
+        return config.out_of_core is True
+    blockers = {
+        "no --output_dir is given": config.output_dir is None,
+        "--dtype casts it": config.dtype is not None,
+        "--eval_dataset evaluates it in memory": config.eval_dataset is not None,
+        "--pipeline basic calibrates the whole model at once": config.pipeline == "basic",
+    }
+    return choose_out_of_core(
+        config.out_of_core, config.model, [blocker for blocker, given in blockers.items() if given]
+    )
 
 
 def _checkpoint_source(parser: ArgumentParser, config: Namespace) -> tuple[CheckpointSource, Any]:
