@@ -3,7 +3,8 @@
 Calibrates a random bundled decoder (hidden 1024, MLP 2816, 16 / 4 heads, 4 blocks by default)
 with GPTQ W4 g128 under a Lightning Trainer on the CPU, once with one process and once with
 two (``ddp_fork``, gloo), one thread per process. Under DDP each layer is solved on one owner
-rank and broadcast (``modifiers/layerwise_split.py``). Measures the compression phase: every
+rank and broadcast, a layer too costly for one rank in row slices on several
+(``modifiers/layerwise_split.py``). Measures the compression phase: every
 call that reduces a group's Hessians, solves its layers and shares the results
 (``LayerwiseModifier.compute_layers``, entered by the ranks together, so the wait for a rank
 still running its forwards is left out), as wall-clock time on rank 0 and as CPU time on the
@@ -66,10 +67,12 @@ def timed_compute_layers(self: LayerwiseModifier, state: Any, names: list[str]) 
         SECONDS["cpu"] += time.process_time() - cpu
 
 
-def timed_compute_stack(self: LayerwiseModifier, stack: list[str], statistics: Any) -> Any:
+def timed_compute_stack(
+    self: LayerwiseModifier, stack: list[str], statistics: Any, rows: Any = None
+) -> Any:
     cpu = time.process_time()
     try:
-        return COMPUTE_STACK(self, stack, statistics)
+        return COMPUTE_STACK(self, stack, statistics, rows)
     finally:
         SECONDS["solve_cpu"] += time.process_time() - cpu
 

@@ -29,7 +29,6 @@ CONFIG = TinyDecoderConfig(
 SOLVED: list[str] = []  # the layers this process solved (each forked rank has its own copy)
 FAILING = "k_proj"
 QUANTIZE = GPTQModifier.compress_stack
-QUANTIZE_ROWS = GPTQModifier.compress_rows
 WIDE = TinyDecoderConfig(  # down_proj [128, 512]: alone in its group, most of a block's solve
     hidden_size=128, intermediate_size=512, num_layers=2, num_heads=4, vocab_size=64
 )
@@ -46,10 +45,14 @@ def counting(method: Callable[..., Any]) -> Callable[..., Any]:
     return compress_stack
 
 
-def counting_slices(self: Modifier, name: str, statistics: Any, rows: tuple[int, int]) -> Any:
+def counting_slices(method: Callable[..., Any]) -> Callable[..., Any]:
     """``compress_rows`` recording each slice it solves in ``SOLVED``."""
-    SOLVED.append(f"{name}[{rows[0]}:{rows[1]}]")
-    return QUANTIZE_ROWS(self, name, statistics, rows)
+
+    def compress_rows(self: Modifier, name: str, statistics: Any, rows: tuple[int, int]) -> Any:
+        SOLVED.append(f"{name}[{rows[0]}:{rows[1]}]")
+        return method(self, name, statistics, rows)
+
+    return compress_rows
 
 
 def counting_searches(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -177,17 +180,16 @@ def test_an_error_on_the_owner_rank_is_raised_on_every_rank(tmp_path, monkeypatc
 def test_a_layer_too_costly_for_one_rank_is_solved_in_row_slices_like_one_process(
     tmp_path, monkeypatch
 ):
-    monkeypatch.setattr(GPTQModifier, "compress_stack", counting(QUANTIZE))
-    monkeypatch.setattr(GPTQModifier, "compress_rows", counting_slices)
-    weights = {"num_bits": 4, "strategy": "group", "group_size": 32}
-    groups = {"w4": {"targets": ["Linear"], "weights": weights}}
+    for modifier in (GPTQModifier, SparseGPTModifier):
+        monkeypatch.setattr(modifier, "compress_stack", counting(modifier.compress_stack))
+        monkeypatch.setattr(modifier, "compress_rows", counting_slices(modifier.compress_rows))
     single, ddp = tmp_path / "single", tmp_path / "ddp"
-    calibrate_tiny_decoder_in(single, groups, devices=1)
-    calibrate_tiny_decoder_in(ddp, groups, devices=2, strategy="ddp_fork")
+    calibrate_wide_decoder(single, devices=1)
+    calibrate_wide_decoder(ddp, devices=2, strategy="ddp_fork")
 
     assert not any("[" in layer for layer in json.loads((single / "solved0.json").read_text()))
     solved = [json.loads((ddp / f"solved{rank}.json").read_text()) for rank in (0, 1)]
-    for block in (0, 1):  # each down_proj: one half of its rows on each rank, solved once
+    for block in (0, 1):  # each down_proj: half of its rows on each rank, solved once
         down = f"model.layers.{block}.mlp.down_proj"
         assert [s for s in solved[0] if s.startswith(down)] == [f"{down}[0:64]"]
         assert [s for s in solved[1] if s.startswith(down)] == [f"{down}[64:128]"]
@@ -199,10 +201,19 @@ def test_a_layer_too_costly_for_one_rank_is_solved_in_row_slices_like_one_proces
             assert torch.equal(tensor, expected[name]), name  # slices of one sweep, bit for bit
 
 
-def calibrate_tiny_decoder_in(directory: Path, groups: dict[str, Any], **kwargs: Any) -> None:
-    """GPTQ ``groups`` on the ``WIDE`` decoder, recording what each rank solved."""
+def calibrate_wide_decoder(directory: Path, **kwargs: Any) -> None:
+    """GPTQ W4 g32 on the ``WIDE`` decoder but the last down_proj, which SparseGPT prunes
+    2:4, recording what each rank solved."""
     directory.mkdir()
     SOLVED.clear()
-    modifiers = [GPTQModifier(config_groups=groups)]
+    pruned = "model.layers.1.mlp.down_proj"
+    weights = {"num_bits": 4, "strategy": "group", "group_size": 32}
+    modifiers = [
+        GPTQModifier(
+            config_groups={"w4": {"targets": ["Linear"], "weights": weights}},
+            ignore=["lm_head", pruned],
+        ),
+        SparseGPTModifier(sparsity=0.5, mask_structure="2:4", targets=[pruned]),
+    ]
     callbacks = [RecordSolved(directory)]
     calibrate_tiny_decoder(directory, modifiers, WIDE, callbacks=callbacks, **kwargs)

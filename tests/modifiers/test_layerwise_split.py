@@ -27,6 +27,7 @@ from lightning_compress.modifiers.layerwise_split import (
     share_outcomes,
     solve_cost,
 )
+from lightning_compress.modifiers.pruning import SparseGPTModifier
 from lightning_compress.modifiers.quantization.args import QuantizationArgs, QuantizationScheme
 
 
@@ -148,3 +149,15 @@ def test_gptq_splits_rows_only_for_per_row_qparams():
         scheme = QuantizationScheme(["Linear"], weights, None, None)
         modifier._pending = {"layer": PendingLayer(torch.nn.Linear(64, 128), scheme)}
         assert modifier.row_divisible("layer") is expected, strategy
+
+
+def test_sparsegpt_splits_rows_only_for_masks_chosen_per_row():
+    layer = PendingLayer(torch.nn.Linear(64, 128), None)
+    for settings, expected in (
+        ({"sparsity": 0.5, "mask_structure": "2:4"}, True),
+        ({"sparsity": 0.5}, False),  # an unstructured mask is chosen over all rows
+        ({"sparsity": 0.5, "mask_structure": "2:4", "preserve_sparsity_mask": True}, False),
+    ):
+        modifier = SparseGPTModifier(targets=["Linear"], **settings)
+        modifier._pending = {"layer": layer}
+        assert modifier.row_divisible("layer") is expected, settings

@@ -101,13 +101,84 @@ class SparseGPTModifier(CalibratedPruningModifier, HessianMethod):
         weights = [self._pending[name].module.weight.detach() for name in stack]
         if self.preserve_sparsity_mask:
             self._check_existing_sparsity(stack, weights)
-        stacked = torch.cat(weights)
         rows = [weight.shape[0] for weight in weights]
+        result = self._prune(stack, torch.cat(weights), statistics, rows)
+        if result.scale is not None:
+            qparams = {"weight_scale": result.scale, "weight_zero_point": result.zero_point}
+            return {stack[0]: CompressedLayer(result.weight, qparams, result.loss)}
+        parts = zip(stack, result.weight.split(rows), result.row_losses.split(rows), strict=True)
+        return {
+            name: CompressedLayer(weight, loss=row_losses.sum().item())
+            for name, weight, row_losses in parts
+        }
+
+    def row_divisible(self, name: str) -> bool:
+        """An N:M mask is chosen in each row apart, so an N:M layer may be pruned in row
+        slices, unless it keeps its zeros (``preserve_sparsity_mask`` checks the whole
+        layer) or is quantized again with qparams that couple rows (``tensor``).
+
+        Args:
+            name: a pending layer.
+
+        Returns:
+            Whether its weight may be pruned in row slices.
+        """
+        if self.structure is None or self.preserve_sparsity_mask:
+            return False
+        args = quantized_weight_args(name, self._pending[name].module)
+        return args is None or args.strategy in ("channel", "group")
+
+    def compress_rows(
+        self, name: str, statistics: HessianAccumulator, rows: tuple[int, int]
+    ) -> CompressedLayer:
+        """SparseGPT on the rows ``[start, stop)`` of layer ``name``'s weight.
+
+        Args:
+            name: a layer that :meth:`row_divisible` allows.
+            statistics: its reduced Hessian.
+            rows: ``(start, stop)``.
+
+        Returns:
+            The slice's pruned weight, its rows of the qparams (a layer quantized before)
+            and its loss.
+        """
+        weight = self._pending[name].module.weight.detach()[rows[0] : rows[1]]
+        result = self._prune([name], weight, statistics, None)
+        qparams = {}
+        if result.scale is not None:
+            qparams = {"weight_scale": result.scale, "weight_zero_point": result.zero_point}
+        return CompressedLayer(result.weight, qparams, result.loss)
+
+    def join_rows(self, name: str, slices: list[CompressedLayer]) -> CompressedLayer:
+        """Layer ``name`` from its row slices (:meth:`compress_rows`), in row order.
+
+        Args:
+            name: the layer.
+            slices: its slices' results, covering its rows in order.
+
+        Returns:
+            The weights and qparams stacked and the losses summed.
+        """
+        buffers = {
+            key: torch.cat([piece.buffers[key] for piece in slices]) for key in slices[0].buffers
+        }
+        weight = torch.cat([piece.weight for piece in slices])
+        return CompressedLayer(weight, buffers, sum(piece.loss for piece in slices))
+
+    def _prune(
+        self,
+        stack: list[str],
+        weight: Tensor,
+        statistics: HessianAccumulator,
+        rows: list[int] | None,
+    ) -> SparseGPTResult:
+        """SparseGPT on ``weight`` (the stacked weights of ``stack``, or rows of its one
+        layer), with the layers' Hessian; ``rows``: the stacked layers' row counts."""
         args = quantized_weight_args(stack[0], self._pending[stack[0]].module)
 
         def prune(hessian: Tensor) -> SparseGPTResult:
             return sparsegpt_prune(
-                stacked,
+                weight,
                 hessian,
                 self.sparsity,
                 self.structure,
@@ -118,17 +189,9 @@ class SparseGPTModifier(CalibratedPruningModifier, HessianMethod):
                 preserve_mask=self.preserve_sparsity_mask,
             )
 
-        result = solve_on_hessian(
-            type(self).__name__, stack, stacked, statistics.hessian(), self.dampening_frac, prune
+        return solve_on_hessian(
+            type(self).__name__, stack, weight, statistics.hessian(), self.dampening_frac, prune
         )
-        if args is not None:
-            qparams = {"weight_scale": result.scale, "weight_zero_point": result.zero_point}
-            return {stack[0]: CompressedLayer(result.weight, qparams, result.loss)}
-        parts = zip(stack, result.weight.split(rows), result.row_losses.split(rows), strict=True)
-        return {
-            name: CompressedLayer(weight, loss=row_losses.sum().item())
-            for name, weight, row_losses in parts
-        }
 
     def _check_existing_sparsity(self, stack: list[str], weights: list[Tensor]) -> None:
         """Refuses a layer of ``stack`` whose weight is already sparser than ``sparsity``."""
