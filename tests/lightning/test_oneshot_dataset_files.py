@@ -1,4 +1,5 @@
-"""oneshot(dataset=PATH): the bundled model calibrated from a JSON Lines file written here."""
+"""oneshot(dataset=PATH): a decoder calibrated from a JSON Lines file written here, read with the
+bundled tokenizer."""
 
 from __future__ import annotations
 
@@ -7,7 +8,12 @@ import json
 import pytest
 import torch
 
-from lightning_compress.bundled import bundled_text, load_bundled_model, load_tokenizer
+from lightning_compress.bundled import (
+    TinyDecoder,
+    TinyDecoderConfig,
+    bundled_text,
+    load_tokenizer,
+)
 from lightning_compress.lightning.oneshot import oneshot
 from lightning_compress.modifiers import GPTQModifier
 
@@ -19,7 +25,17 @@ def gptq() -> GPTQModifier:
     return GPTQModifier(scheme="W4A16", ignore=["lm_head"])
 
 
-def test_oneshot_calibrates_the_bundled_model_on_the_records_of_a_jsonl_file(tmp_path):
+def decoder() -> TinyDecoder:
+    """A seeded two-block decoder over the bundled tokenizer's 256 byte ids, wide enough for
+    W4A16's groups of 128."""
+    torch.manual_seed(0)
+    config = TinyDecoderConfig(
+        vocab_size=256, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4
+    )
+    return TinyDecoder(config)
+
+
+def test_oneshot_calibrates_on_a_jsonl_file_as_on_its_records_tokenized(tmp_path):
     tokenizer = load_tokenizer()
     paragraphs = [p for p in bundled_text("calibration").split("\n\n") if len(p) > LENGTH]
     texts = paragraphs[:SAMPLES]
@@ -27,7 +43,7 @@ def test_oneshot_calibrates_the_bundled_model_on_the_records_of_a_jsonl_file(tmp
     path.write_text("\n".join(json.dumps({"id": i, "body": t}) for i, t in enumerate(texts)))
 
     from_file = oneshot(
-        load_bundled_model(),
+        decoder(),
         gptq(),
         dataset=str(path),
         tokenizer=tokenizer,
@@ -38,7 +54,7 @@ def test_oneshot_calibrates_the_bundled_model_on_the_records_of_a_jsonl_file(tmp
     )
     records = [{"input_ids": tokenizer(text)["input_ids"][:LENGTH]} for text in texts]
     from_ids = oneshot(
-        load_bundled_model(),
+        decoder(),
         gptq(),
         dataset=records,
         num_calibration_samples=SAMPLES,
@@ -53,7 +69,7 @@ def test_oneshot_calibrates_the_bundled_model_on_the_records_of_a_jsonl_file(tmp
 
 
 def test_oneshot_refuses_a_missing_dataset_file_before_changing_the_model(tmp_path):
-    model = load_bundled_model()
+    model = decoder()
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     with pytest.raises(FileNotFoundError, match="no file or directory 'calib.jsonl'"):
         oneshot(model, gptq(), dataset="calib.jsonl", tokenizer=load_tokenizer())
