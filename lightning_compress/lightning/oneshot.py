@@ -11,7 +11,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from loguru import logger
 from torch import nn
 from torch.utils.data import DataLoader
@@ -23,6 +22,7 @@ from lightning_compress.lightning.out_of_core import (
     CheckpointResidency,
     OutOfCoreCalibration,
     run_inputs,
+    spawns_workers,
     weights_written_to,
 )
 from lightning_compress.lightning.quiet import quiet_lightning
@@ -228,7 +228,9 @@ def oneshot(
     logs_summary = summary is None
     summary = CompressionSummary() if summary is None else summary
     summary.measure_before(model)
-    out_of_core_options = {} if residency is None else {"tokenizer": tokenizer}
+    out_of_core_options = {}
+    if residency is not None:
+        out_of_core_options = {"tokenizer": tokenizer, "logs_summary": logs_summary}
     module = (CalibrationModule if residency is None else OutOfCoreCalibration)(
         model,
         recipe,
@@ -308,7 +310,9 @@ def _calibrate(
     pipeline: str | None,
     out_of_core: bool,
 ) -> bool:
-    """Runs the calibration (data-free without samples); returns whether this is rank zero."""
+    """Runs the calibration (data-free without samples); returns whether this process
+    reports it: rank zero, unless the run was in worker processes (out of core only), where
+    rank zero reported it."""
     summary = module.summary
     if samples is None:
         with summary.phase("compress"):
@@ -325,9 +329,9 @@ def _calibrate(
         if pipeline == "auto" and not module.needs_calibration_data:
             logger.info("no modifier of the recipe needs calibration data: the data is not read")
             module.calibrate()
-        else:
-            _validate(trainer, module, loader)
-    return trainer.is_global_zero
+            return trainer.is_global_zero
+        _validate(trainer, module, loader)
+    return trainer.is_global_zero and not spawns_workers(trainer)
 
 
 def _out_of_core_pipeline(pipeline: str | None, output_dir: str | Path | None) -> str:
@@ -438,7 +442,7 @@ def _trainer(
 
 
 def _refuse_spawning(trainer: pl.Trainer) -> None:
-    if isinstance(trainer.strategy.launcher, _MultiProcessingLauncher):
+    if spawns_workers(trainer):
         raise ValueError(
             f"strategy: {type(trainer.strategy).__name__} starts worker processes that cannot "
             f"hand the compressed model back to this one; use strategy='ddp' (run the script "

@@ -30,7 +30,9 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from loguru import logger
 from torch import nn
 
@@ -52,6 +54,7 @@ __all__ = [
     "available_memory",
     "choose_out_of_core",
     "run_inputs",
+    "spawns_workers",
     "weights_written_to",
 ]
 
@@ -380,6 +383,9 @@ class OutOfCoreCalibration(CalibrationModule):
         recipe: the recipe.
         residency: reads and writes the model's weights (``open`` called).
         tokenizer: saved with the checkpoint, if given.
+        logs_summary: log the summary (at INFO, on rank zero) where the checkpoint is
+            published in a process that a spawning strategy started (the calling process
+            never sees the workers' summary).
         **kwargs: the other arguments of :class:`CalibrationModule`.
     """
 
@@ -389,10 +395,12 @@ class OutOfCoreCalibration(CalibrationModule):
         recipe: Any,
         residency: CheckpointResidency,
         tokenizer: Any | None = None,
+        logs_summary: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(model, recipe, residency=residency, **kwargs)
         self.tokenizer = tokenizer
+        self.logs_summary = logs_summary
 
     def calibrate(self, batches: Iterable[Any] = ()) -> nn.Module:
         """Runs the whole calibration in this process and publishes the checkpoint.
@@ -409,11 +417,28 @@ class OutOfCoreCalibration(CalibrationModule):
 
     def on_validation_end(self) -> None:
         super().on_validation_end()
-        self._publish()
+        path = self._publish()
+        trainer = self.trainer
+        if self.logs_summary and trainer.is_global_zero and spawns_workers(trainer):
+            self.summary.record_checkpoint(path)
+            self.summary.log()
 
-    def _publish(self) -> None:
+    def _publish(self) -> Path:
         with self.summary.phase("save"):
-            self.options.residency.finish(self.tokenizer)
+            return self.options.residency.finish(self.tokenizer)
+
+
+def spawns_workers(trainer: pl.Trainer) -> bool:
+    """Whether ``trainer`` runs in worker processes it starts (``ddp_fork``, ``ddp_spawn``),
+    which cannot hand the model back to the calling process.
+
+    Args:
+        trainer: the Trainer.
+
+    Returns:
+        True for Lightning's multiprocessing launcher.
+    """
+    return isinstance(trainer.strategy.launcher, _MultiProcessingLauncher)
 
 
 def _tensor_versions(module: nn.Module) -> dict[str, tuple[int, int]]:
