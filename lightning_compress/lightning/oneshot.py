@@ -175,6 +175,8 @@ def oneshot(
             alone writes ``output_dir``. False: load it. ``"auto"`` (default), for a
             directory: out of core when its weights take more than half the available
             memory and ``output_dir`` is given (``choose_out_of_core`` logs the choice).
+            Each process decides for itself: where every rank runs the script
+            (``strategy="ddp"``, ``torchrun``), pass True or False so they agree.
         **llmcompressor_keywords: llm-compressor's other ``oneshot`` keywords.
 
     Returns:
