@@ -26,6 +26,7 @@ its own share of the data).
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,7 @@ from lightning_compress.export.writer import check_output_dir
 from lightning_compress.lightning.calibration import CalibrationModule
 from lightning_compress.modifiers.pruning.structure import SPARSITY_THRESHOLD
 from lightning_compress.pipelines.cache import ActivationCache
-from lightning_compress.pipelines.checkpoint_files import CheckpointFiles
+from lightning_compress.pipelines.checkpoint_files import CONFIG_NAME, CheckpointFiles
 from lightning_compress.pipelines.checkpoint_source import CheckpointSource
 from lightning_compress.summary import sparsity_label
 
@@ -103,7 +104,9 @@ def choose_out_of_core(
     read from the safetensors headers) take more than :data:`MEMORY_SHARE` of the available
     memory (:func:`available_memory`), and nothing in ``blockers`` rules it out; it logs the
     choice and why at INFO (a WARNING when the weights are too large but a blocker keeps them
-    in memory). A checkpoint without safetensors, or memory that cannot be read, is loaded.
+    in memory). A checkpoint without safetensors, or memory that cannot be read, is loaded;
+    so is a compressed-tensors checkpoint (its ``config.json`` has a ``quantization_config``),
+    which loading dequantizes.
 
     Args:
         out_of_core: True or False (forced), or ``"auto"``.
@@ -122,10 +125,13 @@ def choose_out_of_core(
     if out_of_core != "auto":
         raise ValueError(f"out_of_core: expected True, False or 'auto', got {out_of_core!r}")
     try:
-        weights = CheckpointFiles(directory).nbytes
+        files = CheckpointFiles(directory)
     except (FileNotFoundError, ValueError) as error:
         logger.info("out_of_core='auto': {} is loaded in memory ({})", directory, error)
         return False
+    weights = files.nbytes
+    if "quantization_config" in json.loads((files.directory / CONFIG_NAME).read_text()):
+        blockers = [*blockers, "it is a compressed checkpoint (dequantized when loaded)"]
     available = available_memory()
     if available is None:
         logger.info(

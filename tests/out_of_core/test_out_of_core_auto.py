@@ -103,3 +103,12 @@ def test_available_memory_is_read_from_proc_meminfo(tmp_path, monkeypatch):
     assert out_of_core.available_memory() == 3000 * 1024
     monkeypatch.setattr(out_of_core, "MEMINFO", tmp_path / "absent")
     assert out_of_core.available_memory() is None
+
+
+def test_a_compressed_checkpoint_too_large_is_loaded_with_a_warning(
+    saved_llama, tmp_path, monkeypatch, messages
+):
+    oneshot(str(saved_llama()), RECIPES["rtn"](), output_dir=tmp_path / "w4", out_of_core=False)
+    with_memory(monkeypatch, 1)
+    assert not out_of_core.choose_out_of_core("auto", tmp_path / "w4")
+    assert any("it is a compressed checkpoint" in message for message in messages)
