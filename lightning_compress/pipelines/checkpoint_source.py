@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lightning_compress.core.heap import return_free_heap
 from lightning_compress.pipelines.checkpoint_files import CONFIG_NAME, CheckpointFiles
 
 __all__ = ["CheckpointSource"]
@@ -69,7 +70,9 @@ class CheckpointSource:
 
     def release(self, module: nn.Module) -> None:
         """Gives back the memory of the weights of ``module`` read from the checkpoint, and of
-        every tensor added to it since (scales, zero points): they go to the meta device.
+        every tensor added to it since (scales, zero points): they go to the meta device, and
+        the C heap's free pages go back to the operating system (else the heap would keep
+        what each block freed, and resident memory would grow with the number of blocks).
 
         Args:
             module: the module.
@@ -80,6 +83,7 @@ class CheckpointSource:
                     if tensor is None or tensor.is_meta or _is_computed_buffer(submodule, key):
                         continue
                     self._replace(tensor, tensor.to("meta"))
+        return_free_heap()
 
     def loaded(self, module: nn.Module) -> bool:
         """Whether every checkpoint weight of ``module`` is in memory.
