@@ -23,6 +23,7 @@ from lightning_compress.modifiers.layerwise_split import (
     OwnedStack,
     StackOutcome,
     assign_owners,
+    join_row_slices,
     row_bounds,
     share_outcomes,
     solve_cost,
@@ -161,3 +162,23 @@ def test_sparsegpt_splits_rows_only_for_masks_chosen_per_row():
         modifier = SparseGPTModifier(targets=["Linear"], **settings)
         modifier._pending = {"layer": layer}
         assert modifier.row_divisible("layer") is expected, settings
+
+
+def test_row_slices_are_joined_in_row_order_and_a_fallback_keeps_its_whole_layer():
+    def outcome(value: float, rows: int, fallback: str | None = None) -> StackOutcome:
+        layer = CompressedLayer(torch.full((rows, 2), value), {}, value)
+        return StackOutcome({"d": layer}, 1.0, fallback)
+
+    def join(name: str, slices: list[CompressedLayer]) -> CompressedLayer:
+        return CompressedLayer(torch.cat([s.weight for s in slices]), {}, name)
+
+    plan = [OwnedStack(["q"], 0), OwnedStack(["d"], 0, (64, 128)), OwnedStack(["d"], 1, (0, 64))]
+    whole = StackOutcome({"q": CompressedLayer(torch.zeros(1, 2))}, 0.5)
+    joined = join_row_slices(plan, [whole, outcome(2.0, 64), outcome(1.0, 64)], join)
+    assert joined[0] is whole
+    assert joined[1].seconds == 2.0 and joined[1].fallback is None
+    weight = joined[1].results["d"].weight
+    assert torch.equal(weight, torch.cat([torch.full((64, 2), 1.0), torch.full((64, 2), 2.0)]))
+    fell = [whole, outcome(3.0, 128, "singular"), outcome(3.0, 128, "singular")]
+    kept = join_row_slices(plan, fell, join)[1]
+    assert kept.fallback == "singular" and kept.results["d"].weight.shape == (128, 2)
