@@ -164,3 +164,18 @@ def test_the_fp8_kv_run_is_scored_with_fp8_keys_and_values(benchmark, smollm2_sh
         after = model(ids).logits
     assert not torch.equal(scored, plain)
     assert torch.equal(after, plain)
+
+
+def test_our_scheme_runs_take_the_calibration_activations_and_kv_observer(benchmark):
+    smollm2, _ = benchmark
+    (default,) = smollm2.recipe("gptq_nvfp4")
+    (unquantized,) = smollm2.recipe("gptq_nvfp4", "float")
+    (quantized,) = smollm2.recipe("gptq_nvfp4", "quantized")
+    assert (
+        default.quantize_activations_in_calibration
+        and quantized.quantize_activations_in_calibration
+    )
+    assert not unquantized.quantize_activations_in_calibration
+    (kv,) = smollm2.recipe("fp8_kv", kv_observer="moving_average")
+    assert kv.kv_cache_scheme["observer"] == "moving_average"
+    assert "observer" not in smollm2.recipe("fp8_kv")[0].kv_cache_scheme
