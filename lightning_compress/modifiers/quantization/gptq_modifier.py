@@ -83,6 +83,9 @@ class GPTQModifier(LayerwiseQuantization, HessianMethod):
             ``strategy: group``); ``"none"`` / None keep the natural order. Left at its
             default (``"static"``), a scheme's ``weights.actorder`` decides for its layers.
         offload_hessians: keep the Hessians on the CPU while blocks run on an accelerator.
+        quantize_activations_in_calibration: one-shot: whether the calibration forwards run
+            quantized layers with their inputs (and keys/values) quantized; False: unquantized
+            until calibration ends, as llm-compressor does (see ``LayerwiseQuantization``).
     """
 
     actorder: Literal["static", "weight", "group", "dynamic", "none"] | None = ACTORDER_DEFAULT

@@ -84,6 +84,9 @@ class QuantizationModifier(LayerwiseQuantization):
             :mod:`~lightning_compress.modifiers.quantization.learnable`) instead of following
             the weight's min-max. Under DDP, ``start > 0``, ``freeze_observers`` or an
             ``end`` before training ends need ``find_unused_parameters=True``.
+        quantize_activations_in_calibration: one-shot: whether the calibration forwards run
+            quantized layers with their inputs (and keys/values) quantized; False: unquantized
+            until calibration ends, as llm-compressor does (see ``LayerwiseQuantization``).
     """
 
     start: float | None = ONE_SHOT
