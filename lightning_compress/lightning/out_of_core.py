@@ -37,6 +37,7 @@ from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcess
 from loguru import logger
 from torch import nn
 
+from lightning_compress.core.checkpoint_files import CONFIG_NAME, CheckpointFiles
 from lightning_compress.core.distributed import all_gather_or_raise, rank_and_world_size
 from lightning_compress.export.manifest import Manifest, checkpoint_fingerprint
 from lightning_compress.export.streaming import StreamingCheckpoint
@@ -44,7 +45,6 @@ from lightning_compress.export.writer import check_output_dir
 from lightning_compress.lightning.calibration import CalibrationModule
 from lightning_compress.modifiers.pruning.structure import SPARSITY_THRESHOLD
 from lightning_compress.pipelines.cache import ActivationCache
-from lightning_compress.pipelines.checkpoint_files import CONFIG_NAME, CheckpointFiles
 from lightning_compress.pipelines.checkpoint_source import CheckpointSource
 from lightning_compress.summary import sparsity_label
 

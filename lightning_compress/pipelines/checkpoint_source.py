@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lightning_compress.core.checkpoint_files import CONFIG_NAME, CheckpointFiles
 from lightning_compress.core.heap import return_free_heap
-from lightning_compress.pipelines.checkpoint_files import CONFIG_NAME, CheckpointFiles
 
 __all__ = ["CheckpointSource"]
 

@@ -10,9 +10,9 @@ import pytest
 from loguru import logger
 from out_of_core_runs import RECIPES, SETTINGS, assert_same_checkpoint, token_ids
 
+from lightning_compress.core.checkpoint_files import CheckpointFiles
 from lightning_compress.lightning import out_of_core
 from lightning_compress.lightning.oneshot import oneshot
-from lightning_compress.pipelines.checkpoint_files import CheckpointFiles
 
 
 @pytest.fixture

@@ -10,10 +10,11 @@ from pathlib import Path
 
 from loguru import logger
 
+from lightning_compress.core.checkpoint_files import CONFIG_NAME
 from lightning_compress.core.progress import progress_bar
 from lightning_compress.export.model_free.plan import plan_layers, plan_tasks
 from lightning_compress.export.model_free.pool import run_all
-from lightning_compress.export.model_free.source import CONFIG_NAME, read_checkpoint
+from lightning_compress.export.model_free.source import read_checkpoint
 from lightning_compress.export.model_free.worker import run_task
 from lightning_compress.export.models import checkpoint_config
 from lightning_compress.export.quantization_config import quantization_config

@@ -3,7 +3,6 @@ its config describes, built on the meta device (no memory)."""
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -11,32 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
+from lightning_compress.core.checkpoint_files import CONFIG_NAME, CheckpointFiles, TensorInfo
 from lightning_compress.export.errors import ExportError
-from lightning_compress.export.writer import INDEX_NAME, SINGLE_SHARD_NAME
 
-__all__ = ["TensorInfo", "SourceCheckpoint", "read_checkpoint"]
-
-CONFIG_NAME = "config.json"
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """Where one tensor of the checkpoint lies, and what it is.
-
-    Attributes:
-        file: the safetensors file's name in the checkpoint directory.
-        shape: the tensor's shape.
-        dtype: its dtype.
-        nbytes: its size in bytes.
-    """
-
-    file: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    nbytes: int
+__all__ = ["SourceCheckpoint", "read_checkpoint"]
 
 
 @dataclass
@@ -44,14 +23,22 @@ class SourceCheckpoint:
     """A transformers-format checkpoint directory, read without loading its tensors.
 
     Attributes:
-        path: the directory.
+        files: its config and safetensors files.
         config: the content of its ``config.json``.
-        tensors: every tensor's name to where it lies, in file order.
     """
 
-    path: Path
+    files: CheckpointFiles
     config: dict[str, Any]
-    tensors: dict[str, TensorInfo]
+
+    @property
+    def path(self) -> Path:
+        """The directory."""
+        return self.files.directory
+
+    @property
+    def tensors(self) -> dict[str, TensorInfo]:
+        """Every tensor's name to where it lies, in file order."""
+        return self.files.tensors
 
     @property
     def dtype(self) -> torch.dtype:
@@ -116,67 +103,13 @@ def read_checkpoint(model_dir: str | os.PathLike) -> SourceCheckpoint:
         The checkpoint.
 
     Raises:
-        ExportError: naming what is missing: the directory, its ``config.json``, its
-            safetensors files (or a shard the index names), or a tensor the index places in a
-            file that does not hold it.
+        ExportError: naming what is missing or wrong (as
+            :class:`~lightning_compress.core.checkpoint_files.CheckpointFiles` says): the
+            directory, its ``config.json``, its safetensors files (or a shard the index names),
+            a tensor the index places in a file that does not hold it, or one stored twice.
     """
-    path = Path(model_dir)
-    if not path.is_dir():
-        raise ExportError(f"model directory {str(path)!r} does not exist or is not a directory")
-    config_file = path / CONFIG_NAME
-    if not config_file.is_file():
-        raise ExportError(
-            f"model directory {str(path)!r} has no {CONFIG_NAME}; expected a transformers-format "
-            "checkpoint (config.json and safetensors shards)"
-        )
-    config = json.loads(config_file.read_text())
-    return SourceCheckpoint(path, config, _tensor_infos(path))
-
-
-def _tensor_infos(path: Path) -> dict[str, TensorInfo]:
-    index = path / INDEX_NAME
-    if index.is_file():
-        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-        files = list(dict.fromkeys(weight_map.values()))
-    elif (path / SINGLE_SHARD_NAME).is_file():
-        weight_map, files = {}, [SINGLE_SHARD_NAME]
-    else:
-        raise ExportError(
-            f"model directory {str(path)!r} has no {SINGLE_SHARD_NAME} nor {INDEX_NAME}; "
-            "expected the model's weights as safetensors files (.bin checkpoints are not read)"
-        )
-    infos: dict[str, TensorInfo] = {}
-    for file in files:
-        if not (path / file).is_file():
-            raise ExportError(f"shard {file!r} named by {path / INDEX_NAME} is missing")
-        with safe_open(path / file, framework="pt") as reader:
-            for name in reader.keys():  # noqa: SIM118 (safe_open has no __iter__)
-                meta = reader.get_slice(name)
-                dtype = _DTYPES[meta.get_dtype()]
-                shape = tuple(meta.get_shape())
-                nbytes = dtype.itemsize * int(torch.Size(shape).numel())
-                infos[name] = TensorInfo(file, shape, dtype, nbytes)
-    misplaced = [
-        name for name, file in weight_map.items() if name not in infos or infos[name].file != file
-    ]
-    if misplaced:
-        raise ExportError(
-            f"{path / INDEX_NAME} places {misplaced[:5]} in shards that do not hold them"
-        )
-    return infos
-
-
-_DTYPES = {
-    "BF16": torch.bfloat16,
-    "F16": torch.float16,
-    "F32": torch.float32,
-    "F64": torch.float64,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
+    try:
+        files = CheckpointFiles(model_dir)
+    except (FileNotFoundError, ValueError) as error:
+        raise ExportError(str(error)) from error
+    return SourceCheckpoint(files, files.config())

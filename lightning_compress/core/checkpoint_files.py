@@ -1,4 +1,5 @@
-"""The safetensors files of a transformers checkpoint directory, read one tensor at a time."""
+"""A local transformers checkpoint directory: its config and its safetensors shards, found
+and read without loading them (headers only; one tensor at a time, memory-mapped)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,11 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-__all__ = ["CONFIG_NAME", "CheckpointFiles", "TensorInfo"]
+__all__ = ["CONFIG_NAME", "INDEX_NAME", "SINGLE_NAME", "CheckpointFiles", "TensorInfo"]
 
 CONFIG_NAME = "config.json"
 INDEX_NAME = "model.safetensors.index.json"
@@ -21,14 +23,19 @@ class TensorInfo:
     """Where one stored tensor is, and what it is.
 
     Args:
-        file: the safetensors file holding it.
+        file: the name of the safetensors file holding it, in the checkpoint directory.
         shape: its shape.
         dtype: its dtype.
     """
 
-    file: Path
+    file: str
     shape: tuple[int, ...]
     dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        """Its size in bytes."""
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 class CheckpointFiles:
@@ -42,22 +49,27 @@ class CheckpointFiles:
         directory: the checkpoint directory.
 
     Raises:
-        FileNotFoundError: if ``directory`` is not a directory, or lacks ``config.json`` or
+        FileNotFoundError: if ``directory`` does not exist, or lacks ``config.json`` or
             safetensors files (the message says which), or the index names a missing file.
-        ValueError: if the index is not valid JSON with a ``weight_map``, or a tensor is
-            stored twice.
+        ValueError: if the index is not valid JSON with a ``weight_map``, places a tensor in a
+            file that does not hold it, or a tensor is stored twice.
     """
 
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
         if not self.directory.is_dir():
-            raise FileNotFoundError(f"model: {str(self.directory)!r} is not a directory")
+            raise FileNotFoundError(
+                f"model: {str(self.directory)!r} does not exist or is not a directory"
+            )
         missing = []
         if not (self.directory / CONFIG_NAME).is_file():
             missing.append(f"{CONFIG_NAME} (the model's configuration)")
-        files = self._files()
+        weight_map, files = self._files()
         if not files:
-            missing.append(f"safetensors weights ({INDEX_NAME} with its shards, or {SINGLE_NAME})")
+            missing.append(
+                f"safetensors weights (no {SINGLE_NAME} nor {INDEX_NAME} with its shards; "
+                ".bin checkpoints are not read)"
+            )
         if missing:
             raise FileNotFoundError(
                 f"model: the checkpoint directory {str(self.directory)!r} has no "
@@ -65,6 +77,11 @@ class CheckpointFiles:
                 f"save_pretrained(..., safe_serialization=True)"
             )
         self.tensors: dict[str, TensorInfo] = self._headers(files)
+        self._check_index(weight_map)
+
+    def config(self) -> dict[str, Any]:
+        """The content of the checkpoint's ``config.json``."""
+        return json.loads((self.directory / CONFIG_NAME).read_text())
 
     def tensor(self, name: str) -> torch.Tensor:
         """Reads one stored tensor (memory-mapped; a copy on the CPU is made by the caller).
@@ -83,14 +100,14 @@ class CheckpointFiles:
         info = self.tensors.get(name)
         if info is None:
             raise KeyError(f"the checkpoint {str(self.directory)!r} has no tensor {name!r}")
-        with safe_open(info.file, framework="pt") as handle:
+        with safe_open(self.directory / info.file, framework="pt") as handle:
             return handle.get_tensor(name)
 
     @property
     def nbytes(self) -> int:
         """The bytes of every stored tensor (what the weights take in memory), from the
         files' headers."""
-        return sum(math.prod(info.shape) * info.dtype.itemsize for info in self.tensors.values())
+        return sum(info.nbytes for info in self.tensors.values())
 
     def floating_dtype(self) -> torch.dtype | None:
         """The dtype of the first floating-point tensor stored (what transformers loads in
@@ -100,45 +117,57 @@ class CheckpointFiles:
                 return info.dtype
         return None
 
-    def _files(self) -> list[Path]:
+    def _files(self) -> tuple[dict[str, str], list[str]]:
+        """The index's weight map (empty without an index) and the shards' file names."""
         index = self.directory / INDEX_NAME
         if index.is_file():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
+                weight_map = dict(json.loads(index.read_text())["weight_map"])
             except (ValueError, KeyError, TypeError) as error:
                 raise ValueError(
                     f"model: {str(index)!r} is not a safetensors index (JSON with a "
                     f"'weight_map' of tensor names to files): {error}"
                 ) from error
-            files = [self.directory / name for name in dict.fromkeys(weight_map.values())]
-            absent = [str(file.name) for file in files if not file.is_file()]
+            files = list(dict.fromkeys(weight_map.values()))
+            absent = [file for file in files if not (self.directory / file).is_file()]
             if absent:
                 raise FileNotFoundError(
                     f"model: {str(index)!r} names shards that are not in the directory: {absent}"
                 )
-            return files
-        single = self.directory / SINGLE_NAME
-        if single.is_file():
-            return [single]
-        return sorted(self.directory.glob("*.safetensors"))
+            return weight_map, files
+        if (self.directory / SINGLE_NAME).is_file():
+            return {}, [SINGLE_NAME]
+        return {}, sorted(file.name for file in self.directory.glob("*.safetensors"))
 
-    def _headers(self, files: list[Path]) -> dict[str, TensorInfo]:
+    def _headers(self, files: list[str]) -> dict[str, TensorInfo]:
         from safetensors import safe_open
 
         tensors: dict[str, TensorInfo] = {}
         for file in files:
-            with safe_open(file, framework="pt") as handle:
+            with safe_open(self.directory / file, framework="pt") as handle:
                 for name in handle.keys():  # noqa: SIM118 (safe_open is no mapping)
                     if name in tensors:
                         raise ValueError(
                             f"model: tensor {name!r} is stored twice, in "
-                            f"{tensors[name].file.name!r} and {file.name!r}"
+                            f"{tensors[name].file!r} and {file!r}"
                         )
                     view = handle.get_slice(name)
                     tensors[name] = TensorInfo(
                         file, tuple(view.get_shape()), _DTYPES[view.get_dtype()]
                     )
         return tensors
+
+    def _check_index(self, weight_map: dict[str, str]) -> None:
+        misplaced = [
+            name
+            for name, file in weight_map.items()
+            if name not in self.tensors or self.tensors[name].file != file
+        ]
+        if misplaced:
+            raise ValueError(
+                f"model: {str(self.directory / INDEX_NAME)!r} places {misplaced[:5]} in shards "
+                "that do not hold them"
+            )
 
 
 _DTYPES = {
