@@ -17,8 +17,8 @@ except ImportError as err:
 
 from lightning_compress.export.errors import ExportError
 from lightning_compress.export.load import load_compressed
-from lightning_compress.export.model_free import model_free_compress
 from lightning_compress.export.manifest import checkpoint_fingerprint
+from lightning_compress.export.model_free import model_free_compress
 from lightning_compress.export.save import save_compressed
 from lightning_compress.export.streaming import StreamingCheckpoint
 from lightning_compress.export.tokenizer import check_tokenizer
