@@ -13,9 +13,8 @@ import sys
 from pathlib import Path
 
 import torch
-from fsdp2_qat_run import GLOBAL_BATCH, SGDCausalLM, ShardedCausalLM
-from lightning.pytorch import Callback, Trainer
-from lightning.pytorch.strategies import ModelParallelStrategy
+from fsdp2_qat_run import GLOBAL_BATCH, train
+from lightning.pytorch import Callback
 from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
@@ -63,12 +62,6 @@ def recipe() -> list:
 def main() -> None:
     mode, out = sys.argv[1], Path(sys.argv[2])
     model = tiny_model().train()
-    if mode == "single":
-        module, ranks = SGDCausalLM(model, lr=0.5), {"devices": 1}
-    else:
-        strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
-        module = ShardedCausalLM(model, lr=0.5)
-        ranks = {"devices": 2, "strategy": strategy, "use_distributed_sampler": False}
     # Every rank calibrates on the same batches: GPTQ's Hessians are then the one process's
     # exactly. (Each rank reading its own share gives the same sums in another order, whose
     # rounding can make GPTQ pick the neighbouring code, and later layers follow.)
@@ -76,17 +69,7 @@ def main() -> None:
     compressor = RecordingCompressor(
         recipe(), calibration_data=calibration, save_dir=out / "checkpoint"
     )
-    trainer = Trainer(
-        accelerator="cpu",
-        max_steps=STEPS,
-        callbacks=[compressor, Report(out, compressor)],
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        **ranks,
-    )
-    trainer.fit(module)
+    train(mode, model, [compressor, Report(out, compressor)], STEPS)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.strategies import ModelParallelStrategy
+from torch import nn
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
@@ -114,10 +115,16 @@ def recipe() -> list:
     ]
 
 
-def main() -> None:
-    mode, out = sys.argv[1], Path(sys.argv[2])
-    model = tiny_model().train()
-    prune_2_4(model)
+def train(mode: str, model: nn.Module, callbacks: list[Callback], steps: int) -> None:
+    """Trains ``model`` with SGD for ``steps`` steps with ``callbacks``.
+
+    Args:
+        mode: ``single`` (one process), ``ddp`` or ``fsdp2`` (2 CPU processes; Lightning
+            relaunches the calling script for rank 1).
+        model: the Hugging Face causal LM.
+        callbacks: the Trainer's callbacks.
+        steps: the optimizer steps.
+    """
     if mode == "single":
         module, ranks = SGDCausalLM(model, lr=0.5), {"devices": 1}
     elif mode == "ddp":
@@ -129,8 +136,8 @@ def main() -> None:
         ranks = {"devices": 2, "strategy": strategy, "use_distributed_sampler": False}
     trainer = Trainer(
         accelerator="cpu",
-        max_steps=STEPS,
-        callbacks=[Compressor(recipe()), FinalState(out)],
+        max_steps=steps,
+        callbacks=callbacks,
         logger=False,
         enable_progress_bar=False,
         enable_checkpointing=False,
@@ -138,6 +145,13 @@ def main() -> None:
         **ranks,
     )
     trainer.fit(module)
+
+
+def main() -> None:
+    mode, out = sys.argv[1], Path(sys.argv[2])
+    model = tiny_model().train()
+    prune_2_4(model)
+    train(mode, model, [Compressor(recipe()), FinalState(out)], STEPS)
 
 
 if __name__ == "__main__":
