@@ -9,40 +9,30 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
 STEPS = 2
 SEQ_LEN = 512  # the script's window length
 
 
 @pytest.fixture
-def script(monkeypatch):
+def script(benchmark_script):
     """``benchmarks/qad_smollm2.py``, imported as the script runs."""
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    return importlib.import_module("qad_smollm2")
+    return benchmark_script("qad_smollm2")
 
 
 @pytest.fixture
-def tiny_llama():
+def tiny_llama(random_llama):
     """Two decoder blocks of hidden size 64 (one W4 g64 group per row), random weights."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
+    return random_llama(
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        tie_word_embeddings=True,
     )
-    return LlamaForCausalLM(config).eval()
 
 
 def _args(**overrides) -> argparse.Namespace:

@@ -7,39 +7,29 @@ few steps each: the script's own functions, as ``benchmarks/qat_smollm2.py`` cal
 from __future__ import annotations
 
 import argparse
-import importlib
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
 STEPS = 2
 
 
 @pytest.fixture
-def script(monkeypatch):
+def script(benchmark_script):
     """``benchmarks/qat_smollm2.py``, imported as the script runs."""
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    return importlib.import_module("qat_smollm2")
+    return benchmark_script("qat_smollm2")
 
 
 @pytest.fixture
-def tiny_llama():
+def tiny_llama(random_llama):
     """One decoder block with SmolLM2-135M's layer widths, random weights."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
+    return random_llama(
         hidden_size=576,
         intermediate_size=1536,
         num_hidden_layers=1,
         num_attention_heads=9,
         num_key_value_heads=3,
-        tie_word_embeddings=True,
     )
-    return LlamaForCausalLM(config).eval()
 
 
 def _args() -> argparse.Namespace:
