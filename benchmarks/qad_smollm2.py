@@ -49,7 +49,14 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from qat_smollm2 import SCHEMES, WarmupCosineLM, one_shot, perplexity, scheme_kwargs
+from qat_smollm2 import (
+    SCHEMES,
+    WarmupCosineLM,
+    cpu_trainer,
+    one_shot,
+    perplexity,
+    scheme_kwargs,
+)
 from smollm2_model import DEFAULT_CACHE_DIR, SEQ_LEN, is_prepared, load_model, load_windows
 from smollm2_scoring import peak_rss_mib
 from torch import nn
@@ -126,17 +133,7 @@ def train(
             num_calibration_batches=len(windows["calibration"]),
         )
         callbacks.insert(0, compressor)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_steps=args.steps,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        gradient_clip_val=1.0,
-    )
+    trainer = cpu_trainer(args.steps, callbacks)
     calibration = windows["train_and_holdout"]
     data = TextDataModule(
         tokens=calibration,

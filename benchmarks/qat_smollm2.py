@@ -213,6 +213,30 @@ class StepTimes(pl.Callback):
             print(f"step {step}: loss {loss:.4f}, {seconds:.1f} s/step", file=sys.stderr)
 
 
+def cpu_trainer(steps: int, callbacks: list[pl.Callback]) -> pl.Trainer:
+    """The benchmarks' Trainer: ``steps`` optimizer steps on the CPU, gradients clipped at
+    norm 1, no validation, logging, checkpoints or progress bar.
+
+    Args:
+        steps: the optimizer steps.
+        callbacks: its callbacks.
+
+    Returns:
+        The Trainer.
+    """
+    return pl.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        gradient_clip_val=1.0,
+    )
+
+
 def train(
     model: nn.Module,
     scheme: str | None,
@@ -247,17 +271,7 @@ def train(
         callbacks.insert(0, Compressor([modifier]))
     if start_from is not None:
         callbacks.append(StartFromOneShot(start_from))
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_steps=steps,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        gradient_clip_val=1.0,
-    )
+    trainer = cpu_trainer(steps, callbacks)
     generator = torch.Generator().manual_seed(args.seed)
     loader = DataLoader(data, args.batch, shuffle=True, generator=generator, drop_last=True)
     torch.manual_seed(args.seed)
