@@ -2,14 +2,38 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
 import pytest
 import torch
 from out_of_core_runs import RECIPES, SETTINGS, assert_same_checkpoint, token_ids
+from torch import nn
 
 from lightning_compress.core import Event, State
 from lightning_compress.lightning.oneshot import oneshot
 from lightning_compress.modifiers import Modifier
 from lightning_compress.pipelines.checkpoint_source import CheckpointSource
+
+
+def _in_memory_and_out_of_core(
+    directory: Path, recipe: Callable[[], list[Modifier]], tmp_path: Path, **options: object
+) -> nn.Module:
+    """Compresses ``directory`` with ``recipe`` in memory (to ``tmp_path/in``) and out of core
+    with ``options`` (to ``tmp_path/out``), checks both wrote the same checkpoint, and returns
+    the out-of-core run's model."""
+    oneshot(str(directory), recipe(), token_ids(), output_dir=tmp_path / "in", **SETTINGS)
+    model = oneshot(
+        str(directory),
+        recipe(),
+        token_ids(),
+        output_dir=tmp_path / "out",
+        out_of_core=True,
+        **options,
+        **SETTINGS,
+    )
+    assert_same_checkpoint(tmp_path / "in", tmp_path / "out")
+    return model
 
 
 @pytest.mark.parametrize(
@@ -23,52 +47,20 @@ from lightning_compress.pipelines.checkpoint_source import CheckpointSource
     ],
 )
 def test_out_of_core_checkpoint_equals_the_in_memory_one(saved_llama, tmp_path, recipe, dtype):
-    directory = saved_llama(dtype)
-    oneshot(str(directory), RECIPES[recipe](), token_ids(), output_dir=tmp_path / "in", **SETTINGS)
-    model = oneshot(
-        str(directory),
-        RECIPES[recipe](),
-        token_ids(),
-        output_dir=tmp_path / "out",
-        out_of_core=True,
-        **SETTINGS,
-    )
-    assert_same_checkpoint(tmp_path / "in", tmp_path / "out")
+    model = _in_memory_and_out_of_core(saved_llama(dtype), RECIPES[recipe], tmp_path)
     assert all(tensor.is_meta for tensor in model.parameters())
     with pytest.raises(RuntimeError, match=r"weights are not in memory but in .*out"):
         model(token_ids())
 
 
 def test_tied_embeddings_are_read_once_and_saved_as_in_memory(saved_llama, tmp_path):
-    directory = saved_llama(tie=True)
-    recipe = RECIPES["gptq"]
-    oneshot(str(directory), recipe(), token_ids(), output_dir=tmp_path / "in", **SETTINGS)
-    oneshot(
-        str(directory),
-        recipe(),
-        token_ids(),
-        output_dir=tmp_path / "out",
-        out_of_core=True,
-        **SETTINGS,
-    )
-    assert_same_checkpoint(tmp_path / "in", tmp_path / "out")
+    _in_memory_and_out_of_core(saved_llama(tie=True), RECIPES["gptq"], tmp_path)
 
 
 def test_activations_spilled_to_disk_give_the_same_checkpoint(saved_llama, tmp_path):
-    directory = saved_llama()
-    recipe = RECIPES["gptq"]
-    oneshot(str(directory), recipe(), token_ids(), output_dir=tmp_path / "in", **SETTINGS)
-    oneshot(
-        str(directory),
-        recipe(),
-        token_ids(),
-        output_dir=tmp_path / "out",
-        out_of_core=True,
-        offload_dir=tmp_path / "spill",
-        **SETTINGS,
-    )
-    assert_same_checkpoint(tmp_path / "in", tmp_path / "out")
-    assert not any((tmp_path / "spill").iterdir())
+    spill = tmp_path / "spill"
+    _in_memory_and_out_of_core(saved_llama(), RECIPES["gptq"], tmp_path, offload_dir=spill)
+    assert not any(spill.iterdir())
 
 
 def test_out_of_core_needs_an_output_dir_and_a_directory(saved_llama, tmp_path):
