@@ -26,7 +26,6 @@ its own share of the data).
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,7 @@ from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcess
 from loguru import logger
 from torch import nn
 
-from lightning_compress.core.checkpoint_files import CONFIG_NAME, CheckpointFiles
+from lightning_compress.core.checkpoint_files import CheckpointFiles
 from lightning_compress.core.distributed import all_gather_or_raise, rank_and_world_size
 from lightning_compress.export.manifest import Manifest, checkpoint_fingerprint
 from lightning_compress.export.streaming import StreamingCheckpoint
@@ -130,7 +129,7 @@ def choose_out_of_core(
         logger.info("out_of_core='auto': {} is loaded in memory ({})", directory, error)
         return False
     weights = files.nbytes
-    if "quantization_config" in json.loads((files.directory / CONFIG_NAME).read_text()):
+    if "quantization_config" in files.config():
         blockers = [*blockers, "it is a compressed checkpoint (dequantized when loaded)"]
     available = available_memory()
     if available is None:

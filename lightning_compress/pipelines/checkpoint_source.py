@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -209,7 +208,7 @@ def _empty_model(files: CheckpointFiles, trust_remote_code: bool) -> nn.Module:
     try:
         config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
     except (ValueError, KeyError, OSError) as error:
-        model_type = json.loads((directory / CONFIG_NAME).read_text()).get("model_type")
+        model_type = files.config().get("model_type")
         what = f"the config of model_type {model_type!r}"
         raise ValueError(_unbuildable(directory, what, error, trust_remote_code)) from error
     dtype = _config_dtype(config) or files.floating_dtype() or torch.float32
