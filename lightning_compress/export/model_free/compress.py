@@ -119,12 +119,10 @@ def model_free_compress(
     config = checkpoint_config(model)
     ct_layers = {name: (model.get_submodule(name), plan.ct_scheme) for name, plan in layers.items()}
     config["quantization_config"] = quantization_config(model, ct_layers)
-    files = {key: info.file for key, info in source.tensors.items()}
     names = _shard_names(len(tasks))
     with staged_directory(path, overwrite) as staging:
         calls = [
-            (source.path, task, staging / name, files)
-            for task, name in zip(tasks, names, strict=True)
+            (source.files, task, staging / name) for task, name in zip(tasks, names, strict=True)
         ]
         weight_map = {}
         finished = run_all(run_task, calls, workers)

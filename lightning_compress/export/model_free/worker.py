@@ -4,14 +4,13 @@ them, and write the result as one safetensors file."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from lightning_compress.core.checkpoint_files import CheckpointFiles
 from lightning_compress.export.errors import ExportError
 from lightning_compress.export.model_free.plan import PlannedLayer, Task
 from lightning_compress.export.readback import ReadBackCheck
@@ -22,14 +21,13 @@ from lightning_compress.modifiers.quantization.ops import global_scale
 __all__ = ["run_task"]
 
 
-def run_task(source_dir: Path, task: Task, output: Path, files: dict[str, str]) -> list[str]:
+def run_task(files: CheckpointFiles, task: Task, output: Path) -> list[str]:
     """Writes the tensors of ``task`` to the safetensors file ``output``.
 
     Args:
-        source_dir: the checkpoint directory.
+        files: the checkpoint (its tensors are read one at a time, memory-mapped).
         task: the task.
         output: the file to write.
-        files: checkpoint tensor name to the file (in ``source_dir``) holding it.
 
     Returns:
         The names of the tensors written.
@@ -39,25 +37,24 @@ def run_task(source_dir: Path, task: Task, output: Path, files: dict[str, str]) 
             as quantized (as :func:`~lightning_compress.export.tensors.compress_layer`).
         ValueError: naming an NVFP4 layer whose weight is all zero.
     """
-    readers = _Readers(source_dir, files)
     out: dict[str, Tensor] = {}
     check = ReadBackCheck()
     with torch.no_grad():
         for stack in task.stacks:
-            for layer, tensors in _quantized_stack(stack, readers):
+            for layer, tensors in _quantized_stack(stack, files):
                 packed, _ = compress_layer(layer.name, tensors, layer.ct_scheme, check)
                 out.update({f"{layer.name}.{key}": value for key, value in packed.items()})
         for key in task.copies:
-            out[key] = readers.get(key)
+            out[key] = files.tensor(key)
     save_file({k: v.contiguous() for k, v in out.items()}, output, metadata={"format": "pt"})
     return list(out)
 
 
 def _quantized_stack(
-    stack: list[PlannedLayer], readers: _Readers
+    stack: list[PlannedLayer], files: CheckpointFiles
 ) -> list[tuple[PlannedLayer, dict[str, Tensor]]]:
     """Each layer of ``stack`` quantized: its weight, bias and qparams by local name."""
-    holders = [(layer, _holder(layer, readers)) for layer in stack]
+    holders = [(layer, _holder(layer, files)) for layer in stack]
     shared = None
     if len(stack) > 1:  # tensor_group siblings: the smallest global scale of the stack
         scales = [
@@ -70,15 +67,15 @@ def _quantized_stack(
         result = quantize_layer(module, layer.scheme, None, layer.name, shared)
         tensors = {"weight": result.weight}
         if layer.bias_key is not None:
-            tensors["bias"] = readers.get(layer.bias_key)
+            tensors["bias"] = files.tensor(layer.bias_key)
         tensors.update(result.buffers)
         results.append((layer, tensors))
     return results
 
 
-def _holder(layer: PlannedLayer, readers: _Readers) -> nn.Module:
+def _holder(layer: PlannedLayer, files: CheckpointFiles) -> nn.Module:
     """A module holding the layer's weight, as the round-to-nearest computation reads it."""
-    weight = readers.get(layer.weight_key)
+    weight = files.tensor(layer.weight_key)
     if not bool(torch.isfinite(weight).all()):
         raise ExportError(
             f"layer '{layer.name}' has NaN or Inf weights (tensor '{layer.weight_key}'); "
@@ -87,18 +84,3 @@ def _holder(layer: PlannedLayer, readers: _Readers) -> nn.Module:
     module = nn.Module()
     module.weight = nn.Parameter(weight, requires_grad=False)
     return module
-
-
-class _Readers:
-    """Open safetensors files of the checkpoint, one per file, opened when first read."""
-
-    def __init__(self, source_dir: Path, files: dict[str, str]) -> None:
-        self._dir = source_dir
-        self._files = files
-        self._open: dict[str, object] = {}
-
-    def get(self, key: str) -> Tensor:
-        file = self._files[key]
-        if file not in self._open:
-            self._open[file] = safe_open(os.fspath(self._dir / file), framework="pt")
-        return self._open[file].get_tensor(key)
