@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from lightning_compress.core.checkpoint_files import CONFIG_NAME, CheckpointFiles
-from lightning_compress.core.heap import return_free_heap
+from lightning_compress.core.heap import map_large_allocations, return_free_heap
 
 __all__ = ["CheckpointSource"]
 
@@ -25,7 +25,9 @@ class CheckpointSource:
     the meta device). Tied weights (the input embeddings and ``lm_head``) stay one tensor
     until something unties them. Every parameter and persistent buffer of the model is checked
     against the checkpoint's tensors (names, shapes) when the source is made, reading only the
-    files' headers.
+    files' headers. Making a source fixes glibc's threshold for giving large allocations their
+    own mapping (:func:`~lightning_compress.core.heap.map_large_allocations`), for the rest of
+    the process, so that the memory of calibrating a block does not drift from block to block.
 
     Models whose checkpoint names differ from their module names (transformers 5 converts
     them while loading: fused mixture-of-experts weights, renamed prefixes) are refused; dense
@@ -47,6 +49,7 @@ class CheckpointSource:
         self.files = CheckpointFiles(directory)
         self.model = _empty_model(self.files, trust_remote_code)
         self._stored = _stored_names(self.model, self.files)
+        map_large_allocations()
 
     def load(self, module: nn.Module) -> None:
         """Reads the weights of ``module`` (a submodule of the model, or the model) that are
