@@ -18,10 +18,12 @@ evaluation windows are scored once per run, never used to choose anything. Per s
   (at step 0 exactly RTN's), AdamW on all parameters, cosine decay after a 10% warm-up;
   at the end the weights are baked to the grid;
 - ``gptq_qat``: GPTQ, then the same training starting from GPTQ's weights *and scales*, in two
-  steps (one recipe cannot run a one-shot stage before a training stage yet): the one-shot
-  model's quantized weights are copied into a fresh model, and its scales are written into
-  the training modifier's qparam buffers, which stay frozen from the first step
-  (``freeze_observers``), so training starts exactly at the GPTQ model and stays on its grid.
+  steps: the one-shot model's quantized weights are copied into a fresh model, and its scales
+  are written into the training modifier's qparam buffers, which stay frozen from the first
+  step (``freeze_observers``), so training starts exactly at the GPTQ model and stays on its
+  grid. One recipe can also do this in one ``Trainer.fit``
+  (``Compressor([GPTQModifier(...), QuantizationModifier(..., start=0)])`` runs GPTQ before
+  the first step and trains on its scales): that is ``qad_smollm2.py``'s ``gptq_qat`` row.
 
 After each trained run the model is saved with ``save_compressed`` and reloaded with
 transformers; the reloaded perplexity is printed beside the one in memory. fp4 checkpoints
