@@ -97,7 +97,7 @@ def measure(method: str, model: Path, output: Path, samples: int, seq_len: int) 
         seq_len: tokens per window (``gptq``).
 
     Returns:
-        ``{"peak_rss_gb", "seconds", "output_gb"}``.
+        ``{"peak_rss_gb", "seconds", "output_gb"}`` (GB: 1e9 bytes).
 
     Raises:
         RuntimeError: when the child fails.
@@ -111,7 +111,8 @@ def measure(method: str, model: Path, output: Path, samples: int, seq_len: int) 
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"{method} on {model} failed (exit status {status})")
     size = sum(path.stat().st_size for path in output.glob("*.safetensors"))
-    return {"peak_rss_gb": usage.ru_maxrss / 2**20, "seconds": seconds, "output_gb": size / 1e9}
+    peak = usage.ru_maxrss * 1024 / 1e9  # Linux counts ru_maxrss in KiB
+    return {"peak_rss_gb": peak, "seconds": seconds, "output_gb": size / 1e9}
 
 
 def block_gb(hidden: int, intermediate: int, kv_heads: int | None) -> float:
