@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -10,11 +9,11 @@ import torch
 from torch import nn
 
 from lightning_compress.bundled import load_bundled_model, load_tokenizer
+from lightning_compress.core.checkpoint_files import read_config
 
 __all__ = ["DTYPES", "default_seq_length", "load_model", "load_pretrained", "torch_dtype"]
 
 DTYPES = ("float32", "bfloat16", "float16")
-CONFIG_NAME = "config.json"
 LONGEST_SEQUENCE = 2048
 UNKNOWN_CONTEXT = 256
 
@@ -103,7 +102,7 @@ def load_model(
         ImportError: without the ``hf`` extra (transformers, compressed-tensors).
     """
     chosen = torch_dtype(dtype)
-    config = _read_config(Path(path))
+    config = read_config(path)
     if "quantization_config" in config:
         from lightning_compress.export import load_compressed
 
@@ -113,25 +112,6 @@ def load_model(
 
     model = AutoModelForCausalLM.from_pretrained(path, **{_dtype_keyword(): chosen or "auto"})
     return model.eval()
-
-
-def _read_config(path: Path) -> dict[str, Any]:
-    """The checkpoint's ``config.json``, checked to exist and hold a JSON object."""
-    config = path / CONFIG_NAME
-    if not config.is_file():
-        what = "directory" if path.is_dir() else "no directory"
-        raise FileNotFoundError(
-            f"model: {str(path)!r} is {what} with a {CONFIG_NAME}; expected a transformers "
-            f"checkpoint directory (config.json, weights, tokenizer), e.g. from "
-            f"save_pretrained"
-        )
-    try:
-        loaded = json.loads(config.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"model: {config} is not valid JSON ({error})") from error
-    if not isinstance(loaded, dict):
-        raise ValueError(f"model: {config} holds a {type(loaded).__name__}; expected an object")
-    return loaded
 
 
 def default_seq_length(model: nn.Module) -> int:

@@ -11,11 +11,49 @@ from typing import Any
 
 import torch
 
-__all__ = ["CONFIG_NAME", "INDEX_NAME", "SINGLE_NAME", "CheckpointFiles", "TensorInfo"]
+__all__ = [
+    "CONFIG_NAME",
+    "INDEX_NAME",
+    "SINGLE_NAME",
+    "CheckpointFiles",
+    "TensorInfo",
+    "read_config",
+]
 
 CONFIG_NAME = "config.json"
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+
+
+def read_config(directory: str | Path) -> dict[str, Any]:
+    """The ``config.json`` of a checkpoint directory, checked to exist and hold a JSON object.
+
+    Args:
+        directory: the checkpoint directory.
+
+    Returns:
+        The config's content.
+
+    Raises:
+        FileNotFoundError: if ``directory`` is not a directory with a ``config.json``.
+        ValueError: if the file is not valid JSON, or holds no JSON object.
+    """
+    directory = Path(directory)
+    config = directory / CONFIG_NAME
+    if not config.is_file():
+        what = "a directory without" if directory.is_dir() else "no directory with"
+        raise FileNotFoundError(
+            f"model: {str(directory)!r} is {what} a {CONFIG_NAME}; expected a transformers "
+            f"checkpoint directory (config.json, weights, tokenizer), e.g. from "
+            f"save_pretrained"
+        )
+    try:
+        loaded = json.loads(config.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"model: {config} is not valid JSON ({error})") from error
+    if not isinstance(loaded, dict):
+        raise ValueError(f"model: {config} holds a {type(loaded).__name__}; expected an object")
+    return loaded
 
 
 @dataclass(frozen=True)
@@ -80,8 +118,8 @@ class CheckpointFiles:
         self._check_index(weight_map)
 
     def config(self) -> dict[str, Any]:
-        """The content of the checkpoint's ``config.json``."""
-        return json.loads((self.directory / CONFIG_NAME).read_text())
+        """The content of the checkpoint's ``config.json`` (see :func:`read_config`)."""
+        return read_config(self.directory)
 
     def tensor(self, name: str) -> torch.Tensor:
         """Reads one stored tensor (memory-mapped; a copy on the CPU is made by the caller).

@@ -54,7 +54,7 @@ ALLOWED: dict[str, set[str]] = {
         "evaluate",
     },
     # The application: loading models, evaluation and the command line.
-    "pretrained": {"bundled", "export"},
+    "pretrained": {"bundled", "core", "export"},
     "evaluate": {"bundled", "pipelines"},
     "cli_options": {"core", "pretrained"},
     "evaluate_command": {"bundled", "cli_options", "evaluate", "pretrained"},
