@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from lightning_compress.export.writer import plan_shards
+
 TOKENIZER_DIR = Path.home() / ".cache" / "lightning-compress" / "smollm2-135m"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 VOCAB = 49152
@@ -123,7 +125,11 @@ def write_checkpoint(
     directory.mkdir(parents=True)
     config = llama_config(hidden, intermediate, blocks, kv_heads)
     shapes = tensor_shapes(config)
-    shards = _plan_shards(shapes)
+    meta = {
+        key: torch.empty(shape, dtype=torch.bfloat16, device="meta")
+        for key, shape in shapes.items()
+    }
+    shards = plan_shards(meta, MAX_SHARD_BYTES)
     names = [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
     weight_map = {}
     for name, keys in zip(names, shards, strict=True):
@@ -137,19 +143,6 @@ def write_checkpoint(
     (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     _copy_tokenizer(directory)
     return total
-
-
-def _plan_shards(shapes: dict[str, tuple[int, ...]]) -> list[list[str]]:
-    shards: list[list[str]] = [[]]
-    size = 0
-    for key, shape in shapes.items():
-        nbytes = 2 * torch.Size(shape).numel()
-        if shards[-1] and size + nbytes > MAX_SHARD_BYTES:
-            shards.append([])
-            size = 0
-        shards[-1].append(key)
-        size += nbytes
-    return shards
 
 
 def _write_shard(path: Path, shapes: dict[str, tuple[int, ...]], seed: int) -> None:
