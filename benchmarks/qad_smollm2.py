@@ -10,9 +10,9 @@ warm-up-then-cosine subclass) on a ``TextDataModule`` of the calibration text, w
   (``Compressor(calibration_data=...)``, the windows the ``gptq`` row uses), then QAT trains
   from GPTQ's weights on GPTQ's grid (its scales stay fixed);
 - ``gptq_qad``: the same plus ``OutputDistillationModifier`` (KL on the logits at temperature
-  1, hardness 0.5, plus the MSE of each decoder block's output: the best mix of
-  ``qad_loss_mix.py``), with ``Compressor(teacher="uncompressed")``: a frozen copy of the model
-  made before GPTQ changes it;
+  1 plus the MSE of each decoder block's output, the best mix of ``qad_loss_mix.py``, weighted
+  ``--hardness`` against the next-token loss: 0.5 by default, 1 distils only), with
+  ``Compressor(teacher="uncompressed")``: a frozen copy of the model made before GPTQ changes it;
 - ``fp_ft``: the same training of the float model, with no ``Compressor``: what fine-tuning on
   this text alone changes.
 
@@ -31,10 +31,12 @@ machine).
 
     python benchmarks/qad_smollm2.py --steps 60 --lr 1e-4 --threads 1 --json rows.jsonl
     python benchmarks/qad_smollm2.py --runs gptq_qad --lr 3e-5 --threads 1 --json rows.jsonl
+    python benchmarks/qad_smollm2.py --runs gptq_qad --hardness 1 --threads 1 --json rows.jsonl
     python benchmarks/qad_smollm2.py --table rows.jsonl --steps 60 --lr 1e-4 --threads 1
 
 Prints each row as JSON, then a Markdown table (``--table`` prints the table of saved rows; the
-table's title takes the other options as given).
+table's title takes the other options as given; rows of one run that differ in learning rate,
+seed or hardness are told apart by them).
 """
 
 from __future__ import annotations
@@ -64,8 +66,9 @@ from torch import nn
 RUN_KINDS = ("fp", "rtn", "gptq", "fp_ft", "gptq_qat", "gptq_qad")
 OTHER_DOMAIN = Path(__file__).resolve().parent / "data" / "web_bible" / "genesis.txt"
 BLOCKS = "LlamaDecoderLayer"
-# qad_loss_mix.py's best mix: KL at temperature 1 plus each block's output MSE, hardness 0.5.
-QAD_MIX = {"temperature": 1.0, "hardness": 0.5, "layer_targets": [BLOCKS]}
+# qad_loss_mix.py's best mix: KL at temperature 1 plus each block's output MSE.
+QAD_MIX = {"temperature": 1.0, "layer_targets": [BLOCKS]}
+DEFAULT_HARDNESS = 0.5  # the distillation term's weight, qad_loss_mix.py's best
 
 
 class StepClock(pl.Callback):
@@ -87,8 +90,17 @@ class StepClock(pl.Callback):
         return {"s_per_step": (wall1 - wall0) / steps, "cpu_s_per_step": (cpu1 - cpu0) / steps}
 
 
-def recipe(kind: str, scheme: str) -> list[Any]:
-    """The ``Compressor`` recipe of a trained row: GPTQ, then QAT, with distillation for QAD."""
+def recipe(kind: str, scheme: str, hardness: float = DEFAULT_HARDNESS) -> list[Any]:
+    """The ``Compressor`` recipe of a trained row: GPTQ, then QAT, with distillation for QAD.
+
+    Args:
+        kind: the row (``gptq_qat`` or ``gptq_qad``).
+        scheme: the quantization scheme (``SCHEMES``).
+        hardness: the distillation term's weight in QAD's loss (1 = distillation only).
+
+    Returns:
+        The modifiers, in order.
+    """
     from lightning_compress.modifiers import (
         GPTQModifier,
         OutputDistillationModifier,
@@ -100,7 +112,7 @@ def recipe(kind: str, scheme: str) -> list[Any]:
         QuantizationModifier(**scheme_kwargs(scheme), start=0),
     ]
     if kind == "gptq_qad":
-        modifiers.append(OutputDistillationModifier(**QAD_MIX))
+        modifiers.append(OutputDistillationModifier(**QAD_MIX, hardness=hardness))
     return modifiers
 
 
@@ -127,7 +139,7 @@ def train(
     callbacks: list[pl.Callback] = [clock]
     if kind != "fp_ft":
         compressor = Compressor(
-            recipe(kind, args.scheme),
+            recipe(kind, args.scheme, args.hardness),
             teacher="uncompressed" if kind == "gptq_qad" else None,
             calibration_data=list(windows["calibration"].split(1)),
             num_calibration_batches=len(windows["calibration"]),
@@ -177,7 +189,9 @@ def worker(kind: str, args: argparse.Namespace) -> dict[str, Any]:
         row["one_shot_s"] = one_shot(model, args.scheme, kind, windows["calibration"])
     elif kind != "fp":
         row.update(train(model, kind, windows, args))
-        row.update(steps=args.steps, lr=args.lr)
+        row.update(steps=args.steps, lr=args.lr, seed=args.seed)
+        if kind == "gptq_qad":
+            row["hardness"] = args.hardness
     row["train_tokens"] = row.get("steps", 0) * args.batch * SEQ_LEN
     row["rss_peak_mib"] = peak_rss_mib()
     for name in ("austen", "bible", "holdout"):
@@ -192,6 +206,45 @@ def run_in_subprocess(kind: str) -> dict[str, Any]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def settings(row: dict[str, Any]) -> dict[str, float]:
+    """The training settings of a trained row: ``lr`` and ``seed``, and ``hardness`` for QAD.
+
+    Rows saved before a setting was recorded ran at its default (seed 0, hardness 0.5).
+
+    Args:
+        row: a row of ``worker``.
+
+    Returns:
+        The settings, empty for a one-shot row.
+    """
+    if "steps" not in row:
+        return {}
+    found = {"lr": row["lr"], "seed": row.get("seed", 0)}
+    if row["run"] == "gptq_qad":
+        found["hardness"] = row.get("hardness", DEFAULT_HARDNESS)
+    return found
+
+
+def labels(rows: list[dict[str, Any]]) -> list[str]:
+    """Each row's run, followed by the settings in which it differs from rows of the same run
+    (``gptq_qad, lr 0.0003, hardness 1``), so that no two rows read alike."""
+    values: dict[tuple[str, str], set[float]] = {}
+    for row in rows:
+        for key, value in settings(row).items():
+            values.setdefault((row["run"], key), set()).add(value)
+    return [
+        ", ".join(
+            [row["run"]]
+            + [
+                f"{key} {value:g}"
+                for key, value in settings(row).items()
+                if len(values[row["run"], key]) > 1
+            ]
+        )
+        for row in rows
+    ]
+
+
 def print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     """Print the rows as a Markdown table, with the share of GPTQ's gap to FP each closes."""
     by_run = {row["run"]: row for row in rows}
@@ -204,17 +257,19 @@ def print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
         f"peak lr {args.lr:g}\n"
     )
     print(
-        "| run | train tokens | Austen held-out | GPTQ's gap closed | Bible (other domain) "
-        "| calibration hold-out | CPU s/step | peak RSS (MiB) |"
+        "| run | hardness | train tokens | Austen held-out | GPTQ's gap closed "
+        "| Bible (other domain) | calibration hold-out | CPU s/step | peak RSS (MiB) |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for row in rows:
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for label, row in zip(labels(rows), rows, strict=True):
         closed = ""
         if gap and row["run"] not in ("fp", "fp_ft"):
             closed = f"{(by_run['gptq']['austen'] - row['austen']) / gap:.0%}"
+        hardness = settings(row).get("hardness")
         step = f"{row['cpu_s_per_step']:.2f}" if "cpu_s_per_step" in row else "-"
         print(
-            f"| {row['run']} | {row['train_tokens']:,} | {row['austen']:.2f} | {closed} "
+            f"| {label} | {'' if hardness is None else f'{hardness:g}'} "
+            f"| {row['train_tokens']:,} | {row['austen']:.2f} | {closed} "
             f"| {row['bible']:.2f} | {row['holdout']:.2f} | {step} | {row['rss_peak_mib']:.0f} |"
         )
 
@@ -230,6 +285,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=1e-4, help="peak AdamW learning rate")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--hardness",
+        type=float,
+        default=DEFAULT_HARDNESS,
+        help="weight of the distillation term in gptq_qad's loss, in [0, 1] (1: distillation only)",
+    )
+    parser.add_argument(
         "--holdout", type=int, default=16, help="last calibration windows kept from training"
     )
     parser.add_argument("--calibration-windows", type=int, default=32, help="GPTQ's")
@@ -242,6 +303,8 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--worker", choices=RUN_KINDS, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if not 0.0 <= args.hardness <= 1.0:
+        parser.error(f"--hardness: expected a weight in [0, 1], got {args.hardness:g}")
     args.cache_dir = args.cache_dir.expanduser()
     return args
 

@@ -37,6 +37,7 @@ def tiny_llama(random_llama):
 
 def _args(**overrides) -> argparse.Namespace:
     settings = {"scheme": "w4a16_g64", "steps": STEPS, "batch": 1, "lr": 1e-2, "seed": 0}
+    settings["hardness"] = 0.5
     settings.update(holdout=2, **overrides)
     return argparse.Namespace(**settings)
 
@@ -95,6 +96,12 @@ def test_qad_recipe_distils_from_the_uncompressed_model_with_kl_and_block_mse(sc
     ]
     assert distillation.layer_targets == ["LlamaDecoderLayer"]
     assert (distillation.temperature, distillation.hardness) == (1.0, 0.5)
+    (distil_only,) = [
+        m
+        for m in script.recipe("gptq_qad", "w4a16_g64", hardness=1.0)
+        if isinstance(m, OutputDistillationModifier)
+    ]
+    assert distil_only.hardness == 1.0
     assert not any(
         isinstance(m, OutputDistillationModifier) for m in script.recipe("gptq_qat", "w4a16_g64")
     )
@@ -108,5 +115,30 @@ def test_table_shows_the_share_of_gptqs_gap_each_row_closes(script, capsys):
     rows = [row("fp", 40.0), row("gptq", 44.0), row("gptq_qad", 41.0, cpu_s_per_step=2.5)]
     script.print_table(rows, _args(threads=1))
     lines = capsys.readouterr().out.splitlines()
-    assert "| gptq | 0 | 44.00 | 0% | 9.00 | 40.00 | - | 1000 |" in lines
-    assert "| gptq_qad | 0 | 41.00 | 75% | 9.00 | 40.00 | 2.50 | 1000 |" in lines
+    assert "| gptq |  | 0 | 44.00 | 0% | 9.00 | 40.00 | - | 1000 |" in lines
+    assert "| gptq_qad |  | 0 | 41.00 | 75% | 9.00 | 40.00 | 2.50 | 1000 |" in lines
+
+
+def test_table_tells_rows_of_one_run_apart_by_the_settings_in_which_they_differ(script, capsys):
+    def row(austen, **extra):
+        return {"run": "gptq_qad", "train_tokens": 20480, "austen": austen, "bible": 11.0,
+                "holdout": 38.0, "rss_peak_mib": 6000.0, "cpu_s_per_step": 8.5, "steps": 40,
+                "lr": 3e-4, **extra}  # fmt: skip
+
+    saved_before_hardness = row(38.9)  # no hardness or seed recorded: 0.5 and 0
+    rows = [saved_before_hardness, row(39.5, hardness=1.0, seed=0), row(39.2, hardness=0.75)]
+    script.print_table(rows, _args(threads=1))
+    lines = capsys.readouterr().out.splitlines()
+    assert (
+        "| gptq_qad, hardness 0.5 | 0.5 | 20,480 | 38.90 |  | 11.00 | 38.00 | 8.50 | 6000 |"
+        in lines
+    )
+    assert "| gptq_qad, hardness 1 | 1 | 20,480 | 39.50 |  | 11.00 | 38.00 | 8.50 | 6000 |" in lines
+    assert any(line.startswith("| gptq_qad, hardness 0.75 | 0.75 |") for line in lines)
+
+
+def test_hardness_outside_zero_to_one_is_refused_naming_the_option(script, monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["qad_smollm2.py", "--hardness", "1.5"])
+    with pytest.raises(SystemExit):
+        script.parse_args()
+    assert "--hardness: expected a weight in [0, 1], got 1.5" in capsys.readouterr().err
