@@ -18,6 +18,7 @@ from lightning_compress.modifiers.quantization.gptq import (
     GPTQResult,
     gptq_quantize,
     normalize_actorder,
+    weights_to_keep,
 )
 from lightning_compress.modifiers.quantization.oneshot import LayerwiseQuantization
 from lightning_compress.recipe.errors import RecipeError
@@ -86,9 +87,18 @@ class GPTQModifier(LayerwiseQuantization, HessianMethod):
         quantize_activations_in_calibration: one-shot: whether the calibration forwards run
             quantized layers with their inputs (and keys/values) quantized; False: unquantized
             until calibration ends, as llm-compressor does (see ``LayerwiseQuantization``).
+        preserve_zeros: which exact zeros of a weight stay zero, so that a pruned model keeps
+            its mask (e.g. SparseGPT 2:4 then GPTQ): ``"auto"`` (default) those of a layer
+            with at least 10% exact zeros (a pruned layer; a dense model's float weights hold
+            almost none, and GPTQ quantizes those like any weight); True every zero of every
+            layer; False none (llm-compressor's GPTQ keeps none). Decided per layer, on its
+            whole weight. A dense model dequantized from a coarse symmetric grid (int4 with
+            per-channel scales: about 20% zeros) counts as pruned under ``"auto"``: give
+            False there.
     """
 
     actorder: Literal["static", "weight", "group", "dynamic", "none"] | None = ACTORDER_DEFAULT
+    preserve_zeros: bool | Literal["auto"] = "auto"
 
     log_tag: ClassVar[str] = "GPTQ"
     borrows_stage_schemes: ClassVar[bool] = True
@@ -278,16 +288,31 @@ class GPTQModifier(LayerwiseQuantization, HessianMethod):
     ) -> GPTQResult:
         """GPTQ for the pending layers ``stack`` (sharing ``hessian``), or for the rows
         ``[start, stop)`` of their stacked weight; errors name them."""
-        weight = torch.cat([self._pending[name][0].weight.detach() for name in stack])
+        weights = [self._pending[name][0].weight.detach() for name in stack]
+        weight, keep = torch.cat(weights), self._keep(weights)
         if rows is not None:
             weight = weight[rows[0] : rows[1]]
+            keep = None if keep is None else keep[rows[0] : rows[1]]
         args = self._pending[stack[0]][1].weights
         actorder = self._actorder(args)
 
         def quantize(converted: Tensor) -> GPTQResult:
             return gptq_quantize(
-                weight, converted, args, self.block_size, self.dampening_frac, actorder
+                weight, converted, args, self.block_size, self.dampening_frac, actorder, keep
             )
 
         owner = type(self).__name__
         return solve_on_hessian(owner, stack, weight, hessian, self.dampening_frac, quantize)
+
+    def _keep(self, weights: list[Tensor]) -> Tensor | None:
+        """The stacked pruning mask of ``weights`` (whole layers), each layer's decided on its
+        own weight (see ``preserve_zeros``); None when no layer keeps a zero."""
+        masks = [weights_to_keep(weight, self.preserve_zeros) for weight in weights]
+        if all(mask is None for mask in masks):
+            return None
+        return torch.cat(
+            [
+                torch.ones_like(weight, dtype=torch.bool) if mask is None else mask
+                for weight, mask in zip(weights, masks, strict=True)
+            ]
+        )

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
 
 from lightning_compress.modifiers.hessian import SingularHessianError
 from lightning_compress.modifiers.quantization.args import QuantizationArgs
-from lightning_compress.modifiers.quantization.gptq import gptq_quantize, normalize_actorder
+from lightning_compress.modifiers.quantization.gptq import (
+    PRUNED_ZERO_FRACTION,
+    gptq_quantize,
+    normalize_actorder,
+    weights_to_keep,
+)
 from lightning_compress.modifiers.quantization.observers import qparams_for_weight
 from lightning_compress.modifiers.quantization.ops import calculate_qparams, fake_quantize
 
@@ -65,15 +71,19 @@ def ref_qparams(x: torch.Tensor, args: QuantizationArgs) -> tuple[torch.Tensor, 
 
 
 def ref_gptq(
-    weight: torch.Tensor, hessian: torch.Tensor, args: QuantizationArgs, actorder: str | None
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    args: QuantizationArgs,
+    actorder: str | None,
+    keep: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, float]:
     """GPTQ as the paper states it: each column quantized, its error spread with ``inv(H[j:, j:])``.
 
-    Entries of ``weight`` that are exactly zero are quantized to zero.
+    Entries that ``keep`` marks False are quantized to zero.
 
     Returns ``(weight_q, scale, zero_point, g_idx, loss)``.
     """
-    keep = weight != 0
+    keep = torch.ones_like(weight, dtype=torch.bool) if keep is None else keep
     w, h = weight.double().clone(), hessian.double().clone()
     dead = h.diagonal() == 0
     h[dead, dead] = 1
@@ -155,12 +165,52 @@ def test_pruned_weights_stay_zero_and_their_error_is_spread(actorder: str | None
     hessian = hessian_of(x)
     weight = without_rounding_ties(weight, hessian, actorder)
     pruned = weight * (torch.rand(weight.shape, generator=torch.Generator().manual_seed(4)) > 0.5)
-    result = gptq_quantize(pruned, hessian, ARGS["group"], 24, DAMP, actorder)
+    keep = weights_to_keep(pruned)
+    result = gptq_quantize(pruned, hessian, ARGS["group"], 24, DAMP, actorder, keep)
     assert (result.weight_q[pruned == 0] == 0).all()
     assert (result.weight_q[pruned != 0] != 0).float().mean() > 0.8  # others mostly not
-    ref_weight, _, _, _, ref_loss = ref_gptq(pruned, hessian, ARGS["group"], actorder)
+    ref_weight, _, _, _, ref_loss = ref_gptq(pruned, hessian, ARGS["group"], actorder, keep)
     torch.testing.assert_close(result.weight_q, ref_weight, rtol=1e-10, atol=1e-10)
     assert result.loss == pytest.approx(ref_loss, rel=1e-9)
+
+
+@pytest.mark.parametrize("actorder", [None, "weight"])
+def test_a_dense_weights_accidental_zeros_are_quantized_like_any_weight(
+    actorder: str | None,
+) -> None:
+    weight, x = layer(4)
+    hessian = hessian_of(x)
+    weight = without_rounding_ties(weight, hessian, actorder)
+    rows, columns = torch.arange(OUT).repeat(2), torch.arange(2 * OUT) * 7 % IN
+    weight[rows, columns] = 0  # 32 of 1024 weights (3%): no pruning mask
+    assert weights_to_keep(weight) is None
+    result = gptq_quantize(weight, hessian, ARGS["group"], 24, DAMP, actorder)
+    assert (result.weight_q[rows, columns] != 0).any()  # the error feedback moves some
+    ref_weight, _, _, _, ref_loss = ref_gptq(weight, hessian, ARGS["group"], actorder)
+    torch.testing.assert_close(result.weight_q, ref_weight, rtol=1e-10, atol=1e-10)
+    assert result.loss == pytest.approx(ref_loss, rel=1e-9)
+
+
+def test_weights_to_keep_marks_the_zeros_of_pruned_layers_only() -> None:
+    weight, _ = layer(5)
+    few = weight.clone()
+    few[0, :3] = 0  # 3 of 1024 zeros: accidental
+    pruned = weight * (torch.arange(IN) % 4 < 2)  # 2:4, 50% zeros
+    at_threshold = math.ceil(PRUNED_ZERO_FRACTION * weight.numel())
+    threshold, below = weight.clone().reshape(-1), weight.clone().reshape(-1)
+    threshold[:at_threshold], below[: at_threshold - 1] = 0, 0
+    threshold, below = threshold.reshape(weight.shape), below.reshape(weight.shape)
+    assert weights_to_keep(weight) is None and weights_to_keep(weight, True) is None
+    assert weights_to_keep(few) is None and weights_to_keep(few, "auto") is None
+    assert torch.equal(weights_to_keep(few, True), few != 0)
+    assert torch.equal(weights_to_keep(pruned), pruned != 0)
+    assert torch.equal(weights_to_keep(threshold), threshold != 0)
+    assert weights_to_keep(below) is None
+    assert weights_to_keep(pruned, False) is None
+    with pytest.raises(ValueError, match="preserve_zeros='always' is invalid: expected True"):
+        weights_to_keep(pruned, "always")
+    with pytest.raises(ValueError, match="keep has shape"):
+        gptq_quantize(pruned, hessian_of(layer(5)[1]), ARGS["group"], keep=pruned[:, :8] != 0)
 
 
 @pytest.mark.parametrize(("strategy", "actorder"), [("channel", "weight"), ("group", "group")])

@@ -29,7 +29,7 @@ from lightning_compress.modifiers import GPTQModifier, QuantizationModifier
 from lightning_compress.modifiers.hessian import HessianAccumulator
 from lightning_compress.modifiers.hessian_collector import HessianCollector
 from lightning_compress.modifiers.quantization.args import QuantizationArgs
-from lightning_compress.modifiers.quantization.gptq import gptq_quantize
+from lightning_compress.modifiers.quantization.gptq import gptq_quantize, weights_to_keep
 from lightning_compress.modifiers.quantization.runtime import InputQuantizer, remove_quantization
 from lightning_compress.recipe import RecipeError
 
@@ -105,11 +105,14 @@ def assert_layers_equal_gptq(
     inputs: dict[str, list[torch.Tensor]],
     masks: list | None = None,
     actorder: str | None = "static",
+    preserve_zeros: bool | str = "auto",
 ) -> None:
     for name, xs in inputs.items():
         layer = compressed.get_submodule(name)
         weight = original.get_submodule(name).weight.detach()
-        expected = gptq_quantize(weight, reference_hessian(xs, masks), W4_G32, actorder=actorder)
+        keep = weights_to_keep(weight, preserve_zeros)
+        hessian = reference_hessian(xs, masks)
+        expected = gptq_quantize(weight, hessian, W4_G32, actorder=actorder, keep=keep)
         torch.testing.assert_close(layer.weight, expected.weight_q, rtol=0, atol=1e-6)
         assert torch.equal(layer.weight_scale, expected.scale), name
         if actorder in ("group", "dynamic"):
@@ -134,6 +137,23 @@ def test_each_layer_equals_gptq_on_the_inputs_it_saw(actorder):
     assert_layers_equal_gptq(original, model, inputs, actorder=actorder)
     # only the test's own hooks are left
     assert sum(len(m._forward_pre_hooks) for m in model.modules()) == len(inputs)
+
+
+@pytest.mark.parametrize("preserve_zeros", ["auto", True, False])
+def test_pruned_layers_keep_their_zeros_and_a_dense_layers_zeros_are_set_free(preserve_zeros):
+    model = tiny_decoder()
+    attention = model.model.layers[0].self_attn
+    with torch.no_grad():  # q_proj pruned 2:4; k_proj, which shares its Hessian, dense
+        attention.q_proj.weight.mul_(torch.arange(64) % 4 < 2)
+        attention.k_proj.weight[:, ::32] = 0  # 3% accidental zeros
+    pruned, dense = attention.q_proj.weight == 0, attention.k_proj.weight == 0
+    original = copy.deepcopy(model)
+    inputs = record_inputs(model)
+    calibrated(model, gptq(preserve_zeros=preserve_zeros), token_ids())
+    assert_layers_equal_gptq(original, model, inputs, preserve_zeros=preserve_zeros)
+    q, k = attention.q_proj.weight[pruned], attention.k_proj.weight[dense]
+    assert (q == 0).all() if preserve_zeros is not False else (q != 0).any()
+    assert (k == 0).all() if preserve_zeros is True else (k != 0).any()
 
 
 def test_basic_pipeline_quantizes_every_layer_at_the_end_on_unquantized_inputs():
@@ -326,6 +346,10 @@ def test_gptq_without_calibration_data_is_a_recipe_error():
         ({"dampening_frac": 1.0}, r"GPTQModifier.dampening_frac: expected a float in \[0, 1\)"),
         ({"dampening_frac": -0.1}, r"GPTQModifier.dampening_frac: expected a float in \[0, 1\)"),
         ({"actorder": "sideways"}, r"GPTQModifier.actorder: expected one of \['static'"),
+        (
+            {"preserve_zeros": "pruned"},
+            r"GPTQModifier.preserve_zeros: expected bool or one of \['auto'\], got 'pruned'",
+        ),
         (
             {"config_groups": int8_channel_groups(), "actorder": "group"},
             r"GPTQModifier.actorder: expected .* 'channel'",
