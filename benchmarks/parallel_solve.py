@@ -3,14 +3,15 @@
 Calibrates a random bundled decoder (hidden 1024, MLP 2816, 16 / 4 heads, 4 blocks by default)
 with GPTQ W4 g128 under a Lightning Trainer on the CPU, once with one process and once with
 two (``ddp_fork``, gloo), one thread per process. Under DDP each layer is solved on one owner
-rank and broadcast, a layer too costly for one rank in row slices on several
-(``modifiers/layerwise_split.py``). Measures the compression phase: every
-call that reduces a group's Hessians, solves its layers and shares the results
-(``LayerwiseModifier.compute_layers``, entered by the ranks together, so the wait for a rank
-still running its forwards is left out), as wall-clock time on rank 0 and as CPU time on the
-busiest rank (which a machine loaded by other jobs disturbs less); the CPU time of the solves
-alone (``_compute_stack``) on the busiest rank; and the whole run's wall-clock time. Checks
-that both runs give the same weights, bit for bit.
+rank and broadcast, a layer too costly for one rank with its Hessian's inversion shared by
+the ranks, and in row slices on several (``modifiers/layerwise_split.py``). Measures the
+compression phase: every call that reduces a group's Hessians, solves its layers and shares
+the results (``LayerwiseModifier.compute_layers``, entered by the ranks together, so the wait
+for a rank still running its forwards is left out), as wall-clock time on rank 0 and as CPU
+time on the busiest rank (which a machine loaded by other jobs disturbs less); the CPU time
+of the solves alone (``_compute_stack``, and a rank's help with another rank's inversion,
+``help_invert``) on the busiest rank; and the whole run's wall-clock time. Checks that both
+runs give the same weights, bit for bit.
 
     python benchmarks/parallel_solve.py [--layers 4] [--hidden 1024] [--intermediate 2816]
         [--samples 16] [--seq 128] [--staged both|yes|no] [--repeats 1]
@@ -41,12 +42,13 @@ from torch.utils.data import DataLoader
 from lightning_compress.bundled import TinyDecoder, TinyDecoderConfig
 from lightning_compress.core.distributed import is_distributed
 from lightning_compress.lightning.calibration import CalibrationModule
-from lightning_compress.modifiers import GPTQModifier
+from lightning_compress.modifiers import GPTQModifier, layerwise_split
 from lightning_compress.modifiers.layerwise_modifier import LayerwiseModifier
 
 W4_G128 = {"num_bits": 4, "strategy": "group", "group_size": 128}
 COMPUTE_LAYERS = LayerwiseModifier.compute_layers
 COMPUTE_STACK = LayerwiseModifier._compute_stack
+HELP_INVERT = layerwise_split.help_invert
 SECONDS = {"compress": 0.0, "cpu": 0.0, "solve_cpu": 0.0}  # this process's, summed
 MEASURES = {
     "compress": "compress wall, rank 0",
@@ -73,6 +75,14 @@ def timed_compute_stack(
     cpu = time.process_time()
     try:
         return COMPUTE_STACK(self, stack, statistics, rows)
+    finally:
+        SECONDS["solve_cpu"] += time.process_time() - cpu
+
+
+def timed_help_invert(inversion: Any) -> None:
+    cpu = time.process_time()
+    try:
+        HELP_INVERT(inversion)
     finally:
         SECONDS["solve_cpu"] += time.process_time() - cpu
 
@@ -148,6 +158,7 @@ def main() -> None:
     logger.add(sys.stderr, level="WARNING")
     LayerwiseModifier.compute_layers = timed_compute_layers  # the forked workers inherit them
     LayerwiseModifier._compute_stack = timed_compute_stack
+    layerwise_split.help_invert = timed_help_invert
     modes = {"both": [True, False], "yes": [True], "no": [False]}[args.staged]
     columns = " | ".join(f"{what}, 1 / 2 (s) | ratio" for what in MEASURES.values())
     print(f"| mode | {columns} | same weights |")

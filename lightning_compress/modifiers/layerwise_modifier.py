@@ -39,6 +39,7 @@ from lightning_compress.modifiers.layerwise_split import (
     CompressedLayer,
     StackOutcome,
     assign_owners,
+    compute_owned,
     join_row_slices,
     share_outcomes,
 )
@@ -459,19 +460,17 @@ class LayerwiseModifier(Modifier, register=False):
     ) -> list[StackOutcome]:
         """Computes each part of ``stacks`` on its owner rank only and shares the outcomes
         (see :mod:`~lightning_compress.modifiers.layerwise_split`)."""
-        rank, world_size = rank_and_world_size()
+        _, world_size = rank_and_world_size()
         weights = {name: self._pending[name].module.weight for stack in stacks for name in stack}
         shapes = {name: weight.shape for name, weight in weights.items()}
         plan = assign_owners(stacks, shapes, self.divisible, world_size, self.row_divisible)
-        local: dict[int, StackOutcome] = {}
-        error = None
-        try:
-            for index, (names, owner, rows) in enumerate(plan):
-                if owner == rank:
-                    local[index] = self._compute_stack(names, statistics, rows)
-        except Exception as err:  # raised on every rank by share_outcomes
-            error = err
         devices = {name: weight.device for name, weight in weights.items()}
+        local, error = compute_owned(  # an error is raised on every rank by share_outcomes
+            plan,
+            shapes,
+            devices,
+            lambda part: self._compute_stack(part.names, statistics, part.rows),
+        )
         return join_row_slices(plan, share_outcomes(plan, local, error, devices), self.join_rows)
 
     def _starved(self, statistics: Mapping[str, Any]) -> list[str]:
