@@ -224,6 +224,36 @@ def test_a_costly_layer_shares_its_inversion_in_row_slices_and_ends_like_one_pro
             assert torch.equal(tensor, expected[name]), name  # slices of one sweep, bit for bit
 
 
+def failing_on_slice(start: int) -> Callable[..., Any]:
+    """GPTQ's ``compress_rows`` failing, before any inversion, on the slice from ``start``."""
+    method = GPTQModifier.compress_rows
+
+    def compress_rows(self: Modifier, name: str, statistics: Any, rows: tuple[int, int]) -> Any:
+        if rows[0] == start:
+            raise ValueError(f"cannot quantize {name}[{rows[0]}:{rows[1]}]")
+        return method(self, name, statistics, rows)
+
+    return compress_rows
+
+
+@pytest.mark.parametrize("start", [0, 64], ids=["factoring_rank", "receiving_rank"])
+def test_an_error_in_a_slice_of_a_shared_inversion_is_raised_on_every_rank(
+    tmp_path, monkeypatch, start
+):
+    monkeypatch.setattr(layerwise_split, "PER_COLUMN", 0.0)
+    monkeypatch.setattr(layerwise_split, "SHARING", 0.0)
+    monkeypatch.setattr(GPTQModifier, "compress_rows", failing_on_slice(start))
+    monkeypatch.setattr(GPTQModifier, "compute_layers", recording_errors(tmp_path / "ddp"))
+    with pytest.raises(Exception, match="cannot quantize"):
+        calibrate_wide_decoder(tmp_path / "ddp", True, devices=2, strategy="ddp_fork")
+    errors = [(tmp_path / "ddp" / f"error{rank}.txt").read_text() for rank in (0, 1)]
+    assert errors[0] == errors[1]  # the first layer cut into slices: o_proj
+    assert (
+        errors[0]
+        == f"ValueError: cannot quantize model.layers.0.self_attn.o_proj[{start}:{start + 64}]"
+    )
+
+
 def calibrate_wide_decoder(directory: Path, staged: bool, **kwargs: Any) -> None:
     """GPTQ W4 g32 on the ``WIDE`` decoder but the last down_proj, which SparseGPT prunes
     2:4, recording what each rank solved; ``staged``: each group of layers as the forward
