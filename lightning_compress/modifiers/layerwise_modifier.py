@@ -86,8 +86,9 @@ class LayerwiseModifier(Modifier, register=False):
     Several processes: every rank compresses with the statistics summed over all ranks. A
     method whose per-layer computation is worth splitting (:attr:`parallel_solve`) computes
     each layer on one owner rank only, chosen to balance the work (a layer too costly for one
-    rank, in row slices on several, where :meth:`row_divisible` allows;
-    :mod:`~lightning_compress.modifiers.layerwise_split`), and broadcasts the result, so N
+    rank with its Hessian's inversion shared by all ranks, and in row slices on several where
+    :meth:`row_divisible` allows; :mod:`~lightning_compress.modifiers.layerwise_split`), and
+    broadcasts the result, so N
     processes share the work and end with the same layers, bit for bit; an error on an
     owner is raised on every rank. Other methods compute every layer on every rank.
 
