@@ -88,9 +88,9 @@ class LayerwiseModifier(Modifier, register=False):
     each layer on one owner rank only, chosen to balance the work (a layer too costly for one
     rank with its Hessian's inversion shared by all ranks, and in row slices on several where
     :meth:`row_divisible` allows; :mod:`~lightning_compress.modifiers.layerwise_split`), and
-    broadcasts the result, so N
-    processes share the work and end with the same layers, bit for bit; an error on an
-    owner is raised on every rank. Other methods compute every layer on every rank.
+    broadcasts the result, so N processes share the work and end with the same layers, bit
+    for bit; an error on an owner is raised on every rank. Other methods compute every layer
+    on every rank.
 
     Per-layer results go to ``layer_losses`` (where the method has a loss),
     ``layer_fallbacks`` and the loggers (``<log_tag>/loss``, ``<log_tag>/seconds`` and what
