@@ -10,8 +10,10 @@ the results (``LayerwiseModifier.compute_layers``, entered by the ranks together
 for a rank still running its forwards is left out), as wall-clock time on rank 0 and as CPU
 time on the busiest rank (which a machine loaded by other jobs disturbs less); the CPU time
 of the solves alone (``_compute_stack``, and a rank's help with another rank's inversion,
-``help_invert``) on the busiest rank; and the whole run's wall-clock time. Checks that both
-runs give the same weights, bit for bit.
+``help_invert``) on the busiest rank, and summed over the calls of the slowest rank in each
+(the ranks wait for each other at the end of every call, so this is the time the solves
+take on ranks with a core each); and the whole run's wall-clock time. Checks that both runs
+give the same weights, bit for bit.
 
     python benchmarks/parallel_solve.py [--layers 4] [--hidden 1024] [--intermediate 2816]
         [--samples 16] [--seq 128] [--staged both|yes|no] [--repeats 1]
@@ -50,10 +52,12 @@ COMPUTE_LAYERS = LayerwiseModifier.compute_layers
 COMPUTE_STACK = LayerwiseModifier._compute_stack
 HELP_INVERT = layerwise_split.help_invert
 SECONDS = {"compress": 0.0, "cpu": 0.0, "solve_cpu": 0.0}  # this process's, summed
+SOLVES: list[float] = []  # this process's solve CPU time in each compute_layers call
 MEASURES = {
     "compress": "compress wall, rank 0",
     "cpu": "compress CPU, busiest rank",
     "solve_cpu": "solves CPU, busiest rank",
+    "solve_path": "solves CPU, slowest rank per call",
     "total": "total wall",
 }
 
@@ -61,12 +65,13 @@ MEASURES = {
 def timed_compute_layers(self: LayerwiseModifier, state: Any, names: list[str]) -> Any:
     if is_distributed():
         dist.barrier()  # leave out the wait for a rank still running its calibration forwards
-    begin, cpu = time.perf_counter(), time.process_time()
+    begin, cpu, solves = time.perf_counter(), time.process_time(), SECONDS["solve_cpu"]
     try:
         return COMPUTE_LAYERS(self, state, names)
     finally:
         SECONDS["compress"] += time.perf_counter() - begin
         SECONDS["cpu"] += time.process_time() - cpu
+        SOLVES.append(SECONDS["solve_cpu"] - solves)
 
 
 def timed_compute_stack(
@@ -95,7 +100,7 @@ class Report(Callback):
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         rank = trainer.global_rank
-        (self.directory / f"seconds{rank}.json").write_text(json.dumps(SECONDS))
+        (self.directory / f"seconds{rank}.json").write_text(json.dumps([SECONDS, SOLVES]))
         if rank == 0:
             torch.save(pl_module.model.state_dict(), self.directory / "weights.pt")
 
@@ -119,6 +124,7 @@ def run(args: argparse.Namespace, devices: int, staged: bool, directory: Path) -
     generator = torch.Generator().manual_seed(1)
     data = torch.randint(0, config.vocab_size, (args.samples, args.seq), generator=generator)
     SECONDS.update(dict.fromkeys(SECONDS, 0.0))
+    SOLVES.clear()
     trainer = Trainer(
         accelerator="cpu",
         devices=devices,
@@ -133,11 +139,13 @@ def run(args: argparse.Namespace, devices: int, staged: bool, directory: Path) -
     begin = time.perf_counter()
     trainer.validate(module, dataloaders=DataLoader(data, batch_size=1), verbose=False)
     total = time.perf_counter() - begin
-    ranks = [json.loads((directory / f"seconds{rank}.json").read_text()) for rank in range(devices)]
+    paths = [directory / f"seconds{rank}.json" for rank in range(devices)]
+    ranks, calls = zip(*(json.loads(path.read_text()) for path in paths), strict=True)
     return {
         "compress": ranks[0]["compress"],
         "cpu": max(rank["cpu"] for rank in ranks),
         "solve_cpu": max(rank["solve_cpu"] for rank in ranks),
+        "solve_path": sum(max(call) for call in zip(*calls, strict=True)),
         "total": total,
         "weights": directory / "weights.pt",
     }

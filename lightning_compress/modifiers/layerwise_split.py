@@ -188,14 +188,14 @@ def assign_owners(
         units.extend(_Unit(index, part) for part in parts)
     best = _pieces_and_owners(units, shapes, world_size)
     while world_size > 1:
-        step = _next_step(units, best[1], shapes, world_size, row_divisible)
-        if step is None:
+        steps = _next_steps(units, best[1], shapes, world_size, row_divisible)
+        tried = [
+            (_pieces_and_owners(changed, shapes, world_size), changed)
+            for changed in ([*units[:index], unit, *units[index + 1 :]] for index, unit in steps)
+        ]
+        if not tried or min(tried, key=lambda item: item[0][0])[0][0] >= best[0]:
             break
-        changed = [*units[: step[0]], step[1], *units[step[0] + 1 :]]
-        tried = _pieces_and_owners(changed, shapes, world_size)
-        if tried[0] >= best[0]:
-            break
-        units, best = changed, tried
+        best, units = min(tried, key=lambda item: item[0][0])
     grouped: dict[tuple[int, int, tuple[int, int] | None, bool], list[str]] = {}
     for piece, owner in best[1]:
         unit = units[piece.unit]
@@ -289,24 +289,27 @@ def _busiest(
     return max(loads) + common
 
 
-def _next_step(
+def _next_steps(
     units: Sequence[_Unit],
     assigned: Sequence[tuple[_Piece, int]],
     shapes: Mapping[str, Sequence[int]],
     world_size: int,
     row_divisible: Callable[[str], bool],
-) -> tuple[int, _Unit] | None:
-    """The unit of the costliest piece that can change, and that change: its inversion
-    shared, or (already shared) one more row slice; None when no unit can change."""
+) -> list[tuple[int, _Unit]]:
+    """The changes of the unit of the costliest piece that can change: its inversion shared,
+    without or with one more row slice; or (already shared) one more row slice. Empty when
+    no unit can change."""
     for piece, _ in sorted(assigned, key=lambda item: (-item[0].cost, item[0].unit)):
         unit = units[piece.unit]
-        if not unit.shared:
-            return piece.unit, unit._replace(shared=True)
         rows = _shape(unit, shapes)[0]
         cuttable = len(unit.names) == 1 and row_divisible(unit.names[0])
-        if cuttable and unit.slices < world_size and rows // ROW_ALIGN > unit.slices:
-            return piece.unit, unit._replace(slices=unit.slices + 1)
-    return None
+        cut = cuttable and unit.slices < world_size and rows // ROW_ALIGN > unit.slices
+        steps = [] if unit.shared else [unit._replace(shared=True)]
+        if cut:
+            steps.append(unit._replace(shared=True, slices=unit.slices + 1))
+        if steps:
+            return [(piece.unit, step) for step in steps]
+    return []
 
 
 def row_bounds(rows: int, count: int) -> list[int]:
