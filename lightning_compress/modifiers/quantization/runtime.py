@@ -7,13 +7,21 @@ quantized input; the layer's ``forward`` is never replaced. The hook is stateles
 ``input_global_scale`` buffer for ``dynamic: local`` inputs, NVFP4) of the module it runs on,
 so it survives ``deepcopy``, pickling, ``.to()`` and ``load_state_dict``,
 and it stays after the modifier that installed it is finalized.
+
+Layers that read one input (q/k/v, gate/up) with equal arguments and qparams quantize it
+once: without a gradient, the fake-quantized input is kept beside the input tensor (weakly:
+it goes with the input) and handed to the next such layer, as long as neither tensor was
+changed in place. The values are those each layer would compute.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from lightning_compress.modifiers.quantization.args import (
     DYNAMIC_LOCAL,
@@ -79,6 +87,19 @@ def fake_quantize_input(module: nn.Module, x: Tensor) -> Tensor:
         The fake-quantized input, of ``x``'s shape and dtype.
     """
     args = module.quantization_scheme.input_activations
+    if not _shareable(x):
+        return _fake_quantize_input(module, x, args)
+    qparams = _stored_qparams(module, args)
+    shared = _SHARED_INPUTS.get(x)
+    if shared is not None and shared.serves(x, args, qparams):
+        return shared.result
+    result = _fake_quantize_input(module, x, args)
+    _SHARED_INPUTS[x] = _SharedInput.of(x, args, qparams, result)
+    return result
+
+
+def _fake_quantize_input(module: nn.Module, x: Tensor, args: QuantizationArgs) -> Tensor:
+    """:func:`fake_quantize_input` computed for ``module`` alone."""
     tensor_scale = None
     if args.dynamic == DYNAMIC_LOCAL:
         tensor_scale = module.input_global_scale
@@ -89,6 +110,55 @@ def fake_quantize_input(module: nn.Module, x: Tensor) -> Tensor:
         scale, zero_point = module.input_scale, module.input_zero_point
     round_trip = fake_quantize_ste if x.requires_grad else fake_quantize
     return round_trip(x, scale, zero_point, args, tensor_scale)
+
+
+def _shareable(x: Tensor) -> bool:
+    """Whether ``x``'s fake-quantized value may be kept for other layers: not when it needs a
+    gradient, is an inference tensor (no version counter to see in-place changes) or is
+    being traced by ``torch.compile``."""
+    return not (x.requires_grad or x.is_inference() or torch.compiler.is_compiling())
+
+
+def _stored_qparams(module: nn.Module, args: QuantizationArgs) -> tuple[Tensor, ...]:
+    """The calibrated qparams ``module`` quantizes its input with (none for dynamic inputs)."""
+    return tuple(getattr(module, name) for name in calibrated_input_buffers(args))
+
+
+@dataclass(frozen=True)
+class _SharedInput:
+    """An input fake-quantized by one layer, kept for the next layer that reads it alike."""
+
+    input_version: int
+    args: QuantizationArgs
+    qparams: tuple[Tensor, ...]  # copies: the buffers may change in place later
+    result: Tensor
+    result_version: int
+
+    @classmethod
+    def of(
+        cls, x: Tensor, args: QuantizationArgs, qparams: tuple[Tensor, ...], result: Tensor
+    ) -> _SharedInput:
+        """Records that ``result`` is ``x`` quantized with ``args`` and ``qparams``."""
+        copies = tuple(qparam.clone() for qparam in qparams)
+        return cls(x._version, args, copies, result, result._version)
+
+    def serves(self, x: Tensor, args: QuantizationArgs, qparams: tuple[Tensor, ...]) -> bool:
+        """Whether ``result`` is what quantizing ``x`` with ``args`` and ``qparams`` gives."""
+        return (
+            x._version == self.input_version
+            and self.result._version == self.result_version
+            and args == self.args
+            and len(qparams) == len(self.qparams)
+            and all(
+                (new.shape, new.dtype, new.device) == (old.shape, old.dtype, old.device)
+                and torch.equal(new, old)
+                for new, old in zip(qparams, self.qparams, strict=True)
+            )
+        )
+
+
+_SHARED_INPUTS: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
+"""Input tensor -> its :class:`_SharedInput`; an entry goes when its input is freed."""
 
 
 class InputQuantizer:
