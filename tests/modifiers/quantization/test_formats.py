@@ -24,6 +24,7 @@ from lightning_compress.modifiers.quantization.args import (
 )
 from lightning_compress.modifiers.quantization.calibration import quantize_layer
 from lightning_compress.modifiers.quantization.formats import FORMATS, format_of
+from lightning_compress.modifiers.quantization.formats.grids import FP4_E2M1
 from lightning_compress.modifiers.quantization.fused import fused_groups
 from lightning_compress.modifiers.quantization.gptq import gptq_quantize
 from lightning_compress.modifiers.quantization.observers import qparams_for_weight
@@ -85,6 +86,35 @@ def test_e2m1_rounding_matches_the_value_table_with_ties_to_even() -> None:
     assert codes.dtype == torch.float8_e4m3fn
     assert codes.float().tolist() == [e2m1_reference(value) for value in values]
     assert [e2m1_reference(m) for m in midpoints] == [0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("length", [64, FP4_E2M1.lookup_below], ids=["lookup", "step"])
+def test_e2m1_grid_rounds_ties_and_their_neighbours_like_the_value_table(
+    dtype: torch.dtype, length: int
+) -> None:
+    midpoints = torch.tensor([(a + b) / 2 for a, b in zip(E2M1, E2M1[1:], strict=False)])
+    midpoints = midpoints.to(dtype)
+    others = torch.tensor([*E2M1, -0.0, 0.1, 5.9], dtype=dtype)
+    around = [midpoints, others]
+    for toward in (0.0, 7.0):  # the next numbers of the dtype below and above each midpoint
+        around.append(torch.nextafter(midpoints, torch.full_like(midpoints, toward)))
+    values = torch.cat(around)
+    values = torch.cat([values, -values])
+    random = torch.randn(length, generator=torch.Generator().manual_seed(2)).mul(3).clamp(-6, 6)
+    x = torch.cat([values, random.to(dtype)])[:length]
+    expected = [e2m1_reference(value) for value in x.tolist()]
+    rounded = FP4_E2M1.round_(x.clone())
+    assert rounded.dtype == dtype
+    assert rounded.tolist() == expected
+    assert rounded.signbit().tolist() == [math.copysign(1, v) < 0 for v in expected]
+
+
+@pytest.mark.parametrize("length", [8, FP4_E2M1.lookup_below], ids=["lookup", "step"])
+def test_e2m1_grid_keeps_nan(length: int) -> None:
+    x = torch.zeros(length)
+    x[3] = torch.nan
+    assert torch.isnan(FP4_E2M1.round_(x))[3]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
