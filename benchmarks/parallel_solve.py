@@ -3,17 +3,14 @@
 Calibrates a random bundled decoder (hidden 1024, MLP 2816, 16 / 4 heads, 4 blocks by default)
 with GPTQ W4 g128 under a Lightning Trainer on the CPU, once with one process and once with
 two (``ddp_fork``, gloo), one thread per process. Under DDP each layer is solved on one owner
-rank and broadcast, a layer too costly for one rank with its Hessian's inversion shared by
-the ranks, and in row slices on several (``modifiers/layerwise_split.py``). Measures the
-compression phase: every call that reduces a group's Hessians, solves its layers and shares
-the results (``LayerwiseModifier.compute_layers``, entered by the ranks together, so the wait
-for a rank still running its forwards is left out), as wall-clock time on rank 0 and as CPU
-time on the busiest rank (which a machine loaded by other jobs disturbs less); the CPU time
-of the solves alone (``_compute_stack``, and a rank's help with another rank's inversion,
-``help_invert``) on the busiest rank, and summed over the calls of the slowest rank in each
-(the ranks wait for each other at the end of every call, so this is the time the solves
-take on ranks with a core each); and the whole run's wall-clock time. Checks that both runs
-give the same weights, bit for bit.
+rank and broadcast, a layer too costly for one rank in row slices on several
+(``modifiers/layerwise_split.py``). Measures the compression phase: every
+call that reduces a group's Hessians, solves its layers and shares the results
+(``LayerwiseModifier.compute_layers``, entered by the ranks together, so the wait for a rank
+still running its forwards is left out), as wall-clock time on rank 0 and as CPU time on the
+busiest rank (which a machine loaded by other jobs disturbs less); the CPU time of the solves
+alone (``_compute_stack``) on the busiest rank; and the whole run's wall-clock time. Checks
+that both runs give the same weights, bit for bit.
 
     python benchmarks/parallel_solve.py [--layers 4] [--hidden 1024] [--intermediate 2816]
         [--samples 16] [--seq 128] [--staged both|yes|no] [--repeats 1]
@@ -44,20 +41,17 @@ from torch.utils.data import DataLoader
 from lightning_compress.bundled import TinyDecoder, TinyDecoderConfig
 from lightning_compress.core.distributed import is_distributed
 from lightning_compress.lightning.calibration import CalibrationModule
-from lightning_compress.modifiers import GPTQModifier, layerwise_split
+from lightning_compress.modifiers import GPTQModifier
 from lightning_compress.modifiers.layerwise_modifier import LayerwiseModifier
 
 W4_G128 = {"num_bits": 4, "strategy": "group", "group_size": 128}
 COMPUTE_LAYERS = LayerwiseModifier.compute_layers
 COMPUTE_STACK = LayerwiseModifier._compute_stack
-HELP_INVERT = layerwise_split.help_invert
 SECONDS = {"compress": 0.0, "cpu": 0.0, "solve_cpu": 0.0}  # this process's, summed
-SOLVES: list[float] = []  # this process's solve CPU time in each compute_layers call
 MEASURES = {
     "compress": "compress wall, rank 0",
     "cpu": "compress CPU, busiest rank",
     "solve_cpu": "solves CPU, busiest rank",
-    "solve_path": "solves CPU, slowest rank per call",
     "total": "total wall",
 }
 
@@ -65,13 +59,12 @@ MEASURES = {
 def timed_compute_layers(self: LayerwiseModifier, state: Any, names: list[str]) -> Any:
     if is_distributed():
         dist.barrier()  # leave out the wait for a rank still running its calibration forwards
-    begin, cpu, solves = time.perf_counter(), time.process_time(), SECONDS["solve_cpu"]
+    begin, cpu = time.perf_counter(), time.process_time()
     try:
         return COMPUTE_LAYERS(self, state, names)
     finally:
         SECONDS["compress"] += time.perf_counter() - begin
         SECONDS["cpu"] += time.process_time() - cpu
-        SOLVES.append(SECONDS["solve_cpu"] - solves)
 
 
 def timed_compute_stack(
@@ -84,14 +77,6 @@ def timed_compute_stack(
         SECONDS["solve_cpu"] += time.process_time() - cpu
 
 
-def timed_help_invert(inversion: Any) -> None:
-    cpu = time.process_time()
-    try:
-        HELP_INVERT(inversion)
-    finally:
-        SECONDS["solve_cpu"] += time.process_time() - cpu
-
-
 class Report(Callback):
     """Every rank writes its times; rank 0 the calibrated weights."""
 
@@ -100,7 +85,7 @@ class Report(Callback):
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         rank = trainer.global_rank
-        (self.directory / f"seconds{rank}.json").write_text(json.dumps([SECONDS, SOLVES]))
+        (self.directory / f"seconds{rank}.json").write_text(json.dumps(SECONDS))
         if rank == 0:
             torch.save(pl_module.model.state_dict(), self.directory / "weights.pt")
 
@@ -124,7 +109,6 @@ def run(args: argparse.Namespace, devices: int, staged: bool, directory: Path) -
     generator = torch.Generator().manual_seed(1)
     data = torch.randint(0, config.vocab_size, (args.samples, args.seq), generator=generator)
     SECONDS.update(dict.fromkeys(SECONDS, 0.0))
-    SOLVES.clear()
     trainer = Trainer(
         accelerator="cpu",
         devices=devices,
@@ -139,13 +123,11 @@ def run(args: argparse.Namespace, devices: int, staged: bool, directory: Path) -
     begin = time.perf_counter()
     trainer.validate(module, dataloaders=DataLoader(data, batch_size=1), verbose=False)
     total = time.perf_counter() - begin
-    paths = [directory / f"seconds{rank}.json" for rank in range(devices)]
-    ranks, calls = zip(*(json.loads(path.read_text()) for path in paths), strict=True)
+    ranks = [json.loads((directory / f"seconds{rank}.json").read_text()) for rank in range(devices)]
     return {
         "compress": ranks[0]["compress"],
         "cpu": max(rank["cpu"] for rank in ranks),
         "solve_cpu": max(rank["solve_cpu"] for rank in ranks),
-        "solve_path": sum(max(call) for call in zip(*calls, strict=True)),
         "total": total,
         "weights": directory / "weights.pt",
     }
@@ -166,7 +148,6 @@ def main() -> None:
     logger.add(sys.stderr, level="WARNING")
     LayerwiseModifier.compute_layers = timed_compute_layers  # the forked workers inherit them
     LayerwiseModifier._compute_stack = timed_compute_stack
-    layerwise_split.help_invert = timed_help_invert
     modes = {"both": [True, False], "yes": [True], "no": [False]}[args.staged]
     columns = " | ".join(f"{what}, 1 / 2 (s) | ratio" for what in MEASURES.values())
     print(f"| mode | {columns} | same weights |")

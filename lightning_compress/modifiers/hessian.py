@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from contextvars import ContextVar
 from typing import NamedTuple
 
 import torch
@@ -40,9 +39,6 @@ __all__ = [
     "SingularHessianError",
     "all_finite",
     "damp_and_invert",
-    "factor_inverses_by",
-    "inverse_of_cholesky_factor",
-    "lower_triangular_inverse",
 ]
 
 
@@ -337,82 +333,30 @@ def _upper_cholesky_of_inverse(hessian: Tensor, damp: Tensor) -> Tensor | None:
 
     With ``P`` the reversal permutation and ``P H P = L L^T``: ``H^-1 = A^T A`` for the upper
     triangular ``A = P L^-1 P``, so ``U = A``: one Cholesky factorization and one triangular
-    inverse, instead of factorizing, inverting and factorizing the inverse again. Both run in
-    :func:`inverse_of_cholesky_factor`, or in what :func:`factor_inverses_by` set.
+    inverse, instead of factorizing, inverting and factorizing the inverse again.
     """
     flipped = hessian.flip(0, 1)
     flipped.diagonal().add_(damp)
-    inverse = (_FACTOR_INVERSE.get() or inverse_of_cholesky_factor)(flipped)
-    if inverse is None:
+    lower, info = torch.linalg.cholesky_ex(flipped)
+    if info.item() != 0:
         return None
-    upper = inverse.flip(0, 1)
+    upper = _lower_triangular_inverse(lower).flip(0, 1)
     if not all_finite(upper):
         return None
     return upper
 
 
-_FACTOR_INVERSE: ContextVar[Callable[[Tensor], Tensor | None] | None] = ContextVar(
-    "_FACTOR_INVERSE", default=None
-)
-"""What inverts the Cholesky factor of a damped Hessian (None:
-:func:`inverse_of_cholesky_factor`)."""
-
-
-def inverse_of_cholesky_factor(matrix: Tensor) -> Tensor | None:
-    """``L^-1`` for the lower Cholesky factor ``L`` of ``matrix`` (``matrix = L L^T``).
-
-    Args:
-        matrix: a symmetric ``[n, n]`` matrix, float32 or float64.
-
-    Returns:
-        ``L^-1`` (:func:`lower_triangular_inverse`), or None when ``matrix`` is not positive
-        definite.
-    """
-    lower, info = torch.linalg.cholesky_ex(matrix)
-    if info.item() != 0:
-        return None
-    return lower_triangular_inverse(lower)
-
-
-@contextmanager
-def factor_inverses_by(invert: Callable[[Tensor], Tensor | None]) -> Iterator[None]:
-    """Within the body, :func:`damp_and_invert` inverts the Cholesky factor of each damped
-    Hessian with ``invert`` instead of :func:`inverse_of_cholesky_factor`.
-
-    ``invert`` must return what :func:`inverse_of_cholesky_factor` returns, bit for bit (the
-    same computed elsewhere, e.g. by several processes together), so results do not change.
-
-    Args:
-        invert: takes the damped, flipped Hessian and returns ``L^-1`` or None.
-
-    Yields:
-        None.
-    """
-    token = _FACTOR_INVERSE.set(invert)
-    try:
-        yield
-    finally:
-        _FACTOR_INVERSE.reset(token)
-
-
-def lower_triangular_inverse(lower: Tensor) -> Tensor:
+def _lower_triangular_inverse(lower: Tensor) -> Tensor:
     """``L^-1`` of a lower triangular ``L``, by halves: ``[[A, 0], [C, D]]^-1`` is
     ``[[A^-1, 0], [-D^-1 C A^-1, D^-1]]`` (a third of the flops of a triangular solve against
-    the identity, mostly in matrix products).
-
-    Args:
-        lower: ``L`` ``[n, n]`` (its upper triangle is not read).
-
-    Returns:
-        ``L^-1``, lower triangular (a new tensor).
-    """
+    the identity, mostly in matrix products)."""
     size = lower.shape[0]
     if size <= TRIANGULAR_BASE:
         identity = torch.eye(size, dtype=lower.dtype, device=lower.device)
         return torch.linalg.solve_triangular(lower, identity, upper=False)
     half = size // 2
-    first = lower_triangular_inverse(lower[:half, :half])
-    second = lower_triangular_inverse(lower[half:, half:])
+    first = _lower_triangular_inverse(lower[:half, :half])
+    second = _lower_triangular_inverse(lower[half:, half:])
     inverse = torch.zeros_like(lower)
     inverse[:half, :half] = first
     inverse[half:, half:] = second

@@ -39,7 +39,6 @@ from lightning_compress.modifiers.layerwise_split import (
     CompressedLayer,
     StackOutcome,
     assign_owners,
-    compute_owned,
     join_row_slices,
     share_outcomes,
 )
@@ -86,11 +85,10 @@ class LayerwiseModifier(Modifier, register=False):
     Several processes: every rank compresses with the statistics summed over all ranks. A
     method whose per-layer computation is worth splitting (:attr:`parallel_solve`) computes
     each layer on one owner rank only, chosen to balance the work (a layer too costly for one
-    rank with its Hessian's inversion shared by all ranks, and in row slices on several where
-    :meth:`row_divisible` allows; :mod:`~lightning_compress.modifiers.layerwise_split`), and
-    broadcasts the result, so N processes share the work and end with the same layers, bit
-    for bit; an error on an owner is raised on every rank. Other methods compute every layer
-    on every rank.
+    rank, in row slices on several, where :meth:`row_divisible` allows;
+    :mod:`~lightning_compress.modifiers.layerwise_split`), and broadcasts the result, so N
+    processes share the work and end with the same layers, bit for bit; an error on an
+    owner is raised on every rank. Other methods compute every layer on every rank.
 
     Per-layer results go to ``layer_losses`` (where the method has a loss),
     ``layer_fallbacks`` and the loggers (``<log_tag>/loss``, ``<log_tag>/seconds`` and what
@@ -461,17 +459,19 @@ class LayerwiseModifier(Modifier, register=False):
     ) -> list[StackOutcome]:
         """Computes each part of ``stacks`` on its owner rank only and shares the outcomes
         (see :mod:`~lightning_compress.modifiers.layerwise_split`)."""
-        _, world_size = rank_and_world_size()
+        rank, world_size = rank_and_world_size()
         weights = {name: self._pending[name].module.weight for stack in stacks for name in stack}
         shapes = {name: weight.shape for name, weight in weights.items()}
         plan = assign_owners(stacks, shapes, self.divisible, world_size, self.row_divisible)
+        local: dict[int, StackOutcome] = {}
+        error = None
+        try:
+            for index, (names, owner, rows) in enumerate(plan):
+                if owner == rank:
+                    local[index] = self._compute_stack(names, statistics, rows)
+        except Exception as err:  # raised on every rank by share_outcomes
+            error = err
         devices = {name: weight.device for name, weight in weights.items()}
-        local, error = compute_owned(  # an error is raised on every rank by share_outcomes
-            plan,
-            shapes,
-            devices,
-            lambda part: self._compute_stack(part.names, statistics, part.rows),
-        )
         return join_row_slices(plan, share_outcomes(plan, local, error, devices), self.join_rows)
 
     def _starved(self, statistics: Mapping[str, Any]) -> list[str]:

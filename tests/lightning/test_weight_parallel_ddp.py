@@ -1,7 +1,6 @@
 """Two CPU processes (ddp_fork, gloo): each GPTQ / SparseGPT layer and each AWQ mapping is
-solved on one rank only (a layer too costly for one rank: its Hessian's inversion shared, in
-row slices on both), its result broadcast, and the ranks end with the weights of one
-process, bit for bit."""
+solved on one rank only (a layer too costly for one rank: in row slices on both), its result
+broadcast, and the ranks end with the weights of one process, bit for bit."""
 
 from __future__ import annotations
 
@@ -14,12 +13,11 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from calibration_runs import calibrate_tiny_decoder, run_calibration
+from calibration_runs import calibrate_tiny_decoder
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from lightning_compress.bundled import TinyDecoder, TinyDecoderConfig
-from lightning_compress.lightning.calibration import CalibrationModule
-from lightning_compress.modifiers import GPTQModifier, Modifier, layerwise_split
+from lightning_compress.bundled import TinyDecoderConfig
+from lightning_compress.modifiers import GPTQModifier, Modifier
 from lightning_compress.modifiers.pruning import SparseGPTModifier
 from lightning_compress.modifiers.smoothing import AWQModifier
 
@@ -55,16 +53,6 @@ def counting_slices(method: Callable[..., Any]) -> Callable[..., Any]:
         return method(self, name, statistics, rows)
 
     return compress_rows
-
-
-def counting_factorizations(function: Callable[..., Any]) -> Callable[..., Any]:
-    """``torch.linalg.cholesky_ex`` recording the size of each matrix it factors in ``SOLVED``."""
-
-    def cholesky_ex(matrix: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        SOLVED.append(f"factor {matrix.shape[0]}")
-        return function(matrix, *args, **kwargs)
-
-    return cholesky_ex
 
 
 def counting_searches(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -189,33 +177,22 @@ def test_an_error_on_the_owner_rank_is_raised_on_every_rank(tmp_path, monkeypatc
     assert errors[0].startswith("ValueError: cannot quantize ['model.layers.0.self_attn.k_proj'")
 
 
-@pytest.mark.parametrize("staged", [True, False], ids=["staged", "whole_block"])
-def test_a_costly_layer_shares_its_inversion_in_row_slices_and_ends_like_one_process(
-    tmp_path, monkeypatch, staged
+def test_a_layer_too_costly_for_one_rank_is_solved_in_row_slices_like_one_process(
+    tmp_path, monkeypatch
 ):
-    # costs of large layers (products only), so that these small ones are cut and shared
-    monkeypatch.setattr(layerwise_split, "PER_COLUMN", 0.0)
-    monkeypatch.setattr(layerwise_split, "SHARING", 0.0)
-    monkeypatch.setattr(
-        torch.linalg, "cholesky_ex", counting_factorizations(torch.linalg.cholesky_ex)
-    )
     for modifier in (GPTQModifier, SparseGPTModifier):
         monkeypatch.setattr(modifier, "compress_stack", counting(modifier.compress_stack))
         monkeypatch.setattr(modifier, "compress_rows", counting_slices(modifier.compress_rows))
     single, ddp = tmp_path / "single", tmp_path / "ddp"
-    calibrate_wide_decoder(single, staged, devices=1)
-    calibrate_wide_decoder(ddp, staged, devices=2, strategy="ddp_fork")
+    calibrate_wide_decoder(single, devices=1)
+    calibrate_wide_decoder(ddp, devices=2, strategy="ddp_fork")
 
-    one = json.loads((single / "solved0.json").read_text())
-    assert not any("[" in layer for layer in one)
+    assert not any("[" in layer for layer in json.loads((single / "solved0.json").read_text()))
     solved = [json.loads((ddp / f"solved{rank}.json").read_text()) for rank in (0, 1)]
-    for block in (0, 1):  # each down_proj (GPTQ, then SparseGPT): half of its rows per rank
+    for block in (0, 1):  # each down_proj: half of its rows on each rank, solved once
         down = f"model.layers.{block}.mlp.down_proj"
         assert [s for s in solved[0] if s.startswith(down)] == [f"{down}[0:64]"]
         assert [s for s in solved[1] if s.startswith(down)] == [f"{down}[64:128]"]
-    # each down_proj's Hessian [512, 512] is factored once, by its first slice's owner
-    assert one.count("factor 512") == 2
-    assert solved[0].count("factor 512") == 2 and "factor 512" not in solved[1]
     expected = torch.load(single / "rank0.pt", weights_only=True)
     for rank in (0, 1):
         state = torch.load(ddp / f"rank{rank}.pt", weights_only=True)
@@ -224,40 +201,9 @@ def test_a_costly_layer_shares_its_inversion_in_row_slices_and_ends_like_one_pro
             assert torch.equal(tensor, expected[name]), name  # slices of one sweep, bit for bit
 
 
-def failing_on_slice(start: int) -> Callable[..., Any]:
-    """GPTQ's ``compress_rows`` failing, before any inversion, on the slice from ``start``."""
-    method = GPTQModifier.compress_rows
-
-    def compress_rows(self: Modifier, name: str, statistics: Any, rows: tuple[int, int]) -> Any:
-        if rows[0] == start:
-            raise ValueError(f"cannot quantize {name}[{rows[0]}:{rows[1]}]")
-        return method(self, name, statistics, rows)
-
-    return compress_rows
-
-
-@pytest.mark.parametrize("start", [0, 64], ids=["factoring_rank", "receiving_rank"])
-def test_an_error_in_a_slice_of_a_shared_inversion_is_raised_on_every_rank(
-    tmp_path, monkeypatch, start
-):
-    monkeypatch.setattr(layerwise_split, "PER_COLUMN", 0.0)
-    monkeypatch.setattr(layerwise_split, "SHARING", 0.0)
-    monkeypatch.setattr(GPTQModifier, "compress_rows", failing_on_slice(start))
-    monkeypatch.setattr(GPTQModifier, "compute_layers", recording_errors(tmp_path / "ddp"))
-    with pytest.raises(Exception, match="cannot quantize"):
-        calibrate_wide_decoder(tmp_path / "ddp", True, devices=2, strategy="ddp_fork")
-    errors = [(tmp_path / "ddp" / f"error{rank}.txt").read_text() for rank in (0, 1)]
-    assert errors[0] == errors[1]  # the first layer cut into slices: o_proj
-    assert (
-        errors[0]
-        == f"ValueError: cannot quantize model.layers.0.self_attn.o_proj[{start}:{start + 64}]"
-    )
-
-
-def calibrate_wide_decoder(directory: Path, staged: bool, **kwargs: Any) -> None:
+def calibrate_wide_decoder(directory: Path, **kwargs: Any) -> None:
     """GPTQ W4 g32 on the ``WIDE`` decoder but the last down_proj, which SparseGPT prunes
-    2:4, recording what each rank solved; ``staged``: each group of layers as the forward
-    reaches it, else each block's layers together."""
+    2:4, recording what each rank solved."""
     directory.mkdir()
     SOLVED.clear()
     pruned = "model.layers.1.mlp.down_proj"
@@ -269,7 +215,5 @@ def calibrate_wide_decoder(directory: Path, staged: bool, **kwargs: Any) -> None
         ),
         SparseGPTModifier(sparsity=0.5, mask_structure="2:4", targets=[pruned]),
     ]
-    torch.manual_seed(0)
-    module = CalibrationModule(TinyDecoder(WIDE).eval(), modifiers, staged=staged)
-    data = torch.randint(0, WIDE.vocab_size, (8, 16), generator=torch.Generator().manual_seed(1))
-    run_calibration(directory, module, data, callbacks=[RecordSolved(directory)], **kwargs)
+    callbacks = [RecordSolved(directory)]
+    calibrate_tiny_decoder(directory, modifiers, WIDE, callbacks=callbacks, **kwargs)

@@ -13,8 +13,6 @@ from lightning_compress.modifiers.hessian import (
     SingularHessianError,
     all_finite,
     damp_and_invert,
-    factor_inverses_by,
-    inverse_of_cholesky_factor,
 )
 
 IN = 24
@@ -190,49 +188,6 @@ def test_factor_is_upper_cholesky_of_damped_inverse(size: int) -> None:
     torch.testing.assert_close(inverse.upper.T @ inverse.upper, torch.linalg.inv(damped))
     assert inverse.dampening_frac == 0.05
     assert not inverse.dead.any()
-
-
-def reference_lower_triangular_inverse(lower: torch.Tensor) -> torch.Tensor:
-    """The triangular inverse as it was before the inversion could be shared across ranks."""
-    size = lower.shape[0]
-    if size <= TRIANGULAR_BASE:
-        identity = torch.eye(size, dtype=lower.dtype, device=lower.device)
-        return torch.linalg.solve_triangular(lower, identity, upper=False)
-    half = size // 2
-    first = reference_lower_triangular_inverse(lower[:half, :half])
-    second = reference_lower_triangular_inverse(lower[half:, half:])
-    inverse = torch.zeros_like(lower)
-    inverse[:half, :half] = first
-    inverse[half:, half:] = second
-    torch.mm(second, lower[half:, :half] @ first, out=inverse[half:, :half]).neg_()
-    return inverse
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("size", [TRIANGULAR_BASE + 45, 777])
-def test_one_process_factor_is_bit_for_bit_the_one_before_sharing(size, dtype) -> None:
-    h = spd(size).to(dtype)
-    damp = 0.01 * h.diagonal().mean()
-    flipped = h.flip(0, 1)
-    flipped.diagonal().add_(damp)
-    lower, _ = torch.linalg.cholesky_ex(flipped)
-    expected = reference_lower_triangular_inverse(lower).flip(0, 1)
-    assert torch.equal(damp_and_invert(h, 0.01).upper, expected)
-
-
-def test_factor_inverses_by_replaces_the_inversion_in_its_body_only() -> None:
-    h = spd(40)
-    seen = []
-
-    def invert(matrix: torch.Tensor) -> torch.Tensor | None:
-        seen.append(matrix.shape)
-        return inverse_of_cholesky_factor(matrix)
-
-    with factor_inverses_by(invert):
-        inside = damp_and_invert(h, 0.01).upper
-    assert seen == [(40, 40)]
-    assert torch.equal(inside, damp_and_invert(h, 0.01).upper) and seen == [(40, 40)]
-    assert inverse_of_cholesky_factor(-torch.eye(3)) is None  # not positive definite
 
 
 def test_dead_inputs_are_reported_and_made_invertible() -> None:
