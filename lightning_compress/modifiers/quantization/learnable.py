@@ -52,6 +52,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from lightning_compress.modifiers.quantization.args import QuantizationArgs
+from lightning_compress.modifiers.quantization.formats.grids import round_to_fp8_e4m3
 from lightning_compress.modifiers.quantization.ops import (
     _round_to_grid,
     quant_range,
@@ -107,7 +108,7 @@ def round_scale(scale: Tensor, args: QuantizationArgs, dtype: torch.dtype) -> Te
     if encoding is None:
         return scale.to(dtype).to(scale.dtype)
     if encoding == "float8_e4m3fn":
-        return scale.clamp_max(_FP8_MAX).to(torch.float8_e4m3fn).to(scale.dtype)
+        return round_to_fp8_e4m3(scale.clamp_max(_FP8_MAX))
     if encoding == "uint8":
         return torch.exp2(torch.log2(scale).round().clamp_max(127))
     raise ValueError(

@@ -24,7 +24,7 @@ from lightning_compress.modifiers.quantization.args import (
 )
 from lightning_compress.modifiers.quantization.calibration import quantize_layer
 from lightning_compress.modifiers.quantization.formats import FORMATS, format_of
-from lightning_compress.modifiers.quantization.formats.grids import FP4_E2M1
+from lightning_compress.modifiers.quantization.formats.grids import FP4_E2M1, round_to_fp8_e4m3
 from lightning_compress.modifiers.quantization.fused import fused_groups
 from lightning_compress.modifiers.quantization.gptq import gptq_quantize
 from lightning_compress.modifiers.quantization.observers import qparams_for_weight
@@ -108,6 +108,59 @@ def test_e2m1_grid_rounds_ties_and_their_neighbours_like_the_value_table(
     assert rounded.dtype == dtype
     assert rounded.tolist() == expected
     assert rounded.signbit().tolist() == [math.copysign(1, v) < 0 for v in expected]
+
+
+def e4m3_reference(value: float) -> float:
+    """The nearest fp8 e4m3 value by search over the format's finite values, a tie going to
+    the one with an even code (an even mantissa)."""
+    if math.isnan(value):
+        return math.nan
+    best = min(
+        E4M3_CODES,
+        key=lambda code: (abs(E4M3_VALUES[code] - value), E4M3_VALUES[code] != 0, code % 2),
+    )
+    return (
+        math.copysign(abs(E4M3_VALUES[best]), value)
+        if E4M3_VALUES[best] == 0
+        else E4M3_VALUES[best]
+    )
+
+
+def _e4m3_value(code: int) -> float:
+    """The value of an fp8 e4m3fn code from its bits: bias 7, subnormals below exponent 1."""
+    sign = -1.0 if code & 0x80 else 1.0
+    exponent, mantissa = (code >> 3) & 0xF, code & 0x7
+    if exponent == 0:
+        return sign * mantissa / 8 * 2.0**-6
+    return sign * (1 + mantissa / 8) * 2.0 ** (exponent - 7)
+
+
+E4M3_CODES = [code for code in range(256) if code & 0x7F != 0x7F]  # 0x7f / 0xff: NaN
+E4M3_VALUES = {code: _e4m3_value(code) for code in E4M3_CODES}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fp8_e4m3_rounding_matches_a_search_over_the_values_and_the_cast(
+    dtype: torch.dtype,
+) -> None:
+    finite = sorted({value for value in E4M3_VALUES.values()})
+    midpoints = torch.tensor([(a + b) / 2 for a, b in zip(finite, finite[1:], strict=False)])
+    midpoints = midpoints.to(dtype)
+    around = [midpoints, torch.tensor(finite, dtype=dtype), torch.tensor([-0.0, math.nan])]
+    for toward in (-448.0, 448.0):  # the next numbers of the dtype on either side
+        around.append(torch.nextafter(midpoints, torch.full_like(midpoints, toward)))
+    generator = torch.Generator().manual_seed(3)
+    random = torch.randn(4001, generator=generator) * torch.logspace(-4, 2, 4001)
+    x = torch.cat([*(part.to(dtype) for part in around), random.clamp(-448, 448).to(dtype)])
+    x = x.reshape(-1, 2)  # any shape
+    rounded = round_to_fp8_e4m3(x)
+    expected = [e4m3_reference(value) for value in x.flatten().tolist()]
+    assert rounded.dtype == dtype and rounded.shape == x.shape
+    got = rounded.flatten().tolist()
+    assert [g for g in got if not math.isnan(g)] == [e for e in expected if not math.isnan(e)]
+    assert [math.isnan(g) for g in got] == [math.isnan(e) for e in expected]
+    assert rounded.signbit().tolist() == x.to(torch.float8_e4m3fn).to(dtype).signbit().tolist()
+    assert torch.equal(rounded.nan_to_num(), x.to(torch.float8_e4m3fn).to(dtype).nan_to_num())
 
 
 @pytest.mark.parametrize("length", [8, FP4_E2M1.lookup_below], ids=["lookup", "step"])

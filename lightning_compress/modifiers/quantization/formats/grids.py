@@ -8,6 +8,7 @@ A grid is the numerics of one element type, independent of how scales are chosen
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from functools import cache
 
 import torch
 from torch import Tensor
@@ -22,7 +23,37 @@ __all__ = [
     "FP8E4M3Grid",
     "IntGrid",
     "ValueGrid",
+    "round_to_fp8_e4m3",
 ]
+
+
+def round_to_fp8_e4m3(values: Tensor) -> Tensor:
+    """Rounds to the nearest ``float8_e4m3fn`` value (ties to even), in ``values``' dtype.
+
+    Same values as ``values.to(torch.float8_e4m3fn).to(values.dtype)``. On the CPU the cast to
+    fp8 is vectorized and the cast back is not, so the way back reads each code's value from a
+    table of the 256 codes instead (a lookup: exact, about 4x faster). Tensors that require a
+    gradient take the two casts, which autograd differentiates.
+
+    Args:
+        values: values within ``[-448, 448]`` (larger ones become NaN, as in the cast).
+
+    Returns:
+        A new tensor of ``values``' shape and dtype.
+    """
+    encoded = values.to(torch.float8_e4m3fn)
+    if values.requires_grad:
+        return encoded.to(values.dtype)
+    codes = encoded.view(torch.uint8).reshape(-1).to(torch.int32)
+    return _fp8_e4m3_table(values.dtype, values.device).index_select(0, codes).view(values.shape)
+
+
+@cache
+def _fp8_e4m3_table(dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The value of each ``float8_e4m3fn`` code, in ``dtype`` (every one is exact in bfloat16,
+    float16 and float32)."""
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    return codes.view(torch.float8_e4m3fn).to(device=device, dtype=dtype)
 
 
 class ValueGrid(ABC):
@@ -73,7 +104,7 @@ class IntGrid(ValueGrid):
 
 
 class FP8E4M3Grid(ValueGrid):
-    """fp8 e4m3 (``float8_e4m3fn``): values in ``[-448, 448]``, rounded by the cast."""
+    """fp8 e4m3 (``float8_e4m3fn``): values in ``[-448, 448]``, rounded as the cast rounds."""
 
     name = "fp8_e4m3"
     storage_dtype = torch.float8_e4m3fn
@@ -83,7 +114,7 @@ class FP8E4M3Grid(ValueGrid):
         return -limit, limit
 
     def round_(self, clamped: Tensor) -> Tensor:
-        return clamped.to(torch.float8_e4m3fn).to(clamped.dtype)
+        return round_to_fp8_e4m3(clamped)
 
 
 class FP4E2M1Grid(ValueGrid):

@@ -18,6 +18,8 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor
 
+from lightning_compress.modifiers.quantization.formats.grids import round_to_fp8_e4m3
+
 __all__ = ["E8M0Scale", "FP8Scale", "LinearScale", "ScaleEncoding", "global_scale_for"]
 
 FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)
@@ -70,7 +72,7 @@ class FP8Scale(ScaleEncoding):
         if global_scale is not None:
             scale = global_scale * scale  # in float32, as compressed-tensors multiplies
         # every fp8 e4m3 value is exact in bfloat16, float16 and float32
-        rounded = scale.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).to(max_abs.dtype)
+        rounded = round_to_fp8_e4m3(scale.clamp(-FP8_MAX, FP8_MAX)).to(max_abs.dtype)
         return _nonzero(rounded, self.eps)
 
 
