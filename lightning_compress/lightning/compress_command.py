@@ -21,7 +21,7 @@ from lightning_compress.evaluate import evaluation_samples
 from lightning_compress.lightning.cli import language_model
 from lightning_compress.lightning.model_free_command import add_model_free_options, run_model_free
 from lightning_compress.lightning.oneshot import oneshot
-from lightning_compress.lightning.out_of_core import choose_out_of_core
+from lightning_compress.lightning.out_of_core_choice import choose_out_of_core
 from lightning_compress.pipelines.calibration_data import Sample
 from lightning_compress.pipelines.checkpoint_source import CheckpointSource
 from lightning_compress.pretrained import default_seq_length, load_pretrained, torch_dtype

@@ -29,7 +29,7 @@ import torch
 from loguru import logger
 from torch import nn
 
-from lightning_compress.lightning.out_of_core import choose_out_of_core
+from lightning_compress.lightning.out_of_core_choice import choose_out_of_core
 from lightning_compress.modifiers.tied_weights import untie_weights
 from lightning_compress.pipelines.calibration_data import calibration_samples
 from lightning_compress.pipelines.checkpoint_source import CheckpointSource

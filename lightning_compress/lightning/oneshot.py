@@ -175,8 +175,10 @@ def oneshot(
             alone writes ``output_dir``. False: load it. ``"auto"`` (default), for a
             directory: out of core when its weights take more than half the available
             memory and ``output_dir`` is given (``choose_out_of_core`` logs the choice).
-            Each process decides for itself: where every rank runs the script
-            (``strategy="ddp"``, ``torchrun``), pass True or False so they agree.
+            Under several processes every rank chooses the same (from the least memory of
+            all where ``torch.distributed`` runs; the ranks Lightning's ``ddp`` starts take
+            the first rank's choice); processes started apart (``torchrun``) before they
+            are connected cannot compare and warn: pass True or False there.
         **llmcompressor_keywords: llm-compressor's other ``oneshot`` keywords.
 
     Returns:

@@ -36,7 +36,6 @@ from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcess
 from loguru import logger
 from torch import nn
 
-from lightning_compress.core.checkpoint_files import CheckpointFiles
 from lightning_compress.core.distributed import all_gather_or_raise, rank_and_world_size
 from lightning_compress.export.manifest import Manifest, checkpoint_fingerprint
 from lightning_compress.export.streaming import StreamingCheckpoint
@@ -48,124 +47,14 @@ from lightning_compress.pipelines.checkpoint_source import CheckpointSource
 from lightning_compress.summary import sparsity_label
 
 __all__ = [
-    "MEMORY_SHARE",
     "CheckpointResidency",
     "OutOfCoreCalibration",
-    "available_memory",
-    "choose_out_of_core",
     "run_inputs",
     "spawns_workers",
     "weights_written_to",
 ]
 
-MEMORY_SHARE = 0.5
-"""``out_of_core="auto"`` reads a checkpoint block by block when its weights take more than
-this share of the available memory (the rest is for the activations, the statistics, the
-compressed copy being built and the other processes)."""
-MEMINFO = Path("/proc/meminfo")
-GB = 1e9
-
 Modules = Sequence[tuple[str, nn.Module]]
-
-
-def available_memory() -> int | None:
-    """The memory available to a new process, in bytes.
-
-    Returns:
-        ``psutil.virtual_memory().available`` where psutil is installed, else ``MemAvailable``
-        of ``/proc/meminfo``; None when neither can be read.
-    """
-    try:
-        import psutil
-    except ImportError:
-        psutil = None
-    if psutil is not None:
-        return int(psutil.virtual_memory().available)
-    try:
-        lines = MEMINFO.read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        key, _, value = line.partition(":")
-        fields = value.split()
-        if key == "MemAvailable" and fields:
-            return int(fields[0]) * (1024 if fields[1:] == ["kB"] else 1)
-    return None
-
-
-def choose_out_of_core(
-    out_of_core: bool | str, directory: str | Path, blockers: Sequence[str] = ()
-) -> bool:
-    """Whether to compress the checkpoint in ``directory`` from its files, one block in memory
-    at a time, or to load it.
-
-    ``"auto"`` chooses out of core when the weights (the sum of the stored tensors' bytes,
-    read from the safetensors headers) take more than :data:`MEMORY_SHARE` of the available
-    memory (:func:`available_memory`), and nothing in ``blockers`` rules it out; it logs the
-    choice and why at INFO (a WARNING when the weights are too large but a blocker keeps them
-    in memory). A checkpoint without safetensors, or memory that cannot be read, is loaded;
-    so is a compressed-tensors checkpoint (its ``config.json`` has a ``quantization_config``),
-    which loading dequantizes.
-
-    Args:
-        out_of_core: True or False (forced), or ``"auto"``.
-        directory: the checkpoint directory.
-        blockers: what rules out-of-core out for this run, each said as a phrase (``"no
-            output_dir is given"``).
-
-    Returns:
-        True to compress out of core.
-
-    Raises:
-        ValueError: if ``out_of_core`` is neither a bool nor ``"auto"``.
-    """
-    if isinstance(out_of_core, bool):
-        return out_of_core
-    if out_of_core != "auto":
-        raise ValueError(f"out_of_core: expected True, False or 'auto', got {out_of_core!r}")
-    try:
-        files = CheckpointFiles(directory)
-    except (FileNotFoundError, ValueError) as error:
-        logger.info("out_of_core='auto': {} is loaded in memory ({})", directory, error)
-        return False
-    weights = files.nbytes
-    if "quantization_config" in files.config():
-        blockers = [*blockers, "it is a compressed checkpoint (dequantized when loaded)"]
-    available = available_memory()
-    if available is None:
-        logger.info(
-            "out_of_core='auto': the available memory cannot be read; {} ({:.2f} GB of "
-            "weights) is loaded in memory",
-            directory,
-            weights / GB,
-        )
-        return False
-    sizes = f"{weights / GB:.2f} GB of weights, {available / GB:.2f} GB of memory available"
-    if weights <= MEMORY_SHARE * available:
-        logger.info(
-            "out_of_core='auto': {} is loaded in memory ({}; out of core above {:.0%} of it)",
-            directory,
-            sizes,
-            MEMORY_SHARE,
-        )
-        return False
-    if blockers:
-        logger.warning(
-            "out_of_core='auto': {} is loaded in memory although it may not fit ({}), "
-            "since {}; compressing it one block at a time needs none of these",
-            directory,
-            sizes,
-            " and ".join(blockers),
-        )
-        return False
-    logger.info(
-        "out_of_core='auto': {} is compressed one block in memory at a time, read from its "
-        "files ({}, more than {:.0%}); out_of_core=False loads it",
-        directory,
-        sizes,
-        MEMORY_SHARE,
-    )
-    return True
 
 
 class CheckpointResidency:

@@ -88,6 +88,11 @@ class SequentialPipeline(CalibrationPipeline):
 
     def start(self) -> None:
         check_same_on_all_ranks(len(self.blocks), "the number of blocks")
+        check_same_on_all_ranks(
+            self.options.residency is not None,
+            "reading the weights one block at a time (1, out_of_core) or holding them (0); "
+            "pass out_of_core=True or False so that every process chooses the same",
+        )
         if self.options.residency is not None:
             self.options.residency.load_outside(self.tail.modules)
         super().start()

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from lightning_compress.lightning.out_of_core_choice import CHOICES_VARIABLE
+
 transformers = pytest.importorskip("transformers")
 
 LLAMA = {
@@ -41,3 +43,10 @@ def saved_llama(tmp_path: Path) -> Callable[..., Path]:
         return directory
 
     return save
+
+
+@pytest.fixture(autouse=True)
+def no_inherited_choices(monkeypatch) -> None:
+    """Each test starts without the ``out_of_core="auto"`` choices of an earlier one in the
+    environment (and leaves none behind)."""
+    monkeypatch.delenv(CHOICES_VARIABLE, raising=False)

@@ -11,7 +11,7 @@ from loguru import logger
 from out_of_core_runs import RECIPES, SETTINGS, assert_same_checkpoint, token_ids
 
 from lightning_compress.core.checkpoint_files import CheckpointFiles
-from lightning_compress.lightning import out_of_core
+from lightning_compress.lightning import out_of_core_choice
 from lightning_compress.lightning.oneshot import oneshot
 
 
@@ -25,7 +25,7 @@ def messages() -> Iterator[list[str]]:
 
 
 def with_memory(monkeypatch, available: int | None) -> None:
-    monkeypatch.setattr(out_of_core, "available_memory", lambda: available)
+    monkeypatch.setattr(out_of_core_choice, "available_memory", lambda: available)
 
 
 def weights_of(directory) -> int:
@@ -86,7 +86,7 @@ def test_without_output_dir_a_model_too_large_is_loaded_with_a_warning(
 
 def test_unknown_memory_loads_the_model(saved_llama, monkeypatch, messages):
     with_memory(monkeypatch, None)
-    assert not out_of_core.choose_out_of_core("auto", saved_llama())
+    assert not out_of_core_choice.choose_out_of_core("auto", saved_llama())
     assert any("the available memory cannot be read" in message for message in messages)
 
 
@@ -98,11 +98,11 @@ def test_out_of_core_takes_true_false_or_auto(saved_llama, tmp_path):
 def test_available_memory_is_read_from_proc_meminfo(tmp_path, monkeypatch):
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:  4000 kB\nMemFree:  1000 kB\nMemAvailable:  3000 kB\n")
-    monkeypatch.setattr(out_of_core, "MEMINFO", meminfo)
+    monkeypatch.setattr(out_of_core_choice, "MEMINFO", meminfo)
     monkeypatch.setitem(sys.modules, "psutil", None)  # not installed
-    assert out_of_core.available_memory() == 3000 * 1024
-    monkeypatch.setattr(out_of_core, "MEMINFO", tmp_path / "absent")
-    assert out_of_core.available_memory() is None
+    assert out_of_core_choice.available_memory() == 3000 * 1024
+    monkeypatch.setattr(out_of_core_choice, "MEMINFO", tmp_path / "absent")
+    assert out_of_core_choice.available_memory() is None
 
 
 def test_a_compressed_checkpoint_too_large_is_loaded_with_a_warning(
@@ -110,5 +110,5 @@ def test_a_compressed_checkpoint_too_large_is_loaded_with_a_warning(
 ):
     oneshot(str(saved_llama()), RECIPES["rtn"](), output_dir=tmp_path / "w4", out_of_core=False)
     with_memory(monkeypatch, 1)
-    assert not out_of_core.choose_out_of_core("auto", tmp_path / "w4")
+    assert not out_of_core_choice.choose_out_of_core("auto", tmp_path / "w4")
     assert any("it is a compressed checkpoint" in message for message in messages)

@@ -8,7 +8,7 @@ import yaml
 from cli_checkpoints import RECORDS, save_checkpoint, write_jsonl
 from out_of_core_runs import assert_same_checkpoint
 
-from lightning_compress.lightning import out_of_core
+from lightning_compress.lightning import out_of_core_choice
 from lightning_compress.lightning.compress_command import run_compress
 
 W4_G32 = {"num_bits": 4, "strategy": "group", "group_size": 32}
@@ -52,7 +52,7 @@ def test_the_command_reads_a_model_too_large_for_the_memory_block_by_block(tmp_p
     data = write_jsonl(tmp_path / "data.jsonl", RECORDS)
     argv = ["--model", str(checkpoint), "--recipe", yaml.safe_dump(GPTQ), "--dataset", str(data)]
     argv += ["--num_calibration_samples", "4", "--max_seq_length", "32"]
-    monkeypatch.setattr(out_of_core, "available_memory", lambda: 1)
+    monkeypatch.setattr(out_of_core_choice, "available_memory", lambda: 1)
     loaded = run_compress([*argv, "--output_dir", str(tmp_path / "in"), "--out_of_core", "false"])
     assert not any(tensor.is_meta for tensor in loaded.parameters())
     model = run_compress([*argv, "--output_dir", str(tmp_path / "out")])
