@@ -1,6 +1,7 @@
-"""Out-of-core runs under two CPU processes (ddp_fork, gloo): rank zero alone writes the
-checkpoint, which is the one-process run's, bit for bit; a run stopped by an error writing
-it stops on both ranks and resumes to the same checkpoint."""
+"""Out-of-core runs under two CPU processes (ddp_fork, ddp_spawn; gloo): rank zero alone
+writes the checkpoint, which is the one-process run's, bit for bit; a run stopped by an error
+writing it stops on both ranks and resumes to the same checkpoint. (Lightning's ``ddp``, which
+runs the script again: ``test_out_of_core_choice_ddp``.)"""
 
 from __future__ import annotations
 
@@ -26,8 +27,10 @@ SETTINGS = {
 RECIPE = RECIPES["sparsegpt_then_gptq"]
 
 
-def compress(directory: Path, output_dir: Path, processes: int) -> object:
-    strategy = {"devices": 2, "strategy": "ddp_fork"} if processes == 2 else {"devices": 1}
+def compress(
+    directory: Path, output_dir: Path, processes: int, strategy: str = "ddp_fork"
+) -> object:
+    strategy = {"devices": 2, "strategy": strategy} if processes == 2 else {"devices": 1}
     return oneshot(
         str(directory), RECIPE(), token_ids(), output_dir=output_dir, **SETTINGS, **strategy
     )
@@ -57,6 +60,14 @@ def test_two_processes_write_the_one_process_checkpoint_from_rank_zero(
     opens = (tmp_path / "opens.txt").read_text().split()
     assert opens[0] == "0" and len(opens) == 2  # rank zero only, once
     assert int(opens[1]) != os.getpid()  # in the worker that calibrated
+
+
+def test_ddp_spawn_workers_write_the_one_process_checkpoint(saved_llama, tmp_path):
+    directory = saved_llama()
+    compress(directory, tmp_path / "single", processes=1)
+    model = compress(directory, tmp_path / "spawn", processes=2, strategy="ddp_spawn")
+    assert_same_checkpoint(tmp_path / "single", tmp_path / "spawn")
+    assert all(tensor.is_meta for tensor in model.parameters())
 
 
 def test_a_write_failing_on_rank_zero_stops_both_ranks_and_the_run_resumes(
