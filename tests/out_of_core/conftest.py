@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from loguru import logger
 
 from lightning_compress.lightning.out_of_core_choice import CHOICES_VARIABLE
 
@@ -50,3 +51,12 @@ def no_inherited_choices(monkeypatch) -> None:
     """Each test starts without the ``out_of_core="auto"`` choices of an earlier one in the
     environment (and leaves none behind)."""
     monkeypatch.delenv(CHOICES_VARIABLE, raising=False)
+
+
+@pytest.fixture
+def messages() -> Iterator[list[str]]:
+    """The library's log messages (INFO and above) while the test runs."""
+    collected: list[str] = []
+    sink = logger.add(lambda message: collected.append(message.record["message"]), level="INFO")
+    yield collected
+    logger.remove(sink)

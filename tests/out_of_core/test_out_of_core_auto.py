@@ -4,24 +4,13 @@ from the size of its weights and the memory available."""
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
 
 import pytest
-from loguru import logger
 from out_of_core_runs import RECIPES, SETTINGS, assert_same_checkpoint, token_ids
 
 from lightning_compress.core.checkpoint_files import CheckpointFiles
 from lightning_compress.lightning import out_of_core_choice
 from lightning_compress.lightning.oneshot import oneshot
-
-
-@pytest.fixture
-def messages() -> Iterator[list[str]]:
-    """The library's log messages (INFO and above) while the test runs."""
-    collected: list[str] = []
-    sink = logger.add(lambda message: collected.append(message.record["message"]), level="INFO")
-    yield collected
-    logger.remove(sink)
 
 
 def with_memory(monkeypatch, available: int | None) -> None:

@@ -28,7 +28,25 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def choose_on_rank(rank: int, directory: Path, memory: list, port: int, record: Path) -> None:
+def run_two_ranks(target, *args) -> list[int | None]:
+    """Runs ``target(rank, *args, port)`` in two forked processes; their exit codes (None:
+    still running after a minute, then killed)."""
+    port = free_port()
+    fork = multiprocessing.get_context("fork")
+    ranks = [fork.Process(target=target, args=(rank, *args, port)) for rank in range(2)]
+    for rank in ranks:
+        rank.start()
+    for rank in ranks:
+        rank.join(timeout=60)
+    codes = [rank.exitcode for rank in ranks]
+    for rank in ranks:
+        if rank.is_alive():
+            rank.kill()
+            rank.join()
+    return codes
+
+
+def choose_on_rank(rank: int, directory: Path, memory: list, record: Path, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
@@ -47,17 +65,7 @@ def test_connected_ranks_choose_from_the_least_memory_of_all(saved_llama, tmp_pa
     directory = saved_llama()
     weights = CheckpointFiles(directory).nbytes
     per_rank = [None if share is None else int(share * weights) for share in memory]
-    port = free_port()
-    fork = multiprocessing.get_context("fork")
-    ranks = [
-        fork.Process(target=choose_on_rank, args=(rank, directory, per_rank, port, tmp_path))
-        for rank in range(2)
-    ]
-    for rank in ranks:
-        rank.start()
-    for rank in ranks:
-        rank.join(timeout=60)
-    assert [rank.exitcode for rank in ranks] == [0, 0]
+    assert run_two_ranks(choose_on_rank, directory, per_rank, tmp_path) == [0, 0]
     assert [(tmp_path / f"rank-{rank}").read_text() for rank in range(2)] == [chosen, chosen]
 
 
@@ -114,3 +122,64 @@ def test_ranks_lightning_ddp_starts_take_the_first_ranks_choice_and_match_one_pr
     assert sorted((tmp_path / "ranks.txt").read_text().splitlines()) == ["0 True", "1 True"]
     assert "as the process that started this one chose" in run.stderr
     assert_same_checkpoint(tmp_path / "single", tmp_path / "ddp")
+
+
+def test_a_rank_lightning_started_takes_the_choice_its_starter_left(
+    saved_llama, monkeypatch, tmp_path
+):
+    directory = saved_llama()
+    monkeypatch.setattr(out_of_core_choice, "available_memory", lambda: 1)
+    assert out_of_core_choice.choose_out_of_core("auto", directory)  # the first rank
+    monkeypatch.setattr(out_of_core_choice, "available_memory", lambda: 10**15)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert out_of_core_choice.choose_out_of_core("auto", directory)  # a rank it started
+    other = tmp_path / "other"
+    other.symlink_to(saved_llama(tie=True), target_is_directory=True)
+    assert not out_of_core_choice.choose_out_of_core("auto", other)  # not chosen by the first
+
+
+def test_ranks_started_apart_each_choose_with_a_warning(saved_llama, monkeypatch, messages):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(out_of_core_choice, "available_memory", lambda: 1)
+    assert out_of_core_choice.choose_out_of_core("auto", saved_llama())
+    assert any("one of 2 that were started apart" in message for message in messages)
+
+
+def compress_on_rank(rank: int, directory: Path, record: Path, port: int) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE="2",
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        NODE_RANK="0",
+    )
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        oneshot(
+            str(directory),
+            RECIPES["gptq"](),
+            token_ids(),
+            output_dir=record / "out",
+            num_calibration_samples=4,
+            progress=False,
+            out_of_core=rank == 0,
+            devices=2,
+            strategy="ddp",
+            trainer_kwargs={"accelerator": "cpu"},
+        )
+    except RuntimeError as error:
+        (record / f"rank-{rank}").write_text(str(error))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_that_chose_differently_are_refused_on_both(saved_llama, tmp_path):
+    directory = saved_llama()
+    assert run_two_ranks(compress_on_rank, directory, tmp_path) == [0, 0]
+    for rank in range(2):
+        assert (
+            "ranks disagree on reading the weights one block at a time"
+            in (tmp_path / f"rank-{rank}").read_text()
+        )
+    assert not (tmp_path / "out").exists()
