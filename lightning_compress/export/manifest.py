@@ -83,8 +83,9 @@ class Manifest:
         identity: the run's identity (:func:`run_identity`).
         recipe: the recipe's YAML text, or None.
         parts: the finished parts, in the order they were written.
-        activations: the saved block inputs (``block``, ``batches``, ``directory``, and
-            ``parts``: how many parts were finished when they were saved), or None.
+        activations: the saved block inputs (``block``, ``batches``, ``ranks``: each
+            process's batches, ``directory``, and ``parts``: how many parts were finished
+            when they were saved), or None.
     """
 
     identity: dict[str, Any]

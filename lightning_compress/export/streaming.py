@@ -11,8 +11,10 @@ hidden work directory beside the target, ``.<name>.streaming``, which survives a
 * the manifest names the run (:func:`~lightning_compress.export.manifest.run_identity`): the
   same run opened again reports the finished parts, a different recipe, model or input is
   refused, naming what differs;
-* the block inputs may be saved after a block (:meth:`StreamingCheckpoint.save_activations`)
-  so a resumed run continues without recomputing the finished blocks;
+* the block inputs may be saved after a block (:meth:`StreamingCheckpoint.save_activations`;
+  under several processes each saves its own share: :meth:`~StreamingCheckpoint.stage_activations`,
+  :func:`save_block_inputs`, :meth:`~StreamingCheckpoint.commit_activations`) so a resumed
+  run continues without recomputing the finished blocks;
 * :meth:`StreamingCheckpoint.finish` links the parts' files into a staged directory under
   transformers' shard names, writes the index, config (with the ``quantization_config``),
   sparsity record, recipe, generation config and tokenizer, and publishes it as the target
@@ -38,6 +40,7 @@ import os
 import re
 import shutil
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -81,7 +84,15 @@ from lightning_compress.modifiers.quantization.args import QuantizationArgs
 from lightning_compress.modifiers.quantization.kv_cache import AttentionScheme
 from lightning_compress.recipe import Recipe, RecipeInput
 
-__all__ = ["WORK_SUFFIX", "BlockInputsCache", "StreamingCheckpoint"]
+__all__ = [
+    "WORK_SUFFIX",
+    "BlockInputsCache",
+    "SavedInputs",
+    "StreamingCheckpoint",
+    "is_disk_full",
+    "load_block_inputs",
+    "save_block_inputs",
+]
 
 WORK_SUFFIX = ".streaming"
 """The work directory of a checkpoint ``<dir>/<name>`` is ``<dir>/.<name>.streaming``."""
@@ -104,6 +115,81 @@ class BlockInputsCache(Protocol):
 
     def append(self, inputs: Any) -> None:
         """Adds one batch's inputs."""
+
+
+@dataclass(frozen=True)
+class SavedInputs:
+    """Block inputs a run saved, each process's share in its own directory.
+
+    Attributes:
+        block: the decoder block whose inputs they are.
+        directory: their directory in the work directory.
+        ranks: the number of batches each process saved, by rank; None for a save of one
+            process from before shares were kept apart (its batches directly in
+            ``directory``).
+        batches: the number of batches of all processes.
+    """
+
+    block: int
+    directory: Path
+    ranks: list[int] | None
+    batches: int
+
+    @property
+    def processes(self) -> int:
+        """How many processes saved them."""
+        return 1 if self.ranks is None else len(self.ranks)
+
+    def share(self, rank: int) -> Path:
+        """The directory of process ``rank``'s batches."""
+        return self.directory if self.ranks is None else _share(self.directory, rank)
+
+
+def save_block_inputs(staging: Path, rank: int, cache: BlockInputsCache) -> int:
+    """Saves one process's share of a block's inputs, batch by batch (``torch.save``,
+    exact), each file fsynced.
+
+    Args:
+        staging: the directory of :meth:`StreamingCheckpoint.stage_activations`.
+        rank: the process whose share this is.
+        cache: its activation cache.
+
+    Returns:
+        The number of batches saved.
+
+    Raises:
+        OSError: when a file cannot be written (the disk is full, ``staging`` is missing).
+    """
+    share = _share(staging, rank)
+    share.mkdir()
+    for batch in range(len(cache)):
+        file = share / f"batch-{batch:05d}.pt"
+        torch.save(cache.inputs(batch), file)
+        fsync_path(file)
+    fsync_path(share)
+    return len(cache)
+
+
+def load_block_inputs(saved: SavedInputs, rank: int, cache: BlockInputsCache) -> None:
+    """Appends process ``rank``'s share of saved block inputs to an empty activation cache.
+
+    Args:
+        saved: the saved inputs (:meth:`StreamingCheckpoint.saved_activations`).
+        rank: the process whose share to read.
+        cache: an empty activation cache.
+
+    Raises:
+        ValueError: when ``cache`` is not empty, or ``rank`` saved no share.
+        OSError: when a file cannot be read.
+    """
+    if len(cache):
+        raise ValueError(f"cache: expected an empty activation cache, got {len(cache)} batches")
+    if not 0 <= rank < saved.processes:
+        raise ValueError(f"rank: expected one of the {saved.processes} that saved, got {rank}")
+    batches = saved.batches if saved.ranks is None else saved.ranks[rank]
+    for batch in range(batches):
+        # Files this checkpoint wrote itself; block arguments may hold non-tensor objects.
+        cache.append(torch.load(saved.share(rank) / f"batch-{batch:05d}.pt", weights_only=False))
 
 
 class StreamingCheckpoint:
@@ -322,19 +408,18 @@ class StreamingCheckpoint:
                 self._manifest.parts.pop()
             for file in _part_files(self._work, index):
                 file.unlink(missing_ok=True)
-            if _is_disk_full(err):
+            if is_disk_full(err):
                 raise self._disk_full(f"part {names}", part.nbytes, err) from err
             raise
         logger.debug("wrote part {} ({}): {} bytes", index, names, part.nbytes)
 
     def save_activations(self, block_index: int, cache: BlockInputsCache) -> None:
-        """Saves the inputs of decoder block ``block_index``, to resume there without
-        recomputing the blocks before it.
+        """Saves the inputs of decoder block ``block_index`` (one process's), to resume there
+        without recomputing the blocks before it: :meth:`stage_activations`,
+        :func:`save_block_inputs` and :meth:`commit_activations` in one call.
 
-        Call it after the parts of the blocks before ``block_index`` are written. The
-        batches are written one at a time (``torch.save``, exact), fsynced into a new
-        directory that replaces the previous save only once complete, so a crash keeps one
-        complete save. Disk use: see the module's documentation.
+        Call it after the parts of the blocks before ``block_index`` are written. Disk use:
+        see the module's documentation.
 
         Args:
             block_index: the block whose inputs these are.
@@ -344,56 +429,88 @@ class StreamingCheckpoint:
             ExportError: when the disk is full (the previous save is kept).
             RuntimeError: when the checkpoint is closed.
         """
+        staging = self.stage_activations(block_index)
+        try:
+            batches = save_block_inputs(staging, 0, cache)
+        except BaseException as err:
+            nbytes = _tree_bytes(staging)
+            shutil.rmtree(staging, ignore_errors=True)
+            if is_disk_full(err):
+                raise self._disk_full(f"the inputs of block {block_index}", nbytes, err) from err
+            raise
+        self.commit_activations(block_index, staging, [batches])
+
+    def stage_activations(self, block_index: int) -> Path:
+        """A new, empty directory where each process saves its share of the inputs of decoder
+        block ``block_index`` (:func:`save_block_inputs`), until :meth:`commit_activations`
+        records them (a later :meth:`open` removes it if they never are).
+
+        Args:
+            block_index: the block whose inputs are saved there.
+
+        Returns:
+            The directory, inside the work directory.
+
+        Raises:
+            RuntimeError: when the checkpoint is closed.
+        """
+        self._check_open()
+        staging = self._work / f"{ACTIVATIONS_PREFIX}{block_index:05d}.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        return staging
+
+    def commit_activations(self, block_index: int, staging: Path, batches: Sequence[int]) -> None:
+        """Records the inputs saved in ``staging`` as those of block ``block_index``; they
+        replace the previous save only now, so a crash keeps one complete save.
+
+        Args:
+            block_index: the block whose inputs these are.
+            staging: the directory of :meth:`stage_activations`, each process's share saved.
+            batches: the number of batches each process saved, by rank.
+
+        Raises:
+            ExportError: when the disk is full (the previous save is kept).
+            RuntimeError: when the checkpoint is closed.
+        """
         self._check_open()
         name = f"{ACTIVATIONS_PREFIX}{block_index:05d}"
         target = self._work / name
-        temporary = self._work / f"{name}.tmp"
-        shutil.rmtree(temporary, ignore_errors=True)
         previous = self._manifest.activations
-        nbytes = 0
+        nbytes = _tree_bytes(staging)
         try:
-            temporary.mkdir()
-            for batch in range(len(cache)):
-                file = temporary / f"batch-{batch:05d}.pt"
-                torch.save(cache.inputs(batch), file)
-                fsync_path(file)
-                nbytes += file.stat().st_size
-            fsync_path(temporary)
+            fsync_path(staging)
             shutil.rmtree(target, ignore_errors=True)
-            os.replace(temporary, target)
+            os.replace(staging, target)
             fsync_path(self._work)
             self._manifest.activations = {
                 "block": block_index,
-                "batches": len(cache),
+                "batches": sum(batches),
+                "ranks": list(batches),
                 "directory": name,
                 "parts": len(self._manifest.parts),
             }
             self._manifest.save(self._work)
         except BaseException as err:
-            shutil.rmtree(temporary, ignore_errors=True)
-            if _is_disk_full(err):
+            self._manifest.activations = previous
+            shutil.rmtree(staging, ignore_errors=True)
+            if is_disk_full(err):
                 raise self._disk_full(f"the inputs of block {block_index}", nbytes, err) from err
             raise
         if previous is not None and previous["directory"] != name:
             shutil.rmtree(self._work / previous["directory"], ignore_errors=True)
 
-    def load_activations(self, cache: BlockInputsCache) -> int | None:
-        """Fills an empty activation cache with the last saved block inputs.
-
-        Args:
-            cache: an empty activation cache; each saved batch is appended in order.
+    def saved_activations(self) -> SavedInputs | None:
+        """The last block inputs saved, if they can be used.
 
         Returns:
-            The block whose inputs they are, or None when none are saved (or they were saved
-            after parts that are no longer recorded: then the run restarts from its start).
+            Where they are and each process's number of batches; None when none are saved,
+            or they were saved after parts that are no longer recorded, or are missing.
 
         Raises:
-            ValueError: when ``cache`` is not empty.
             RuntimeError: when the checkpoint is closed.
         """
         self._check_open()
-        if len(cache):
-            raise ValueError(f"cache: expected an empty activation cache, got {len(cache)} batches")
         saved = self._manifest.activations
         if saved is None:
             return None
@@ -408,10 +525,35 @@ class StreamingCheckpoint:
         if not directory.is_dir():
             logger.warning("the saved inputs of block {} are missing; not used", saved["block"])
             return None
-        for batch in range(saved["batches"]):
-            # Files this checkpoint wrote itself; block arguments may hold non-tensor objects.
-            cache.append(torch.load(directory / f"batch-{batch:05d}.pt", weights_only=False))
-        return saved["block"]
+        return SavedInputs(saved["block"], directory, saved.get("ranks"), saved["batches"])
+
+    def load_activations(self, cache: BlockInputsCache) -> int | None:
+        """Fills an empty activation cache with the last block inputs one process saved.
+
+        Args:
+            cache: an empty activation cache; each saved batch is appended in order.
+
+        Returns:
+            The block whose inputs they are, or None when none are saved (or they were saved
+            after parts that are no longer recorded, or by several processes: then the run
+            restarts from its start).
+
+        Raises:
+            ValueError: when ``cache`` is not empty.
+            RuntimeError: when the checkpoint is closed.
+        """
+        saved = self.saved_activations()
+        if saved is None:
+            return None
+        if saved.processes != 1:
+            logger.info(
+                "the saved inputs of block {} are the shares of {} processes; not used by one",
+                saved.block,
+                saved.processes,
+            )
+            return None
+        load_block_inputs(saved, 0, cache)
+        return saved.block
 
     def finish(self, model: nn.Module, tokenizer: Any | None = None) -> Path:
         """Completes the checkpoint and publishes it as ``output_dir``, then closes.
@@ -456,7 +598,7 @@ class StreamingCheckpoint:
                     write_index(weight_map, sum(part.nbytes for part in parts), staging)
                 write_metadata(staging, model, config, tokenizer, self._manifest.recipe, sparsity)
         except OSError as err:
-            if _is_disk_full(err):
+            if is_disk_full(err):
                 needed = _copy_bytes(self._work)
                 raise self._disk_full("the finished checkpoint", needed, err) from err
             raise
@@ -538,6 +680,10 @@ class StreamingCheckpoint:
             f"{str(self._path)!r} is not written. Free space and run the same command again "
             "to continue after the last finished part"
         )
+
+
+def _share(directory: Path, rank: int) -> Path:
+    return directory / f"rank-{rank:05d}"
 
 
 def _module_list(modules: str | Sequence[str]) -> list[str]:
@@ -670,7 +816,8 @@ def _save_shard(tensors: dict[str, Tensor], path: Path, mode: int) -> None:
     fsync_path(path)
 
 
-def _is_disk_full(err: BaseException) -> bool:
+def is_disk_full(err: BaseException) -> bool:
+    """Whether ``err`` says the disk (or the quota) is full."""
     return isinstance(err, OSError) and err.errno in _DISK_FULL
 
 
@@ -685,6 +832,10 @@ def _link_or_copy(source: Path, target: Path) -> None:
 
 def _copy_bytes(work: Path) -> int:
     return sum(file.stat().st_size for file in work.glob("part-*.safetensors"))
+
+
+def _tree_bytes(directory: Path) -> int:
+    return sum(file.stat().st_size for file in directory.rglob("*") if file.is_file())
 
 
 def _part_files(work: Path, index: int) -> list[Path]:

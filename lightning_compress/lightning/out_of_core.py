@@ -16,19 +16,22 @@ written, from its saved outputs.
 Under several processes (Lightning's ``ddp``, ``ddp_fork`` or ``ddp_spawn``) every rank reads
 the same block from the memory-mapped shards and calibrates it on its share of the data; the
 statistics are reduced and each layer solved on one owner rank as in memory, so every rank
-ends with the same block. Only rank zero opens and writes the output (the other ranks never
-touch it), and an error writing it is raised on every rank. A resumed run under several
-processes does not rewrite the blocks already written, but recomputes them to rebuild each
-rank's block inputs (they are saved by one-process runs only, since each rank's inputs are
-its own share of the data).
+ends with the same block. Only rank zero opens the output and writes its parts (the other
+ranks never write them), and an error writing it is raised on every rank. After each block,
+every rank saves its own share of the next block's inputs into the output's work directory
+(where rank zero stages and records them), so a resumed run under the same number of
+processes continues after the last block written, each rank from its share. Under another
+number of processes, or where a rank cannot see the work directory (no shared file system),
+the blocks are computed again instead; those written are not written again.
 """
 
 from __future__ import annotations
 
 import hashlib
+import shutil
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import lightning.pytorch as pl
 import torch
@@ -37,8 +40,15 @@ from loguru import logger
 from torch import nn
 
 from lightning_compress.core.distributed import all_gather_or_raise, rank_and_world_size
+from lightning_compress.export.errors import ExportError
 from lightning_compress.export.manifest import Manifest, checkpoint_fingerprint
-from lightning_compress.export.streaming import StreamingCheckpoint
+from lightning_compress.export.streaming import (
+    SavedInputs,
+    StreamingCheckpoint,
+    is_disk_full,
+    load_block_inputs,
+    save_block_inputs,
+)
 from lightning_compress.export.writer import check_output_dir
 from lightning_compress.lightning.calibration import CalibrationModule
 from lightning_compress.modifiers.pruning.structure import SPARSITY_THRESHOLD
@@ -55,6 +65,7 @@ __all__ = [
 ]
 
 Modules = Sequence[tuple[str, nn.Module]]
+T = TypeVar("T")
 
 
 class CheckpointResidency:
@@ -77,6 +88,7 @@ class CheckpointResidency:
         self._checkpoint: StreamingCheckpoint | None = None
         self._started = False
         self._settings: tuple[str | Path, Any, dict[str, Any], bool] | None = None
+        self._warned_unseen = False
 
     @property
     def checkpoint(self) -> StreamingCheckpoint:
@@ -146,34 +158,54 @@ class CheckpointResidency:
 
     def resume(self, cache: ActivationCache) -> int:
         """The first block to calibrate: the one whose inputs an earlier run of the same
-        command saved (every block before it written), with ``cache`` filled with them.
+        command saved (every block before it written), with ``cache`` filled with this
+        rank's share of them.
+
+        Under several processes each rank reads its own share. Inputs saved under another
+        number of processes, or that a rank cannot read (a work directory on no file
+        system it shares with rank zero), are not used: every rank computes the blocks
+        again (those written are not written again).
 
         Args:
             cache: an empty activation cache.
 
         Returns:
-            The block's index; 0 when nothing was saved, and under several processes (each
-            rank's inputs are recomputed; the blocks written are not written again).
+            The block's index; 0 when nothing was saved or it is not used.
         """
         rank, world_size = rank_and_world_size()
-        if world_size > 1:
-            if rank == 0 and self.checkpoint.finished:
-                logger.info(
-                    "resuming a run under {} processes: the {} parts an earlier run wrote are "
-                    "kept, their blocks recomputed for each rank's block inputs",
-                    world_size,
-                    len(self.checkpoint.finished),
+        saved = self._on_rank_zero(lambda: self._saved_inputs(world_size))
+        if saved is None:
+            return 0
+        readable = all_gather_or_raise(saved.share(rank).is_dir(), None)
+        if not all(readable):
+            if rank == 0:
+                logger.warning(
+                    "the inputs of block {} that an earlier run saved in {} cannot be read by "
+                    "ranks {}; every rank computes the blocks before it again",
+                    saved.block,
+                    saved.directory,
+                    [index for index, ok in enumerate(readable) if not ok],
                 )
             return 0
-        first = self.checkpoint.load_activations(cache) or 0
-        if first:
-            logger.info("resuming after the {} blocks an earlier run wrote", first)
-            self._label_earlier_parts()
-        return first
+        error = None
+        try:
+            load_block_inputs(saved, rank, cache)
+        except Exception as caught:
+            error = caught
+        all_gather_or_raise(None, error)
+        if rank == 0:
+            logger.info(
+                "resuming after the {} blocks an earlier run wrote{}",
+                saved.block,
+                "" if world_size == 1 else f", each of the {world_size} ranks from its inputs",
+            )
+        self.written_labels.update(self._on_rank_zero(self._earlier_labels))
+        return saved.block
 
     def finish_block(self, index: int, name: str, block: nn.Module, cache: ActivationCache) -> None:
         """Writes one compressed block to the output (unless an earlier run of the same
-        command did), saves the next block's inputs to resume from, and frees the block.
+        command did), saves the next block's inputs (each rank its share) to resume from,
+        and frees the block.
 
         Args:
             index: the block's position.
@@ -181,14 +213,8 @@ class CheckpointResidency:
             block: the block.
             cache: the activation cache, holding the next block's inputs.
         """
-
-        def write() -> None:
-            if not self.checkpoint.is_finished(name):
-                self.checkpoint.write_modules(self.source.model, name)
-            if rank_and_world_size()[1] == 1:
-                self.checkpoint.save_activations(index + 1, cache)
-
-        self._on_rank_zero(write)
+        staging = self._on_rank_zero(lambda: self._write_block(index, name))
+        self._save_inputs(index + 1, staging, cache)
         self._note_sparsity(name, block)
         self.source.release(block)
         self._written[name] = _tensor_versions(block)
@@ -234,19 +260,83 @@ class CheckpointResidency:
             output_dir, self.source.model, recipe, inputs, overwrite
         )
 
-    @staticmethod
-    def _on_rank_zero(step: Callable[[], None]) -> None:
-        """Runs ``step`` on rank zero only; what it raises is raised on every rank."""
-        error = None
-        if rank_and_world_size()[0] == 0:
+    def _saved_inputs(self, world_size: int) -> SavedInputs | None:
+        """The block inputs an earlier run saved, if this run can use them."""
+        saved = self.checkpoint.saved_activations()
+        if saved is not None and saved.processes != world_size:
+            logger.info(
+                "the inputs of block {} that an earlier run saved are the shares of {} "
+                "processes and this run has {}: the blocks before it are computed again (the "
+                "{} parts written are kept)",
+                saved.block,
+                saved.processes,
+                world_size,
+                len(self.checkpoint.finished),
+            )
+            return None
+        return saved
+
+    def _write_block(self, index: int, name: str) -> Path:
+        """Writes block ``name`` (unless written) and stages the next block's inputs."""
+        if not self.checkpoint.is_finished(name):
+            self.checkpoint.write_modules(self.source.model, name)
+        return self.checkpoint.stage_activations(index + 1)
+
+    def _save_inputs(self, block_index: int, staging: Path, cache: ActivationCache) -> None:
+        """Every rank saves its share of block ``block_index``'s inputs in ``staging``;
+        rank zero records them (or, where a rank cannot see ``staging``, drops them)."""
+        rank = rank_and_world_size()[0]
+        batches, error = None, None
+        if staging.is_dir():
             try:
-                step()
+                batches = save_block_inputs(staging, rank, cache)
             except Exception as caught:
                 error = caught
-        all_gather_or_raise(None, error)
+                if is_disk_full(caught):
+                    error = ExportError(
+                        f"the disk is full saving rank {rank}'s inputs of block {block_index} "
+                        f"in {str(staging)!r} ({caught}); the blocks before it are written "
+                        f"and kept: free space and run the same command again to continue"
+                    )
+        try:
+            shares = all_gather_or_raise(batches, error)
+        except BaseException:
+            if rank == 0:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
+        self._on_rank_zero(lambda: self._commit_inputs(block_index, staging, shares))
 
-    def _label_earlier_parts(self) -> None:
-        """Labels the layers an earlier run compressed and wrote, for the summary."""
+    def _commit_inputs(self, block_index: int, staging: Path, shares: list[int | None]) -> None:
+        unseen = [rank for rank, batches in enumerate(shares) if batches is None]
+        if not unseen:
+            self.checkpoint.commit_activations(block_index, staging, shares)
+            return
+        shutil.rmtree(staging, ignore_errors=True)
+        if not self._warned_unseen:
+            self._warned_unseen = True
+            logger.warning(
+                "ranks {} cannot see the work directory {} (it is on no file system they "
+                "share with rank zero): the block inputs are not saved, and a resumed run "
+                "computes the blocks again",
+                unseen,
+                self.checkpoint.work_dir,
+            )
+
+    @staticmethod
+    def _on_rank_zero(step: Callable[[], T]) -> T:
+        """Runs ``step`` on rank zero only; what it returns is returned on every rank, what
+        it raises is raised on every rank."""
+        value, error = None, None
+        if rank_and_world_size()[0] == 0:
+            try:
+                value = step()
+            except Exception as caught:
+                error = caught
+        return all_gather_or_raise(value, error)[0]
+
+    def _earlier_labels(self) -> dict[str, str]:
+        """The labels of the layers an earlier run compressed and wrote, for the summary."""
+        labels = {}
         manifest = Manifest.load(self.checkpoint.work_dir)
         for part in manifest.parts if manifest is not None else []:
             pruned = {
@@ -257,7 +347,8 @@ class CheckpointResidency:
             for name in {*part.schemes, *pruned}:
                 kinds = ["quantized"] if name in part.schemes else []
                 kinds += [pruned[name]] if name in pruned else []
-                self.written_labels[name] = f"{' + '.join(kinds)}, written by an earlier run"
+                labels[name] = f"{' + '.join(kinds)}, written by an earlier run"
+        return labels
 
     def _note_sparsity(self, name: str, module: nn.Module) -> None:
         for layer_name, layer in module.named_modules(prefix=name):

@@ -1,7 +1,8 @@
 """Out-of-core runs under two CPU processes (ddp_fork, ddp_spawn; gloo): rank zero alone
 writes the checkpoint, which is the one-process run's, bit for bit; a run stopped by an error
-writing it stops on both ranks and resumes to the same checkpoint. (Lightning's ``ddp``, which
-runs the script again: ``test_out_of_core_choice_ddp``.)"""
+writing it stops on both ranks and resumes to the same checkpoint, each rank from its saved
+block inputs (under another number of processes, computing the blocks again). Lightning's
+``ddp``, which runs the script again, is in ``test_out_of_core_choice_ddp``."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from out_of_core_runs import RECIPES, assert_same_checkpoint, token_ids
 
 from lightning_compress.export.streaming import StreamingCheckpoint
 from lightning_compress.lightning.oneshot import oneshot
+from lightning_compress.pipelines.checkpoint_source import CheckpointSource
 
 pytestmark = pytest.mark.distributed
 
@@ -70,23 +72,48 @@ def test_ddp_spawn_workers_write_the_one_process_checkpoint(saved_llama, tmp_pat
     assert all(tensor.is_meta for tensor in model.parameters())
 
 
-def test_a_write_failing_on_rank_zero_stops_both_ranks_and_the_run_resumes(
+def failing_write_of(monkeypatch, block: str) -> None:
+    """Writing ``block`` fails as on a full disk."""
+    write = StreamingCheckpoint.write_modules
+
+    def full_disk(self, model, modules):
+        if modules == block:
+            raise OSError(28, "No space left on device")
+        return write(self, model, modules)
+
+    monkeypatch.setattr(StreamingCheckpoint, "write_modules", full_disk)
+
+
+def recording_loads(monkeypatch, record: Path) -> None:
+    """``CheckpointSource.load`` noting, in ``record``, each rank's module read."""
+    load = CheckpointSource.load
+
+    def loading(self, module):
+        with record.open("a") as file:
+            rank = dist.get_rank() if dist.is_initialized() else 0
+            file.write(f"{rank} {self.name_of(module)}\n")
+        return load(self, module)
+
+    monkeypatch.setattr(CheckpointSource, "load", loading)
+
+
+def blocks_read(record: Path) -> list[str]:
+    lines = record.read_text().splitlines()
+    return sorted(line for line in lines if "model.layers." in line)
+
+
+def test_a_write_failing_on_rank_zero_stops_both_ranks_and_each_resumes_from_its_inputs(
     saved_llama, tmp_path, monkeypatch
 ):
     directory = saved_llama()
     compress(directory, tmp_path / "single", processes=1)
-    write = StreamingCheckpoint.write_modules
-
-    def full_disk_at_block_2(self, model, modules):
-        if modules == "model.layers.2":
-            raise OSError(28, "No space left on device")
-        return write(self, model, modules)
-
-    monkeypatch.setattr(StreamingCheckpoint, "write_modules", full_disk_at_block_2)
-    with pytest.raises(Exception, match="No space left on device"):
-        compress(directory, tmp_path / "ddp", processes=2)
+    with monkeypatch.context() as patch:
+        failing_write_of(patch, "model.layers.2")
+        with pytest.raises(Exception, match="No space left on device"):
+            compress(directory, tmp_path / "ddp", processes=2)
     assert not (tmp_path / "ddp").exists()
     writes = tmp_path / "writes.txt"
+    write = StreamingCheckpoint.write_modules
 
     def recording(self, model, modules):
         with writes.open("a") as file:
@@ -94,6 +121,25 @@ def test_a_write_failing_on_rank_zero_stops_both_ranks_and_the_run_resumes(
         return write(self, model, modules)
 
     monkeypatch.setattr(StreamingCheckpoint, "write_modules", recording)
+    recording_loads(monkeypatch, tmp_path / "loads.txt")
     compress(directory, tmp_path / "ddp", processes=2)
     assert writes.read_text().splitlines()[0] == "model.layers.2"  # 0 and 1 kept
+    # blocks 0 and 1 neither read nor computed again: each rank starts from its saved inputs
+    assert blocks_read(tmp_path / "loads.txt") == ["0 model.layers.2", "1 model.layers.2"]
     assert_same_checkpoint(tmp_path / "single", tmp_path / "ddp")
+
+
+def test_a_run_of_two_processes_resumed_by_one_computes_the_blocks_again(
+    saved_llama, tmp_path, monkeypatch, messages
+):
+    directory = saved_llama()
+    compress(directory, tmp_path / "single", processes=1)
+    with monkeypatch.context() as patch:
+        failing_write_of(patch, "model.layers.1")
+        with pytest.raises(Exception, match="No space left on device"):
+            compress(directory, tmp_path / "resumed", processes=2)
+    recording_loads(monkeypatch, tmp_path / "loads.txt")
+    compress(directory, tmp_path / "resumed", processes=1)
+    assert blocks_read(tmp_path / "loads.txt") == [f"0 model.layers.{i}" for i in range(3)]
+    assert any("shares of 2 processes and this run has 1" in message for message in messages)
+    assert_same_checkpoint(tmp_path / "single", tmp_path / "resumed")
