@@ -6,6 +6,7 @@ block inputs (under another number of processes, computing the blocks again). Li
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -13,7 +14,8 @@ import pytest
 import torch.distributed as dist
 from out_of_core_runs import RECIPES, assert_same_checkpoint, token_ids
 
-from lightning_compress.export.streaming import StreamingCheckpoint
+from lightning_compress.export.manifest import MANIFEST_NAME
+from lightning_compress.export.streaming import WORK_SUFFIX, StreamingCheckpoint
 from lightning_compress.lightning.oneshot import oneshot
 from lightning_compress.pipelines.checkpoint_source import CheckpointSource
 
@@ -143,3 +145,34 @@ def test_a_run_of_two_processes_resumed_by_one_computes_the_blocks_again(
     assert blocks_read(tmp_path / "loads.txt") == [f"0 model.layers.{i}" for i in range(3)]
     assert any("shares of 2 processes and this run has 1" in message for message in messages)
     assert_same_checkpoint(tmp_path / "single", tmp_path / "resumed")
+
+
+@pytest.mark.parametrize("unseen", ["saving", "resuming"])
+def test_block_inputs_a_rank_cannot_see_are_not_used_and_the_blocks_are_computed_again(
+    saved_llama, tmp_path, monkeypatch, unseen
+):
+    directory = saved_llama()
+    compress(directory, tmp_path / "single", processes=1)
+    is_dir = Path.is_dir
+
+    def work_directory_on_rank_zero_only(path: Path) -> bool:  # as without a shared disk
+        if WORK_SUFFIX in str(path) and dist.is_initialized() and dist.get_rank() == 1:
+            return False
+        return is_dir(path)
+
+    with monkeypatch.context() as patch:
+        if unseen == "saving":
+            patch.setattr(Path, "is_dir", work_directory_on_rank_zero_only)
+        failing_write_of(patch, "model.layers.2")
+        with pytest.raises(Exception, match="No space left on device"):
+            compress(directory, tmp_path / "ddp", processes=2)
+    manifest = json.loads((tmp_path / f".ddp{WORK_SUFFIX}" / MANIFEST_NAME).read_text())
+    assert len(manifest["parts"]) == 2
+    assert (manifest["activations"] is None) == (unseen == "saving")
+    monkeypatch.setattr(Path, "is_dir", work_directory_on_rank_zero_only)
+    recording_loads(monkeypatch, tmp_path / "loads.txt")
+    compress(directory, tmp_path / "ddp", processes=2)
+    assert blocks_read(tmp_path / "loads.txt") == [
+        f"{rank} model.layers.{block}" for rank in range(2) for block in range(3)
+    ]
+    assert_same_checkpoint(tmp_path / "single", tmp_path / "ddp")
