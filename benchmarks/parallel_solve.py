@@ -9,11 +9,17 @@ call that reduces a group's Hessians, solves its layers and shares the results
 (``LayerwiseModifier.compute_layers``, entered by the ranks together, so the wait for a rank
 still running its forwards is left out), as wall-clock time on rank 0 and as CPU time on the
 busiest rank (which a machine loaded by other jobs disturbs less); the CPU time of the solves
-alone (``_compute_stack``) on the busiest rank; and the whole run's wall-clock time. Checks
-that both runs give the same weights, bit for bit.
+alone (``_compute_stack``) on the busiest rank, and summed over the calls of the slowest rank
+in each (the ranks wait for each other at the end of every call, so this is the time the
+solves take on ranks with a core each); and the whole run's wall-clock time. Checks that both
+runs give the same weights, bit for bit.
 
     python benchmarks/parallel_solve.py [--layers 4] [--hidden 1024] [--intermediate 2816]
-        [--samples 16] [--seq 128] [--staged both|yes|no] [--repeats 1]
+        [--samples 16] [--seq 128] [--staged both|yes|no] [--repeats 1] [--calls]
+
+``--calls`` also prints, for each run, the solve CPU time of each rank per kind of layer
+(``self_attn.q_proj+k_proj+v_proj``, ``mlp.down_proj[0:512]``: a row slice), summed over the
+blocks, from the last repeat.
 
 Prints a Markdown table, one row per mode (staged: each group of layers reading one input is
 solved when the block's forward reaches it, the default; whole block: the block's layers are
@@ -48,10 +54,13 @@ W4_G128 = {"num_bits": 4, "strategy": "group", "group_size": 128}
 COMPUTE_LAYERS = LayerwiseModifier.compute_layers
 COMPUTE_STACK = LayerwiseModifier._compute_stack
 SECONDS = {"compress": 0.0, "cpu": 0.0, "solve_cpu": 0.0}  # this process's, summed
+SOLVES: list[float] = []  # this process's solve CPU time in each compute_layers call
+CALLS: dict[str, float] = {}  # this process's solve CPU time per kind of layer
 MEASURES = {
     "compress": "compress wall, rank 0",
     "cpu": "compress CPU, busiest rank",
     "solve_cpu": "solves CPU, busiest rank",
+    "solve_path": "solves CPU, slowest rank per call",
     "total": "total wall",
 }
 
@@ -59,12 +68,13 @@ MEASURES = {
 def timed_compute_layers(self: LayerwiseModifier, state: Any, names: list[str]) -> Any:
     if is_distributed():
         dist.barrier()  # leave out the wait for a rank still running its calibration forwards
-    begin, cpu = time.perf_counter(), time.process_time()
+    begin, cpu, solves = time.perf_counter(), time.process_time(), SECONDS["solve_cpu"]
     try:
         return COMPUTE_LAYERS(self, state, names)
     finally:
         SECONDS["compress"] += time.perf_counter() - begin
         SECONDS["cpu"] += time.process_time() - cpu
+        SOLVES.append(SECONDS["solve_cpu"] - solves)
 
 
 def timed_compute_stack(
@@ -74,7 +84,17 @@ def timed_compute_stack(
     try:
         return COMPUTE_STACK(self, stack, statistics, rows)
     finally:
-        SECONDS["solve_cpu"] += time.process_time() - cpu
+        seconds = time.process_time() - cpu
+        SECONDS["solve_cpu"] += seconds
+        kind = layer_kind(stack, rows)
+        CALLS[kind] = CALLS.get(kind, 0.0) + seconds
+
+
+def layer_kind(stack: list[str], rows: tuple[int, int] | None) -> str:
+    """``stack`` without its block index: ``self_attn.q_proj+k_proj+v_proj``, and its rows."""
+    parts = [name.split(".") for name in stack]
+    kind = ".".join(parts[0][-2:]) + "".join(f"+{part[-1]}" for part in parts[1:])
+    return kind if rows is None else f"{kind}[{rows[0]}:{rows[1]}]"
 
 
 class Report(Callback):
@@ -85,7 +105,8 @@ class Report(Callback):
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         rank = trainer.global_rank
-        (self.directory / f"seconds{rank}.json").write_text(json.dumps(SECONDS))
+        times = {"seconds": SECONDS, "solves": SOLVES, "calls": CALLS}
+        (self.directory / f"seconds{rank}.json").write_text(json.dumps(times))
         if rank == 0:
             torch.save(pl_module.model.state_dict(), self.directory / "weights.pt")
 
@@ -109,6 +130,8 @@ def run(args: argparse.Namespace, devices: int, staged: bool, directory: Path) -
     generator = torch.Generator().manual_seed(1)
     data = torch.randint(0, config.vocab_size, (args.samples, args.seq), generator=generator)
     SECONDS.update(dict.fromkeys(SECONDS, 0.0))
+    SOLVES.clear()
+    CALLS.clear()
     trainer = Trainer(
         accelerator="cpu",
         devices=devices,
@@ -123,14 +146,27 @@ def run(args: argparse.Namespace, devices: int, staged: bool, directory: Path) -
     begin = time.perf_counter()
     trainer.validate(module, dataloaders=DataLoader(data, batch_size=1), verbose=False)
     total = time.perf_counter() - begin
-    ranks = [json.loads((directory / f"seconds{rank}.json").read_text()) for rank in range(devices)]
+    paths = [directory / f"seconds{rank}.json" for rank in range(devices)]
+    ranks = [json.loads(path.read_text()) for path in paths]
+    seconds = [rank["seconds"] for rank in ranks]
     return {
-        "compress": ranks[0]["compress"],
-        "cpu": max(rank["cpu"] for rank in ranks),
-        "solve_cpu": max(rank["solve_cpu"] for rank in ranks),
+        "compress": seconds[0]["compress"],
+        "cpu": max(rank["cpu"] for rank in seconds),
+        "solve_cpu": max(rank["solve_cpu"] for rank in seconds),
+        "solve_path": sum(map(max, zip(*(rank["solves"] for rank in ranks), strict=True))),
         "total": total,
         "weights": directory / "weights.pt",
+        "calls": [rank["calls"] for rank in ranks],
     }
+
+
+def print_calls(name: str, times: dict[int, list[dict]]) -> None:
+    """Each rank's solve CPU time per kind of layer, in the last repeat of each run."""
+    for devices, runs in times.items():
+        for rank, calls in enumerate(runs[-1]["calls"]):
+            cells = ", ".join(f"{kind} {seconds:.2f}" for kind, seconds in calls.items())
+            total = sum(calls.values())
+            print(f"{name}, {devices} process(es), rank {rank} ({total:.2f} s): {cells}")
 
 
 def main() -> None:
@@ -142,6 +178,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--staged", choices=["both", "yes", "no"], default="both")
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--calls", action="store_true", help="solve CPU per kind of layer")
     args = parser.parse_args()
     torch.set_num_threads(1)  # each DDP worker inherits it: one core per process
     logger.remove()
@@ -152,6 +189,7 @@ def main() -> None:
     columns = " | ".join(f"{what}, 1 / 2 (s) | ratio" for what in MEASURES.values())
     print(f"| mode | {columns} | same weights |")
     print("|---" + "|---:|---:" * len(MEASURES) + "|---|")
+    breakdowns = []
     for staged in modes:
         times: dict[int, list[dict]] = {1: [], 2: []}
         same = True
@@ -170,6 +208,10 @@ def main() -> None:
             cells.append(f"{one:.2f} / {two:.2f} | {two / one:.2f}")
         name = "staged (default)" if staged else "whole block"
         print(f"| {name} | {' | '.join(cells)} | {'yes' if same else 'NO'} |")
+        breakdowns.append((name, times))
+    if args.calls:
+        for name, times in breakdowns:
+            print_calls(name, times)
 
 
 if __name__ == "__main__":

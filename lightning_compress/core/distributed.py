@@ -11,7 +11,7 @@ unconditionally.
 from __future__ import annotations
 
 import pickle
-from collections.abc import Iterator, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -143,34 +143,88 @@ def _bytes_of(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().contiguous().reshape(-1).view(torch.uint8)
 
 
-def balanced_owners(costs: Sequence[float], world_size: int) -> list[int]:
-    """One owner rank per task, balancing the total cost (greedy longest processing time).
+def balanced_owners(
+    costs: Sequence[float],
+    world_size: int,
+    keys: Sequence[Hashable | None] | None = None,
+    shared: Mapping[Hashable, float] | None = None,
+) -> list[int]:
+    """One owner rank per task, balancing the total cost.
 
-    Tasks are taken from the costliest (ties: the earlier task first) and each goes to the
-    rank with the least cost so far (ties: the lowest rank). The result depends on the costs
-    alone, so every rank computes the same owners without talking.
+    Tasks may share work: each task with a key needs that key's ``shared`` cost paid once on
+    its rank, whatever the number of tasks with the key there (layers solved in one call
+    share one Hessian inversion). Tasks are taken from the costliest, their own cost plus
+    their key's (greedy longest processing time; ties: the earlier task), each going to the
+    rank whose load it leaves lowest (ties: the lowest rank); then, while it lowers the
+    busiest rank's load, one task of the busiest rank moves to the rank where that helps
+    most (ties: the earlier task, the lower rank). The result depends on the arguments alone,
+    so every rank computes the same owners without talking.
 
     Args:
-        costs: each task's estimated cost (>= 0).
+        costs: each task's own estimated cost (>= 0).
         world_size: the number of ranks (>= 1).
+        keys: per task, the key of the work it shares, or None; None: no task shares work.
+        shared: the cost of each key's work (>= 0).
 
     Returns:
         Each task's owner, in the order of ``costs``.
 
     Raises:
-        ValueError: when ``world_size`` is below 1 or a cost is negative.
+        ValueError: when ``world_size`` is below 1, a cost is negative, or ``keys`` does not
+            give one entry per task whose costs ``shared`` holds.
     """
     if world_size < 1:
         raise ValueError(f"world_size: expected an int >= 1, got {world_size!r}")
-    if any(cost < 0 for cost in costs):
-        raise ValueError(f"costs: expected values >= 0, got {list(costs)}")
+    shared = {} if shared is None else dict(shared)
+    if any(cost < 0 for cost in [*costs, *shared.values()]):
+        raise ValueError(f"costs: expected values >= 0, got {list(costs)} and {shared}")
+    keys = [None] * len(costs) if keys is None else list(keys)
+    if len(keys) != len(costs) or any(key is not None and key not in shared for key in keys):
+        raise ValueError(
+            f"keys: expected one key or None per task, each key's cost in shared, got {keys} "
+            f"for {len(costs)} tasks and shared {shared}"
+        )
     loads = [0.0] * world_size
+    held: list[dict[Hashable, int]] = [{} for _ in range(world_size)]  # tasks per key
+
+    def added(task: int, rank: int) -> float:
+        key = keys[task]
+        return costs[task] + (shared[key] if key is not None and key not in held[rank] else 0.0)
+
+    def place(task: int, rank: int, sign: int) -> None:
+        key = keys[task]
+        if sign < 0 and key is not None and held[rank][key] == 1:
+            del held[rank][key]
+        loads[rank] += sign * added(task, rank)
+        if sign > 0 and key is not None:
+            held[rank][key] = held[rank].get(key, 0) + 1
+        elif sign < 0 and key in held[rank]:
+            held[rank][key] -= 1
+
     owners = [0] * len(costs)
-    for task in sorted(range(len(costs)), key=lambda task: (-costs[task], task)):
-        rank = min(range(world_size), key=lambda rank: (loads[rank], rank))
+    standalone = [added(task, 0) for task in range(len(costs))]
+    for task in sorted(range(len(costs)), key=lambda task: (-standalone[task], task)):
+        owners[task] = min(
+            range(world_size), key=lambda rank: (loads[rank] + added(task, rank), rank)
+        )
+        place(task, owners[task], 1)
+    while True:
+        busiest = max(range(world_size), key=lambda rank: (loads[rank], -rank))
+        best = (loads[busiest] * (1 - 1e-9), -1, -1)  # a move must lower it, beyond rounding
+        for task in (task for task, owner in enumerate(owners) if owner == busiest):
+            place(task, busiest, -1)
+            for rank in range(world_size):
+                if rank != busiest:
+                    moved = loads[rank] + added(task, rank)
+                    rest = max(load for other, load in enumerate(loads) if other != rank)
+                    best = min(best, (max(moved, rest), task, rank))
+            place(task, busiest, 1)
+        if best[1] < 0:
+            return owners
+        _, task, rank = best
+        place(task, busiest, -1)
+        place(task, rank, 1)
         owners[task] = rank
-        loads[rank] += costs[task]
-    return owners
 
 
 def all_gather_or_raise(value: Any, error: Exception | None) -> list[Any]:

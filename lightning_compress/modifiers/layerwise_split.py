@@ -2,20 +2,23 @@
 
 Under several processes every rank holds the same reduced statistics after a block's
 calibration, so solving every layer on every rank repeats the work N times. Instead
-:func:`assign_owners` gives each layer one owner rank, balancing the estimated solve cost
-(``rows * cols**2 + cols**3`` for a Hessian solve); only the owner computes the layer, and
+:func:`assign_owners` gives each layer one owner rank, balancing the estimated solve time
+(:func:`solve_cost`: what one call costs whatever its rows, the Hessian made ready and
+inverted, plus the column sweep's cost per row); only the owner computes the layer, and
 :func:`share_outcomes` broadcasts its result (the new weight and every buffer: scales, zero
 points, ``g_idx``) so that all ranks end bit-identical. A failure on an owner reaches every
 rank as the same error, before any broadcast, so no rank waits for a result that never comes.
 
-A layer too costly for one rank (``down_proj`` is about half of a Llama block's solve) is
-split by rows, where the method treats rows independently (GPTQ, SparseGPT with N:M masks):
-each of its slices is solved on its own rank (the Hessian's inversion, ``cols**3``, is
-repeated by each) and :func:`join_row_slices` puts the layer back together. Slices start at
-multiples of :data:`ROW_ALIGN` rows, so each slice's rows sit in the same SIMD lanes as in the
-whole layer's products and reductions (which made the split bit-identical to one sweep on
-the CPUs measured; a BLAS whose per-element rounding depends on the matrix width could move
-a value that sits on a rounding tie, the ranks still ending identical).
+Layers that share a Hessian (``q/k/v_proj``, ``gate/up_proj``) and land on one rank are
+solved there in one call, inverting the Hessian once: a stack is split between ranks only
+where the estimate says the repeated inversion pays. A layer too costly for one rank is split
+by rows, where the method treats rows independently (GPTQ, SparseGPT with N:M masks): each
+of its slices is solved on its own rank (each repeating the call's cost) and
+:func:`join_row_slices` puts the layer back together. Slices start at multiples of
+:data:`ROW_ALIGN` rows, so each slice's rows sit in the same SIMD lanes as in the whole
+layer's products and reductions (which made the split bit-identical to one sweep on the CPUs
+measured; a BLAS whose per-element rounding depends on the matrix width could move a value
+that sits on a rounding tie, the ranks still ending identical).
 """
 
 from __future__ import annotations
@@ -41,14 +44,31 @@ __all__ = [
     "OwnedStack",
     "StackOutcome",
     "assign_owners",
+    "call_cost",
     "join_row_slices",
     "row_bounds",
+    "row_cost",
     "share_outcomes",
     "solve_cost",
 ]
 
 ROW_ALIGN = 64
 """Row slices of a split layer start at multiples of this many rows."""
+
+# The terms of one GPTQ W4 g128 call's CPU time on one thread (torch 2.13, Intel Xeon, fitted
+# to 16 shapes from 128 x 512 to 1024 x 4096 within 12%), in seconds per operation counted.
+# SparseGPT's calls have the same parts; on an accelerator the proportions differ, so the
+# balance is less even there (the owners still follow from the shapes alone).
+HESSIAN_SECONDS = 5.9e-8
+"""Per Hessian entry (``cols**2``): materializing the reduced float64 sum, converting,
+permuting (activation order) and checking it."""
+INVERSION_SECONDS = 6.6e-12
+"""Per ``cols**3``: the Cholesky factorization and the triangular inverse."""
+PRODUCT_SECONDS = 9.2e-12
+"""Per ``rows * cols**2``: the multiply-adds of the sweep's lazy batch updates."""
+ELEMENT_SECONDS = 1.6e-8
+"""Per ``rows * cols``: the sweep's work on each weight (compressing it, the rank-one
+updates inside a block), in small operations whose overhead dominates."""
 
 
 @dataclass
@@ -95,18 +115,46 @@ class OwnedStack(NamedTuple):
     rows: tuple[int, int] | None = None
 
 
-def solve_cost(rows: int, cols: int) -> float:
-    """The estimated cost of a Hessian solve (GPTQ, SparseGPT) of a ``[rows, cols]`` weight:
-    the column sweep (``rows * cols**2``) and the inversion of the Hessian (``cols**3``).
+def call_cost(cols: int) -> float:
+    """The part of a Hessian solve's estimated time that one call pays whatever its rows:
+    making the ``[cols, cols]`` Hessian ready and inverting it.
 
     Args:
-        rows: the weight's output rows.
+        cols: the weight's input columns.
+
+    Returns:
+        The estimated seconds on one CPU thread.
+    """
+    return HESSIAN_SECONDS * float(cols) ** 2 + INVERSION_SECONDS * float(cols) ** 3
+
+
+def row_cost(cols: int) -> float:
+    """The column sweep's estimated time per weight row (rows are swept independently).
+
+    Args:
+        cols: the weight's input columns.
+
+    Returns:
+        The estimated seconds per row on one CPU thread.
+    """
+    return PRODUCT_SECONDS * float(cols) ** 2 + ELEMENT_SECONDS * cols
+
+
+def solve_cost(rows: int, cols: int) -> float:
+    """The estimated time of one Hessian solve (GPTQ, SparseGPT) call on a ``[rows, cols]``
+    weight: :func:`call_cost` plus ``rows`` times :func:`row_cost`.
+
+    Measured on one CPU thread, a call's fixed part dominates: ``down_proj`` of the bundled
+    benchmark decoder (1024 x 2816) takes 0.66 s, 0.56 s of it whatever its rows.
+
+    Args:
+        rows: the weight's output rows (of the layers stacked in the call).
         cols: its input columns.
 
     Returns:
-        The cost, in multiply-adds up to a constant.
+        The estimated seconds on one CPU thread.
     """
-    return float(rows) * cols * cols + float(cols) ** 3
+    return call_cost(cols) + rows * row_cost(cols)
 
 
 def assign_owners(
@@ -116,15 +164,18 @@ def assign_owners(
     world_size: int,
     row_divisible: Callable[[str], bool] = lambda name: False,
 ) -> list[OwnedStack]:
-    """Splits ``stacks`` among the ranks, balancing the estimated cost.
+    """Splits ``stacks`` among the ranks, balancing the estimated time (:func:`solve_cost`).
 
-    The layers of a divisible stack are assigned one by one (each costing
-    :func:`solve_cost` of its own weight); those of an indivisible stack together. The layers
-    of one stack that land on one rank are computed there together, in the stack's order.
-    Then, while it shortens the busiest rank's estimated time, the costliest layer that
-    ``row_divisible`` allows is cut into one more row slice (at most ``world_size``, each
-    paying the whole ``cols**3`` of the inversion, each at least :data:`ROW_ALIGN` rows).
-    The owners follow from the names and shapes alone, so every rank agrees without talking.
+    The layers of a divisible stack are assigned one by one, those of an indivisible stack
+    together, costliest first, each to the rank where the busiest-so-far load it makes is
+    lowest: a layer joining a part of its stack already on a rank adds only its rows' cost
+    there (the layers of one stack on one rank are computed together, in the stack's order:
+    one Hessian made ready and inverted), elsewhere also :func:`call_cost`. Where keeping
+    every stack whole balances as well, stacks stay whole. Then, while it shortens the
+    busiest rank's estimated time, the costliest layer that ``row_divisible`` allows is cut
+    into one more row slice (at most ``world_size``, each its own call paying the call's
+    cost, each at least :data:`ROW_ALIGN` rows). The owners follow from the names and shapes
+    alone, so every rank agrees without talking.
 
     Args:
         stacks: the stacks, in the order they would be computed.
@@ -137,24 +188,29 @@ def assign_owners(
     Returns:
         The parts and their owners: by stack, then by owner, then by rows.
     """
+    whole = [(index, list(stack)) for index, stack in enumerate(stacks)]
     units: list[tuple[int, list[str]]] = []  # (stack index, layers owned together)
     for index, stack in enumerate(stacks):
         parts = [[name] for name in stack] if divisible(stack) else [list(stack)]
         units.extend((index, part) for part in parts)
-    slices = [1] * len(units)
-    best = _pieces_and_owners(units, slices, shapes, world_size)
+    best = min(
+        (_pieces_and_owners(whole, [1] * len(whole), shapes, world_size), whole),
+        (_pieces_and_owners(units, [1] * len(units), shapes, world_size), units),
+        key=lambda item: item[0][0],
+    )
+    (_, owned), units = best
+    slices, best_load = [1] * len(units), best[0][0]
     while True:
         cut = _next_cut(units, slices, shapes, world_size, row_divisible)
         if cut is None:
             break
         slices[cut] += 1
-        tried = _pieces_and_owners(units, slices, shapes, world_size)
-        if tried[0] >= best[0]:
-            slices[cut] -= 1
+        load, tried = _pieces_and_owners(units, slices, shapes, world_size)
+        if load >= best_load:
             break
-        best = tried
+        best_load, owned = load, tried
     grouped: dict[tuple[int, int, tuple[int, int] | None], list[str]] = {}
-    for (index, part, rows), owner in best[1]:
+    for (index, part, rows), owner in owned:
         grouped.setdefault((index, owner, rows), []).extend(part)
     order = sorted(grouped, key=lambda key: (key[0], key[1], key[2] or (0, 0)))
     return [OwnedStack(grouped[key], key[1], key[2]) for key in order]
@@ -170,27 +226,37 @@ def _pieces_and_owners(
     shapes: Mapping[str, Sequence[int]],
     world_size: int,
 ) -> tuple[float, list[tuple[_Piece, int]]]:
-    """Cuts each unit into its number of row slices and assigns the pieces (LPT).
+    """Cuts each unit into its number of row slices and assigns the pieces
+    (:func:`balanced_owners`): the whole pieces of a stack on one rank pay its call's cost
+    (:func:`call_cost`) once there, each row slice its own.
 
     Returns:
-        The busiest rank's estimated cost and each piece with its owner.
+        The busiest rank's estimated time and each piece with its owner.
     """
     pieces: list[_Piece] = []
-    costs: list[float] = []
     for (index, part), count in zip(units, slices, strict=True):
-        rows, cols = sum(shapes[name][0] for name in part), shapes[part[0]][1]
+        rows = sum(shapes[name][0] for name in part)
         if count == 1:
             pieces.append((index, part, None))
-            costs.append(solve_cost(rows, cols))
-            continue
-        bounds = row_bounds(rows, count)
-        for start, stop in itertools.pairwise(bounds):
-            pieces.append((index, part, (start, stop)))
-            costs.append(solve_cost(stop - start, cols))
-    owners = balanced_owners(costs, world_size)
+        else:
+            bounds = itertools.pairwise(row_bounds(rows, count))
+            pieces.extend((index, part, bound) for bound in bounds)
+    costs, keys, shared = [], [], {}
+    for index, part, bound in pieces:
+        cols = shapes[part[0]][1]
+        if bound is None:  # the layers of one stack on one rank: one call
+            costs.append(sum(shapes[name][0] for name in part) * row_cost(cols))
+            keys.append(index)
+            shared[index] = call_cost(cols)
+        else:
+            costs.append(solve_cost(bound[1] - bound[0], cols))
+            keys.append(None)
+    owners = balanced_owners(costs, world_size, keys, shared)
     loads = [0.0] * world_size
     for owner, cost in zip(owners, costs, strict=True):
         loads[owner] += cost
+    for index, owner in {(key, owner) for key, owner in zip(keys, owners, strict=True)}:
+        loads[owner] += 0.0 if index is None else shared[index]
     return max(loads), list(zip(pieces, owners, strict=True))
 
 
