@@ -137,6 +137,8 @@ class HessianCollector(StatisticsCollector):
             name: self._groups[name].accumulator if name in self._groups else self._empty(layer)
             for name, layer in layers.items()
         }
+        if not is_distributed():  # one process: its sums are the totals
+            return accumulators
         if not _sharing_agrees(list(accumulators.values())):
             accumulators = {name: copy.deepcopy(acc) for name, acc in accumulators.items()}
         for accumulator in _distinct(accumulators.values()):
@@ -249,7 +251,7 @@ def _distinct_groups(groups: Iterable[_Group | None]) -> list[_Group]:
 def _sharing_agrees(accumulators: list[HessianAccumulator]) -> bool:
     """Whether every rank shares the accumulators between the same layers (then one reduction
     per shared accumulator gives every layer's sum)."""
-    if not accumulators or not is_distributed():
+    if not accumulators:
         return True
     first = {}
     owners = [first.setdefault(id(acc), index) for index, acc in enumerate(accumulators)]

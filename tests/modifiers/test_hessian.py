@@ -201,6 +201,17 @@ def test_dead_inputs_are_reported_and_made_invertible() -> None:
     assert torch.equal(h, before)  # the caller's Hessian is untouched
 
 
+def test_overwrite_fixes_the_callers_hessian_instead_of_a_copy() -> None:
+    h = spd()
+    h[[2, 5], :] = 0
+    h[:, [2, 5]] = 0
+    copied = damp_and_invert(h, 0.01)
+    overwritten = damp_and_invert(h, 0.01, overwrite=True)
+    assert torch.equal(overwritten.upper, copied.upper)
+    assert torch.equal(overwritten.dead, copied.dead)
+    assert h.diagonal()[[2, 5]].tolist() == [1.0, 1.0]  # changed in place, not copied
+
+
 def indefinite() -> torch.Tensor:
     """Eigenvalues 11 and -9, mean diagonal 1: positive definite only once lambda > 9."""
     return torch.tensor([[1.0, 10.0], [10.0, 1.0]])
@@ -243,6 +254,20 @@ def test_sweep_is_independent_of_block_size_and_its_loss_is_the_output_error(
     damped = h + 0.01 * h.diagonal().mean() * torch.eye(16, dtype=h.dtype)
     delta = weight - result
     assert loss == pytest.approx(0.5 * torch.trace(delta @ damped @ delta.T).item(), rel=1e-9)
+
+
+def test_a_consumed_hessian_gives_the_same_sweep_and_is_changed_in_place() -> None:
+    gen = torch.Generator().manual_seed(4)
+    h = spd(16, seed=4)
+    h[3, :] = 0
+    h[:, 3] = 0
+    weight = torch.randn(6, 16, generator=gen, dtype=torch.float64)
+    reference, loss = BlockwiseOBS(weight, h, 8, 0.01).run(half_grid)
+    assert h[3, 3] == 0  # not consumed: left as it was
+    result, consumed_loss = BlockwiseOBS(weight, h, 8, 0.01, consume_hessian=True).run(half_grid)
+    assert torch.equal(result, reference)
+    assert consumed_loss == loss
+    assert h[3, 3] == 1  # the dead input's diagonal, set in the caller's tensor
 
 
 def test_current_columns_are_current_transposed_at_every_point_of_the_sweep() -> None:

@@ -369,7 +369,9 @@ def gptq_quantize(
         perm = torch.argsort(hessian.diagonal(), descending=True, stable=True)
         inverse = torch.argsort(perm)
         permuted = hessian.index_select(0, perm).index_select(1, perm)
-        sweep = BlockwiseOBS(weight.index_select(1, perm), permuted, block_size, dampening_frac)
+        sweep = BlockwiseOBS(
+            weight.index_select(1, perm), permuted, block_size, dampening_frac, consume_hessian=True
+        )
         natural = sweep.weight.index_select(1, inverse)
     tensor_scale = None
     if args.strategy == "tensor_group":

@@ -230,6 +230,22 @@ def test_layers_sharing_a_hessian_can_be_reduced_apart():
     assert a.num_samples == b.num_samples == 5
 
 
+def test_one_process_reduces_without_copying_the_hessians(monkeypatch):
+    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(0))
+    collector = HessianCollector()
+    collector.observe("a", x)
+    expected = HessianAccumulator(8, torch.float64)
+    expected.add(x)
+
+    def no_copy(self):
+        raise AssertionError("state() copies the sum for an all-reduce; one process needs none")
+
+    monkeypatch.setattr(HessianAccumulator, "state", no_copy)
+    (a,) = collector.reduced({"a": nn.Linear(8, 2)}).values()
+    assert torch.equal(a.hessian(), expected.hessian())
+    assert a.num_samples == 5
+
+
 # ------------------------------------------------------------------ quality
 def test_gptq_beats_rtn_on_the_bundled_model_first_block():
     model = load_bundled_model()
