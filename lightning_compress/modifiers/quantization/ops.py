@@ -32,6 +32,10 @@ from lightning_compress.modifiers.quantization.args import QuantizationArgs
 from lightning_compress.modifiers.quantization.formats import QuantFormat, format_of
 from lightning_compress.modifiers.quantization.formats.scales import FP8_MAX, global_scale_for
 
+SHORT_GROUP = 16
+"""Symmetric dynamic qparams of groups of at most this many values take each group's largest
+magnitude by halves (see ``_largest_magnitude``) instead of its minimum and maximum."""
+
 __all__ = [
     "FP8_MAX",
     "calculate_qparams",
@@ -169,9 +173,28 @@ def reduce_min_max(x: Tensor, args: QuantizationArgs) -> tuple[Tensor, Tensor]:
     Returns:
         ``(min_vals, max_vals)``, each of the strategy's qparams shape.
     """
-    groups = strategy_groups(x, args)
+    return _min_max(strategy_groups(x, args))
+
+
+def _min_max(groups: Tensor) -> tuple[Tensor, Tensor]:
+    """The minimum and maximum over the last dimension."""
     # Two reductions: on CPU, aminmax over a dimension is many times slower than both.
     return groups.amin(dim=-1), groups.amax(dim=-1)
+
+
+def _largest_magnitude(groups: Tensor) -> Tensor:
+    """``groups.abs().amax(dim=-1)``, by halves: on the CPU a reduction over a last dimension
+    of a few values is several times slower than elementwise maxima of its halves (groups of
+    16: about 2x faster than ``amin`` and ``amax``). A maximum does not round: the same
+    values, NaN included."""
+    values = groups.abs()
+    while values.shape[-1] > 1:
+        half = values.shape[-1] // 2
+        top = torch.maximum(values[..., :half], values[..., half : 2 * half])
+        if values.shape[-1] % 2:
+            top[..., :1] = torch.maximum(top[..., :1], values[..., -1:])
+        values = top
+    return values.squeeze(-1)
 
 
 def calculate_qparams(
@@ -204,14 +227,21 @@ def calculate_qparams(
     """
     min_vals = min_vals.clamp(max=0)
     max_vals = max_vals.clamp(min=0)
-    qmin, qmax = quant_range(args)
     if args.symmetric:
-        max_abs = torch.maximum(-min_vals, max_vals)
-        scale = _format(args).scale.scale(max_abs, (qmax - qmin) / 2, global_scale)
-        zero_point = torch.zeros_like(scale)
-    else:
-        scale = _nonzero((max_vals - min_vals) / (qmax - qmin))
-        zero_point = (qmin - min_vals / scale).round().clamp(qmin, qmax)
+        return _symmetric_qparams(torch.maximum(-min_vals, max_vals), args, global_scale)
+    qmin, qmax = quant_range(args)
+    scale = _nonzero((max_vals - min_vals) / (qmax - qmin))
+    zero_point = (qmin - min_vals / scale).round().clamp(qmin, qmax)
+    return torch.atleast_1d(scale), torch.atleast_1d(zero_point.to(quantized_dtype(args)))
+
+
+def _symmetric_qparams(
+    max_abs: Tensor, args: QuantizationArgs, global_scale: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """:func:`calculate_qparams` of symmetric arguments from each group's largest magnitude."""
+    qmin, qmax = quant_range(args)
+    scale = _format(args).scale.scale(max_abs, (qmax - qmin) / 2, global_scale)
+    zero_point = torch.zeros_like(scale)
     return torch.atleast_1d(scale), torch.atleast_1d(zero_point.to(quantized_dtype(args)))
 
 
@@ -265,7 +295,10 @@ def compute_dynamic_qparams(
             f"only it takes one; got strategy={args.strategy!r} with global_scale="
             f"{global_scale!r}"
         )
-    return calculate_qparams(*reduce_min_max(x.detach(), args), args, global_scale)
+    groups = strategy_groups(x.detach(), args)
+    if args.symmetric and groups.shape[-1] <= SHORT_GROUP:
+        return _symmetric_qparams(_largest_magnitude(groups), args, global_scale)
+    return calculate_qparams(*_min_max(groups), args, global_scale)
 
 
 def _unscaled(scale: Tensor, global_scale: Tensor | None) -> Tensor:

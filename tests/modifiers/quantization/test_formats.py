@@ -88,14 +88,15 @@ def test_e2m1_rounding_matches_the_value_table_with_ties_to_even() -> None:
     assert [e2m1_reference(m) for m in midpoints] == [0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("length", [64, FP4_E2M1.lookup_below], ids=["lookup", "step"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("length", [64, 4096], ids=["column", "input"])
 def test_e2m1_grid_rounds_ties_and_their_neighbours_like_the_value_table(
     dtype: torch.dtype, length: int
 ) -> None:
     midpoints = torch.tensor([(a + b) / 2 for a, b in zip(E2M1, E2M1[1:], strict=False)])
     midpoints = midpoints.to(dtype)
-    others = torch.tensor([*E2M1, -0.0, 0.1, 5.9], dtype=dtype)
+    subnormal = torch.finfo(dtype).tiny / 4
+    others = torch.tensor([*E2M1, -0.0, 0.1, 5.9, subnormal, -subnormal], dtype=dtype)
     around = [midpoints, others]
     for toward in (0.0, 7.0):  # the next numbers of the dtype below and above each midpoint
         around.append(torch.nextafter(midpoints, torch.full_like(midpoints, toward)))
@@ -163,11 +164,16 @@ def test_fp8_e4m3_rounding_matches_a_search_over_the_values_and_the_cast(
     assert torch.equal(rounded.nan_to_num(), x.to(torch.float8_e4m3fn).to(dtype).nan_to_num())
 
 
-@pytest.mark.parametrize("length", [8, FP4_E2M1.lookup_below], ids=["lookup", "step"])
+@pytest.mark.parametrize("length", [8, 4096], ids=["column", "input"])
 def test_e2m1_grid_keeps_nan(length: int) -> None:
     x = torch.zeros(length)
     x[3] = torch.nan
     assert torch.isnan(FP4_E2M1.round_(x))[3]
+
+
+def test_e2m1_grid_refuses_a_dtype_without_a_known_bit_layout() -> None:
+    with pytest.raises(ValueError, match="float32 or float64 tensor, got torch.float8_e4m3fn"):
+        FP4_E2M1.round_(torch.zeros(4, dtype=torch.float8_e4m3fn))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -217,6 +217,35 @@ def test_symmetric_scale_convention() -> None:
     assert fp8_scale.item() == pytest.approx(2.0 / 448)
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        PRESET_SCHEMES["NVFP4"]["input_activations"],
+        QuantizationArgs(num_bits=8, strategy="group", group_size=5, dynamic=True),
+        QuantizationArgs(num_bits=4, strategy="group", group_size=16, dynamic=True),
+    ],
+    ids=["nvfp4", "int8-odd-groups", "int4-groups-of-16"],
+)
+def test_short_symmetric_groups_get_the_qparams_of_their_minimum_and_maximum(
+    args: QuantizationArgs,
+) -> None:
+    x = torch.randn(3, 7, 80, generator=torch.Generator().manual_seed(0))
+    x[0, 0, : args.group_size] = 0  # an all-zero group, and one of negative zeros
+    x[0, 1, : args.group_size] = -0.0
+    x[1, 2, 3] = torch.nan
+    x[2, 4, 1] = torch.inf
+    x[2, 5, 2] = -torch.inf
+    global_scale = torch.tensor([3.5]) if args.strategy == "tensor_group" else None
+    scale, zero_point = compute_dynamic_qparams(x, args, global_scale)
+    groups = strategy_groups(x, args)
+    min_vals, max_vals = groups.amin(dim=-1), groups.amax(dim=-1)
+    expected_scale, expected_zero_point = calculate_qparams(min_vals, max_vals, args, global_scale)
+    assert scale.shape == expected_scale.shape == (3, 7, 80 // args.group_size)
+    assert torch.equal(scale.nan_to_num(-1.0), expected_scale.nan_to_num(-1.0))
+    assert torch.isnan(scale).sum() == 1
+    assert torch.equal(zero_point.float(), expected_zero_point.float())
+
+
 def test_range_is_widened_to_include_zero() -> None:
     args = QuantizationArgs(num_bits=8, symmetric=False)
     scale, zero_point = calculate_qparams(torch.tensor([2.0]), torch.tensor([5.0]), args)

@@ -123,59 +123,49 @@ class FP4E2M1Grid(ValueGrid):
     Between consecutive grid values the step is ``0.5`` below 2, ``1`` in ``[2, 4)`` and
     ``2`` from 4 on, so ``round(x / step) * step`` (``torch.round`` rounds half to even, and
     divisions by powers of two are exact) gives the nearest value, a tie going to the one
-    with an even mantissa, as compressed-tensors' ``cast_to_fp4`` does. Small tensors (a
-    GPTQ column) instead look the value up between the midpoints of the grid (fewer
-    operations, each costing more per element): the same values. Every value is exact in
-    ``float8_e4m3fn``, which stores them.
+    with an even mantissa, as compressed-tensors' ``cast_to_fp4`` does. The step is half of
+    ``2**e``, the power of two at or below ``|x|`` with ``e`` kept within ``[0, 2]``: it is
+    read from ``x``'s exponent bits (three integer operations, the same for a GPTQ column as
+    for a layer's input). Every value is exact in ``float8_e4m3fn``, which stores them.
     """
 
     name = "fp4_e2m1"
     storage_dtype = torch.float8_e4m3fn
-    lookup_below = 4096
-    """Tensors with fewer elements are rounded by lookup."""
-
-    def __init__(self) -> None:
-        self._tables: dict[tuple[torch.dtype, torch.device], tuple[Tensor, Tensor]] = {}
 
     def bounds(self, num_bits: int) -> tuple[float, float]:
         return -6.0, 6.0
 
     def round_(self, clamped: Tensor) -> Tensor:
-        if clamped.numel() < self.lookup_below:
-            return self._look_up(clamped)
-        magnitude = clamped.abs()
-        # the step: 0.5 below 2, 1 in [2, 4), 2 from 4 on
-        step = (magnitude >= 2).to(clamped.dtype).add_(magnitude >= 4, alpha=2)
-        step = step.add_(1).mul_(0.5)
+        step = _fp4_step(clamped)
         return clamped.div_(step).round_().mul_(step)
 
-    def _look_up(self, clamped: Tensor) -> Tensor:
-        """The nearest value of each magnitude, searched between the grid's midpoints (one
-        whose tie rounds up moved down to the next smaller number of the dtype, so that the
-        tie falls above it), the sign copied back; NaN stays NaN."""
-        values, boundaries = self._table(clamped.dtype, clamped.device)
-        codes = torch.bucketize(clamped.abs(), boundaries)
-        return torch.take(values, codes).copysign_(clamped)
 
-    def _table(self, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
-        """The grid's non-negative values then NaN, and the boundaries between them (the
-        last, infinity, puts NaN, which compares false with every boundary, after it)."""
-        key = (dtype, device)
-        if key not in self._tables:
-            grid = torch.tensor(_E2M1_VALUES, dtype=dtype, device=device)
-            midpoints = (grid[:-1] + grid[1:]) / 2  # exact in every floating dtype
-            # a tie goes to the even code: up where the upper value's code is even
-            up = torch.arange(1, len(_E2M1_VALUES), device=device) % 2 == 0
-            below = torch.nextafter(midpoints, torch.zeros_like(midpoints))
-            infinity = torch.full((1,), torch.inf, dtype=dtype, device=device)
-            boundaries = torch.cat([torch.where(up, below, midpoints), infinity])
-            values = torch.cat([grid, torch.full((1,), torch.nan, dtype=dtype, device=device)])
-            self._tables[key] = (values, boundaries)
-        return self._tables[key]
+_FLOAT_LAYOUTS = {
+    torch.float64: (torch.int64, 52, 1023),
+    torch.float32: (torch.int32, 23, 127),
+    torch.bfloat16: (torch.int16, 7, 127),
+    torch.float16: (torch.int16, 10, 15),
+}
+"""Floating dtype -> (the integer dtype of its width, mantissa bits, exponent bias)."""
 
 
-_E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
-"""fp4 e2m1's non-negative values; the index is the code (an even code, an even mantissa)."""
+def _fp4_step(x: Tensor) -> Tensor:
+    """``2**(e - 1)`` for ``2**e`` the power of two at or below each ``|x|``, with ``e`` clamped
+    to ``[0, 2]`` (0 and subnormals take 0, infinity and NaN 2), in ``x``'s dtype: its bits
+    masked to the exponent, clamped, and the exponent lowered by one.
+
+    Raises:
+        ValueError: when ``x`` is not float16, bfloat16, float32 or float64.
+    """
+    if x.dtype not in _FLOAT_LAYOUTS:
+        raise ValueError(
+            f"rounding to fp4 needs a float16, bfloat16, float32 or float64 tensor, got {x.dtype}"
+        )
+    integer, mantissa_bits, bias = _FLOAT_LAYOUTS[x.dtype]
+    exponent_bits = x.element_size() * 8 - 1 - mantissa_bits
+    exponents = x.detach().view(integer).bitwise_and(((1 << exponent_bits) - 1) << mantissa_bits)
+    exponents.clamp_(bias << mantissa_bits, (bias + 2) << mantissa_bits)
+    return exponents.sub_(1 << mantissa_bits).view(x.dtype)
 
 
 class FP6E2M3Grid(ValueGrid):
