@@ -164,6 +164,18 @@ def test_fp8_e4m3_rounding_matches_a_search_over_the_values_and_the_cast(
     assert torch.equal(rounded.nan_to_num(), x.to(torch.float8_e4m3fn).to(dtype).nan_to_num())
 
 
+def test_fp8_e4m3_rounding_in_place_writes_the_cast_values_into_contiguous_input() -> None:
+    x = torch.randn(64, 48, generator=torch.Generator().manual_seed(4)).mul(100)
+    expected = x.to(torch.float8_e4m3fn).float()
+    written = x.clone()
+    assert round_to_fp8_e4m3(written, in_place=True) is written
+    assert torch.equal(written, expected)
+    transposed = x.T  # not contiguous: a new tensor, the input left as it was
+    rounded = round_to_fp8_e4m3(transposed, in_place=True)
+    assert rounded is not transposed and torch.equal(rounded, expected.T)
+    assert torch.equal(transposed, x.T)
+
+
 @pytest.mark.parametrize("length", [8, 4096], ids=["column", "input"])
 def test_e2m1_grid_keeps_nan(length: int) -> None:
     x = torch.zeros(length)

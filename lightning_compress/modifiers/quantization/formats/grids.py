@@ -27,7 +27,7 @@ __all__ = [
 ]
 
 
-def round_to_fp8_e4m3(values: Tensor) -> Tensor:
+def round_to_fp8_e4m3(values: Tensor, in_place: bool = False) -> Tensor:
     """Rounds to the nearest ``float8_e4m3fn`` value (ties to even), in ``values``' dtype.
 
     Same values as ``values.to(torch.float8_e4m3fn).to(values.dtype)``. On the CPU the cast to
@@ -37,15 +37,23 @@ def round_to_fp8_e4m3(values: Tensor) -> Tensor:
 
     Args:
         values: values within ``[-448, 448]`` (larger ones become NaN, as in the cast).
+        in_place: write the result into ``values`` when it is contiguous and requires no
+            gradient (a fresh output of that size is often fresh pages from the system: the
+            same lookup about 2x slower).
 
     Returns:
-        A new tensor of ``values``' shape and dtype.
+        The rounded values, of ``values``' shape and dtype: ``values`` itself when written in
+        place, else a new tensor.
     """
     encoded = values.to(torch.float8_e4m3fn)
     if values.requires_grad:
         return encoded.to(values.dtype)
     codes = encoded.view(torch.uint8).reshape(-1).to(torch.int32)
-    return _fp8_e4m3_table(values.dtype, values.device).index_select(0, codes).view(values.shape)
+    table = _fp8_e4m3_table(values.dtype, values.device)
+    if in_place and values.is_contiguous():
+        torch.index_select(table, 0, codes, out=values.view(-1))
+        return values
+    return table.index_select(0, codes).view(values.shape)
 
 
 @cache
@@ -114,7 +122,7 @@ class FP8E4M3Grid(ValueGrid):
         return -limit, limit
 
     def round_(self, clamped: Tensor) -> Tensor:
-        return round_to_fp8_e4m3(clamped)
+        return round_to_fp8_e4m3(clamped, in_place=True)
 
 
 class FP4E2M1Grid(ValueGrid):
