@@ -17,7 +17,9 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 import nbformat
 from nbclient import NotebookClient
@@ -44,7 +46,12 @@ def kernel_environment() -> dict[str, str]:
     return env
 
 
-def execute_notebook(path: Path, workdir: Path) -> nbformat.NotebookNode:
+def execute_notebook(
+    path: Path,
+    workdir: Path,
+    before_each_cell: Callable[[NotebookClient], None] | None = None,
+    kernel_log: IO[bytes] | None = None,
+) -> nbformat.NotebookNode:
     """Execute a copy of the notebook at ``path`` inside ``workdir``.
 
     ``workdir`` receives ``configs/`` and ``notebooks/``, and the kernel starts in the latter,
@@ -53,6 +60,10 @@ def execute_notebook(path: Path, workdir: Path) -> nbformat.NotebookNode:
     Args:
         path: the notebook to run; the file is only read.
         workdir: an empty folder for the run.
+        before_each_cell: called with the running client (its kernel started) before each
+            cell; what it raises ends the run, and the kernel is shut down.
+        kernel_log: a file for what the kernel process itself prints (its warnings, a crash),
+            as opposed to the cells' outputs; by default it goes where this process prints.
 
     Returns:
         The executed notebook, with its outputs.
@@ -71,7 +82,9 @@ def execute_notebook(path: Path, workdir: Path) -> nbformat.NotebookNode:
         record_timing=False,
         resources={"metadata": {"path": str(notebook_dir)}},
     )
-    client.execute(env=kernel_environment())
+    if before_each_cell is not None:
+        client.on_cell_start = lambda **_: before_each_cell(client)
+    client.execute(env=kernel_environment(), stdout=kernel_log, stderr=kernel_log)
     return notebook
 
 

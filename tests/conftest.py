@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 import pytest
 import torch
 from helpers import TwoLayer
+
+if TYPE_CHECKING:
+    from notebook_runs import NotebookRuns
 
 
 @pytest.fixture
@@ -20,6 +27,29 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def notebook_runs(request, tmp_path_factory) -> Iterator[NotebookRuns | None]:
+    """The notebooks the selected tests check, executing in the background from the start.
+
+    A test marked ``@pytest.mark.notebook("NAME.ipynb")`` checks that notebook's outputs; the
+    session runs the selected ones on the core the main pass leaves idle (``notebook_runs.py``).
+    """
+    notebooks = Path(__file__).resolve().parents[1] / "notebooks"
+    paths = [
+        notebooks / marker.args[0]
+        for item in request.session.items
+        if (marker := item.get_closest_marker("notebook")) is not None and marker.args
+    ]
+    if not paths:
+        yield None
+        return
+    from notebook_runs import NotebookRuns
+
+    runs = NotebookRuns(paths, tmp_path_factory.mktemp("notebooks"))
+    yield runs
+    runs.stop()
 
 
 @pytest.fixture

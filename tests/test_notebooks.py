@@ -4,19 +4,26 @@ Each notebook runs in a fresh kernel, in a temporary copy of the repository's la
 (``notebooks/`` beside ``configs/``), so whatever it writes stays out of the working tree and the
 committed notebook is left as it is (``scripts/run_notebooks.py`` runs them the same way and
 saves their outputs). The committed notebooks hold the outputs of such a run.
+
+A test marked ``@pytest.mark.notebook("NAME.ipynb")`` checks the outputs of that notebook's run.
+The selected notebooks start executing, one after another in a background thread, as the session
+starts (the ``notebook_runs`` fixture in ``conftest.py``, ``notebook_runs.py``): their kernels
+compute on the core the rest of the suite, one thread per test, leaves idle, and by the time
+their tests come they have usually finished. Nothing starts when none of them is selected.
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import math
 import re
+import time
+from concurrent.futures import CancelledError
 from pathlib import Path
 
 import nbformat
 import pytest
-from nbclient.exceptions import CellExecutionError
+from nbclient.exceptions import CellExecutionError, DeadKernelError
+from notebook_runs import NotebookRuns, run_notebooks
 
 pytestmark = pytest.mark.notebook
 
@@ -29,25 +36,20 @@ NOTEBOOK_NAMES = [
 ]
 # A cell that prints or displays at its top level (not inside a function it defines).
 PRINTS = re.compile(r"^(print|display|output = lightning_compress)\(", re.MULTILINE)
-_SPEC = importlib.util.spec_from_file_location(
-    "run_notebooks", ROOT / "scripts" / "run_notebooks.py"
-)
-run_notebooks = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(run_notebooks)
 
 
-def run_notebook(name: str, tmp_path: Path) -> str:
-    """Execute ``notebooks/<name>`` and return the text of all its outputs.
+@pytest.fixture
+def notebook_run(request, notebook_runs) -> tuple[str, Path]:
+    """The text of all outputs of the test's notebook (its ``notebook`` mark), and its folder.
 
-    nbclient raises ``CellExecutionError`` (with the cell's traceback) if a cell fails.
+    The notebook runs in the background from the session's start (``notebook_runs.py``);
+    nbclient's ``CellExecutionError`` (with the cell's traceback) is raised here if a cell failed.
     """
-    path = ROOT / "notebooks" / name
-    committed = hashlib.sha256(path.read_bytes()).hexdigest()
-    notebook = run_notebooks.execute_notebook(path, tmp_path)
-    assert hashlib.sha256(path.read_bytes()).hexdigest() == committed
+    (name,) = request.node.get_closest_marker("notebook").args
+    notebook, workdir = notebook_runs.result(ROOT / "notebooks" / name)
     text = _notebook_text(notebook)
     _assert_plain(text, name)
-    return text
+    return text, workdir
 
 
 def _notebook_text(notebook: nbformat.NotebookNode) -> str:
@@ -78,8 +80,9 @@ def _number(pattern: str, text: str) -> float:
     return float(match.group(1))
 
 
-def test_training_aware(tmp_path):
-    text = run_notebook("training_aware.ipynb", tmp_path)
+@pytest.mark.notebook("training_aware.ipynb")
+def test_training_aware(notebook_run):
+    text, _ = notebook_run
     # The pruned layers end at the 50% target (quantization may round a few more to zero).
     assert 50.0 <= _number(r"sparsity of the pruned layers: ([\d.]+)%", text) < 55.0
     assert "on the int8 grid: True" in text
@@ -88,8 +91,9 @@ def test_training_aware(tmp_path):
     assert 1.0 < before < after < 1.5 * before
 
 
-def test_one_shot(tmp_path):
-    text = run_notebook("one_shot.ipynb", tmp_path)
+@pytest.mark.notebook("one_shot.ipynb")
+def test_one_shot(notebook_run):
+    text, _ = notebook_run
     table = dict(re.findall(r"^\| ([^|]+?) \| ([\d.]+) \|", text, flags=re.MULTILINE))
     assert set(table) == {"FP32", "RTN W4A16", "GPTQ W4A16", "SparseGPT 2:4"}
     perplexity = {name: float(value) for name, value in table.items()}
@@ -111,18 +115,20 @@ def test_one_shot(tmp_path):
     assert errors["GPTQ W4A16"][1] < errors["RTN W4A16"][1]
 
 
-def test_lightning_cli(tmp_path):
-    text = run_notebook("lightning_cli.ipynb", tmp_path)
+@pytest.mark.notebook("lightning_cli.ipynb")
+def test_lightning_cli(notebook_run):
+    text, workdir = notebook_run
     before = _number(r"evaluation text: ([\d.]+) before compression", text)
     after = _number(r"before compression, ([\d.]+) after", text)
     assert before > 1.0 and abs(after / before - 1) < 0.05  # 4-bit GPTQ costs little
     # 50% of every pruned layer; lm_head (2% of the linear weights) stays dense.
     assert 48.0 < _number(r"sparsity of all linear layers at the end: ([\d.]+)%", text) < 50.0
-    assert (tmp_path / "notebooks" / "lightning_logs" / "gradual_pruning" / "cli").is_dir()
+    assert (workdir / "notebooks" / "lightning_logs" / "gradual_pruning" / "cli").is_dir()
 
 
-def test_ptq_qat_qad(tmp_path):
-    text = run_notebook("ptq_qat_qad.ipynb", tmp_path)
+@pytest.mark.notebook("ptq_qat_qad.ipynb")
+def test_ptq_qat_qad(notebook_run):
+    text, _ = notebook_run
     float_model = _number(r"float model: held-out perplexity ([\d.]+)", text)
     ptq = _number(r"PTQ \(GPTQ W2 g64\): held-out perplexity ([\d.]+)", text)
     ptq_kl = _number(r"PTQ \(GPTQ W2 g64\): held-out perplexity [\d.]+, KL ([\d.]+)", text)
@@ -188,3 +194,62 @@ def test_a_failing_notebook_is_left_as_it_was(tmp_path):
     with pytest.raises(CellExecutionError, match="broken cell"):
         run_notebooks.regenerate(path)
     assert path.read_bytes() == before
+
+
+def test_a_background_run_hands_its_notebook_or_its_error_to_whoever_waits(tmp_path):
+    failing, printing = tmp_path / "failing.ipynb", tmp_path / "printing.ipynb"
+    _scratch_notebook(failing, "raise ValueError('broken cell')")
+    _scratch_notebook(printing, "print('shown')")
+    runs = NotebookRuns([failing, printing], tmp_path)
+    try:
+        (cell,) = runs.result(printing)[0].cells
+        with pytest.raises(CellExecutionError, match="broken cell"):
+            runs.result(failing)
+    finally:
+        runs.stop()
+    assert cell.outputs[0]["text"] == "shown\n"
+    with pytest.raises(KeyError, match="not started"):
+        runs.result(tmp_path / "other.ipynb")
+
+
+def test_stopping_the_runs_kills_the_running_kernel_with_its_commands_and_starts_no_more(
+    tmp_path,
+):
+    sleeping, next_one = tmp_path / "sleeping.ipynb", tmp_path / "next.ipynb"
+    pid_file = tmp_path / "child.pid"
+    _scratch_notebook(
+        sleeping,
+        "import pathlib, subprocess\n"
+        "child = subprocess.Popen(['sleep', '600'])\n"
+        f"pathlib.Path({str(pid_file)!r}).write_text(str(child.pid))\n"
+        "child.wait()",
+    )
+    _scratch_notebook(next_one, "print('never')")
+    runs = NotebookRuns([sleeping, next_one], tmp_path)
+    deadline = time.monotonic() + 120
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.monotonic() < deadline, "the notebook's cell did not start"
+        time.sleep(0.1)
+    runs.stop()
+    with pytest.raises(DeadKernelError):
+        runs.result(sleeping)
+    with pytest.raises(CancelledError):
+        runs.result(next_one)
+    status = Path(f"/proc/{pid_file.read_text()}/status")
+    # Gone, or a zombie its new parent has not reaped yet: killed either way.
+    assert not status.exists() or "State:\tZ" in status.read_text()
+
+
+def test_no_notebook_runs_when_no_test_that_runs_one_is_selected(tmp_path):
+    passed = []
+
+    class Passed:
+        def pytest_runtest_logreport(self, report):
+            if report.when == "call" and report.passed:
+                passed.append(report.nodeid)
+
+    # These tests carry the notebook mark but only read the committed notebooks.
+    args = [__file__, "-k", "committed", "-p", "no:cacheprovider", "--basetemp", str(tmp_path)]
+    assert pytest.main(args, plugins=[Passed()]) == pytest.ExitCode.OK
+    assert len(passed) == len(NOTEBOOK_NAMES)
+    assert not list(tmp_path.glob("notebooks*"))
