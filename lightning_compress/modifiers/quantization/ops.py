@@ -33,8 +33,8 @@ from lightning_compress.modifiers.quantization.formats import QuantFormat, forma
 from lightning_compress.modifiers.quantization.formats.scales import FP8_MAX, global_scale_for
 
 SHORT_GROUP = 16
-"""Symmetric dynamic qparams of groups of at most this many values take each group's largest
-magnitude by halves (see ``_largest_magnitude``) instead of its minimum and maximum."""
+"""Groups of at most this many values take their largest magnitude by halves (see
+``_largest_magnitude``) instead of from their minimum and maximum."""
 
 __all__ = [
     "FP8_MAX",
@@ -182,6 +182,15 @@ def _min_max(groups: Tensor) -> tuple[Tensor, Tensor]:
     return groups.amin(dim=-1), groups.amax(dim=-1)
 
 
+def _max_abs(groups: Tensor) -> Tensor:
+    """The largest magnitude over the last dimension (0 for no value above it): by halves for
+    short groups, else from the minimum and maximum (two reductions, fast for long ones)."""
+    if groups.shape[-1] <= SHORT_GROUP:
+        return _largest_magnitude(groups)
+    min_vals, max_vals = _min_max(groups)
+    return torch.maximum(-min_vals.clamp(max=0), max_vals.clamp(min=0))
+
+
 def _largest_magnitude(groups: Tensor) -> Tensor:
     """``groups.abs().amax(dim=-1)``, by halves: on the CPU a reduction over a last dimension
     of a few values is several times slower than elementwise maxima of its halves (groups of
@@ -264,8 +273,7 @@ def global_scale(x: Tensor, args: QuantizationArgs, name: str) -> Tensor:
     Raises:
         ValueError: naming the tensor when it is all zero or not finite.
     """
-    min_vals, max_vals = reduce_min_max(x.detach(), args)
-    max_abs = torch.maximum(-min_vals.clamp(max=0), max_vals.clamp(min=0))
+    max_abs = _max_abs(strategy_groups(x.detach(), args))
     return global_scale_for(max_abs, quant_range(args)[1], name)
 
 
@@ -296,8 +304,8 @@ def compute_dynamic_qparams(
             f"{global_scale!r}"
         )
     groups = strategy_groups(x.detach(), args)
-    if args.symmetric and groups.shape[-1] <= SHORT_GROUP:
-        return _symmetric_qparams(_largest_magnitude(groups), args, global_scale)
+    if args.symmetric:
+        return _symmetric_qparams(_max_abs(groups), args, global_scale)
     return calculate_qparams(*_min_max(groups), args, global_scale)
 
 

@@ -223,15 +223,16 @@ def test_symmetric_scale_convention() -> None:
         PRESET_SCHEMES["NVFP4"]["input_activations"],
         QuantizationArgs(num_bits=8, strategy="group", group_size=5, dynamic=True),
         QuantizationArgs(num_bits=4, strategy="group", group_size=16, dynamic=True),
+        QuantizationArgs(type="float", strategy="token", dynamic=True),
     ],
-    ids=["nvfp4", "int8-odd-groups", "int4-groups-of-16"],
+    ids=["nvfp4", "int8-odd-groups", "int4-groups-of-16", "fp8-tokens"],
 )
-def test_short_symmetric_groups_get_the_qparams_of_their_minimum_and_maximum(
+def test_symmetric_dynamic_groups_get_the_qparams_of_their_minimum_and_maximum(
     args: QuantizationArgs,
 ) -> None:
     x = torch.randn(3, 7, 80, generator=torch.Generator().manual_seed(0))
-    x[0, 0, : args.group_size] = 0  # an all-zero group, and one of negative zeros
-    x[0, 1, : args.group_size] = -0.0
+    x[0, 0, : args.group_size or 80] = 0  # an all-zero group, and one of negative zeros
+    x[0, 1, : args.group_size or 80] = -0.0
     x[1, 2, 3] = torch.nan
     x[2, 4, 1] = torch.inf
     x[2, 5, 2] = -torch.inf
@@ -240,7 +241,7 @@ def test_short_symmetric_groups_get_the_qparams_of_their_minimum_and_maximum(
     groups = strategy_groups(x, args)
     min_vals, max_vals = groups.amin(dim=-1), groups.amax(dim=-1)
     expected_scale, expected_zero_point = calculate_qparams(min_vals, max_vals, args, global_scale)
-    assert scale.shape == expected_scale.shape == (3, 7, 80 // args.group_size)
+    assert scale.shape == expected_scale.shape == (3, 7, 80 // (args.group_size or 80))
     assert torch.equal(scale.nan_to_num(-1.0), expected_scale.nan_to_num(-1.0))
     assert torch.isnan(scale).sum() == 1
     assert torch.equal(zero_point.float(), expected_zero_point.float())
