@@ -1,11 +1,10 @@
 """QAT with kept 2:4 zeros on a tiny Hugging Face Llama: one process, DDP or FSDP2.
 
-Run by the test as ``python fsdp2_qat_run.py single|ddp|fsdp2 OUT_DIR``; for ``ddp`` and
-``fsdp2`` (``ModelParallelStrategy``) Lightning relaunches this script for rank 1 (2 CPU
-processes). Rank 0 writes
-the model's full state after the last step to ``OUT_DIR/state.pt``, with whether its weights
-and masks were sharded; each rank writes what the sparsity and coverage reports say at the
-end to ``OUT_DIR/reported_RANK.pt``.
+:func:`run` trains in the calling process; for ``ddp`` and ``fsdp2`` (``ModelParallelStrategy``)
+the test calls it in each of 2 processes (``forked_ranks.run_ranks``). Rank 0 writes the
+model's full state after the last step to ``OUT_DIR/state.pt``, with whether its weights and
+masks were sharded; each rank writes what the sparsity and coverage reports say at the end to
+``OUT_DIR/reported_RANK.pt``. ``fsdp2_export_run.py`` trains with :func:`train` as well.
 """
 
 from __future__ import annotations
@@ -120,7 +119,7 @@ def train(mode: str, model: nn.Module, callbacks: list[Callback], steps: int) ->
 
     Args:
         mode: ``single`` (one process), ``ddp`` or ``fsdp2`` (2 CPU processes; Lightning
-            relaunches the calling script for rank 1).
+            relaunches the calling script for rank 1 unless the ranks run already).
         model: the Hugging Face causal LM.
         callbacks: the Trainer's callbacks.
         steps: the optimizer steps.
@@ -147,12 +146,13 @@ def train(mode: str, model: nn.Module, callbacks: list[Callback], steps: int) ->
     trainer.fit(module)
 
 
-def main() -> None:
-    mode, out = sys.argv[1], Path(sys.argv[2])
+def run(mode: str, out: Path) -> None:
+    """Trains the 2:4-pruned tiny Llama with QAT for ``STEPS`` steps, reporting to ``out``.
+
+    Args:
+        mode: ``single``, ``ddp`` or ``fsdp2`` (see :func:`train`).
+        out: the folder for ``state.pt`` and ``reported_RANK.pt``.
+    """
     model = tiny_model().train()
     prune_2_4(model)
     train(mode, model, [Compressor(recipe()), FinalState(out)], STEPS)
-
-
-if __name__ == "__main__":
-    main()

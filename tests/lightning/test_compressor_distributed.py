@@ -2,23 +2,24 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
+import pickle
 from pathlib import Path
 
 import pytest
 import torch
+from forked_ranks import run_ranks
 from helpers import int8_channel_groups
 from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning_models import Regressor, regression_loader
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 
 from lightning_compress import Compressor
 from lightning_compress.modifiers import QuantizationModifier
 from lightning_compress.modifiers.pruning import MagnitudePruningModifier
 
 pytestmark = pytest.mark.distributed
-
-FSDP2_SCRIPT = Path(__file__).with_name("fsdp2_run.py")
 
 
 class RankAgreement(Callback):
@@ -69,13 +70,16 @@ def test_ddp_ranks_agree_on_masks_and_qat_scales_and_pruning_follows_the_schedul
         }
     }
     qat = QuantizationModifier(config_groups=static_int8_inputs, start=0)
+    # The ranks fork from this process; the Compressor goes through pickle first, as
+    # ddp_spawn would send it to its ranks.
+    compressor = pickle.loads(pickle.dumps(Compressor([pruning, qat])))
     trainer = Trainer(
         accelerator="cpu",
         devices=2,
-        strategy="ddp_spawn",
+        strategy="ddp_fork",
         max_steps=5,
         callbacks=[
-            Compressor([pruning, qat]),
+            compressor,
             RankAgreement("weight_mask", "input_scale"),
             SparsityRecorder(record),
         ],
@@ -116,14 +120,62 @@ def test_ddp_training_goes_on_after_qat_ends_and_bakes_the_weights():
     trainer.fit(Regressor(), regression_loader(64))
 
 
-def test_fsdp2_prunes_sharded_parameters_with_sharded_masks(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(FSDP2_SCRIPT), str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
+class ShardedRegressor(Regressor):
+    def configure_model(self) -> None:
+        mesh = self.device_mesh["data_parallel"]
+        fully_shard(self.fc1, mesh=mesh)
+        fully_shard(self.fc2, mesh=mesh)
+        fully_shard(self, mesh=mesh)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=0.01)
+
+
+class ShardingReport(Callback):
+    """After the last step, rank 0 saves what each rank saw of fc1 to ``path``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step != trainer.max_steps:
+            return
+        weight, mask = pl_module.fc1.weight, pl_module.fc1.weight_mask
+        full = weight.full_tensor().detach()
+        entry = {
+            "weight_is_sharded": isinstance(weight, DTensor),
+            "mask_is_sharded": isinstance(mask, DTensor),
+            "local_rows": weight.to_local().shape[0],
+            "full_sparsity": float((full == 0).float().mean()),
+            "full_weight": full,
+        }
+        gathered = [None, None]
+        torch.distributed.all_gather_object(gathered, entry)
+        if trainer.global_rank == 0:
+            torch.save(dict(enumerate(gathered)), self.path)
+
+
+def prune_under_fsdp2(report: Path) -> None:
+    """One rank of gradual pruning under FSDP2 (ModelParallelStrategy, 2 CPU processes)."""
+    modifier = MagnitudePruningModifier(
+        targets=["fc1", "fc2"], final_sparsity=0.5, start=0, end=0.375, update=0.125
     )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+        max_steps=5,
+        callbacks=[Compressor(modifier), ShardingReport(report)],
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(ShardedRegressor(), regression_loader(64))
+
+
+def test_fsdp2_prunes_sharded_parameters_with_sharded_masks(tmp_path):
+    run_ranks(prune_under_fsdp2, tmp_path / "report.pt")
     report = torch.load(tmp_path / "report.pt", weights_only=True)
     for rank in (0, 1):
         assert report[rank]["mask_is_sharded"] and report[rank]["weight_is_sharded"]

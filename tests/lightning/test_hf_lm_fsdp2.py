@@ -7,19 +7,25 @@ runs on the whole model and the trained model's checkpoint is the one process's.
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from forked_ranks import run_ranks
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 pytestmark = pytest.mark.distributed
 
-SCRIPT = Path(__file__).with_name("fsdp2_qat_run.py")
 EXPORT_SCRIPT = Path(__file__).with_name("fsdp2_export_run.py")
+_SPEC = importlib.util.spec_from_file_location(
+    "fsdp2_qat_run", Path(__file__).with_name("fsdp2_qat_run.py")
+)
+qat_run = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(qat_run)
 
 
 def launch(script: Path, mode: str, out: Path) -> None:
@@ -35,7 +41,12 @@ def launch(script: Path, mode: str, out: Path) -> None:
 
 
 def run(mode: str, out: Path) -> dict:
-    launch(SCRIPT, mode, out)
+    """Train in ``mode``: one process here, or 2 ranks forked from it; return their reports."""
+    out.mkdir()
+    if mode == "single":
+        qat_run.run(mode, out)
+    else:
+        run_ranks(qat_run.run, mode, out)
     report = torch.load(out / "state.pt", weights_only=True)
     reported = sorted(out.glob("reported_*.pt"))
     report["reported"] = [torch.load(path, weights_only=True) for path in reported]
