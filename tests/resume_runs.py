@@ -2,30 +2,26 @@
 (SIGKILL) after a step, or resume.
 
 The kill-and-resume tests call :func:`train` in their own process for the uninterrupted and the
-resumed runs, and run this file as a script for the run that is killed: ``python
-resume_runs.py RECIPE OUT_DIR [--model {regressor,mixtral}] [--kill-after N]``. Every run
-writes the final state of the trained model (the regressor, or the mixture-of-experts language
-model inside its LightningModule) to ``OUT_DIR/final.pt``.
+resumed runs, and :func:`killed_run` for the run that is killed: it trains in a process forked
+from the test's, which SIGKILLs itself. Every run writes the final state of the trained model
+(the regressor, or the mixture-of-experts language model inside its LightningModule) to
+``OUT_DIR/final.pt``.
 """
 
 from __future__ import annotations
 
-import argparse
-import subprocess
-import sys
+import multiprocessing
 from pathlib import Path
 
 import torch
+from helpers import KillAfter
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning_models import Regressor, regression_loader
 from torch import nn
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, str(Path(__file__).parent))
-from helpers import KillAfter  # noqa: E402
-from lightning_models import Regressor, regression_loader  # noqa: E402
-
-from lightning_compress import Compressor  # noqa: E402
+from lightning_compress import Compressor
 
 STEPS = {"regressor": 12, "mixtral": 8}
 
@@ -95,39 +91,29 @@ def train(
     return state
 
 
-def killed_run(
-    recipe: Path, out: Path, kill_after: int, model: str = "regressor"
-) -> subprocess.CompletedProcess:
-    """Runs :func:`train` in a new process that SIGKILLs itself after ``kill_after`` steps.
+def killed_run(recipe: str, out: Path, kill_after: int, model: str = "regressor") -> int | None:
+    """Runs :func:`train` in a forked process that SIGKILLs itself after ``kill_after`` steps.
+
+    The process shares nothing with the caller after the fork: what the resumed run finds is
+    what the killed one wrote to ``out``.
 
     Args:
-        recipe: the recipe's YAML file.
+        recipe: the recipe's YAML text.
         out: the checkpoint directory.
         kill_after: the number of saved steps after which the process dies.
         model: a key of :data:`STEPS`.
 
     Returns:
-        The finished process (``returncode`` -9 where it was killed as planned).
+        The process's exit code: -9 where it was killed as planned (its traceback, if it failed,
+        is on stderr); None where it was still running after 300 s (it is killed then).
     """
-    command = [sys.executable, __file__, str(recipe), str(out), "--model", model]
-    command += ["--kill-after", str(kill_after)]
-    return subprocess.run(command, capture_output=True, text=True, timeout=300)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("recipe")
-    parser.add_argument("out_dir")
-    parser.add_argument("--model", choices=sorted(STEPS), default="regressor")
-    parser.add_argument("--kill-after", type=int)
-    args = parser.parse_args()
-    train(
-        Path(args.recipe).read_text(),
-        Path(args.out_dir),
-        model=args.model,
-        kill_after=args.kill_after,
+    process = multiprocessing.get_context("fork").Process(
+        target=train, args=(recipe, out), kwargs={"model": model, "kill_after": kill_after}
     )
-
-
-if __name__ == "__main__":
-    main()
+    process.start()
+    process.join(300)
+    exit_code = process.exitcode
+    if exit_code is None:
+        process.kill()
+        process.join()
+    return exit_code
