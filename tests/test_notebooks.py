@@ -42,11 +42,14 @@ PRINTS = re.compile(r"^(print|display|output = lightning_compress)\(", re.MULTIL
 def notebook_run(request, notebook_runs) -> tuple[str, Path]:
     """The text of all outputs of the test's notebook (its ``notebook`` mark), and its folder.
 
-    The notebook runs in the background from the session's start (``notebook_runs.py``);
-    nbclient's ``CellExecutionError`` (with the cell's traceback) is raised here if a cell failed.
+    The notebook runs in the background from the session's start (``notebook_runs.py``); if a
+    cell failed, the test fails naming the notebook, with the cell and its traceback.
     """
     (name,) = request.node.get_closest_marker("notebook").args
-    notebook, workdir = notebook_runs.result(ROOT / "notebooks" / name)
+    try:
+        notebook, workdir = notebook_runs.result(ROOT / "notebooks" / name)
+    except CellExecutionError as error:
+        pytest.fail(f"notebooks/{name}: {error}", pytrace=False)
     text = _notebook_text(notebook)
     _assert_plain(text, name)
     return text, workdir
