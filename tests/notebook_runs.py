@@ -104,10 +104,12 @@ class NotebookRuns:
             self._stopped = True
             for run in self._runs.values():
                 run.cancel()
-            if self._client is not None:
+            # None before the kernel starts and once it is shut down.
+            provisioner = getattr(self._client and self._client.km, "provisioner", None)
+            if provisioner is not None and provisioner.pgid:
                 # The kernel leads its own process group, with the commands its cells started.
                 with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self._client.km.provisioner.pgid, signal.SIGKILL)
+                    os.killpg(provisioner.pgid, signal.SIGKILL)
         self._thread.join()
 
     def _before_each_cell(self, client: NotebookClient) -> None:
@@ -120,13 +122,19 @@ class NotebookRuns:
         for path, run in self._runs.items():
             if not run.set_running_or_notify_cancel():
                 continue
-            workdir = self._workdirs[path]
             try:
-                workdir.mkdir()
-                with open(workdir / "kernel.log", "wb") as kernel_log:
-                    run.set_result(execute(path, workdir, self._before_each_cell, kernel_log))
+                notebook = self._execute(path)
             except BaseException as error:  # handed to whoever waits for this run
                 run.set_exception(error)
-            finally:
-                with self._lock:
-                    self._client = None
+            else:
+                run.set_result(notebook)
+
+    def _execute(self, path: Path) -> nbformat.NotebookNode:
+        workdir = self._workdirs[path]
+        try:
+            workdir.mkdir()
+            with open(workdir / "kernel.log", "wb") as kernel_log:
+                return execute(path, workdir, self._before_each_cell, kernel_log)
+        finally:
+            with self._lock:
+                self._client = None
