@@ -107,11 +107,10 @@ def weights_to_keep(weight: Tensor, preserve_zeros: bool | str = "auto") -> Tens
         )
     if preserve_zeros is False:
         return None
-    zeros = weight == 0
-    count = int(zeros.sum())
+    count = weight.numel() - int(torch.count_nonzero(weight))  # no mask for a dense layer
     if count == 0 or (preserve_zeros == "auto" and count < PRUNED_ZERO_FRACTION * weight.numel()):
         return None
-    return ~zeros
+    return weight != 0
 
 
 def normalize_actorder(actorder: str | None) -> str | None:
