@@ -20,7 +20,6 @@ from lightning_compress.core.state import State
 from lightning_compress.modifiers.base import Modifier
 from lightning_compress.modifiers.hessian_collector import HessianCollector, mask_sources
 from lightning_compress.modifiers.input_scaling import follow_input_scaling
-from lightning_compress.modifiers.layerwise_split import solve_cost
 from lightning_compress.modifiers.quantization.args import QuantizationArgs, preset_scheme
 from lightning_compress.modifiers.quantization.observers import qparams_and_global_scale
 from lightning_compress.modifiers.quantization.ops import fake_quantize, strategy_groups, ungroup
@@ -330,7 +329,8 @@ class AWQModifier(SmoothingModifier):
         if not is_distributed() or not independent_searches(mappings):
             return super().compute_scales(mappings)
         inputs = [self._search_inputs(mapping) for mapping in mappings]  # reduced on all ranks
-        costs = [sum(solve_cost(*weight.shape) for weight in each.weights) for each in inputs]
+        # each grid point quantizes the weights and runs the cached inputs through them
+        costs = [sum(weight.numel() for weight in each.weights) for each in inputs]
         rank, world_size = rank_and_world_size()
         owners = balanced_owners(costs, world_size)
         found: dict[int, AWQResult] = {}
