@@ -25,7 +25,11 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_compress.core.distributed import all_reduce_sum_
 from lightning_compress.core.model_layer import match_named_modules
-from lightning_compress.modifiers.hessian import SingularHessianError, all_finite
+from lightning_compress.modifiers.hessian import (
+    HessianAccumulator,
+    SingularHessianError,
+    all_finite,
+)
 from lightning_compress.modifiers.input_scaling import follow_input_scaling
 from lightning_compress.recipe.errors import RecipeError
 
@@ -488,34 +492,35 @@ def solve_on_hessian(
     owner: str,
     names: Sequence[str],
     weight: Tensor,
-    hessian: Tensor,
+    statistics: HessianAccumulator,
     dampening_frac: float,
     solve: Callable[[Tensor], Result],
 ) -> Result:
     """Runs ``solve`` on the Hessian of the layers ``names``, with errors that name them.
 
-    The Hessian is moved to the weight's device, in the weight's dtype but at least float32.
+    The Hessian is made straight in the weight's dtype but at least float32 (each entry
+    divided in the accumulation dtype, then rounded), and moved to the weight's device.
 
     Args:
         owner: the modifier's class name.
         names: the layers sharing the Hessian (one, or several stacked into ``weight``).
         weight: their weight.
-        hessian: their reduced input Hessian.
+        statistics: their reduced input Hessian's accumulator.
         dampening_frac: the modifier's dampening, for the advice in errors.
-        solve: the method (GPTQ, SparseGPT) given the converted Hessian.
+        solve: the method (GPTQ, SparseGPT) given the converted Hessian, which it may change.
 
     Returns:
         What ``solve`` returns.
 
     Raises:
-        ValueError: when the Hessian holds NaN or Inf.
+        ValueError: when the Hessian holds NaN or Inf (or values too large for its dtype).
         SingularHessianError: when no dampening made it invertible.
     """
+    hessian = statistics.hessian(torch.promote_types(weight.dtype, torch.float32))
     check_finite_inputs(owner, names, hessian, "Hessian")
     where = f"layer '{names[0]}'" if len(names) == 1 else f"layers {list(names)}"
-    dtype = torch.promote_types(weight.dtype, torch.float32)
     try:
-        return solve(hessian.to(device=weight.device, dtype=dtype))
+        return solve(hessian.to(weight.device))
     except SingularHessianError as err:
         raise SingularHessianError(
             f"{owner}: the Hessian of {where} cannot be inverted: {err}. Set "

@@ -7,6 +7,7 @@ import torch
 
 from lightning_compress.modifiers.hessian import (
     GRAM_BAND,
+    MIRROR_STRIP,
     TRIANGULAR_BASE,
     BlockwiseOBS,
     HessianAccumulator,
@@ -53,6 +54,24 @@ def test_accumulation_equals_direct_formula() -> None:
         acc = accumulate(parts, dtype)
         assert acc.hessian().dtype == dtype
         torch.testing.assert_close(acc.hessian().double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_hessian_in_a_dtype_is_each_upper_sum_entry_divided_then_rounded(
+    dtype: torch.dtype,
+) -> None:
+    width = 2 * MIRROR_STRIP + 77  # two full strips and a short one, over several bands
+    gen = torch.Generator().manual_seed(5)
+    acc = HessianAccumulator(width)
+    for _ in range(2):
+        acc.add(torch.randn(3, 50, width, generator=gen) * 10 ** torch.randn(width, generator=gen))
+    upper, count = acc.state()
+    index = torch.arange(width)
+    in_upper = index[:, None] <= index[None, :]
+    expected = (torch.where(in_upper, upper, upper.T) / count.item()).to(dtype)
+    hessian = acc.hessian(dtype)
+    assert hessian.dtype == dtype
+    assert torch.equal(hessian, expected)  # exact: one division and one rounding per entry
 
 
 def test_wide_inputs_multiplied_in_bands_give_the_full_symmetric_hessian() -> None:

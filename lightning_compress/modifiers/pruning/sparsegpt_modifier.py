@@ -190,7 +190,7 @@ class SparseGPTModifier(CalibratedPruningModifier, HessianMethod):
             )
 
         return solve_on_hessian(
-            type(self).__name__, stack, weight, statistics.hessian(), self.dampening_frac, prune
+            type(self).__name__, stack, weight, statistics, self.dampening_frac, prune
         )
 
     def _check_existing_sparsity(self, stack: list[str], weights: list[Tensor]) -> None:

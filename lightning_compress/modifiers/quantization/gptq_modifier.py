@@ -214,7 +214,7 @@ class GPTQModifier(LayerwiseQuantization, HessianMethod):
             The slice's quantized weight, its rows of ``weight_scale`` and
             ``weight_zero_point``, the layer's other buffers and the slice's loss.
         """
-        result = self._gptq([name], statistics.hessian(), rows)
+        result = self._gptq([name], statistics, rows)
         g_idx = result.g_idx if self._reorders_groups(self._pending[name][1].weights) else None
         return quantized_layer(
             result.weight_q,
@@ -259,7 +259,7 @@ class GPTQModifier(LayerwiseQuantization, HessianMethod):
             ValueError: when the Hessian is not finite or cannot be inverted
                 (``SingularHessianError``); the message names the layers.
         """
-        result = self._gptq(stack, statistics.hessian())
+        result = self._gptq(stack, statistics)
         rows = [self._pending[name].module.weight.shape[0] for name in stack]
         per_row = (result.weight_q, result.scale, result.zero_point, result.row_losses)
         if len(stack) == 1:  # also per-tensor qparams, which have no rows to split
@@ -284,10 +284,10 @@ class GPTQModifier(LayerwiseQuantization, HessianMethod):
         return layers
 
     def _gptq(
-        self, stack: list[str], hessian: Tensor, rows: tuple[int, int] | None = None
+        self, stack: list[str], statistics: HessianAccumulator, rows: tuple[int, int] | None = None
     ) -> GPTQResult:
-        """GPTQ for the pending layers ``stack`` (sharing ``hessian``), or for the rows
-        ``[start, stop)`` of their stacked weight; errors name them."""
+        """GPTQ for the pending layers ``stack`` (sharing the Hessian of ``statistics``), or for
+        the rows ``[start, stop)`` of their stacked weight; errors name them."""
         weights = [self._pending[name][0].weight.detach() for name in stack]
         weight, keep = torch.cat(weights), self._keep(weights)
         if rows is not None:
@@ -302,7 +302,7 @@ class GPTQModifier(LayerwiseQuantization, HessianMethod):
             )
 
         owner = type(self).__name__
-        return solve_on_hessian(owner, stack, weight, hessian, self.dampening_frac, quantize)
+        return solve_on_hessian(owner, stack, weight, statistics, self.dampening_frac, quantize)
 
     def _keep(self, weights: list[Tensor]) -> Tensor | None:
         """The stacked pruning mask of ``weights`` (whole layers), each layer's decided on its
