@@ -298,7 +298,11 @@ class InverseHessian(NamedTuple):
 
 
 def damp_and_invert(
-    hessian: Tensor, dampening_frac: float = 0.01, max_retries: int = 3, overwrite: bool = False
+    hessian: Tensor,
+    dampening_frac: float = 0.01,
+    max_retries: int = 3,
+    overwrite: bool = False,
+    order: Tensor | None = None,
 ) -> InverseHessian:
     """Dampens the Hessian and returns the upper Cholesky factor of its inverse.
 
@@ -307,23 +311,33 @@ def damp_and_invert(
     result is not positive definite the dampening is retried 10x larger, up to
     ``max_retries`` times. ``hessian`` itself is left unchanged unless ``overwrite``.
 
+    With ``order``, the result is that of ``H[order][:, order]`` (the inputs visited in that
+    order), permuted in the one copy the factorization needs anyway.
+
     Args:
         hessian: ``H`` ``[in, in]``, float32 or float64.
         dampening_frac: dampening as a fraction of the mean diagonal, ``>= 0``.
         max_retries: how many 10x larger dampenings to try after the first.
-        overwrite: whether ``hessian`` may be changed (the diagonal of dead inputs set to
-            1) instead of copied first: for a caller that made it for this call.
+        overwrite: whether ``hessian`` may be changed instead of left as it is: for a
+            caller that made it for this call (its buffer then holds the permuted copy).
+        order: a permutation of the inputs, or None for their natural order.
 
     Returns:
-        The factor, the dead inputs and the dampening fraction used.
+        The factor, the dead inputs (in ``order``) and the dampening fraction used.
 
     Raises:
-        ValueError: when ``hessian`` is not square or an argument is out of range.
+        ValueError: when ``hessian`` is not square, ``order`` does not fit or an argument is
+            out of range.
         SingularHessianError: when ``H`` holds NaN/inf or no dampening made it invertible;
             the message says what was tried (the caller adds the layer's name).
     """
     if hessian.dim() != 2 or hessian.shape[0] != hessian.shape[1]:
         raise ValueError(f"hessian of shape {tuple(hessian.shape)} is invalid: expected [in, in]")
+    if order is not None and not _is_permutation(order, hessian.shape[0]):
+        raise ValueError(
+            f"order of shape {tuple(order.shape)} is invalid: expected a permutation of the "
+            f"{hessian.shape[0]} inputs, each once"
+        )
     if not dampening_frac >= 0 or max_retries < 0:
         raise ValueError(
             f"dampening_frac={dampening_frac!r}, max_retries={max_retries!r} are invalid: "
@@ -334,17 +348,19 @@ def damp_and_invert(
             "the Hessian holds NaN or inf values: check the calibration inputs of this layer "
             "(e.g. overflow in float16 activations)"
         )
-    fixed = hessian if overwrite else hessian.clone()
-    diagonal = fixed.diagonal()
+    flipped = _reversed_copy(hessian, order, overwrite)
+    diagonal = flipped.diagonal()  # the inputs' diagonal, last visited first
     dead = diagonal == 0
     diagonal[dead] = 1
-    mean_diagonal = diagonal.mean()
+    mean_diagonal = _mean_of_reversed(diagonal)
+    undamped = diagonal.clone()
     retries = max_retries if dampening_frac > 0 else 0
     tried = [dampening_frac * 10**k for k in range(retries + 1)]
     for frac in tried:
-        upper = _upper_cholesky_of_inverse(fixed, frac * mean_diagonal)
+        diagonal.copy_(undamped).add_(frac * mean_diagonal)
+        upper = _upper_cholesky_of_inverse(flipped)
         if upper is not None:
-            return InverseHessian(upper, dead, frac)
+            return InverseHessian(upper, dead.flip(0), frac)
     raise SingularHessianError(
         f"the Hessian is not positive definite even with dampening_frac in {tried} "
         f"(lambda = dampening_frac * mean(diag(H)), mean(diag(H)) = {mean_diagonal.item():.4g}): "
@@ -353,15 +369,40 @@ def damp_and_invert(
     )
 
 
-def _upper_cholesky_of_inverse(hessian: Tensor, damp: Tensor) -> Tensor | None:
-    """Returns ``U`` with ``U^T U = (H + damp I)^-1``, or None when it is not positive definite.
+def _is_permutation(order: Tensor, size: int) -> bool:
+    """Whether ``order`` holds each of ``0 .. size - 1`` once."""
+    if order.shape != (size,):
+        return False
+    return torch.equal(order.sort().values.cpu(), torch.arange(size))
 
-    With ``P`` the reversal permutation and ``P H P = L L^T``: ``H^-1 = A^T A`` for the upper
-    triangular ``A = P L^-1 P``, so ``U = A``: one Cholesky factorization and one triangular
-    inverse, instead of factorizing, inverting and factorizing the inverse again.
+
+def _reversed_copy(hessian: Tensor, order: Tensor | None, overwrite: bool) -> Tensor:
+    """``P H[order][:, order] P`` for the reversal permutation ``P`` (``order`` None: the
+    natural order), as one gather of rows and one of columns (into ``hessian``'s buffer when
+    ``overwrite``)."""
+    if order is None:
+        return hessian.flip(0, 1)
+    reverse = order.to(hessian.device).flip(0)
+    rows = hessian.index_select(0, reverse)
+    return torch.index_select(rows, 1, reverse, out=hessian if overwrite else None)
+
+
+def _mean_of_reversed(diagonal: Tensor) -> Tensor:
+    """The mean of ``diagonal`` read backwards, summed as a strided vector is: as the mean of
+    the diagonal of the Hessian in visiting order, the same number to the last bit (a
+    contiguous vector is summed in another order)."""
+    strided = diagonal.new_empty(diagonal.shape[0], 2)[:, 0]
+    return strided.copy_(diagonal.flip(0)).mean()
+
+
+def _upper_cholesky_of_inverse(flipped: Tensor) -> Tensor | None:
+    """Returns ``U`` with ``U^T U = H^-1`` from ``flipped = P H P`` (``P`` the reversal
+    permutation), or None when it is not positive definite.
+
+    With ``P H P = L L^T``: ``H^-1 = A^T A`` for the upper triangular ``A = P L^-1 P``, so
+    ``U = A``: one Cholesky factorization and one triangular inverse, instead of
+    factorizing, inverting and factorizing the inverse again.
     """
-    flipped = hessian.flip(0, 1)
-    flipped.diagonal().add_(damp)
     lower, info = torch.linalg.cholesky_ex(flipped)
     if info.item() != 0:
         return None
@@ -426,9 +467,12 @@ class BlockwiseOBS:
         dampening_frac: dampening as a fraction of the mean diagonal of ``H``.
         consume_hessian: whether ``hessian`` was made for this sweep, so that it may be
             changed instead of copied.
+        order: the order in which the sweep visits the columns (a permutation of them), or
+            None for their natural order; :attr:`weight`, :attr:`hinv` and :attr:`dead` are
+            in this order.
 
     Raises:
-        ValueError: when the shapes do not fit or ``block_size < 1``.
+        ValueError: when the shapes or ``order`` do not fit, or ``block_size < 1``.
         SingularHessianError: see :func:`damp_and_invert`.
     """
 
@@ -439,6 +483,7 @@ class BlockwiseOBS:
         block_size: int = 128,
         dampening_frac: float = 0.01,
         consume_hessian: bool = False,
+        order: Tensor | None = None,
     ) -> None:
         if weight.dim() != 2 or hessian.shape != (weight.shape[1], weight.shape[1]):
             raise ValueError(
@@ -451,14 +496,21 @@ class BlockwiseOBS:
         dtype = torch.promote_types(torch.promote_types(weight.dtype, hessian.dtype), torch.float32)
         converted = hessian.to(device=weight.device, dtype=dtype)
         inverse = damp_and_invert(
-            converted, dampening_frac, overwrite=consume_hessian or converted is not hessian
+            converted,
+            dampening_frac,
+            overwrite=consume_hessian or converted is not hessian,
+            order=order,
         )
         self.hinv = inverse.upper
         self.dead = inverse.dead
         self.dampening_frac = inverse.dampening_frac
         self.block_size = block_size
         # Column-major working copy: row j of ``_columns`` is weight column j, contiguous.
-        self._columns = weight.detach().to(dtype).T.clone(memory_format=torch.contiguous_format)
+        columns = weight.detach().to(dtype).T
+        if order is None:
+            self._columns = columns.clone(memory_format=torch.contiguous_format)
+        else:
+            self._columns = columns.index_select(0, order.to(weight.device))
         self._columns[self.dead] = 0
         self.block = (0, 0)
         self._sub_block = (0, 0)

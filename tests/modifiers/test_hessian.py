@@ -220,15 +220,26 @@ def test_dead_inputs_are_reported_and_made_invertible() -> None:
     assert torch.equal(h, before)  # the caller's Hessian is untouched
 
 
-def test_overwrite_fixes_the_callers_hessian_instead_of_a_copy() -> None:
-    h = spd()
+def test_order_inverts_the_hessian_of_the_inputs_taken_in_that_order() -> None:
+    h = spd(TRIANGULAR_BASE + 45)
     h[[2, 5], :] = 0
     h[:, [2, 5]] = 0
-    copied = damp_and_invert(h, 0.01)
-    overwritten = damp_and_invert(h, 0.01, overwrite=True)
-    assert torch.equal(overwritten.upper, copied.upper)
-    assert torch.equal(overwritten.dead, copied.dead)
-    assert h.diagonal()[[2, 5]].tolist() == [1.0, 1.0]  # changed in place, not copied
+    order = torch.randperm(h.shape[0], generator=torch.Generator().manual_seed(1))
+    before = h.clone()
+    expected = damp_and_invert(h[order][:, order], 0.01)
+    ordered = damp_and_invert(h, 0.01, order=order)
+    assert torch.equal(h, before)  # the caller's Hessian is untouched
+    overwritten = damp_and_invert(h, 0.01, overwrite=True, order=order)
+    for inverse in (ordered, overwritten):  # exact: the same numbers, only moved
+        assert torch.equal(inverse.upper, expected.upper)
+        assert torch.equal(inverse.dead, expected.dead)
+    assert sorted(order[overwritten.dead].tolist()) == [2, 5]
+
+
+@pytest.mark.parametrize("order", [torch.arange(7), torch.tensor([0, 1, 2, 3, 4, 5, 6, 6])])
+def test_order_that_is_no_permutation_of_the_inputs_is_refused(order: torch.Tensor) -> None:
+    with pytest.raises(ValueError, match=r"expected a permutation of the 8 inputs"):
+        damp_and_invert(spd(), 0.01, order=order)
 
 
 def indefinite() -> torch.Tensor:
@@ -275,18 +286,24 @@ def test_sweep_is_independent_of_block_size_and_its_loss_is_the_output_error(
     assert loss == pytest.approx(0.5 * torch.trace(delta @ damped @ delta.T).item(), rel=1e-9)
 
 
-def test_a_consumed_hessian_gives_the_same_sweep_and_is_changed_in_place() -> None:
+def test_a_sweep_in_an_order_is_the_sweep_of_the_reordered_weight_and_hessian() -> None:
     gen = torch.Generator().manual_seed(4)
     h = spd(16, seed=4)
     h[3, :] = 0
     h[:, 3] = 0
     weight = torch.randn(6, 16, generator=gen, dtype=torch.float64)
-    reference, loss = BlockwiseOBS(weight, h, 8, 0.01).run(half_grid)
-    assert h[3, 3] == 0  # not consumed: left as it was
-    result, consumed_loss = BlockwiseOBS(weight, h, 8, 0.01, consume_hessian=True).run(half_grid)
-    assert torch.equal(result, reference)
-    assert consumed_loss == loss
-    assert h[3, 3] == 1  # the dead input's diagonal, set in the caller's tensor
+    order = torch.randperm(16, generator=gen)
+    before = h.clone()
+    reordered = BlockwiseOBS(weight[:, order], h[order][:, order], 8, 0.01)
+    reference, loss = reordered.run(half_grid)
+    sweep = BlockwiseOBS(weight, h, 8, 0.01, order=order)
+    assert torch.equal(h, before)  # not consumed: left as it was
+    assert torch.equal(sweep.dead, reordered.dead)
+    result, ordered_loss = sweep.run(half_grid)
+    consumed = BlockwiseOBS(weight, h, 8, 0.01, consume_hessian=True, order=order)
+    for other, other_loss in (consumed.run(half_grid), (result, ordered_loss)):
+        assert torch.equal(other, reference)  # exact: the same numbers, only moved
+        assert other_loss == loss
 
 
 def test_current_columns_are_current_transposed_at_every_point_of_the_sweep() -> None:

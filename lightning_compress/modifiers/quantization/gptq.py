@@ -367,10 +367,7 @@ def gptq_quantize(
         hessian = hessian.to(weight.device)
         perm = torch.argsort(hessian.diagonal(), descending=True, stable=True)
         inverse = torch.argsort(perm)
-        permuted = hessian.index_select(0, perm).index_select(1, perm)
-        sweep = BlockwiseOBS(
-            weight.index_select(1, perm), permuted, block_size, dampening_frac, consume_hessian=True
-        )
+        sweep = BlockwiseOBS(weight, hessian, block_size, dampening_frac, order=perm)
         natural = _gather_columns(sweep.weight, inverse)
     tensor_scale = None
     if args.strategy == "tensor_group":
