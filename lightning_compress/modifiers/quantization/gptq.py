@@ -333,12 +333,14 @@ def gptq_quantize(
     dampening_frac: float = 0.01,
     actorder: str | None = None,
     keep: Tensor | None = None,
+    consume_hessian: bool = False,
 ) -> GPTQResult:
     """Quantizes a weight with GPTQ.
 
     Args:
         weight: ``[out, in]`` in ``nn.Linear`` layout (not modified).
-        hessian: ``H = 2/n X^T X`` ``[in, in]`` of the layer's inputs (not modified).
+        hessian: ``H = 2/n X^T X`` ``[in, in]`` of the layer's inputs (not modified unless
+            ``consume_hessian``).
         args: the weight's quantization arguments: ``tensor``, ``channel`` or ``group``.
         block_size: columns per lazy batch update.
         dampening_frac: dampening as a fraction of the mean diagonal of ``H``.
@@ -346,6 +348,8 @@ def gptq_quantize(
         keep: bool ``[out, in]``: weights marked False are quantized to 0 (a pruned weight
             stays pruned), their rounding error spread onto the later columns like any
             other; None lets GPTQ set every weight (see :func:`weights_to_keep`).
+        consume_hessian: whether ``hessian`` was made for this call, so that its buffer may
+            hold the reordered copy the sweep needs instead of a new one.
 
     Rows are independent: layers that share ``H`` and ``args`` (other than
     ``strategy="tensor"``) can be stacked into one call.
@@ -367,7 +371,9 @@ def gptq_quantize(
         hessian = hessian.to(weight.device)
         perm = torch.argsort(hessian.diagonal(), descending=True, stable=True)
         inverse = torch.argsort(perm)
-        sweep = BlockwiseOBS(weight, hessian, block_size, dampening_frac, order=perm)
+        sweep = BlockwiseOBS(
+            weight, hessian, block_size, dampening_frac, consume_hessian, order=perm
+        )
         natural = _gather_columns(sweep.weight, inverse)
     tensor_scale = None
     if args.strategy == "tensor_group":

@@ -298,7 +298,14 @@ class GPTQModifier(LayerwiseQuantization, HessianMethod):
 
         def quantize(converted: Tensor) -> GPTQResult:
             return gptq_quantize(
-                weight, converted, args, self.block_size, self.dampening_frac, actorder, keep
+                weight,
+                converted,
+                args,
+                self.block_size,
+                self.dampening_frac,
+                actorder,
+                keep,
+                consume_hessian=True,
             )
 
         owner = type(self).__name__

@@ -320,3 +320,19 @@ def test_singular_hessian_raises_after_retries() -> None:
     with pytest.raises(SingularHessianError, match="dampening_frac"):
         gptq_quantize(weight, hessian, ARGS["channel"], dampening_frac=0.001)
     assert gptq_quantize(weight, hessian, ARGS["channel"]).dampening_used == pytest.approx(10.0)
+
+
+@pytest.mark.parametrize("actorder", [None, "static", "group"])
+def test_a_consumed_hessian_gives_the_same_result_and_a_kept_one_stays_unchanged(
+    actorder: str | None,
+) -> None:
+    weight, x = layer(7)
+    hessian = hessian_of(x)
+    before = hessian.clone()
+    kept = gptq_quantize(weight, hessian, ARGS["group"], 8, actorder=actorder)
+    assert torch.equal(hessian, before)
+    consumed = gptq_quantize(
+        weight, hessian.clone(), ARGS["group"], 8, actorder=actorder, consume_hessian=True
+    )
+    for field in ("weight_q", "scale", "zero_point", "row_losses"):  # exact: the same numbers
+        assert torch.equal(getattr(consumed, field), getattr(kept, field))
