@@ -56,17 +56,17 @@ ROW_ALIGN = 64
 """Row slices of a split layer start at multiples of this many rows."""
 
 # The terms of one GPTQ W4 g128 call's CPU time on one thread (torch 2.13, Intel Xeon, fitted
-# to 16 shapes from 128 x 512 to 1024 x 4096 within 12%), in seconds per operation counted.
+# to 16 shapes from 128 x 512 to 1024 x 4096 within 16%), in seconds per operation counted.
 # SparseGPT's calls have the same parts; on an accelerator the proportions differ, so the
 # balance is less even there (the owners still follow from the shapes alone).
-HESSIAN_SECONDS = 5.9e-8
+HESSIAN_SECONDS = 4.5e-8
 """Per Hessian entry (``cols**2``): materializing the reduced float64 sum, converting,
 permuting (activation order) and checking it."""
-INVERSION_SECONDS = 6.6e-12
+INVERSION_SECONDS = 4.2e-12
 """Per ``cols**3``: the Cholesky factorization and the triangular inverse."""
-PRODUCT_SECONDS = 9.2e-12
+PRODUCT_SECONDS = 2.2e-12
 """Per ``rows * cols**2``: the multiply-adds of the sweep's lazy batch updates."""
-ELEMENT_SECONDS = 1.6e-8
+ELEMENT_SECONDS = 2.5e-8
 """Per ``rows * cols``: the sweep's work on each weight (compressing it, the rank-one
 updates inside a block), in small operations whose overhead dominates."""
 
@@ -145,7 +145,7 @@ def solve_cost(rows: int, cols: int) -> float:
     weight: :func:`call_cost` plus ``rows`` times :func:`row_cost`.
 
     Measured on one CPU thread, a call's fixed part dominates: ``down_proj`` of the bundled
-    benchmark decoder (1024 x 2816) takes 0.66 s, 0.56 s of it whatever its rows.
+    benchmark decoder (1024 x 2816) takes 0.48 s, 0.39 s of it whatever its rows.
 
     Args:
         rows: the weight's output rows (of the layers stacked in the call).

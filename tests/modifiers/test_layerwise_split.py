@@ -116,11 +116,11 @@ def plan_load(plan, shapes, world_size):
 def test_solve_cost_is_a_calls_fixed_part_plus_its_rows():
     for rows, cols in ((1, 64), (1024, 2816), (4096, 11008)):
         assert solve_cost(rows, cols) == call_cost(cols) + rows * row_cost(cols)
-    # measured on one CPU thread: down_proj of the benchmark decoder costs 0.66 s a call,
-    # 0.56 s of it whatever its rows; q_proj 0.097 s
-    assert solve_cost(1024, 2816) == pytest.approx(0.66, rel=0.15)
-    assert call_cost(2816) == pytest.approx(0.56, rel=0.15)
-    assert solve_cost(1024, 1024) == pytest.approx(0.097, rel=0.15)
+    # measured on one CPU thread (benchmarks/solve_costs.py): down_proj of the benchmark
+    # decoder costs 0.48 s a call, 0.39 s of it whatever its rows; q_proj 0.074 s
+    assert solve_cost(1024, 2816) == pytest.approx(0.48, rel=0.2)
+    assert call_cost(2816) == pytest.approx(0.39, rel=0.2)
+    assert solve_cost(1024, 1024) == pytest.approx(0.074, rel=0.2)
 
 
 BLOCK = {  # the benchmark decoder's block: hidden 1024, 4 key/value heads of 64, MLP 2816
@@ -170,8 +170,8 @@ def test_small_layers_are_assigned_as_the_best_split_of_their_calls():
     stacks = [["q", "k", "v"], ["o"], ["g"]]
     plan = assign_owners(stacks, shapes, bool, 2)
     assert plan == [
-        OwnedStack(["k"], 0),
-        OwnedStack(["q", "v"], 1),  # one call, in the stack's order
+        OwnedStack(["v"], 0),
+        OwnedStack(["q", "k"], 1),  # one call, in the stack's order
         OwnedStack(["o"], 1),
         OwnedStack(["g"], 0),
     ]
