@@ -94,10 +94,11 @@ def test_smoothquant_then_gptq_in_one_pass_equals_gptq_on_the_smoothed_model(mon
     solved: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor, float]]] = {}
     solve = GPTQModifier._gptq
 
-    def recording(self, stack, hessian):
+    def recording(self, stack, statistics):
         weight = torch.cat([self._pending[name][0].weight.detach() for name in stack])
-        result = solve(self, stack, hessian)
-        solved[run][stack[0]] = (weight.clone(), hessian.clone(), result.loss)
+        hessian = statistics.hessian()  # a new tensor, made before GPTQ uses the statistics
+        result = solve(self, stack, statistics)
+        solved[run][stack[0]] = (weight.clone(), hessian, result.loss)
         return result
 
     monkeypatch.setattr(GPTQModifier, "_gptq", recording)
