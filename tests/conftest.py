@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -12,6 +14,12 @@ from helpers import TwoLayer
 
 if TYPE_CHECKING:
     from notebook_runs import NotebookRuns
+
+# A process forked from the test process (a DDP rank: ``ddp_fork``, tests/forked_ranks.py) must
+# not finalize what the parent left for the garbage collector: a gloo process group of an earlier
+# test, collected in the child, joins threads by ids that the child's own process group threads
+# may reuse, and waits for ever. Frozen objects are never collected.
+os.register_at_fork(after_in_child=gc.freeze)
 
 
 @pytest.fixture
