@@ -86,6 +86,14 @@ def failing_write_of(monkeypatch, block: str) -> None:
     monkeypatch.setattr(StreamingCheckpoint, "write_modules", full_disk)
 
 
+def stopped_by_a_full_disk(monkeypatch, directory: Path, output: Path, block: str) -> None:
+    """Two processes compress ``directory`` into ``output`` until writing ``block`` fails."""
+    with monkeypatch.context() as patch:
+        failing_write_of(patch, block)
+        with pytest.raises(Exception, match="No space left on device"):
+            compress(directory, output, processes=2)
+
+
 def recording_loads(monkeypatch, record: Path) -> None:
     """``CheckpointSource.load`` noting, in ``record``, each rank's module read."""
     load = CheckpointSource.load
@@ -109,10 +117,7 @@ def test_a_write_failing_on_rank_zero_stops_both_ranks_and_each_resumes_from_its
 ):
     directory = saved_llama()
     compress(directory, tmp_path / "single", processes=1)
-    with monkeypatch.context() as patch:
-        failing_write_of(patch, "model.layers.2")
-        with pytest.raises(Exception, match="No space left on device"):
-            compress(directory, tmp_path / "ddp", processes=2)
+    stopped_by_a_full_disk(monkeypatch, directory, tmp_path / "ddp", "model.layers.2")
     assert not (tmp_path / "ddp").exists()
     writes = tmp_path / "writes.txt"
     write = StreamingCheckpoint.write_modules
@@ -136,10 +141,7 @@ def test_a_run_of_two_processes_resumed_by_one_computes_the_blocks_again(
 ):
     directory = saved_llama()
     compress(directory, tmp_path / "single", processes=1)
-    with monkeypatch.context() as patch:
-        failing_write_of(patch, "model.layers.1")
-        with pytest.raises(Exception, match="No space left on device"):
-            compress(directory, tmp_path / "resumed", processes=2)
+    stopped_by_a_full_disk(monkeypatch, directory, tmp_path / "resumed", "model.layers.1")
     recording_loads(monkeypatch, tmp_path / "loads.txt")
     compress(directory, tmp_path / "resumed", processes=1)
     assert blocks_read(tmp_path / "loads.txt") == [f"0 model.layers.{i}" for i in range(3)]
@@ -163,9 +165,7 @@ def test_block_inputs_a_rank_cannot_see_are_not_used_and_the_blocks_are_computed
     with monkeypatch.context() as patch:
         if unseen == "saving":
             patch.setattr(Path, "is_dir", work_directory_on_rank_zero_only)
-        failing_write_of(patch, "model.layers.2")
-        with pytest.raises(Exception, match="No space left on device"):
-            compress(directory, tmp_path / "ddp", processes=2)
+        stopped_by_a_full_disk(patch, directory, tmp_path / "ddp", "model.layers.2")
     manifest = json.loads((tmp_path / f".ddp{WORK_SUFFIX}" / MANIFEST_NAME).read_text())
     assert len(manifest["parts"]) == 2
     assert (manifest["activations"] is None) == (unseen == "saving")
