@@ -16,6 +16,12 @@ runs give the same weights, bit for bit.
 
     python benchmarks/parallel_solve.py [--layers 4] [--hidden 1024] [--intermediate 2816]
         [--samples 16] [--seq 128] [--staged both|yes|no] [--repeats 1] [--calls]
+        [--experts 0]
+
+``--experts N`` (N > 0) calibrates a random transformers Qwen3-MoE instead (the same hidden
+size, heads and depth; N experts of ``--intermediate`` each, two per token, routers left
+unquantized as compressed-tensors recipes leave them): a mixture's experts are many
+independent layers of one size, which the owners can share out evenly.
 
 ``--calls`` also prints, for each run, the solve CPU time of each rank per kind of layer
 (``self_attn.q_proj+k_proj+v_proj``, ``mlp.down_proj[0:512]``: a row slice), summed over the
@@ -50,6 +56,7 @@ from lightning_compress.lightning.calibration import CalibrationModule
 from lightning_compress.modifiers import GPTQModifier
 from lightning_compress.modifiers.layerwise_modifier import LayerwiseModifier
 
+VOCAB = 1024
 W4_G128 = {"num_bits": 4, "strategy": "group", "group_size": 128}
 COMPUTE_LAYERS = LayerwiseModifier.compute_layers
 COMPUTE_STACK = LayerwiseModifier._compute_stack
@@ -91,9 +98,17 @@ def timed_compute_stack(
 
 
 def layer_kind(stack: list[str], rows: tuple[int, int] | None) -> str:
-    """``stack`` without its block index: ``self_attn.q_proj+k_proj+v_proj``, and its rows."""
-    parts = [name.split(".") for name in stack]
-    kind = ".".join(parts[0][-2:]) + "".join(f"+{part[-1]}" for part in parts[1:])
+    """``stack`` without its block index (``self_attn.q_proj+k_proj+v_proj``; experts as
+    ``mlp.experts.*.gate_proj+up_proj``), and its rows."""
+    kinds: list[list[str]] = []
+    for name in stack:
+        parts = name.split(".")
+        parts = parts[parts.index("layers") + 2 :] if "layers" in parts else parts
+        if "experts" in parts:
+            parts[parts.index("experts") + 1] = "*"
+        if parts not in kinds:
+            kinds.append(parts)
+    kind = ".".join(kinds[0]) + "".join(f"+{parts[-1]}" for parts in kinds[1:])
     return kind if rows is None else f"{kind}[{rows[0]}:{rows[1]}]"
 
 
@@ -111,24 +126,47 @@ class Report(Callback):
             torch.save(pl_module.model.state_dict(), self.directory / "weights.pt")
 
 
+def build_model(args: argparse.Namespace) -> torch.nn.Module:
+    """The random model to calibrate: the bundled decoder, or a Qwen3-MoE (``--experts``)."""
+    torch.manual_seed(0)
+    if args.experts == 0:
+        config = TinyDecoderConfig(
+            vocab_size=VOCAB,
+            hidden_size=args.hidden,
+            intermediate_size=args.intermediate,
+            num_layers=args.layers,
+            num_heads=16,
+            num_kv_heads=4,
+            max_seq_len=args.seq,
+        )
+        return TinyDecoder(config).eval()
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        "qwen3_moe",
+        vocab_size=VOCAB,
+        hidden_size=args.hidden,
+        moe_intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        head_dim=args.hidden // 16,
+        num_experts=args.experts,
+        num_experts_per_tok=2,
+        max_position_embeddings=args.seq,
+        attn_implementation="eager",
+    )
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
 def run(args: argparse.Namespace, devices: int, staged: bool, directory: Path) -> dict:
     """One calibration: its times (see ``MEASURES``) and the path of its weights."""
-    config = TinyDecoderConfig(
-        vocab_size=1024,
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_layers=args.layers,
-        num_heads=16,
-        num_kv_heads=4,
-        max_seq_len=args.seq,
-    )
-    torch.manual_seed(0)
-    model = TinyDecoder(config).eval()
+    model = build_model(args)
     groups = {"w4": {"targets": ["Linear"], "weights": W4_G128}}
-    recipe = GPTQModifier(config_groups=groups, ignore=["lm_head"])
+    recipe = GPTQModifier(config_groups=groups, ignore=["lm_head", "re:.*mlp.gate$"])
     module = CalibrationModule(model, recipe, staged=staged, progress=False)
     generator = torch.Generator().manual_seed(1)
-    data = torch.randint(0, config.vocab_size, (args.samples, args.seq), generator=generator)
+    data = torch.randint(0, VOCAB, (args.samples, args.seq), generator=generator)
     SECONDS.update(dict.fromkeys(SECONDS, 0.0))
     SOLVES.clear()
     CALLS.clear()
@@ -179,6 +217,7 @@ def main() -> None:
     parser.add_argument("--staged", choices=["both", "yes", "no"], default="both")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--calls", action="store_true", help="solve CPU per kind of layer")
+    parser.add_argument("--experts", type=int, default=0, help="a Qwen3-MoE with this many")
     args = parser.parse_args()
     torch.set_num_threads(1)  # each DDP worker inherits it: one core per process
     logger.remove()

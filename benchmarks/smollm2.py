@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -333,6 +334,37 @@ def print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     for row in rows:
         if "error" not in row:
             print(f"- {row['run']}, {row['side']}: {row['mean_window_perplexity']:.2f}")
+    print_paired(rows)
+
+
+def print_paired(rows: list[dict[str, Any]]) -> None:
+    """For each run measured on both sides: how far apart the two models are window by window.
+
+    Both score the same windows, so the per-window differences of mean token NLL (ours minus
+    llm-compressor's) say whether a gap in perplexity is more than the spread between windows:
+    their mean (the log of the perplexity ratio) with its standard error, and on how many
+    windows ours is lower.
+    """
+    scored = [row for row in rows if "error" not in row]
+    pairs = [
+        (ours, theirs)
+        for ours in scored
+        for theirs in scored
+        if ours["side"] == "ours" and theirs["side"] == "reference" and ours["run"] == theirs["run"]
+    ]
+    if not pairs:
+        return
+    print("\nPer window, mean token NLL of ours minus llm-compressor's (negative: ours lower):")
+    for ours, theirs in pairs:
+        diff = torch.tensor(ours["window_nll"], dtype=torch.float64) - torch.tensor(
+            theirs["window_nll"], dtype=torch.float64
+        )
+        error = diff.std() / math.sqrt(diff.numel())
+        lower = int((diff < 0).sum())
+        print(
+            f"- {ours['run']}: {diff.mean().item():+.4f} ± {error.item():.4f} (standard error "
+            f"over {diff.numel()} windows), ours lower on {lower} of {diff.numel()}"
+        )
 
 
 def parse_args() -> argparse.Namespace:

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from lightning_compress.layers.known_inputs import inputs_known_ahead
 from lightning_compress.layers.linearize import LayerAdapter, register_adapter
 
 __all__ = ["ExpertMLP", "FusedExpertsAdapter", "LinearExperts", "calibrating_all_experts"]
@@ -89,34 +90,50 @@ class LinearExperts(nn.Module):
         Returns:
             ``[tokens, hidden]``.
         """
-        output = torch.zeros_like(hidden_states)
+        routes = []  # (expert, its tokens, their routing slots, its input)
         for index, expert in enumerate(self.experts()):
             token_idx, slot = torch.where(top_k_index == index)
             if self.calibrate_all:
-                routed = self._expert_forward(expert, hidden_states)[token_idx]
-            elif token_idx.numel() == 0:
-                continue
-            else:
-                routed = self._expert_forward(expert, hidden_states[token_idx])
-            weighted = routed * top_k_weights[token_idx, slot, None]
+                routes.append((expert, token_idx, slot, hidden_states))
+            elif token_idx.numel():
+                routes.append((expert, token_idx, slot, hidden_states[token_idx]))
+        # every expert's gated hidden, then every down projection: the layers of each phase
+        # read inputs known before the first of them runs (a staged calibration takes each
+        # phase as one group)
+        first = [(layer, x) for expert, _, _, x in routes for layer in _input_layers(expert)]
+        with inputs_known_ahead(first):
+            hiddens = [self._gated_hidden(expert, x) for expert, _, _, x in routes]
+        pairs = zip(routes, hiddens, strict=True)
+        downs = [(expert.down_proj, hidden) for (expert, *_), hidden in pairs]
+        with inputs_known_ahead(downs):
+            outs = [down(hidden) for down, hidden in downs]
+        output = torch.zeros_like(hidden_states)
+        for (_, token_idx, slot, _), out in zip(routes, outs, strict=True):
+            if self.has_post_expert_norm:
+                out = self.post_expert_norm(out)
+            if self.calibrate_all:
+                out = out[token_idx]
+            weighted = out * top_k_weights[token_idx, slot, None]
             output.index_add_(0, token_idx, weighted.to(output.dtype))
         return output
 
-    def _expert_forward(self, expert: ExpertMLP, inputs: torch.Tensor) -> torch.Tensor:
+    def _gated_hidden(self, expert: ExpertMLP, inputs: torch.Tensor) -> torch.Tensor:
+        """The input of ``expert``'s down projection."""
         up = expert.up_proj(inputs)
         if self._apply_gate_fn is None:
-            hidden = self.act_fn(up)
+            return self.act_fn(up)
+        gate = expert.gate_proj(inputs)
+        if self.is_concatenated:
+            gate_up = torch.cat([gate, up], dim=-1)
         else:
-            gate = expert.gate_proj(inputs)
-            if self.is_concatenated:
-                gate_up = torch.cat([gate, up], dim=-1)
-            else:
-                gate_up = torch.stack([gate, up], dim=-1).flatten(-2)
-            hidden = self._apply_gate_fn(self, gate_up)
-        out = expert.down_proj(hidden)
-        if self.has_post_expert_norm:
-            out = self.post_expert_norm(out)
-        return out
+            gate_up = torch.stack([gate, up], dim=-1).flatten(-2)
+        return self._apply_gate_fn(self, gate_up)
+
+
+def _input_layers(expert: ExpertMLP) -> list[nn.Linear]:
+    """The layers of ``expert`` that read its input: ``up_proj`` and, when gated, ``gate_proj``."""
+    gate = getattr(expert, "gate_proj", None)
+    return [expert.up_proj] if gate is None else [expert.up_proj, gate]
 
 
 def _expert_from_fused(original: nn.Module, index: int) -> ExpertMLP:

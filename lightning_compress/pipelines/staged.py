@@ -4,19 +4,24 @@ When every modifier compresses each layer from that layer's own inputs (GPTQ, Sp
 Wanda, round-to-nearest; see ``Modifier.staged_layers``), the sequential pipeline does not
 need a calibration forward and then a second forward of the compressed block. Each
 calibration batch runs through the block in its own greenlet, and pauses right before each
-*stage*: the layers that read one input tensor (``q/k/v_proj``, ``gate/up_proj``). Once every
-batch has reached a stage, SEQUENTIAL_EPOCH_END with a subgraph holding just that stage's
-layers compresses them, and the batches go on through the compressed layers. The block's
-outputs are then the compressed block's, from one forward per batch, and each layer is
-calibrated on inputs that the block's earlier, already compressed layers produced.
+*stage*: the layers that read one input tensor (``q/k/v_proj``, ``gate/up_proj``), or layers
+whose inputs the block declared before calling the first of them (a mixture's experts, see
+:mod:`~lightning_compress.layers.known_inputs`: all experts' gate/up projections, then all
+their down projections). Once every batch has reached a stage, SEQUENTIAL_EPOCH_END with a
+subgraph holding just that stage's layers compresses them, and the batches go on through the
+compressed layers. The block's outputs are then the compressed block's, from one forward per
+batch, and each layer is calibrated on inputs that the block's earlier, already compressed
+layers produced.
 
 Only one batch runs at a time; the others wait, so the statistics are gathered in batch
 order as in a plain forward. A probe forward of the first batch, with the calibration hooks
 suspended, finds the stages (of the first block, then of any block built unlike the last one
-probed: blocks built alike reuse them). At a stage, the first layer's calibration hooks run as
-in any forward; the other layers' are replayed on the same input before the batch pauses (the
-probe showed that they read it), and once the stage is compressed its layers' remaining
-calibration hooks are suspended until the block ends, so every hook sees each batch once.
+probed: blocks built alike reuse them). At a stage, the calibration hooks of the first layer a
+batch calls run as in any forward; the other layers' are replayed before the batch pauses, on
+the same input or on the one the block declared for them (the probe showed that they read it;
+a declared layer the batch will not call, an expert without tokens, is left out), and once the
+stage is compressed its layers' remaining calibration hooks are suspended until the block
+ends, so every hook sees each batch once.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_compress.core.distributed import all_reduce_max_, all_reduce_min_, is_distributed
 from lightning_compress.core.tensors import same_input
+from lightning_compress.layers.known_inputs import known_inputs
 from lightning_compress.pipelines.capture import BlockInputs
 from lightning_compress.pipelines.snapshot import BlockSnapshot
 
@@ -42,15 +48,18 @@ __all__ = ["Stage", "StageFinder", "StagedForward", "agree_on_stages", "find_sta
 
 @dataclass(frozen=True)
 class Stage:
-    """Layers of a block that read one input tensor, in the order the block calls them.
+    """Layers of a block compressed together, in the order the block calls them: they read
+    one input tensor, or inputs the block declared before calling the first of them.
 
     Args:
-        layers: the layers; the batches pause before the first.
+        layers: the layers; a batch pauses before the first of them it calls.
         names: their names inside the block.
+        declared: whether the inputs are declared ones (else the layers read one input).
     """
 
     layers: tuple[nn.Module, ...]
     names: tuple[str, ...]
+    declared: bool = False
 
 
 def find_stages(
@@ -69,10 +78,12 @@ def find_stages(
         some layer ran twice or took no tensor input: the block cannot run in stages.
     """
     names = {id(module): name for name, module in block.named_modules()}
-    calls: list[tuple[nn.Module, Any]] = []
+    calls: list[tuple[nn.Module, Any, Any]] = []  # (layer, its input, its declaration)
 
     def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        calls.append((module, args[0] if args else next(iter(kwargs.values()), None)))
+        x = args[0] if args else next(iter(kwargs.values()), None)
+        declared = known_inputs()
+        calls.append((module, x, declared if declared and id(module) in declared else None))
 
     with snapshot.hooks_suspended(block), torch.no_grad():
         handles = [layer.register_forward_pre_hook(record, with_kwargs=True) for layer in layers]
@@ -81,16 +92,28 @@ def find_stages(
         finally:
             for handle in handles:
                 handle.remove()
-    called = [id(module) for module, _ in calls]
-    if len(set(called)) != len(called) or not all(isinstance(x, torch.Tensor) for _, x in calls):
+    called = [id(module) for module, _, _ in calls]
+    if len(set(called)) != len(called) or not all(isinstance(x, torch.Tensor) for _, x, _ in calls):
         return None
-    groups: list[tuple[list[nn.Module], torch.Tensor]] = []
-    for module, x in calls:
-        if groups and same_input(groups[-1][1], x):
-            groups[-1][0].append(module)
+    groups: list[tuple[list[nn.Module], torch.Tensor, Any]] = []
+    for module, x, declared in calls:
+        previous = groups[-1] if groups else None
+        if previous is not None and _same_stage(previous[1], previous[2], x, declared):
+            previous[0].append(module)
         else:
-            groups.append(([module], x))
-    return [Stage(tuple(group), tuple(names[id(m)] for m in group)) for group, _ in groups]
+            groups.append(([module], x, declared))
+    return [
+        Stage(tuple(group), tuple(names[id(m)] for m in group), declared is not None)
+        for group, _, declared in groups
+    ]
+
+
+def _same_stage(first: torch.Tensor, first_declared: Any, x: torch.Tensor, declared: Any) -> bool:
+    """Whether a layer called on ``x`` joins the stage of a layer called on ``first``: both
+    under one declaration of the block, or both undeclared and reading one input."""
+    if declared is not None or first_declared is not None:
+        return declared is first_declared
+    return same_input(first, x)
 
 
 class StageFinder:
@@ -104,7 +127,7 @@ class StageFinder:
 
     def __init__(self) -> None:
         self._probed: tuple[Any, ...] | None = None
-        self._names: list[tuple[str, ...]] | None = None
+        self._names: list[tuple[tuple[str, ...], bool]] | None = None
 
     def find(
         self,
@@ -133,11 +156,14 @@ class StageFinder:
         if built != self._probed:
             stages = find_stages(block, layers, inputs(), snapshot)
             self._probed = built
-            self._names = None if stages is None else [stage.names for stage in stages]
+            self._names = None if stages is None else [(s.names, s.declared) for s in stages]
             return stages
         if self._names is None:
             return None
-        return [Stage(tuple(modules[name] for name in group), group) for group in self._names]
+        return [
+            Stage(tuple(modules[name] for name in group), group, declared)
+            for group, declared in self._names
+        ]
 
 
 def agree_on_stages(stages: list[Stage] | None) -> list[Stage] | None:
@@ -151,7 +177,8 @@ def agree_on_stages(stages: list[Stage] | None) -> list[Stage] | None:
     """
     if not is_distributed():
         return stages
-    signature = -1 if stages is None else zlib.crc32(repr([s.names for s in stages]).encode())
+    described = None if stages is None else repr([(s.names, s.declared) for s in stages])
+    signature = -1 if described is None else zlib.crc32(described.encode())
     low = all_reduce_min_(torch.tensor([signature], dtype=torch.long)).item()
     high = all_reduce_max_(torch.tensor([signature], dtype=torch.long)).item()
     return stages if low == high != -1 else None
@@ -219,12 +246,10 @@ class StagedForward:
     def _install_hooks(self) -> list[RemovableHandle]:
         handles = []
         for index, stage in enumerate(self.stages):
-            replayed = [(layer, self._calibration_pre_hooks(layer)) for layer in stage.layers[1:]]
-            pause = self._pause_hook(index, replayed)
-            handles.append(stage.layers[0].register_forward_pre_hook(pause, with_kwargs=True))
-            for layer in stage.layers[1:]:
-                check = self._check_hook(index, layer)
-                handles.append(layer.register_forward_pre_hook(check, prepend=True))
+            hooks = [(layer, self._calibration_pre_hooks(layer)) for layer in stage.layers]
+            for layer in stage.layers:
+                hook = self._stage_hook(index, layer, hooks)
+                handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
         return handles
 
     def _calibration_pre_hooks(self, layer: nn.Module) -> list[tuple[int, Callable[..., Any]]]:
@@ -235,27 +260,30 @@ class StagedForward:
             if (name, "_forward_pre_hooks", key) in self.snapshot.hooks
         ]
 
-    def _pause_hook(
-        self, index: int, replayed: list[tuple[nn.Module, list[tuple[int, Callable[..., Any]]]]]
+    def _stage_hook(
+        self,
+        index: int,
+        layer: nn.Module,
+        hooks: list[tuple[nn.Module, list[tuple[int, Callable[..., Any]]]]],
     ) -> Callable[[nn.Module, tuple, dict], tuple[tuple, dict] | None]:
-        """The hook on a stage's first layer: replay the others' hooks, wait, then run the
-        hooks that compression added to the layer (its input quantizer)."""
+        """The hook on each layer of a stage, after its calibration hooks. On the first of
+        them a batch calls: replay the others' calibration hooks, wait for the stage to be
+        compressed, then run the hooks that compression added to the layer (its input
+        quantizer). On the others, once compressed: check they read what was replayed."""
+        stage = self.stages[index]
+        others = [(other, replays) for other, replays in hooks if other is not layer]
 
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
             worker = getcurrent()
-            if not isinstance(worker, _Batch) or self._compressed[index]:
+            if not isinstance(worker, _Batch):
                 return None
-            for layer, hooks in replayed:
-                for key, replay in hooks:
-                    with_kwargs = key in layer._forward_pre_hooks_with_kwargs
-                    result = replay(layer, args, kwargs) if with_kwargs else replay(layer, args)
-                    if result is not None:
-                        raise RuntimeError(
-                            f"a calibration hook of {type(layer).__name__} changes the layer's "
-                            "input, so the staged calibration cannot replay it; pass "
-                            "staged=False"
-                        )
-            worker.inputs[index] = args[0] if args else None
+            if self._compressed[index]:
+                self._check_input(worker, index, module, args)
+                return None
+            for other, replays in others:
+                read = self._replay(stage, other, replays, args, kwargs)
+                if read is not None:
+                    worker.inputs[(index, id(other))] = read
             before = set(module._forward_pre_hooks)
             worker.pause(index)
             added = [
@@ -274,27 +302,48 @@ class StagedForward:
 
         return hook
 
-    def _check_hook(self, index: int, layer: nn.Module) -> Callable[[nn.Module, tuple], None]:
-        """The hook on a stage's other layers: they must read what the first one read."""
+    @staticmethod
+    def _replay(
+        stage: Stage,
+        layer: nn.Module,
+        replays: list[tuple[int, Callable[..., Any]]],
+        args: tuple,
+        kwargs: dict,
+    ) -> Any:
+        """Runs ``layer``'s calibration hooks on the input it will read: the block's
+        declaration for it, or the input of the layer being called (a stage of one input).
+
+        Returns:
+            That input, or None when the block declared none for ``layer`` (it will not call it).
+        """
+        if stage.declared:
+            declared = known_inputs()
+            if declared is None or id(layer) not in declared:
+                return None
+            args, kwargs = (declared[id(layer)],), {}
+        for key, replay in replays:
+            with_kwargs = key in layer._forward_pre_hooks_with_kwargs
+            result = replay(layer, args, kwargs) if with_kwargs else replay(layer, args)
+            if result is not None:
+                raise RuntimeError(
+                    f"a calibration hook of {type(layer).__name__} changes the layer's "
+                    "input, so the staged calibration cannot replay it; pass staged=False"
+                )
+        return args[0] if args else None
+
+    def _check_input(self, worker: _Batch, index: int, layer: nn.Module, args: tuple) -> None:
+        """Refuses a layer that reads another input than its calibration hooks were replayed on."""
+        read = worker.inputs.pop((index, id(layer)), None)
+        if read is None or (args and same_input(read, args[0])):
+            return
         stage = self.stages[index]
         name = stage.names[stage.layers.index(layer)]
-
-        def hook(module: nn.Module, args: tuple) -> None:
-            worker = getcurrent()
-            if not isinstance(worker, _Batch) or index not in worker.inputs:
-                return
-            read = (
-                worker.inputs[index] if layer is not stage.layers[-1] else worker.inputs.pop(index)
-            )
-            if not args or not same_input(read, args[0]):
-                raise RuntimeError(
-                    f"'{name}' read another input than '{stage.names[0]}' in calibration batch "
-                    f"{worker.index}, though it read the same one in the first batch; the "
-                    "staged calibration needs the block to run the same way on every batch: "
-                    "pass staged=False"
-                )
-
-        return hook
+        what = "the one the block declared for it" if stage.declared else f"'{stage.names[0]}'"
+        raise RuntimeError(
+            f"'{name}' read another input than {what} in calibration batch {worker.index}, "
+            "though it read the same one in the first batch; the staged calibration needs the "
+            "block to run the same way on every batch: pass staged=False"
+        )
 
 
 class _Cancelled(BaseException):
@@ -314,7 +363,7 @@ class _Batch(greenlet):
         self.index = index
         self.forward = forward
         self.stage: int | None = None
-        self.inputs: dict[int, Any] = {}
+        self.inputs: dict[tuple[int, int], Any] = {}  # (stage, id(layer)): input replayed
 
     def run(self) -> None:
         """The greenlet's body: the batch's forward."""

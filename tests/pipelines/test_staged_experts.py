@@ -1,0 +1,102 @@
+"""The staged calibration takes a mixture's experts as two stages: all gate/up, then all down."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import pytest
+import torch
+from moe_models import tiny_moe, tokens
+
+from lightning_compress.core import CompressionSession
+from lightning_compress.layers import experts as experts_module
+from lightning_compress.modifiers import GPTQModifier
+from lightning_compress.pipelines import PipelineOptions, create_pipeline
+
+from .test_staged import SubgraphLog
+
+GROUP = {"num_bits": 4, "strategy": "group", "group_size": 16}
+EXPERTS = 4
+
+
+def gptq() -> GPTQModifier:
+    return GPTQModifier(
+        config_groups={"g": {"targets": ["Linear"], "weights": GROUP}},
+        ignore=["lm_head", "re:.*mlp.gate$"],
+    )
+
+
+def calibrate(model, recipe, batches, everything: bool) -> CompressionSession:
+    session = CompressionSession()
+    session.initialize(recipe=recipe, model=model)
+    options = PipelineOptions(moe_calibrate_all_experts=everything)
+    create_pipeline("sequential", model, session, options)(batches)
+    return session
+
+
+def routed_experts(model, batches) -> list[list[set[int]]]:
+    """The experts each block routes some token of each batch to, by batch then block."""
+    routed: list[list[set[int]]] = []
+
+    def record(module, args, output):
+        routed[-1].append(set(args[1].unique().tolist()))
+
+    experts = [m for name, m in model.named_modules() if name.endswith("mlp.experts")]
+    handles = [module.register_forward_hook(record) for module in experts]
+    with torch.no_grad():
+        for batch in batches:
+            routed.append([])
+            model(batch)
+    for handle in handles:
+        handle.remove()
+    return routed
+
+
+def batches_skipping_an_expert() -> list[torch.Tensor]:
+    """Batches whose first reaches every expert of each block and whose later ones do not."""
+    return [tokens(2, 16, 0), tokens(1, 2, 13), tokens(1, 2, 6)]
+
+
+def test_the_experts_of_a_block_are_compressed_in_two_stages():
+    model = tiny_moe("qwen3_moe")
+    batches = [tokens(2, 16, 0), tokens(2, 16, 1)]
+    session = calibrate(model, [gptq(), SubgraphLog()], batches, everything=True)
+    log = session.lifecycle.recipe.modifiers[1]
+    session.finalize()
+    expected = []
+    for block in ("model.layers.0", "model.layers.1"):
+        experts = [f"{block}.mlp.experts.{e}" for e in range(EXPERTS)]
+        expected += [
+            [f"{block}.self_attn.{name}" for name in ("q_proj", "k_proj", "v_proj")],
+            [f"{block}.self_attn.o_proj"],
+            [f"{expert}.{name}" for expert in experts for name in ("up_proj", "gate_proj")],
+            [f"{expert}.down_proj" for expert in experts],
+            [block],
+        ]
+    assert log.subgraphs == expected
+
+
+@pytest.mark.parametrize("everything", [True, False])
+def test_two_stages_of_experts_equal_one_stage_per_expert(monkeypatch, everything):
+    """Each expert's layers read the same inputs and get the same statistics either way, so
+    the weights are equal to the last bit, also when a later batch routes no token to the
+    expert whose layers come first in a stage (its batch pauses at the next one)."""
+    batches = batches_skipping_an_expert()
+    routed = routed_experts(tiny_moe("qwen3_moe"), batches)
+    assert all(blocks == set(range(EXPERTS)) for blocks in routed[0])
+    assert any(0 not in blocks for batch in routed[1:] for blocks in batch)
+
+    two_stages = tiny_moe("qwen3_moe")
+    calibrate(two_stages, gptq(), batches, everything).finalize()
+    monkeypatch.setattr(experts_module, "inputs_known_ahead", lambda inputs: nullcontext())
+    per_expert = tiny_moe("qwen3_moe")
+    log = SubgraphLog()
+    session = calibrate(per_expert, [gptq(), log], batches, everything)
+    subgraphs = session.lifecycle.recipe.modifiers[1].subgraphs
+    session.finalize()
+    assert ["model.layers.0.mlp.experts.1.down_proj"] in subgraphs  # one stage per expert
+
+    got, want = two_stages.state_dict(), per_expert.state_dict()
+    assert got.keys() == want.keys()
+    for name, tensor in want.items():
+        assert torch.equal(got[name], tensor), name
