@@ -16,12 +16,15 @@ runs give the same weights, bit for bit.
 
     python benchmarks/parallel_solve.py [--layers 4] [--hidden 1024] [--intermediate 2816]
         [--samples 16] [--seq 128] [--staged both|yes|no] [--repeats 1] [--calls]
-        [--experts 0]
+        [--experts 0] [--routed]
 
 ``--experts N`` (N > 0) calibrates a random transformers Qwen3-MoE instead (the same hidden
 size, heads and depth; N experts of ``--intermediate`` each, two per token, routers left
 unquantized as compressed-tensors recipes leave them): a mixture's experts are many
-independent layers of one size, which the owners can share out evenly.
+independent layers of one size, which the owners can share out evenly. By default every
+expert is calibrated on every token (as ``oneshot`` does), so all experts' gate/up projections
+share one Hessian and are solved in one call; ``--routed`` calibrates each on its routed tokens
+(``moe_calibrate_all_experts=False``): one Hessian, and one call, per expert.
 
 ``--calls`` also prints, for each run, the solve CPU time of each rank per kind of layer
 (``self_attn.q_proj+k_proj+v_proj``, ``mlp.down_proj[0:512]``: a row slice), summed over the
@@ -164,7 +167,9 @@ def run(args: argparse.Namespace, devices: int, staged: bool, directory: Path) -
     model = build_model(args)
     groups = {"w4": {"targets": ["Linear"], "weights": W4_G128}}
     recipe = GPTQModifier(config_groups=groups, ignore=["lm_head", "re:.*mlp.gate$"])
-    module = CalibrationModule(model, recipe, staged=staged, progress=False)
+    module = CalibrationModule(
+        model, recipe, staged=staged, progress=False, moe_calibrate_all_experts=not args.routed
+    )
     generator = torch.Generator().manual_seed(1)
     data = torch.randint(0, VOCAB, (args.samples, args.seq), generator=generator)
     SECONDS.update(dict.fromkeys(SECONDS, 0.0))
@@ -218,6 +223,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--calls", action="store_true", help="solve CPU per kind of layer")
     parser.add_argument("--experts", type=int, default=0, help="a Qwen3-MoE with this many")
+    parser.add_argument("--routed", action="store_true", help="experts see their tokens only")
     args = parser.parse_args()
     torch.set_num_threads(1)  # each DDP worker inherits it: one core per process
     logger.remove()
