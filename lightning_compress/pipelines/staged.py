@@ -7,7 +7,7 @@ calibration batch runs through the block in its own greenlet, and pauses right b
 *stage*: the layers that read one input tensor (``q/k/v_proj``, ``gate/up_proj``), or layers
 whose inputs the block declared before calling the first of them (a mixture's experts, see
 :mod:`~lightning_compress.layers.known_inputs`: all experts' gate/up projections, then all
-their down projections). Once every batch has reached a stage, SEQUENTIAL_EPOCH_END with a
+their down projections, split where their statistics would pass :data:`DECLARED_STAGE_BYTES`). Once every batch has reached a stage, SEQUENTIAL_EPOCH_END with a
 subgraph holding just that stage's layers compresses them, and the batches go on through the
 compressed layers. The block's outputs are then the compressed block's, from one forward per
 batch, and each layer is calibrated on inputs that the block's earlier, already compressed
@@ -95,25 +95,55 @@ def find_stages(
     called = [id(module) for module, _, _ in calls]
     if len(set(called)) != len(called) or not all(isinstance(x, torch.Tensor) for _, x, _ in calls):
         return None
-    groups: list[tuple[list[nn.Module], torch.Tensor, Any]] = []
+    groups: list[_Group] = []
     for module, x, declared in calls:
-        previous = groups[-1] if groups else None
-        if previous is not None and _same_stage(previous[1], previous[2], x, declared):
-            previous[0].append(module)
-        else:
-            groups.append(([module], x, declared))
+        if not groups or not groups[-1].takes(x, declared):
+            groups.append(_Group([], x, declared, _statistics_bytes(x)))
+        groups[-1].add(module, x)
     return [
-        Stage(tuple(group), tuple(names[id(m)] for m in group), declared is not None)
-        for group, _, declared in groups
+        Stage(tuple(group.layers), tuple(names[id(m)] for m in group.layers), group.declared)
+        for group in groups
     ]
 
 
-def _same_stage(first: torch.Tensor, first_declared: Any, x: torch.Tensor, declared: Any) -> bool:
-    """Whether a layer called on ``x`` joins the stage of a layer called on ``first``: both
-    under one declaration of the block, or both undeclared and reading one input."""
-    if declared is not None or first_declared is not None:
-        return declared is first_declared
-    return same_input(first, x)
+DECLARED_STAGE_BYTES = 1 << 30
+"""At most this many bytes of statistics in one stage of declared inputs (counted as a float64
+input Hessian per distinct input, the largest statistic a built-in modifier keeps), at least
+one input's: the layers of a larger declaration, e.g. many large experts each with its own
+tokens, are split into consecutive stages, so that they do not all hold their statistics at once."""
+
+
+def _statistics_bytes(x: torch.Tensor) -> int:
+    """The bytes of a float64 Hessian of inputs like ``x``."""
+    return 8 * x.shape[-1] ** 2
+
+
+@dataclass
+class _Group:
+    """The layers of a stage being found, the latest input they read, their declaration (None:
+    one input, undeclared) and the bytes of statistics their inputs need."""
+
+    layers: list[nn.Module]
+    x: torch.Tensor
+    declared: Any
+    size: int
+
+    def takes(self, x: torch.Tensor, declared: Any) -> bool:
+        """Whether a layer called on ``x`` under ``declared`` joins this stage: both under one
+        declaration (while its statistics fit :data:`DECLARED_STAGE_BYTES`), or both
+        undeclared and reading one input."""
+        if declared is None or self.declared is None:
+            return declared is None and self.declared is None and same_input(self.x, x)
+        if declared is not self.declared:
+            return False
+        return same_input(self.x, x) or self.size + _statistics_bytes(x) <= DECLARED_STAGE_BYTES
+
+    def add(self, layer: nn.Module, x: torch.Tensor) -> None:
+        """Appends ``layer``, called on ``x``."""
+        if self.layers and not same_input(self.x, x):
+            self.size += _statistics_bytes(x)
+        self.layers.append(layer)
+        self.x = x
 
 
 class StageFinder:

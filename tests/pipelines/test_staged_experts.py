@@ -12,6 +12,7 @@ from lightning_compress.core import CompressionSession
 from lightning_compress.layers import experts as experts_module
 from lightning_compress.modifiers import GPTQModifier
 from lightning_compress.pipelines import PipelineOptions, create_pipeline
+from lightning_compress.pipelines import staged as staged_module
 
 from .test_staged import SubgraphLog
 
@@ -76,11 +77,32 @@ def test_the_experts_of_a_block_are_compressed_in_two_stages():
     assert log.subgraphs == expected
 
 
+def test_declared_stages_hold_at_most_the_statistics_budget(monkeypatch):
+    """Routed, each expert's gate/up read their own input: with room for two float64 Hessians
+    of the hidden size (8 * 32**2 bytes each), the experts' gate/up come in stages of two
+    experts; the down projections (16 inputs each) all fit in one."""
+    monkeypatch.setattr(staged_module, "DECLARED_STAGE_BYTES", 2 * 8 * 32**2)
+    model = tiny_moe("qwen3_moe")
+    session = calibrate(model, [gptq(), SubgraphLog()], batches_skipping_an_expert(), False)
+    log = session.lifecycle.recipe.modifiers[1]
+    session.finalize()
+    experts = "model.layers.0.mlp.experts"
+    pairs = [
+        [f"{experts}.{e}.{name}" for e in pair for name in ("up_proj", "gate_proj")]
+        for pair in ((0, 1), (2, 3))
+    ]
+    assert log.subgraphs[2:5] == [*pairs, [f"{experts}.{e}.down_proj" for e in range(EXPERTS)]]
+
+
+@pytest.mark.parametrize("budget", [None, 2 * 8 * 32**2])
 @pytest.mark.parametrize("everything", [True, False])
-def test_two_stages_of_experts_equal_one_stage_per_expert(monkeypatch, everything):
+def test_two_stages_of_experts_equal_one_stage_per_expert(monkeypatch, everything, budget):
     """Each expert's layers read the same inputs and get the same statistics either way, so
     the weights are equal to the last bit, also when a later batch routes no token to the
-    expert whose layers come first in a stage (its batch pauses at the next one)."""
+    expert whose layers come first in a stage (its batch pauses at the next one), and when
+    the declared stages are split to fit a statistics budget."""
+    if budget is not None:
+        monkeypatch.setattr(staged_module, "DECLARED_STAGE_BYTES", budget)
     batches = batches_skipping_an_expert()
     routed = routed_experts(tiny_moe("qwen3_moe"), batches)
     assert all(blocks == set(range(EXPERTS)) for blocks in routed[0])
