@@ -7,14 +7,17 @@ from contextlib import nullcontext
 import pytest
 import torch
 from moe_models import tiny_moe, tokens
+from torch import nn
 
 from lightning_compress.core import CompressionSession
 from lightning_compress.layers import experts as experts_module
-from lightning_compress.modifiers import GPTQModifier
+from lightning_compress.layers.known_inputs import inputs_known_ahead
+from lightning_compress.modifiers import GPTQModifier, WandaPruningModifier
 from lightning_compress.pipelines import PipelineOptions, create_pipeline
 from lightning_compress.pipelines import staged as staged_module
 
-from .test_staged import SubgraphLog
+from .test_sequential import all_hooks
+from .test_staged import SubgraphLog, paused_batches
 
 GROUP = {"num_bits": 4, "strategy": "group", "group_size": 16}
 EXPERTS = 4
@@ -122,3 +125,45 @@ def test_two_stages_of_experts_equal_one_stage_per_expert(monkeypatch, everythin
     assert got.keys() == want.keys()
     for name, tensor in want.items():
         assert torch.equal(got[name], tensor), name
+
+
+class DeclaringBlock(nn.Module):
+    """Declares ``a``'s and ``b``'s inputs; in long batches ``b`` reads a copy of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        doubled = 2 * x
+        with inputs_known_ahead([(self.a, x), (self.b, doubled)]):
+            first = self.a(x)
+            second = self.b(doubled if x.shape[1] < 6 else doubled.clone())
+        return x + first + second
+
+
+class DeclaringModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(16, 8)
+        self.layers = nn.ModuleList([DeclaringBlock(), DeclaringBlock()])
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(input_ids)
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def test_a_layer_reading_another_input_than_declared_is_named():
+    model = DeclaringModel()
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    batches = [torch.randint(0, 16, (1, 4)), torch.randint(0, 16, (1, 8))]
+    recipe = WandaPruningModifier(sparsity=0.5, targets=["Linear"])
+    with pytest.raises(RuntimeError, match=r"'b' read another input than the one the block"):
+        calibrate(model, [recipe, SubgraphLog()], batches, everything=True)
+    assert all(torch.equal(t, before[name]) for name, t in model.state_dict().items())
+    assert all_hooks(model) == [] and not paused_batches()
+    session = calibrate(model, [recipe, SubgraphLog()], batches[:1], everything=True)
+    assert session.lifecycle.recipe.modifiers[1].subgraphs[0] == ["layers.0.a", "layers.0.b"]
+    session.finalize()
