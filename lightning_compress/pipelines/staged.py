@@ -7,8 +7,9 @@ calibration batch runs through the block in its own greenlet, and pauses right b
 *stage*: the layers that read one input tensor (``q/k/v_proj``, ``gate/up_proj``), or layers
 whose inputs the block declared before calling the first of them (a mixture's experts, see
 :mod:`~lightning_compress.layers.known_inputs`: all experts' gate/up projections, then all
-their down projections, split where their statistics would pass :data:`DECLARED_STAGE_BYTES`). Once every batch has reached a stage, SEQUENTIAL_EPOCH_END with a
-subgraph holding just that stage's layers compresses them, and the batches go on through the
+their down projections, split where their statistics would pass
+:data:`DECLARED_STAGE_BYTES`). Once every batch has reached a stage, SEQUENTIAL_EPOCH_END with
+a subgraph holding just that stage's layers compresses them, and the batches go on through the
 compressed layers. The block's outputs are then the compressed block's, from one forward per
 batch, and each layer is calibrated on inputs that the block's earlier, already compressed
 layers produced.
