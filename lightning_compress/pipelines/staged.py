@@ -102,7 +102,11 @@ def find_stages(
             groups.append(_Group([], x, declared, _statistics_bytes(x)))
         groups[-1].add(module, x)
     return [
-        Stage(tuple(group.layers), tuple(names[id(m)] for m in group.layers), group.declared)
+        Stage(
+            tuple(group.layers),
+            tuple(names[id(m)] for m in group.layers),
+            group.declared is not None,
+        )
         for group in groups
     ]
 
