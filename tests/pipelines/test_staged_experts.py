@@ -61,10 +61,19 @@ def batches_skipping_an_expert() -> list[torch.Tensor]:
     return [tokens(2, 16, 0), tokens(1, 2, 13), tokens(1, 2, 6)]
 
 
-def test_the_experts_of_a_block_are_compressed_in_two_stages():
+def test_the_experts_of_a_block_are_compressed_in_two_stages(monkeypatch):
+    found = []
+    probe = staged_module.find_stages
+    monkeypatch.setattr(
+        staged_module, "find_stages", lambda *args: found.append(probe(*args)) or found[-1]
+    )
     model = tiny_moe("qwen3_moe")
     batches = [tokens(2, 16, 0), tokens(2, 16, 1)]
     session = calibrate(model, [gptq(), SubgraphLog()], batches, everything=True)
+    # what ranks compare to agree on the stages: names and plain flags, no probe tensors
+    assert [[stage.declared for stage in stages] for stages in found] == [
+        [False, False, True, True]
+    ]
     log = session.lifecycle.recipe.modifiers[1]
     session.finalize()
     expected = []
