@@ -110,18 +110,17 @@ class LinearExperts(nn.Module):
         first = [(layer, x) for expert, _, _, x in routes for layer in _input_layers(expert)]
         with inputs_known_ahead(first):
             hiddens = [self._gated_hidden(expert, x) for expert, _, _, x in routes]
-        pairs = zip(routes, hiddens, strict=True)
-        downs = [(expert.down_proj, hidden) for (expert, *_), hidden in pairs]
-        with inputs_known_ahead(downs):
-            outs = [down(hidden) for down, hidden in downs]
+        pairs = list(zip(routes, hiddens, strict=True))
         output = torch.zeros_like(hidden_states)
-        for (_, token_idx, slot, _), out in zip(routes, outs, strict=True):
-            if self.has_post_expert_norm:
-                out = self.post_expert_norm(out)
-            if self.calibrate_all:
-                out = out[token_idx]
-            weighted = out * top_k_weights[token_idx, slot, None]
-            output.index_add_(0, token_idx, weighted.to(output.dtype))
+        with inputs_known_ahead([(expert.down_proj, hidden) for (expert, *_), hidden in pairs]):
+            for (expert, token_idx, slot, _), hidden in pairs:
+                out = expert.down_proj(hidden)
+                if self.has_post_expert_norm:
+                    out = self.post_expert_norm(out)
+                if self.calibrate_all:
+                    out = out[token_idx]
+                weighted = out * top_k_weights[token_idx, slot, None]
+                output.index_add_(0, token_idx, weighted.to(output.dtype))
         return output
 
     def _gated_hidden(self, expert: ExpertMLP, inputs: torch.Tensor) -> torch.Tensor:
