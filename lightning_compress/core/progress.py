@@ -24,7 +24,9 @@ def progress_bar(
     """Wraps ``iterable`` in a progress bar with an ETA.
 
     The bar is written to stderr and shown only when stderr is a terminal, so logs,
-    notebooks and captured output get no control characters.
+    notebooks and captured output get no control characters. Off a terminal no bar is made
+    at all: a tqdm bar, even hidden, takes tqdm's lock, shared with forked processes, which a
+    process killed while holding it (a save's child, a worker) would leave locked for ever.
 
     Args:
         iterable: what to iterate over.
@@ -36,16 +38,19 @@ def progress_bar(
     Returns:
         The items of ``iterable``, in order.
     """
-    disable = None if enabled else True  # None: tqdm hides the bar off a terminal
+    if not enabled or not _is_terminal(sys.stderr):
+        return iterable
     return tqdm(
-        iterable,
-        desc=description,
-        total=total,
-        disable=disable,
-        file=sys.stderr,
-        dynamic_ncols=True,
-        unit=unit,
+        iterable, desc=description, total=total, file=sys.stderr, dynamic_ncols=True, unit=unit
     )
+
+
+def _is_terminal(stream: object) -> bool:
+    """Whether ``stream`` is an open terminal (tqdm's test for showing a bar)."""
+    try:
+        return bool(stream.isatty())  # type: ignore[attr-defined]
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
 
 
 def format_duration(seconds: float) -> str:

@@ -1,11 +1,16 @@
-"""Block progress: a log line per block with its time, the mean and the time left."""
+"""Block progress: a log line per block with its time, the mean and the time left; bars only
+on a terminal."""
 
 from __future__ import annotations
 
+import io
+import sys
+
 import pytest
 from loguru import logger
+from tqdm import tqdm
 
-from lightning_compress.core.progress import BlockProgress, format_duration
+from lightning_compress.core.progress import BlockProgress, format_duration, progress_bar
 
 
 @pytest.fixture
@@ -49,3 +54,26 @@ def test_disabled_progress_counts_without_logging(messages):
 )
 def test_durations_read_as_seconds_minutes_or_hours(seconds, text):
     assert format_duration(seconds) == text
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_off_a_terminal_no_bar_is_made_so_no_lock_is_taken(monkeypatch):
+    """A tqdm bar, even hidden, takes tqdm's lock (shared with forked processes, and left
+    locked for ever by one killed while holding it): off a terminal none is made."""
+    taken = []
+    lock = tqdm.get_lock
+    monkeypatch.setattr(tqdm, "get_lock", classmethod(lambda cls: taken.append(cls) or lock()))
+    items = [1, 2, 3]
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    assert progress_bar(items, "Saving") is items
+    assert progress_bar(items, "Saving", enabled=False) is items
+    assert taken == []
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    shown = progress_bar(items, "Saving")
+    assert list(shown) == items and isinstance(shown, tqdm) and taken
+    assert "Saving" in sys.stderr.getvalue()
+    assert progress_bar(items, "Saving", enabled=False) is items
