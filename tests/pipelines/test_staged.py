@@ -261,11 +261,13 @@ class FickleBlock(nn.Module):
         return x + self.a(x) + self.b(x if x.shape[1] < 6 else x.clone())
 
 
-class FickleModel(nn.Module):
-    def __init__(self) -> None:
+class TwoBlocks(nn.Module):
+    """An embedding of 16 tokens in 8 features, then two blocks of class ``block``."""
+
+    def __init__(self, block: type[nn.Module]) -> None:
         super().__init__()
         self.embed = nn.Embedding(16, 8)
-        self.layers = nn.ModuleList([FickleBlock(), FickleBlock()])
+        self.layers = nn.ModuleList([block(), block()])
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.embed(input_ids)
@@ -275,7 +277,7 @@ class FickleModel(nn.Module):
 
 
 def test_a_layer_reading_another_input_in_a_later_batch_is_named():
-    model = FickleModel()
+    model = TwoBlocks(FickleBlock)
     before = weights(model)
     batches = [torch.randint(0, 16, (1, 4)), torch.randint(0, 16, (1, 8))]
     with pytest.raises(RuntimeError, match=r"'b' read another input than 'a'.*staged=False"):

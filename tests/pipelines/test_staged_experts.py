@@ -17,7 +17,7 @@ from lightning_compress.pipelines import PipelineOptions, create_pipeline
 from lightning_compress.pipelines import staged as staged_module
 
 from .test_sequential import all_hooks
-from .test_staged import SubgraphLog, paused_batches
+from .test_staged import SubgraphLog, TwoBlocks, paused_batches
 
 GROUP = {"num_bits": 4, "strategy": "group", "group_size": 16}
 EXPERTS = 4
@@ -151,21 +151,8 @@ class DeclaringBlock(nn.Module):
         return x + first + second
 
 
-class DeclaringModel(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(16, 8)
-        self.layers = nn.ModuleList([DeclaringBlock(), DeclaringBlock()])
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        x = self.embed(input_ids)
-        for layer in self.layers:
-            x = layer(x)
-        return x
-
-
 def test_a_layer_reading_another_input_than_declared_is_named():
-    model = DeclaringModel()
+    model = TwoBlocks(DeclaringBlock)
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     batches = [torch.randint(0, 16, (1, 4)), torch.randint(0, 16, (1, 8))]
     recipe = WandaPruningModifier(sparsity=0.5, targets=["Linear"])
