@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Iterable
 from typing import TypeVar
+from weakref import WeakSet
 
 from loguru import logger
 from tqdm import tqdm
@@ -25,8 +27,9 @@ def progress_bar(
 
     The bar is written to stderr and shown only when stderr is a terminal, so logs,
     notebooks and captured output get no control characters. Off a terminal no bar is made
-    at all: a tqdm bar, even hidden, takes tqdm's lock, shared with forked processes, which a
-    process killed while holding it (a save's child, a worker) would leave locked for ever.
+    at all. A bar takes a lock; tqdm's own is shared with forked processes, so one killed
+    while holding it (a save's child, a worker) would leave it locked for ever: these bars
+    take a lock of their own process (:class:`_Bar`).
 
     Args:
         iterable: what to iterate over.
@@ -40,9 +43,17 @@ def progress_bar(
     """
     if not enabled or not _is_terminal(sys.stderr):
         return iterable
-    return tqdm(
+    return _Bar(
         iterable, desc=description, total=total, file=sys.stderr, dynamic_ncols=True, unit=unit
     )
+
+
+class _Bar(tqdm):
+    """A tqdm bar whose lock and list of bars are this process's alone (a thread lock, not
+    tqdm's shared multiprocessing one)."""
+
+    _lock = threading.RLock()
+    _instances: WeakSet = WeakSet()
 
 
 def _is_terminal(stream: object) -> bool:

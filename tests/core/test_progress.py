@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import sys
+import threading
 
 import pytest
 from loguru import logger
@@ -62,8 +63,8 @@ class Terminal(io.StringIO):
 
 
 def test_off_a_terminal_no_bar_is_made_so_no_lock_is_taken(monkeypatch):
-    """A tqdm bar, even hidden, takes tqdm's lock (shared with forked processes, and left
-    locked for ever by one killed while holding it): off a terminal none is made."""
+    """A tqdm bar, even hidden, takes a lock (tqdm's own is shared with forked processes, and
+    left locked for ever by one killed while holding it): off a terminal none is made."""
     taken = []
     lock = tqdm.get_lock
     monkeypatch.setattr(tqdm, "get_lock", classmethod(lambda cls: taken.append(cls) or lock()))
@@ -72,8 +73,14 @@ def test_off_a_terminal_no_bar_is_made_so_no_lock_is_taken(monkeypatch):
     assert progress_bar(items, "Saving") is items
     assert progress_bar(items, "Saving", enabled=False) is items
     assert taken == []
+
+
+def test_on_a_terminal_the_bar_takes_a_lock_of_this_process_only(monkeypatch):
+    items = [1, 2, 3]
     monkeypatch.setattr(sys, "stderr", Terminal())
     shown = progress_bar(items, "Saving")
-    assert list(shown) == items and isinstance(shown, tqdm) and taken
+    assert isinstance(shown, tqdm) and list(shown) == items
     assert "Saving" in sys.stderr.getvalue()
+    assert type(shown).get_lock() is not tqdm.get_lock()
+    assert isinstance(type(shown).get_lock(), type(threading.RLock()))
     assert progress_bar(items, "Saving", enabled=False) is items
