@@ -82,3 +82,21 @@ def tiny_moe(
 def tokens(batch: int = 2, length: int = 12, seed: int = 1) -> torch.Tensor:
     """Random token ids ``[batch, length]``."""
     return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def routed_experts(model: nn.Module, batches: list[torch.Tensor]) -> list[list[set[int]]]:
+    """The experts each block routes some token of each batch to, by batch then block."""
+    routed: list[list[set[int]]] = []
+
+    def record(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        routed[-1].append(set(args[1].unique().tolist()))
+
+    experts = [m for name, m in model.named_modules() if name.endswith("mlp.experts")]
+    handles = [module.register_forward_hook(record) for module in experts]
+    with torch.no_grad():
+        for batch in batches:
+            routed.append([])
+            model(batch)
+    for handle in handles:
+        handle.remove()
+    return routed

@@ -22,7 +22,12 @@ from lightning_compress.pipelines.blocks import find_blocks, hidden_states_of
 from lightning_compress.pipelines.cache import ActivationCache
 from lightning_compress.pipelines.capture import capture_block_inputs
 from lightning_compress.pipelines.snapshot import BlockSnapshot, BlockVersions
-from lightning_compress.pipelines.staged import Stage, StagedForward, StageFinder, agree_on_stages
+from lightning_compress.pipelines.staged import (
+    Stage,
+    StagedForward,
+    StageFinder,
+    first_rank_stages,
+)
 from lightning_compress.pipelines.tail import ModelTail
 
 __all__ = ["SequentialPipeline"]
@@ -211,12 +216,12 @@ class SequentialPipeline(CalibrationPipeline):
                 layers = {}
                 break
             layers.update((id(layer), layer) for layer in staged)
-        stages = None
+        stages = None  # every rank probes (a sharded block's forward is collective)
         if layers and len(self.cache):
             stages = self.stage_finder.find(
                 block, list(layers.values()), lambda: self.cache.inputs(0).to(device), snapshot
             )
-        return agree_on_stages(stages)
+        return first_rank_stages(block, stages)
 
     def _calibrate_in_stages(
         self, block: nn.Module, snapshot: BlockSnapshot, stages: list[Stage], device: torch.device

@@ -27,7 +27,6 @@ ends, so every hook sees each batch once.
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -38,13 +37,13 @@ from greenlet import getcurrent, greenlet
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_compress.core.distributed import all_reduce_max_, all_reduce_min_, is_distributed
+from lightning_compress.core.distributed import all_gather_or_raise, is_distributed
 from lightning_compress.core.tensors import same_input
 from lightning_compress.layers.known_inputs import known_inputs
 from lightning_compress.pipelines.capture import BlockInputs
 from lightning_compress.pipelines.snapshot import BlockSnapshot
 
-__all__ = ["Stage", "StageFinder", "StagedForward", "agree_on_stages", "find_stages"]
+__all__ = ["Stage", "StageFinder", "StagedForward", "find_stages", "first_rank_stages"]
 
 
 @dataclass(frozen=True)
@@ -201,22 +200,32 @@ class StageFinder:
         ]
 
 
-def agree_on_stages(stages: list[Stage] | None) -> list[Stage] | None:
-    """``stages`` if every rank found the same ones, else None on every rank (a collective).
+def first_rank_stages(block: nn.Module, stages: list[Stage] | None) -> list[Stage] | None:
+    """Rank 0's stages of ``block`` on every rank (a collective call).
+
+    Each rank probes its own first batch, and a mixture routes different batches to different
+    experts, so the ranks' probes may find different stages. Rank 0's first batch is the
+    first of the whole data (the shard sampler gives rank ``r`` samples ``r, r + N, ...``), so
+    with its stages every rank calibrates the block as one process would; a rank whose
+    batches skip a stage's layers, or reach layers in no stage, handles them as one process
+    does its later batches.
 
     Args:
-        stages: this rank's stages, or None when it cannot run the block in stages.
+        block: the block.
+        stages: this rank's stages (only rank 0's are used), or None when it cannot run the
+            block in stages.
 
     Returns:
-        The stages, or None.
+        Rank 0's stages with this rank's modules, or None.
     """
     if not is_distributed():
         return stages
-    described = None if stages is None else repr([(s.names, s.declared) for s in stages])
-    signature = -1 if described is None else zlib.crc32(described.encode())
-    low = all_reduce_min_(torch.tensor([signature], dtype=torch.long)).item()
-    high = all_reduce_max_(torch.tensor([signature], dtype=torch.long)).item()
-    return stages if low == high != -1 else None
+    described = None if stages is None else [(s.names, s.declared) for s in stages]
+    first = all_gather_or_raise(described, None)[0]
+    if first is None:
+        return None
+    modules = dict(block.named_modules())
+    return [Stage(tuple(modules[name] for name in names), names, flag) for names, flag in first]
 
 
 class StagedForward:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from calibration_runs import run_calibration
-from moe_models import tiny_moe, tokens
+from moe_models import routed_experts, tiny_moe, tokens
 
 from lightning_compress.lightning.calibration import CalibrationModule
 from lightning_compress.modifiers import GPTQModifier
@@ -38,6 +38,29 @@ def test_two_ranks_quantize_experts_like_one_process(tmp_path, everything):
     assert "model.layers.1.mlp.experts.3.down_proj.weight_scale" in expected
     for rank in (0, 1):
         state = torch.load(ddp / f"rank{rank}.pt", weights_only=True)
+        assert state.keys() == expected.keys()
+        for name, tensor in state.items():
+            assert torch.allclose(tensor, expected[name], rtol=0, atol=1e-6), name
+
+
+def test_ranks_routing_their_first_batches_unlike_use_the_first_ranks_stages(tmp_path):
+    """Routed calibration: rank 1's first batch (one token repeated) reaches fewer experts
+    than rank 0's, so their probes find different stages; every rank takes rank 0's, which
+    are one process's (its first batch is rank 0's), and ends with one process's weights."""
+    data = torch.cat([tokens(1, 16, 0), torch.full((1, 16), 5), tokens(2, 16, 2)])
+    first, second = routed_experts(tiny_moe("qwen3_moe"), [data[:1], data[1:2]])
+    assert first == [set(range(4))] * 2 and len(second[0]) < 4
+    recipe = GPTQModifier(
+        config_groups={"g": {"targets": ["Linear"], "weights": GROUP}},
+        ignore=["lm_head", "re:.*mlp.gate$"],
+    )
+    for devices, strategy in ((1, "auto"), (2, "ddp_fork")):
+        (tmp_path / str(devices)).mkdir()
+        module = CalibrationModule(tiny_moe("qwen3_moe"), recipe, moe_calibrate_all_experts=False)
+        run_calibration(tmp_path / str(devices), module, data, devices=devices, strategy=strategy)
+    expected = torch.load(tmp_path / "1" / "rank0.pt", weights_only=True)
+    for rank in (0, 1):
+        state = torch.load(tmp_path / "2" / f"rank{rank}.pt", weights_only=True)
         assert state.keys() == expected.keys()
         for name, tensor in state.items():
             assert torch.allclose(tensor, expected[name], rtol=0, atol=1e-6), name

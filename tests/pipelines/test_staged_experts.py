@@ -6,7 +6,7 @@ from contextlib import nullcontext
 
 import pytest
 import torch
-from moe_models import tiny_moe, tokens
+from moe_models import routed_experts, tiny_moe, tokens
 from torch import nn
 
 from lightning_compress.core import CompressionSession
@@ -36,24 +36,6 @@ def calibrate(model, recipe, batches, everything: bool) -> CompressionSession:
     options = PipelineOptions(moe_calibrate_all_experts=everything)
     create_pipeline("sequential", model, session, options)(batches)
     return session
-
-
-def routed_experts(model, batches) -> list[list[set[int]]]:
-    """The experts each block routes some token of each batch to, by batch then block."""
-    routed: list[list[set[int]]] = []
-
-    def record(module, args, output):
-        routed[-1].append(set(args[1].unique().tolist()))
-
-    experts = [m for name, m in model.named_modules() if name.endswith("mlp.experts")]
-    handles = [module.register_forward_hook(record) for module in experts]
-    with torch.no_grad():
-        for batch in batches:
-            routed.append([])
-            model(batch)
-    for handle in handles:
-        handle.remove()
-    return routed
 
 
 def batches_skipping_an_expert() -> list[torch.Tensor]:
