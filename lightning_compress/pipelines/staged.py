@@ -324,6 +324,13 @@ class StagedForward:
             if self._compressed[index]:
                 self._check_input(worker, index, module, args)
                 return None
+            if stage.declared and id(module) not in (known_inputs() or {}):
+                raise RuntimeError(
+                    f"'{stage.names[stage.layers.index(module)]}' ran without the input its "
+                    f"block declared for it in the first batch, in calibration batch "
+                    f"{worker.index}; the staged calibration needs the block to run the same way "
+                    "on every batch: pass staged=False"
+                )
             for other, replays in others:
                 read = self._replay(stage, other, replays, args, kwargs)
                 if read is not None:
