@@ -1,12 +1,13 @@
 """Checks and fits the constants of the DDP owner choice's solve-time estimate on this machine.
 
 ``lightning_compress/modifiers/layerwise_split.py`` estimates one GPTQ / SparseGPT call on a
-``[rows, cols]`` weight as ``HESSIAN_SECONDS * cols**2 + INVERSION_SECONDS * cols**3`` (paid
-once per call: the Hessian made ready and inverted) plus ``rows * (PRODUCT_SECONDS * cols**2 +
+``[rows, cols]`` weight as ``COLUMN_SECONDS * cols + HESSIAN_SECONDS * cols**2 +
+FACTORIZATION_SECONDS * cols**3`` (paid once per call: the sweep's per-column steps, the Hessian
+made ready and factored) plus ``rows * (PRODUCT_SECONDS * cols**2 +
 ELEMENT_SECONDS * cols)`` (the column sweep). This times GPTQ W4 g128 calls (static activation
 order, the default) as the modifier makes them, from the reduced float64 Hessian to the
 quantized weight, on one thread, for shapes from 128 x 512 to 1024 x 4096 (the best of
-``--repeats``), fits the four constants (least squares on the relative error) and prints them,
+``--repeats``), fits the five constants (least squares on the relative error) and prints them,
 then each shape's measured time, the fit's estimate and the estimate of the constants in use
 (:func:`~lightning_compress.modifiers.layerwise_split.solve_cost`). On a machine shared with
 other jobs the times move by 10-30% between runs: fit on a quiet machine.
@@ -29,11 +30,18 @@ from lightning_compress.modifiers.quantization.gptq import gptq_quantize
 SHAPES = {  # cols: rows
     512: [128, 512, 2048],
     1024: [128, 512, 1024, 2816, 5632],
+    1536: [128, 576, 1536],
     2048: [128, 1024, 2048],
     2816: [128, 512, 1024],
     4096: [128, 1024],
 }
-NAMES = ("HESSIAN_SECONDS", "INVERSION_SECONDS", "PRODUCT_SECONDS", "ELEMENT_SECONDS")
+NAMES = (
+    "COLUMN_SECONDS",
+    "HESSIAN_SECONDS",
+    "FACTORIZATION_SECONDS",
+    "PRODUCT_SECONDS",
+    "ELEMENT_SECONDS",
+)
 
 
 def measure(repeats: int) -> list[tuple[int, int, float]]:
@@ -59,7 +67,13 @@ def measure(repeats: int) -> list[tuple[int, int, float]]:
 
 def terms(rows: int, cols: int) -> list[float]:
     """The operation counts the constants multiply, in the order of ``NAMES``."""
-    return [float(cols) ** 2, float(cols) ** 3, float(rows) * cols**2, float(rows) * cols]
+    return [
+        float(cols),
+        float(cols) ** 2,
+        float(cols) ** 3,
+        float(rows) * cols**2,
+        float(rows) * cols,
+    ]
 
 
 def main() -> None:

@@ -37,9 +37,10 @@ __all__ = [
     "BlockwiseOBS",
     "ColumnTarget",
     "HessianAccumulator",
-    "InverseHessian",
+    "DampedFactor",
     "SingularHessianError",
     "all_finite",
+    "damp_and_factor",
     "damp_and_invert",
 ]
 
@@ -286,11 +287,13 @@ class SingularHessianError(ValueError):
     """The damped Hessian could not be inverted (not positive definite)."""
 
 
-class InverseHessian(NamedTuple):
-    """What :func:`damp_and_invert` returns."""
+class DampedFactor(NamedTuple):
+    """What :func:`damp_and_invert` and :func:`damp_and_factor` return."""
 
     upper: Tensor
-    """Upper Cholesky factor ``U`` of ``(H + lambda I)^-1`` (``U^T U = H^-1``)."""
+    """An upper triangular factor of the damped ``H``: from :func:`damp_and_invert`, ``U`` with
+    ``U^T U = (H + lambda I)^-1``; from :func:`damp_and_factor`, ``R = U^-1`` with
+    ``R R^T = H + lambda I``."""
     dead: Tensor
     """Bool ``[in]``: inputs that were always zero; the caller zeroes those weight columns."""
     dampening_frac: float
@@ -303,7 +306,7 @@ def damp_and_invert(
     max_retries: int = 3,
     overwrite: bool = False,
     order: Tensor | None = None,
-) -> InverseHessian:
+) -> DampedFactor:
     """Dampens the Hessian and returns the upper Cholesky factor of its inverse.
 
     Dead inputs (``H[i, i] == 0``) get ``H[i, i] = 1``; then
@@ -323,7 +326,7 @@ def damp_and_invert(
         order: a permutation of the inputs, or None for their natural order.
 
     Returns:
-        The factor, the dead inputs (in ``order``) and the dampening fraction used.
+        ``U`` (``U^T U = H^-1``), the dead inputs (in ``order``) and the dampening fraction used.
 
     Raises:
         ValueError: when ``hessian`` is not square, ``order`` does not fit or an argument is
@@ -331,6 +334,46 @@ def damp_and_invert(
         SingularHessianError: when ``H`` holds NaN/inf or no dampening made it invertible;
             the message says what was tried (the caller adds the layer's name).
     """
+    return _damped(hessian, dampening_frac, max_retries, overwrite, order, invert=True)
+
+
+def damp_and_factor(
+    hessian: Tensor,
+    dampening_frac: float = 0.01,
+    max_retries: int = 3,
+    overwrite: bool = False,
+    order: Tensor | None = None,
+) -> DampedFactor:
+    """:func:`damp_and_invert` without the inversion: the upper triangular ``R`` with
+    ``R R^T = H + lambda I`` (``R = U^-1``; one Cholesky factorization, no triangular inverse).
+
+    Args:
+        hessian: as for :func:`damp_and_invert`.
+        dampening_frac: as for :func:`damp_and_invert`.
+        max_retries: as for :func:`damp_and_invert`.
+        overwrite: as for :func:`damp_and_invert`.
+        order: as for :func:`damp_and_invert`.
+
+    Returns:
+        ``R``, the dead inputs (in ``order``) and the dampening fraction used.
+
+    Raises:
+        ValueError: as :func:`damp_and_invert`.
+        SingularHessianError: as :func:`damp_and_invert`.
+    """
+    return _damped(hessian, dampening_frac, max_retries, overwrite, order, invert=False)
+
+
+def _damped(
+    hessian: Tensor,
+    dampening_frac: float,
+    max_retries: int,
+    overwrite: bool,
+    order: Tensor | None,
+    invert: bool,
+) -> DampedFactor:
+    """The dampening, retries and checks of :func:`damp_and_invert` and
+    :func:`damp_and_factor`; ``invert`` picks which factor they return."""
     if hessian.dim() != 2 or hessian.shape[0] != hessian.shape[1]:
         raise ValueError(f"hessian of shape {tuple(hessian.shape)} is invalid: expected [in, in]")
     if order is not None and not _is_permutation(order, hessian.shape[0]):
@@ -358,9 +401,9 @@ def damp_and_invert(
     tried = [dampening_frac * 10**k for k in range(retries + 1)]
     for frac in tried:
         diagonal.copy_(undamped).add_(frac * mean_diagonal)
-        upper = _upper_cholesky_of_inverse(flipped)
+        upper = _upper_factor(flipped, invert)
         if upper is not None:
-            return InverseHessian(upper, dead.flip(0), frac)
+            return DampedFactor(upper, dead.flip(0), frac)
     raise SingularHessianError(
         f"the Hessian is not positive definite even with dampening_frac in {tried} "
         f"(lambda = dampening_frac * mean(diag(H)), mean(diag(H)) = {mean_diagonal.item():.4g}): "
@@ -395,17 +438,20 @@ def _mean_of_reversed(diagonal: Tensor) -> Tensor:
     return strided.copy_(diagonal.flip(0)).mean()
 
 
-def _upper_cholesky_of_inverse(flipped: Tensor) -> Tensor | None:
-    """Returns ``U`` with ``U^T U = H^-1`` from ``flipped = P H P`` (``P`` the reversal
-    permutation), or None when it is not positive definite.
+def _upper_factor(flipped: Tensor, invert: bool) -> Tensor | None:
+    """Returns ``U`` with ``U^T U = H^-1`` (``invert``) or ``R = U^-1`` with ``R R^T = H``
+    from ``flipped = P H P`` (``P`` the reversal permutation), or None when ``H`` is not
+    positive definite (or ``U`` or ``1 / diag(R)`` overflows).
 
-    With ``P H P = L L^T``: ``H^-1 = A^T A`` for the upper triangular ``A = P L^-1 P``, so
-    ``U = A``: one Cholesky factorization and one triangular inverse, instead of
-    factorizing, inverting and factorizing the inverse again.
+    With ``P H P = L L^T``: ``H = R R^T`` for the upper triangular ``R = P L P``, and
+    ``H^-1 = U^T U`` for ``U = R^-1 = P L^-1 P``: one Cholesky factorization, and for ``U``
+    one triangular inverse, instead of factorizing, inverting and factorizing the inverse.
     """
     lower, info = torch.linalg.cholesky_ex(flipped)
     if info.item() != 0:
         return None
+    if not invert:
+        return lower.flip(0, 1) if all_finite(lower.diagonal().reciprocal()) else None
     upper = _lower_triangular_inverse(lower).flip(0, 1)
     if not all_finite(upper):
         return None
@@ -432,8 +478,9 @@ def _lower_triangular_inverse(lower: Tensor) -> Tensor:
 
 ColumnTarget = Callable[[int, Tensor, "BlockwiseOBS"], Tensor]
 """``target(j, w, sweep) -> q``: the compressed value of column ``j`` given its current value
-``w`` ``[out]`` (a view of the sweep's working copy: read it, do not change it, and return a
-new tensor); it may look ahead with ``sweep.current`` and ``sweep.hinv``."""
+``w`` ``[out]`` (a view of the sweep's working memory: read it, do not change it, and return
+a new tensor); a sweep built with ``look_ahead`` lets it look ahead with ``sweep.current``
+and ``sweep.hinv``."""
 
 
 class BlockwiseOBS:
@@ -445,13 +492,26 @@ class BlockwiseOBS:
     the whole block's errors as one product when the block ends. The result equals the
     column-at-a-time algorithm with the full inverse.
 
-    The constructor dampens and inverts ``H`` (:func:`damp_and_invert`) and zeroes the
-    weight columns of dead inputs. Work happens on the weight's device, in float32, or in
-    float64 when the weight or the Hessian is float64. A sweep runs once.
+    Without ``look_ahead`` the sweep needs no inverse. With ``R = U^-1`` (upper,
+    ``R R^T = H``, the Cholesky factor :func:`damp_and_factor` returns) the value column ``j``
+    reaches after every earlier column's update is ``w_j + sum_{i<j} (w_i - q_i) R[i, j] /
+    R[j, j]``, from the original weights: Babai's nearest-plane form of the same sweep (Chen
+    et al. 2025, "The Geometry of LLM Quantization: GPTQ as Babai's Nearest Plane
+    Algorithm"), equal in exact arithmetic. Each block gathers the earlier columns' changes
+    ``w - q`` as one product and pushes its own within the block as above; later columns are
+    not updated before their turn, so the target cannot look ahead. Saved: the triangular
+    inverse, about as many flops as the factorization (at 2816 inputs about 0.1 s of a 0.48 s
+    GPTQ call on one CPU thread). Cost: the changes of the visited columns are kept, one more
+    weight-sized buffer in the working dtype.
+
+    The constructor dampens and factors ``H`` (:func:`damp_and_invert` or
+    :func:`damp_and_factor`) and zeroes the weight columns of dead inputs. Work happens on
+    the weight's device, in float32, or in float64 when the weight or the Hessian is
+    float64. A sweep runs once.
 
     Attributes:
         weight: the working copy, compressed in place by :meth:`run`.
-        hinv: upper Cholesky factor of the damped ``H^-1``.
+        hinv: upper Cholesky factor of the damped ``H^-1``; None without ``look_ahead``.
         dead: bool ``[in]``, the dead inputs.
         dampening_frac: the dampening fraction used.
         block: ``(first, last)`` columns of the current block.
@@ -470,6 +530,9 @@ class BlockwiseOBS:
         order: the order in which the sweep visits the columns (a permutation of them), or
             None for their natural order; :attr:`weight`, :attr:`hinv` and :attr:`dead` are
             in this order.
+        look_ahead: whether the target reads columns it has not reached
+            (:meth:`current`, :attr:`hinv`): SparseGPT's mask selection, group qparams
+            computed on entering a group. Without it the sweep takes the inverse-free form.
 
     Raises:
         ValueError: when the shapes or ``order`` do not fit, or ``block_size < 1``.
@@ -484,6 +547,7 @@ class BlockwiseOBS:
         dampening_frac: float = 0.01,
         consume_hessian: bool = False,
         order: Tensor | None = None,
+        look_ahead: bool = True,
     ) -> None:
         if weight.dim() != 2 or hessian.shape != (weight.shape[1], weight.shape[1]):
             raise ValueError(
@@ -495,15 +559,16 @@ class BlockwiseOBS:
             raise ValueError(f"block_size={block_size!r} is invalid: expected an int >= 1")
         dtype = torch.promote_types(torch.promote_types(weight.dtype, hessian.dtype), torch.float32)
         converted = hessian.to(device=weight.device, dtype=dtype)
-        inverse = damp_and_invert(
+        factor = (damp_and_invert if look_ahead else damp_and_factor)(
             converted,
             dampening_frac,
             overwrite=consume_hessian or converted is not hessian,
             order=order,
         )
-        self.hinv = inverse.upper
-        self.dead = inverse.dead
-        self.dampening_frac = inverse.dampening_frac
+        self.hinv = factor.upper if look_ahead else None
+        self._factor = None if look_ahead else factor.upper
+        self.dead = factor.dead
+        self.dampening_frac = factor.dampening_frac
         self.block_size = block_size
         # Column-major working copy: row j of ``_columns`` is weight column j (in ``order``),
         # contiguous; the columns gathered, then transposed in blocks (3x faster than
@@ -537,6 +602,9 @@ class BlockwiseOBS:
 
         Returns:
             ``[out, stop - start]``, a copy.
+
+        Raises:
+            RuntimeError: on a sweep built without ``look_ahead``.
         """
         pieces = self._current_pieces(start, stop)
         if len(pieces) == 1:
@@ -554,6 +622,11 @@ class BlockwiseOBS:
     def _current_pieces(self, start: int, stop: int) -> list[Tensor]:
         """The up-to-date columns ``[start, stop)`` in runs, in the sweep's layout; a run
         that needs no pending errors is a view of the working copy."""
+        if self.hinv is None:
+            raise RuntimeError(
+                "this sweep was built with look_ahead=False: later columns are not updated "
+                "before their turn; build it with look_ahead=True to read them"
+            )
         first, last = self.block
         sub_first, sub_last = self._sub_block
         stop = min(stop, self._columns.shape[0])
@@ -580,6 +653,9 @@ class BlockwiseOBS:
             which equals ``tr(dW H dW^T) / 2`` for the damped ``H``, the mean squared output
             error per token when ``H`` comes from :class:`HessianAccumulator`.
         """
+        if self._factor is not None:
+            self._run_gathering(target)
+            return self.weight, self.row_losses.sum().item()
         width = self._columns.shape[0]
         for first in range(0, width, self.block_size):
             last = min(first + self.block_size, width)
@@ -621,6 +697,49 @@ class BlockwiseOBS:
                 w.copy_(q)
             if stop < size:
                 columns[stop:].addmm_(hinv[start:stop, stop:].T, errors[start:stop], alpha=-1)
+
+    def _run_gathering(self, target: ColumnTarget) -> None:
+        """The inverse-free sweep: each block starts from the product of the earlier columns'
+        changes ``w - q`` with ``R``'s rows above it, then :meth:`_gather_block`."""
+        factor, width = self._factor, self._columns.shape[0]
+        changes = torch.empty_like(self._columns)  # w - q of each visited column
+        for first in range(0, width, self.block_size):
+            last = min(first + self.block_size, width)
+            self.block = (first, last)
+            # [block, out]: sum over earlier columns i of (w_i - q_i) R[i, j]
+            gathered = torch.mm(factor[:first, first:last].T, changes[:first])
+            with _one_thread():  # tiny ops: intra-op threads would only add fork/join waits
+                self._gather_block(first, last, gathered, changes[first:last], target)
+            # each row now holds the values the block's columns were compressed from
+            error = gathered.sub_(self._columns[first:last])
+            error.mul_(factor.diagonal()[first:last, None])
+            self.row_losses += error.square_().sum(dim=0) / 2
+
+    def _gather_block(
+        self, first: int, last: int, gathered: Tensor, changes: Tensor, target: ColumnTarget
+    ) -> None:
+        """The column loop of :meth:`_run_gathering` for columns ``[first, last)``: column ``j``
+        is compressed from ``w_j + gathered_j / R[j, j]`` (written over ``gathered_j``), and
+        its change pushed into the ``gathered`` rows of the later columns of the block, by
+        sub-blocks as in :meth:`_sweep_block`."""
+        factor = self._factor[first:last, first:last]
+        columns = self._columns[first:last]
+        column_rows, gathered_rows = columns.unbind(0), gathered.unbind(0)
+        change_rows, diagonal = changes.unbind(0), factor.diagonal().unbind(0)
+        size = last - first
+        for start in range(0, size, SUB_BLOCK):
+            stop = min(start + SUB_BLOCK, size)
+            self._sub_block = (first + start, first + stop)
+            for i in range(start, stop):
+                w = column_rows[i]
+                value = torch.addcdiv(w, gathered_rows[i], diagonal[i], out=gathered_rows[i])
+                q = target(first + i, value, self)
+                change = torch.sub(w, q, out=change_rows[i])
+                if i + 1 < stop:
+                    gathered[i + 1 : stop].addr_(factor[i, i + 1 : stop], change)
+                w.copy_(q)
+            if stop < size:
+                gathered[stop:].addmm_(factor[start:stop, stop:].T, changes[start:stop])
 
 
 @contextmanager

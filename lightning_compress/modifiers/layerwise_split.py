@@ -4,14 +4,14 @@ Under several processes every rank holds the same reduced statistics after a blo
 calibration, so solving every layer on every rank repeats the work N times. Instead
 :func:`assign_owners` gives each layer one owner rank, balancing the estimated solve time
 (:func:`solve_cost`: what one call costs whatever its rows, the Hessian made ready and
-inverted, plus the column sweep's cost per row); only the owner computes the layer, and
+factored, plus the column sweep's cost per row); only the owner computes the layer, and
 :func:`share_outcomes` broadcasts its result (the new weight and every buffer: scales, zero
 points, ``g_idx``) so that all ranks end bit-identical. A failure on an owner reaches every
 rank as the same error, before any broadcast, so no rank waits for a result that never comes.
 
 Layers that share a Hessian (``q/k/v_proj``, ``gate/up_proj``) and land on one rank are
-solved there in one call, inverting the Hessian once: a stack is split between ranks only
-where the estimate says the repeated inversion pays. A layer too costly for one rank is split
+solved there in one call, factoring the Hessian once: a stack is split between ranks only
+where the estimate says the repeated factorization pays. A layer too costly for one rank is split
 by rows, where the method treats rows independently (GPTQ, SparseGPT with N:M masks): each
 of its slices is solved on its own rank (each repeating the call's cost) and
 :func:`join_row_slices` puts the layer back together. Slices start at multiples of
@@ -56,17 +56,23 @@ ROW_ALIGN = 64
 """Row slices of a split layer start at multiples of this many rows."""
 
 # The terms of one GPTQ W4 g128 call's CPU time on one thread (torch 2.13, Intel Xeon, fitted
-# to 16 shapes from 128 x 512 to 1024 x 4096 within 16%), in seconds per operation counted.
+# to 19 shapes from 128 x 512 to 1024 x 4096 within 22%), in seconds per operation counted.
 # SparseGPT's calls have the same parts; on an accelerator the proportions differ, so the
 # balance is less even there (the owners still follow from the shapes alone).
-HESSIAN_SECONDS = 4.5e-8
+HESSIAN_SECONDS = 2.2e-8
 """Per Hessian entry (``cols**2``): materializing the reduced float64 sum, converting,
 permuting (activation order) and checking it."""
-INVERSION_SECONDS = 4.2e-12
-"""Per ``cols**3``: the Cholesky factorization and the triangular inverse."""
-PRODUCT_SECONDS = 2.2e-12
+COLUMN_SECONDS = 1.5e-5
+"""Per input column (``cols``): the sweep's small operations on each column, whatever the
+rows (their dispatch, not their arithmetic, dominates)."""
+FACTORIZATION_SECONDS = 5.4e-12
+"""Per ``cols**3``: the Cholesky factorization. GPTQ with qparams fixed up front (the default
+static activation order; ``channel``, ``tensor``, ``block``) stops there; SparseGPT, and GPTQ
+computing group qparams on entry, also invert the factor (about as much again), which the
+estimate leaves out: it only compares calls of one modifier, whose layers all pay it."""
+PRODUCT_SECONDS = 6.2e-12
 """Per ``rows * cols**2``: the multiply-adds of the sweep's lazy batch updates."""
-ELEMENT_SECONDS = 2.5e-8
+ELEMENT_SECONDS = 2.6e-8
 """Per ``rows * cols``: the sweep's work on each weight (compressing it, the rank-one
 updates inside a block), in small operations whose overhead dominates."""
 
@@ -117,7 +123,7 @@ class OwnedStack(NamedTuple):
 
 def call_cost(cols: int) -> float:
     """The part of a Hessian solve's estimated time that one call pays whatever its rows:
-    making the ``[cols, cols]`` Hessian ready and inverting it.
+    making the ``[cols, cols]`` Hessian ready, factoring it and the sweep's per-column steps.
 
     Args:
         cols: the weight's input columns.
@@ -125,7 +131,11 @@ def call_cost(cols: int) -> float:
     Returns:
         The estimated seconds on one CPU thread.
     """
-    return HESSIAN_SECONDS * float(cols) ** 2 + INVERSION_SECONDS * float(cols) ** 3
+    return (
+        COLUMN_SECONDS * cols
+        + HESSIAN_SECONDS * float(cols) ** 2
+        + FACTORIZATION_SECONDS * float(cols) ** 3
+    )
 
 
 def row_cost(cols: int) -> float:
@@ -145,7 +155,7 @@ def solve_cost(rows: int, cols: int) -> float:
     weight: :func:`call_cost` plus ``rows`` times :func:`row_cost`.
 
     Measured on one CPU thread, a call's fixed part dominates: ``down_proj`` of the bundled
-    benchmark decoder (1024 x 2816) takes 0.48 s, 0.39 s of it whatever its rows.
+    benchmark decoder (1024 x 2816) takes about 0.43 s, 0.34 s of it whatever its rows.
 
     Args:
         rows: the weight's output rows (of the layers stacked in the call).
@@ -170,7 +180,7 @@ def assign_owners(
     together, costliest first, each to the rank where the busiest-so-far load it makes is
     lowest: a layer joining a part of its stack already on a rank adds only its rows' cost
     there (the layers of one stack on one rank are computed together, in the stack's order:
-    one Hessian made ready and inverted), elsewhere also :func:`call_cost`. Where keeping
+    one Hessian made ready and factored), elsewhere also :func:`call_cost`. Where keeping
     every stack whole balances as well, stacks stay whole. Then, while it shortens the
     busiest rank's estimated time, the costliest layer that ``row_divisible`` allows is cut
     into one more row slice (at most ``world_size``, each its own call paying the call's

@@ -13,6 +13,7 @@ from lightning_compress.modifiers.hessian import (
     HessianAccumulator,
     SingularHessianError,
     all_finite,
+    damp_and_factor,
     damp_and_invert,
 )
 
@@ -209,6 +210,28 @@ def test_factor_is_upper_cholesky_of_damped_inverse(size: int) -> None:
     assert not inverse.dead.any()
 
 
+@pytest.mark.parametrize("size", [8, TRIANGULAR_BASE + 45])
+def test_the_uninverted_factor_is_the_inverse_of_the_inverses_factor(size: int) -> None:
+    h = spd(size)
+    h[[2, 5], :] = 0
+    h[:, [2, 5]] = 0
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(2))
+    factor = damp_and_factor(h, 0.05, order=order)
+    inverse = damp_and_invert(h, 0.05, order=order)
+    ordered = h[order][:, order]
+    ordered.diagonal()[ordered.diagonal() == 0] = 1
+    damped = ordered + 0.05 * ordered.diagonal().mean() * torch.eye(size, dtype=h.dtype)
+    assert torch.equal(factor.upper, factor.upper.triu())
+    assert (factor.upper.diagonal() > 0).all()
+    torch.testing.assert_close(factor.upper @ factor.upper.T, damped)  # R R^T = H, R upper
+    torch.testing.assert_close(factor.upper @ inverse.upper, torch.eye(size, dtype=h.dtype))
+    assert torch.equal(factor.dead, inverse.dead) and factor.dampening_frac == 0.05
+    retried = damp_and_factor(indefinite(), 0.01, max_retries=3)
+    assert retried.dampening_frac == pytest.approx(10.0)
+    with pytest.raises(SingularHessianError, match="raise dampening_frac"):
+        damp_and_factor(indefinite(), 0.01, max_retries=2)
+
+
 def test_dead_inputs_are_reported_and_made_invertible() -> None:
     h = spd()
     h[[2, 5], :] = 0
@@ -320,6 +343,39 @@ def test_current_columns_are_current_transposed_at_every_point_of_the_sweep() ->
 
     BlockwiseOBS(weight, spd(40, seed=5), block_size=24).run(check)
     assert checked == list(range(40))
+
+
+@pytest.mark.parametrize("block_size", [1, 5, 16, 40, 64])
+def test_the_inverse_free_sweep_equals_the_sweep_with_the_inverse(block_size: int) -> None:
+    """Without look-ahead each column gathers the earlier columns' changes through the
+    Cholesky factor of ``H`` (Babai's nearest-plane form): the same columns and loss."""
+    gen = torch.Generator().manual_seed(6)
+    h = spd(40, seed=6)
+    h[7, :] = 0
+    h[:, 7] = 0
+    weight = torch.randn(6, 40, generator=gen, dtype=torch.float64)
+    order = torch.randperm(40, generator=gen)
+    seen = []
+
+    def record(j: int, w: torch.Tensor, sweep: BlockwiseOBS) -> torch.Tensor:
+        seen.append((j, w.clone()))
+        return half_grid(j, w, sweep)
+
+    reference = BlockwiseOBS(weight, h, 40, 0.01, order=order)
+    expected, expected_loss = reference.run(record)
+    pushed = dict(seen)
+    seen.clear()
+    sweep = BlockwiseOBS(weight, h, block_size, 0.01, order=order, look_ahead=False)
+    assert sweep.hinv is None and torch.equal(sweep.dead, reference.dead)
+    result, loss = sweep.run(record)
+    assert [j for j, _ in seen] == list(range(40))
+    for j, value in seen:  # each column compressed from the value the push form gives it
+        torch.testing.assert_close(value, pushed[j], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(result, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(sweep.row_losses, reference.row_losses, rtol=1e-10, atol=0)
+    assert loss == pytest.approx(expected_loss, rel=1e-10)
+    with pytest.raises(RuntimeError, match="look_ahead=False"):
+        sweep.current(0, 4)
 
 
 def test_sweep_rejects_misfits() -> None:

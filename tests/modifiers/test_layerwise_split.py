@@ -117,10 +117,10 @@ def test_solve_cost_is_a_calls_fixed_part_plus_its_rows():
     for rows, cols in ((1, 64), (1024, 2816), (4096, 11008)):
         assert solve_cost(rows, cols) == call_cost(cols) + rows * row_cost(cols)
     # measured on one CPU thread (benchmarks/solve_costs.py): down_proj of the benchmark
-    # decoder costs 0.48 s a call, 0.39 s of it whatever its rows; q_proj 0.074 s
-    assert solve_cost(1024, 2816) == pytest.approx(0.48, rel=0.2)
-    assert call_cost(2816) == pytest.approx(0.39, rel=0.2)
-    assert solve_cost(1024, 1024) == pytest.approx(0.074, rel=0.2)
+    # decoder costs 0.43 s a call, about 0.34 s of it whatever its rows; q_proj 0.086 s
+    assert solve_cost(1024, 2816) == pytest.approx(0.43, rel=0.2)
+    assert call_cost(2816) == pytest.approx(0.34, rel=0.2)
+    assert solve_cost(1024, 1024) == pytest.approx(0.086, rel=0.2)
 
 
 BLOCK = {  # the benchmark decoder's block: hidden 1024, 4 key/value heads of 64, MLP 2816
@@ -170,8 +170,8 @@ def test_small_layers_are_assigned_as_the_best_split_of_their_calls():
     stacks = [["q", "k", "v"], ["o"], ["g"]]
     plan = assign_owners(stacks, shapes, bool, 2)
     assert plan == [
-        OwnedStack(["v"], 0),
-        OwnedStack(["q", "k"], 1),  # one call, in the stack's order
+        OwnedStack(["k"], 0),
+        OwnedStack(["q", "v"], 1),  # one call, in the stack's order
         OwnedStack(["o"], 1),
         OwnedStack(["g"], 0),
     ]
@@ -237,16 +237,16 @@ def test_row_slices_start_on_aligned_rows_and_cover_the_layer():
 
 
 def test_only_a_dominant_row_divisible_layer_is_split_each_slice_on_its_own_rank():
-    shapes = {"q": (128, 128), "o": (128, 128), "down": (1024, 256), "tiny": (256, 64)}
+    shapes = {"q": (128, 128), "o": (128, 128), "down": (4096, 256), "tiny": (256, 64)}
     stacks = [["q"], ["o"], ["down"], ["tiny"]]
     plan = assign_owners(stacks, shapes, lambda stack: True, 2, lambda name: name != "tiny")
     down = [part for part in plan if part.names == ["down"]]
-    assert [(part.rows, part.owner) for part in down] == [((0, 512), 0), ((512, 1024), 1)]
+    assert [(part.rows, part.owner) for part in down] == [((0, 2048), 0), ((2048, 4096), 1)]
     assert all(part.rows is None for part in plan if part.names != ["down"])
     # one rank, or no layer allowed: nothing is cut
     assert all(part.rows is None for part in assign_owners(stacks, shapes, bool, 1, bool))
     assert all(part.rows is None for part in assign_owners(stacks, shapes, bool, 2))
-    # a layer that already balances the others stays whole: slices would only add inversions
+    # a layer that already balances the others stays whole: slices would only add calls
     even = {"a": (1024, 1024), "b": (256, 1024), "c": (256, 1024), "d": (512, 1024)}
     balanced = assign_owners([["a"], ["b", "c", "d"]], even, bool, 2, bool)
     assert all(part.rows is None for part in balanced)

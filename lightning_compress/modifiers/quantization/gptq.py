@@ -48,6 +48,7 @@ __all__ = [
     "ColumnQuantizer",
     "GPTQResult",
     "gptq_quantize",
+    "groups_on_entry",
     "make_column_quantizer",
     "normalize_actorder",
     "weights_to_keep",
@@ -291,7 +292,7 @@ def make_column_quantizer(
             scale.repeat_interleave(rows, dim=0)[:height].split(1, dim=1),
             zero_point.repeat_interleave(rows, dim=0)[:height].split(1, dim=1),
         )
-    if args.strategy in GROUPED_STRATEGIES and actorder != "weight":
+    if groups_on_entry(args, actorder):
         return ColumnQuantizer(args, out_dtype, global_scale=global_scale)
     scale, zero_point = _rounded_qparams(weight, args, out_dtype, global_scale)
     if args.strategy not in GROUPED_STRATEGIES:
@@ -304,6 +305,22 @@ def make_column_quantizer(
         zero_point.split(1, dim=1),
         global_scale,
     )
+
+
+def groups_on_entry(args: QuantizationArgs, actorder: str | None) -> bool:
+    """Whether GPTQ computes each group's qparams on entering it, from its error-corrected
+    columns (groups visited together: natural order or ``actorder="group"``), rather than
+    up front from the weight. Only then does the sweep read columns ahead of the one it
+    compresses (see ``BlockwiseOBS``'s ``look_ahead``).
+
+    Args:
+        args: the weight's quantization arguments.
+        actorder: canonical activation ordering (see :func:`normalize_actorder`).
+
+    Returns:
+        True for strategies ``group`` / ``tensor_group`` unless ``actorder="weight"``.
+    """
+    return args.strategy in GROUPED_STRATEGIES and actorder != "weight"
 
 
 def _check_args(in_features: int, args: QuantizationArgs, actorder: str | None) -> None:
@@ -363,8 +380,9 @@ def gptq_quantize(
     """
     actorder = normalize_actorder(actorder)
     _check_args(weight.shape[-1], args, actorder)
+    look_ahead = groups_on_entry(args, actorder)
     if actorder is None:
-        sweep = BlockwiseOBS(weight, hessian, block_size, dampening_frac)
+        sweep = BlockwiseOBS(weight, hessian, block_size, dampening_frac, look_ahead=look_ahead)
         perm = inverse = None
         natural = sweep.weight
     else:
@@ -372,7 +390,7 @@ def gptq_quantize(
         perm = torch.argsort(hessian.diagonal(), descending=True, stable=True)
         inverse = torch.argsort(perm)
         sweep = BlockwiseOBS(
-            weight, hessian, block_size, dampening_frac, consume_hessian, order=perm
+            weight, hessian, block_size, dampening_frac, consume_hessian, perm, look_ahead
         )
         natural = _gather_columns(sweep.weight, inverse)
     tensor_scale = None
