@@ -13,6 +13,20 @@ then each shape's measured time, the fit's estimate and the estimate of the cons
 other jobs the times move by 10-30% between runs: fit on a quiet machine.
 
     taskset -c 1 python benchmarks/solve_costs.py [--repeats 2]
+
+``--methods`` times one call of each method on one weight (``--shape ROWS COLS``, default the
+benchmark decoder's ``down_proj``, 1024 x 2816): GPTQ W4 g128 in static and natural activation
+order, SparseGPT 2:4 and 50% unstructured, the best CPU time of ``--repeats``.
+
+    taskset -c 1 python benchmarks/solve_costs.py --methods --repeats 3
+
+``--estimate`` measures nothing: it prints, for the dense blocks of real models, the busiest of 2
+ranks' estimated solve time over one process's with the owners the constants in use choose
+(:func:`~lightning_compress.modifiers.layerwise_split.assign_owners`, GPTQ's rules: stacks
+divisible, every layer row-divisible), for the whole block and for the staged groups (each
+group solved before the next one's calibration).
+
+    python benchmarks/solve_costs.py --estimate
 """
 
 from __future__ import annotations
@@ -23,7 +37,8 @@ import time
 import torch
 
 from lightning_compress.modifiers.hessian import HessianAccumulator
-from lightning_compress.modifiers.layerwise_split import solve_cost
+from lightning_compress.modifiers.layerwise_split import assign_owners, solve_cost
+from lightning_compress.modifiers.pruning.sparsegpt import sparsegpt_prune
 from lightning_compress.modifiers.quantization.args import QuantizationArgs
 from lightning_compress.modifiers.quantization.gptq import gptq_quantize
 
@@ -42,6 +57,28 @@ NAMES = (
     "PRODUCT_SECONDS",
     "ELEMENT_SECONDS",
 )
+
+
+def time_methods(rows: int, cols: int, repeats: int) -> None:
+    """Prints the best CPU time of one call of each method on a ``[rows, cols]`` weight."""
+    args = QuantizationArgs(num_bits=4, strategy="group", group_size=128)
+    generator = torch.Generator().manual_seed(0)
+    statistics = HessianAccumulator(cols)
+    statistics.add(torch.randn(2 * cols, cols, generator=generator))
+    weight = torch.randn(rows, cols, generator=generator)
+    methods = {
+        "GPTQ W4 g128, static order": lambda h: gptq_quantize(weight, h, args, 128, 0.01, "weight"),
+        "GPTQ W4 g128, natural order": lambda h: gptq_quantize(weight, h, args, 128, 0.01, None),
+        "SparseGPT 2:4": lambda h: sparsegpt_prune(weight, h, 0.5, (2, 4)),
+        "SparseGPT 50%": lambda h: sparsegpt_prune(weight, h, 0.5),
+    }
+    for name, method in methods.items():
+        best = float("inf")
+        for _ in range(repeats):
+            begin = time.process_time()
+            method(statistics.hessian().to(torch.float32))
+            best = min(best, time.process_time() - begin)
+        print(f"{name}, {rows} x {cols}: {best:.3f} s", flush=True)
 
 
 def measure(repeats: int) -> list[tuple[int, int, float]]:
@@ -65,6 +102,44 @@ def measure(repeats: int) -> list[tuple[int, int, float]]:
     return calls
 
 
+MODELS = {  # name: (hidden, intermediate, query heads, key/value heads, head size)
+    "benchmark decoder": (1024, 2816, 16, 4, 64),
+    "Llama-3.2-1B": (2048, 8192, 32, 8, 64),
+    "Llama-3-8B": (4096, 14336, 32, 8, 128),
+    "Llama-3-70B": (8192, 28672, 64, 8, 128),
+}
+
+
+def print_estimates(world_size: int = 2) -> None:
+    """Prints each model's estimated solve time on ``world_size`` ranks over one process's."""
+    for name, (hidden, intermediate, heads, kv_heads, head) in MODELS.items():
+        shapes = {
+            "q": (heads * head, hidden),
+            "k": (kv_heads * head, hidden),
+            "v": (kv_heads * head, hidden),
+            "o": (hidden, heads * head),
+            "gate": (intermediate, hidden),
+            "up": (intermediate, hidden),
+            "down": (hidden, intermediate),
+        }
+        groups = [[["q", "k", "v"]], [["o"]], [["gate", "up"]], [["down"]]]
+        whole = [stack for group in groups for stack in group]
+        one = sum(load(stacks, shapes, 1) for stacks in groups)
+        staged = sum(load(stacks, shapes, world_size) for stacks in groups)
+        print(
+            f"{name}: whole block {load(whole, shapes, world_size) / one:.2f}, "
+            f"staged {staged / one:.2f} ({world_size} ranks over 1, estimated)"
+        )
+
+
+def load(stacks: list[list[str]], shapes: dict, world_size: int) -> float:
+    """The busiest rank's estimated solve time under the owners ``assign_owners`` picks."""
+    # imported here, so that --methods also runs on the library of commits before plan_load
+    from lightning_compress.modifiers.layerwise_split import plan_load
+
+    return plan_load(assign_owners(stacks, shapes, bool, world_size, bool), shapes, world_size)
+
+
 def terms(rows: int, cols: int) -> list[float]:
     """The operation counts the constants multiply, in the order of ``NAMES``."""
     return [
@@ -79,8 +154,19 @@ def terms(rows: int, cols: int) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--estimate", action="store_true", help="print estimates, time nothing")
+    parser.add_argument("--methods", action="store_true", help="time one call of each method")
+    parser.add_argument(
+        "--shape", type=int, nargs=2, default=(1024, 2816), metavar=("ROWS", "COLS")
+    )
     args = parser.parse_args()
+    if args.estimate:
+        print_estimates()
+        return
     torch.set_num_threads(1)
+    if args.methods:
+        time_methods(*args.shape, args.repeats)
+        return
     calls = measure(args.repeats)
     seconds = torch.tensor([t for _, _, t in calls], dtype=torch.float64)
     counts = torch.tensor([terms(r, c) for r, c, _ in calls], dtype=torch.float64)

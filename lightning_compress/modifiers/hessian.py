@@ -1,12 +1,14 @@
-"""Second-order math shared by GPTQ and SparseGPT: the Hessian, its inverse, the OBS sweep.
+"""Second-order math shared by GPTQ and SparseGPT: the Hessian, its factor, the OBS sweep.
 
 For a linear layer ``y = x W^T`` the layer-wise reconstruction error
 ``||(W - W_hat) X^T||^2 / n`` has the Hessian ``H = (2 / n) X^T X`` with respect to each
 row of ``W``. GPTQ (Frantar et al. 2022) and SparseGPT (Frantar & Alistarh 2023) both walk
-the columns of ``W`` in order, replace each column by a compressed one and spread the
-error onto the columns not yet visited, using the upper Cholesky factor of ``H^-1``
-("lazy batch updates": the spreading beyond the current block of columns is deferred
-and done as one matrix product per block).
+the columns of ``W`` in order, replace each column by a compressed one and correct the
+columns not yet visited for the change. Their papers spread each change forward with the
+upper Cholesky factor of ``H^-1``; :class:`BlockwiseOBS` gathers the earlier changes into each
+column instead, with the Cholesky factor of ``H`` itself (Babai's nearest-plane form: the
+same values in exact arithmetic, without inverting anything), a block of columns at a time
+("lazy batch updates").
 
 Layout: the functions here and in ``gptq.py`` / ``sparsegpt.py`` take weights in
 ``nn.Linear`` layout ``[out_features, in_features]``. GPT-2's ``Conv1D`` (weight
@@ -30,8 +32,6 @@ SUB_BLOCK = 16
 """Columns per sub-block of the sweep inside a lazy block (see ``BlockwiseOBS``)."""
 MIRROR_STRIP = 256
 """Rows per strip in which :meth:`HessianAccumulator.hessian` mirrors the upper triangle."""
-TRIANGULAR_BASE = 256
-"""Size up to which a triangular inverse is one solve against the identity."""
 
 __all__ = [
     "BlockwiseOBS",
@@ -41,7 +41,6 @@ __all__ = [
     "SingularHessianError",
     "all_finite",
     "damp_and_factor",
-    "damp_and_invert",
 ]
 
 
@@ -284,38 +283,39 @@ def _band_width(in_features: int) -> int:
 
 
 class SingularHessianError(ValueError):
-    """The damped Hessian could not be inverted (not positive definite)."""
+    """The damped Hessian could not be factored (not positive definite)."""
 
 
 class DampedFactor(NamedTuple):
-    """What :func:`damp_and_invert` and :func:`damp_and_factor` return."""
+    """What :func:`damp_and_factor` returns."""
 
     upper: Tensor
-    """An upper triangular factor of the damped ``H``: from :func:`damp_and_invert`, ``U`` with
-    ``U^T U = (H + lambda I)^-1``; from :func:`damp_and_factor`, ``R = U^-1`` with
-    ``R R^T = H + lambda I``."""
+    """``R``, upper triangular with ``R R^T = H + lambda I`` (so ``R^-1`` is the upper Cholesky
+    factor of ``(H + lambda I)^-1`` that GPTQ's paper uses)."""
     dead: Tensor
     """Bool ``[in]``: inputs that were always zero; the caller zeroes those weight columns."""
     dampening_frac: float
     """The dampening fraction that succeeded (larger than asked after a retry)."""
 
 
-def damp_and_invert(
+def damp_and_factor(
     hessian: Tensor,
     dampening_frac: float = 0.01,
     max_retries: int = 3,
     overwrite: bool = False,
     order: Tensor | None = None,
 ) -> DampedFactor:
-    """Dampens the Hessian and returns the upper Cholesky factor of its inverse.
+    """Dampens the Hessian and returns its upper triangular factor ``R`` (``R R^T = H``).
 
     Dead inputs (``H[i, i] == 0``) get ``H[i, i] = 1``; then
     ``lambda = dampening_frac * mean(diag(H))`` is added to the diagonal. When the
     result is not positive definite the dampening is retried 10x larger, up to
     ``max_retries`` times. ``hessian`` itself is left unchanged unless ``overwrite``.
 
-    With ``order``, the result is that of ``H[order][:, order]`` (the inputs visited in that
-    order), permuted in the one copy the factorization needs anyway.
+    ``R`` is the Cholesky factor of ``H`` read backwards: with ``P`` the reversal permutation
+    and ``P H P = L L^T``, ``R = P L P``. With ``order``, the result is that of
+    ``H[order][:, order]`` (the inputs visited in that order), permuted in the one copy the
+    factorization needs anyway.
 
     Args:
         hessian: ``H`` ``[in, in]``, float32 or float64.
@@ -326,54 +326,14 @@ def damp_and_invert(
         order: a permutation of the inputs, or None for their natural order.
 
     Returns:
-        ``U`` (``U^T U = H^-1``), the dead inputs (in ``order``) and the dampening fraction used.
+        The factor, the dead inputs (in ``order``) and the dampening fraction used.
 
     Raises:
         ValueError: when ``hessian`` is not square, ``order`` does not fit or an argument is
             out of range.
-        SingularHessianError: when ``H`` holds NaN/inf or no dampening made it invertible;
-            the message says what was tried (the caller adds the layer's name).
+        SingularHessianError: when ``H`` holds NaN/inf or no dampening made it positive
+            definite; the message says what was tried (the caller adds the layer's name).
     """
-    return _damped(hessian, dampening_frac, max_retries, overwrite, order, invert=True)
-
-
-def damp_and_factor(
-    hessian: Tensor,
-    dampening_frac: float = 0.01,
-    max_retries: int = 3,
-    overwrite: bool = False,
-    order: Tensor | None = None,
-) -> DampedFactor:
-    """:func:`damp_and_invert` without the inversion: the upper triangular ``R`` with
-    ``R R^T = H + lambda I`` (``R = U^-1``; one Cholesky factorization, no triangular inverse).
-
-    Args:
-        hessian: as for :func:`damp_and_invert`.
-        dampening_frac: as for :func:`damp_and_invert`.
-        max_retries: as for :func:`damp_and_invert`.
-        overwrite: as for :func:`damp_and_invert`.
-        order: as for :func:`damp_and_invert`.
-
-    Returns:
-        ``R``, the dead inputs (in ``order``) and the dampening fraction used.
-
-    Raises:
-        ValueError: as :func:`damp_and_invert`.
-        SingularHessianError: as :func:`damp_and_invert`.
-    """
-    return _damped(hessian, dampening_frac, max_retries, overwrite, order, invert=False)
-
-
-def _damped(
-    hessian: Tensor,
-    dampening_frac: float,
-    max_retries: int,
-    overwrite: bool,
-    order: Tensor | None,
-    invert: bool,
-) -> DampedFactor:
-    """The dampening, retries and checks of :func:`damp_and_invert` and
-    :func:`damp_and_factor`; ``invert`` picks which factor they return."""
     if hessian.dim() != 2 or hessian.shape[0] != hessian.shape[1]:
         raise ValueError(f"hessian of shape {tuple(hessian.shape)} is invalid: expected [in, in]")
     if order is not None and not _is_permutation(order, hessian.shape[0]):
@@ -401,9 +361,10 @@ def _damped(
     tried = [dampening_frac * 10**k for k in range(retries + 1)]
     for frac in tried:
         diagonal.copy_(undamped).add_(frac * mean_diagonal)
-        upper = _upper_factor(flipped, invert)
-        if upper is not None:
-            return DampedFactor(upper, dead.flip(0), frac)
+        lower, info = torch.linalg.cholesky_ex(flipped)
+        # a pivot whose reciprocal overflows would make every correction through it infinite
+        if info.item() == 0 and all_finite(lower.diagonal().reciprocal()):
+            return DampedFactor(lower.flip(0, 1), dead.flip(0), frac)
     raise SingularHessianError(
         f"the Hessian is not positive definite even with dampening_frac in {tried} "
         f"(lambda = dampening_frac * mean(diag(H)), mean(diag(H)) = {mean_diagonal.item():.4g}): "
@@ -438,80 +399,37 @@ def _mean_of_reversed(diagonal: Tensor) -> Tensor:
     return strided.copy_(diagonal.flip(0)).mean()
 
 
-def _upper_factor(flipped: Tensor, invert: bool) -> Tensor | None:
-    """Returns ``U`` with ``U^T U = H^-1`` (``invert``) or ``R = U^-1`` with ``R R^T = H``
-    from ``flipped = P H P`` (``P`` the reversal permutation), or None when ``H`` is not
-    positive definite (or ``U`` or ``1 / diag(R)`` overflows).
-
-    With ``P H P = L L^T``: ``H = R R^T`` for the upper triangular ``R = P L P``, and
-    ``H^-1 = U^T U`` for ``U = R^-1 = P L^-1 P``: one Cholesky factorization, and for ``U``
-    one triangular inverse, instead of factorizing, inverting and factorizing the inverse.
-    """
-    lower, info = torch.linalg.cholesky_ex(flipped)
-    if info.item() != 0:
-        return None
-    if not invert:
-        return lower.flip(0, 1) if all_finite(lower.diagonal().reciprocal()) else None
-    upper = _lower_triangular_inverse(lower).flip(0, 1)
-    if not all_finite(upper):
-        return None
-    return upper
-
-
-def _lower_triangular_inverse(lower: Tensor) -> Tensor:
-    """``L^-1`` of a lower triangular ``L``, by halves: ``[[A, 0], [C, D]]^-1`` is
-    ``[[A^-1, 0], [-D^-1 C A^-1, D^-1]]`` (a third of the flops of a triangular solve against
-    the identity, mostly in matrix products)."""
-    size = lower.shape[0]
-    if size <= TRIANGULAR_BASE:
-        identity = torch.eye(size, dtype=lower.dtype, device=lower.device)
-        return torch.linalg.solve_triangular(lower, identity, upper=False)
-    half = size // 2
-    first = _lower_triangular_inverse(lower[:half, :half])
-    second = _lower_triangular_inverse(lower[half:, half:])
-    inverse = torch.zeros_like(lower)
-    inverse[:half, :half] = first
-    inverse[half:, half:] = second
-    torch.mm(second, lower[half:, :half] @ first, out=inverse[half:, :half]).neg_()
-    return inverse
-
-
 ColumnTarget = Callable[[int, Tensor, "BlockwiseOBS"], Tensor]
 """``target(j, w, sweep) -> q``: the compressed value of column ``j`` given its current value
 ``w`` ``[out]`` (a view of the sweep's working memory: read it, do not change it, and return
-a new tensor); a sweep built with ``look_ahead`` lets it look ahead with ``sweep.current``
-and ``sweep.hinv``."""
+a new tensor); it may look ahead with ``sweep.current`` and ``sweep.factor``."""
 
 
 class BlockwiseOBS:
     """One left-to-right OBS sweep over the columns of a weight, with lazy batch updates.
 
-    For each column ``j`` the target gives ``q``; with ``d = U[j, j]`` the error
-    ``e = (w - q) / d`` is spread onto the later columns: ``W[:, k] -= e * U[j, k]``.
-    Inside a block of ``block_size`` columns this happens at once; the later blocks get
-    the whole block's errors as one product when the block ends. The result equals the
-    column-at-a-time algorithm with the full inverse.
+    GPTQ's paper, with ``U`` the upper Cholesky factor of ``H^-1``, compresses each column
+    ``j`` to ``q`` and spreads its error forward: ``W[:, k] -= (w_j - q) / U[j, j] * U[j, k]``.
+    This sweep computes the same values without inverting ``H``: with ``R = U^-1`` (upper,
+    ``R R^T = H``: :func:`damp_and_factor`), the value column ``j`` reaches after every
+    earlier column's correction is ``w_j + sum_{i<j} (w_i - q_i) R[i, j] / R[j, j]``, from
+    the original weights ``w``: Babai's nearest-plane form (Chen et al. 2025, "The Geometry of
+    LLM Quantization: GPTQ as Babai's Nearest Plane Algorithm"), equal in exact arithmetic.
+    Each block of ``block_size`` columns starts with one product gathering the earlier
+    blocks' changes ``w - q``; inside a block each change is pushed into the rest of its
+    sub-block of :data:`SUB_BLOCK` columns at once, and into the rest of the block by one
+    product per sub-block. Saved against inverting: the triangular inverse, about the flops
+    of the factorization (at 2816 inputs about 0.15 s of a 0.53 s GPTQ call on one CPU
+    thread). Cost: the changes of the visited columns are kept, one more weight-sized
+    buffer in the working dtype.
 
-    Without ``look_ahead`` the sweep needs no inverse. With ``R = U^-1`` (upper,
-    ``R R^T = H``, the Cholesky factor :func:`damp_and_factor` returns) the value column ``j``
-    reaches after every earlier column's update is ``w_j + sum_{i<j} (w_i - q_i) R[i, j] /
-    R[j, j]``, from the original weights: Babai's nearest-plane form of the same sweep (Chen
-    et al. 2025, "The Geometry of LLM Quantization: GPTQ as Babai's Nearest Plane
-    Algorithm"), equal in exact arithmetic. Each block gathers the earlier columns' changes
-    ``w - q`` as one product and pushes its own within the block as above; later columns are
-    not updated before their turn, so the target cannot look ahead. Saved: the triangular
-    inverse, about as many flops as the factorization (at 2816 inputs about 0.1 s of a 0.48 s
-    GPTQ call on one CPU thread). Cost: the changes of the visited columns are kept, one more
-    weight-sized buffer in the working dtype.
-
-    The constructor dampens and factors ``H`` (:func:`damp_and_invert` or
-    :func:`damp_and_factor`) and zeroes the weight columns of dead inputs. Work happens on
-    the weight's device, in float32, or in float64 when the weight or the Hessian is
-    float64. A sweep runs once.
+    The constructor dampens and factors ``H`` and zeroes the weight columns of dead inputs.
+    Work happens on the weight's device, in float32, or in float64 when the weight or the
+    Hessian is float64. A sweep runs once.
 
     Attributes:
         weight: the working copy, compressed in place by :meth:`run`.
-        hinv: upper Cholesky factor of the damped ``H^-1``; None without ``look_ahead``.
+        factor: ``R``, upper triangular, ``R R^T`` the damped ``H`` (in the sweep's order).
         dead: bool ``[in]``, the dead inputs.
         dampening_frac: the dampening fraction used.
         block: ``(first, last)`` columns of the current block.
@@ -528,15 +446,12 @@ class BlockwiseOBS:
         consume_hessian: whether ``hessian`` was made for this sweep, so that it may be
             changed instead of copied.
         order: the order in which the sweep visits the columns (a permutation of them), or
-            None for their natural order; :attr:`weight`, :attr:`hinv` and :attr:`dead` are
+            None for their natural order; :attr:`weight`, :attr:`factor` and :attr:`dead` are
             in this order.
-        look_ahead: whether the target reads columns it has not reached
-            (:meth:`current`, :attr:`hinv`): SparseGPT's mask selection, group qparams
-            computed on entering a group. Without it the sweep takes the inverse-free form.
 
     Raises:
         ValueError: when the shapes or ``order`` do not fit, or ``block_size < 1``.
-        SingularHessianError: see :func:`damp_and_invert`.
+        SingularHessianError: see :func:`damp_and_factor`.
     """
 
     def __init__(
@@ -547,7 +462,6 @@ class BlockwiseOBS:
         dampening_frac: float = 0.01,
         consume_hessian: bool = False,
         order: Tensor | None = None,
-        look_ahead: bool = True,
     ) -> None:
         if weight.dim() != 2 or hessian.shape != (weight.shape[1], weight.shape[1]):
             raise ValueError(
@@ -559,14 +473,13 @@ class BlockwiseOBS:
             raise ValueError(f"block_size={block_size!r} is invalid: expected an int >= 1")
         dtype = torch.promote_types(torch.promote_types(weight.dtype, hessian.dtype), torch.float32)
         converted = hessian.to(device=weight.device, dtype=dtype)
-        factor = (damp_and_invert if look_ahead else damp_and_factor)(
+        factor = damp_and_factor(
             converted,
             dampening_frac,
             overwrite=consume_hessian or converted is not hessian,
             order=order,
         )
-        self.hinv = factor.upper if look_ahead else None
-        self._factor = None if look_ahead else factor.upper
+        self.factor = factor.upper
         self.dead = factor.dead
         self.dampening_frac = factor.dampening_frac
         self.block_size = block_size
@@ -578,10 +491,11 @@ class BlockwiseOBS:
             ordered = ordered.index_select(1, order.to(weight.device))
         self._columns = ordered.T.clone(memory_format=torch.contiguous_format)
         self._columns[self.dead] = 0
+        self._changes = torch.empty_like(self._columns)  # w - q of each visited column
         self.block = (0, 0)
         self._sub_block = (0, 0)
-        self._block_columns = self._columns[:0]
-        self._block_errors = self._columns[:0]
+        self._column = 0
+        self._gathered = self._columns[:0]
         self.row_losses = self._columns.new_zeros(self._columns.shape[1])
 
     @property
@@ -590,11 +504,12 @@ class BlockwiseOBS:
         return self._columns.T
 
     def current(self, start: int, stop: int) -> Tensor:
-        """Returns the up-to-date values of columns ``[start, stop)``.
+        """Returns the values columns ``[start, stop)`` hold after every correction so far.
 
-        Columns up to the end of the current sub-block hold every update so far; the rest
-        of the block gets the sub-block's pending errors applied here, and later columns
-        the whole block's.
+        These are the values GPTQ's paper's forward updates leave in those columns once the
+        columns before the one being compressed are done: ``w + (R_b^T)^-1 g``, where ``g``
+        gathers the earlier changes through ``R``'s rows above and ``R_b`` is ``R``'s
+        diagonal block from the column being compressed to ``stop`` (one triangular solve).
 
         Args:
             start: first column, at or after the column being compressed.
@@ -604,43 +519,45 @@ class BlockwiseOBS:
             ``[out, stop - start]``, a copy.
 
         Raises:
-            RuntimeError: on a sweep built without ``look_ahead``.
+            ValueError: when ``start`` is before the column being compressed.
         """
-        pieces = self._current_pieces(start, stop)
-        if len(pieces) == 1:
-            return pieces[0].T.clone()
-        return torch.cat(pieces or [self._columns[start:start]]).T
+        return self.current_columns(start, stop).T
 
     def current_columns(self, start: int, stop: int) -> Tensor:
         """:meth:`current` in the sweep's layout: ``[stop - start, out]``, row ``i`` is column
         ``start + i`` (a copy)."""
-        pieces = self._current_pieces(start, stop)
-        if len(pieces) == 1:
-            return pieces[0].clone()
-        return torch.cat(pieces or [self._columns[start:start]])
-
-    def _current_pieces(self, start: int, stop: int) -> list[Tensor]:
-        """The up-to-date columns ``[start, stop)`` in runs, in the sweep's layout; a run
-        that needs no pending errors is a view of the working copy."""
-        if self.hinv is None:
-            raise RuntimeError(
-                "this sweep was built with look_ahead=False: later columns are not updated "
-                "before their turn; build it with look_ahead=True to read them"
+        column = self._column
+        if start < column:
+            raise ValueError(
+                f"start={start} is before column {column}, the one being compressed: "
+                "earlier columns are final"
             )
+        stop = min(stop, self._columns.shape[0])
+        if start >= stop:
+            return self._columns[start:start].clone()
+        gathered = self._gathered_from(column, stop)
+        diagonal_block = self.factor[column:stop, column:stop]
+        solved = torch.linalg.solve_triangular(diagonal_block.T, gathered, upper=False)
+        return solved[start - column :].add_(self._columns[start:stop])
+
+    def _gathered_from(self, column: int, stop: int) -> Tensor:
+        """``sum_{i<column} (w_i - q_i) R[i, k]`` for ``k`` in ``[column, stop)``, ``[stop -
+        column, out]``: what the current sub-block's rows already hold, plus the pending
+        changes of the sub-block for the rest of the block, plus every earlier change for
+        the columns after the block."""
         first, last = self.block
         sub_first, sub_last = self._sub_block
-        stop = min(stop, self._columns.shape[0])
         pieces = []
-        if start < min(stop, sub_last):
-            pieces.append(self._columns[start : min(stop, sub_last)])
-        pending_from = ((sub_last, last, sub_first, sub_last), (last, stop, first, last))
-        for begin, end, errors_first, errors_last in pending_from:
-            begin, end = max(start, begin), min(stop, end)
-            if begin < end:
-                errors = self._block_errors[errors_first - first : errors_last - first]
-                pending = self.hinv[errors_first:errors_last, begin:end].T @ errors
-                pieces.append(self._columns[begin:end] - pending)
-        return pieces
+        if column < min(stop, sub_last):
+            pieces.append(self._gathered[column - first : min(stop, sub_last) - first].clone())
+        begin, end = max(column, sub_last), min(stop, last)
+        if begin < end:
+            pending = self.factor[sub_first:column, begin:end].T @ self._changes[sub_first:column]
+            pieces.append(pending.add_(self._gathered[begin - first : end - first]))
+        if max(column, last) < stop:
+            later = self.factor[:column, max(column, last) : stop]
+            pieces.append(later.T @ self._changes[:column])
+        return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
 
     def run(self, target: ColumnTarget) -> tuple[Tensor, float]:
         """Compresses every column in order.
@@ -649,90 +566,50 @@ class BlockwiseOBS:
             target: gives each column's compressed value (see :data:`ColumnTarget`).
 
         Returns:
-            The compressed weight (working dtype) and the loss ``sum((w - q)^2 / d^2) / 2``,
-            which equals ``tr(dW H dW^T) / 2`` for the damped ``H``, the mean squared output
-            error per token when ``H`` comes from :class:`HessianAccumulator`.
+            The compressed weight (working dtype) and the loss ``sum((w - q)^2 / d^2) / 2``
+            (``w`` the value compressed, ``d = U[j, j] = 1 / R[j, j]``), which equals
+            ``tr(dW H dW^T) / 2`` for the damped ``H``, the mean squared output error per
+            token when ``H`` comes from :class:`HessianAccumulator`.
         """
-        if self._factor is not None:
-            self._run_gathering(target)
-            return self.weight, self.row_losses.sum().item()
         width = self._columns.shape[0]
-        for first in range(0, width, self.block_size):
-            last = min(first + self.block_size, width)
-            self.row_losses += self._run_block(first, last, target)
-            later = self._columns[last:]
-            later.addmm_(self.hinv[first:last, last:].T, self._block_errors, alpha=-1)
-        return self.weight, self.row_losses.sum().item()
-
-    def _run_block(self, first: int, last: int, target: ColumnTarget) -> Tensor:
-        """Compresses columns ``[first, last)``, updating the block in place; returns the
-        block's loss per row."""
-        self.block = (first, last)
-        self._block_columns = self._columns[first:last]
-        self._block_errors = torch.zeros_like(self._block_columns)
-        hinv = self.hinv[first:last, first:last]
-        with _one_thread():  # tiny ops: intra-op threads would only add fork/join waits
-            self._sweep_block(first, last, hinv, target)
-        return self._block_errors.square().sum(dim=0) / 2
-
-    def _sweep_block(self, first: int, last: int, hinv: Tensor, target: ColumnTarget) -> None:
-        """The column loop of :meth:`_run_block`, in sub-blocks of ``SUB_BLOCK`` columns: rank-one
-        updates reach the rest of the sub-block only, one product per sub-block the rest of
-        the block (the same lazy batching as between blocks, one level down)."""
-        columns, errors = self._block_columns, self._block_errors
-        size = last - first
-        # per-column views made once per block (each index is a dispatch; the divisors stay
-        # 0-d tensors: dividing by a Python float wraps it in a new tensor every time)
-        column_rows, error_rows = columns.unbind(0), errors.unbind(0)
-        diagonal = hinv.diagonal().unbind(0)
-        for start in range(0, size, SUB_BLOCK):
-            stop = min(start + SUB_BLOCK, size)
-            self._sub_block = (first + start, first + stop)
-            for i in range(start, stop):
-                w = column_rows[i]
-                q = target(first + i, w, self)
-                error = torch.sub(w, q, out=error_rows[i]).div_(diagonal[i])
-                if i + 1 < stop:
-                    columns[i + 1 : stop].addr_(hinv[i, i + 1 : stop], error, alpha=-1)
-                w.copy_(q)
-            if stop < size:
-                columns[stop:].addmm_(hinv[start:stop, stop:].T, errors[start:stop], alpha=-1)
-
-    def _run_gathering(self, target: ColumnTarget) -> None:
-        """The inverse-free sweep: each block starts from the product of the earlier columns'
-        changes ``w - q`` with ``R``'s rows above it, then :meth:`_gather_block`."""
-        factor, width = self._factor, self._columns.shape[0]
-        changes = torch.empty_like(self._columns)  # w - q of each visited column
+        diagonal = self.factor.diagonal()
         for first in range(0, width, self.block_size):
             last = min(first + self.block_size, width)
             self.block = (first, last)
-            # [block, out]: sum over earlier columns i of (w_i - q_i) R[i, j]
-            gathered = torch.mm(factor[:first, first:last].T, changes[:first])
+            # [block, out]: sum over the earlier blocks' columns i of (w_i - q_i) R[i, j]
+            self._gathered = torch.mm(self.factor[:first, first:last].T, self._changes[:first])
+            values = torch.empty_like(self._gathered)
             with _one_thread():  # tiny ops: intra-op threads would only add fork/join waits
-                self._gather_block(first, last, gathered, changes[first:last], target)
-            # each row now holds the values the block's columns were compressed from
-            error = gathered.sub_(self._columns[first:last])
-            error.mul_(factor.diagonal()[first:last, None])
+                self._sweep_block(first, last, values, target)
+            error = values.sub_(self._columns[first:last]).mul_(diagonal[first:last, None])
             self.row_losses += error.square_().sum(dim=0) / 2
+        return self.weight, self.row_losses.sum().item()
 
-    def _gather_block(
-        self, first: int, last: int, gathered: Tensor, changes: Tensor, target: ColumnTarget
-    ) -> None:
-        """The column loop of :meth:`_run_gathering` for columns ``[first, last)``: column ``j``
-        is compressed from ``w_j + gathered_j / R[j, j]`` (written over ``gathered_j``), and
-        its change pushed into the ``gathered`` rows of the later columns of the block, by
-        sub-blocks as in :meth:`_sweep_block`."""
-        factor = self._factor[first:last, first:last]
-        columns = self._columns[first:last]
+    def _sweep_block(self, first: int, last: int, values: Tensor, target: ColumnTarget) -> None:
+        """The column loop of :meth:`run` for columns ``[first, last)``: column ``j`` is
+        compressed from ``w_j + gathered_j / R[j, j]`` (kept in ``values``), and its change
+        pushed into the ``gathered`` rows of the rest of its sub-block at once and of the
+        rest of the block by one product per sub-block (the same lazy batching as between
+        blocks, one level down)."""
+        factor = self.factor[first:last, first:last]
+        columns, gathered, changes = (
+            self._columns[first:last],
+            self._gathered,
+            self._changes[first:last],
+        )
+        # per-column views made once per block (each index is a dispatch; the divisors stay
+        # 0-d tensors: dividing by a Python float wraps it in a new tensor every time)
         column_rows, gathered_rows = columns.unbind(0), gathered.unbind(0)
-        change_rows, diagonal = changes.unbind(0), factor.diagonal().unbind(0)
+        value_rows, change_rows = values.unbind(0), changes.unbind(0)
+        diagonal = factor.diagonal().unbind(0)
         size = last - first
         for start in range(0, size, SUB_BLOCK):
             stop = min(start + SUB_BLOCK, size)
             self._sub_block = (first + start, first + stop)
             for i in range(start, stop):
+                self._column = first + i
                 w = column_rows[i]
-                value = torch.addcdiv(w, gathered_rows[i], diagonal[i], out=gathered_rows[i])
+                value = torch.addcdiv(w, gathered_rows[i], diagonal[i], out=value_rows[i])
                 q = target(first + i, value, self)
                 change = torch.sub(w, q, out=change_rows[i])
                 if i + 1 < stop:

@@ -46,6 +46,7 @@ __all__ = [
     "assign_owners",
     "call_cost",
     "join_row_slices",
+    "plan_load",
     "row_bounds",
     "row_cost",
     "share_outcomes",
@@ -66,10 +67,7 @@ COLUMN_SECONDS = 1.5e-5
 """Per input column (``cols``): the sweep's small operations on each column, whatever the
 rows (their dispatch, not their arithmetic, dominates)."""
 FACTORIZATION_SECONDS = 5.4e-12
-"""Per ``cols**3``: the Cholesky factorization. GPTQ with qparams fixed up front (the default
-static activation order; ``channel``, ``tensor``, ``block``) stops there; SparseGPT, and GPTQ
-computing group qparams on entry, also invert the factor (about as much again), which the
-estimate leaves out: it only compares calls of one modifier, whose layers all pay it."""
+"""Per ``cols**3``: the Cholesky factorization (nothing is inverted: see ``BlockwiseOBS``)."""
 PRODUCT_SECONDS = 6.2e-12
 """Per ``rows * cols**2``: the multiply-adds of the sweep's lazy batch updates."""
 ELEMENT_SECONDS = 2.6e-8
@@ -224,6 +222,28 @@ def assign_owners(
         grouped.setdefault((index, owner, rows), []).extend(part)
     order = sorted(grouped, key=lambda key: (key[0], key[1], key[2] or (0, 0)))
     return [OwnedStack(grouped[key], key[1], key[2]) for key in order]
+
+
+def plan_load(
+    plan: Sequence[OwnedStack], shapes: Mapping[str, Sequence[int]], world_size: int
+) -> float:
+    """The busiest rank's estimated solve time under ``plan``, each part one call.
+
+    Args:
+        plan: what :func:`assign_owners` returns (or any parts with owners).
+        shapes: each layer's weight shape ``[rows, cols]``.
+        world_size: the number of ranks.
+
+    Returns:
+        The largest sum of :func:`solve_cost` over one rank's parts.
+    """
+    loads = [0.0] * world_size
+    for part in plan:
+        rows = sum(shapes[name][0] for name in part.names)
+        if part.rows is not None:
+            rows = part.rows[1] - part.rows[0]
+        loads[part.owner] += solve_cost(rows, shapes[part.names[0]][1])
+    return max(loads)
 
 
 _Piece = tuple[int, list[str], tuple[int, int] | None]

@@ -8,13 +8,11 @@ import torch
 from lightning_compress.modifiers.hessian import (
     GRAM_BAND,
     MIRROR_STRIP,
-    TRIANGULAR_BASE,
     BlockwiseOBS,
     HessianAccumulator,
     SingularHessianError,
     all_finite,
     damp_and_factor,
-    damp_and_invert,
 )
 
 IN = 24
@@ -190,7 +188,7 @@ def test_shape_errors_say_what_was_expected() -> None:
         acc.merge(HessianAccumulator(IN + 1))
 
 
-# --- damp_and_invert ---
+# --- damp_and_factor ---
 
 
 def spd(n: int = 8, seed: int = 0) -> torch.Tensor:
@@ -198,38 +196,20 @@ def spd(n: int = 8, seed: int = 0) -> torch.Tensor:
     return x.T @ x / (4 * n)
 
 
-@pytest.mark.parametrize("size", [8, TRIANGULAR_BASE + 45])  # one solve; halves, recursively
-def test_factor_is_upper_cholesky_of_damped_inverse(size: int) -> None:
+@pytest.mark.parametrize("size", [8, 301])
+def test_factor_is_the_upper_triangular_root_of_the_damped_hessian(size: int) -> None:
+    """``R R^T = H + lambda I`` with ``R`` upper: ``R^-1`` is the upper Cholesky factor of the
+    inverse that GPTQ's paper sweeps with."""
     h = spd(size)
-    inverse = damp_and_invert(h, 0.05)
+    factor = damp_and_factor(h, 0.05)
     damped = h + 0.05 * h.diagonal().mean() * torch.eye(size, dtype=h.dtype)
-    assert torch.equal(inverse.upper, inverse.upper.triu())
-    assert (inverse.upper.diagonal() > 0).all()  # the Cholesky factor, not another root
-    torch.testing.assert_close(inverse.upper.T @ inverse.upper, torch.linalg.inv(damped))
-    assert inverse.dampening_frac == 0.05
-    assert not inverse.dead.any()
-
-
-@pytest.mark.parametrize("size", [8, TRIANGULAR_BASE + 45])
-def test_the_uninverted_factor_is_the_inverse_of_the_inverses_factor(size: int) -> None:
-    h = spd(size)
-    h[[2, 5], :] = 0
-    h[:, [2, 5]] = 0
-    order = torch.randperm(size, generator=torch.Generator().manual_seed(2))
-    factor = damp_and_factor(h, 0.05, order=order)
-    inverse = damp_and_invert(h, 0.05, order=order)
-    ordered = h[order][:, order]
-    ordered.diagonal()[ordered.diagonal() == 0] = 1
-    damped = ordered + 0.05 * ordered.diagonal().mean() * torch.eye(size, dtype=h.dtype)
     assert torch.equal(factor.upper, factor.upper.triu())
-    assert (factor.upper.diagonal() > 0).all()
-    torch.testing.assert_close(factor.upper @ factor.upper.T, damped)  # R R^T = H, R upper
-    torch.testing.assert_close(factor.upper @ inverse.upper, torch.eye(size, dtype=h.dtype))
-    assert torch.equal(factor.dead, inverse.dead) and factor.dampening_frac == 0.05
-    retried = damp_and_factor(indefinite(), 0.01, max_retries=3)
-    assert retried.dampening_frac == pytest.approx(10.0)
-    with pytest.raises(SingularHessianError, match="raise dampening_frac"):
-        damp_and_factor(indefinite(), 0.01, max_retries=2)
+    assert (factor.upper.diagonal() > 0).all()  # the Cholesky factor, not another root
+    torch.testing.assert_close(factor.upper @ factor.upper.T, damped)
+    inverse_factor = torch.linalg.cholesky(torch.linalg.inv(damped), upper=True)
+    torch.testing.assert_close(torch.linalg.inv(factor.upper), inverse_factor)
+    assert factor.dampening_frac == 0.05
+    assert not factor.dead.any()
 
 
 def test_dead_inputs_are_reported_and_made_invertible() -> None:
@@ -237,32 +217,32 @@ def test_dead_inputs_are_reported_and_made_invertible() -> None:
     h[[2, 5], :] = 0
     h[:, [2, 5]] = 0
     before = h.clone()
-    inverse = damp_and_invert(h, 0.01)
-    assert inverse.dead.nonzero().flatten().tolist() == [2, 5]
-    assert torch.isfinite(inverse.upper).all()
+    factor = damp_and_factor(h, 0.01)
+    assert factor.dead.nonzero().flatten().tolist() == [2, 5]
+    assert torch.isfinite(factor.upper).all()
     assert torch.equal(h, before)  # the caller's Hessian is untouched
 
 
-def test_order_inverts_the_hessian_of_the_inputs_taken_in_that_order() -> None:
-    h = spd(TRIANGULAR_BASE + 45)
+def test_order_factors_the_hessian_of_the_inputs_taken_in_that_order() -> None:
+    h = spd(301)
     h[[2, 5], :] = 0
     h[:, [2, 5]] = 0
     order = torch.randperm(h.shape[0], generator=torch.Generator().manual_seed(1))
     before = h.clone()
-    expected = damp_and_invert(h[order][:, order], 0.01)
-    ordered = damp_and_invert(h, 0.01, order=order)
+    expected = damp_and_factor(h[order][:, order], 0.01)
+    ordered = damp_and_factor(h, 0.01, order=order)
     assert torch.equal(h, before)  # the caller's Hessian is untouched
-    overwritten = damp_and_invert(h, 0.01, overwrite=True, order=order)
-    for inverse in (ordered, overwritten):  # exact: the same numbers, only moved
-        assert torch.equal(inverse.upper, expected.upper)
-        assert torch.equal(inverse.dead, expected.dead)
+    overwritten = damp_and_factor(h, 0.01, overwrite=True, order=order)
+    for factor in (ordered, overwritten):  # exact: the same numbers, only moved
+        assert torch.equal(factor.upper, expected.upper)
+        assert torch.equal(factor.dead, expected.dead)
     assert sorted(order[overwritten.dead].tolist()) == [2, 5]
 
 
 @pytest.mark.parametrize("order", [torch.arange(7), torch.tensor([0, 1, 2, 3, 4, 5, 6, 6])])
 def test_order_that_is_no_permutation_of_the_inputs_is_refused(order: torch.Tensor) -> None:
     with pytest.raises(ValueError, match=r"expected a permutation of the 8 inputs"):
-        damp_and_invert(spd(), 0.01, order=order)
+        damp_and_factor(spd(), 0.01, order=order)
 
 
 def indefinite() -> torch.Tensor:
@@ -271,19 +251,19 @@ def indefinite() -> torch.Tensor:
 
 
 def test_retries_with_ten_times_more_dampening() -> None:
-    inverse = damp_and_invert(indefinite(), 0.01, max_retries=3)
-    assert inverse.dampening_frac == pytest.approx(10.0)
+    factor = damp_and_factor(indefinite(), 0.01, max_retries=3)
+    assert factor.dampening_frac == pytest.approx(10.0)
 
 
 def test_gives_up_with_a_message_that_says_what_to_do() -> None:
     with pytest.raises(SingularHessianError, match="raise dampening_frac") as info:
-        damp_and_invert(indefinite(), 0.01, max_retries=2)
+        damp_and_factor(indefinite(), 0.01, max_retries=2)
     assert "0.01, 0.1, 1.0" in str(info.value)
     assert isinstance(info.value, ValueError)
     with pytest.raises(SingularHessianError, match=r"\[0.0\]"):
-        damp_and_invert(indefinite(), 0.0)
+        damp_and_factor(indefinite(), 0.0)
     with pytest.raises(SingularHessianError, match="NaN or inf"):
-        damp_and_invert(torch.full((2, 2), float("nan")), 0.01)
+        damp_and_factor(torch.full((2, 2), float("nan")), 0.01)
 
 
 # --- the blockwise sweep ---
@@ -345,37 +325,58 @@ def test_current_columns_are_current_transposed_at_every_point_of_the_sweep() ->
     assert checked == list(range(40))
 
 
+def forward_sweep(
+    weight: torch.Tensor, h: torch.Tensor, target, ahead: int
+) -> tuple[torch.Tensor, list[torch.Tensor], float]:
+    """GPTQ's paper, one column at a time: the full inverse, each error spread forward.
+
+    Returns the result, the values of columns ``[j, j + ahead)`` before column ``j`` is
+    compressed, and the loss ``sum((w - q)^2 / [H^-1]_jj) / 2`` of the remaining inverses.
+    """
+    damped = h.clone()
+    damped.diagonal()[damped.diagonal() == 0] = 1
+    damped += 0.01 * damped.diagonal().mean() * torch.eye(h.shape[0], dtype=h.dtype)
+    w, seen, loss = weight.clone(), [], 0.0
+    for j in range(w.shape[1]):
+        seen.append(w[:, j : j + ahead].clone())
+        inverse = torch.linalg.inv(damped[j:, j:])  # H^-1 of the columns not yet visited
+        q = target(j, w[:, j], None)
+        error = (w[:, j] - q) / inverse[0, 0]
+        loss += (error.square().sum() * inverse[0, 0] / 2).item()
+        w[:, j:] -= error[:, None] * inverse[0]
+        w[:, j] = q
+    return w, seen, loss
+
+
 @pytest.mark.parametrize("block_size", [1, 5, 16, 40, 64])
-def test_the_inverse_free_sweep_equals_the_sweep_with_the_inverse(block_size: int) -> None:
-    """Without look-ahead each column gathers the earlier columns' changes through the
-    Cholesky factor of ``H`` (Babai's nearest-plane form): the same columns and loss."""
+def test_the_sweep_and_what_it_shows_ahead_equal_the_column_loop_with_the_full_inverse(
+    block_size: int,
+) -> None:
+    """Each column is compressed from, and :meth:`current` shows (within the sub-block, the
+    block and beyond), the values the forward updates of GPTQ's paper give."""
     gen = torch.Generator().manual_seed(6)
     h = spd(40, seed=6)
-    h[7, :] = 0
-    h[:, 7] = 0
     weight = torch.randn(6, 40, generator=gen, dtype=torch.float64)
-    order = torch.randperm(40, generator=gen)
-    seen = []
+    expected, ahead, expected_loss = forward_sweep(weight, h, half_grid, 30)
+    checked = []
 
-    def record(j: int, w: torch.Tensor, sweep: BlockwiseOBS) -> torch.Tensor:
-        seen.append((j, w.clone()))
+    def check(j: int, w: torch.Tensor, sweep: BlockwiseOBS) -> torch.Tensor:
+        torch.testing.assert_close(w, ahead[j][:, 0], rtol=1e-12, atol=1e-12)
+        for stop in (j + 1, j + 7, j + 30):
+            width = min(stop, 40) - j
+            torch.testing.assert_close(
+                sweep.current(j, stop), ahead[j][:, :width], rtol=1e-12, atol=1e-12
+            )
+        torch.testing.assert_close(sweep.current(j + 2, j + 9), ahead[j][:, 2:9])
+        with pytest.raises(ValueError, match="before column"):
+            sweep.current(j - 1, j + 1) if j else sweep.current(-1, 0)
+        checked.append(j)
         return half_grid(j, w, sweep)
 
-    reference = BlockwiseOBS(weight, h, 40, 0.01, order=order)
-    expected, expected_loss = reference.run(record)
-    pushed = dict(seen)
-    seen.clear()
-    sweep = BlockwiseOBS(weight, h, block_size, 0.01, order=order, look_ahead=False)
-    assert sweep.hinv is None and torch.equal(sweep.dead, reference.dead)
-    result, loss = sweep.run(record)
-    assert [j for j, _ in seen] == list(range(40))
-    for j, value in seen:  # each column compressed from the value the push form gives it
-        torch.testing.assert_close(value, pushed[j], rtol=1e-12, atol=1e-12)
+    result, loss = BlockwiseOBS(weight, h, block_size, 0.01).run(check)
+    assert checked == list(range(40))
     torch.testing.assert_close(result, expected, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(sweep.row_losses, reference.row_losses, rtol=1e-10, atol=0)
     assert loss == pytest.approx(expected_loss, rel=1e-10)
-    with pytest.raises(RuntimeError, match="look_ahead=False"):
-        sweep.current(0, 4)
 
 
 def test_sweep_rejects_misfits() -> None:

@@ -25,6 +25,7 @@ from lightning_compress.modifiers.layerwise_split import (
     assign_owners,
     call_cost,
     join_row_slices,
+    plan_load,
     row_bounds,
     row_cost,
     share_outcomes,
@@ -102,15 +103,16 @@ def best_plan_load(stacks, shapes, world_size):
     return best
 
 
-def plan_load(plan, shapes, world_size):
-    """The busiest rank's estimated time in ``plan``: each part is one call."""
-    loads = [0.0] * world_size
-    for part in plan:
-        rows = sum(shapes[name][0] for name in part.names)
-        if part.rows is not None:
-            rows = part.rows[1] - part.rows[0]
-        loads[part.owner] += solve_cost(rows, shapes[part.names[0]][1])
-    return max(loads)
+def test_a_plans_load_is_its_busiest_ranks_calls():
+    shapes = {"a": (128, 256), "b": (64, 256), "c": (256, 512)}
+    plan = [
+        OwnedStack(["a", "b"], 0),
+        OwnedStack(["c"], 1, (0, 64)),
+        OwnedStack(["c"], 1, (64, 256)),
+    ]
+    expected = max(solve_cost(192, 256), solve_cost(64, 512) + solve_cost(192, 512))
+    assert plan_load(plan, shapes, 2) == expected
+    assert plan_load(plan, shapes, 3) == expected  # an idle rank adds nothing
 
 
 def test_solve_cost_is_a_calls_fixed_part_plus_its_rows():

@@ -46,7 +46,7 @@ class SparseGPTResult(NamedTuple):
     zero_point: Tensor | None
     """With ``quantize_args``: the zero points; else None."""
     dampening_used: float
-    """The dampening fraction that made ``H`` invertible (see ``damp_and_invert``)."""
+    """The dampening fraction that made ``H`` invertible (see ``damp_and_factor``)."""
     row_losses: Tensor
     """``[out]``: each row's share of ``loss``."""
 
@@ -119,14 +119,15 @@ class _ColumnPruner:
 
 
 def _saliency(sweep: BlockwiseOBS, start: int, stop: int) -> Tensor:
-    """OBS error of pruning each weight of columns ``[start, stop)`` alone: ``w^2 / d^2``."""
-    return sweep.current(start, stop).square() / sweep.hinv.diagonal()[start:stop].square()
+    """OBS error of pruning each weight of columns ``[start, stop)`` alone: ``w^2 / d^2``, with
+    ``d = [H^-1]``'s Cholesky diagonal ``= 1 / R[j, j]``."""
+    return sweep.current(start, stop).square() * sweep.factor.diagonal()[start:stop].square()
 
 
 def _run_saliency(sweep: BlockwiseOBS, start: int, stop: int) -> Tensor:
     """:func:`_saliency` transposed, ``[stop - start, out]``: the sweep's own layout."""
-    squared_diagonal = sweep.hinv.diagonal()[start:stop, None].square()
-    return sweep.current_columns(start, stop).square_().div_(squared_diagonal)
+    squared_diagonal = sweep.factor.diagonal()[start:stop, None].square()
+    return sweep.current_columns(start, stop).square_().mul_(squared_diagonal)
 
 
 def _check_structure(

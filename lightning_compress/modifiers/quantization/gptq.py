@@ -48,7 +48,6 @@ __all__ = [
     "ColumnQuantizer",
     "GPTQResult",
     "gptq_quantize",
-    "groups_on_entry",
     "make_column_quantizer",
     "normalize_actorder",
     "weights_to_keep",
@@ -80,7 +79,7 @@ class GPTQResult(NamedTuple):
     row_losses: Tensor
     """``[out]``: each row's share of ``loss`` (rows are quantized independently)."""
     dampening_used: float
-    """The dampening fraction that made ``H`` invertible (see ``damp_and_invert``)."""
+    """The dampening fraction that made ``H`` invertible (see ``damp_and_factor``)."""
     global_scale: Tensor | None = None
     """Strategy ``tensor_group`` only: the per-tensor global scale ``scale`` is stored times
     (one for all the rows of a stacked call)."""
@@ -292,7 +291,7 @@ def make_column_quantizer(
             scale.repeat_interleave(rows, dim=0)[:height].split(1, dim=1),
             zero_point.repeat_interleave(rows, dim=0)[:height].split(1, dim=1),
         )
-    if groups_on_entry(args, actorder):
+    if args.strategy in GROUPED_STRATEGIES and actorder != "weight":
         return ColumnQuantizer(args, out_dtype, global_scale=global_scale)
     scale, zero_point = _rounded_qparams(weight, args, out_dtype, global_scale)
     if args.strategy not in GROUPED_STRATEGIES:
@@ -305,22 +304,6 @@ def make_column_quantizer(
         zero_point.split(1, dim=1),
         global_scale,
     )
-
-
-def groups_on_entry(args: QuantizationArgs, actorder: str | None) -> bool:
-    """Whether GPTQ computes each group's qparams on entering it, from its error-corrected
-    columns (groups visited together: natural order or ``actorder="group"``), rather than
-    up front from the weight. Only then does the sweep read columns ahead of the one it
-    compresses (see ``BlockwiseOBS``'s ``look_ahead``).
-
-    Args:
-        args: the weight's quantization arguments.
-        actorder: canonical activation ordering (see :func:`normalize_actorder`).
-
-    Returns:
-        True for strategies ``group`` / ``tensor_group`` unless ``actorder="weight"``.
-    """
-    return args.strategy in GROUPED_STRATEGIES and actorder != "weight"
 
 
 def _check_args(in_features: int, args: QuantizationArgs, actorder: str | None) -> None:
@@ -380,9 +363,8 @@ def gptq_quantize(
     """
     actorder = normalize_actorder(actorder)
     _check_args(weight.shape[-1], args, actorder)
-    look_ahead = groups_on_entry(args, actorder)
     if actorder is None:
-        sweep = BlockwiseOBS(weight, hessian, block_size, dampening_frac, look_ahead=look_ahead)
+        sweep = BlockwiseOBS(weight, hessian, block_size, dampening_frac)
         perm = inverse = None
         natural = sweep.weight
     else:
@@ -390,7 +372,7 @@ def gptq_quantize(
         perm = torch.argsort(hessian.diagonal(), descending=True, stable=True)
         inverse = torch.argsort(perm)
         sweep = BlockwiseOBS(
-            weight, hessian, block_size, dampening_frac, consume_hessian, perm, look_ahead
+            weight, hessian, block_size, dampening_frac, consume_hessian, order=perm
         )
         natural = _gather_columns(sweep.weight, inverse)
     tensor_scale = None
