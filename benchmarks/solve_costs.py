@@ -15,8 +15,9 @@ other jobs the times move by 10-30% between runs: fit on a quiet machine.
     taskset -c 1 python benchmarks/solve_costs.py [--repeats 2]
 
 ``--methods`` times one call of each method on one weight (``--shape ROWS COLS``, default the
-benchmark decoder's ``down_proj``, 1024 x 2816): GPTQ W4 g128 in static and natural activation
-order, SparseGPT 2:4 and 50% unstructured, the best CPU time of ``--repeats``.
+benchmark decoder's ``down_proj``, 1024 x 2816): GPTQ W4 in groups of ``--group-size`` (128) in
+static and natural activation order, SparseGPT 2:4 and 50% unstructured, the best CPU time of
+``--repeats``.
 
     taskset -c 1 python benchmarks/solve_costs.py --methods --repeats 3
 
@@ -59,16 +60,20 @@ NAMES = (
 )
 
 
-def time_methods(rows: int, cols: int, repeats: int) -> None:
+def time_methods(rows: int, cols: int, group_size: int, repeats: int) -> None:
     """Prints the best CPU time of one call of each method on a ``[rows, cols]`` weight."""
-    args = QuantizationArgs(num_bits=4, strategy="group", group_size=128)
+    args = QuantizationArgs(num_bits=4, strategy="group", group_size=group_size)
     generator = torch.Generator().manual_seed(0)
     statistics = HessianAccumulator(cols)
     statistics.add(torch.randn(2 * cols, cols, generator=generator))
     weight = torch.randn(rows, cols, generator=generator)
     methods = {
-        "GPTQ W4 g128, static order": lambda h: gptq_quantize(weight, h, args, 128, 0.01, "weight"),
-        "GPTQ W4 g128, natural order": lambda h: gptq_quantize(weight, h, args, 128, 0.01, None),
+        f"GPTQ W4 g{group_size}, static order": lambda h: gptq_quantize(
+            weight, h, args, 128, 0.01, "weight"
+        ),
+        f"GPTQ W4 g{group_size}, natural order": lambda h: gptq_quantize(
+            weight, h, args, 128, 0.01, None
+        ),
         "SparseGPT 2:4": lambda h: sparsegpt_prune(weight, h, 0.5, (2, 4)),
         "SparseGPT 50%": lambda h: sparsegpt_prune(weight, h, 0.5),
     }
@@ -156,6 +161,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--estimate", action="store_true", help="print estimates, time nothing")
     parser.add_argument("--methods", action="store_true", help="time one call of each method")
+    parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument(
         "--shape", type=int, nargs=2, default=(1024, 2816), metavar=("ROWS", "COLS")
     )
@@ -165,7 +171,7 @@ def main() -> None:
         return
     torch.set_num_threads(1)
     if args.methods:
-        time_methods(*args.shape, args.repeats)
+        time_methods(*args.shape, args.group_size, args.repeats)
         return
     calls = measure(args.repeats)
     seconds = torch.tensor([t for _, _, t in calls], dtype=torch.float64)
