@@ -573,12 +573,21 @@ class BlockwiseOBS:
         """
         width = self._columns.shape[0]
         diagonal = self.factor.diagonal()
+        # two block-sized buffers for the whole sweep (fresh large buffers cost page faults)
+        gathered_memory = self._columns.new_empty(
+            min(self.block_size, width), self._columns.shape[1]
+        )
+        values_memory = torch.empty_like(gathered_memory)
         for first in range(0, width, self.block_size):
             last = min(first + self.block_size, width)
             self.block = (first, last)
             # [block, out]: sum over the earlier blocks' columns i of (w_i - q_i) R[i, j]
-            self._gathered = torch.mm(self.factor[:first, first:last].T, self._changes[:first])
-            values = torch.empty_like(self._gathered)
+            self._gathered = torch.mm(
+                self.factor[:first, first:last].T,
+                self._changes[:first],
+                out=gathered_memory[: last - first],
+            )
+            values = values_memory[: last - first]
             with _one_thread():  # tiny ops: intra-op threads would only add fork/join waits
                 self._sweep_block(first, last, values, target)
             error = values.sub_(self._columns[first:last]).mul_(diagonal[first:last, None])
