@@ -573,11 +573,11 @@ class BlockwiseOBS:
         """
         width = self._columns.shape[0]
         diagonal = self.factor.diagonal()
-        # two block-sized buffers for the whole sweep (fresh large buffers cost page faults)
+        # one block-sized buffer for the whole sweep (a fresh one per block costs page faults)
         gathered_memory = self._columns.new_empty(
             min(self.block_size, width), self._columns.shape[1]
         )
-        values_memory = torch.empty_like(gathered_memory)
+        value = self._columns.new_empty(self._columns.shape[1])
         for first in range(0, width, self.block_size):
             last = min(first + self.block_size, width)
             self.block = (first, last)
@@ -587,19 +587,19 @@ class BlockwiseOBS:
                 self._changes[:first],
                 out=gathered_memory[: last - first],
             )
-            values = values_memory[: last - first]
             with _one_thread():  # tiny ops: intra-op threads would only add fork/join waits
-                self._sweep_block(first, last, values, target)
-            error = values.sub_(self._columns[first:last]).mul_(diagonal[first:last, None])
+                self._sweep_block(first, last, value, target)
+            # (value - q) R[j, j] = (w - q) R[j, j] + gathered_j, each row's loss term
+            error = self._gathered.addcmul_(self._changes[first:last], diagonal[first:last, None])
             self.row_losses += error.square_().sum(dim=0) / 2
         return self.weight, self.row_losses.sum().item()
 
-    def _sweep_block(self, first: int, last: int, values: Tensor, target: ColumnTarget) -> None:
+    def _sweep_block(self, first: int, last: int, value: Tensor, target: ColumnTarget) -> None:
         """The column loop of :meth:`run` for columns ``[first, last)``: column ``j`` is
-        compressed from ``w_j + gathered_j / R[j, j]`` (kept in ``values``), and its change
-        pushed into the ``gathered`` rows of the rest of its sub-block at once and of the
-        rest of the block by one product per sub-block (the same lazy batching as between
-        blocks, one level down)."""
+        compressed from ``w_j + gathered_j / R[j, j]`` (made in ``value``, one row reused),
+        and its change pushed into the ``gathered`` rows of the rest of its sub-block at once
+        and of the rest of the block by one product per sub-block (the same lazy batching as
+        between blocks, one level down)."""
         factor = self.factor[first:last, first:last]
         columns, gathered, changes = (
             self._columns[first:last],
@@ -609,8 +609,7 @@ class BlockwiseOBS:
         # per-column views made once per block (each index is a dispatch; the divisors stay
         # 0-d tensors: dividing by a Python float wraps it in a new tensor every time)
         column_rows, gathered_rows = columns.unbind(0), gathered.unbind(0)
-        value_rows, change_rows = values.unbind(0), changes.unbind(0)
-        diagonal = factor.diagonal().unbind(0)
+        change_rows, diagonal = changes.unbind(0), factor.diagonal().unbind(0)
         size = last - first
         for start in range(0, size, SUB_BLOCK):
             stop = min(start + SUB_BLOCK, size)
@@ -618,7 +617,7 @@ class BlockwiseOBS:
             for i in range(start, stop):
                 self._column = first + i
                 w = column_rows[i]
-                value = torch.addcdiv(w, gathered_rows[i], diagonal[i], out=value_rows[i])
+                torch.addcdiv(w, gathered_rows[i], diagonal[i], out=value)
                 q = target(first + i, value, self)
                 change = torch.sub(w, q, out=change_rows[i])
                 if i + 1 < stop:
