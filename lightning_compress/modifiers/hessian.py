@@ -419,7 +419,7 @@ class BlockwiseOBS:
     blocks' changes ``w - q``; inside a block each change is pushed into the rest of its
     sub-block of :data:`SUB_BLOCK` columns at once, and into the rest of the block by one
     product per sub-block. Saved against inverting: the triangular inverse, about the flops
-    of the factorization (at 2816 inputs about 0.15 s of a 0.53 s GPTQ call on one CPU
+    of the factorization (at 2816 inputs about 0.1 s of a 0.53 s GPTQ call on one CPU
     thread). Cost: the changes of the visited columns are kept, one more weight-sized
     buffer in the working dtype.
 
