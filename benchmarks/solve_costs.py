@@ -6,7 +6,7 @@ FACTORIZATION_SECONDS * cols**3`` (paid once per call: the sweep's per-column st
 made ready and factored) plus ``rows * (PRODUCT_SECONDS * cols**2 +
 ELEMENT_SECONDS * cols)`` (the column sweep). This times GPTQ W4 g128 calls (static activation
 order, the default) as the modifier makes them, from the reduced float64 Hessian to the
-quantized weight, on one thread, for shapes from 128 x 512 to 1024 x 4096 (the best of
+quantized weight, on one thread, for shapes from 128 x 512 to 2048 x 8192 (the best of
 ``--repeats``), fits the five constants (least squares on the relative error) and prints them,
 then each shape's measured time, the fit's estimate and the estimate of the constants in use
 (:func:`~lightning_compress.modifiers.layerwise_split.solve_cost`). On a machine shared with
@@ -21,6 +21,14 @@ static and natural activation order, SparseGPT 2:4 and 50% unstructured, the bes
 
     taskset -c 1 python benchmarks/solve_costs.py --methods --repeats 3
 
+``--factor`` times the reversed Cholesky factor ``R`` (``R R^T = H``) of one ``[n, n]`` Hessian
+per size: one LAPACK call on the reversed copy, reversed back, and the tiles of
+``modifiers/tiled_cholesky.py``, on one thread; then the tiles factored together by 2
+processes (gloo, one thread each: the slowest rank's wall time), the best of ``--repeats``;
+the factors of one and two processes are checked equal, bit for bit.
+
+    python benchmarks/solve_costs.py --factor --repeats 3
+
 ``--estimate`` measures nothing: it prints, for the dense blocks of real models, the busiest of 2
 ranks' estimated solve time over one process's with the owners the constants in use choose
 (:func:`~lightning_compress.modifiers.layerwise_split.assign_owners`, GPTQ's rules: stacks
@@ -33,23 +41,35 @@ group solved before the next one's calibration).
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from lightning_compress.modifiers.hessian import HessianAccumulator
 from lightning_compress.modifiers.layerwise_split import assign_owners, solve_cost
 from lightning_compress.modifiers.pruning.sparsegpt import sparsegpt_prune
 from lightning_compress.modifiers.quantization.args import QuantizationArgs
 from lightning_compress.modifiers.quantization.gptq import gptq_quantize
+from lightning_compress.modifiers.tiled_cholesky import (
+    _reverse_block,
+    factoring_together,
+    reverse_cholesky,
+)
 
 SHAPES = {  # cols: rows
     512: [128, 512, 2048],
     1024: [128, 512, 1024, 2816, 5632],
     1536: [128, 576, 1536],
-    2048: [128, 1024, 2048],
+    2048: [128, 1024, 2048, 8192, 16384],
     2816: [128, 512, 1024],
     4096: [128, 1024],
+    8192: [128, 1024, 2048],
 }
 NAMES = (
     "COLUMN_SECONDS",
@@ -84,6 +104,66 @@ def time_methods(rows: int, cols: int, group_size: int, repeats: int) -> None:
             method(statistics.hessian().to(torch.float32))
             best = min(best, time.process_time() - begin)
         print(f"{name}, {rows} x {cols}: {best:.3f} s", flush=True)
+
+
+FACTOR_SIZES = (2048, 2816, 4096, 8192)
+
+
+def time_factorizations(repeats: int) -> None:
+    """Prints, per size, the best time of one LAPACK call, the tiles alone and the tiles
+    factored together by 2 processes."""
+    print(
+        "| inputs | LAPACK, 1 process (s) | tiles, 1 process (s) | tiles, 2 processes (s) | ratio |"
+    )
+    print("|---:|---:|---:|---:|---:|")
+    for size in FACTOR_SIZES:
+        hessian = spd_hessian(size)
+        lapack = best_of(repeats, partial(_reverse_block, hessian))
+        alone = best_of(repeats, partial(reverse_cholesky, hessian))
+        with tempfile.TemporaryDirectory() as directory:
+            path = Path(directory)
+            port = 29400 + size % 1000
+            mp.spawn(factor_on_rank, args=(size, repeats, port, path), nprocs=2)
+            together = max(torch.load(path / f"{rank}.pt")["seconds"] for rank in (0, 1))
+            assert torch.equal(torch.load(path / "0.pt")["upper"], reverse_cholesky(hessian)[0])
+        print(
+            f"| {size} | {lapack:.3f} | {alone:.3f} | {together:.3f} | {together / alone:.2f} |",
+            flush=True,
+        )
+
+
+def spd_hessian(size: int) -> torch.Tensor:
+    """A damped Hessian of ``2 * size`` random inputs, float32."""
+    inputs = torch.randn(2 * size, size, generator=torch.Generator().manual_seed(size))
+    hessian = inputs.T @ inputs / (2 * size)
+    return hessian + 0.01 * hessian.diagonal().mean() * torch.eye(size)
+
+
+def best_of(repeats: int, call: Callable[[], object]) -> float:
+    """The best wall time of ``repeats`` calls."""
+    best = float("inf")
+    for _ in range(repeats):
+        begin = time.perf_counter()
+        call()
+        best = min(best, time.perf_counter() - begin)
+    return best
+
+
+def factor_on_rank(rank: int, size: int, repeats: int, port: int, directory: Path) -> None:
+    """One of 2 ranks factoring together; saves its best time and its factor."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    hessian = spd_hessian(size)
+
+    def together() -> None:
+        dist.barrier()
+        with factoring_together():
+            factors.append(reverse_cholesky(hessian)[0])
+
+    factors: list[torch.Tensor] = []
+    seconds = best_of(repeats, together)
+    torch.save({"seconds": seconds, "upper": factors[-1]}, directory / f"{rank}.pt")
+    dist.destroy_process_group()
 
 
 def measure(repeats: int) -> list[tuple[int, int, float]]:
@@ -161,6 +241,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--estimate", action="store_true", help="print estimates, time nothing")
     parser.add_argument("--methods", action="store_true", help="time one call of each method")
+    parser.add_argument("--factor", action="store_true", help="time the factorizations")
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument(
         "--shape", type=int, nargs=2, default=(1024, 2816), metavar=("ROWS", "COLS")
@@ -172,6 +253,9 @@ def main() -> None:
     torch.set_num_threads(1)
     if args.methods:
         time_methods(*args.shape, args.group_size, args.repeats)
+        return
+    if args.factor:
+        time_factorizations(args.repeats)
         return
     calls = measure(args.repeats)
     seconds = torch.tensor([t for _, _, t in calls], dtype=torch.float64)

@@ -11,7 +11,7 @@ unconditionally.
 from __future__ import annotations
 
 import pickle
-from collections.abc import Hashable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -31,6 +31,7 @@ __all__ = [
     "check_same_on_all_ranks",
     "is_distributed",
     "rank_and_world_size",
+    "start_broadcast_",
 ]
 
 
@@ -109,6 +110,27 @@ def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
     return tensor
 
 
+def start_broadcast_(tensor: torch.Tensor, src: int) -> Callable[[], None]:
+    """Start overwriting ``tensor`` on every rank with rank ``src``'s value; return the wait.
+
+    Computation may go on until the returned function is called; ``tensor`` must not be
+    read (elsewhere) or changed (on ``src``) before then. Every rank starts its broadcasts
+    in the same order. A tensor off the backend's device travels at once (no overlap).
+
+    Args:
+        tensor: the tensor to send (on ``src``) or to fill (elsewhere), contiguous.
+        src: the rank that sends.
+
+    Returns:
+        What waits until ``tensor`` holds ``src``'s value.
+    """
+    if not is_distributed() or tensor.device != _backend_device():
+        broadcast_(tensor, src)
+        return lambda: None
+    work = dist.broadcast(tensor, src=src, async_op=True)
+    return work.wait
+
+
 def broadcast_tensors_(tensors: Sequence[torch.Tensor], src: int) -> None:
     """Overwrite ``tensors`` on every rank with rank ``src``'s, bit for bit, in one broadcast.
 
@@ -148,6 +170,7 @@ def balanced_owners(
     world_size: int,
     keys: Sequence[Hashable | None] | None = None,
     shared: Mapping[Hashable, float] | None = None,
+    loads: Sequence[float] | None = None,
 ) -> list[int]:
     """One owner rank per task, balancing the total cost.
 
@@ -165,13 +188,15 @@ def balanced_owners(
         world_size: the number of ranks (>= 1).
         keys: per task, the key of the work it shares, or None; None: no task shares work.
         shared: the cost of each key's work (>= 0).
+        loads: each rank's load before these tasks (work already given to it); None: 0.
 
     Returns:
         Each task's owner, in the order of ``costs``.
 
     Raises:
-        ValueError: when ``world_size`` is below 1, a cost is negative, or ``keys`` does not
-            give one entry per task whose costs ``shared`` holds.
+        ValueError: when ``world_size`` is below 1, a cost is negative, ``keys`` does not
+            give one entry per task whose costs ``shared`` holds, or ``loads`` not one value
+            per rank.
     """
     if world_size < 1:
         raise ValueError(f"world_size: expected an int >= 1, got {world_size!r}")
@@ -184,7 +209,9 @@ def balanced_owners(
             f"keys: expected one key or None per task, each key's cost in shared, got {keys} "
             f"for {len(costs)} tasks and shared {shared}"
         )
-    loads = [0.0] * world_size
+    if loads is not None and len(loads) != world_size:
+        raise ValueError(f"loads: expected {world_size} values, one per rank, got {list(loads)}")
+    loads = [0.0] * world_size if loads is None else [float(load) for load in loads]
     held: list[dict[Hashable, int]] = [{} for _ in range(world_size)]  # tasks per key
 
     def added(task: int, rank: int) -> float:

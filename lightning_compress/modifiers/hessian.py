@@ -26,6 +26,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from lightning_compress.modifiers.tiled_cholesky import reverse_cholesky
+
 GRAM_BAND = 192
 """Rows per band of :class:`HessianAccumulator`'s upper-triangular batch products."""
 SUB_BLOCK = 16
@@ -313,9 +315,9 @@ def damp_and_factor(
     ``max_retries`` times. ``hessian`` itself is left unchanged unless ``overwrite``.
 
     ``R`` is the Cholesky factor of ``H`` read backwards: with ``P`` the reversal permutation
-    and ``P H P = L L^T``, ``R = P L P``. With ``order``, the result is that of
-    ``H[order][:, order]`` (the inputs visited in that order), permuted in the one copy the
-    factorization needs anyway.
+    and ``P H P = L L^T``, ``R = P L P`` (:func:`~lightning_compress.modifiers.tiled_cholesky.
+    reverse_cholesky`). With ``order``, the result is that of ``H[order][:, order]`` (the
+    inputs visited in that order), permuted in the one copy the dampening needs anyway.
 
     Args:
         hessian: ``H`` ``[in, in]``, float32 or float64.
@@ -351,20 +353,20 @@ def damp_and_factor(
             "the Hessian holds NaN or inf values: check the calibration inputs of this layer "
             "(e.g. overflow in float16 activations)"
         )
-    flipped = _reversed_copy(hessian, order, overwrite)
-    diagonal = flipped.diagonal()  # the inputs' diagonal, last visited first
+    ordered = _ordered_copy(hessian, order, overwrite)
+    diagonal = ordered.diagonal()  # strided: summed as the Hessian's own diagonal is
     dead = diagonal == 0
     diagonal[dead] = 1
-    mean_diagonal = _mean_of_reversed(diagonal)
+    mean_diagonal = diagonal.mean()
     undamped = diagonal.clone()
     retries = max_retries if dampening_frac > 0 else 0
     tried = [dampening_frac * 10**k for k in range(retries + 1)]
     for frac in tried:
         diagonal.copy_(undamped).add_(frac * mean_diagonal)
-        lower, info = torch.linalg.cholesky_ex(flipped)
+        upper, factored = reverse_cholesky(ordered)
         # a pivot whose reciprocal overflows would make every correction through it infinite
-        if info.item() == 0 and all_finite(lower.diagonal().reciprocal()):
-            return DampedFactor(lower.flip(0, 1), dead.flip(0), frac)
+        if factored and all_finite(upper.diagonal().reciprocal()):
+            return DampedFactor(upper, dead, frac)
     raise SingularHessianError(
         f"the Hessian is not positive definite even with dampening_frac in {tried} "
         f"(lambda = dampening_frac * mean(diag(H)), mean(diag(H)) = {mean_diagonal.item():.4g}): "
@@ -380,23 +382,15 @@ def _is_permutation(order: Tensor, size: int) -> bool:
     return torch.equal(order.sort().values.cpu(), torch.arange(size))
 
 
-def _reversed_copy(hessian: Tensor, order: Tensor | None, overwrite: bool) -> Tensor:
-    """``P H[order][:, order] P`` for the reversal permutation ``P`` (``order`` None: the
-    natural order), as one gather of rows and one of columns (into ``hessian``'s buffer when
-    ``overwrite``)."""
+def _ordered_copy(hessian: Tensor, order: Tensor | None, overwrite: bool) -> Tensor:
+    """``H[order][:, order]`` (``order`` None: ``H``) as a copy the caller may change, made by
+    one gather of rows and one of columns (into ``hessian``'s buffer when ``overwrite``;
+    ``hessian`` itself when ``overwrite`` and no ``order``)."""
     if order is None:
-        return hessian.flip(0, 1)
-    reverse = order.to(hessian.device).flip(0)
-    rows = hessian.index_select(0, reverse)
-    return torch.index_select(rows, 1, reverse, out=hessian if overwrite else None)
-
-
-def _mean_of_reversed(diagonal: Tensor) -> Tensor:
-    """The mean of ``diagonal`` read backwards, summed as a strided vector is: as the mean of
-    the diagonal of the Hessian in visiting order, the same number to the last bit (a
-    contiguous vector is summed in another order)."""
-    strided = diagonal.new_empty(diagonal.shape[0], 2)[:, 0]
-    return strided.copy_(diagonal.flip(0)).mean()
+        return hessian if overwrite else hessian.clone()
+    order = order.to(hessian.device)
+    rows = hessian.index_select(0, order)
+    return torch.index_select(rows, 1, order, out=hessian if overwrite else None)
 
 
 ColumnTarget = Callable[[int, Tensor, "BlockwiseOBS"], Tensor]

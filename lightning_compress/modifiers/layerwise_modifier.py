@@ -43,6 +43,7 @@ from lightning_compress.modifiers.layerwise_split import (
     share_outcomes,
 )
 from lightning_compress.modifiers.tied_weights import untie_weights
+from lightning_compress.modifiers.tiled_cholesky import factoring_together
 
 __all__ = ["CompressedLayer", "HessianMethod", "LayerwiseModifier", "PendingLayer"]
 
@@ -465,10 +466,18 @@ class LayerwiseModifier(Modifier, register=False):
         plan = assign_owners(stacks, shapes, self.divisible, world_size, self.row_divisible)
         local: dict[int, StackOutcome] = {}
         error = None
+        mine = [index for index, part in enumerate(plan) if part.owner == rank]
+        sliced = [index for index in mine if plan[index].rows is not None]
         try:
-            for index, (names, owner, rows) in enumerate(plan):
-                if owner == rank:
-                    local[index] = self._compute_stack(names, statistics, rows)
+            # every rank holds one slice of each sliced layer: they come first, each
+            # layer's Hessian factored by the ranks together, then this rank's whole parts
+            with factoring_together():
+                for index in sliced:
+                    part = plan[index]
+                    local[index] = self._compute_stack(part.names, statistics, part.rows)
+            for index in mine:
+                if index not in local:
+                    local[index] = self._compute_stack(plan[index].names, statistics)
         except Exception as err:  # raised on every rank by share_outcomes
             error = err
         devices = {name: weight.device for name, weight in weights.items()}

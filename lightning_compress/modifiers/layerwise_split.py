@@ -12,9 +12,13 @@ rank as the same error, before any broadcast, so no rank waits for a result that
 Layers that share a Hessian (``q/k/v_proj``, ``gate/up_proj``) and land on one rank are
 solved there in one call, factoring the Hessian once: a stack is split between ranks only
 where the estimate says the repeated factorization pays. A layer too costly for one rank is split
-by rows, where the method treats rows independently (GPTQ, SparseGPT with N:M masks): each
-of its slices is solved on its own rank (each repeating the call's cost) and
-:func:`join_row_slices` puts the layer back together. Slices start at multiples of
+by rows, where the method treats rows independently (GPTQ, SparseGPT with N:M masks): one
+slice on every rank, each rank repeating the call's fixed steps but factoring the Hessian
+together with the others where it is large enough for tiles
+(:mod:`~lightning_compress.modifiers.tiled_cholesky`), and :func:`join_row_slices` puts the
+layer back together. Every rank solves its slices first, in plan order, since factoring
+together is a collective; what a solve checks before it factors depends on the Hessian and the
+layer's settings alone, so such a failure happens on all ranks alike. Slices start at multiples of
 :data:`ROW_ALIGN` rows, so each slice's rows sit in the same SIMD lanes as in the whole
 layer's products and reductions (which made the split bit-identical to one sweep on the CPUs
 measured; a BLAS whose per-element rounding depends on the matrix width could move a value
@@ -37,6 +41,7 @@ from lightning_compress.core.distributed import (
     broadcast_tensors_,
     rank_and_world_size,
 )
+from lightning_compress.modifiers.tiled_cholesky import TILED_FROM
 
 __all__ = [
     "CompressedLayer",
@@ -56,21 +61,22 @@ __all__ = [
 ROW_ALIGN = 64
 """Row slices of a split layer start at multiples of this many rows."""
 
-# The terms of one GPTQ W4 g128 call's CPU time on one thread (torch 2.13, Intel Xeon, fitted
-# to 19 shapes from 128 x 512 to 1024 x 4096 within 22%), in seconds per operation counted.
-# SparseGPT's calls have the same parts; on an accelerator the proportions differ, so the
-# balance is less even there (the owners still follow from the shapes alone).
-HESSIAN_SECONDS = 2.2e-8
+# The terms of one GPTQ W4 g128 call's CPU time on one thread (torch 2.13, AMD EPYC with
+# AVX-512, fitted to 24 shapes from 128 x 512 to 2048 x 8192 within 20%: `python
+# benchmarks/solve_costs.py`), in seconds per operation counted. SparseGPT's calls have the
+# same parts; on an accelerator the proportions differ, so the balance is less even there (the
+# owners still follow from the shapes alone).
+HESSIAN_SECONDS = 7.3e-9
 """Per Hessian entry (``cols**2``): materializing the reduced float64 sum, converting,
 permuting (activation order) and checking it."""
-COLUMN_SECONDS = 1.5e-5
+COLUMN_SECONDS = 2.3e-5
 """Per input column (``cols``): the sweep's small operations on each column, whatever the
 rows (their dispatch, not their arithmetic, dominates)."""
-FACTORIZATION_SECONDS = 5.4e-12
+FACTORIZATION_SECONDS = 6.0e-12
 """Per ``cols**3``: the Cholesky factorization (nothing is inverted: see ``BlockwiseOBS``)."""
-PRODUCT_SECONDS = 6.2e-12
+PRODUCT_SECONDS = 1.5e-11
 """Per ``rows * cols**2``: the multiply-adds of the sweep's lazy batch updates."""
-ELEMENT_SECONDS = 2.6e-8
+ELEMENT_SECONDS = 1.8e-8
 """Per ``rows * cols``: the sweep's work on each weight (compressing it, the rank-one
 updates inside a block), in small operations whose overhead dominates."""
 
@@ -119,21 +125,22 @@ class OwnedStack(NamedTuple):
     rows: tuple[int, int] | None = None
 
 
-def call_cost(cols: int) -> float:
+def call_cost(cols: int, sharing: int = 1) -> float:
     """The part of a Hessian solve's estimated time that one call pays whatever its rows:
     making the ``[cols, cols]`` Hessian ready, factoring it and the sweep's per-column steps.
 
     Args:
         cols: the weight's input columns.
+        sharing: the ranks that factor the Hessian together (the slices of a row-sliced
+            layer); a Hessian smaller than :data:`TILED_FROM` is factored by each alone.
 
     Returns:
         The estimated seconds on one CPU thread.
     """
-    return (
-        COLUMN_SECONDS * cols
-        + HESSIAN_SECONDS * float(cols) ** 2
-        + FACTORIZATION_SECONDS * float(cols) ** 3
-    )
+    factorization = FACTORIZATION_SECONDS * float(cols) ** 3
+    if cols >= TILED_FROM:
+        factorization /= sharing
+    return COLUMN_SECONDS * cols + HESSIAN_SECONDS * float(cols) ** 2 + factorization
 
 
 def row_cost(cols: int) -> float:
@@ -148,21 +155,22 @@ def row_cost(cols: int) -> float:
     return PRODUCT_SECONDS * float(cols) ** 2 + ELEMENT_SECONDS * cols
 
 
-def solve_cost(rows: int, cols: int) -> float:
+def solve_cost(rows: int, cols: int, sharing: int = 1) -> float:
     """The estimated time of one Hessian solve (GPTQ, SparseGPT) call on a ``[rows, cols]``
     weight: :func:`call_cost` plus ``rows`` times :func:`row_cost`.
 
     Measured on one CPU thread, a call's fixed part dominates: ``down_proj`` of the bundled
-    benchmark decoder (1024 x 2816) takes about 0.43 s, 0.34 s of it whatever its rows.
+    benchmark decoder (1024 x 2816) takes about 0.39 s, 0.25 s with 128 rows.
 
     Args:
         rows: the weight's output rows (of the layers stacked in the call).
         cols: its input columns.
+        sharing: as :func:`call_cost`.
 
     Returns:
         The estimated seconds on one CPU thread.
     """
-    return call_cost(cols) + rows * row_cost(cols)
+    return call_cost(cols, sharing) + rows * row_cost(cols)
 
 
 def assign_owners(
@@ -178,12 +186,13 @@ def assign_owners(
     together, costliest first, each to the rank where the busiest-so-far load it makes is
     lowest: a layer joining a part of its stack already on a rank adds only its rows' cost
     there (the layers of one stack on one rank are computed together, in the stack's order:
-    one Hessian made ready and factored), elsewhere also :func:`call_cost`. Where keeping
-    every stack whole balances as well, stacks stay whole. Then, while it shortens the
-    busiest rank's estimated time, the costliest layer that ``row_divisible`` allows is cut
-    into one more row slice (at most ``world_size``, each its own call paying the call's
-    cost, each at least :data:`ROW_ALIGN` rows). The owners follow from the names and shapes
-    alone, so every rank agrees without talking.
+    one Hessian made ready and factored), elsewhere also :func:`call_cost`. Then, while it
+    shortens the busiest rank's estimated time, the costliest layer that ``row_divisible``
+    allows is cut into ``world_size`` row slices (each at least :data:`ROW_ALIGN` rows),
+    slice ``i`` on rank ``i``: each slice is its own call, the ranks factoring its Hessian
+    together (:func:`call_cost` with ``sharing``). Where keeping every stack whole balances as well,
+    stacks stay whole. The owners follow from the names and shapes alone, so every rank
+    agrees without talking.
 
     Args:
         stacks: the stacks, in the order they would be computed.
@@ -201,22 +210,11 @@ def assign_owners(
     for index, stack in enumerate(stacks):
         parts = [[name] for name in stack] if divisible(stack) else [list(stack)]
         units.extend((index, part) for part in parts)
-    best = min(
-        (_pieces_and_owners(whole, [1] * len(whole), shapes, world_size), whole),
-        (_pieces_and_owners(units, [1] * len(units), shapes, world_size), units),
-        key=lambda item: item[0][0],
+    _, owned = min(
+        _cut_while_it_pays(whole, shapes, world_size, row_divisible),
+        _cut_while_it_pays(units, shapes, world_size, row_divisible),
+        key=lambda item: item[0],
     )
-    (_, owned), units = best
-    slices, best_load = [1] * len(units), best[0][0]
-    while True:
-        cut = _next_cut(units, slices, shapes, world_size, row_divisible)
-        if cut is None:
-            break
-        slices[cut] += 1
-        load, tried = _pieces_and_owners(units, slices, shapes, world_size)
-        if load >= best_load:
-            break
-        best_load, owned = load, tried
     grouped: dict[tuple[int, int, tuple[int, int] | None], list[str]] = {}
     for (index, part, rows), owner in owned:
         grouped.setdefault((index, owner, rows), []).extend(part)
@@ -227,7 +225,8 @@ def assign_owners(
 def plan_load(
     plan: Sequence[OwnedStack], shapes: Mapping[str, Sequence[int]], world_size: int
 ) -> float:
-    """The busiest rank's estimated solve time under ``plan``, each part one call.
+    """The busiest rank's estimated solve time under ``plan``, each part one call (a row
+    slice's Hessian factored by all ranks together).
 
     Args:
         plan: what :func:`assign_owners` returns (or any parts with owners).
@@ -240,9 +239,10 @@ def plan_load(
     loads = [0.0] * world_size
     for part in plan:
         rows = sum(shapes[name][0] for name in part.names)
+        sharing = 1
         if part.rows is not None:
-            rows = part.rows[1] - part.rows[0]
-        loads[part.owner] += solve_cost(rows, shapes[part.names[0]][1])
+            rows, sharing = part.rows[1] - part.rows[0], world_size
+        loads[part.owner] += solve_cost(rows, shapes[part.names[0]][1], sharing)
     return max(loads)
 
 
@@ -256,38 +256,56 @@ def _pieces_and_owners(
     shapes: Mapping[str, Sequence[int]],
     world_size: int,
 ) -> tuple[float, list[tuple[_Piece, int]]]:
-    """Cuts each unit into its number of row slices and assigns the pieces
-    (:func:`balanced_owners`): the whole pieces of a stack on one rank pay its call's cost
-    (:func:`call_cost`) once there, each row slice its own.
+    """Cuts each unit into its number of row slices (1 or ``world_size``), slice ``i`` on
+    rank ``i``, and assigns the whole pieces (:func:`balanced_owners`) around them: the
+    whole pieces of a stack on one rank pay its call's cost (:func:`call_cost`) once there,
+    each row slice its own (its factorization shared).
 
     Returns:
         The busiest rank's estimated time and each piece with its owner.
     """
-    pieces: list[_Piece] = []
-    for (index, part), count in zip(units, slices, strict=True):
-        rows = sum(shapes[name][0] for name in part)
-        if count == 1:
-            pieces.append((index, part, None))
-        else:
-            bounds = itertools.pairwise(row_bounds(rows, count))
-            pieces.extend((index, part, bound) for bound in bounds)
-    costs, keys, shared = [], [], {}
-    for index, part, bound in pieces:
-        cols = shapes[part[0]][1]
-        if bound is None:  # the layers of one stack on one rank: one call
-            costs.append(sum(shapes[name][0] for name in part) * row_cost(cols))
-            keys.append(index)
-            shared[index] = call_cost(cols)
-        else:
-            costs.append(solve_cost(bound[1] - bound[0], cols))
-            keys.append(None)
-    owners = balanced_owners(costs, world_size, keys, shared)
+    sliced: list[tuple[_Piece, int]] = []
+    whole: list[_Piece] = []
     loads = [0.0] * world_size
+    for (index, part), count in zip(units, slices, strict=True):
+        rows, cols = sum(shapes[name][0] for name in part), shapes[part[0]][1]
+        if count == 1:
+            whole.append((index, part, None))
+            continue
+        for owner, bound in enumerate(itertools.pairwise(row_bounds(rows, count))):
+            sliced.append(((index, part, bound), owner))
+            loads[owner] += solve_cost(bound[1] - bound[0], cols, count)
+    costs, keys, shared = [], [], {}
+    for index, part, _ in whole:  # the layers of one stack on one rank: one call
+        cols = shapes[part[0]][1]
+        costs.append(sum(shapes[name][0] for name in part) * row_cost(cols))
+        keys.append(index)
+        shared[index] = call_cost(cols)
+    owners = balanced_owners(costs, world_size, keys, shared, loads)
     for owner, cost in zip(owners, costs, strict=True):
         loads[owner] += cost
-    for index, owner in {(key, owner) for key, owner in zip(keys, owners, strict=True)}:
-        loads[owner] += 0.0 if index is None else shared[index]
-    return max(loads), list(zip(pieces, owners, strict=True))
+    for index, owner in set(zip(keys, owners, strict=True)):
+        loads[owner] += shared[index]
+    return max(loads), [*sliced, *zip(whole, owners, strict=True)]
+
+
+def _cut_while_it_pays(
+    units: Sequence[tuple[int, list[str]]],
+    shapes: Mapping[str, Sequence[int]],
+    world_size: int,
+    row_divisible: Callable[[str], bool],
+) -> tuple[float, list[tuple[_Piece, int]]]:
+    """:func:`_pieces_and_owners` of ``units``, with the costliest units cut into row slices
+    one after the other while that lowers the busiest rank's estimated time."""
+    slices = [1] * len(units)
+    best_load, owned = _pieces_and_owners(units, slices, shapes, world_size)
+    while (cut := _next_cut(units, slices, shapes, world_size, row_divisible)) is not None:
+        slices[cut] = world_size
+        load, tried = _pieces_and_owners(units, slices, shapes, world_size)
+        if load >= best_load:
+            break
+        best_load, owned = load, tried
+    return best_load, owned
 
 
 def _next_cut(
@@ -297,14 +315,14 @@ def _next_cut(
     world_size: int,
     row_divisible: Callable[[str], bool],
 ) -> int | None:
-    """The unit whose slices are the costliest among those that can take one more, or None."""
+    """The costliest unit not yet cut that can be cut into ``world_size`` slices, or None."""
     best, chosen = -1.0, None
     for unit, ((_, part), count) in enumerate(zip(units, slices, strict=True)):
         rows, cols = shapes[part[0]]
-        fits = count < world_size and rows // ROW_ALIGN > count
+        fits = count == 1 < world_size <= rows // ROW_ALIGN
         if len(part) != 1 or not fits or not row_divisible(part[0]):
             continue
-        cost = solve_cost(-(-rows // count), cols)
+        cost = solve_cost(rows, cols)
         if cost > best:
             best, chosen = cost, unit
     return chosen

@@ -1,6 +1,7 @@
 """Two CPU processes (ddp_fork, gloo): each GPTQ / SparseGPT layer and each AWQ mapping is
-solved on one rank only (a layer too costly for one rank: in row slices on both), its result
-broadcast, and the ranks end with the weights of one process, bit for bit."""
+solved on one rank only (a layer too costly for one rank: in row slices on both, its Hessian
+factored by both together where it is large enough for tiles), its result broadcast, and the
+ranks end with the weights of one process, bit for bit."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from calibration_runs import calibrate_tiny_decoder
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from lightning_compress.bundled import TinyDecoderConfig
-from lightning_compress.modifiers import GPTQModifier, Modifier
+from lightning_compress.modifiers import GPTQModifier, Modifier, tiled_cholesky
 from lightning_compress.modifiers.pruning import SparseGPTModifier
 from lightning_compress.modifiers.smoothing import AWQModifier
 
@@ -33,6 +34,7 @@ WIDE = TinyDecoderConfig(  # down_proj [128, 512]: alone in its group, most of a
     hidden_size=128, intermediate_size=512, num_layers=2, num_heads=4, vocab_size=64
 )
 COMPUTE_LAYERS = GPTQModifier.compute_layers
+FACTOR_TILES = tiled_cholesky._Tiles.factor
 
 
 def counting(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -53,6 +55,16 @@ def counting_slices(method: Callable[..., Any]) -> Callable[..., Any]:
         return method(self, name, statistics, rows)
 
     return compress_rows
+
+
+def counting_tiles(method: Callable[..., Any]) -> Callable[..., Any]:
+    """A tiled factorization recording in ``SOLVED`` how many ranks share it."""
+
+    def factor(self: Any) -> Any:
+        SOLVED.append(f"tiles on {self.world_size} rank(s)")
+        return method(self)
+
+    return factor
 
 
 def counting_searches(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -177,22 +189,32 @@ def test_an_error_on_the_owner_rank_is_raised_on_every_rank(tmp_path, monkeypatc
     assert errors[0].startswith("ValueError: cannot quantize ['model.layers.0.self_attn.k_proj'")
 
 
+@pytest.mark.parametrize("factorization", ["lapack", "tiles"])
 def test_a_layer_too_costly_for_one_rank_is_solved_in_row_slices_like_one_process(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, factorization
 ):
     for modifier in (GPTQModifier, SparseGPTModifier):
         monkeypatch.setattr(modifier, "compress_stack", counting(modifier.compress_stack))
         monkeypatch.setattr(modifier, "compress_rows", counting_slices(modifier.compress_rows))
+    if factorization == "tiles":  # down_proj's Hessian (512 inputs) in tiles of 64
+        monkeypatch.setattr(tiled_cholesky, "TILED_FROM", 256)
+        monkeypatch.setattr(tiled_cholesky, "FACTOR_TILE", 64)
+        monkeypatch.setattr(tiled_cholesky._Tiles, "factor", counting_tiles(FACTOR_TILES))
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     calibrate_wide_decoder(single, devices=1)
     calibrate_wide_decoder(ddp, devices=2, strategy="ddp_fork")
 
-    assert not any("[" in layer for layer in json.loads((single / "solved0.json").read_text()))
+    alone = json.loads((single / "solved0.json").read_text())
+    assert not any("[" in layer for layer in alone)
     solved = [json.loads((ddp / f"solved{rank}.json").read_text()) for rank in (0, 1)]
     for block in (0, 1):  # each down_proj: half of its rows on each rank, solved once
         down = f"model.layers.{block}.mlp.down_proj"
         assert [s for s in solved[0] if s.startswith(down)] == [f"{down}[0:64]"]
         assert [s for s in solved[1] if s.startswith(down)] == [f"{down}[64:128]"]
+    tiled = {"lapack": 0, "tiles": 2}[factorization]  # the two down_proj Hessians
+    assert [s for s in alone if s.startswith("tiles")] == ["tiles on 1 rank(s)"] * tiled
+    for rank in (0, 1):  # each factored by the two ranks together
+        assert [s for s in solved[rank] if s.startswith("tiles")] == ["tiles on 2 rank(s)"] * tiled
     expected = torch.load(single / "rank0.pt", weights_only=True)
     for rank in (0, 1):
         state = torch.load(ddp / f"rank{rank}.pt", weights_only=True)

@@ -1,0 +1,164 @@
+"""The reversed Cholesky factor of large Hessians in tiles, which several ranks can share.
+
+GPTQ and SparseGPT sweep with ``R``, upper triangular, ``R R^T = H``
+(:func:`reverse_cholesky`). A Hessian of :data:`TILED_FROM` inputs or more is factored here,
+in column tiles of :data:`FACTOR_TILE` from the last to the first: each tile's diagonal block
+is factored (LAPACK), the rows above it are solved against that (the panel), and each earlier
+tile ``j`` is updated by one product, ``A[:j, j] -= R[:j, k] R[j, k]^T``. Each operation's
+operands and shapes follow from the matrix's size alone, so the factor is the same to the
+last bit whichever rank computes which tile. Inside :func:`factoring_together` the ranks
+share the updates: tile ``j`` (counted from the last) is updated on rank
+``j % world_size``, which also factors its panel and broadcasts it; every rank keeps every
+panel, so all end with the whole factor. On one CPU thread the tiles take about LAPACK's
+time, and they give ``R`` in place where LAPACK's factor must be reversed (a copy that took
+0.7 s at 8192 inputs): ``benchmarks/solve_costs.py --factor``. Smaller Hessians, whose
+factorization costs less than sharing it, stay one LAPACK call.
+
+A row-sliced layer (``layerwise_split``) repeats its Hessian's factorization on each rank
+holding a slice; factored together, each rank does about ``1 / world_size`` of it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
+import torch
+from torch import Tensor
+
+from lightning_compress.core.distributed import (
+    is_distributed,
+    rank_and_world_size,
+    start_broadcast_,
+)
+
+__all__ = ["FACTOR_TILE", "TILED_FROM", "factoring_together", "reverse_cholesky"]
+
+FACTOR_TILE = 256
+"""Columns per tile."""
+TILED_FROM = 2048
+"""The smallest Hessian (inputs) factored in tiles; smaller ones take one LAPACK call."""
+
+_TOGETHER: ContextVar[bool] = ContextVar("factoring_together", default=False)
+
+
+@contextmanager
+def factoring_together() -> Iterator[None]:
+    """Inside, every rank shares each tiled factorization (a collective: every rank must
+    factor the same matrices, in the same order)."""
+    token = _TOGETHER.set(True)
+    try:
+        yield
+    finally:
+        _TOGETHER.reset(token)
+
+
+def reverse_cholesky(matrix: Tensor) -> tuple[Tensor, bool]:
+    """The upper triangular ``R`` with ``R R^T = matrix``: the Cholesky factor read backwards
+    (with ``P`` the reversal permutation and ``P matrix P = L L^T``, ``R = P L P``).
+
+    Only the upper triangle of ``matrix`` is read, and ``matrix`` is not changed.
+
+    Args:
+        matrix: symmetric ``[n, n]``, float32 or float64.
+
+    Returns:
+        ``R`` (a new tensor) and whether the factorization succeeded (``matrix`` positive
+        definite); when it did not, ``R`` holds partial values.
+    """
+    if matrix.shape[0] < TILED_FROM:
+        return _reverse_block(matrix)
+    rank, world_size = (0, 1)
+    if _TOGETHER.get() and is_distributed():
+        rank, world_size = rank_and_world_size()
+    return _Tiles(matrix.triu(), rank, world_size).factor()
+
+
+def _reverse_block(matrix: Tensor) -> tuple[Tensor, bool]:
+    """:func:`reverse_cholesky` in one LAPACK call, on the reversed copy."""
+    lower, info = torch.linalg.cholesky_ex(matrix.flip(0, 1))
+    return lower.flip(0, 1), info.item() == 0
+
+
+class _Tiles:
+    """One tiled factorization of ``upper`` in place, this rank's share of it.
+
+    Columns are factored from the last tile to the first: tile ``k``'s diagonal block gives
+    ``R_kk``, the rows above are solved against it (the panel), and each earlier tile ``j``
+    loses ``R[:j, k] R[j, k]^T``. Looks one tile ahead: the owner of the next tile updates
+    it with panel ``k`` first, factors its panel and starts broadcasting it, then updates
+    its other tiles, so the other ranks find each panel ready instead of waiting while it
+    is factored.
+    """
+
+    def __init__(self, upper: Tensor, rank: int, world_size: int) -> None:
+        self.upper, self.rank, self.world_size = upper, rank, world_size
+        size = upper.shape[0]
+        # from the last tile to the first (the first one may be narrower)
+        stops = range(size, 0, -FACTOR_TILE)
+        self.bounds = [(max(stop - FACTOR_TILE, 0), stop) for stop in stops]
+
+    def factor(self) -> tuple[Tensor, bool]:
+        """Runs every step; returns the factor and whether it succeeded."""
+        count = len(self.bounds)
+        pending = self._start_panel(0)
+        for index in range(count):
+            panel, wait = pending
+            wait()
+            if panel[-1, 0].item() != 1:
+                return self.upper, False
+            first, last = self.bounds[index]
+            self.upper[:last, first:last] = panel[:-1]
+            following = index + 1
+            if following < count:
+                if self._owns(following):
+                    self._update(index, following)
+                pending = self._start_panel(following)
+            for later in range(following + 1, count):
+                if self._owns(later):
+                    self._update(index, later)
+        return self.upper, True
+
+    def _owns(self, tile: int) -> bool:
+        return tile % self.world_size == self.rank
+
+    def _start_panel(self, tile: int) -> tuple[Tensor, Callable[[], None]]:
+        """Tile ``tile``'s panel (its columns from the top down to the diagonal, plus one row
+        holding 1 where its diagonal block was positive definite), factored here if this
+        rank owns the tile, and the wait for its broadcast."""
+        first, last = self.bounds[tile]
+        panel = self.upper.new_zeros(last + 1, last - first)
+        owner = tile % self.world_size
+        if owner == self.rank:
+            panel[-1, 0] = _factor_panel(self.upper[:last, first:last], panel[:-1])
+        if self.world_size == 1:
+            return panel, lambda: None
+        return panel, start_broadcast_(panel, owner)
+
+    def _update(self, tile: int, later: int) -> None:
+        """Subtracts panel ``tile``'s contribution from the columns of the earlier tile
+        ``later``."""
+        first, last = self.bounds[tile]
+        start, stop = self.bounds[later]
+        block, rows = self.upper[:stop, first:last], self.upper[start:stop, first:last]
+        self.upper[:stop, start:stop].addmm_(block, rows.T, alpha=-1)
+
+
+def _factor_panel(columns: Tensor, out: Tensor) -> bool:
+    """Factors the diagonal block of ``columns`` (a tile's columns from the top down to its
+    diagonal, every later tile's update applied) and solves the rows above against it, into
+    ``out``.
+
+    Returns:
+        Whether the diagonal block was positive definite.
+    """
+    width = columns.shape[1]
+    above = columns.shape[0] - width
+    diagonal, factored = _reverse_block(columns[above:])
+    out[above:] = diagonal
+    if above:  # R_above = A_above R_kk^-T
+        out[:above] = torch.linalg.solve_triangular(
+            diagonal.T, columns[:above], upper=False, left=False
+        )
+    return factored

@@ -1,0 +1,104 @@
+"""The tiled reversed Cholesky factorization: against a float64 reference, and shared between
+ranks (3 forked gloo processes) with the factor of one process, bit for bit."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from forked_ranks import run_ranks
+
+from lightning_compress.modifiers import tiled_cholesky
+from lightning_compress.modifiers.hessian import damp_and_factor
+from lightning_compress.modifiers.tiled_cholesky import factoring_together, reverse_cholesky
+
+SIZE = 300  # four tiles of 64 and, first, one of 44
+
+
+@pytest.fixture(autouse=True)
+def small_tiles(monkeypatch):
+    monkeypatch.setattr(tiled_cholesky, "FACTOR_TILE", 64)
+    monkeypatch.setattr(tiled_cholesky, "TILED_FROM", 128)
+
+
+def spd(size: int, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(2 * size, size, generator=generator, dtype=torch.float64)
+    return (inputs.T @ inputs / (2 * size) + 0.01 * torch.eye(size, dtype=torch.float64)).to(dtype)
+
+
+def not_positive_definite() -> torch.Tensor:
+    """Positive definite but for one input in the third tile from the end: a negative pivot
+    there."""
+    matrix = spd(SIZE, 1, torch.float64)
+    matrix[150, 150] = -1.0
+    return matrix.float()
+
+
+def reference(matrix: torch.Tensor) -> torch.Tensor:
+    """``R`` upper with ``R R^T = matrix``, in float64 by LAPACK on the reversed matrix."""
+    return torch.linalg.cholesky(matrix.double().flip(0, 1)).flip(0, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_tiles_give_the_reversed_cholesky_factor(dtype):
+    matrix = spd(SIZE, 0, dtype)
+    upper, factored = reverse_cholesky(matrix)
+    assert factored and upper.dtype == dtype
+    tolerance = 1e-4 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(upper.double(), reference(matrix), rtol=tolerance, atol=tolerance)
+    assert torch.equal(upper, upper.triu())
+    assert torch.equal(matrix, spd(SIZE, 0, dtype))  # the input is left as it was
+
+
+def test_a_matrix_that_is_not_positive_definite_is_reported():
+    _, factored = reverse_cholesky(not_positive_definite())
+    assert not factored
+
+
+def test_below_the_threshold_one_lapack_call_factors():
+    matrix = spd(100, 2)
+    upper, factored = reverse_cholesky(matrix)
+    expected = torch.linalg.cholesky(matrix.flip(0, 1)).flip(0, 1)
+    assert factored and torch.equal(upper, expected)
+
+
+def test_damp_and_factor_retries_a_tiled_factorization_with_more_dampening():
+    matrix = spd(SIZE, 3, torch.float64)
+    smallest = torch.linalg.eigvalsh(matrix)[0]
+    matrix.diagonal().sub_(smallest + 0.005)  # indefinite until dampened by more than 0.005
+    matrix = matrix.float()
+    factor = damp_and_factor(matrix, dampening_frac=1e-4, max_retries=3)
+    assert factor.dampening_frac == pytest.approx(1e-2)  # 1e-4 and 1e-3 were too little
+    damped = matrix.double()
+    damped.diagonal().add_(factor.dampening_frac * matrix.diagonal().double().mean())
+    upper = factor.upper.double()
+    torch.testing.assert_close(upper @ upper.T, damped, rtol=1e-4, atol=1e-4)
+
+
+def factor_on_three_ranks(directory: Path) -> None:
+    """Each rank factors together: a matrix, then one that is not positive definite."""
+    rank = int(os.environ["LOCAL_RANK"])
+    dist.init_process_group("gloo", rank=rank, world_size=int(os.environ["WORLD_SIZE"]))
+    try:
+        with factoring_together():
+            upper, factored = reverse_cholesky(spd(SIZE, 0))
+            _, failed = reverse_cholesky(not_positive_definite())
+        torch.save(
+            {"upper": upper, "factored": factored, "failed": failed}, directory / f"{rank}.pt"
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_ranks_factoring_together_end_with_one_processs_factor(tmp_path):
+    run_ranks(factor_on_three_ranks, tmp_path, ranks=3, timeout=120)
+    alone, _ = reverse_cholesky(spd(SIZE, 0))
+    for rank in range(3):
+        result = torch.load(tmp_path / f"{rank}.pt", weights_only=True)
+        assert result["factored"] and not result["failed"]
+        assert torch.equal(result["upper"], alone), rank  # whichever rank updated which tile
