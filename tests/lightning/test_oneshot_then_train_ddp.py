@@ -45,11 +45,27 @@ def test_ddp_ranks_calibrate_on_their_shards_once_reduce_to_one_process_and_end_
         assert torch.equal(tensor, second["state"][name]), name
     # The first layers, which read the embeddings, are quantized from the Hessian of all 16
     # windows as one process has it, though each rank read 8: the ranks reduced their sums.
-    # (Later layers read the outputs of quantized ones, where float rounding of sums made in
-    # another order can make GPTQ round a weight to the neighbouring grid point, and that
-    # propagates; so the trained weights are compared between the ranks only.)
+    # Summed in another order, the Hessian differs in the last bits, which can make GPTQ round
+    # a weight to the neighbouring grid point (a few, found on an AMD EPYC); a rank that
+    # used its own 8 windows would differ far more. (Later layers read the outputs of
+    # quantized ones, where such flips propagate; so the trained weights are compared between
+    # the ranks only.)
     for layer in ("q_proj", "k_proj", "v_proj"):
-        for suffix in ("weight", "weight_scale"):
-            name = f"model.model.layers.0.self_attn.{layer}.{suffix}"
-            expected = single["first"][name]
-            torch.testing.assert_close(first["first"][name], expected, rtol=1e-5, atol=1e-7)
+        prefix = f"model.model.layers.0.self_attn.{layer}."
+        scale = single["first"][prefix + "weight_scale"]
+        got_scale = first["first"][prefix + "weight_scale"]
+        torch.testing.assert_close(got_scale, scale, rtol=1e-5, atol=0)
+        assert_alike_but_for_a_few_grid_points(
+            first["first"][prefix + "weight"], single["first"][prefix + "weight"], scale
+        )
+
+
+def assert_alike_but_for_a_few_grid_points(weight, expected, scale) -> None:
+    """``weight`` equals ``expected`` up to float rounding, but for at most 2% of its values
+    rounded to the neighbouring point of their group's grid (``scale`` ``[out, groups]``)."""
+    step = scale.repeat_interleave(weight.shape[1] // scale.shape[1], dim=1)
+    difference = (weight - expected).abs()
+    close = difference <= 1e-5 * expected.abs() + 1e-7
+    neighbour = (difference - step).abs() <= 1e-5 * step
+    assert (close | neighbour).all()
+    assert neighbour.float().mean() <= 0.02, neighbour.float().mean()
