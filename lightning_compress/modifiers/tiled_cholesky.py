@@ -9,10 +9,10 @@ operands and shapes follow from the matrix's size alone, so the factor is the sa
 last bit whichever rank computes which tile. Inside :func:`factoring_together` the ranks
 share the updates: tile ``j`` (counted from the last) is updated on rank
 ``j % world_size``, which also factors its panel and broadcasts it; every rank keeps every
-panel, so all end with the whole factor. On one CPU thread the tiles take about LAPACK's
-time, and they give ``R`` in place where LAPACK's factor must be reversed (a copy that took
-0.7 s at 8192 inputs): ``benchmarks/solve_costs.py --factor``. Smaller Hessians, whose
-factorization costs less than sharing it, stay one LAPACK call.
+panel, so all end with the whole factor. On one CPU thread the tiles take about the time of
+LAPACK's one call on the reversed matrix, reversed back (``benchmarks/solve_costs.py
+--factor``). Smaller Hessians, whose factorization costs less than sharing it, stay one LAPACK
+call.
 
 A row-sliced layer (``layerwise_split``) repeats its Hessian's factorization on each rank
 holding a slice; factored together, each rank does about ``1 / world_size`` of it.
