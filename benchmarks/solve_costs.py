@@ -57,9 +57,9 @@ from lightning_compress.modifiers.pruning.sparsegpt import sparsegpt_prune
 from lightning_compress.modifiers.quantization.args import QuantizationArgs
 from lightning_compress.modifiers.quantization.gptq import gptq_quantize
 from lightning_compress.modifiers.tiled_cholesky import (
-    _reverse_block,
     factoring_together,
     reverse_cholesky,
+    reverse_cholesky_in_one_call,
 )
 
 SHAPES = {  # cols: rows
@@ -118,7 +118,7 @@ def time_factorizations(repeats: int) -> None:
     print("|---:|---:|---:|---:|---:|")
     for size in FACTOR_SIZES:
         hessian = spd_hessian(size)
-        lapack = best_of(repeats, partial(_reverse_block, hessian))
+        lapack = best_of(repeats, partial(reverse_cholesky_in_one_call, hessian))
         alone = best_of(repeats, partial(reverse_cholesky, hessian))
         with tempfile.TemporaryDirectory() as directory:
             path = Path(directory)

@@ -33,7 +33,13 @@ from lightning_compress.core.distributed import (
     start_broadcast_,
 )
 
-__all__ = ["FACTOR_TILE", "TILED_FROM", "factoring_together", "reverse_cholesky"]
+__all__ = [
+    "FACTOR_TILE",
+    "TILED_FROM",
+    "factoring_together",
+    "reverse_cholesky",
+    "reverse_cholesky_in_one_call",
+]
 
 FACTOR_TILE = 256
 """Columns per tile."""
@@ -68,15 +74,23 @@ def reverse_cholesky(matrix: Tensor) -> tuple[Tensor, bool]:
         definite); when it did not, ``R`` holds partial values.
     """
     if matrix.shape[0] < TILED_FROM:
-        return _reverse_block(matrix)
+        return reverse_cholesky_in_one_call(matrix)
     rank, world_size = (0, 1)
     if _TOGETHER.get() and is_distributed():
         rank, world_size = rank_and_world_size()
     return _Tiles(matrix.triu(), rank, world_size).factor()
 
 
-def _reverse_block(matrix: Tensor) -> tuple[Tensor, bool]:
-    """:func:`reverse_cholesky` in one LAPACK call, on the reversed copy."""
+def reverse_cholesky_in_one_call(matrix: Tensor) -> tuple[Tensor, bool]:
+    """:func:`reverse_cholesky` in one LAPACK call on the reversed copy, reversed back (what
+    a Hessian smaller than :data:`TILED_FROM` gets).
+
+    Args:
+        matrix: symmetric ``[n, n]``, float32 or float64.
+
+    Returns:
+        ``R`` and whether the factorization succeeded.
+    """
     lower, info = torch.linalg.cholesky_ex(matrix.flip(0, 1))
     return lower.flip(0, 1), info.item() == 0
 
@@ -155,7 +169,7 @@ def _factor_panel(columns: Tensor, out: Tensor) -> bool:
     """
     width = columns.shape[1]
     above = columns.shape[0] - width
-    diagonal, factored = _reverse_block(columns[above:])
+    diagonal, factored = reverse_cholesky_in_one_call(columns[above:])
     out[above:] = diagonal
     if above:  # R_above = A_above R_kk^-T
         out[:above] = torch.linalg.solve_triangular(
