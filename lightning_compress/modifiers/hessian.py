@@ -315,9 +315,9 @@ def damp_and_factor(
     ``max_retries`` times. ``hessian`` itself is left unchanged unless ``overwrite``.
 
     ``R`` is the Cholesky factor of ``H`` read backwards: with ``P`` the reversal permutation
-    and ``P H P = L L^T``, ``R = P L P`` (:func:`~lightning_compress.modifiers.tiled_cholesky.
-    reverse_cholesky`). With ``order``, the result is that of ``H[order][:, order]`` (the
-    inputs visited in that order), permuted in the one copy the dampening needs anyway.
+    and ``P H P = L L^T``, ``R = P L P`` (``tiled_cholesky.reverse_cholesky``). With ``order``,
+    the result is that of ``H[order][:, order]`` (the inputs visited in that order), permuted
+    in the one copy the dampening needs anyway.
 
     Args:
         hessian: ``H`` ``[in, in]``, float32 or float64.
