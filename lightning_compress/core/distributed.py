@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch.utils.data import Sampler
 
 __all__ = [
+    "AnotherRankFailedError",
     "ShardSampler",
     "all_gather_or_raise",
     "all_reduce_max_",
@@ -33,6 +34,11 @@ __all__ = [
     "rank_and_world_size",
     "start_broadcast_",
 ]
+
+
+class AnotherRankFailedError(RuntimeError):
+    """Raised on a rank that learns, in a collective step, that another rank failed before it;
+    :func:`all_gather_or_raise` replaces it with that rank's own error."""
 
 
 def is_distributed() -> bool:
@@ -271,7 +277,8 @@ def all_gather_or_raise(value: Any, error: Exception | None) -> list[Any]:
     Raises:
         Exception: ``error`` on the rank that hit it; on the others the error of the lowest
             rank that failed (the same type where it can be pickled, else a
-            ``RuntimeError`` with its type and message), noting that rank.
+            ``RuntimeError`` with its type and message), noting that rank; so does a rank
+            whose ``error`` is an :class:`AnotherRankFailedError`.
     """
     if not is_distributed():
         if error is not None:
@@ -281,12 +288,14 @@ def all_gather_or_raise(value: Any, error: Exception | None) -> list[Any]:
     payload = ("error", _portable(error)) if error is not None else ("ok", value)
     gathered: list[Any] = [None] * world_size
     dist.all_gather_object(gathered, payload)
-    if error is not None:
+    if error is not None and not isinstance(error, AnotherRankFailedError):
         raise error
     for source, (kind, content) in enumerate(gathered):
-        if kind == "error":
+        if kind == "error" and not isinstance(content, AnotherRankFailedError):
             content.add_note(f"(raised on rank {source} of {world_size})")
             raise content
+    if error is not None:
+        raise error
     return [content for _, content in gathered]
 
 

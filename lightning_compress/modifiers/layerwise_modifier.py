@@ -471,10 +471,15 @@ class LayerwiseModifier(Modifier, register=False):
         try:
             # every rank holds one slice of each sliced layer: they come first, each
             # layer's Hessian factored by the ranks together, then this rank's whole parts
-            with factoring_together():
+            with factoring_together() as together:
                 for index in sliced:
                     part = plan[index]
-                    local[index] = self._compute_stack(part.names, statistics, part.rows)
+                    try:
+                        local[index] = self._compute_stack(part.names, statistics, part.rows)
+                    except Exception:  # the others stop at their next agreement
+                        together.give_up()
+                        raise
+                    together.agree()
             for index in mine:
                 if index not in local:
                     local[index] = self._compute_stack(plan[index].names, statistics)

@@ -15,7 +15,10 @@ LAPACK's one call on the reversed matrix, reversed back (``benchmarks/solve_cost
 call.
 
 A row-sliced layer (``layerwise_split``) repeats its Hessian's factorization on each rank
-holding a slice; factored together, each rank does about ``1 / world_size`` of it.
+holding a slice; factored together, each rank does about ``1 / world_size`` of it. Before each
+factorization the ranks agree that none has failed (:class:`Together`): a rank whose own work
+fails tells the others at their next agreement (:meth:`Together.give_up`), so they stop there
+instead of waiting for its panels.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ import torch
 from torch import Tensor
 
 from lightning_compress.core.distributed import (
+    AnotherRankFailedError,
+    all_reduce_min_,
     is_distributed,
     rank_and_world_size,
     start_broadcast_,
@@ -36,6 +41,7 @@ from lightning_compress.core.distributed import (
 __all__ = [
     "FACTOR_TILE",
     "TILED_FROM",
+    "Together",
     "factoring_together",
     "reverse_cholesky",
     "reverse_cholesky_in_one_call",
@@ -46,16 +52,62 @@ FACTOR_TILE = 256
 TILED_FROM = 2048
 """The smallest Hessian (inputs) factored in tiles; smaller ones take one LAPACK call."""
 
-_TOGETHER: ContextVar[bool] = ContextVar("factoring_together", default=False)
+_TOGETHER: ContextVar[Together | None] = ContextVar("factoring_together", default=None)
+
+
+class Together:
+    """The ranks inside one :func:`factoring_together`, which agree before each tiled
+    factorization (and wherever the caller calls :meth:`agree`) that none has failed.
+
+    Every rank must make the same calls in the same order, until one fails: it calls
+    :meth:`give_up` instead of its next agreement, and every rank stops at that one
+    (the others raise :class:`AnotherRankFailedError` there). Errors inside a
+    factorization's tile loop itself (which only allocates LAPACK's small temporaries) are
+    not covered.
+    """
+
+    def __init__(self) -> None:
+        self.stopped = False
+
+    def agree(self) -> None:
+        """Waits until every rank is here or has given up.
+
+        Raises:
+            AnotherRankFailedError: when a rank gave up (or one had before).
+        """
+        if not self._all_ready(True):
+            raise AnotherRankFailedError(
+                "another rank failed while the ranks factored a Hessian together; its error "
+                "is raised on every rank"
+            )
+
+    def give_up(self) -> None:
+        """Tells the other ranks, at their next agreement, that this rank's work failed (once;
+        nothing after the ranks stopped)."""
+        self._all_ready(False)
+
+    def _all_ready(self, ready: bool) -> bool:
+        if self.stopped:
+            return False
+        if is_distributed():
+            flag = all_reduce_min_(torch.tensor([int(ready)]))
+            ready = bool(flag.item())
+        self.stopped = not ready
+        return ready
 
 
 @contextmanager
-def factoring_together() -> Iterator[None]:
+def factoring_together() -> Iterator[Together]:
     """Inside, every rank shares each tiled factorization (a collective: every rank must
-    factor the same matrices, in the same order)."""
-    token = _TOGETHER.set(True)
+    factor the same matrices, in the same order).
+
+    Yields:
+        The ranks' :class:`Together`, for the caller's own agreements.
+    """
+    together = Together()
+    token = _TOGETHER.set(together)
     try:
-        yield
+        yield together
     finally:
         _TOGETHER.reset(token)
 
@@ -72,13 +124,20 @@ def reverse_cholesky(matrix: Tensor) -> tuple[Tensor, bool]:
     Returns:
         ``R`` (a new tensor) and whether the factorization succeeded (``matrix`` positive
         definite); when it did not, ``R`` holds partial values.
+
+    Raises:
+        AnotherRankFailedError: inside :func:`factoring_together`, when another rank failed.
     """
     if matrix.shape[0] < TILED_FROM:
         return reverse_cholesky_in_one_call(matrix)
+    together = _TOGETHER.get()
     rank, world_size = (0, 1)
-    if _TOGETHER.get() and is_distributed():
+    if together is not None and is_distributed():
         rank, world_size = rank_and_world_size()
-    return _Tiles(matrix.triu(), rank, world_size).factor()
+    tiles = _Tiles(matrix.triu(), rank, world_size)
+    if together is not None:
+        together.agree()
+    return tiles.factor()
 
 
 def reverse_cholesky_in_one_call(matrix: Tensor) -> tuple[Tensor, bool]:
@@ -112,6 +171,8 @@ class _Tiles:
         # from the last tile to the first (the first one may be narrower)
         stops = range(size, 0, -FACTOR_TILE)
         self.bounds = [(max(stop - FACTOR_TILE, 0), stop) for stop in stops]
+        # two panels' memory, used in turn (one tile ahead), allocated before the loop
+        self.panels = [upper.new_empty((size + 1) * FACTOR_TILE) for _ in range(2)]
 
     def factor(self) -> tuple[Tensor, bool]:
         """Runs every step; returns the factor and whether it succeeded."""
@@ -142,7 +203,8 @@ class _Tiles:
         holding 1 where its diagonal block was positive definite), factored here if this
         rank owns the tile, and the wait for its broadcast."""
         first, last = self.bounds[tile]
-        panel = self.upper.new_zeros(last + 1, last - first)
+        memory = self.panels[tile % 2]
+        panel = memory[: (last + 1) * (last - first)].view(last + 1, last - first)
         owner = tile % self.world_size
         if owner == self.rank:
             panel[-1, 0] = _factor_panel(self.upper[:last, first:last], panel[:-1])

@@ -35,6 +35,7 @@ WIDE = TinyDecoderConfig(  # down_proj [128, 512]: alone in its group, most of a
 )
 COMPUTE_LAYERS = GPTQModifier.compute_layers
 FACTOR_TILES = tiled_cholesky._Tiles.factor
+SLICE = GPTQModifier.compress_rows
 
 
 def counting(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -94,6 +95,22 @@ class RecordSolved(Callback):
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         path = self.directory / f"solved{trainer.global_rank}.json"
         path.write_text(json.dumps(SOLVED))
+
+
+def failing_slice(when: str) -> Callable[..., Any]:
+    """``compress_rows`` failing on rank 1 for the first down_proj's slice, ``when`` "before"
+    or "after" the ranks factor its Hessian together."""
+
+    def compress_rows(self: Modifier, name: str, statistics: Any, rows: tuple[int, int]) -> Any:
+        failing = dist.get_rank() == 1 and name == "model.layers.0.mlp.down_proj"
+        if failing and when == "before":
+            raise MemoryError(f"rank 1 ran out of memory before factoring {name}")
+        result = SLICE(self, name, statistics, rows)
+        if failing:
+            raise MemoryError(f"rank 1 ran out of memory after factoring {name}")
+        return result
+
+    return compress_rows
 
 
 def recording_errors(directory: Path) -> Callable[..., Any]:
@@ -221,6 +238,22 @@ def test_a_layer_too_costly_for_one_rank_is_solved_in_row_slices_like_one_proces
         assert state.keys() == expected.keys()
         for name, tensor in state.items():
             assert torch.equal(tensor, expected[name]), name  # slices of one sweep, bit for bit
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_rank_failing_around_a_shared_factorization_fails_every_rank(tmp_path, monkeypatch, when):
+    monkeypatch.setattr(tiled_cholesky, "TILED_FROM", 256)  # down_proj's Hessian in tiles
+    monkeypatch.setattr(tiled_cholesky, "FACTOR_TILE", 64)
+    monkeypatch.setattr(tiled_cholesky._Tiles, "factor", counting_tiles(FACTOR_TILES))
+    monkeypatch.setattr(GPTQModifier, "compress_rows", failing_slice(when))
+    monkeypatch.setattr(GPTQModifier, "compute_layers", recording_errors(tmp_path / "ddp"))
+    with pytest.raises(Exception, match=f"rank 1 ran out of memory {when} factoring"):
+        calibrate_wide_decoder(tmp_path / "ddp", devices=2, strategy="ddp_fork")
+    errors = [(tmp_path / "ddp" / f"error{rank}.txt").read_text() for rank in (0, 1)]
+    # rank 0 stopped at the agreement that followed rank 1's failure, instead of waiting in
+    # the factorization for rank 1's panels (before) or in the next collective (after)
+    assert errors[0] == errors[1]
+    assert errors[0].startswith(f"MemoryError: rank 1 ran out of memory {when} factoring")
 
 
 def calibrate_wide_decoder(directory: Path, **kwargs: Any) -> None:

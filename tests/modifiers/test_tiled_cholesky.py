@@ -3,6 +3,7 @@ ranks (3 forked gloo processes) with the factor of one process, bit for bit."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch
 import torch.distributed as dist
 from forked_ranks import run_ranks
 
+from lightning_compress.core.distributed import AnotherRankFailedError, all_gather_or_raise
 from lightning_compress.modifiers import tiled_cholesky
 from lightning_compress.modifiers.hessian import damp_and_factor
 from lightning_compress.modifiers.tiled_cholesky import factoring_together, reverse_cholesky
@@ -102,3 +104,47 @@ def test_ranks_factoring_together_end_with_one_processs_factor(tmp_path):
         result = torch.load(tmp_path / f"{rank}.pt", weights_only=True)
         assert result["factored"] and not result["failed"]
         assert torch.equal(result["upper"], alone), rank  # whichever rank updated which tile
+
+
+def give_up_on_rank_one(directory: Path) -> None:
+    """Rank 1 fails before the second factorization; every rank records what it raised at
+    that factorization and then from :func:`all_gather_or_raise`."""
+    rank = int(os.environ["LOCAL_RANK"])
+    dist.init_process_group("gloo", rank=rank, world_size=int(os.environ["WORLD_SIZE"]))
+    raised = []
+    try:
+        error = None
+        with factoring_together() as together:
+            reverse_cholesky(spd(SIZE, 0))
+            try:
+                if rank == 1:
+                    raise MemoryError("rank 1 ran out of memory")
+                reverse_cholesky(spd(SIZE, 1))
+            except Exception as err:
+                together.give_up()
+                error = err
+                raised.append(type(err).__name__)
+        try:
+            all_gather_or_raise(None, error)
+        except Exception as err:
+            raised.append(f"{type(err).__name__}: {err}")
+        (directory / f"{rank}.json").write_text(json.dumps(raised))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_a_rank_giving_up_stops_the_others_at_the_next_factorization(tmp_path):
+    run_ranks(give_up_on_rank_one, tmp_path, ranks=3, timeout=120)
+    for rank in range(3):
+        first = "MemoryError" if rank == 1 else "AnotherRankFailedError"
+        raised = json.loads((tmp_path / f"{rank}.json").read_text())
+        assert raised == [first, "MemoryError: rank 1 ran out of memory"], rank
+
+
+def test_alone_agreeing_and_giving_up_need_no_other_rank():
+    with factoring_together() as together:
+        together.agree()
+        together.give_up()
+        with pytest.raises(AnotherRankFailedError):  # stopped: nothing is factored together
+            reverse_cholesky(spd(SIZE, 0))
