@@ -363,7 +363,7 @@ def damp_and_factor(
     tried = [dampening_frac * 10**k for k in range(retries + 1)]
     for frac in tried:
         diagonal.copy_(undamped).add_(frac * mean_diagonal)
-        upper, factored = reverse_cholesky(ordered)
+        upper, factored = reverse_cholesky(ordered, overwrite=True)
         # a pivot whose reciprocal overflows would make every correction through it infinite
         if factored and all_finite(upper.diagonal().reciprocal()):
             return DampedFactor(upper, dead, frac)
@@ -383,14 +383,37 @@ def _is_permutation(order: Tensor, size: int) -> bool:
 
 
 def _ordered_copy(hessian: Tensor, order: Tensor | None, overwrite: bool) -> Tensor:
-    """``H[order][:, order]`` (``order`` None: ``H``) as a copy the caller may change, made by
-    one gather of rows and one of columns (into ``hessian``'s buffer when ``overwrite``;
-    ``hessian`` itself when ``overwrite`` and no ``order``)."""
-    if order is None:
-        return hessian if overwrite else hessian.clone()
-    order = order.to(hessian.device)
-    rows = hessian.index_select(0, order)
-    return torch.index_select(rows, 1, order, out=hessian if overwrite else None)
+    """``H[order][:, order]`` (``order`` None: ``H``) as a copy the caller may change: in
+    ``hessian``'s buffer when ``overwrite`` (``hessian`` itself when no ``order``), else in a
+    clone, permuted in place (:func:`_permute_in_place`: no second matrix-sized buffer)."""
+    ordered = hessian if overwrite else hessian.clone()
+    if order is not None:
+        _permute_in_place(ordered, order.tolist())
+    return ordered
+
+
+def _permute_in_place(matrix: Tensor, order: list[int]) -> None:
+    """Makes ``matrix`` ``matrix[order][:, order]`` with buffers of :data:`MIRROR_STRIP`
+    rows at most: the rows moved along the permutation's cycles (one row held aside per
+    cycle), then each strip of rows gathered by columns and copied back."""
+    visited = [False] * len(order)
+    for start in range(len(order)):
+        if visited[start] or order[start] == start:
+            continue
+        held = matrix[start].clone()
+        row = start
+        while order[row] != start:  # row takes the row it is given, which then is free
+            visited[row] = True
+            matrix[row] = matrix[order[row]]
+            row = order[row]
+        visited[row] = True
+        matrix[row] = held
+    columns = torch.tensor(order, device=matrix.device)
+    strip = matrix.new_empty(min(MIRROR_STRIP, matrix.shape[0]), matrix.shape[1])
+    for first in range(0, matrix.shape[0], MIRROR_STRIP):
+        rows = matrix[first : first + MIRROR_STRIP]
+        gathered = torch.index_select(rows, 1, columns, out=strip[: rows.shape[0]])
+        rows.copy_(gathered)
 
 
 ColumnTarget = Callable[[int, Tensor, "BlockwiseOBS"], Tensor]

@@ -112,18 +112,22 @@ def factoring_together() -> Iterator[Together]:
         _TOGETHER.reset(token)
 
 
-def reverse_cholesky(matrix: Tensor) -> tuple[Tensor, bool]:
+def reverse_cholesky(matrix: Tensor, overwrite: bool = False) -> tuple[Tensor, bool]:
     """The upper triangular ``R`` with ``R R^T = matrix``: the Cholesky factor read backwards
     (with ``P`` the reversal permutation and ``P matrix P = L L^T``, ``R = P L P``).
 
-    Only the upper triangle of ``matrix`` is read, and ``matrix`` is not changed.
+    Only the upper triangle of ``matrix`` is read. ``matrix`` is not changed, unless
+    ``overwrite`` lets a tiled factorization work in its memory (no copy of the matrix): then
+    ``R`` is ``matrix`` itself, and after a failure ``matrix`` holds its values again,
+    restored from its lower triangle (so it must be symmetric in both).
 
     Args:
         matrix: symmetric ``[n, n]``, float32 or float64.
+        overwrite: whether ``matrix``'s memory may hold ``R``.
 
     Returns:
-        ``R`` (a new tensor) and whether the factorization succeeded (``matrix`` positive
-        definite); when it did not, ``R`` holds partial values.
+        ``R`` and whether the factorization succeeded (``matrix`` positive definite); when it
+        did not, the tensor returned holds no factor.
 
     Raises:
         AnotherRankFailedError: inside :func:`factoring_together`, when another rank failed.
@@ -134,7 +138,7 @@ def reverse_cholesky(matrix: Tensor) -> tuple[Tensor, bool]:
     rank, world_size = (0, 1)
     if together is not None and is_distributed():
         rank, world_size = rank_and_world_size()
-    tiles = _Tiles(matrix.triu(), rank, world_size)
+    tiles = _Tiles(matrix if overwrite else matrix.clone(), rank, world_size)
     if together is not None:
         together.agree()
     return tiles.factor()
@@ -155,33 +159,42 @@ def reverse_cholesky_in_one_call(matrix: Tensor) -> tuple[Tensor, bool]:
 
 
 class _Tiles:
-    """One tiled factorization of ``upper`` in place, this rank's share of it.
+    """One tiled factorization of the symmetric ``matrix`` in its own memory, this rank's
+    share of it.
 
     Columns are factored from the last tile to the first: tile ``k``'s diagonal block gives
     ``R_kk``, the rows above are solved against it (the panel), and each earlier tile ``j``
     loses ``R[:j, k] R[j, k]^T``. Looks one tile ahead: the owner of the next tile updates
     it with panel ``k`` first, factors its panel and starts broadcasting it, then updates
     its other tiles, so the other ranks find each panel ready instead of waiting while it
-    is factored.
+    is factored. Nothing is written below the diagonal blocks, so a failure restores the
+    matrix from its lower triangle and a copy of the diagonal blocks; a success zeroes the
+    lower triangle.
     """
 
-    def __init__(self, upper: Tensor, rank: int, world_size: int) -> None:
-        self.upper, self.rank, self.world_size = upper, rank, world_size
-        size = upper.shape[0]
+    def __init__(self, matrix: Tensor, rank: int, world_size: int) -> None:
+        self.upper, self.rank, self.world_size = matrix, rank, world_size
+        size = matrix.shape[0]
         # from the last tile to the first (the first one may be narrower)
         stops = range(size, 0, -FACTOR_TILE)
         self.bounds = [(max(stop - FACTOR_TILE, 0), stop) for stop in stops]
-        # two panels' memory, used in turn (one tile ahead), allocated before the loop
-        self.panels = [upper.new_empty((size + 1) * FACTOR_TILE) for _ in range(2)]
+        # allocated before the loop: two panels' memory, used in turn (one tile ahead), and
+        # the diagonal blocks as they were
+        self.panels = [matrix.new_empty((size + 1) * FACTOR_TILE) for _ in range(2)]
+        self.diagonal_blocks = [
+            matrix[first:last, first:last].clone() for first, last in self.bounds
+        ]
 
     def factor(self) -> tuple[Tensor, bool]:
-        """Runs every step; returns the factor and whether it succeeded."""
+        """Runs every step; returns the factor and whether it succeeded (if not, the matrix
+        as it was)."""
         count = len(self.bounds)
         pending = self._start_panel(0)
         for index in range(count):
             panel, wait = pending
             wait()
             if panel[-1, 0].item() != 1:
+                self._restore()
                 return self.upper, False
             first, last = self.bounds[index]
             self.upper[:last, first:last] = panel[:-1]
@@ -193,7 +206,14 @@ class _Tiles:
             for later in range(following + 1, count):
                 if self._owns(later):
                     self._update(index, later)
-        return self.upper, True
+        return self.upper.triu_(), True
+
+    def _restore(self) -> None:
+        """The matrix as it was: each tile's rows above its diagonal block from the columns
+        left of it, below the diagonal (never written), and its diagonal block from the copy."""
+        for (first, last), block in zip(self.bounds, self.diagonal_blocks, strict=True):
+            self.upper[:first, first:last] = self.upper[first:last, :first].T
+            self.upper[first:last, first:last] = block
 
     def _owns(self, tile: int) -> bool:
         return tile % self.world_size == self.rank

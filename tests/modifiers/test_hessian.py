@@ -11,6 +11,7 @@ from lightning_compress.modifiers.hessian import (
     BlockwiseOBS,
     HessianAccumulator,
     SingularHessianError,
+    _permute_in_place,
     all_finite,
     damp_and_factor,
 )
@@ -237,6 +238,22 @@ def test_order_factors_the_hessian_of_the_inputs_taken_in_that_order() -> None:
         assert torch.equal(factor.upper, expected.upper)
         assert torch.equal(factor.dead, expected.dead)
     assert sorted(order[overwritten.dead].tolist()) == [2, 5]
+
+
+@pytest.mark.parametrize(
+    "order",
+    [
+        torch.arange(300),  # nothing moves
+        torch.randperm(300, generator=torch.Generator().manual_seed(2)),
+        torch.cat([torch.arange(1, 300), torch.zeros(1, dtype=torch.long)]),  # one cycle
+        torch.arange(300).flip(0),  # pairs, and one input in place
+    ],
+)
+def test_a_hessian_permuted_in_place_is_the_gathered_one(order: torch.Tensor) -> None:
+    matrix = torch.randn(300, 300, generator=torch.Generator().manual_seed(3))  # 2 strips
+    expected = matrix[order][:, order]
+    _permute_in_place(matrix, order.tolist())
+    assert torch.equal(matrix, expected)
 
 
 @pytest.mark.parametrize("order", [torch.arange(7), torch.tensor([0, 1, 2, 3, 4, 5, 6, 6])])

@@ -61,6 +61,17 @@ def test_a_matrix_that_is_not_positive_definite_is_reported():
     assert not factored
 
 
+def test_overwriting_factors_in_the_matrix_and_restores_it_after_a_failure():
+    matrix = spd(SIZE, 0)
+    upper, factored = reverse_cholesky(matrix, overwrite=True)
+    assert factored and upper.data_ptr() == matrix.data_ptr()  # no copy of the matrix
+    assert torch.equal(upper, reverse_cholesky(spd(SIZE, 0))[0])
+    failing = not_positive_definite()
+    _, factored = reverse_cholesky(failing, overwrite=True)
+    assert not factored
+    assert torch.equal(failing, not_positive_definite())  # as it was, for a retry
+
+
 def test_below_the_threshold_one_lapack_call_factors():
     matrix = spd(100, 2)
     upper, factored = reverse_cholesky(matrix)
