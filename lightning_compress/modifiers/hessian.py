@@ -363,9 +363,8 @@ def damp_and_factor(
     tried = [dampening_frac * 10**k for k in range(retries + 1)]
     for frac in tried:
         diagonal.copy_(undamped).add_(frac * mean_diagonal)
-        upper, factored = reverse_cholesky(ordered, overwrite=True)
-        # a pivot whose reciprocal overflows would make every correction through it infinite
-        if factored and all_finite(upper.diagonal().reciprocal()):
+        upper, factored = reverse_cholesky(ordered, overwrite=True)  # restored on failure
+        if factored:
             return DampedFactor(upper, dead, frac)
     raise SingularHessianError(
         f"the Hessian is not positive definite even with dampening_frac in {tried} "

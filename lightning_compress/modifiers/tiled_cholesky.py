@@ -126,8 +126,8 @@ def reverse_cholesky(matrix: Tensor, overwrite: bool = False) -> tuple[Tensor, b
         overwrite: whether ``matrix``'s memory may hold ``R``.
 
     Returns:
-        ``R`` and whether the factorization succeeded (``matrix`` positive definite); when it
-        did not, the tensor returned holds no factor.
+        ``R`` and whether the factorization succeeded (``matrix`` positive definite, every
+        pivot's reciprocal finite); when it did not, the tensor returned holds no factor.
 
     Raises:
         AnotherRankFailedError: inside :func:`factoring_together`, when another rank failed.
@@ -152,10 +152,12 @@ def reverse_cholesky_in_one_call(matrix: Tensor) -> tuple[Tensor, bool]:
         matrix: symmetric ``[n, n]``, float32 or float64.
 
     Returns:
-        ``R`` and whether the factorization succeeded.
+        ``R`` and whether the factorization succeeded: positive definite, and no pivot whose
+        reciprocal overflows (it would make every correction through it infinite).
     """
     lower, info = torch.linalg.cholesky_ex(matrix.flip(0, 1))
-    return lower.flip(0, 1), info.item() == 0
+    invertible = bool(torch.isfinite(lower.diagonal().reciprocal()).all())
+    return lower.flip(0, 1), info.item() == 0 and invertible
 
 
 class _Tiles:

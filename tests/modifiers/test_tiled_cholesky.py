@@ -72,6 +72,31 @@ def test_overwriting_factors_in_the_matrix_and_restores_it_after_a_failure():
     assert torch.equal(failing, not_positive_definite())  # as it was, for a retry
 
 
+def test_a_pivot_without_a_finite_reciprocal_fails_and_the_retry_factors_the_hessian(
+    monkeypatch,
+):
+    """The last diagonal block of the first try gets a zero pivot that LAPACK does not report
+    (as a backend might not): the try fails, the matrix is restored, and the retry with 10x
+    the dampening factors the Hessian itself."""
+    cholesky_ex, calls = torch.linalg.cholesky_ex, []
+
+    def zero_pivot_in_the_fifth_call(matrix):
+        lower, info = cholesky_ex(matrix)
+        calls.append(matrix.shape[0])
+        if len(calls) == 5:  # SIZE has five tiles, factored from the last one
+            lower[0, 0] = 0.0
+        return lower, info
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", zero_pivot_in_the_fifth_call)
+    matrix = spd(SIZE, 4)
+    factor = damp_and_factor(matrix, dampening_frac=1e-3, max_retries=1)
+    assert len(calls) == 10 and factor.dampening_frac == pytest.approx(1e-2)
+    damped = matrix.double()
+    damped.diagonal().add_(1e-2 * matrix.diagonal().double().mean())
+    upper = factor.upper.double()
+    torch.testing.assert_close(upper @ upper.T, damped, rtol=1e-4, atol=1e-4)
+
+
 def test_below_the_threshold_one_lapack_call_factors():
     matrix = spd(100, 2)
     upper, factored = reverse_cholesky(matrix)
