@@ -417,8 +417,8 @@ def _permute_in_place(matrix: Tensor, order: list[int]) -> None:
 
 ColumnTarget = Callable[[int, Tensor, "BlockwiseOBS"], Tensor]
 """``target(j, w, sweep) -> q``: the compressed value of column ``j`` given its current value
-``w`` ``[out]`` (a view of the sweep's working memory: read it, do not change it, and return
-a new tensor); it may look ahead with ``sweep.current`` and ``sweep.factor``."""
+``w`` ``[out]``, a buffer of the sweep's that the target may overwrite and return as ``q``
+(or it returns a new tensor); it may look ahead with ``sweep.current`` and ``sweep.factor``."""
 
 
 class BlockwiseOBS:
@@ -589,58 +589,104 @@ class BlockwiseOBS:
         """
         width = self._columns.shape[0]
         diagonal = self.factor.diagonal()
-        # one block-sized buffer for the whole sweep (a fresh one per block costs page faults)
-        gathered_memory = self._columns.new_empty(
-            min(self.block_size, width), self._columns.shape[1]
-        )
-        value = self._columns.new_empty(self._columns.shape[1])
+        # buffers and their per-column views made once for the whole sweep (a fresh buffer
+        # per block costs page faults, each view a dispatch per column)
+        views = _BlockViews(self._columns, self.block_size)
         for first in range(0, width, self.block_size):
             last = min(first + self.block_size, width)
             self.block = (first, last)
+            buffers = views.of_size(last - first)
             # [block, out]: sum over the earlier blocks' columns i of (w_i - q_i) R[i, j]
             self._gathered = torch.mm(
-                self.factor[:first, first:last].T,
-                self._changes[:first],
-                out=gathered_memory[: last - first],
+                self.factor[:first, first:last].T, self._changes[:first], out=buffers.gathered
             )
             with _one_thread():  # tiny ops: intra-op threads would only add fork/join waits
-                self._sweep_block(first, last, value, target)
+                self._sweep_block(first, last, buffers, target)
             # (value - q) R[j, j] = (w - q) R[j, j] + gathered_j, each row's loss term
             error = self._gathered.addcmul_(self._changes[first:last], diagonal[first:last, None])
             self.row_losses += error.square_().sum(dim=0) / 2
         return self.weight, self.row_losses.sum().item()
 
-    def _sweep_block(self, first: int, last: int, value: Tensor, target: ColumnTarget) -> None:
+    def _sweep_block(self, first: int, last: int, buffers: _Block, target: ColumnTarget) -> None:
         """The column loop of :meth:`run` for columns ``[first, last)``: column ``j`` is
-        compressed from ``w_j + gathered_j / R[j, j]`` (made in ``value``, one row reused),
-        and its change pushed into the ``gathered`` rows of the rest of its sub-block at once
-        and of the rest of the block by one product per sub-block (the same lazy batching as
-        between blocks, one level down)."""
-        factor = self.factor[first:last, first:last]
-        columns, gathered, changes = (
-            self._columns[first:last],
-            self._gathered,
-            self._changes[first:last],
-        )
-        # per-column views made once per block (each index is a dispatch; the divisors stay
-        # 0-d tensors: dividing by a Python float wraps it in a new tensor every time)
-        column_rows, gathered_rows = columns.unbind(0), gathered.unbind(0)
-        change_rows, diagonal = changes.unbind(0), factor.diagonal().unbind(0)
+        compressed from ``w_j + gathered_j / R[j, j]`` (made in its row of
+        ``buffers.values``, which the target may overwrite), and its change pushed into the
+        ``gathered`` rows of the rest of its sub-block at once and of the rest of the block
+        by one product per sub-block (the same lazy batching as between blocks, one level
+        down). The block's compressed columns are written back at its end (nothing reads a
+        visited column before)."""
+        (gathered, values, factor, gathered_rows, value_rows, diagonal) = buffers[:6]
+        gathered_tails, factor_tails = buffers.gathered_tails, buffers.factor_tails
+        factor.copy_(self.factor[first:last, first:last])
+        columns, changes = self._columns[first:last], self._changes[first:last]
+        column_rows, change_rows = columns.unbind(0), changes.unbind(0)
         size = last - first
         for start in range(0, size, SUB_BLOCK):
             stop = min(start + SUB_BLOCK, size)
             self._sub_block = (first + start, first + stop)
             for i in range(start, stop):
                 self._column = first + i
-                w = column_rows[i]
+                w, value = column_rows[i], value_rows[i]
                 torch.addcdiv(w, gathered_rows[i], diagonal[i], out=value)
                 q = target(first + i, value, self)
-                change = torch.sub(w, q, out=change_rows[i])
+                if q is not value:
+                    value.copy_(q)
+                change = torch.sub(w, value, out=change_rows[i])
                 if i + 1 < stop:
-                    gathered[i + 1 : stop].addr_(factor[i, i + 1 : stop], change)
-                w.copy_(q)
+                    gathered_tails[i].addr_(factor_tails[i], change)
             if stop < size:
                 gathered[stop:].addmm_(factor[start:stop, stop:].T, changes[start:stop])
+        columns.copy_(values)
+
+
+class _Block(NamedTuple):
+    """The buffers of one block of a sweep and their per-column views."""
+
+    gathered: Tensor
+    """``[size, out]``: what each column of the block gathers from the earlier changes."""
+    values: Tensor
+    """``[size, out]``: each column's value before, then after, compression."""
+    factor: Tensor
+    """``[size, size]``: the block's diagonal block of ``R``, copied in."""
+    gathered_rows: tuple[Tensor, ...]
+    value_rows: tuple[Tensor, ...]
+    diagonal: tuple[Tensor, ...]
+    """0-d views of ``factor``'s diagonal (dividing by a Python float would wrap it in a new
+    tensor every column)."""
+    gathered_tails: list[Tensor]
+    """Row ``i``'s: the rows of ``gathered`` after ``i`` in its sub-block."""
+    factor_tails: list[Tensor]
+    """Row ``i``'s: the entries of ``factor``'s row ``i`` after ``i`` in its sub-block."""
+
+
+class _BlockViews:
+    """The block buffers of one sweep, with their views for each block size met (the full
+    block and a shorter last one)."""
+
+    def __init__(self, columns: Tensor, block_size: int) -> None:
+        size = min(block_size, columns.shape[0])
+        self._gathered = columns.new_empty(size, columns.shape[1])
+        self._values = torch.empty_like(self._gathered)
+        self._factor = columns.new_empty(size, size)
+        self._blocks: dict[int, _Block] = {}
+
+    def of_size(self, size: int) -> _Block:
+        """The buffers for a block of ``size`` columns."""
+        if size not in self._blocks:
+            gathered, values = self._gathered[:size], self._values[:size]
+            factor = self._factor[:size, :size]
+            stops = [min((i // SUB_BLOCK + 1) * SUB_BLOCK, size) for i in range(size)]
+            self._blocks[size] = _Block(
+                gathered,
+                values,
+                factor,
+                gathered.unbind(0),
+                values.unbind(0),
+                factor.diagonal().unbind(0),
+                [gathered[i + 1 : stop] for i, stop in enumerate(stops)],
+                [factor[i, i + 1 : stop] for i, stop in enumerate(stops)],
+            )
+        return self._blocks[size]
 
 
 @contextmanager

@@ -255,8 +255,9 @@ def _factor_panel(columns: Tensor, out: Tensor) -> bool:
     above = columns.shape[0] - width
     diagonal, factored = reverse_cholesky_in_one_call(columns[above:])
     out[above:] = diagonal
-    if above:  # R_above = A_above R_kk^-T
+    if above:  # R_above = A_above R_kk^-T, from a contiguous copy (the strided rows take
+        # LAPACK's solve twice as long)
         out[:above] = torch.linalg.solve_triangular(
-            diagonal.T, columns[:above], upper=False, left=False
+            diagonal.T, columns[:above].contiguous(), upper=False, left=False
         )
     return factored

@@ -306,6 +306,25 @@ def test_sweep_is_independent_of_block_size_and_its_loss_is_the_output_error(
     assert loss == pytest.approx(0.5 * torch.trace(delta @ damped @ delta.T).item(), rel=1e-9)
 
 
+def test_a_target_that_overwrites_its_buffer_gives_what_a_new_tensor_gives() -> None:
+    """The sweep hands each target a buffer it may compress in place (as GPTQ's quantizer
+    does); a target returning a new tensor (copied back) gives the same sweep."""
+    gen = torch.Generator().manual_seed(8)
+    h = spd(40, seed=8)
+    weight = torch.randn(6, 40, generator=gen, dtype=torch.float64)
+    buffers = []
+
+    def in_place(j: int, w: torch.Tensor, sweep: BlockwiseOBS) -> torch.Tensor:
+        buffers.append(w.data_ptr())
+        return w.mul_(2).round_().div_(2)
+
+    reference, loss = BlockwiseOBS(weight, h, 16, 0.01).run(half_grid)
+    result, in_place_loss = BlockwiseOBS(weight, h, 16, 0.01).run(in_place)
+    assert torch.equal(result, reference) and in_place_loss == loss
+    assert not torch.equal(result, weight)
+    assert len(set(buffers)) == 16  # one row of the block's buffer per column, reused
+
+
 def test_a_sweep_in_an_order_is_the_sweep_of_the_reordered_weight_and_hessian() -> None:
     gen = torch.Generator().manual_seed(4)
     h = spd(16, seed=4)

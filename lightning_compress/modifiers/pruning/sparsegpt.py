@@ -90,7 +90,8 @@ class _ColumnPruner:
         return self._keep.T.bool()
 
     def __call__(self, j: int, w: Tensor, sweep: BlockwiseOBS) -> Tensor:
-        """Returns column ``j`` (current value ``w``) pruned, and quantized if asked."""
+        """Returns column ``j`` (current value ``w``, a buffer this overwrites) pruned, and
+        quantized if asked, in ``w``."""
         if self.mask_structure is not None:
             n, m = self.mask_structure
             if j % m == 0:
@@ -102,7 +103,7 @@ class _ColumnPruner:
             groups = scores.split(self.row_groups)
             masks = [unstructured_mask(group, self.sparsity) for group in groups]
             self._keep[j:last] = self._without_existing(torch.cat(masks).T, j)
-        pruned = w * self._keep[j]
+        pruned = w.mul_(self._keep[j])
         return pruned if self.quantizer is None else self.quantizer(j, pruned, sweep)
 
     def _existing_first(self, scores: Tensor, start: int, stop: int) -> Tensor:

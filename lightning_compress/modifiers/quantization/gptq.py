@@ -188,7 +188,8 @@ class ColumnQuantizer:
         self._aligned: dict[int, tuple[Tensor, Tensor]] = {}
 
     def __call__(self, j: int, w: Tensor, sweep: BlockwiseOBS) -> Tensor:
-        """Returns column ``j`` (current value ``w`` ``[out]``) quantized.
+        """Returns column ``j`` (current value ``w`` ``[out]``, a buffer this overwrites)
+        quantized, in ``w``.
 
         Where :attr:`keep` is set (``[in, out]``: row ``j`` for column ``j`` in sweep order,
         in the weight's dtype), entries it marks 0 are returned as 0: a pruned weight stays
@@ -201,7 +202,7 @@ class ColumnQuantizer:
         else:
             group = self.column_group[j]
         scale, zero_point = self._aligned_qparams(group, w)
-        q = fake_quantize_aligned(w, scale, zero_point, self._column_args)
+        q = fake_quantize_aligned(w, scale, zero_point, self._column_args, out=w)
         return q if self.keep is None else q.mul_(self.keep[j])
 
     def _aligned_qparams(self, group: int, w: Tensor) -> tuple[Tensor, Tensor | None]:

@@ -344,9 +344,12 @@ def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
         return False
 
 
-def _scale_to_grid(groups: Tensor, scale: Tensor, zero_point: Tensor | None) -> Tensor:
-    """Returns ``groups / scale + zero_point`` as a new tensor (None: zero points of 0)."""
-    scaled = groups / scale
+def _scale_to_grid(
+    groups: Tensor, scale: Tensor, zero_point: Tensor | None, out: Tensor | None = None
+) -> Tensor:
+    """Returns ``groups / scale + zero_point`` in ``out`` (None: a new tensor; zero point
+    None: zero points of 0)."""
+    scaled = torch.div(groups, scale, out=out)
     return scaled if zero_point is None else scaled.add_(zero_point.to(scaled.dtype))
 
 
@@ -470,7 +473,11 @@ def fake_quantize(
 
 
 def fake_quantize_aligned(
-    x: Tensor, scale: Tensor, zero_point: Tensor | None, args: QuantizationArgs
+    x: Tensor,
+    scale: Tensor,
+    zero_point: Tensor | None,
+    args: QuantizationArgs,
+    out: Tensor | None = None,
 ) -> Tensor:
     """:func:`fake_quantize` for qparams already shaped to broadcast against ``x``.
 
@@ -483,11 +490,13 @@ def fake_quantize_aligned(
         zero_point: zero points broadcastable to ``x``; None for zero points that are all 0
             (symmetric qparams): the same values, two operations fewer.
         args: the quantization arguments.
+        out: where to compute, of ``x``'s shape and of ``scale``'s dtype (``x`` itself
+            computes in place); None: a new tensor.
 
     Returns:
-        ``x_hat`` of ``x``'s shape and dtype.
+        ``x_hat`` of ``x``'s shape and dtype (``out`` when given).
     """
-    scaled = _scale_to_grid(x, scale, zero_point)
+    scaled = _scale_to_grid(x, scale, zero_point, out)
     return _round_trip(scaled.clamp_(*quant_range(args)), scale, zero_point, args, x)
 
 
