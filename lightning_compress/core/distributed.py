@@ -26,6 +26,7 @@ __all__ = [
     "all_reduce_max_",
     "all_reduce_min_",
     "all_reduce_sum_",
+    "all_reduce_sum_views_",
     "balanced_owners",
     "broadcast_",
     "broadcast_tensors_",
@@ -71,6 +72,48 @@ def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
         ``tensor``, now holding the sum.
     """
     return _all_reduce_(tensor, dist.ReduceOp.SUM)
+
+
+REDUCE_CHUNK_BYTES = 64 * 2**20
+"""The most bytes :func:`all_reduce_sum_views_` packs into one collective (unless one view is
+larger)."""
+
+
+def all_reduce_sum_views_(views: Sequence[torch.Tensor]) -> None:
+    """Sums each of ``views`` over all ranks, in place: strided views (say, the upper
+    triangle of a matrix in bands) without reducing or copying the rest of their tensor.
+
+    The views are packed in turn into one buffer of :data:`REDUCE_CHUNK_BYTES` at most (or
+    the largest view), reduced a buffer at a time, and copied back.
+
+    Args:
+        views: tensors of one dtype, the same shapes on every rank, in the same order.
+    """
+    if not is_distributed() or not views:
+        return
+    sizes = [view.numel() for view in views]
+    capacity = max(REDUCE_CHUNK_BYTES // views[0].element_size(), *sizes)
+    buffer = torch.empty(min(capacity, sum(sizes)), dtype=views[0].dtype, device=_backend_device())
+    batch: list[torch.Tensor] = []
+    used = 0
+    for view, size in zip(views, sizes, strict=True):
+        if used + size > buffer.numel():
+            _reduce_packed(buffer, batch)
+            batch, used = [], 0
+        batch.append(view)
+        used += size
+    _reduce_packed(buffer, batch)
+
+
+def _reduce_packed(buffer: torch.Tensor, views: list[torch.Tensor]) -> None:
+    """Sums ``views`` over all ranks through the front of ``buffer``."""
+    parts = buffer[: sum(view.numel() for view in views)]
+    pieces = parts.split([view.numel() for view in views])
+    for view, piece in zip(views, pieces, strict=True):
+        piece.view(view.shape).copy_(view)
+    dist.all_reduce(parts, op=dist.ReduceOp.SUM)
+    for view, piece in zip(views, pieces, strict=True):
+        view.copy_(piece.view(view.shape))
 
 
 def all_reduce_min_(tensor: torch.Tensor) -> torch.Tensor:
@@ -137,11 +180,18 @@ def start_broadcast_(tensor: torch.Tensor, src: int) -> Callable[[], None]:
     return work.wait
 
 
-def broadcast_tensors_(tensors: Sequence[torch.Tensor], src: int) -> None:
-    """Overwrite ``tensors`` on every rank with rank ``src``'s, bit for bit, in one broadcast.
+DIRECT_BYTES = 2**20
+"""Tensors of at least this size travel in a broadcast of their own, in place; smaller ones
+are packed into one."""
 
-    The tensors travel as one buffer of their bytes, so any dtype (float8, bool, int) and
-    any number of them cost one collective.
+
+def broadcast_tensors_(tensors: Sequence[torch.Tensor], src: int) -> None:
+    """Overwrite ``tensors`` on every rank with rank ``src``'s, bit for bit.
+
+    Each tensor travels as its bytes, so any dtype (float8, bool, int) does. Tensors of
+    :data:`DIRECT_BYTES` or more are broadcast one by one in their own memory (through a
+    copy only where a tensor is not contiguous on the backend's device); the smaller ones
+    together, in one buffer of their bytes.
 
     Args:
         tensors: on ``src`` the values to send; elsewhere tensors of the same shapes and
@@ -152,13 +202,35 @@ def broadcast_tensors_(tensors: Sequence[torch.Tensor], src: int) -> None:
         return
     rank, _ = rank_and_world_size()
     sizes = [tensor.numel() * tensor.element_size() for tensor in tensors]
+    small = [tensor for tensor, size in zip(tensors, sizes, strict=True) if size < DIRECT_BYTES]
+    for tensor, size in zip(tensors, sizes, strict=True):
+        if size >= DIRECT_BYTES:
+            _broadcast_in_place(tensor, src, rank == src)
+    if small:
+        _broadcast_packed(small, src, rank == src)
+
+
+def _broadcast_in_place(tensor: torch.Tensor, src: int, sending: bool) -> None:
+    """One tensor's bytes broadcast from ``src``, in its own memory where it can be."""
     device = _backend_device()
-    if rank == src:
+    direct = tensor.device == device and tensor.is_contiguous()
+    buffer = tensor.detach() if direct else tensor.detach().contiguous().to(device)
+    dist.broadcast(buffer.reshape(-1).view(torch.uint8), src=src)
+    if not direct and not sending:
+        with torch.no_grad():
+            tensor.copy_(buffer)
+
+
+def _broadcast_packed(tensors: list[torch.Tensor], src: int, sending: bool) -> None:
+    """Small tensors broadcast from ``src`` as one buffer of their bytes."""
+    sizes = [tensor.numel() * tensor.element_size() for tensor in tensors]
+    device = _backend_device()
+    if sending:
         packed = torch.cat([_bytes_of(tensor).to(device) for tensor in tensors])
     else:
         packed = torch.empty(sum(sizes), dtype=torch.uint8, device=device)
     dist.broadcast(packed, src=src)
-    if rank == src:
+    if sending:
         return
     for tensor, part in zip(tensors, packed.split(sizes), strict=True):
         received = part.clone().view(tensor.dtype).reshape(tensor.shape)  # clone: aligned

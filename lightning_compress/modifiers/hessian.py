@@ -26,6 +26,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from lightning_compress.core.distributed import all_reduce_sum_, all_reduce_sum_views_
 from lightning_compress.modifiers.tiled_cholesky import reverse_cholesky
 
 GRAM_BAND = 192
@@ -239,6 +240,20 @@ class HessianAccumulator:
             )
         self._sum.add_(other._sum.to(self._sum))
         self._num_samples += other.num_samples
+
+    def reduce_over_ranks_(self) -> None:
+        """Sums ``S`` and ``n`` over all ranks in place (a collective; every rank calls it for
+        the same layers in the same order), reducing only the upper triangle that ``S``
+        keeps, in the bands :meth:`add` fills: no copy of ``S`` and half its bytes sent. The
+        result equals one process that saw all the data, up to the order of floating-point
+        sums. A no-op in one process."""
+        size = self.in_features
+        width = _band_width(size)
+        all_reduce_sum_views_(
+            [self._sum[start : start + width, start:] for start in range(0, size, width)]
+        )
+        count = torch.tensor([self._num_samples], dtype=torch.int64, device=self._sum.device)
+        self._num_samples = int(all_reduce_sum_(count).item())
 
     def state(self) -> tuple[Tensor, Tensor]:
         """Returns ``(S, n)`` as tensors on ``S``'s device, ready to all-reduce (sum).

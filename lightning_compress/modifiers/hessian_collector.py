@@ -30,7 +30,6 @@ from torch import Tensor, nn
 from lightning_compress.core.distributed import (
     all_reduce_max_,
     all_reduce_min_,
-    all_reduce_sum_,
     is_distributed,
 )
 from lightning_compress.core.tensors import same_input, tensor_version
@@ -142,8 +141,7 @@ class HessianCollector(StatisticsCollector):
         if not _sharing_agrees(list(accumulators.values())):
             accumulators = {name: copy.deepcopy(acc) for name, acc in accumulators.items()}
         for accumulator in _distinct(accumulators.values()):
-            weighted, count = accumulator.state()
-            accumulator.load_state(all_reduce_sum_(weighted), all_reduce_sum_(count))
+            accumulator.reduce_over_ranks_()
         return accumulators
 
     def discard(self, names: Iterable[str]) -> None:
