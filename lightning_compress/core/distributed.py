@@ -26,7 +26,6 @@ __all__ = [
     "all_reduce_max_",
     "all_reduce_min_",
     "all_reduce_sum_",
-    "all_reduce_sum_views_",
     "balanced_owners",
     "broadcast_",
     "broadcast_tensors_",
@@ -72,48 +71,6 @@ def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
         ``tensor``, now holding the sum.
     """
     return _all_reduce_(tensor, dist.ReduceOp.SUM)
-
-
-REDUCE_CHUNK_BYTES = 64 * 2**20
-"""The most bytes :func:`all_reduce_sum_views_` packs into one collective (unless one view is
-larger)."""
-
-
-def all_reduce_sum_views_(views: Sequence[torch.Tensor]) -> None:
-    """Sums each of ``views`` over all ranks, in place: strided views (say, the upper
-    triangle of a matrix in bands) without reducing or copying the rest of their tensor.
-
-    The views are packed in turn into one buffer of :data:`REDUCE_CHUNK_BYTES` at most (or
-    the largest view), reduced a buffer at a time, and copied back.
-
-    Args:
-        views: tensors of one dtype, the same shapes on every rank, in the same order.
-    """
-    if not is_distributed() or not views:
-        return
-    sizes = [view.numel() for view in views]
-    capacity = max(REDUCE_CHUNK_BYTES // views[0].element_size(), *sizes)
-    buffer = torch.empty(min(capacity, sum(sizes)), dtype=views[0].dtype, device=_backend_device())
-    batch: list[torch.Tensor] = []
-    used = 0
-    for view, size in zip(views, sizes, strict=True):
-        if used + size > buffer.numel():
-            _reduce_packed(buffer, batch)
-            batch, used = [], 0
-        batch.append(view)
-        used += size
-    _reduce_packed(buffer, batch)
-
-
-def _reduce_packed(buffer: torch.Tensor, views: list[torch.Tensor]) -> None:
-    """Sums ``views`` over all ranks through the front of ``buffer``."""
-    parts = buffer[: sum(view.numel() for view in views)]
-    pieces = parts.split([view.numel() for view in views])
-    for view, piece in zip(views, pieces, strict=True):
-        piece.view(view.shape).copy_(view)
-    dist.all_reduce(parts, op=dist.ReduceOp.SUM)
-    for view, piece in zip(views, pieces, strict=True):
-        view.copy_(piece.view(view.shape))
 
 
 def all_reduce_min_(tensor: torch.Tensor) -> torch.Tensor:

@@ -26,15 +26,15 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from lightning_compress.core.distributed import all_reduce_sum_, all_reduce_sum_views_
+from lightning_compress.core.distributed import all_reduce_sum_
 from lightning_compress.modifiers.tiled_cholesky import reverse_cholesky
 
 GRAM_BAND = 192
 """Rows per band of :class:`HessianAccumulator`'s upper-triangular batch products."""
 SUB_BLOCK = 16
 """Columns per sub-block of the sweep inside a lazy block (see ``BlockwiseOBS``)."""
-MIRROR_STRIP = 256
-"""Rows per strip in which :meth:`HessianAccumulator.hessian` mirrors the upper triangle."""
+PERMUTE_STRIP = 256
+"""Rows per strip in which :func:`_permute_in_place` gathers a matrix's columns."""
 
 __all__ = [
     "BlockwiseOBS",
@@ -71,17 +71,18 @@ class HessianAccumulator:
     cannot overflow, into a buffer kept between batches (no fresh allocation per batch),
     converted into a second one in the accumulation dtype and added, times ``2 b``, to the
     sum ``S = H * n`` (one pass over ``S`` per batch). ``H`` is symmetric, so only the upper
-    triangle of ``S`` is kept: inputs of 384 features or more are multiplied in bands of
-    :data:`GRAM_BAND` rows against the columns from the band on. A batch's mean is the same
-    whichever rank computes it. Float64 accumulation (the default) cannot overflow; float32
-    halves the memory but overflows once ``S`` passes ~3e38.
+    triangle of ``S`` is kept, in row bands of :data:`GRAM_BAND` rows, each a tensor of its own
+    holding the columns from the band on (about half the memory of the square); inputs of
+    fewer than 384 features keep one band, the square. A batch's mean is the same whichever
+    rank computes it. Float64 accumulation (the default) cannot overflow; float32 halves the
+    memory but overflows once ``S`` passes ~3e38.
 
     Offloading: ``to("cpu")`` keeps ``S`` in host memory; :meth:`add` still computes each
     batch's product on the input's device and adds it where ``S`` lives.
 
-    Distributed: each rank accumulates its own data, then all-reduces (sums) the two
-    tensors of :meth:`state` and calls :meth:`load_state`; the result equals one process
-    that saw all the data, up to the order of floating-point sums.
+    Distributed: each rank accumulates its own data, then calls :meth:`reduce_over_ranks_`;
+    the result equals one process that saw all the data, up to the order of floating-point
+    sums.
 
     Args:
         in_features: the layer's input size.
@@ -97,7 +98,17 @@ class HessianAccumulator:
     ) -> None:
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"dtype={dtype} is invalid: expected torch.float32 or torch.float64")
-        self._sum = torch.zeros(in_features, in_features, dtype=dtype, device=device)
+        width = _band_width(in_features)
+        self._starts = list(range(0, in_features, width))
+        # S's upper triangle: band i holds rows [start, start + width), columns from start on
+        self._upper = [
+            torch.zeros(
+                min(width, in_features - start), in_features - start, dtype=dtype, device=device
+            )
+            for start in self._starts
+        ]
+        self._in_features, self._dtype = in_features, dtype
+        self._device = torch.empty(0, device=device).device
         self._bands: list[_Band] = []
         self._num_samples = 0
 
@@ -109,7 +120,7 @@ class HessianAccumulator:
     @property
     def in_features(self) -> int:
         """The layer's input size."""
-        return self._sum.shape[0]
+        return self._in_features
 
     @torch.no_grad()
     def add(self, x: Tensor, mask: Tensor | None = None) -> None:
@@ -152,20 +163,18 @@ class HessianAccumulator:
 
     def _band_plan(self, rows: Tensor) -> list[_Band]:
         """The bands of the upper triangle (row band ``[i, i + b)`` against the columns from
-        ``i`` on), with views of ``S`` and of the product and conversion buffers for rows of
-        ``rows``' dtype and device: made on first use, then reused (no allocation or slicing
-        of ``S`` per batch)."""
+        ``i`` on), with the product and conversion buffers for rows of ``rows``' dtype and
+        device: made on first use, then reused (no allocation per batch)."""
         band = self._bands[0] if self._bands else None
         if band is not None and band.rows_like == (rows.dtype, rows.device):
             return self._bands
         width, size = _band_width(self.in_features), self.in_features
-        direct = rows.dtype == self._sum.dtype and rows.device == self._sum.device
+        direct = rows.dtype == self._dtype and rows.device == self._device
         if not direct:
             product = torch.empty(width * size, dtype=rows.dtype, device=rows.device)
-            converted = torch.empty_like(product, dtype=self._sum.dtype, device=self._sum.device)
+            converted = torch.empty_like(product, dtype=self._dtype, device=self._device)
         self._bands = []
-        for start in range(0, size, width):
-            total = self._sum[start : start + width, start:]
+        for start, total in zip(self._starts, self._upper, strict=True):
             shape, count = total.shape, total.numel()
             self._bands.append(
                 _Band(
@@ -183,10 +192,9 @@ class HessianAccumulator:
         """Returns ``H`` ``[in_features, in_features]`` (a new tensor).
 
         Each entry is divided in the sum's dtype and then rounded to ``dtype``: the numbers
-        of ``hessian().to(dtype)``, made in one pass over the sum in strips of
-        :data:`MIRROR_STRIP` rows (each strip's upper part divided straight into the result,
-        then copied into the lower triangle as a block), without a full-size copy in the
-        sum's dtype.
+        of ``hessian().to(dtype)``, made in one pass over the sum's bands (each band divided
+        straight into the result, then copied into the lower triangle as a block), without a
+        full-size copy in the sum's dtype.
 
         Args:
             dtype: the result's dtype; None keeps the sum's.
@@ -195,17 +203,17 @@ class HessianAccumulator:
             ``H``, symmetric, in ``dtype`` on the sum's device.
         """
         size = self.in_features
-        result = torch.empty(size, size, dtype=dtype or self._sum.dtype, device=self._sum.device)
+        result = torch.empty(size, size, dtype=dtype or self._dtype, device=self._device)
         if not self._num_samples:
             return result.zero_()
-        for start in range(0, size, MIRROR_STRIP):
-            stop = min(start + MIRROR_STRIP, size)
-            upper = self._sum[start:stop, start:stop].triu()
+        for start, band in zip(self._starts, self._upper, strict=True):
+            stop = start + band.shape[0]
+            upper = band[:, : stop - start].triu()
             corner = upper.T + upper  # exact: one of each pair is 0
             corner.diagonal().copy_(upper.diagonal())
             torch.div(corner, self._num_samples, out=result[start:stop, start:stop])
             right = result[start:stop, stop:]
-            torch.div(self._sum[start:stop, stop:], self._num_samples, out=right)
+            torch.div(band[:, stop - start :], self._num_samples, out=right)
             result[stop:, start:stop].copy_(right.T)
         return result
 
@@ -215,12 +223,14 @@ class HessianAccumulator:
         Args:
             factors: ``[in_features]``.
         """
-        factors = factors.to(self._sum)
-        self._sum.mul_(factors[:, None]).mul_(factors[None, :])
+        factors = factors.to(self._dtype).to(self._device)
+        for start, band in zip(self._starts, self._upper, strict=True):
+            band.mul_(factors[start : start + band.shape[0], None]).mul_(factors[None, start:])
 
     def to(self, device: torch.device | str) -> HessianAccumulator:
         """Moves ``S`` to ``device`` (``"cpu"`` offloads it) and returns ``self``."""
-        self._sum = self._sum.to(device)
+        self._upper = [band.to(device) for band in self._upper]
+        self._device = torch.empty(0, device=device).device
         self._bands = []
         return self
 
@@ -238,32 +248,34 @@ class HessianAccumulator:
                 f"cannot merge a Hessian of in_features={other.in_features} into one of "
                 f"in_features={self.in_features}"
             )
-        self._sum.add_(other._sum.to(self._sum))
+        for band, theirs in zip(self._upper, other._upper, strict=True):
+            band.add_(theirs.to(band))
         self._num_samples += other.num_samples
 
     def reduce_over_ranks_(self) -> None:
         """Sums ``S`` and ``n`` over all ranks in place (a collective; every rank calls it for
-        the same layers in the same order), reducing only the upper triangle that ``S``
-        keeps, in the bands :meth:`add` fills: no copy of ``S`` and half its bytes sent. The
-        result equals one process that saw all the data, up to the order of floating-point
-        sums. A no-op in one process."""
-        size = self.in_features
-        width = _band_width(size)
-        all_reduce_sum_views_(
-            [self._sum[start : start + width, start:] for start in range(0, size, width)]
-        )
-        count = torch.tensor([self._num_samples], dtype=torch.int64, device=self._sum.device)
+        the same layers in the same order): each band of the upper triangle in its own
+        memory, no copy. The result equals one process that saw all the data, up to the
+        order of floating-point sums. A no-op in one process."""
+        for band in self._upper:
+            all_reduce_sum_(band)
+        count = torch.tensor([self._num_samples], dtype=torch.int64, device=self._device)
         self._num_samples = int(all_reduce_sum_(count).item())
 
     def state(self) -> tuple[Tensor, Tensor]:
         """Returns ``(S, n)`` as tensors on ``S``'s device, ready to all-reduce (sum).
 
         Returns:
-            A copy of the sum ``[in, in]`` (its upper triangle holds ``H * n``) and the token
-            count, an int64 tensor ``[1]``.
+            The sum ``[in, in]`` as a new square (its upper triangle holds ``H * n``, the rest
+            0 but for the lower half of the bands' diagonal blocks) and the token count, an
+            int64 tensor ``[1]``.
         """
-        count = torch.tensor([self._num_samples], dtype=torch.int64, device=self._sum.device)
-        return self._sum.clone(), count
+        size = self.in_features
+        square = torch.zeros(size, size, dtype=self._dtype, device=self._device)
+        for start, band in zip(self._starts, self._upper, strict=True):
+            square[start : start + band.shape[0], start:] = band
+        count = torch.tensor([self._num_samples], dtype=torch.int64, device=self._device)
+        return square, count
 
     def load_state(self, weighted: Tensor, count: Tensor) -> None:
         """Sets the sum from a summed :meth:`state`.
@@ -272,8 +284,8 @@ class HessianAccumulator:
             weighted: the sum of ``H * n`` over the parts.
             count: the sum of ``n`` over the parts.
         """
-        self._sum = weighted.to(self._sum)
-        self._bands = []
+        for start, band in zip(self._starts, self._upper, strict=True):
+            band.copy_(weighted[start : start + band.shape[0], start:])
         self._num_samples = int(count.sum().item())
 
 
@@ -407,7 +419,7 @@ def _ordered_copy(hessian: Tensor, order: Tensor | None, overwrite: bool) -> Ten
 
 
 def _permute_in_place(matrix: Tensor, order: list[int]) -> None:
-    """Makes ``matrix`` ``matrix[order][:, order]`` with buffers of :data:`MIRROR_STRIP`
+    """Makes ``matrix`` ``matrix[order][:, order]`` with buffers of :data:`PERMUTE_STRIP`
     rows at most: the rows moved along the permutation's cycles (one row held aside per
     cycle), then each strip of rows gathered by columns and copied back."""
     visited = [False] * len(order)
@@ -423,9 +435,9 @@ def _permute_in_place(matrix: Tensor, order: list[int]) -> None:
         visited[row] = True
         matrix[row] = held
     columns = torch.tensor(order, device=matrix.device)
-    strip = matrix.new_empty(min(MIRROR_STRIP, matrix.shape[0]), matrix.shape[1])
-    for first in range(0, matrix.shape[0], MIRROR_STRIP):
-        rows = matrix[first : first + MIRROR_STRIP]
+    strip = matrix.new_empty(min(PERMUTE_STRIP, matrix.shape[0]), matrix.shape[1])
+    for first in range(0, matrix.shape[0], PERMUTE_STRIP):
+        rows = matrix[first : first + PERMUTE_STRIP]
         gathered = torch.index_select(rows, 1, columns, out=strip[: rows.shape[0]])
         rows.copy_(gathered)
 

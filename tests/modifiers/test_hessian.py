@@ -7,7 +7,6 @@ import torch
 
 from lightning_compress.modifiers.hessian import (
     GRAM_BAND,
-    MIRROR_STRIP,
     BlockwiseOBS,
     HessianAccumulator,
     SingularHessianError,
@@ -60,7 +59,7 @@ def test_accumulation_equals_direct_formula() -> None:
 def test_hessian_in_a_dtype_is_each_upper_sum_entry_divided_then_rounded(
     dtype: torch.dtype,
 ) -> None:
-    width = 2 * MIRROR_STRIP + 77  # two full strips and a short one, over several bands
+    width = 3 * GRAM_BAND + 77  # three full bands and a short one
     gen = torch.Generator().manual_seed(5)
     acc = HessianAccumulator(width)
     for _ in range(2):
