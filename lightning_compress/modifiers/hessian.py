@@ -223,7 +223,7 @@ class HessianAccumulator:
         Args:
             factors: ``[in_features]``.
         """
-        factors = factors.to(self._dtype).to(self._device)
+        factors = factors.to(device=self._device, dtype=self._dtype)
         for start, band in zip(self._starts, self._upper, strict=True):
             band.mul_(factors[start : start + band.shape[0], None]).mul_(factors[None, start:])
 
@@ -283,7 +283,17 @@ class HessianAccumulator:
         Args:
             weighted: the sum of ``H * n`` over the parts.
             count: the sum of ``n`` over the parts.
+
+        Raises:
+            ValueError: when ``weighted`` is not ``[in_features, in_features]``; nothing is
+                changed then.
         """
+        size = self.in_features
+        if tuple(weighted.shape) != (size, size):
+            raise ValueError(
+                f"weighted of shape {tuple(weighted.shape)} does not fit this Hessian: expected "
+                f"[{size}, {size}] (in_features={size})"
+            )
         for start, band in zip(self._starts, self._upper, strict=True):
             band.copy_(weighted[start : start + band.shape[0], start:])
         self._num_samples = int(count.sum().item())
@@ -642,8 +652,8 @@ class BlockwiseOBS:
         by one product per sub-block (the same lazy batching as between blocks, one level
         down). The block's compressed columns are written back at its end (nothing reads a
         visited column before)."""
-        (gathered, values, factor, gathered_rows, value_rows, diagonal) = buffers[:6]
-        gathered_tails, factor_tails = buffers.gathered_tails, buffers.factor_tails
+        gathered, values, factor, gathered_rows, value_rows, diagonal, *tails = buffers
+        gathered_tails, factor_tails = tails
         factor.copy_(self.factor[first:last, first:last])
         columns, changes = self._columns[first:last], self._changes[first:last]
         column_rows, change_rows = columns.unbind(0), changes.unbind(0)

@@ -144,6 +144,15 @@ def test_all_reduce_of_state_equals_one_process_with_all_data() -> None:
         torch.testing.assert_close(rank.hessian(), whole.hessian(), rtol=1e-12, atol=1e-12)
 
 
+def test_a_state_of_another_size_is_refused_and_changes_nothing() -> None:
+    acc = accumulate(batches(1))
+    before, count = acc.state()
+    with pytest.raises(ValueError, match=rf"weighted of shape \(3, 3\).*expected \[{IN}, {IN}\]"):
+        acc.load_state(torch.zeros(3, 3, dtype=torch.float64), count)
+    after, after_count = acc.state()
+    assert torch.equal(after, before) and torch.equal(after_count, count)
+
+
 def test_offloading_keeps_accumulating() -> None:
     parts = batches()
     acc = accumulate(parts[:2]).to("cpu")
