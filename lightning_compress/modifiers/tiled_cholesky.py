@@ -18,7 +18,9 @@ A row-sliced layer (``layerwise_split``) repeats its Hessian's factorization on 
 holding a slice; factored together, each rank does about ``1 / world_size`` of it. Before each
 factorization the ranks agree that none has failed (:class:`Together`): a rank whose own work
 fails tells the others at their next agreement (:meth:`Together.give_up`), so they stop there
-instead of waiting for its panels.
+instead of waiting for its panels. A rank whose work fails inside a factorization goes on
+taking part in its broadcasts up to its next panel, which tells the others instead of holding
+the factor, and every rank stops there (or, after its last panel, at the next agreement).
 """
 
 from __future__ import annotations
@@ -52,6 +54,10 @@ FACTOR_TILE = 256
 TILED_FROM = 2048
 """The smallest Hessian (inputs) factored in tiles; smaller ones take one LAPACK call."""
 
+_FACTORED, _NOT_POSITIVE_DEFINITE, _OWNER_FAILED = 1.0, 0.0, -1.0
+"""What a panel's last row holds: its diagonal block factored, not positive definite, or its
+owner's work failed (see ``_Tiles._locally``)."""
+
 _TOGETHER: ContextVar[Together | None] = ContextVar("factoring_together", default=None)
 
 
@@ -61,9 +67,8 @@ class Together:
 
     Every rank must make the same calls in the same order, until one fails: it calls
     :meth:`give_up` instead of its next agreement, and every rank stops at that one
-    (the others raise :class:`AnotherRankFailedError` there). Errors inside a
-    factorization's tile loop itself (which only allocates LAPACK's small temporaries) are
-    not covered.
+    (the others raise :class:`AnotherRankFailedError` there). Inside a factorization, a
+    rank's failure reaches the others through its next panel (``_Tiles._locally``).
     """
 
     def __init__(self) -> None:
@@ -186,29 +191,65 @@ class _Tiles:
         self.diagonal_blocks = [
             matrix[first:last, first:last].clone() for first, last in self.bounds
         ]
+        self.error: Exception | None = None
 
     def factor(self) -> tuple[Tensor, bool]:
         """Runs every step; returns the factor and whether it succeeded (if not, the matrix
-        as it was)."""
+        as it was).
+
+        Raises:
+            Exception: what this rank's own work raised; when sharing, only once this rank
+                has told the others (see :meth:`_locally`).
+            AnotherRankFailedError: when another rank's work failed.
+        """
         count = len(self.bounds)
         pending = self._start_panel(0)
         for index in range(count):
             panel, wait = pending
             wait()
-            if panel[-1, 0].item() != 1:
-                self._restore()
-                return self.upper, False
-            first, last = self.bounds[index]
-            self.upper[:last, first:last] = panel[:-1]
+            state = panel[-1, 0].item()
+            if state != _FACTORED:
+                return self._stop(state)
+            self._locally(self._take_panel, index, panel)
             following = index + 1
             if following < count:
                 if self._owns(following):
-                    self._update(index, following)
+                    self._locally(self._update, index, following)
                 pending = self._start_panel(following)
             for later in range(following + 1, count):
                 if self._owns(later):
-                    self._update(index, later)
+                    self._locally(self._update, index, later)
+        if self.error is not None:  # after its last panel: the others finish, then learn of
+            raise self.error  # it at their next agreement
         return self.upper.triu_(), True
+
+    def _locally(self, step: Callable[..., None], *args: int | Tensor) -> None:
+        """Runs one of this rank's own steps. Alone, an error is raised at once. Sharing, the
+        others would wait for this rank's next panel: the error is kept, this rank's work
+        stops but it goes on taking part in the broadcasts, and its next panel carries
+        :data:`_OWNER_FAILED` instead, at which every rank stops (this one raising its error,
+        the others :class:`AnotherRankFailedError`)."""
+        if self.error is not None:
+            return
+        try:
+            step(*args)
+        except Exception as err:
+            if self.world_size == 1:
+                raise
+            self.error = err
+
+    def _stop(self, state: float) -> tuple[Tensor, bool]:
+        """After a panel that did not factor: this rank's own error, another rank's failure,
+        or (a diagonal block not positive definite) the matrix restored and the failure."""
+        if self.error is not None:
+            raise self.error
+        if state == _OWNER_FAILED:
+            raise AnotherRankFailedError(
+                "another rank failed while the ranks factored a Hessian together; its error "
+                "is raised on every rank"
+            )
+        self._restore()
+        return self.upper, False
 
     def _restore(self) -> None:
         """The matrix as it was: each tile's rows above its diagonal block from the columns
@@ -222,17 +263,29 @@ class _Tiles:
 
     def _start_panel(self, tile: int) -> tuple[Tensor, Callable[[], None]]:
         """Tile ``tile``'s panel (its columns from the top down to the diagonal, plus one row
-        holding 1 where its diagonal block was positive definite), factored here if this
-        rank owns the tile, and the wait for its broadcast."""
+        whose first value says how it went: :data:`_FACTORED` and the others), factored here
+        if this rank owns the tile, and the wait for its broadcast."""
         first, last = self.bounds[tile]
         memory = self.panels[tile % 2]
         panel = memory[: (last + 1) * (last - first)].view(last + 1, last - first)
         owner = tile % self.world_size
         if owner == self.rank:
-            panel[-1, 0] = _factor_panel(self.upper[:last, first:last], panel[:-1])
+            panel[-1, 0] = _OWNER_FAILED
+            self._locally(self._factor_panel, tile, panel)
         if self.world_size == 1:
             return panel, lambda: None
         return panel, start_broadcast_(panel, owner)
+
+    def _factor_panel(self, tile: int, panel: Tensor) -> None:
+        """Factors tile ``tile``'s panel into ``panel``, its last row saying whether it did."""
+        first, last = self.bounds[tile]
+        factored = _factor_panel(self.upper[:last, first:last], panel[:-1])
+        panel[-1, 0] = _FACTORED if factored else _NOT_POSITIVE_DEFINITE
+
+    def _take_panel(self, tile: int, panel: Tensor) -> None:
+        """Writes tile ``tile``'s panel (factored here or received) into the factor."""
+        first, last = self.bounds[tile]
+        self.upper[:last, first:last] = panel[:-1]
 
     def _update(self, tile: int, later: int) -> None:
         """Subtracts panel ``tile``'s contribution from the columns of the earlier tile

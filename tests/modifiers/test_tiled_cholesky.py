@@ -184,3 +184,63 @@ def test_alone_agreeing_and_giving_up_need_no_other_rank():
         together.give_up()
         with pytest.raises(AnotherRankFailedError):  # stopped: nothing is factored together
             reverse_cholesky(spd(SIZE, 0))
+
+
+FAILURES = {  # rank 1 owns tiles 1 and 4 of the five
+    "an update of its later tile": ("_update", (0, 4)),
+    "its first panel": ("_factor_panel", (1,)),
+    "taking the last panel, after its own": ("_take_panel", (4,)),
+}
+
+
+def fail_inside_on_rank_one(directory: Path, method: str, failing: tuple[int, ...]) -> None:
+    """Rank 1's ``method`` raises when called for ``failing`` inside a factorization; every
+    rank records what it raised, as the solves do (giving up, then gathering the errors)."""
+    rank = int(os.environ["LOCAL_RANK"])
+    dist.init_process_group("gloo", rank=rank, world_size=int(os.environ["WORLD_SIZE"]))
+    original = getattr(tiled_cholesky._Tiles, method)
+
+    def step(tiles, *args):
+        if rank == 1 and args[: len(failing)] == failing:
+            raise MemoryError("rank 1 ran out of memory")
+        return original(tiles, *args)
+
+    setattr(tiled_cholesky._Tiles, method, step)
+    raised = []
+    try:
+        error = None
+        with factoring_together() as together:
+            try:
+                reverse_cholesky(spd(SIZE, 0))
+                together.agree()
+            except Exception as err:
+                together.give_up()
+                error = err
+                raised.append(type(err).__name__)
+        try:
+            all_gather_or_raise(None, error)
+        except Exception as err:
+            raised.append(f"{type(err).__name__}: {err}")
+        (directory / f"{rank}.json").write_text(json.dumps(raised))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("where", list(FAILURES))
+def test_a_rank_failing_inside_a_factorization_stops_every_rank(tmp_path, where):
+    method, failing = FAILURES[where]
+    run_ranks(fail_inside_on_rank_one, tmp_path, method, failing, ranks=3, timeout=120)
+    for rank in range(3):
+        first = "MemoryError" if rank == 1 else "AnotherRankFailedError"
+        raised = json.loads((tmp_path / f"{rank}.json").read_text())
+        assert raised == [first, "MemoryError: rank 1 ran out of memory"], rank
+
+
+def test_alone_an_error_inside_a_factorization_is_raised_at_once(monkeypatch):
+    def fail(tiles, tile, later):
+        raise MemoryError("out of memory")
+
+    monkeypatch.setattr(tiled_cholesky._Tiles, "_update", fail)
+    with pytest.raises(MemoryError, match="out of memory"):
+        reverse_cholesky(spd(SIZE, 0))
