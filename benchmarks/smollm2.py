@@ -29,6 +29,7 @@ llm-compressor's ``oneshot`` in another Python environment (``smollm2_reference.
     python benchmarks/smollm2.py --propagate uncompressed     # one forward per block
     python benchmarks/smollm2.py --runs gptq_nvfp4 --activations-in-calibration quantized
     python benchmarks/smollm2.py --runs fp8_kv --kv-observer moving_average --no-staged
+    python benchmarks/smollm2.py --runs fp8_kv --kv-observer mse --sides ours reference ...
     python benchmarks/smollm2.py --reference --reference-python /tmp/llmc-venv/bin/python
     python benchmarks/smollm2.py --sides ours reference --reference-python ...
 
@@ -62,8 +63,8 @@ from smollm2_model import (
     load_windows,
     prepare,
 )
+from smollm2_reference import KV_OBSERVERS, SCHEME_RUNS, W4_G64, scheme_recipe
 from smollm2_reference import RUNS as REFERENCE_RUNS
-from smollm2_reference import SCHEME_RUNS, W4_G64, scheme_recipe
 from smollm2_scoring import peak_rss_mib, score, token_nll
 from torch import nn
 
@@ -273,6 +274,8 @@ def run_in_subprocess(side: str, run: str, args: argparse.Namespace) -> dict[str
             raise SystemExit("--reference needs --reference-python /path/to/venv/bin/python")
         script = str(HERE / "smollm2_reference.py")
         command = [str(args.reference_python), script, "--run", run, *common]
+        if args.kv_observer is not None:
+            command += ["--kv-observer", args.kv_observer]
     log_dir = args.cache_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     log = log_dir / f"{side}_{run}.log"
@@ -404,8 +407,9 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument(
         "--kv-observer",
-        choices=("minmax", "moving_average"),
-        help="our fp8_kv run: the kv_cache_scheme's observer (default: the modifier's)",
+        choices=KV_OBSERVERS,
+        help="the fp8_kv run: the kv_cache_scheme's observer, on either side (default: each "
+        "tool's own)",
     )
     parser.add_argument(
         "--no-staged",

@@ -66,6 +66,9 @@ FP8_KV = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor
 LINEAR = ["Linear"]
 # Scheme runs: run name -> (algorithm, the modifier's scheme arguments), built alike on both
 # sides (``scheme_recipe``), every Linear but lm_head, the algorithm's defaults otherwise
+KV_OBSERVERS = ("minmax", "moving_average", "mse")
+"""The observers a scheme run's ``kv_cache_scheme`` may name (``--kv-observer``)."""
+
 SCHEME_RUNS: dict[str, tuple[str, dict[str, Any]]] = {
     "rtn_nvfp4a16": ("rtn", {"scheme": "NVFP4A16", "targets": LINEAR}),
     "gptq_nvfp4a16": ("gptq", {"scheme": "NVFP4A16", "targets": LINEAR}),
@@ -105,8 +108,9 @@ def scheme_recipe(
     return [modifier(**arguments, **settings, ignore=["lm_head"])]
 
 
-def recipe(run: str) -> list[Any]:
-    """llm-compressor's modifiers for ``run`` (empty for ``fp``)."""
+def recipe(run: str, kv_observer: str | None = None) -> list[Any]:
+    """llm-compressor's modifiers for ``run`` (empty for ``fp``), with ``kv_observer`` as the
+    ``observer`` of a scheme run's ``kv_cache_scheme`` (None: llm-compressor's default)."""
     from llmcompressor.modifiers.obcq import SparseGPTModifier
     from llmcompressor.modifiers.pruning import WandaPruningModifier
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
@@ -114,7 +118,7 @@ def recipe(run: str) -> list[Any]:
     from llmcompressor.modifiers.transform import AWQModifier
 
     if run in SCHEME_RUNS:
-        return scheme_recipe(run, QuantizationModifier, GPTQModifier)
+        return scheme_recipe(run, QuantizationModifier, GPTQModifier, kv_observer)
     ignore = ["lm_head"]
     # actorder, block size and dampening left at llm-compressor's defaults (static, 128, 0.01)
     runs = {
@@ -154,13 +158,14 @@ def main() -> None:
     parser.add_argument("--calibration-windows", type=int, default=32)
     parser.add_argument("--eval-windows", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--kv-observer", choices=KV_OBSERVERS)
     args = parser.parse_args()
     cache_dir = args.cache_dir.expanduser()
 
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(args.threads)
-    modifiers = recipe(args.run)
+    modifiers = recipe(args.run, args.kv_observer)
     model = AutoModelForCausalLM.from_pretrained(cache_dir, dtype=torch.float32).eval()
     windows = torch.load(cache_dir / "windows.pt", weights_only=True)
     error = (token_nll(model, windows["fingerprint_ids"])[0] - windows["fingerprint_nll"]).abs()

@@ -126,6 +126,11 @@ def test_scheme_runs_build_the_same_modifier_on_both_sides(benchmark, reference_
         (mine,) = smollm2.recipe(run)
         assert theirs.resolved_schemes() == mine.resolved_schemes(), run
         assert theirs.kv_cache_args() == mine.kv_cache_args(), run
+    for observer in reference.KV_OBSERVERS:
+        (theirs,) = reference_with_our_classes("fp8_kv", observer)
+        (mine,) = smollm2.recipe("fp8_kv", kv_observer=observer)
+        assert theirs.kv_cache_args() == mine.kv_cache_args()
+        assert mine.kv_cache_args().observer == observer
 
 
 @pytest.mark.reference

@@ -52,7 +52,7 @@ ATTENTION_SCHEME_ATTRIBUTE = "attention_scheme"
 """The attribute of a calibrated attention module holding its :class:`AttentionScheme`."""
 
 ATTENTION_STRATEGIES = ("tensor", "attn_head")
-ATTENTION_OBSERVERS = ("minmax", "moving_average")
+ATTENTION_OBSERVERS = ("minmax", "moving_average", "mse")
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,8 @@ class AttentionTraining(PlannedAttention):
     strictly into a freshly set-up model. From ``start`` the attention is routed
     (:class:`AttentionRouting`): in training mode, until ``frozen``, each forward folds the
     states' range (reduced across ranks) into the buffers and recomputes the scales
-    (``max|x| / 448``, running or moving-average extremes as the observer says), then the states
+    (``max|x| / 448``, running or moving-average extremes, or the extremes of each batch's
+    MSE-shrunk range, searched on each rank's batch, as the observer says), then the states
     are fake-quantized with a straight-through gradient; in eval mode they are quantized with
     the current scales (not before anything was observed). ``end`` drops the range buffers and
     keeps the scales and the ``attention_scheme``; ``close`` removes the routing, ``undo``

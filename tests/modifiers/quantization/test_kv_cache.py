@@ -23,7 +23,12 @@ from lightning_compress.modifiers.quantization.attention import (
     registered_implementations,
 )
 from lightning_compress.modifiers.quantization.kv_cache import quantized_attention
-from lightning_compress.modifiers.quantization.kv_cache_math import fake_quantize_states
+from lightning_compress.modifiers.quantization.kv_cache_math import (
+    fake_quantize_states,
+    observe_states,
+    state_observer,
+    state_scale,
+)
 from lightning_compress.recipe import RecipeError
 
 FP8_MAX = 448.0
@@ -92,6 +97,62 @@ def test_basic_pipeline_scales_are_the_absmax_of_the_cached_keys_and_values(
         assert attention.k_scale.shape == ((1,) if strategy == "tensor" else (heads, 1, 1))
         assert_scale(attention.k_scale, absmax_scale(keys, strategy))
         assert_scale(attention.v_scale, absmax_scale(values, strategy))
+
+
+def fp8_error(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The slow reference of the MSE observer's objective: ``sum |x - q(x)|^2.4``, q the fp8
+    e4m3 round trip at ``scale`` (clamped to +-448), per row of ``x``."""
+    steps = (x.double() / scale.double()).clamp(-FP8_MAX, FP8_MAX)
+    rounded = steps.float().to(torch.float8_e4m3fn).double() * scale.double()
+    return (rounded - x.double()).abs().pow(2.4).flatten(1).sum(dim=1)
+
+
+@pytest.mark.parametrize("strategy", ["tensor", "attn_head"])
+def test_mse_observer_picks_the_shrunk_scale_of_least_fp8_error(strategy: str) -> None:
+    generator = torch.Generator().manual_seed(3)  # data where every head's best is shrunk
+    shape = (1, 2, 64, 16)  # batch, heads, tokens, head_dim
+    state = torch.randn(shape, generator=generator) * torch.randn(shape, generator=generator).exp()
+    args = QuantizationArgs(**kv_scheme(strategy), observer="mse")
+    observer = state_observer("attention", args).observer
+    observe_states(observer, state, args)
+    scale = state_scale(observer, args, torch.float32).reshape(-1, 1)
+    rows = state.reshape(1, -1) if strategy == "tensor" else state.transpose(0, 1).flatten(1)
+    absmax = rows.abs().amax(dim=1, keepdim=True) / FP8_MAX
+    candidates = [absmax * shrink for shrink in torch.linspace(1.0, 0.2, 100).tolist()]
+    errors = torch.stack([fp8_error(rows, c) for c in candidates])
+    assert (errors.amin(dim=0) < errors[0] * (1 - 1e-3)).all()  # shrinking rounds better here
+    assert (fp8_error(rows, scale) <= errors.amin(dim=0) * (1 + 1e-6)).all()  # the grid's least
+    on_grid = torch.stack([torch.isclose(scale, c, rtol=1e-6, atol=0) for c in candidates])
+    assert on_grid.any(dim=0).all()
+
+
+def test_mse_kv_cache_scales_are_the_largest_of_each_batchs_best() -> None:
+    args = QuantizationArgs(**kv_scheme("tensor"), observer="mse")
+    generator = torch.Generator().manual_seed(1)
+    batches = [torch.randn(1, 2, 32, 16, generator=generator) * size for size in (1.0, 3.0)]
+    alone = []
+    for batch in batches:
+        observer = state_observer("attention", args).observer
+        observe_states(observer, batch, args)
+        alone.append(state_scale(observer, args, torch.float32))
+    both = state_observer("attention", args).observer
+    for batch in batches:
+        observe_states(both, batch, args)
+    assert torch.equal(state_scale(both, args, torch.float32), torch.maximum(*alone))
+
+
+def test_mse_kv_cache_observer_calibrates_scales_at_most_the_absmax() -> None:
+    model = tiny()
+    expected = cached_states(copy.deepcopy(model))
+    scheme = {**kv_scheme("tensor"), "observer": "mse"}
+    calibrate(model, QuantizationModifier(kv_cache_scheme=scheme), "basic")
+    shrunk = []
+    for attention, (keys, values) in zip(attentions(model), expected, strict=True):
+        for scale, states in ((attention.k_scale, keys), (attention.v_scale, values)):
+            absmax = absmax_scale(states, "tensor")
+            assert 0 < scale.item() <= absmax.item() * (1 + 1e-5)
+            shrunk.append(scale.item() < absmax.item() * (1 - 1e-3))
+    assert any(shrunk)
 
 
 @pytest.mark.parametrize("strategy", ["tensor", "attn_head"])
@@ -267,7 +328,7 @@ def test_an_attention_module_that_never_reaches_the_interface_fails_and_leaves_n
         ({"type": "int"}, "kv_cache_scheme.type"),
         ({"strategy": "channel"}, "kv_cache_scheme.strategy"),
         ({"strategy": "token", "dynamic": True}, "kv_cache_scheme.strategy"),
-        ({"observer": "mse"}, "kv_cache_scheme.observer"),
+        ({"observer": "memoryless_mse"}, "kv_cache_scheme.observer"),
         ({"strategie": "tensor"}, "kv_cache_scheme: unknown key"),
     ],
 )
@@ -354,6 +415,21 @@ def test_training_scales_are_the_absmax_of_every_training_batch(strategy: str) -
     assert sorted(attention._buffers) == ["k_scale", "v_scale"]  # ranges dropped at the end
     assert registered_implementations() == []
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_training_with_the_mse_observer_keeps_each_batchs_shrunk_scale() -> None:
+    model = one_layer()
+    reference = copy.deepcopy(model).eval()
+    scheme = {**kv_scheme("tensor"), "observer": "mse"}
+    session = train(model, QuantizationModifier(kv_cache_scheme=scheme, start=0), 3)
+    with torch.no_grad():
+        states = [reference(token_ids(4, seed=step), use_cache=True) for step in range(3)]
+    session.finalize()
+    attention = model.model.layers[0].self_attn
+    for role, scale in (("keys", attention.k_scale), ("values", attention.v_scale)):
+        seen = torch.cat([getattr(out.past_key_values.layers[0], role) for out in states])
+        absmax = absmax_scale(seen, "tensor").item()
+        assert absmax * 0.2 * (1 - 1e-5) <= scale.item() <= absmax * (1 + 1e-5), role
 
 
 def test_training_forward_is_the_one_shot_fake_quantization_with_straight_through_gradients():
