@@ -27,10 +27,9 @@ import torch
 from torch import Tensor
 
 from lightning_compress.core.distributed import all_reduce_sum_
+from lightning_compress.core.gram_bands import band_width
 from lightning_compress.modifiers.tiled_cholesky import reverse_cholesky
 
-GRAM_BAND = 192
-"""Rows per band of :class:`HessianAccumulator`'s upper-triangular batch products."""
 SUB_BLOCK = 16
 """Columns per sub-block of the sweep inside a lazy block (see ``BlockwiseOBS``)."""
 PERMUTE_STRIP = 256
@@ -71,11 +70,11 @@ class HessianAccumulator:
     cannot overflow, into a buffer kept between batches (no fresh allocation per batch),
     converted into a second one in the accumulation dtype and added, times ``2 b``, to the
     sum ``S = H * n`` (one pass over ``S`` per batch). ``H`` is symmetric, so only the upper
-    triangle of ``S`` is kept, in row bands of :data:`GRAM_BAND` rows, each a tensor of its own
-    holding the columns from the band on (about half the memory of the square); inputs of
-    fewer than 384 features keep one band, the square. A batch's mean is the same whichever
-    rank computes it. Float64 accumulation (the default) cannot overflow; float32 halves the
-    memory but overflows once ``S`` passes ~3e38.
+    triangle of ``S`` is kept, in row bands of ``GRAM_BAND`` rows (``core/gram_bands.py``),
+    each a tensor of its own holding the columns from the band on (about half the memory of
+    the square); inputs of fewer than 384 features keep one band, the square. A batch's mean
+    is the same whichever rank computes it. Float64 accumulation (the default) cannot
+    overflow; float32 halves the memory but overflows once ``S`` passes ~3e38.
 
     Offloading: ``to("cpu")`` keeps ``S`` in host memory; :meth:`add` still computes each
     batch's product on the input's device and adds it where ``S`` lives.
@@ -98,7 +97,7 @@ class HessianAccumulator:
     ) -> None:
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"dtype={dtype} is invalid: expected torch.float32 or torch.float64")
-        width = _band_width(in_features)
+        width = band_width(in_features)
         self._starts = list(range(0, in_features, width))
         # S's upper triangle: band i holds rows [start, start + width), columns from start on
         self._upper = [
@@ -168,7 +167,7 @@ class HessianAccumulator:
         band = self._bands[0] if self._bands else None
         if band is not None and band.rows_like == (rows.dtype, rows.device):
             return self._bands
-        width, size = _band_width(self.in_features), self.in_features
+        width, size = band_width(self.in_features), self.in_features
         direct = rows.dtype == self._dtype and rows.device == self._device
         if not direct:
             product = torch.empty(width * size, dtype=rows.dtype, device=rows.device)
@@ -312,13 +311,6 @@ class _Band(NamedTuple):
     """The product converted to ``S``'s dtype and device."""
     rows_like: tuple[torch.dtype, torch.device]
     """The dtype and device of the rows the buffers are for."""
-
-
-def _band_width(in_features: int) -> int:
-    """Rows per band of the batch product: bands of GRAM_BAND once there are two (each band is
-    multiplied only against the columns from its first one on, which skips most of the
-    lower triangle); narrower inputs take one product."""
-    return in_features if in_features < 2 * GRAM_BAND else GRAM_BAND
 
 
 class SingularHessianError(ValueError):

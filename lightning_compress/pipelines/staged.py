@@ -38,6 +38,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_compress.core.distributed import all_gather_or_raise, is_distributed
+from lightning_compress.core.gram_bands import accumulator_bytes
 from lightning_compress.core.tensors import same_input
 from lightning_compress.layers.known_inputs import known_inputs
 from lightning_compress.pipelines.capture import BlockInputs
@@ -112,14 +113,16 @@ def find_stages(
 
 DECLARED_STAGE_BYTES = 1 << 30
 """At most this many bytes of statistics in one stage of declared inputs (counted as a float64
-input Hessian per distinct input, the largest statistic a built-in modifier keeps), at least
-one input's: the layers of a larger declaration, e.g. many large experts each with its own
-tokens, are split into consecutive stages, so that they do not all hold their statistics at once."""
+input Hessian's accumulator per distinct input, the largest statistic a built-in modifier
+keeps), at least one input's: the layers of a larger declaration, e.g. many large experts each
+with its own tokens, are split into consecutive stages, so that they do not all hold their
+statistics at once."""
 
 
 def _statistics_bytes(x: torch.Tensor) -> int:
-    """The bytes of a float64 Hessian of inputs like ``x``."""
-    return 8 * x.shape[-1] ** 2
+    """The bytes of a float64 Hessian's accumulator of inputs like ``x``."""
+    rows = torch.promote_types(x.dtype, torch.float32)
+    return accumulator_bytes(x.shape[-1], torch.float64, rows)
 
 
 @dataclass

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lightning_compress.core.gram_bands import GRAM_BAND, accumulator_bytes
 from lightning_compress.modifiers.hessian import (
-    GRAM_BAND,
     BlockwiseOBS,
     HessianAccumulator,
     SingularHessianError,
@@ -174,6 +174,27 @@ def test_band_buffers_follow_the_input_dtype_and_a_loaded_state() -> None:
     rows = torch.cat(parts)
     expected = 2 / rows.shape[0] * rows.T @ rows
     torch.testing.assert_close(acc.hessian(), expected, rtol=1e-5, atol=1e-6)
+
+
+def held_bytes(acc: HessianAccumulator) -> int:
+    """The bytes of every distinct storage an accumulator's tensors use."""
+    tensors = [*acc._upper] + [t for band in acc._bands for t in band[3:5] if t is not None]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("width", [32, GRAM_BAND * 2, GRAM_BAND * 3 + 5])
+@pytest.mark.parametrize("rows", [torch.float32, torch.float64])
+def test_memory_bytes_are_what_an_accumulator_holds(width: int, rows: torch.dtype) -> None:
+    for dtype in (torch.float32, torch.float64):
+        acc = HessianAccumulator(width, dtype)
+        acc.add(torch.randn(3, width, dtype=rows))
+        assert held_bytes(acc) == accumulator_bytes(width, dtype, rows)
+
+
+def test_wide_accumulators_hold_about_half_the_square() -> None:
+    for width in (4096, 8192):  # the triangle, and one band's buffers
+        assert 0.5 < accumulator_bytes(width) / (8 * width**2) < 0.6
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

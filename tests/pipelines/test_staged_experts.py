@@ -10,6 +10,7 @@ from moe_models import routed_experts, tiny_moe, tokens
 from torch import nn
 
 from lightning_compress.core import CompressionSession
+from lightning_compress.core.gram_bands import accumulator_bytes
 from lightning_compress.layers import experts as experts_module
 from lightning_compress.layers.known_inputs import inputs_known_ahead
 from lightning_compress.modifiers import GPTQModifier, WandaPruningModifier
@@ -21,6 +22,7 @@ from .test_staged import SubgraphLog, TwoBlocks, paused_batches
 
 GROUP = {"num_bits": 4, "strategy": "group", "group_size": 16}
 EXPERTS = 4
+TWO_HESSIANS = 2 * accumulator_bytes(32)  # of the hidden size, float32 inputs
 
 
 def gptq() -> GPTQModifier:
@@ -72,10 +74,10 @@ def test_the_experts_of_a_block_are_compressed_in_two_stages(monkeypatch):
 
 
 def test_declared_stages_hold_at_most_the_statistics_budget(monkeypatch):
-    """Routed, each expert's gate/up read their own input: with room for two float64 Hessians
-    of the hidden size (8 * 32**2 bytes each), the experts' gate/up come in stages of two
-    experts; the down projections (16 inputs each) all fit in one."""
-    monkeypatch.setattr(staged_module, "DECLARED_STAGE_BYTES", 2 * 8 * 32**2)
+    """Routed, each expert's gate/up read their own input: with room for two float64 Hessians'
+    accumulators of the hidden size (32), the experts' gate/up come in stages of two experts;
+    the down projections (16 inputs each) all fit in one."""
+    monkeypatch.setattr(staged_module, "DECLARED_STAGE_BYTES", TWO_HESSIANS)
     model = tiny_moe("qwen3_moe")
     session = calibrate(model, [gptq(), SubgraphLog()], batches_skipping_an_expert(), False)
     log = session.lifecycle.recipe.modifiers[1]
@@ -94,7 +96,7 @@ def wanda() -> WandaPruningModifier:
     )
 
 
-@pytest.mark.parametrize("budget", [None, 2 * 8 * 32**2])
+@pytest.mark.parametrize("budget", [None, TWO_HESSIANS])
 @pytest.mark.parametrize(("everything", "recipe"), [(True, wanda), (False, gptq)])
 def test_two_stages_of_experts_equal_one_stage_per_expert(monkeypatch, everything, recipe, budget):
     """Each expert's layers read the same inputs and get the same statistics either way, so
