@@ -187,7 +187,7 @@ class HessianAccumulator:
             )
         return self._bands
 
-    def hessian(self, dtype: torch.dtype | None = None) -> Tensor:
+    def hessian(self, dtype: torch.dtype | None = None, samples: int | None = None) -> Tensor:
         """Returns ``H`` ``[in_features, in_features]`` (a new tensor).
 
         Each entry is divided in the sum's dtype and then rounded to ``dtype``: the numbers
@@ -197,22 +197,24 @@ class HessianAccumulator:
 
         Args:
             dtype: the result's dtype; None keeps the sum's.
+            samples: the count ``n`` to divide by; None: the tokens accumulated.
 
         Returns:
-            ``H``, symmetric, in ``dtype`` on the sum's device.
+            ``H``, symmetric, in ``dtype`` on the sum's device (zeros when ``n`` is 0).
         """
         size = self.in_features
+        count = self._num_samples if samples is None else samples
         result = torch.empty(size, size, dtype=dtype or self._dtype, device=self._device)
-        if not self._num_samples:
+        if not count:
             return result.zero_()
         for start, band in zip(self._starts, self._upper, strict=True):
             stop = start + band.shape[0]
             upper = band[:, : stop - start].triu()
             corner = upper.T + upper  # exact: one of each pair is 0
             corner.diagonal().copy_(upper.diagonal())
-            torch.div(corner, self._num_samples, out=result[start:stop, start:stop])
+            torch.div(corner, count, out=result[start:stop, start:stop])
             right = result[start:stop, stop:]
-            torch.div(band[:, stop - start :], self._num_samples, out=right)
+            torch.div(band[:, stop - start :], count, out=right)
             result[stop:, start:stop].copy_(right.T)
         return result
 
@@ -260,42 +262,6 @@ class HessianAccumulator:
             all_reduce_sum_(band)
         count = torch.tensor([self._num_samples], dtype=torch.int64, device=self._device)
         self._num_samples = int(all_reduce_sum_(count).item())
-
-    def state(self) -> tuple[Tensor, Tensor]:
-        """Returns ``(S, n)`` as tensors on ``S``'s device, ready to all-reduce (sum).
-
-        Returns:
-            The sum ``[in, in]`` as a new square (its upper triangle holds ``H * n``, the rest
-            0 but for the lower half of the bands' diagonal blocks) and the token count, an
-            int64 tensor ``[1]``.
-        """
-        size = self.in_features
-        square = torch.zeros(size, size, dtype=self._dtype, device=self._device)
-        for start, band in zip(self._starts, self._upper, strict=True):
-            square[start : start + band.shape[0], start:] = band
-        count = torch.tensor([self._num_samples], dtype=torch.int64, device=self._device)
-        return square, count
-
-    def load_state(self, weighted: Tensor, count: Tensor) -> None:
-        """Sets the sum from a summed :meth:`state`.
-
-        Args:
-            weighted: the sum of ``H * n`` over the parts.
-            count: the sum of ``n`` over the parts.
-
-        Raises:
-            ValueError: when ``weighted`` is not ``[in_features, in_features]``; nothing is
-                changed then.
-        """
-        size = self.in_features
-        if tuple(weighted.shape) != (size, size):
-            raise ValueError(
-                f"weighted of shape {tuple(weighted.shape)} does not fit this Hessian: expected "
-                f"[{size}, {size}] (in_features={size})"
-            )
-        for start, band in zip(self._starts, self._upper, strict=True):
-            band.copy_(weighted[start : start + band.shape[0], start:])
-        self._num_samples = int(count.sum().item())
 
 
 class _Band(NamedTuple):

@@ -64,10 +64,8 @@ def test_hessian_in_a_dtype_is_each_upper_sum_entry_divided_then_rounded(
     acc = HessianAccumulator(width)
     for _ in range(2):
         acc.add(torch.randn(3, 50, width, generator=gen) * 10 ** torch.randn(width, generator=gen))
-    upper, count = acc.state()
-    index = torch.arange(width)
-    in_upper = index[:, None] <= index[None, :]
-    expected = (torch.where(in_upper, upper, upper.T) / count.item()).to(dtype)
+    total = acc.hessian(torch.float64, samples=1)  # the sum itself: divided by 1, exact
+    expected = (total / acc.num_samples).to(dtype)
     hessian = acc.hessian(dtype)
     assert hessian.dtype == dtype
     assert torch.equal(hessian, expected)  # exact: one division and one rounding per entry
@@ -91,11 +89,11 @@ def test_a_batch_adds_the_same_whatever_came_before() -> None:
     (x, mask), (y, other) = batches()[:2]
     alone, after = HessianAccumulator(IN, torch.float64), accumulate([(x, mask)])
     alone.add(y, other)
-    weighted_after, count_after = after.state()
+    weighted_after, count_after = after.hessian(samples=1), after.num_samples
     after.add(y, other)
-    weighted_both, count_both = after.state()
-    weighted_alone, _ = alone.state()
-    assert int(count_both - count_after) == int(other.sum())
+    weighted_both, count_both = after.hessian(samples=1), after.num_samples
+    weighted_alone = alone.hessian(samples=1)
+    assert count_both - count_after == int(other.sum())
     torch.testing.assert_close(
         weighted_both - weighted_after, weighted_alone, rtol=1e-12, atol=1e-12
     )
@@ -132,25 +130,12 @@ def test_split_merge_equals_whole() -> None:
     torch.testing.assert_close(left.hessian(), whole.hessian(), rtol=1e-12, atol=1e-12)
 
 
-def test_all_reduce_of_state_equals_one_process_with_all_data() -> None:
-    parts = batches(1)
-    whole = accumulate(parts)
-    ranks = [accumulate(parts[0::2]), accumulate(parts[1::2])]
-    states = [rank.state() for rank in ranks]
-    summed = (states[0][0] + states[1][0], states[0][1] + states[1][1])  # what all_reduce does
-    for rank in ranks:
-        rank.load_state(*summed)
-        assert rank.num_samples == whole.num_samples
-        torch.testing.assert_close(rank.hessian(), whole.hessian(), rtol=1e-12, atol=1e-12)
-
-
-def test_a_state_of_another_size_is_refused_and_changes_nothing() -> None:
+def test_a_count_given_divides_the_sum_instead() -> None:
     acc = accumulate(batches(1))
-    before, count = acc.state()
-    with pytest.raises(ValueError, match=rf"weighted of shape \(3, 3\).*expected \[{IN}, {IN}\]"):
-        acc.load_state(torch.zeros(3, 3, dtype=torch.float64), count)
-    after, after_count = acc.state()
-    assert torch.equal(after, before) and torch.equal(after_count, count)
+    total = acc.hessian(samples=1)
+    assert torch.equal(acc.hessian(samples=7), total / 7)
+    assert torch.equal(acc.hessian(torch.float32, samples=7), (total / 7).float())
+    assert torch.equal(acc.hessian(samples=0), torch.zeros(IN, IN, dtype=torch.float64))
 
 
 def test_offloading_keeps_accumulating() -> None:
@@ -168,7 +153,6 @@ def test_band_buffers_follow_the_input_dtype_and_a_loaded_state() -> None:
     acc = HessianAccumulator(width)
     acc.add(parts[0].float())  # float32 rows: products converted into the float64 sum
     acc.add(parts[1])  # float64 rows: straight into the sum
-    acc.load_state(*acc.state())  # a new sum: the bands must follow it
     acc.add(parts[2].float())
     acc.to("cpu").add(parts[3])
     rows = torch.cat(parts)

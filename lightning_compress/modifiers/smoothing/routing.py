@@ -130,15 +130,13 @@ class RoutedHessians:
         result = {}
         for name, layer in layers.items():
             mixture, _ = self._where[name]
-            accumulator = self._sums.get(name)
-            if accumulator is None:
-                width = layer.weight.shape[1]
-                accumulator = HessianAccumulator(width, _DTYPE, layer.weight.device)
-            weighted, _ = accumulator.state()
-            tokens = torch.tensor([self._tokens.get(mixture, 0)], device=weighted.device)
-            total = HessianAccumulator(accumulator.in_features, _DTYPE, weighted.device)
-            total.load_state(all_reduce_sum_(weighted), all_reduce_sum_(tokens))
-            result[name] = total.hessian()
+            device = layer.weight.device
+            total = HessianAccumulator(layer.weight.shape[1], _DTYPE, device)
+            if name in self._sums:
+                total.merge(self._sums[name])  # a copy: the sum itself stays this rank's
+            total.reduce_over_ranks_()
+            tokens = torch.tensor([self._tokens.get(mixture, 0)], device=device)
+            result[name] = total.hessian(samples=int(all_reduce_sum_(tokens).item()))
         return result
 
     def rescale_inputs(self, names: list[str], scale: Tensor) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import re
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -25,7 +26,7 @@ from lightning_compress.bundled import (
 from lightning_compress.cli import main
 from lightning_compress.core import BaseLogger, CompressionSession, EventType, LoggerManager
 from lightning_compress.lightning.oneshot import calibration_loader, calibration_samples, oneshot
-from lightning_compress.modifiers import GPTQModifier, QuantizationModifier
+from lightning_compress.modifiers import GPTQModifier, QuantizationModifier, hessian_collector
 from lightning_compress.modifiers.hessian import HessianAccumulator
 from lightning_compress.modifiers.hessian_collector import HessianCollector
 from lightning_compress.modifiers.quantization.args import QuantizationArgs
@@ -91,11 +92,10 @@ def record_inputs(model: nn.Module) -> dict[str, list[torch.Tensor]]:
 
 
 def reference_hessian(xs: list[torch.Tensor], masks: list | None = None) -> torch.Tensor:
-    """``H`` as GPTQModifier forms it: float64 running average, through the cross-rank sum."""
+    """``H`` as GPTQModifier forms it: a float64 sum, divided, rounded to float32."""
     accumulator = HessianAccumulator(xs[0].shape[-1], torch.float64)
     for x, mask in zip(xs, masks or [None] * len(xs), strict=True):
         accumulator.add(x, mask)
-    accumulator.load_state(*accumulator.state())
     return accumulator.hessian().float()
 
 
@@ -237,10 +237,11 @@ def test_one_process_reduces_without_copying_the_hessians(monkeypatch):
     expected = HessianAccumulator(8, torch.float64)
     expected.add(x)
 
-    def no_copy(self):
-        raise AssertionError("state() copies the sum for an all-reduce; one process needs none")
+    def no_copy(*args, **kwargs):
+        raise AssertionError("one process needs neither a copy of a sum nor a reduction")
 
-    monkeypatch.setattr(HessianAccumulator, "state", no_copy)
+    monkeypatch.setattr(HessianAccumulator, "reduce_over_ranks_", no_copy)
+    monkeypatch.setattr(hessian_collector, "copy", SimpleNamespace(deepcopy=no_copy))
     (a,) = collector.reduced({"a": nn.Linear(8, 2)}).values()
     assert torch.equal(a.hessian(), expected.hessian())
     assert a.num_samples == 5
