@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,11 @@ from forked_ranks import run_ranks
 from lightning_compress.core.distributed import AnotherRankFailedError, all_gather_or_raise
 from lightning_compress.modifiers import tiled_cholesky
 from lightning_compress.modifiers.hessian import damp_and_factor
-from lightning_compress.modifiers.tiled_cholesky import factoring_together, reverse_cholesky
+from lightning_compress.modifiers.tiled_cholesky import (
+    Together,
+    factoring_together,
+    reverse_cholesky,
+)
 
 SIZE = 300  # four tiles of 64 and, first, one of 44
 
@@ -142,20 +147,17 @@ def test_ranks_factoring_together_end_with_one_processs_factor(tmp_path):
         assert torch.equal(result["upper"], alone), rank  # whichever rank updated which tile
 
 
-def give_up_on_rank_one(directory: Path) -> None:
-    """Rank 1 fails before the second factorization; every rank records what it raised at
-    that factorization and then from :func:`all_gather_or_raise`."""
+def record_what_ranks_raise(directory: Path, work: Callable[[int, Together], None]) -> None:
+    """Runs ``work(rank, together)`` inside :func:`factoring_together` as the solves do (giving
+    up on an error, then gathering the ranks' errors); each rank writes what it raised."""
     rank = int(os.environ["LOCAL_RANK"])
     dist.init_process_group("gloo", rank=rank, world_size=int(os.environ["WORLD_SIZE"]))
     raised = []
     try:
         error = None
         with factoring_together() as together:
-            reverse_cholesky(spd(SIZE, 0))
             try:
-                if rank == 1:
-                    raise MemoryError("rank 1 ran out of memory")
-                reverse_cholesky(spd(SIZE, 1))
+                work(rank, together)
             except Exception as err:
                 together.give_up()
                 error = err
@@ -169,13 +171,26 @@ def give_up_on_rank_one(directory: Path) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.distributed
-def test_a_rank_giving_up_stops_the_others_at_the_next_factorization(tmp_path):
-    run_ranks(give_up_on_rank_one, tmp_path, ranks=3, timeout=120)
+def assert_rank_one_failed_everywhere(directory: Path) -> None:
+    """Rank 1 raised its error, the others AnotherRankFailedError; then every rank raised
+    rank 1's error."""
     for rank in range(3):
         first = "MemoryError" if rank == 1 else "AnotherRankFailedError"
-        raised = json.loads((tmp_path / f"{rank}.json").read_text())
+        raised = json.loads((directory / f"{rank}.json").read_text())
         assert raised == [first, "MemoryError: rank 1 ran out of memory"], rank
+
+
+def give_up_before_the_second_factorization(rank: int, together: Together) -> None:
+    reverse_cholesky(spd(SIZE, 0))
+    if rank == 1:
+        raise MemoryError("rank 1 ran out of memory")
+    reverse_cholesky(spd(SIZE, 1))
+
+
+@pytest.mark.distributed
+def test_a_rank_giving_up_stops_the_others_at_the_next_factorization(tmp_path):
+    run_ranks(record_what_ranks_raise, tmp_path, give_up_before_the_second_factorization, ranks=3)
+    assert_rank_one_failed_everywhere(tmp_path)
 
 
 def test_alone_agreeing_and_giving_up_need_no_other_rank():
@@ -194,36 +209,20 @@ FAILURES = {  # rank 1 owns tiles 1 and 4 of the five
 
 
 def fail_inside_on_rank_one(directory: Path, method: str, failing: tuple[int, ...]) -> None:
-    """Rank 1's ``method`` raises when called for ``failing`` inside a factorization; every
-    rank records what it raised, as the solves do (giving up, then gathering the errors)."""
-    rank = int(os.environ["LOCAL_RANK"])
-    dist.init_process_group("gloo", rank=rank, world_size=int(os.environ["WORLD_SIZE"]))
+    """Rank 1's ``method`` raises when called for ``failing`` inside a factorization."""
     original = getattr(tiled_cholesky._Tiles, method)
 
     def step(tiles, *args):
-        if rank == 1 and args[: len(failing)] == failing:
+        if int(os.environ["LOCAL_RANK"]) == 1 and args[: len(failing)] == failing:
             raise MemoryError("rank 1 ran out of memory")
         return original(tiles, *args)
 
+    def factor(rank: int, together: Together) -> None:
+        reverse_cholesky(spd(SIZE, 0))
+        together.agree()
+
     setattr(tiled_cholesky._Tiles, method, step)
-    raised = []
-    try:
-        error = None
-        with factoring_together() as together:
-            try:
-                reverse_cholesky(spd(SIZE, 0))
-                together.agree()
-            except Exception as err:
-                together.give_up()
-                error = err
-                raised.append(type(err).__name__)
-        try:
-            all_gather_or_raise(None, error)
-        except Exception as err:
-            raised.append(f"{type(err).__name__}: {err}")
-        (directory / f"{rank}.json").write_text(json.dumps(raised))
-    finally:
-        dist.destroy_process_group()
+    record_what_ranks_raise(directory, factor)
 
 
 @pytest.mark.distributed
@@ -231,10 +230,7 @@ def fail_inside_on_rank_one(directory: Path, method: str, failing: tuple[int, ..
 def test_a_rank_failing_inside_a_factorization_stops_every_rank(tmp_path, where):
     method, failing = FAILURES[where]
     run_ranks(fail_inside_on_rank_one, tmp_path, method, failing, ranks=3, timeout=120)
-    for rank in range(3):
-        first = "MemoryError" if rank == 1 else "AnotherRankFailedError"
-        raised = json.loads((tmp_path / f"{rank}.json").read_text())
-        assert raised == [first, "MemoryError: rank 1 ran out of memory"], rank
+    assert_rank_one_failed_everywhere(tmp_path)
 
 
 def test_alone_an_error_inside_a_factorization_is_raised_at_once(monkeypatch):
