@@ -39,6 +39,7 @@ __all__ = [
     "BlockwiseOBS",
     "ColumnTarget",
     "HessianAccumulator",
+    "HessianWorkspace",
     "DampedFactor",
     "SingularHessianError",
     "all_finite",
@@ -187,8 +188,14 @@ class HessianAccumulator:
             )
         return self._bands
 
-    def hessian(self, dtype: torch.dtype | None = None, samples: int | None = None) -> Tensor:
-        """Returns ``H`` ``[in_features, in_features]`` (a new tensor).
+    def hessian(
+        self,
+        dtype: torch.dtype | None = None,
+        samples: int | None = None,
+        workspace: HessianWorkspace | None = None,
+    ) -> Tensor:
+        """Returns ``H`` ``[in_features, in_features]`` (a new tensor, or one made in
+        ``workspace``).
 
         Each entry is divided in the sum's dtype and then rounded to ``dtype``: the numbers
         of ``hessian().to(dtype)``, made in one pass over the sum's bands (each band divided
@@ -198,13 +205,19 @@ class HessianAccumulator:
         Args:
             dtype: the result's dtype; None keeps the sum's.
             samples: the count ``n`` to divide by; None: the tokens accumulated.
+            workspace: where to make ``H`` (its memory is reused by its next Hessian); None:
+                new memory.
 
         Returns:
             ``H``, symmetric, in ``dtype`` on the sum's device (zeros when ``n`` is 0).
         """
         size = self.in_features
         count = self._num_samples if samples is None else samples
-        result = torch.empty(size, size, dtype=dtype or self._dtype, device=self._device)
+        dtype = dtype or self._dtype
+        if workspace is None:
+            result = torch.empty(size, size, dtype=dtype, device=self._device)
+        else:
+            result = workspace.take(size, dtype, self._device)
         if not count:
             return result.zero_()
         for start, band in zip(self._starts, self._upper, strict=True):
@@ -262,6 +275,51 @@ class HessianAccumulator:
             all_reduce_sum_(band)
         count = torch.tensor([self._num_samples], dtype=torch.int64, device=self._device)
         self._num_samples = int(all_reduce_sum_(count).item())
+
+
+class HessianWorkspace:
+    """One buffer in which successive solves make their Hessians, kept between them.
+
+    A ``[n, n]`` Hessian made in new memory makes the process map and zero its pages again on
+    every solve, which costs most on virtual machines, where memory a process touches for the
+    first time can cost several times more; one buffer, grown to the largest Hessian asked
+    for, is mapped once. A Hessian made here is valid until the next one is: one solve at a
+    time.
+    """
+
+    def __init__(self) -> None:
+        self._buffer: Tensor | None = None
+
+    def take(self, size: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """Returns a ``[size, size]`` matrix in the buffer (values undefined).
+
+        Args:
+            size: the Hessian's inputs.
+            dtype: its dtype.
+            device: its device.
+
+        Returns:
+            A view of the buffer, grown or remade first when it is too small or of another
+            dtype or device.
+        """
+        needed = size * size
+        buffer = self._buffer
+        if (
+            buffer is None
+            or buffer.numel() < needed
+            or (buffer.dtype, buffer.device)
+            != (
+                dtype,
+                torch.device(device),
+            )
+        ):
+            self._buffer = None  # the old memory goes before the new is taken
+            self._buffer = buffer = torch.empty(needed, dtype=dtype, device=device)
+        return buffer[:needed].view(size, size)
+
+    def release(self) -> None:
+        """Frees the buffer."""
+        self._buffer = None
 
 
 class _Band(NamedTuple):

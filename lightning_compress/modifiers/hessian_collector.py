@@ -33,7 +33,7 @@ from lightning_compress.core.distributed import (
     is_distributed,
 )
 from lightning_compress.core.tensors import same_input, tensor_version
-from lightning_compress.modifiers.hessian import HessianAccumulator
+from lightning_compress.modifiers.hessian import HessianAccumulator, HessianWorkspace
 from lightning_compress.modifiers.layerwise import StatisticsCollector
 
 __all__ = ["HessianCollector", "mask_sources"]
@@ -83,6 +83,8 @@ class HessianCollector(StatisticsCollector):
     def __init__(self, offload: bool = False) -> None:
         super().__init__()
         self.offload = offload
+        self.workspace = HessianWorkspace()
+        """Where the solves make their Hessians, kept until :meth:`clear`."""
         self._groups: dict[str, _Group] = {}
         self._read: _Read | None = None
 
@@ -172,10 +174,12 @@ class HessianCollector(StatisticsCollector):
             self._split(group, set(names)).accumulator.scale_inputs_(inverse)
 
     def clear(self) -> None:
-        """Frees every Hessian and the current read, and stops following input scaling."""
+        """Frees every Hessian, the workspace and the current read, and stops following input
+        scaling."""
         super().clear()
         self._groups.clear()
         self._read = None
+        self.workspace.release()
 
     def _accumulators_of(self, read: _Read) -> list[HessianAccumulator]:
         """The accumulators ``read`` goes into: one per group of readers, created or split so

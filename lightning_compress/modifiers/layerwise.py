@@ -27,6 +27,7 @@ from lightning_compress.core.distributed import all_reduce_sum_
 from lightning_compress.core.model_layer import match_named_modules
 from lightning_compress.modifiers.hessian import (
     HessianAccumulator,
+    HessianWorkspace,
     SingularHessianError,
     all_finite,
 )
@@ -495,11 +496,13 @@ def solve_on_hessian(
     statistics: HessianAccumulator,
     dampening_frac: float,
     solve: Callable[[Tensor], Result],
+    workspace: HessianWorkspace | None = None,
 ) -> Result:
     """Runs ``solve`` on the Hessian of the layers ``names``, with errors that name them.
 
     The Hessian is made straight in the weight's dtype but at least float32 (each entry
-    divided in the accumulation dtype, then rounded), and moved to the weight's device.
+    divided in the accumulation dtype, then rounded), in ``workspace`` where one is given, and
+    moved to the weight's device.
 
     Args:
         owner: the modifier's class name.
@@ -508,6 +511,7 @@ def solve_on_hessian(
         statistics: their reduced input Hessian's accumulator.
         dampening_frac: the modifier's dampening, for the advice in errors.
         solve: the method (GPTQ, SparseGPT) given the converted Hessian, which it may change.
+        workspace: where to make the Hessian; None: new memory.
 
     Returns:
         What ``solve`` returns.
@@ -516,7 +520,8 @@ def solve_on_hessian(
         ValueError: when the Hessian holds NaN or Inf (or values too large for its dtype).
         SingularHessianError: when no dampening made it invertible.
     """
-    hessian = statistics.hessian(torch.promote_types(weight.dtype, torch.float32))
+    dtype = torch.promote_types(weight.dtype, torch.float32)
+    hessian = statistics.hessian(dtype, workspace=workspace)
     check_finite_inputs(owner, names, hessian, "Hessian")
     where = f"layer '{names[0]}'" if len(names) == 1 else f"layers {list(names)}"
     try:

@@ -13,18 +13,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple, TypeVar
 
 import torch
 from loguru import logger
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_compress.core.distributed import is_distributed, rank_and_world_size
 from lightning_compress.core.events import Event
 from lightning_compress.core.state import State
 from lightning_compress.modifiers.base import Modifier
-from lightning_compress.modifiers.hessian import SingularHessianError
+from lightning_compress.modifiers.hessian import HessianAccumulator, SingularHessianError
 from lightning_compress.modifiers.hessian_collector import HessianCollector, mask_sources
 from lightning_compress.modifiers.layerwise import (
     StatisticsCollector,
@@ -34,6 +34,7 @@ from lightning_compress.modifiers.layerwise import (
     linear_layers,
     modules_inside,
     needs_data,
+    solve_on_hessian,
 )
 from lightning_compress.modifiers.layerwise_split import (
     CompressedLayer,
@@ -46,6 +47,10 @@ from lightning_compress.modifiers.tied_weights import untie_weights
 from lightning_compress.modifiers.tiled_cholesky import factoring_together
 
 __all__ = ["CompressedLayer", "HessianMethod", "LayerwiseModifier", "PendingLayer"]
+
+
+Result = TypeVar("Result")
+"""What a Hessian method's solve returns."""
 
 
 class PendingLayer(NamedTuple):
@@ -562,6 +567,32 @@ class HessianMethod(LayerwiseModifier, register=False):
 
     def make_collector(self) -> HessianCollector:
         return HessianCollector(offload=self.offload_hessians)
+
+    def solve(
+        self,
+        names: list[str],
+        weight: Tensor,
+        statistics: HessianAccumulator,
+        method: Callable[[Tensor], Result],
+    ) -> Result:
+        """``method`` on the Hessian of the layers ``names`` (see
+        :func:`~lightning_compress.modifiers.layerwise.solve_on_hessian`), made in the
+        collector's workspace: one buffer for every solve of the run.
+
+        Args:
+            names: the layers sharing the Hessian.
+            weight: their (stacked) weight, or rows of it.
+            statistics: their reduced input Hessian's accumulator.
+            method: the method given the Hessian, which it may change.
+
+        Returns:
+            What ``method`` returns.
+        """
+        workspace = self._collector.workspace
+        owner = type(self).__name__
+        return solve_on_hessian(
+            owner, names, weight, statistics, self.dampening_frac, method, workspace
+        )
 
     def recoverable(self, error: Exception) -> bool:
         """A Hessian still singular after the dampening retries (``dampening_frac > 0``).

@@ -9,6 +9,7 @@ from lightning_compress.core.gram_bands import GRAM_BAND, accumulator_bytes
 from lightning_compress.modifiers.hessian import (
     BlockwiseOBS,
     HessianAccumulator,
+    HessianWorkspace,
     SingularHessianError,
     _permute_in_place,
     all_finite,
@@ -136,6 +137,23 @@ def test_a_count_given_divides_the_sum_instead() -> None:
     assert torch.equal(acc.hessian(samples=7), total / 7)
     assert torch.equal(acc.hessian(torch.float32, samples=7), (total / 7).float())
     assert torch.equal(acc.hessian(samples=0), torch.zeros(IN, IN, dtype=torch.float64))
+
+
+def test_a_workspace_holds_each_hessian_in_memory_grown_to_the_largest() -> None:
+    narrow, wide = accumulate(batches(1)), HessianAccumulator(2 * IN)
+    wide.add(torch.randn(5, 2 * IN))
+    workspace = HessianWorkspace()
+    first = narrow.hessian(torch.float32, workspace=workspace)
+    assert torch.equal(first, narrow.hessian(torch.float32))
+    again = narrow.hessian(torch.float32, workspace=workspace)
+    assert again.data_ptr() == first.data_ptr()  # the same memory, made again
+    grown = wide.hessian(torch.float32, workspace=workspace)
+    assert torch.equal(grown, wide.hessian(torch.float32))
+    assert narrow.hessian(torch.float32, workspace=workspace).data_ptr() == grown.data_ptr()
+    other = narrow.hessian(torch.float64, workspace=workspace)  # another dtype: remade
+    assert other.dtype == torch.float64 and torch.equal(other, narrow.hessian())
+    workspace.release()
+    assert workspace._buffer is None
 
 
 def test_offloading_keeps_accumulating() -> None:

@@ -175,12 +175,14 @@ def sparsegpt_prune(
     quantize_args: QuantizationArgs | None = None,
     row_groups: Sequence[int] | None = None,
     preserve_mask: bool = False,
+    consume_hessian: bool = False,
 ) -> SparseGPTResult:
     """Prunes a weight with SparseGPT, optionally quantizing the kept weights jointly.
 
     Args:
         weight: ``[out, in]`` in ``nn.Linear`` layout (not modified).
-        hessian: ``H = 2/n X^T X`` ``[in, in]`` of the layer's inputs (not modified).
+        hessian: ``H = 2/n X^T X`` ``[in, in]`` of the layer's inputs (not modified unless
+            ``consume_hessian``).
         sparsity: the fraction to prune, in [0, 1]; with ``mask_structure`` it must equal
             ``1 - n / m``.
         mask_structure: ``(n, m)``: keep ``n`` of every ``m`` consecutive input columns
@@ -195,6 +197,8 @@ def sparsegpt_prune(
         preserve_mask: the weights that are 0 now stay pruned: they count first towards
             each block's (or N:M run's) pruned weights, and the most salient others are kept.
             A block that already holds more zeros keeps them all (it ends sparser).
+        consume_hessian: whether ``hessian`` was made for this call, so that its buffer may
+            hold the damped factor the sweep needs instead of a copy.
 
     Rows are pruned independently (an unstructured mask is chosen per block over the rows of
     a group), so weights that share ``H`` can be stacked into one call, unless per-tensor
@@ -211,7 +215,7 @@ def sparsegpt_prune(
     """
     _check_structure(weight.shape[-1], sparsity, mask_structure)
     zeros = _existing_zeros(weight, sparsity) if preserve_mask else None
-    sweep = BlockwiseOBS(weight, hessian, block_size, dampening_frac)
+    sweep = BlockwiseOBS(weight, hessian, block_size, dampening_frac, consume_hessian)
     quantizer = (
         None
         if quantize_args is None

@@ -9,7 +9,6 @@ import torch
 from torch import Tensor, nn
 
 from lightning_compress.modifiers.hessian import HessianAccumulator
-from lightning_compress.modifiers.layerwise import solve_on_hessian
 from lightning_compress.modifiers.layerwise_modifier import (
     CompressedLayer,
     HessianMethod,
@@ -187,11 +186,10 @@ class SparseGPTModifier(CalibratedPruningModifier, HessianMethod):
                 quantize_args=args,
                 row_groups=rows,
                 preserve_mask=self.preserve_sparsity_mask,
+                consume_hessian=True,
             )
 
-        return solve_on_hessian(
-            type(self).__name__, stack, weight, statistics, self.dampening_frac, prune
-        )
+        return self.solve(stack, weight, statistics, prune)
 
     def _check_existing_sparsity(self, stack: list[str], weights: list[Tensor]) -> None:
         """Refuses a layer of ``stack`` whose weight is already sparser than ``sparsity``."""

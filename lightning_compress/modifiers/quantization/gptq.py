@@ -350,7 +350,7 @@ def gptq_quantize(
             stays pruned), their rounding error spread onto the later columns like any
             other; None lets GPTQ set every weight (see :func:`weights_to_keep`).
         consume_hessian: whether ``hessian`` was made for this call, so that its buffer may
-            hold the reordered copy the sweep needs instead of a new one.
+            hold the damped (and reordered) factor the sweep needs instead of a copy.
 
     Rows are independent: layers that share ``H`` and ``args`` (other than
     ``strategy="tensor"``) can be stacked into one call.
@@ -365,7 +365,7 @@ def gptq_quantize(
     actorder = normalize_actorder(actorder)
     _check_args(weight.shape[-1], args, actorder)
     if actorder is None:
-        sweep = BlockwiseOBS(weight, hessian, block_size, dampening_frac)
+        sweep = BlockwiseOBS(weight, hessian, block_size, dampening_frac, consume_hessian)
         perm = inverse = None
         natural = sweep.weight
     else:

@@ -10,7 +10,6 @@ from torch import Tensor
 
 from lightning_compress.modifiers.base import ONE_SHOT
 from lightning_compress.modifiers.hessian import HessianAccumulator
-from lightning_compress.modifiers.layerwise import solve_on_hessian
 from lightning_compress.modifiers.layerwise_modifier import CompressedLayer, HessianMethod
 from lightning_compress.modifiers.quantization.args import QuantizationArgs, QuantizationScheme
 from lightning_compress.modifiers.quantization.calibration import quantized_layer
@@ -308,8 +307,7 @@ class GPTQModifier(LayerwiseQuantization, HessianMethod):
                 consume_hessian=True,
             )
 
-        owner = type(self).__name__
-        return solve_on_hessian(owner, stack, weight, statistics, self.dampening_frac, quantize)
+        return self.solve(stack, weight, statistics, quantize)
 
     def _keep(self, weights: list[Tensor]) -> Tensor | None:
         """The stacked pruning mask of ``weights`` (whole layers), each layer's decided on its

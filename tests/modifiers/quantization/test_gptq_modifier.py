@@ -27,7 +27,7 @@ from lightning_compress.cli import main
 from lightning_compress.core import BaseLogger, CompressionSession, EventType, LoggerManager
 from lightning_compress.lightning.oneshot import calibration_loader, calibration_samples, oneshot
 from lightning_compress.modifiers import GPTQModifier, QuantizationModifier, hessian_collector
-from lightning_compress.modifiers.hessian import HessianAccumulator
+from lightning_compress.modifiers.hessian import HessianAccumulator, HessianWorkspace
 from lightning_compress.modifiers.hessian_collector import HessianCollector
 from lightning_compress.modifiers.quantization.args import QuantizationArgs
 from lightning_compress.modifiers.quantization.gptq import gptq_quantize, weights_to_keep
@@ -228,6 +228,24 @@ def test_layers_sharing_a_hessian_can_be_reduced_apart():
     assert a is not b
     torch.testing.assert_close(a.hessian(), b.hessian(), rtol=1e-12, atol=0)
     assert a.num_samples == b.num_samples == 5
+
+
+def test_every_solve_makes_its_hessian_in_one_workspace_freed_at_the_end(monkeypatch):
+    taken = []
+    take = HessianWorkspace.take
+
+    def recording(workspace, size, dtype, device):
+        matrix = take(workspace, size, dtype, device)
+        taken.append((workspace, size, matrix.data_ptr()))
+        return matrix
+
+    monkeypatch.setattr(HessianWorkspace, "take", recording)
+    calibrated(tiny_decoder(), gptq(), token_ids())
+    # per block: q/k/v, o and gate/up (64 inputs), then down (the MLP's, wider): one call each
+    assert [size for _, size, _ in taken] == [64, 64, 64, 128] * 2
+    assert len({id(workspace) for workspace, _, _ in taken}) == 1
+    assert len({pointer for _, _, pointer in taken[3:]}) == 1  # grown once, then reused
+    assert taken[0][0]._buffer is None  # freed when the calibration ended
 
 
 def test_one_process_reduces_without_copying_the_hessians(monkeypatch):
