@@ -271,12 +271,12 @@ class _Tiles:
         owner = tile % self.world_size
         if owner == self.rank:
             panel[-1, 0] = _OWNER_FAILED
-            self._locally(self._factor_panel, tile, panel)
+            self._locally(self._factor_own_panel, tile, panel)
         if self.world_size == 1:
             return panel, lambda: None
         return panel, start_broadcast_(panel, owner)
 
-    def _factor_panel(self, tile: int, panel: Tensor) -> None:
+    def _factor_own_panel(self, tile: int, panel: Tensor) -> None:
         """Factors tile ``tile``'s panel into ``panel``, its last row saying whether it did."""
         first, last = self.bounds[tile]
         factored = _factor_panel(self.upper[:last, first:last], panel[:-1])

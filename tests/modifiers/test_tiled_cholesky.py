@@ -203,7 +203,7 @@ def test_alone_agreeing_and_giving_up_need_no_other_rank():
 
 FAILURES = {  # rank 1 owns tiles 1 and 4 of the five
     "an update of its later tile": ("_update", (0, 4)),
-    "its first panel": ("_factor_panel", (1,)),
+    "its first panel": ("_factor_own_panel", (1,)),
     "taking the last panel, after its own": ("_take_panel", (4,)),
 }
 
