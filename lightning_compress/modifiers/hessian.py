@@ -302,17 +302,9 @@ class HessianWorkspace:
             A view of the buffer, grown or remade first when it is too small or of another
             dtype or device.
         """
-        needed = size * size
+        needed, wanted = size * size, (dtype, torch.device(device))
         buffer = self._buffer
-        if (
-            buffer is None
-            or buffer.numel() < needed
-            or (buffer.dtype, buffer.device)
-            != (
-                dtype,
-                torch.device(device),
-            )
-        ):
+        if buffer is None or buffer.numel() < needed or (buffer.dtype, buffer.device) != wanted:
             self._buffer = None  # the old memory goes before the new is taken
             self._buffer = buffer = torch.empty(needed, dtype=dtype, device=device)
         return buffer[:needed].view(size, size)
