@@ -38,6 +38,11 @@ from lightning_compress.modifiers.layerwise import StatisticsCollector
 
 __all__ = ["HessianCollector", "mask_sources"]
 
+_WORKSPACE = HessianWorkspace()
+"""The workspace of every collector in this process (their solves run one at a time): one
+buffer even when several methods (SparseGPT, then GPTQ) calibrate together. Clearing any
+collector frees it (a later solve makes it again)."""
+
 HESSIAN_DTYPE = torch.float64
 """Accumulation dtype: sums over differently sharded data then agree to far below float32
 rounding, so a multi-process run quantizes exactly like one process."""
@@ -83,8 +88,9 @@ class HessianCollector(StatisticsCollector):
     def __init__(self, offload: bool = False) -> None:
         super().__init__()
         self.offload = offload
-        self.workspace = HessianWorkspace()
-        """Where the solves make their Hessians, kept until :meth:`clear`."""
+        self.workspace = _WORKSPACE
+        """Where the solves make their Hessians: shared by the collectors of this process,
+        freed when one is cleared."""
         self._groups: dict[str, _Group] = {}
         self._read: _Read | None = None
 

@@ -577,7 +577,7 @@ class HessianMethod(LayerwiseModifier, register=False):
     ) -> Result:
         """``method`` on the Hessian of the layers ``names`` (see
         :func:`~lightning_compress.modifiers.layerwise.solve_on_hessian`), made in the
-        collector's workspace: one buffer for every solve of the run.
+        collectors' workspace: one buffer for every solve of the run.
 
         Args:
             names: the layers sharing the Hessian.

@@ -248,6 +248,14 @@ def test_every_solve_makes_its_hessian_in_one_workspace_freed_at_the_end(monkeyp
     assert taken[0][0]._buffer is None  # freed when the calibration ended
 
 
+def test_collectors_share_one_workspace_freed_when_one_is_cleared():
+    first, second = HessianCollector(), HessianCollector()
+    assert first.workspace is second.workspace  # one buffer for SparseGPT and GPTQ together
+    first.workspace.take(8, torch.float32, torch.device("cpu"))
+    second.clear()
+    assert first.workspace._buffer is None
+
+
 def test_one_process_reduces_without_copying_the_hessians(monkeypatch):
     x = torch.randn(5, 8, generator=torch.Generator().manual_seed(0))
     collector = HessianCollector()
