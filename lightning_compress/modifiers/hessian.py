@@ -122,6 +122,11 @@ class HessianAccumulator:
         """The layer's input size."""
         return self._in_features
 
+    @property
+    def device(self) -> torch.device:
+        """Where ``S`` lives."""
+        return self._device
+
     @torch.no_grad()
     def add(self, x: Tensor, mask: Tensor | None = None) -> None:
         """Folds a batch of layer inputs into the sum.

@@ -130,10 +130,11 @@ class RoutedHessians:
         result = {}
         for name, layer in layers.items():
             mixture, _ = self._where[name]
-            device = layer.weight.device
+            mine = self._sums.get(name)
+            device = layer.weight.device if mine is None else mine.device
             total = HessianAccumulator(layer.weight.shape[1], _DTYPE, device)
-            if name in self._sums:
-                total.merge(self._sums[name])  # a copy: the sum itself stays this rank's
+            if mine is not None:
+                total.merge(mine)  # a copy: the sum itself stays this rank's
             total.reduce_over_ranks_()
             tokens = torch.tensor([self._tokens.get(mixture, 0)], device=device)
             result[name] = total.hessian(samples=int(all_reduce_sum_(tokens).item()))
