@@ -3,16 +3,19 @@
 GPTQ and SparseGPT sweep with ``R``, upper triangular, ``R R^T = H``
 (:func:`reverse_cholesky`). A Hessian of :data:`TILED_FROM` inputs or more is factored here,
 in column tiles of :data:`FACTOR_TILE` from the last to the first: each tile's diagonal block
-is factored (LAPACK), the rows above it are solved against that (the panel), and each earlier
-tile ``j`` is updated by one product, ``A[:j, j] -= R[:j, k] R[j, k]^T``. Each operation's
-operands and shapes follow from the matrix's size alone, so the factor is the same to the
-last bit whichever rank computes which tile. Inside :func:`factoring_together` the ranks
-share the updates: tile ``j`` (counted from the last) is updated on rank
-``j % world_size``, which also factors its panel and broadcasts it; every rank keeps every
-panel, so all end with the whole factor. On one CPU thread the tiles take about the time of
-LAPACK's one call on the reversed matrix, reversed back (``benchmarks/solve_costs.py
---factor``). Smaller Hessians, whose factorization costs less than sharing it, stay one LAPACK
-call.
+is factored (LAPACK), the rows above it are solved against that (the panel). Before that, the
+tile loses the contribution of every panel right of it in two products (left-looking): one for
+all panels but the nearest, made while the nearest one is still being factored, and one for
+the nearest, ``A[:j, j] -= R[:j, K] R[j, K]^T`` with ``K`` the panels' columns. Few large
+products read the matrix far less often than one per pair of tiles (about a tenth less time
+at 8192 inputs). Each operation's operands and shapes follow from the matrix's size alone, so
+the factor is the same to the last bit whichever rank computes which tile. Inside
+:func:`factoring_together` the ranks share the updates: tile ``j`` (counted from the last) is
+updated on rank ``j % world_size``, which also factors its panel and broadcasts it; every
+rank keeps every panel, so all end with the whole factor. On one CPU thread the tiles take
+less time than LAPACK's one call on the reversed matrix, reversed back
+(``benchmarks/solve_costs.py --factor``). Smaller Hessians, whose factorization costs less
+than sharing it, stay one LAPACK call.
 
 A row-sliced layer (``layerwise_split``) repeats its Hessian's factorization on each rank
 holding a slice; factored together, each rank does about ``1 / world_size`` of it. Before each
@@ -170,11 +173,12 @@ class _Tiles:
     share of it.
 
     Columns are factored from the last tile to the first: tile ``k``'s diagonal block gives
-    ``R_kk``, the rows above are solved against it (the panel), and each earlier tile ``j``
-    loses ``R[:j, k] R[j, k]^T``. Looks one tile ahead: the owner of the next tile updates
-    it with panel ``k`` first, factors its panel and starts broadcasting it, then updates
-    its other tiles, so the other ranks find each panel ready instead of waiting while it
-    is factored. Nothing is written below the diagonal blocks, so a failure restores the
+    ``R_kk``, the rows above are solved against it (the panel). When panel ``k`` is taken,
+    the owner of tile ``k + 1`` subtracts panel ``k``'s contribution from it, factors its
+    panel and starts broadcasting it; then the owner of tile ``k + 2`` subtracts the
+    contribution of panels ``0 .. k`` from that tile in one product, while panel ``k + 1``
+    is on its way, so the other ranks find each panel ready instead of waiting while it is
+    factored. Nothing is written below the diagonal blocks, so a failure restores the
     matrix from its lower triangle and a copy of the diagonal blocks; a success zeroes the
     lower triangle.
     """
@@ -214,11 +218,11 @@ class _Tiles:
             following = index + 1
             if following < count:
                 if self._owns(following):
-                    self._locally(self._update, index, following)
+                    self._locally(self._update, following, index, following)
                 pending = self._start_panel(following)
-            for later in range(following + 1, count):
-                if self._owns(later):
-                    self._locally(self._update, index, later)
+            ahead = index + 2
+            if ahead < count and self._owns(ahead):
+                self._locally(self._update, ahead, 0, following)
         if self.error is not None:  # after its last panel: the others finish, then learn of
             raise self.error  # it at their next agreement
         return self.upper.triu_(), True
@@ -287,13 +291,13 @@ class _Tiles:
         first, last = self.bounds[tile]
         self.upper[:last, first:last] = panel[:-1]
 
-    def _update(self, tile: int, later: int) -> None:
-        """Subtracts panel ``tile``'s contribution from the columns of the earlier tile
-        ``later``."""
-        first, last = self.bounds[tile]
-        start, stop = self.bounds[later]
-        block, rows = self.upper[:stop, first:last], self.upper[start:stop, first:last]
-        self.upper[:stop, start:stop].addmm_(block, rows.T, alpha=-1)
+    def _update(self, tile: int, first: int, stop: int) -> None:
+        """Subtracts the contribution of panels ``first`` to ``stop - 1`` (adjacent columns)
+        from the columns of tile ``tile``, in one product."""
+        start, end = self.bounds[tile]
+        left, right = self.bounds[stop - 1][0], self.bounds[first][1]
+        block, rows = self.upper[:end, left:right], self.upper[start:end, left:right]
+        self.upper[:end, start:end].addmm_(block, rows.T, alpha=-1)
 
 
 def _factor_panel(columns: Tensor, out: Tensor) -> bool:
