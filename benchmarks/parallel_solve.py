@@ -16,7 +16,7 @@ runs give the same weights, bit for bit.
 
     python benchmarks/parallel_solve.py [--layers 4] [--hidden 1024] [--intermediate 2816]
         [--samples 16] [--seq 128] [--staged both|yes|no] [--repeats 1] [--calls]
-        [--experts 0] [--routed]
+        [--experts 0] [--routed] [--twin]
 
 ``--experts N`` (N > 0) calibrates a random transformers Qwen3-MoE instead (the same hidden
 size, heads and depth; N experts of ``--intermediate`` each, two per token, routers left
@@ -25,6 +25,13 @@ independent layers of one size, which the owners can share out evenly. By defaul
 expert is calibrated on every token (as ``oneshot`` does), so all experts' gate/up projections
 share one Hessian and are solved in one call; ``--routed`` calibrates each on its routed tokens
 (``moe_calibrate_all_experts=False``): one Hessian, and one call, per expert.
+
+``--twin`` also times one process while a copy of it runs on the other core (two separate
+one-process calibrations started together, the slower one's times): two ranks can at best
+take half of that, since they run side by side as the twins do and slow each other down the
+same way (shared caches and memory bandwidth; on a virtual machine also the host), which one
+process alone never meets. Prints a second table: the busiest rank's solve CPU time and the
+solves' critical path for one process alone, one beside its twin and two DDP processes.
 
 ``--calls`` also prints, for each run, the solve CPU time of each rank per kind of layer
 (``self_attn.q_proj+k_proj+v_proj``, ``mlp.down_proj[0:512]``: a row slice), summed over the
@@ -41,6 +48,8 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import multiprocessing
+import os
 import statistics
 import sys
 import tempfile
@@ -74,6 +83,7 @@ MEASURES = {
     "solve_path": "solves CPU, slowest rank per call",
     "total": "total wall",
 }
+TWIN_MEASURES = ("solve_cpu", "solve_path")
 
 
 def timed_compute_layers(self: LayerwiseModifier, state: Any, names: list[str]) -> Any:
@@ -212,6 +222,46 @@ def run(args: argparse.Namespace, devices: int, staged: bool, directory: Path) -
     }
 
 
+def run_twins(args: argparse.Namespace, staged: bool, directory: Path) -> dict:
+    """Two one-process calibrations started together, one per core: the slower twin's times."""
+    context = multiprocessing.get_context("fork")
+    twins = []
+    for twin in range(2):
+        path = directory / f"twin{twin}"
+        path.mkdir()
+        process = context.Process(target=run_twin, args=(args, staged, path, twin))
+        process.start()
+        twins.append((process, path))
+    for process, _ in twins:
+        process.join()
+        if process.exitcode != 0:
+            raise RuntimeError(f"a twin calibration failed with exit code {process.exitcode}")
+    ranks = [json.loads((path / "twin.json").read_text()) for _, path in twins]
+    return {key: max(rank[key] for rank in ranks) for key in TWIN_MEASURES}
+
+
+def run_twin(args: argparse.Namespace, staged: bool, directory: Path, core: int) -> None:
+    """One twin: a one-process calibration pinned to ``core``; writes its times."""
+    os.sched_setaffinity(0, {core % os.cpu_count()})
+    times = run(args, 1, staged, directory)
+    (directory / "twin.json").write_text(json.dumps({key: times[key] for key in TWIN_MEASURES}))
+
+
+def print_twins(breakdowns: list[tuple[str, dict]], twins: dict[bool, list[dict]]) -> None:
+    """The second table of ``--twin``: medians of the repeats."""
+    print()
+    columns = ["1 process alone", "1 process beside its twin", "2 processes", "2 / alone"]
+    columns.append("2 / half the twin")
+    for key in TWIN_MEASURES:
+        print(f"| {MEASURES[key]} (s) | " + " | ".join(columns) + " |")
+        print("|---" + "|---:" * len(columns) + "|")
+        for (name, times), runs in zip(breakdowns, twins.values(), strict=True):
+            alone, two = (statistics.median(t[key] for t in times[n]) for n in (1, 2))
+            twin = statistics.median(run[key] for run in runs)
+            cells = f"{alone:.2f} | {twin:.2f} | {two:.2f} | {two / alone:.2f} | "
+            print(f"| {name} | {cells}{2 * two / twin:.2f} |")
+
+
 def print_calls(name: str, times: dict[int, list[dict]]) -> None:
     """Each rank's solve CPU time per kind of layer, in the last repeat of each run."""
     for devices, runs in times.items():
@@ -233,6 +283,7 @@ def main() -> None:
     parser.add_argument("--calls", action="store_true", help="solve CPU per kind of layer")
     parser.add_argument("--experts", type=int, default=0, help="a Qwen3-MoE with this many")
     parser.add_argument("--routed", action="store_true", help="experts see their tokens only")
+    parser.add_argument("--twin", action="store_true", help="also one process beside a copy")
     args = parser.parse_args()
     torch.set_num_threads(1)  # each DDP worker inherits it: one core per process
     logger.remove()
@@ -243,7 +294,7 @@ def main() -> None:
     columns = " | ".join(f"{what}, 1 / 2 (s) | ratio" for what in MEASURES.values())
     print(f"| mode | {columns} | same weights |")
     print("|---" + "|---:|---:" * len(MEASURES) + "|---|")
-    breakdowns = []
+    breakdowns, twins = [], {}
     for staged in modes:
         times: dict[int, list[dict]] = {1: [], 2: []}
         same = True
@@ -253,6 +304,8 @@ def main() -> None:
                     directory = Path(tmp) / str(devices)
                     directory.mkdir()
                     times[devices].append(run(args, devices, staged, directory))
+                if args.twin:
+                    twins.setdefault(staged, []).append(run_twins(args, staged, Path(tmp)))
                 one = torch.load(times[1][-1]["weights"], weights_only=True)
                 two = torch.load(times[2][-1]["weights"], weights_only=True)
                 same &= one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
@@ -263,6 +316,8 @@ def main() -> None:
         name = "staged (default)" if staged else "whole block"
         print(f"| {name} | {' | '.join(cells)} | {'yes' if same else 'NO'} |")
         breakdowns.append((name, times))
+    if args.twin:
+        print_twins(breakdowns, twins)
     if args.calls:
         for name, times in breakdowns:
             print_calls(name, times)
